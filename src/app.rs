@@ -1,0 +1,95 @@
+//! Assembling a proxy from a validated [`Config`]: TLS material for both legs and the policy, all loaded and
+//! checked before anything binds, every problem reported at once. `serve`, `check-config`, `demo` and the
+//! integration tests all start here, so they cannot drift apart.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::{Config, Problems};
+use crate::forward::Upstream;
+use crate::policy::Policy;
+use crate::proxy::Proxy;
+use crate::server::Server;
+use crate::tls;
+
+/// Everything loaded from disk, validated, not yet bound.
+#[derive(Debug)]
+pub struct Assembled {
+    pub server_tls: Arc<rustls::ServerConfig>,
+    pub client_tls: Arc<rustls::ClientConfig>,
+    pub policy: Arc<Policy>,
+}
+
+/// Loads certificates, keys, CRLs and policies named by `config`; collects every problem.
+pub fn assemble(config: &Config) -> Result<Assembled, Problems> {
+    let mut problems = Vec::new();
+    let server_tls = tls::server_config(&config.server)
+        .map_err(|p| problems.extend(p.problems))
+        .ok();
+    let client_tls = tls::client_config(&config.upstream)
+        .map_err(|p| problems.extend(p.problems))
+        .ok();
+    let policy = Policy::load_dir(&config.policy.dir, 1)
+        .map_err(|p| problems.extend(p.problems))
+        .ok();
+    match (server_tls, client_tls, policy) {
+        (Some(server_tls), Some(client_tls), Some(policy)) if problems.is_empty() => {
+            Ok(Assembled {
+                server_tls,
+                client_tls,
+                policy: Arc::new(policy),
+            })
+        }
+        _ => Err(Problems { problems }),
+    }
+}
+
+/// Certificates named by the config that have expired (a problem) or expire within 30 days (a warning).
+pub fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut expired = Vec::new();
+    let mut soon = Vec::new();
+    let files = [
+        ("server.cert", &config.server.cert),
+        ("upstream.cert", &config.upstream.cert),
+    ]
+    .into_iter()
+    .chain(
+        config
+            .server
+            .client_ca
+            .iter()
+            .map(|p| ("server.client_ca", p)),
+    )
+    .chain(config.upstream.ca.iter().map(|p| ("upstream.ca", p)));
+    for (key, path) in files {
+        let Ok(certs) = tls::load_certs(key, path) else {
+            continue;
+        };
+        for not_after in certs.iter().filter_map(tls::not_after) {
+            if not_after < now {
+                expired.push(format!("{key}: {}: certificate expired", path.display()));
+            } else if not_after < now + 30 * 86_400 {
+                soon.push(format!(
+                    "{key}: {}: certificate expires in {} days",
+                    path.display(),
+                    (not_after - now) / 86_400
+                ));
+            }
+        }
+    }
+    (expired, soon)
+}
+
+/// Builds the pipeline and binds the consumer listener.
+pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Server> {
+    let upstream = Upstream::new(&config.upstream, assembled.client_tls);
+    let proxy = Arc::new(Proxy::new(
+        config.server.methods.clone(),
+        assembled.policy,
+        upstream,
+    ));
+    Server::bind(&config.server, assembled.server_tls, proxy).await
+}

@@ -1,0 +1,228 @@
+//! Command-line interface: argument parsing, exit codes, and wiring each command to the library. No request
+//! logic here. Configs and policies are loaded and validated before any runtime starts or socket binds; a bad
+//! one prints one line per problem and exits 64.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, Problems};
+
+/// Exit codes of DESIGN.md 1.1.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// A negative answer (deny, tampered).
+    pub const NEGATIVE: u8 = 1;
+    /// Bad usage or config.
+    pub const USAGE: u8 = 64;
+    /// Internal error.
+    pub const INTERNAL: u8 = 70;
+}
+
+/// A Spine-Secure-Proxy-style forward HTTP proxy for GP Connect.
+#[derive(Debug, Parser)]
+#[command(name = "ssp", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// Config file [default: ./ssp.toml if present, else /etc/ssp/ssp.toml]
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Load and validate config, certificates, keys, CRLs and policies; exit 0 if good, 64 if not.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Start the proxy and a dev provider on the dev config, send demo requests, keep serving until Ctrl-C.
+    Demo {
+        /// Config file [default: ./ssp.toml]
+        #[arg(long, default_value = "ssp.toml")]
+        config: PathBuf,
+    },
+    /// Generate a development PKI (NOT for production).
+    DevCerts {
+        /// Folder to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Parses arguments and runs the command; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    ExitCode::from(match cli.command {
+        Command::Serve { config } => serve(&config.unwrap_or_else(Config::default_path)),
+        Command::CheckConfig { config } => {
+            check_config(&config.unwrap_or_else(Config::default_path))
+        }
+        Command::Demo { config } => demo(&config),
+        Command::DevCerts { out } => dev_certs(&out),
+    })
+}
+
+fn print_problems(problems: &Problems) -> u8 {
+    for line in &problems.problems {
+        eprintln!("{line}");
+    }
+    exit::USAGE
+}
+
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the runtime: {e}");
+            exit::INTERNAL
+        })
+}
+
+fn serve(path: &Path) -> u8 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(problems) => return print_problems(&problems),
+    };
+    let assembled = match crate::app::assemble(&config) {
+        Ok(assembled) => assembled,
+        Err(problems) => return print_problems(&problems),
+    };
+    init_logging("info");
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let (systems, endpoints, agreements) = assembled.policy.counts();
+        let server = match crate::app::bind(&config, assembled).await {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("{}: server.listen: cannot listen on {}: {e}", path.display(), config.server.listen);
+                return exit::INTERNAL;
+            }
+        };
+        let addr = server.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
+        tracing::info!(listen = %addr, systems, endpoints, agreements, config = %path.display(), "ssp serving");
+        server.run(shutdown_signal(), crate::server::DEFAULT_GRACE).await;
+        tracing::info!("ssp stopped");
+        exit::OK
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn check_config(path: &Path) -> u8 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(problems) => return print_problems(&problems),
+    };
+    let mut problems = match crate::app::assemble(&config) {
+        Ok(_) => Vec::new(),
+        Err(p) => p.problems,
+    };
+    let (expired, soon) = crate::app::expiry_report(&config);
+    problems.extend(expired);
+    for warning in soon {
+        eprintln!("warning: {warning}");
+    }
+    if !problems.is_empty() {
+        return print_problems(&Problems { problems });
+    }
+    match crate::policy::Policy::load_dir(&config.policy.dir, 0) {
+        Ok(policy) => {
+            let (systems, endpoints, agreements) = policy.counts();
+            println!(
+                "{}: ok (listen {}, {systems} systems, {endpoints} endpoints, {agreements} agreements)",
+                path.display(),
+                config.server.listen
+            );
+            exit::OK
+        }
+        Err(problems) => print_problems(&problems),
+    }
+}
+
+fn demo(path: &Path) -> u8 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(problems) => {
+            eprintln!(
+                "ssp demo runs on the repository's dev config: run it from the repository root, or pass --config"
+            );
+            return print_problems(&problems);
+        }
+    };
+    init_logging("error");
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(crate::demo::run(config)) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("ssp demo: {e}");
+            if e.downcast_ref::<Problems>().is_some() {
+                exit::USAGE
+            } else {
+                exit::INTERNAL
+            }
+        }
+    }
+}
+
+fn dev_certs(out: &Path) -> u8 {
+    match crate::devcerts::generate(out) {
+        Ok(files) => {
+            println!("{}", crate::devcerts::WARNING);
+            for file in files {
+                println!("wrote {}", file.display());
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", out.display());
+            exit::INTERNAL
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! The config file (DESIGN.md 1.2): a strictly parsed raw form (`deny_unknown_fields`, one doc line per key with
+//! its unit and default) converted once into typed values. Nothing downstream sees a raw string.
+//!
+//! Owns reading and validating; does not open sockets, build TLS objects or read policy files (the paths it
+//! returns are checked for existence by `check-config`, which loads them through their owning modules).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+use serde::Deserialize;
+
+/// Where `serve` looks when no `--config` is given: the first that exists.
+pub const DEFAULT_PATHS: [&str; 2] = ["ssp.toml", "/etc/ssp/ssp.toml"];
+
+/// One or more problems found in a config or policy files, one line each, each naming the file and the key
+/// or line it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems {
+    pub problems: Vec<String>,
+}
+
+impl Problems {
+    pub fn one(problem: impl Into<String>) -> Self {
+        Self {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("\n"))
+    }
+}
+
+impl std::error::Error for Problems {}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Raw form, as written in the file.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    upstream: RawUpstream,
+    #[serde(default)]
+    policy: RawPolicy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    /// Consumer-facing `ip:port`. Default `127.0.0.1:8443`.
+    listen: Option<String>,
+    /// PEM certificate chain, leaf first. Required.
+    cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Required.
+    key: PathBuf,
+    /// PEM roots that consumer certificates must chain to. Required, at least one.
+    client_ca: Vec<PathBuf>,
+    /// PEM CRLs checked on every handshake. Default none.
+    #[serde(default)]
+    crl: Vec<PathBuf>,
+    /// `"1.2"` and/or `"1.3"`. Default both.
+    tls_versions: Option<Vec<String>>,
+    /// Longest a TLS handshake may take. Default `10s`.
+    handshake_timeout: Option<String>,
+    /// Longest a client may take to send a request's headers. Default `30s`.
+    header_read_timeout: Option<String>,
+    /// Concurrent consumer connections; further ones wait in the listen backlog. Default 10000.
+    max_connections: Option<usize>,
+    /// Methods allowed (check 2). Default GET, POST, PUT, DELETE, PATCH.
+    methods: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    /// The proxy's own client certificate toward providers (PEM chain). Required.
+    cert: PathBuf,
+    /// Its private key. Required.
+    key: PathBuf,
+    /// PEM roots that provider server certificates must chain to. Required, at least one.
+    ca: Vec<PathBuf>,
+    /// TCP connect plus TLS handshake. Default `5s`.
+    connect_timeout: Option<String>,
+    /// Until the provider's response headers. Default `60s`.
+    response_timeout: Option<String>,
+    /// Longest silence inside a streaming body. Default `60s`.
+    body_idle_timeout: Option<String>,
+    /// Idle pooled connections are closed after this. Default `90s`.
+    pool_idle_timeout: Option<String>,
+    /// Idle pooled connections kept per provider. Default 64.
+    pool_max_idle_per_host: Option<usize>,
+    /// Static name resolution, `"host:port" = "ip:port"`. Default none (system resolver).
+    #[serde(default)]
+    resolve: HashMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    /// Folder of policy `*.toml` files. Default `policies`.
+    dir: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Validated form.
+
+/// The whole validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Vec<PathBuf>,
+    pub crl: Vec<PathBuf>,
+    pub tls_versions: Vec<TlsVersion>,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub methods: Vec<Method>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: Vec<PathBuf>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// `host:port` (host lower-cased) to the socket address to connect to instead of resolving.
+    pub resolve: HashMap<String, SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub dir: PathBuf,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`. Relative paths inside resolve against the file's folder.
+    pub fn load(path: &Path) -> Result<Self, Problems> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Problems::one(format!("{}: cannot read: {e}", path.display())))?;
+        Self::parse(&text, path)
+    }
+
+    /// The path `serve` uses when none is given.
+    pub fn default_path() -> PathBuf {
+        DEFAULT_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATHS[1]))
+    }
+
+    /// Validates config text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, Problems> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| Problems::one(toml_error_line(path, text, &e)))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut v = Validator {
+            base,
+            problems: Vec::new(),
+            file: path.display().to_string(),
+        };
+        let server = v.server(raw.server);
+        let upstream = v.upstream(raw.upstream);
+        let policy = PolicyConfig {
+            dir: v.path(raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies"))),
+        };
+        if !v.problems.is_empty() {
+            return Err(Problems {
+                problems: v.problems,
+            });
+        }
+        Ok(Self {
+            source: path.to_path_buf(),
+            server,
+            upstream,
+            policy,
+        })
+    }
+
+    /// Every file the config names, with the key that names it, for existence checks.
+    pub fn files(&self) -> Vec<(&'static str, &Path)> {
+        let mut files = vec![
+            ("server.cert", self.server.cert.as_path()),
+            ("server.key", self.server.key.as_path()),
+            ("upstream.cert", self.upstream.cert.as_path()),
+            ("upstream.key", self.upstream.key.as_path()),
+        ];
+        files.extend(
+            self.server
+                .client_ca
+                .iter()
+                .map(|p| ("server.client_ca", p.as_path())),
+        );
+        files.extend(self.server.crl.iter().map(|p| ("server.crl", p.as_path())));
+        files.extend(
+            self.upstream
+                .ca
+                .iter()
+                .map(|p| ("upstream.ca", p.as_path())),
+        );
+        files
+    }
+}
+
+/// Collects problems while converting raw values, so that one run reports all of them.
+struct Validator<'a> {
+    base: &'a Path,
+    file: String,
+    problems: Vec<String>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, key: &str, message: impl fmt::Display) {
+        self.problems
+            .push(format!("{}: {key}: {message}", self.file));
+    }
+
+    fn path(&self, path: PathBuf) -> PathBuf {
+        if path.is_absolute() {
+            path
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    fn duration(&mut self, key: &str, raw: Option<String>, default: Duration) -> Duration {
+        match raw {
+            None => default,
+            Some(text) => match parse_duration(&text) {
+                Some(d) if !d.is_zero() => d,
+                _ => {
+                    self.problem(
+                        key,
+                        format_args!("{text:?} is not a duration like \"10s\", \"500ms\", \"5m\""),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn server(&mut self, raw: RawServer) -> ServerConfig {
+        let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8443".into());
+        let listen = listen_text.parse().unwrap_or_else(|_| {
+            self.problem(
+                "server.listen",
+                format_args!("{listen_text:?} is not an ip:port"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8443))
+        });
+        if raw.client_ca.is_empty() {
+            self.problem("server.client_ca", "at least one CA file is required");
+        }
+        let mut tls_versions = Vec::new();
+        for v in raw
+            .tls_versions
+            .unwrap_or_else(|| vec!["1.2".into(), "1.3".into()])
+        {
+            match v.as_str() {
+                "1.2" => tls_versions.push(TlsVersion::Tls12),
+                "1.3" => tls_versions.push(TlsVersion::Tls13),
+                other => self.problem(
+                    "server.tls_versions",
+                    format_args!("{other:?} is not supported (\"1.2\" or \"1.3\"; older versions are forbidden)"),
+                ),
+            }
+        }
+        if tls_versions.is_empty() {
+            self.problem("server.tls_versions", "at least one version is required");
+        }
+        let max_connections = raw.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            self.problem("server.max_connections", "must be at least 1");
+        }
+        let mut methods = Vec::new();
+        for m in raw.methods.unwrap_or_else(|| {
+            ["GET", "POST", "PUT", "DELETE", "PATCH"]
+                .map(String::from)
+                .to_vec()
+        }) {
+            match Method::from_bytes(m.as_bytes()) {
+                Ok(Method::CONNECT | Method::TRACE) => self.problem(
+                    "server.methods",
+                    format_args!("{m} is never forwarded by an SSP"),
+                ),
+                Ok(method) if m.bytes().all(|b| b.is_ascii_uppercase()) => methods.push(method),
+                _ => self.problem(
+                    "server.methods",
+                    format_args!("{m:?} is not an upper-case method"),
+                ),
+            }
+        }
+        ServerConfig {
+            listen,
+            cert: self.path(raw.cert),
+            key: self.path(raw.key),
+            client_ca: raw.client_ca.into_iter().map(|p| self.path(p)).collect(),
+            crl: raw.crl.into_iter().map(|p| self.path(p)).collect(),
+            tls_versions,
+            handshake_timeout: self.duration(
+                "server.handshake_timeout",
+                raw.handshake_timeout,
+                Duration::from_secs(10),
+            ),
+            header_read_timeout: self.duration(
+                "server.header_read_timeout",
+                raw.header_read_timeout,
+                Duration::from_secs(30),
+            ),
+            max_connections: max_connections.max(1),
+            methods,
+        }
+    }
+
+    fn upstream(&mut self, raw: RawUpstream) -> UpstreamConfig {
+        if raw.ca.is_empty() {
+            self.problem("upstream.ca", "at least one CA file is required");
+        }
+        let mut resolve = HashMap::new();
+        for (name, addr) in raw.resolve {
+            let key = format!("upstream.resolve.\"{name}\"");
+            let name_ok = name.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !name_ok {
+                self.problem(&key, "the name must be \"host:port\"");
+                continue;
+            }
+            match addr.parse::<SocketAddr>() {
+                Ok(sa) => {
+                    resolve.insert(name.to_ascii_lowercase(), sa);
+                }
+                Err(_) => self.problem(&key, format_args!("{addr:?} is not an ip:port")),
+            }
+        }
+        UpstreamConfig {
+            cert: self.path(raw.cert),
+            key: self.path(raw.key),
+            ca: raw.ca.into_iter().map(|p| self.path(p)).collect(),
+            connect_timeout: self.duration(
+                "upstream.connect_timeout",
+                raw.connect_timeout,
+                Duration::from_secs(5),
+            ),
+            response_timeout: self.duration(
+                "upstream.response_timeout",
+                raw.response_timeout,
+                Duration::from_secs(60),
+            ),
+            body_idle_timeout: self.duration(
+                "upstream.body_idle_timeout",
+                raw.body_idle_timeout,
+                Duration::from_secs(60),
+            ),
+            pool_idle_timeout: self.duration(
+                "upstream.pool_idle_timeout",
+                raw.pool_idle_timeout,
+                Duration::from_secs(90),
+            ),
+            pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(64),
+            resolve,
+        }
+    }
+}
+
+/// `"path: message at line L, column C"` for a TOML syntax or type error, on one line.
+fn toml_error_line(path: &Path, text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim().replace('\n', " ");
+    match err.span() {
+        Some(span) => {
+            let (line, col) = line_col(text, span.start);
+            format!("{}: line {line}, column {col}: {message}", path.display())
+        }
+        None => format!("{}: {message}", path.display()),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+/// Parses `"10s"`, `"500ms"`, `"5m"`, `"1h"` (an integer and a unit, nothing else).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let digits_end = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(digits_end);
+    let n: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+cert = "c.crt"
+key = "c.key"
+client_ca = ["ca.crt"]
+[upstream]
+cert = "u.crt"
+key = "u.key"
+ca = ["ca.crt"]
+"#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/ssp/ssp.toml")).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(c.server.cert, PathBuf::from("/etc/ssp/c.crt"));
+        assert_eq!(
+            c.server.tls_versions,
+            vec![TlsVersion::Tls12, TlsVersion::Tls13]
+        );
+        assert_eq!(c.server.methods.len(), 5);
+        assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
+        assert_eq!(c.policy.dir, PathBuf::from("/etc/ssp/policies"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = MINIMAL.replace("key = \"c.key\"", "key = \"c.key\"\nlisten_port = 1");
+        let err = Config::parse(&text, Path::new("ssp.toml")).unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        let line = &err.problems[0];
+        assert!(line.starts_with("ssp.toml: line 5"), "{line}");
+        assert!(line.contains("listen_port"), "{line}");
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn every_bad_value_is_reported() {
+        let text = MINIMAL.replace(
+            "[upstream]",
+            "listen = \"nowhere\"\ntls_versions = [\"1.1\"]\nmethods = [\"TRACE\", \"get\"]\nhandshake_timeout = \"10 seconds\"\n[upstream]\nresolve = { \"nohost\" = \"1.2.3.4:5\", \"h:443\" = \"h:443\" }",
+        );
+        let err = Config::parse(&text, Path::new("ssp.toml")).unwrap_err();
+        let all = err.to_string();
+        for key in [
+            "server.listen",
+            "server.tls_versions",
+            "server.methods: TRACE",
+            "server.methods: \"get\"",
+            "server.handshake_timeout",
+            "upstream.resolve.\"nohost\"",
+            "upstream.resolve.\"h:443\"",
+        ] {
+            assert!(all.contains(key), "missing {key} in {all}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("1.5s"), None);
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,745 @@
+//! The upstream leg: a pooled keep-alive HTTP/1.1 client presenting the proxy's client certificate, the header
+//! rules of DESIGN.md 1.5, the connect / response / body-idle timeouts, and [`Streamed`], the body wrapper that
+//! moves frames through untouched while counting bytes, enforcing the idle timeout and recording how the
+//! exchange ended.
+//!
+//! Takes only a [`Permit`]: there is no way to forward a request the policy did not check. Does not parse
+//! consumer input or decide anything.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::UpstreamConfig;
+use crate::policy::Permit;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the upstream exchange failed before a response arrived.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// No connection: name resolution, TCP, TLS, or the connection broke before a response (502).
+    Unreachable(BoxError),
+    /// No response headers within `response_timeout` (504).
+    Timeout,
+}
+
+impl ForwardError {
+    /// A bounded label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ForwardError::Unreachable(_) => "unreachable",
+            ForwardError::Timeout => "timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ForwardError::Unreachable(e) => {
+                write!(f, "provider unreachable: {e}")?;
+                let mut source = e.source();
+                while let Some(s) = source {
+                    write!(f, ": {s}")?;
+                    source = s.source();
+                }
+                Ok(())
+            }
+            ForwardError::Timeout => f.write_str("provider sent no response headers in time"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The connector: static resolution first, then DNS; TCP; TLS with the proxy's client certificate.
+
+/// Opens TLS connections to providers for the pooled client.
+#[derive(Clone)]
+pub struct Connector {
+    tls: TlsConnector,
+    /// `host:port` (lower case) to the address to dial instead of resolving.
+    resolve: Arc<HashMap<String, SocketAddr>>,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("resolve", &self.resolve)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct ConnectError(String);
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+impl Connector {
+    async fn connect(self, uri: http::Uri) -> Result<UpstreamIo, BoxError> {
+        let host = uri
+            .host()
+            .ok_or_else(|| ConnectError("no host in target".into()))?;
+        let port = uri.port_u16().unwrap_or(443);
+        // IPv6 literals come bracketed from `Uri::host`.
+        let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = match bare_host.parse::<IpAddr>() {
+            Ok(ip) => ServerName::IpAddress(ip.into()),
+            Err(_) => ServerName::try_from(bare_host.to_owned())
+                .map_err(|e| ConnectError(format!("bad server name: {e}")))?,
+        };
+        let key = format!("{}:{port}", host.to_ascii_lowercase());
+        let dial = async {
+            let addrs: Vec<SocketAddr> = match self.resolve.get(&key) {
+                Some(addr) => vec![*addr],
+                None => tokio::net::lookup_host((bare_host, port)).await?.collect(),
+            };
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(tcp) => {
+                        tcp.set_nodelay(true)?;
+                        let tls = self.tls.connect(server_name.clone(), tcp).await?;
+                        return Ok(tls);
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        };
+        match tokio::time::timeout(self.connect_timeout, dial).await {
+            Ok(Ok(tls)) => Ok(UpstreamIo {
+                inner: TokioIo::new(tls),
+            }),
+            Ok(Err(e)) => Err(Box::new(e)),
+            Err(_) => Err(Box::new(ConnectError("connect timed out".into()))),
+        }
+    }
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(self.clone().connect(uri))
+    }
+}
+
+/// A TLS connection to a provider, as hyper's client wants it.
+#[derive(Debug)]
+pub struct UpstreamIo {
+    inner: TokioIo<TlsStream<TcpStream>>,
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The upstream client.
+
+/// The request body sent upstream: the consumer's body, streamed.
+pub type UpstreamBody = Streamed<Incoming>;
+
+/// The pooled upstream client and its timeouts.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: Client<Connector, UpstreamBody>,
+    response_timeout: Duration,
+    body_idle_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig, tls: Arc<rustls::ClientConfig>) -> Self {
+        let connector = Connector {
+            tls: TlsConnector::from(tls),
+            resolve: Arc::new(cfg.resolve.clone()),
+            connect_timeout: cfg.connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            // Without a timer the idle timeout silently does nothing.
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .http1_preserve_header_case(true)
+            .build(connector);
+        Self {
+            client,
+            response_timeout: cfg.response_timeout,
+            body_idle_timeout: cfg.body_idle_timeout,
+        }
+    }
+
+    pub fn body_idle_timeout(&self) -> Duration {
+        self.body_idle_timeout
+    }
+
+    /// Sends a permitted request to its target and waits for the response headers, at most `response_timeout`.
+    /// Dropping the returned future (the consumer went away) cancels the upstream exchange.
+    pub async fn send(
+        &self,
+        permit: &Permit,
+        request: Request<Incoming>,
+        client_addr: SocketAddr,
+        exchange: &Arc<Exchange>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let (mut parts, body) = request.into_parts();
+        parts.uri = permit.target().uri().clone();
+        // The pool speaks HTTP/1.1 only; an h2 consumer's request must be re-versioned or hyper refuses it.
+        parts.version = Version::HTTP_11;
+        rewrite_request_headers(&mut parts.headers, permit.target().authority(), client_addr);
+        let body = Streamed::new(
+            body,
+            self.body_idle_timeout,
+            Arc::clone(exchange),
+            Direction::Request,
+        );
+        let request = Request::from_parts(parts, body);
+        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+            Ok(Ok(mut response)) => {
+                strip_hop_by_hop(response.headers_mut());
+                Ok(response)
+            }
+            Ok(Err(e)) => Err(ForwardError::Unreachable(Box::new(e))),
+            Err(_) => Err(ForwardError::Timeout),
+        }
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(HeaderName::from_static("proxy-connection"));
+}
+
+/// Applies DESIGN.md 1.5 to a request's headers: hop-by-hop removed, `Host` set to the target authority,
+/// `Forwarded` and `X-Forwarded-For` appended; every other header (the `Ssp-*` ones, `Authorization`) unchanged.
+pub fn rewrite_request_headers(headers: &mut HeaderMap, authority: &str, client_addr: SocketAddr) {
+    strip_hop_by_hop(headers);
+    if let Ok(host) = HeaderValue::from_str(authority) {
+        headers.insert(header::HOST, host);
+    }
+    let ip = client_addr.ip().to_canonical();
+    // RFC 7239: an IPv6 node is bracketed and the value quoted.
+    let node = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    append_list(
+        headers,
+        header::FORWARDED,
+        &format!("for={node};proto=https"),
+    );
+    append_list(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        &ip.to_string(),
+    );
+}
+
+/// Appends `value` to a comma-separated list header, joining existing lines into one.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let mut joined = String::new();
+    for existing in headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        joined.push_str(existing);
+        joined.push_str(", ");
+    }
+    joined.push_str(value);
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name, v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Exchange accounting and the streaming body wrapper.
+
+/// How a forwarded exchange ended (DESIGN.md 1.6 `outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExchangeOutcome {
+    Pending = 0,
+    Ok = 1,
+    ClientClosed = 2,
+    UpstreamError = 3,
+    Timeout = 4,
+}
+
+impl ExchangeOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeOutcome::Pending | ExchangeOutcome::ClientClosed => "client_closed",
+            ExchangeOutcome::Ok => "ok",
+            ExchangeOutcome::UpstreamError => "upstream_error",
+            ExchangeOutcome::Timeout => "timeout",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => ExchangeOutcome::Ok,
+            2 => ExchangeOutcome::ClientClosed,
+            3 => ExchangeOutcome::UpstreamError,
+            4 => ExchangeOutcome::Timeout,
+            _ => ExchangeOutcome::Pending,
+        }
+    }
+}
+
+/// The running totals of one forwarded exchange, shared by the request and response body wrappers. When the last
+/// holder lets go (both bodies ended or were dropped) the exchange is over and `on_end` runs, exactly once.
+pub struct Exchange {
+    started: Instant,
+    /// Consumer to provider body bytes.
+    bytes_in: AtomicU64,
+    /// Provider to consumer body bytes.
+    bytes_out: AtomicU64,
+    status: AtomicU16,
+    /// The first definite outcome wins; `Pending` at the end means the consumer went away.
+    outcome: AtomicU8,
+    upstream_ms: AtomicU64,
+    on_end: std::sync::Mutex<Option<Box<dyn FnOnce(&ExchangeSummary) + Send>>>,
+}
+
+/// What is known when an exchange ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExchangeSummary {
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub upstream_ms: u64,
+    pub total_ms: u64,
+    pub outcome: ExchangeOutcome,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("summary", &self.summary())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Exchange {
+    pub fn new(
+        started: Instant,
+        on_end: impl FnOnce(&ExchangeSummary) + Send + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            started,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            status: AtomicU16::new(0),
+            outcome: AtomicU8::new(ExchangeOutcome::Pending as u8),
+            upstream_ms: AtomicU64::new(0),
+            on_end: std::sync::Mutex::new(Some(Box::new(on_end))),
+        })
+    }
+
+    /// Records the response status and the time to response headers.
+    pub fn responded(&self, status: u16) {
+        self.status.store(status, Ordering::Relaxed);
+        self.upstream_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Sets the outcome unless one is already set.
+    pub fn finish(&self, outcome: ExchangeOutcome) {
+        let _ = self.outcome.compare_exchange(
+            ExchangeOutcome::Pending as u8,
+            outcome as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    pub fn summary(&self) -> ExchangeSummary {
+        ExchangeSummary {
+            status: self.status.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            upstream_ms: self.upstream_ms.load(Ordering::Relaxed),
+            total_ms: self.started.elapsed().as_millis() as u64,
+            outcome: ExchangeOutcome::from_u8(self.outcome.load(Ordering::Acquire)),
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let mut summary = self.summary();
+        if summary.outcome == ExchangeOutcome::Pending {
+            summary.outcome = ExchangeOutcome::ClientClosed;
+        }
+        let hook = match self.on_end.get_mut() {
+            Ok(hook) => hook.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(hook) = hook {
+            hook(&summary);
+        }
+    }
+}
+
+/// Which way a body flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Consumer to provider.
+    Request,
+    /// Provider to consumer.
+    Response,
+}
+
+/// A body that went quiet for longer than `upstream.body_idle_timeout`.
+#[derive(Debug)]
+pub struct IdleTimeout;
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("body idle timeout")
+    }
+}
+
+impl std::error::Error for IdleTimeout {}
+
+pin_project_lite::pin_project! {
+    /// Passes frames through untouched, counting data bytes into the [`Exchange`] and failing the stream when no
+    /// frame arrives for the idle timeout. Never buffers.
+    pub struct Streamed<B> {
+        #[pin]
+        inner: B,
+        // Armed at most once per idle period: frames only move `last_frame`, and the timer re-arms itself from
+        // it when it fires, so a busy stream costs no timer updates. Boxed so that the body stays `Unpin`, which
+        // hyper's pooled client requires of request bodies.
+        idle: Pin<Box<Sleep>>,
+        idle_timeout: Duration,
+        last_frame: Instant,
+        exchange: Arc<Exchange>,
+        direction: Direction,
+        done: bool,
+    }
+}
+
+impl<B> std::fmt::Debug for Streamed<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streamed")
+            .field("direction", &self.direction)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Streamed<B> {
+    pub fn new(
+        inner: B,
+        idle_timeout: Duration,
+        exchange: Arc<Exchange>,
+        direction: Direction,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            idle_timeout,
+            last_frame: now,
+            exchange,
+            direction,
+            done: false,
+        }
+    }
+}
+
+impl<B> Body for Streamed<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let counter = match this.direction {
+                        Direction::Request => &this.exchange.bytes_in,
+                        Direction::Response => &this.exchange.bytes_out,
+                    };
+                    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                *this.last_frame = Instant::now();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                *this.done = true;
+                this.exchange.finish(match this.direction {
+                    Direction::Request => ExchangeOutcome::ClientClosed,
+                    Direction::Response => ExchangeOutcome::UpstreamError,
+                });
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                *this.done = true;
+                if *this.direction == Direction::Response {
+                    this.exchange.finish(ExchangeOutcome::Ok);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => loop {
+                ready!(this.idle.as_mut().poll(cx));
+                let deadline = *this.last_frame + *this.idle_timeout;
+                if deadline > Instant::now() {
+                    this.idle.as_mut().reset(deadline);
+                    continue;
+                }
+                *this.done = true;
+                this.exchange.finish(ExchangeOutcome::Timeout);
+                return Poll::Ready(Some(Err(Box::new(IdleTimeout))));
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_headers_follow_the_forwarding_rules() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("ssp.example:8443"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc."),
+        );
+        h.insert(
+            "ssp-traceid",
+            HeaderValue::from_static("629ea9ba-a077-4d99-b289-7a9b19fd4e03"),
+        );
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        rewrite_request_headers(
+            &mut h,
+            "provider.example:9443",
+            "127.0.0.9:5555".parse().unwrap(),
+        );
+        assert_eq!(h[header::HOST], "provider.example:9443");
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "te",
+            "transfer-encoding",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} forwarded");
+        }
+        assert_eq!(h[header::AUTHORIZATION], "Bearer abc.");
+        assert_eq!(h["ssp-traceid"], "629ea9ba-a077-4d99-b289-7a9b19fd4e03");
+        assert_eq!(h[header::FORWARDED], "for=127.0.0.9;proto=https");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.9");
+    }
+
+    #[test]
+    fn ipv6_clients_are_quoted_in_forwarded() {
+        let mut h = HeaderMap::new();
+        rewrite_request_headers(&mut h, "p:1", "[::1]:5555".parse().unwrap());
+        assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=https");
+        assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[tokio::test]
+    async fn exchange_hook_fires_once_with_the_first_outcome() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let exchange = Exchange::new(Instant::now(), move |s| tx.send(*s).unwrap());
+        exchange.responded(200);
+        exchange.finish(ExchangeOutcome::Timeout);
+        exchange.finish(ExchangeOutcome::Ok);
+        let other = Arc::clone(&exchange);
+        drop(exchange);
+        assert!(rx.try_recv().is_err(), "fired while still held");
+        drop(other);
+        let s = rx.try_recv().unwrap();
+        assert_eq!((s.status, s.outcome), (200, ExchangeOutcome::Timeout));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_body_times_out_and_a_busy_one_does_not() {
+        use http_body_util::{BodyExt, StreamBody};
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let stream = tokio_stream_from(rx);
+        let exchange = Exchange::new(Instant::now(), |_| {});
+        let mut body = Streamed::new(
+            StreamBody::new(stream),
+            Duration::from_secs(10),
+            exchange.clone(),
+            Direction::Response,
+        );
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(6)).await;
+            tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+                .await
+                .unwrap();
+            assert_eq!(
+                body.frame().await.unwrap().unwrap().into_data().unwrap(),
+                "abc"
+            );
+        }
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<IdleTimeout>());
+        assert_eq!(exchange.summary().bytes_out, 15);
+        assert_eq!(exchange.summary().outcome, ExchangeOutcome::Timeout);
+    }
+
+    /// A minimal `Stream` over an mpsc receiver (tokio-stream is not a dependency).
+    fn tokio_stream_from<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_core_stream::Stream<Item = T> {
+        futures_core_stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    mod futures_core_stream {
+        pub use futures_core::Stream;
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
+
+        pub struct PollFn<F>(F);
+        impl<T, F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin> Stream for PollFn<F> {
+            type Item = T;
+            fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+                (self.0)(cx)
+            }
+        }
+        pub fn poll_fn<T, F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin>(
+            f: F,
+        ) -> PollFn<F> {
+            PollFn(f)
+        }
+    }
+}

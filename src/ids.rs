@@ -1,0 +1,213 @@
+//! Identifier newtypes: `Asid`, `TraceId`, `InteractionId`, `OdsCode` and the consumer's `PeerIdentity`.
+//!
+//! Each one is parsed strictly from untrusted text exactly once; after that the type says it is well formed, and
+//! `Ssp-From` cannot be passed where `Ssp-To` is expected. This module is a leaf: it depends on nothing else in
+//! the crate.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest ASID accepted. Real ASIDs are 12 digits; the limit only bounds hostile input.
+const MAX_ASID_LEN: usize = 20;
+/// Longest interaction URN accepted (the longest GP Connect one is under 80 characters).
+const MAX_URN_LEN: usize = 256;
+/// Longest ODS code accepted (ODS codes are 3 to 10 characters in practice).
+const MAX_ODS_LEN: usize = 16;
+
+/// An Accredited System ID: the directory's identifier for a consumer or provider system (`Ssp-From`, `Ssp-To`).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Asid(Arc<str>);
+
+impl Asid {
+    /// Parses an ASID: ASCII digits only, 1 to 20 of them.
+    pub fn parse(text: &str) -> Option<Self> {
+        let ok = !text.is_empty()
+            && text.len() <= MAX_ASID_LEN
+            && text.bytes().all(|b| b.is_ascii_digit());
+        ok.then(|| Self(Arc::from(text)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A GUID as carried by `Ssp-TraceID`, kept in the text form the consumer sent (hyphenated, either case).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TraceId(Arc<str>);
+
+impl TraceId {
+    /// Parses the 8-4-4-4-12 hexadecimal GUID form, nothing else (no braces, no URN prefix).
+    pub fn parse(text: &str) -> Option<Self> {
+        let bytes = text.as_bytes();
+        if bytes.len() != 36 {
+            return None;
+        }
+        let ok = bytes.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+        ok.then(|| Self(Arc::from(text)))
+    }
+
+    /// A fresh random (version 4) GUID.
+    pub fn new_random() -> Self {
+        Self(Arc::from(uuid::Uuid::new_v4().hyphenated().to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A business interaction URN (`Ssp-InteractionID`), e.g.
+/// `urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InteractionId(Arc<str>);
+
+impl InteractionId {
+    /// Parses a URN: the `urn:` prefix (lower case, as every NHS interaction is written), then at most 256
+    /// characters from the RFC 8141 URN character set.
+    pub fn parse(text: &str) -> Option<Self> {
+        let rest = text.strip_prefix("urn:")?;
+        let ok = !rest.is_empty()
+            && text.len() <= MAX_URN_LEN
+            && rest.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b':' | b'.' | b'-' | b'_' | b'+' | b'$' | b'%' | b'/' | b'(' | b')'
+                    )
+            });
+        ok.then(|| Self(Arc::from(text)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An ODS organisation code (e.g. `B82617`): letters and digits.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct OdsCode(Arc<str>);
+
+impl OdsCode {
+    pub fn parse(text: &str) -> Option<Self> {
+        let ok = !text.is_empty()
+            && text.len() <= MAX_ODS_LEN
+            && text.bytes().all(|b| b.is_ascii_alphanumeric());
+        ok.then(|| Self(Arc::from(text)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! text_newtype_fmt {
+    ($($ty:ty),*) => {$(
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($ty), &*self.0)
+            }
+        }
+    )*};
+}
+text_newtype_fmt!(Asid, TraceId, InteractionId, OdsCode);
+
+/// Who is at the other end of a consumer connection, read once from the client certificate right after the
+/// handshake and shared by every request on that connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The certificate subject as an RFC 4514-style string, for the audit trail.
+    pub subject: String,
+    /// The subject's common name, if it has one.
+    pub common_name: Option<String>,
+    /// DNS names from the subjectAltName extension.
+    pub dns_sans: Vec<String>,
+    /// The serial number in lower-case hexadecimal.
+    pub serial: String,
+    /// SHA-256 of the DER certificate, lower-case hexadecimal.
+    pub fingerprint_sha256: String,
+}
+
+impl PeerIdentity {
+    /// True when the certificate's CN or one of its DNS SANs equals `fqdn` (DNS names compare case-insensitively).
+    pub fn has_fqdn(&self, fqdn: &str) -> bool {
+        self.common_name
+            .iter()
+            .chain(self.dns_sans.iter())
+            .any(|name| name.eq_ignore_ascii_case(fqdn))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn asid_accepts_digits_only() {
+        assert!(Asid::parse("200000000359").is_some());
+        assert!(Asid::parse("").is_none());
+        assert!(Asid::parse("20000000035a").is_none());
+        assert!(Asid::parse(" 200000000359").is_none());
+        assert!(Asid::parse(&"1".repeat(21)).is_none());
+    }
+
+    #[test]
+    fn trace_id_is_a_hyphenated_guid() {
+        assert!(TraceId::parse("629ea9ba-a077-4d99-b289-7a9b19fd4e03").is_some());
+        assert!(TraceId::parse("629EA9BA-A077-4D99-B289-7A9B19FD4E03").is_some());
+        assert!(TraceId::parse("{629ea9ba-a077-4d99-b289-7a9b19fd4e03}").is_none());
+        assert!(TraceId::parse("629ea9baa0774d99b2897a9b19fd4e03").is_none());
+        assert!(TraceId::parse("629ea9ba-a077-4d99-b289-7a9b19fd4e0g").is_none());
+        assert!(TraceId::parse(TraceId::new_random().as_str()).is_some());
+    }
+
+    #[test]
+    fn interaction_is_a_urn() {
+        assert!(
+            InteractionId::parse("urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1")
+                .is_some()
+        );
+        assert!(
+            InteractionId::parse(
+                "urn:nhs:names:services:gpconnect:fhir:operation:gpc.getstructuredrecord-1"
+            )
+            .is_some()
+        );
+        assert!(InteractionId::parse("urn:").is_none());
+        assert!(InteractionId::parse("nhs:names").is_none());
+        assert!(InteractionId::parse("urn:a b").is_none());
+        assert!(InteractionId::parse(&format!("urn:{}", "a".repeat(300))).is_none());
+    }
+
+    #[test]
+    fn fqdn_matches_cn_or_san_case_insensitively() {
+        let peer = PeerIdentity {
+            subject: "CN=consumer.dev.localhost".into(),
+            common_name: Some("consumer.dev.localhost".into()),
+            dns_sans: vec!["alt.dev.localhost".into()],
+            serial: "01".into(),
+            fingerprint_sha256: "00".into(),
+        };
+        assert!(peer.has_fqdn("CONSUMER.dev.localhost"));
+        assert!(peer.has_fqdn("alt.dev.localhost"));
+        assert!(!peer.has_fqdn("other.dev.localhost"));
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic_and_round_trip(s in ".{0,64}") {
+            if let Some(a) = Asid::parse(&s) { prop_assert_eq!(a.as_str(), s.as_str()); }
+            if let Some(t) = TraceId::parse(&s) { prop_assert_eq!(t.as_str(), s.as_str()); }
+            if let Some(i) = InteractionId::parse(&s) { prop_assert_eq!(i.as_str(), s.as_str()); }
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! `ssp`: a Spine-Secure-Proxy-style forward HTTP proxy for GP Connect. Consumers reach providers through it with
+//! TLS mutual authentication on both legs; it checks every request against the directory and the data-sharing
+//! agreements and streams bodies through without buffering.
+//!
+//! # Layout
+//!
+//! - [`cli`]: argument parsing, exit codes, wiring of the commands (`main.rs` only calls it).
+//! - [`config`]: the TOML config, strictly parsed, validated once into typed values.
+//! - [`ids`]: identifier newtypes (`Asid`, `TraceId`, `InteractionId`, `OdsCode`) and the peer identity.
+//! - [`tls`]: certificates, keys and CRLs; the consumer-facing and upstream rustls configs; peer identity reading.
+//! - [`server`]: accept loop, connection limit, handshake timeout, serving h1/h2 connections, graceful drain.
+//! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
+//! - [`policy`]: policy files, the in-memory snapshot, `check() -> Decision` (checks 5 to 9) and the `Permit`.
+//! - [`forward`]: upstream client and pool, header rules, timeouts, the streaming body wrapper.
+//! - [`proxy`]: the order of the steps for one request; the one place errors become responses.
+//! - [`outcome`]: OperationOutcome bodies, JSON and XML.
+//! - [`app`]: assembling config, TLS and policy into a bound server (shared by `serve`, `demo`, tests).
+//! - [`devcerts`]: the development PKI of `ssp dev-certs`.
+//! - [`demo`]: `ssp demo`, its dev provider and a small mTLS client.
+//!
+//! # Life of a request
+//!
+//! 1. `server` accepts a TCP connection (within `max_connections`) and completes the TLS handshake within
+//!    `handshake_timeout`: the client certificate must chain to `client_ca`, be unexpired and unrevoked (check 1).
+//! 2. `tls::peer_identity` reads the certificate's subject, CN, DNS SANs, serial and fingerprint, once per
+//!    connection; hyper serves HTTP/1.1 or HTTP/2 on it.
+//! 3. `proxy::Proxy::handle` takes each request: method (check 2), `ssp::Target` (3), `ssp::SspHeaders` (4).
+//! 4. `policy::Policy::check` runs checks 5 to 9 and returns `Decision::Permit(Permit)` or a `Denial`.
+//! 5. `forward::Upstream::send` takes the `Permit`, rewrites the headers, and sends the request over a pooled
+//!    TLS connection presenting the proxy's client certificate; the request body streams through `Streamed`.
+//! 6. The provider's response streams back through `Streamed`, which counts bytes and enforces the idle
+//!    timeout; when both bodies are done the shared `Exchange` records the outcome exactly once.
+//! 7. Any failure on the way is a `proxy::Refusal`, rendered by `outcome` as an OperationOutcome.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod devcerts;
+pub mod forward;
+pub mod ids;
+pub mod outcome;
+pub mod policy;
+pub mod proxy;
+pub mod server;
+pub mod ssp;
+pub mod tls;

@@ -1,0 +1,852 @@
+//! The directory and the data-sharing agreements (DESIGN.md 1.3), and the decision for one request: checks 5 to 9
+//! of DESIGN.md 1.4, first failure wins.
+//!
+//! Policy files are validated whole (every problem named with its file and line) and compiled into an immutable
+//! [`Policy`] snapshot that request handling reads without locks. A [`Permit`] can only be made here, and the
+//! forwarder takes nothing else: a request that skipped the check cannot be forwarded. This module knows
+//! nothing of HTTP types or sockets.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{Problems, line_col};
+use crate::ids::{Asid, InteractionId, OdsCode, PeerIdentity};
+use crate::ssp::{SspRequest, Target};
+
+/// Largest policy file read; a directory of 20,000 systems is a few MiB.
+const MAX_POLICY_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// An accredited sending system (SDS accredited-system record).
+#[derive(Debug, Clone)]
+pub struct System {
+    pub asid: Asid,
+    pub name: String,
+    pub ods: OdsCode,
+    /// Must equal the client certificate's CN or one of its DNS SANs (check 5).
+    pub fqdn: String,
+    /// What this system may send (check 6).
+    pub interactions: HashSet<InteractionId>,
+}
+
+/// A provider endpoint (SDS MHS record).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub asid: Asid,
+    pub party_key: String,
+    pub cpa_id: String,
+    pub ods: OdsCode,
+    /// The registered `nhsMhsEndPoint`, no trailing slash; targets must continue it exactly (check 9).
+    pub url: String,
+    /// What this endpoint handles (check 7).
+    pub interactions: HashSet<InteractionId>,
+}
+
+/// Which interactions an agreement covers.
+#[derive(Debug, Clone)]
+pub enum Grant {
+    All,
+    Only(HashSet<InteractionId>),
+}
+
+impl Grant {
+    fn covers(&self, interaction: &InteractionId) -> bool {
+        match self {
+            Grant::All => true,
+            Grant::Only(set) => set.contains(interaction),
+        }
+    }
+}
+
+/// A data-sharing agreement from one consumer system to one provider endpoint.
+#[derive(Debug, Clone)]
+pub struct Agreement {
+    pub id: String,
+    pub from: Asid,
+    pub to: Asid,
+    pub interactions: Grant,
+    pub not_before: Option<SystemTime>,
+    pub not_after: Option<SystemTime>,
+}
+
+impl Agreement {
+    fn in_force(&self, now: SystemTime) -> bool {
+        self.not_before.is_none_or(|t| now >= t) && self.not_after.is_none_or(|t| now <= t)
+    }
+}
+
+/// An immutable, compiled policy: what request handling reads.
+#[derive(Debug, Default)]
+pub struct Policy {
+    /// Which import produced this snapshot; named by every decision.
+    pub generation: u64,
+    systems: HashMap<Asid, System>,
+    endpoints: HashMap<Asid, Arc<Endpoint>>,
+    /// Agreements by sending system; a consumer has a handful, so the receiver is found by a short scan.
+    agreements: HashMap<Asid, Vec<Agreement>>,
+}
+
+/// Permission to forward one request. Only [`Policy::check`] makes one, and it owns the request it checked, so
+/// what is forwarded is exactly what was permitted.
+#[derive(Debug)]
+pub struct Permit {
+    request: SspRequest,
+    endpoint: Arc<Endpoint>,
+    generation: u64,
+}
+
+impl Permit {
+    pub fn request(&self) -> &SspRequest {
+        &self.request
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.request.target
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// Why a request was refused by checks 5 to 9.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// Check 5: the certificate does not carry the FQDN registered for `Ssp-From`.
+    FqdnMismatch { from: Asid },
+    /// Check 6: `Ssp-From` is unknown or not accredited for the interaction.
+    SenderNotAccredited { from: Asid },
+    /// Check 7: no endpoint `Ssp-To` handles the interaction.
+    ReceiverCannotHandle { to: Asid },
+    /// Check 8: no agreement in force covers from -> to for the interaction.
+    NoAgreement { from: Asid, to: Asid },
+    /// Check 9: the target URL does not continue the endpoint's registered URL.
+    TargetVaries {
+        url: String,
+        cpa_id: String,
+        target: String,
+    },
+}
+
+impl Denial {
+    /// The check number of DESIGN.md 1.4.
+    pub fn check(&self) -> u8 {
+        match self {
+            Denial::FqdnMismatch { .. } => 5,
+            Denial::SenderNotAccredited { .. } => 6,
+            Denial::ReceiverCannotHandle { .. } => 7,
+            Denial::NoAgreement { .. } => 8,
+            Denial::TargetVaries { .. } => 9,
+        }
+    }
+
+    /// A bounded label for logs and metrics (never an ASID or URL).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denial::FqdnMismatch { .. } => "fqdn_check_failed",
+            Denial::SenderNotAccredited { .. } => "asid_check_failed",
+            Denial::ReceiverCannotHandle { .. } => "partykey_interaction_check_failed",
+            Denial::NoAgreement { .. } => "fot_check_failed",
+            Denial::TargetVaries { .. } => "endpoint_varies_from_target_url",
+        }
+    }
+
+    /// The consumer-facing text, exactly as the contract gives it.
+    pub fn text(&self) -> String {
+        match self {
+            Denial::FqdnMismatch { from } => format!("FQDN_CHECK_FAILED_MESSAGESENDER_{from}"),
+            Denial::SenderNotAccredited { from } => {
+                format!("ASID_CHECK_FAILED_MESSAGESENDER_{from}")
+            }
+            Denial::ReceiverCannotHandle { to } => {
+                format!("PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_{to}")
+            }
+            Denial::NoAgreement { from, to } => {
+                format!("FOT_CHECK_FAILED_MESSAGESENDER_{from}_MESSAGERECEIVER_{to}")
+            }
+            Denial::TargetVaries {
+                url,
+                cpa_id,
+                target,
+            } => format!("ENDPOINT_{url}_CPAID_{cpa_id}_VARIES_FROM_TARGETURL_{target}"),
+        }
+    }
+}
+
+/// The outcome of a policy check.
+#[derive(Debug)]
+pub enum Decision {
+    Permit(Permit),
+    /// The request is handed back so the caller can still audit and answer it.
+    Deny(Denial, Box<SspRequest>),
+}
+
+impl Policy {
+    /// Checks 5 to 9 for a request from the consumer `peer`, at time `now`. Consumes the request: a permit owns it.
+    pub fn check(&self, request: SspRequest, peer: &PeerIdentity, now: SystemTime) -> Decision {
+        match self.evaluate(&request, peer, now) {
+            Ok(endpoint) => Decision::Permit(Permit {
+                request,
+                endpoint,
+                generation: self.generation,
+            }),
+            Err(denial) => Decision::Deny(denial, Box::new(request)),
+        }
+    }
+
+    fn evaluate(
+        &self,
+        request: &SspRequest,
+        peer: &PeerIdentity,
+        now: SystemTime,
+    ) -> Result<Arc<Endpoint>, Denial> {
+        let h = &request.headers;
+        let system = self.systems.get(&h.from);
+        // 5: only a known sender has a registered FQDN to compare; an unknown one fails at 6.
+        if let Some(system) = system
+            && !peer.has_fqdn(&system.fqdn)
+        {
+            return Err(Denial::FqdnMismatch {
+                from: h.from.clone(),
+            });
+        }
+        // 6
+        if !system.is_some_and(|s| s.interactions.contains(&h.interaction)) {
+            return Err(Denial::SenderNotAccredited {
+                from: h.from.clone(),
+            });
+        }
+        // 7
+        let endpoint = self
+            .endpoints
+            .get(&h.to)
+            .filter(|e| e.interactions.contains(&h.interaction))
+            .ok_or_else(|| Denial::ReceiverCannotHandle { to: h.to.clone() })?;
+        // 8
+        let agreed = self.agreements.get(&h.from).is_some_and(|list| {
+            list.iter()
+                .any(|a| a.to == h.to && a.interactions.covers(&h.interaction) && a.in_force(now))
+        });
+        if !agreed {
+            return Err(Denial::NoAgreement {
+                from: h.from.clone(),
+                to: h.to.clone(),
+            });
+        }
+        // 9
+        if !request.target.is_under(&endpoint.url) {
+            return Err(Denial::TargetVaries {
+                url: endpoint.url.clone(),
+                cpa_id: endpoint.cpa_id.clone(),
+                target: request.target.as_str().to_owned(),
+            });
+        }
+        Ok(Arc::clone(endpoint))
+    }
+
+    pub fn system(&self, asid: &Asid) -> Option<&System> {
+        self.systems.get(asid)
+    }
+
+    pub fn endpoint(&self, asid: &Asid) -> Option<&Endpoint> {
+        self.endpoints.get(asid).map(|e| &**e)
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values().map(|e| &**e)
+    }
+
+    pub fn systems(&self) -> impl Iterator<Item = &System> {
+        self.systems.values()
+    }
+
+    /// Counts of systems, endpoints and agreements, for logs.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.systems.len(),
+            self.endpoints.len(),
+            self.agreements.values().map(Vec::len).sum(),
+        )
+    }
+
+    /// Reads every `*.toml` file in `dir` (sorted by name), validates them together and compiles a snapshot.
+    /// Any problem refuses the whole set.
+    pub fn load_dir(dir: &Path, generation: u64) -> Result<Self, Problems> {
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            Problems::one(format!("{}: cannot read policy folder: {e}", dir.display()))
+        })?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(Problems::one(format!(
+                "{}: no *.toml policy files",
+                dir.display()
+            )));
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            let too_big = std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_POLICY_FILE_BYTES);
+            if too_big {
+                return Err(Problems::one(format!(
+                    "{}: larger than 256 MiB",
+                    path.display()
+                )));
+            }
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Problems::one(format!("{}: cannot read: {e}", path.display())))?;
+            files.push((path, text));
+        }
+        Self::compile(&files, generation)
+    }
+
+    /// Validates and compiles policy texts, each given with the path it came from.
+    pub fn compile(files: &[(PathBuf, String)], generation: u64) -> Result<Self, Problems> {
+        let mut c = Compiler::default();
+        for (path, text) in files {
+            c.file(path, text);
+        }
+        c.finish(generation)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Raw policy files.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    system: Vec<Spanned<RawSystem>>,
+    #[serde(default)]
+    endpoint: Vec<Spanned<RawEndpoint>>,
+    #[serde(default)]
+    agreement: Vec<Spanned<RawAgreement>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSystem {
+    asid: String,
+    name: String,
+    ods: String,
+    fqdn: String,
+    interactions: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    asid: String,
+    party_key: String,
+    cpa_id: String,
+    ods: String,
+    url: String,
+    interactions: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgreement {
+    id: String,
+    from: String,
+    to: String,
+    interactions: Vec<String>,
+    not_before: Option<String>,
+    not_after: Option<String>,
+}
+
+/// Where an item was defined, for problem lines.
+#[derive(Debug, Clone)]
+struct Origin {
+    file: String,
+    line: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: line {}", self.file, self.line)
+    }
+}
+
+#[derive(Default)]
+struct Compiler {
+    problems: Vec<String>,
+    systems: HashMap<Asid, System>,
+    endpoints: HashMap<Asid, Arc<Endpoint>>,
+    agreements: Vec<(Origin, Agreement)>,
+    agreement_ids: HashSet<String>,
+}
+
+impl Compiler {
+    fn problem(&mut self, at: &Origin, message: impl fmt::Display) {
+        self.problems.push(format!("{at}: {message}"));
+    }
+
+    fn file(&mut self, path: &Path, text: &str) {
+        let file = path.display().to_string();
+        let raw: RawFile = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map_or(0, |s| line_col(text, s.start).0);
+                let at = Origin { file, line };
+                self.problem(&at, e.message().trim().replace('\n', " "));
+                return;
+            }
+        };
+        let origin = |span: std::ops::Range<usize>| Origin {
+            file: file.clone(),
+            line: line_col(text, span.start).0,
+        };
+        for item in raw.system {
+            let at = origin(item.span());
+            self.system(&at, item.into_inner());
+        }
+        for item in raw.endpoint {
+            let at = origin(item.span());
+            self.endpoint(&at, item.into_inner());
+        }
+        for item in raw.agreement {
+            let at = origin(item.span());
+            self.agreement(&at, item.into_inner());
+        }
+    }
+
+    fn asid(&mut self, at: &Origin, what: &str, text: &str) -> Option<Asid> {
+        let asid = Asid::parse(text);
+        if asid.is_none() {
+            self.problem(
+                at,
+                format_args!("{what} {text:?} is not an ASID (1 to 20 digits)"),
+            );
+        }
+        asid
+    }
+
+    fn ods(&mut self, at: &Origin, text: &str) -> Option<OdsCode> {
+        let ods = OdsCode::parse(text);
+        if ods.is_none() {
+            self.problem(
+                at,
+                format_args!("ods {text:?} is not an ODS code (letters and digits)"),
+            );
+        }
+        ods
+    }
+
+    fn interactions(&mut self, at: &Origin, list: &[String]) -> HashSet<InteractionId> {
+        let mut set = HashSet::with_capacity(list.len());
+        for text in list {
+            match InteractionId::parse(text) {
+                Some(i) => {
+                    set.insert(i);
+                }
+                None => self.problem(at, format_args!("interaction {text:?} is not a URN")),
+            }
+        }
+        set
+    }
+
+    fn non_empty(&mut self, at: &Origin, what: &str, text: &str) {
+        if text.trim().is_empty() {
+            self.problem(at, format_args!("{what} must not be empty"));
+        }
+    }
+
+    fn system(&mut self, at: &Origin, raw: RawSystem) {
+        let asid = self.asid(at, "[[system]] asid", &raw.asid);
+        let ods = self.ods(at, &raw.ods);
+        self.non_empty(at, "[[system]] name", &raw.name);
+        let fqdn_ok = Target::parse(&format!("https://{}", raw.fqdn))
+            .is_ok_and(|t| t.authority() == raw.fqdn && !raw.fqdn.contains([':', '[']));
+        if !fqdn_ok {
+            self.problem(at, format_args!("fqdn {:?} is not a host name", raw.fqdn));
+        }
+        let interactions = self.interactions(at, &raw.interactions);
+        let (Some(asid), Some(ods)) = (asid, ods) else {
+            return;
+        };
+        if self.systems.contains_key(&asid) {
+            self.problem(at, format_args!("duplicate [[system]] asid {asid}"));
+            return;
+        }
+        self.systems.insert(
+            asid.clone(),
+            System {
+                asid,
+                name: raw.name,
+                ods,
+                fqdn: raw.fqdn.to_ascii_lowercase(),
+                interactions,
+            },
+        );
+    }
+
+    fn endpoint(&mut self, at: &Origin, raw: RawEndpoint) {
+        let asid = self.asid(at, "[[endpoint]] asid", &raw.asid);
+        let ods = self.ods(at, &raw.ods);
+        self.non_empty(at, "[[endpoint]] party_key", &raw.party_key);
+        self.non_empty(at, "[[endpoint]] cpa_id", &raw.cpa_id);
+        match Target::parse(&raw.url) {
+            Err(e) => self.problem(
+                at,
+                format_args!("url {:?} is not an https URL ({e:?})", raw.url),
+            ),
+            Ok(_) if raw.url.contains('?') => {
+                self.problem(at, format_args!("url {:?} must not have a query", raw.url))
+            }
+            Ok(_) if raw.url.ends_with('/') => {
+                self.problem(at, format_args!("url {:?} must not end with /", raw.url))
+            }
+            Ok(_) => {}
+        }
+        let interactions = self.interactions(at, &raw.interactions);
+        let (Some(asid), Some(ods)) = (asid, ods) else {
+            return;
+        };
+        if self.endpoints.contains_key(&asid) {
+            self.problem(at, format_args!("duplicate [[endpoint]] asid {asid}"));
+            return;
+        }
+        self.endpoints.insert(
+            asid.clone(),
+            Arc::new(Endpoint {
+                asid,
+                party_key: raw.party_key,
+                cpa_id: raw.cpa_id,
+                ods,
+                url: raw.url,
+                interactions,
+            }),
+        );
+    }
+
+    fn time(&mut self, at: &Origin, what: &str, text: Option<&str>) -> Option<SystemTime> {
+        let text = text?;
+        match time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339) {
+            Ok(t) => Some(t.into()),
+            Err(_) => {
+                self.problem(at, format_args!("{what} {text:?} is not an RFC 3339 time"));
+                None
+            }
+        }
+    }
+
+    fn agreement(&mut self, at: &Origin, raw: RawAgreement) {
+        self.non_empty(at, "[[agreement]] id", &raw.id);
+        if !self.agreement_ids.insert(raw.id.clone()) {
+            self.problem(at, format_args!("duplicate [[agreement]] id {:?}", raw.id));
+        }
+        let from = self.asid(at, "[[agreement]] from", &raw.from);
+        let to = self.asid(at, "[[agreement]] to", &raw.to);
+        let interactions = if raw.interactions == ["*"] {
+            Grant::All
+        } else {
+            Grant::Only(self.interactions(at, &raw.interactions))
+        };
+        let not_before = self.time(at, "not_before", raw.not_before.as_deref());
+        let not_after = self.time(at, "not_after", raw.not_after.as_deref());
+        if let (Some(nb), Some(na)) = (not_before, not_after)
+            && na < nb
+        {
+            self.problem(at, "not_after is before not_before");
+        }
+        if let (Some(from), Some(to)) = (from, to) {
+            self.agreements.push((
+                at.clone(),
+                Agreement {
+                    id: raw.id,
+                    from,
+                    to,
+                    interactions,
+                    not_before,
+                    not_after,
+                },
+            ));
+        }
+    }
+
+    fn finish(mut self, generation: u64) -> Result<Policy, Problems> {
+        let mut agreements: HashMap<Asid, Vec<Agreement>> = HashMap::new();
+        for (at, a) in std::mem::take(&mut self.agreements) {
+            if !self.systems.contains_key(&a.from) {
+                self.problem(
+                    &at,
+                    format_args!("agreement {:?} names unknown system {}", a.id, a.from),
+                );
+            }
+            if !self.endpoints.contains_key(&a.to) {
+                self.problem(
+                    &at,
+                    format_args!("agreement {:?} names unknown endpoint {}", a.id, a.to),
+                );
+            }
+            agreements.entry(a.from.clone()).or_default().push(a);
+        }
+        if !self.problems.is_empty() {
+            return Err(Problems {
+                problems: self.problems,
+            });
+        }
+        Ok(Policy {
+            generation,
+            systems: self.systems,
+            endpoints: self.endpoints,
+            agreements,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::TraceId;
+    use crate::ssp::SspHeaders;
+    use std::time::Duration;
+
+    const METADATA: &str = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1";
+    const PATIENT: &str = "urn:nhs:names:services:gpconnect:fhir:rest:search:patient-1";
+
+    const POLICY: &str = r#"
+[[system]]
+asid = "200000000359"
+name = "Hospital"
+ods = "RXX01"
+fqdn = "consumer.dev.localhost"
+interactions = ["urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1", "urn:nhs:names:services:gpconnect:fhir:rest:search:patient-1"]
+
+[[system]]
+asid = "200000000360"
+name = "111"
+ods = "RYY01"
+fqdn = "consumer2.dev.localhost"
+interactions = ["urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1"]
+
+[[endpoint]]
+asid = "918999198993"
+party_key = "B82617-807724"
+cpa_id = "S20001A000123"
+ods = "B82617"
+url = "https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect"
+interactions = ["urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1"]
+
+[[agreement]]
+id = "DSA-0001"
+from = "200000000359"
+to = "918999198993"
+interactions = ["*"]
+not_before = "2026-01-01T00:00:00Z"
+not_after = "2027-12-31T23:59:59Z"
+"#;
+
+    fn policy() -> Policy {
+        Policy::compile(&[(PathBuf::from("p.toml"), POLICY.to_string())], 1).unwrap()
+    }
+
+    fn peer(cn: &str) -> PeerIdentity {
+        PeerIdentity {
+            subject: format!("CN={cn}"),
+            common_name: Some(cn.into()),
+            dns_sans: vec![],
+            serial: "01".into(),
+            fingerprint_sha256: "00".into(),
+        }
+    }
+
+    fn request(from: &str, to: &str, interaction: &str, target: &str) -> SspRequest {
+        SspRequest {
+            target: Target::parse(target).unwrap(),
+            headers: SspHeaders {
+                trace_id: TraceId::new_random(),
+                from: Asid::parse(from).unwrap(),
+                to: Asid::parse(to).unwrap(),
+                interaction: InteractionId::parse(interaction).unwrap(),
+            },
+        }
+    }
+
+    fn at(rfc3339: &str) -> SystemTime {
+        time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+            .unwrap()
+            .into()
+    }
+
+    const URL: &str = "https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect/fhir/metadata";
+
+    fn decide(
+        from: &str,
+        to: &str,
+        interaction: &str,
+        target: &str,
+        cn: &str,
+        now: &str,
+    ) -> Result<u64, Denial> {
+        match policy().check(request(from, to, interaction, target), &peer(cn), at(now)) {
+            Decision::Permit(p) => Ok(p.generation()),
+            Decision::Deny(d, _) => Err(d),
+        }
+    }
+
+    const NOW: &str = "2026-11-21T12:00:00Z";
+    const CN: &str = "consumer.dev.localhost";
+
+    #[test]
+    fn permits_a_registered_agreed_request() {
+        assert_eq!(
+            decide("200000000359", "918999198993", METADATA, URL, CN, NOW),
+            Ok(1)
+        );
+    }
+
+    #[test]
+    fn checks_run_in_order_with_exact_texts() {
+        let text = |r: Result<u64, Denial>| r.unwrap_err().text();
+        // 5 before 6: wrong certificate for a known sender, even with an unaccredited interaction.
+        assert_eq!(
+            text(decide(
+                "200000000359",
+                "918999198993",
+                "urn:x",
+                URL,
+                "consumer2.dev.localhost",
+                NOW
+            )),
+            "FQDN_CHECK_FAILED_MESSAGESENDER_200000000359"
+        );
+        // An unknown sender fails at 6 whatever its certificate.
+        assert_eq!(
+            text(decide(
+                "100000000001",
+                "918999198993",
+                METADATA,
+                URL,
+                CN,
+                NOW
+            )),
+            "ASID_CHECK_FAILED_MESSAGESENDER_100000000001"
+        );
+        assert_eq!(
+            text(decide(
+                "200000000359",
+                "918999198993",
+                "urn:x",
+                URL,
+                CN,
+                NOW
+            )),
+            "ASID_CHECK_FAILED_MESSAGESENDER_200000000359"
+        );
+        // 7: sender may send it, receiver does not handle it.
+        assert_eq!(
+            text(decide(
+                "200000000359",
+                "918999198993",
+                PATIENT,
+                URL,
+                CN,
+                NOW
+            )),
+            "PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_918999198993"
+        );
+        assert_eq!(
+            text(decide(
+                "200000000359",
+                "999999999999",
+                METADATA,
+                URL,
+                CN,
+                NOW
+            )),
+            "PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_999999999999"
+        );
+        // 8: no agreement for the second system.
+        assert_eq!(
+            text(decide(
+                "200000000360",
+                "918999198993",
+                METADATA,
+                URL,
+                "consumer2.dev.localhost",
+                NOW
+            )),
+            "FOT_CHECK_FAILED_MESSAGESENDER_200000000360_MESSAGERECEIVER_918999198993"
+        );
+        // 9: an IP for the host, an added port.
+        assert_eq!(
+            text(decide(
+                "200000000359",
+                "918999198993",
+                METADATA,
+                "https://127.0.0.1:9443/B82617/STU3/1/gpconnect/fhir/metadata",
+                CN,
+                NOW
+            )),
+            "ENDPOINT_https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect_CPAID_S20001A000123_VARIES_FROM_TARGETURL_https://127.0.0.1:9443/B82617/STU3/1/gpconnect/fhir/metadata"
+        );
+    }
+
+    #[test]
+    fn agreements_are_in_force_only_between_their_dates() {
+        let d = |now| decide("200000000359", "918999198993", METADATA, URL, CN, now);
+        assert!(d("2026-01-01T00:00:00Z").is_ok());
+        assert!(d("2027-12-31T23:59:59Z").is_ok());
+        assert_eq!(d("2025-12-31T23:59:59Z").unwrap_err().check(), 8);
+        assert_eq!(d("2028-01-01T00:00:00Z").unwrap_err().check(), 8);
+        let later = at(NOW) + Duration::from_secs(3 * 365 * 86400);
+        let denied = policy().check(
+            request("200000000359", "918999198993", METADATA, URL),
+            &peer(CN),
+            later,
+        );
+        assert!(matches!(
+            denied,
+            Decision::Deny(Denial::NoAgreement { .. }, _)
+        ));
+    }
+
+    #[test]
+    fn a_bad_file_is_refused_whole_with_lines() {
+        let bad = POLICY
+            .replace("asid = \"200000000360\"", "asid = \"200000000359\"")
+            .replace(
+                "url = \"https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect\"",
+                "url = \"http://provider/x/\"",
+            )
+            .replace("from = \"200000000359\"", "from = \"555\"")
+            .replace(
+                "not_before = \"2026-01-01T00:00:00Z\"",
+                "not_before = \"2028-01-01T00:00:00Z\"",
+            );
+        let err = Policy::compile(&[(PathBuf::from("p.toml"), bad)], 2).unwrap_err();
+        let all = err.to_string();
+        assert!(
+            all.contains("p.toml: line 9: duplicate [[system]] asid 200000000359"),
+            "{all}"
+        );
+        assert!(
+            all.contains("p.toml: line 16: url \"http://provider/x/\" is not an https URL"),
+            "{all}"
+        );
+        assert!(all.contains("not_after is before not_before"), "{all}");
+        assert!(all.contains("names unknown system 555"), "{all}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let bad = POLICY.replace("name = \"111\"", "name = \"111\"\ncolour = \"blue\"");
+        let err = Policy::compile(&[(PathBuf::from("p.toml"), bad)], 2).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+}

@@ -1,0 +1,381 @@
+//! One request, start to finish: the order of the checks of DESIGN.md 1.4 (2 to 9 here; 1 is the handshake in
+//! `server`), forwarding, and the one place where a failure becomes a consumer-facing response.
+//!
+//! Each step consumes the previous step's output: `Request` -> `Target` + `SspHeaders` -> `Permit` ->
+//! upstream `Response` -> streamed body. Failures are small [`Refusal`] values that know whose fault they were;
+//! [`Refusal::into_response`] turns them into OperationOutcomes. No sockets, no parsing details.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::forward::{
+    BoxError, Direction, Exchange, ExchangeOutcome, ForwardError, Streamed, Upstream,
+};
+use crate::ids::PeerIdentity;
+use crate::outcome::{Format, IssueCode, Outcome, Severity};
+use crate::policy::{Decision, Denial, Policy};
+use crate::ssp::{self, HeaderError, SspHeaders, SspRequest, Target, TargetError};
+
+/// What the server knows about a consumer connection; read once after the handshake and shared by its requests.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// Counts connections since start, for correlating log lines.
+    pub id: u64,
+    pub remote: SocketAddr,
+    pub peer: PeerIdentity,
+}
+
+/// The request pipeline's shared state.
+#[derive(Debug)]
+pub struct Proxy {
+    /// Methods allowed by check 2 (a handful: a scan beats hashing).
+    methods: Vec<Method>,
+    /// The `Allow` header sent with 405, built once.
+    allow: HeaderValue,
+    policy: Arc<Policy>,
+    upstream: Upstream,
+}
+
+/// Whose fault a refusal was: decides the log level (and, later, metric labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Consumer,
+    Provider,
+}
+
+/// Why a request was not forwarded, or failed upstream before a response.
+#[derive(Debug)]
+pub enum Refusal {
+    /// Check 2.
+    Method,
+    /// Check 3.
+    Target(TargetError),
+    /// Check 4.
+    Header(HeaderError),
+    /// Checks 5 to 9.
+    Denied(Denial),
+    /// The provider could not be reached or stayed silent; carries the target text for the error.
+    Upstream { error: ForwardError, target: String },
+}
+
+impl Refusal {
+    pub fn fault(&self) -> Fault {
+        match self {
+            Refusal::Upstream { .. } => Fault::Provider,
+            _ => Fault::Consumer,
+        }
+    }
+
+    /// A bounded label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Method => "method_not_allowed",
+            Refusal::Target(_) => "invalid_target_url",
+            Refusal::Header(_) => "missing_or_invalid_header",
+            Refusal::Denied(d) => d.reason(),
+            Refusal::Upstream { error, .. } => match error {
+                ForwardError::Unreachable(_) => "error_communicating_to_endpoint",
+                ForwardError::Timeout => "timeout_communicating_to_endpoint",
+            },
+        }
+    }
+
+    /// Status, issue code, severity and text, exactly as DESIGN.md 1.4 lists them.
+    fn parts(&self) -> (StatusCode, IssueCode, Severity, String) {
+        use IssueCode::*;
+        match self {
+            Refusal::Method => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Forbidden,
+                Severity::Fatal,
+                "405: Method Not Allowed".into(),
+            ),
+            Refusal::Target(_) => (
+                StatusCode::BAD_REQUEST,
+                Invalid,
+                Severity::Error,
+                "INVALID_TARGET_URL".into(),
+            ),
+            Refusal::Header(HeaderError(name)) => (
+                StatusCode::BAD_REQUEST,
+                Invalid,
+                Severity::Error,
+                format!("MISSING_OR_INVALID_HEADER_{name}"),
+            ),
+            Refusal::Denied(d @ Denial::TargetVaries { .. }) => {
+                (StatusCode::BAD_REQUEST, Invalid, Severity::Error, d.text())
+            }
+            Refusal::Denied(d) => (StatusCode::FORBIDDEN, Forbidden, Severity::Error, d.text()),
+            Refusal::Upstream {
+                error: ForwardError::Unreachable(_),
+                target,
+            } => (
+                StatusCode::BAD_GATEWAY,
+                Transient,
+                Severity::Error,
+                format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+            ),
+            Refusal::Upstream {
+                error: ForwardError::Timeout,
+                target,
+            } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                Transient,
+                Severity::Error,
+                format!("TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+            ),
+        }
+    }
+
+    /// The consumer-facing response: an OperationOutcome in the negotiated format, `Cache-Control: no-store`, and
+    /// the request's `Ssp-TraceID` echoed when it had one.
+    pub fn into_response(
+        self,
+        format: Format,
+        trace_id: Option<HeaderValue>,
+        allow: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        let (status, code, severity, text) = self.parts();
+        let body = Outcome {
+            status: status.as_u16(),
+            code,
+            severity,
+            text: &text,
+        }
+        .render(format);
+        let mut response = Response::new(ProxyBody::full(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(format.content_type()),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(trace_id) = trace_id {
+            headers.insert(ssp::HEADER_TRACE_ID, trace_id);
+        }
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            headers.insert(header::ALLOW, allow.clone());
+        }
+        response
+    }
+}
+
+impl Proxy {
+    pub fn new(methods: Vec<Method>, policy: Arc<Policy>, upstream: Upstream) -> Self {
+        let allow = methods
+            .iter()
+            .map(Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self {
+            allow: HeaderValue::from_str(&allow)
+                .unwrap_or_else(|_| HeaderValue::from_static("GET")),
+            methods,
+            policy,
+            upstream,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Handles one consumer request. Never fails: every error becomes a response here.
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let started = Instant::now();
+        let format = Format::negotiate(request.headers().get(header::ACCEPT));
+        let trace_id = request.headers().get(ssp::HEADER_TRACE_ID).cloned();
+        match self.pipeline(request, conn, started).await {
+            Ok(response) => Ok(response),
+            Err(refusal) => {
+                log_refusal(&refusal, conn, trace_id.as_ref());
+                Ok(refusal.into_response(format, trace_id, &self.allow))
+            }
+        }
+    }
+
+    async fn pipeline(
+        &self,
+        request: Request<Incoming>,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        // 2: method.
+        if !self.methods.contains(request.method()) {
+            return Err(Refusal::Method);
+        }
+        // 3: target URL.
+        let path = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let target = Target::from_request_path(path).map_err(Refusal::Target)?;
+        // 4: Ssp-* headers.
+        let headers = SspHeaders::parse(request.headers()).map_err(Refusal::Header)?;
+        // 5 to 9: directory and agreements.
+        let permit = match self.policy.check(
+            SspRequest { target, headers },
+            &conn.peer,
+            SystemTime::now(),
+        ) {
+            Decision::Permit(permit) => permit,
+            Decision::Deny(denial, _) => return Err(Refusal::Denied(denial)),
+        };
+        // Forward, streaming both ways.
+        let exchange = {
+            let h = &permit.request().headers;
+            let (trace_id, from, to, interaction) = (
+                h.trace_id.clone(),
+                h.from.clone(),
+                h.to.clone(),
+                h.interaction.clone(),
+            );
+            let conn_id = conn.id;
+            Exchange::new(started, move |s| {
+                tracing::info!(
+                    conn = conn_id,
+                    trace_id = %trace_id,
+                    from = %from,
+                    to = %to,
+                    interaction = %interaction,
+                    status = s.status,
+                    bytes_in = s.bytes_in,
+                    bytes_out = s.bytes_out,
+                    upstream_ms = s.upstream_ms,
+                    total_ms = s.total_ms,
+                    outcome = s.outcome.as_str(),
+                    "exchange"
+                );
+            })
+        };
+        let response = match self
+            .upstream
+            .send(&permit, request, conn.remote, &exchange)
+            .await
+        {
+            Ok(response) => response,
+            Err(error) => {
+                exchange.finish(match error {
+                    ForwardError::Timeout => ExchangeOutcome::Timeout,
+                    ForwardError::Unreachable(_) => ExchangeOutcome::UpstreamError,
+                });
+                return Err(Refusal::Upstream {
+                    error,
+                    target: permit.target().as_str().to_owned(),
+                });
+            }
+        };
+        exchange.responded(response.status().as_u16());
+        let (parts, body) = response.into_parts();
+        let body = Streamed::new(
+            body,
+            self.upstream.body_idle_timeout(),
+            exchange,
+            Direction::Response,
+        );
+        Ok(Response::from_parts(parts, ProxyBody::stream(body)))
+    }
+}
+
+/// One operational log line per refusal: trace id, ASIDs and a bounded reason. Never the target URL (it can
+/// carry patient identifiers), never a token.
+fn log_refusal(refusal: &Refusal, conn: &ConnInfo, trace_id: Option<&HeaderValue>) {
+    let trace_id = trace_id.and_then(|v| v.to_str().ok()).unwrap_or("-");
+    match refusal {
+        Refusal::Upstream { error, .. } => tracing::warn!(
+            conn = conn.id,
+            trace_id,
+            reason = refusal.reason(),
+            error = %error,
+            "upstream failure"
+        ),
+        Refusal::Denied(d) => tracing::info!(
+            conn = conn.id,
+            trace_id,
+            reason = refusal.reason(),
+            check = d.check(),
+            "request refused"
+        ),
+        _ => tracing::info!(
+            conn = conn.id,
+            trace_id,
+            reason = refusal.reason(),
+            "request refused"
+        ),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A consumer-facing response body: a refusal built here, or the provider's body streamed through.
+    #[project = ProxyBodyProj]
+    pub enum ProxyBody {
+        Full { data: Option<Bytes> },
+        Stream { #[pin] body: Streamed<Incoming> },
+    }
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProxyBody::Full { data } => f
+                .debug_struct("Full")
+                .field("len", &data.as_ref().map(Bytes::len))
+                .finish(),
+            ProxyBody::Stream { body } => body.fmt(f),
+        }
+    }
+}
+
+impl ProxyBody {
+    pub fn full(data: Bytes) -> Self {
+        ProxyBody::Full { data: Some(data) }
+    }
+
+    pub fn stream(body: Streamed<Incoming>) -> Self {
+        ProxyBody::Stream { body }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBodyProj::Stream { body } => body.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full { data } => data.is_none(),
+            ProxyBody::Stream { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ProxyBody::Stream { body } => body.size_hint(),
+        }
+    }
+}

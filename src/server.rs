@@ -1,0 +1,191 @@
+//! The consumer-facing listener: accept loop, connection limit, TLS handshake with its timeout, the peer identity
+//! read once per connection, HTTP/1.1 and HTTP/2 (by ALPN) with hyper's header-read timeout, and a graceful drain
+//! on shutdown. Knows nothing of request contents: each request goes to [`Proxy::handle`].
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::ServerConfig;
+use crate::proxy::{ConnInfo, Proxy};
+use crate::tls;
+
+/// How long in-flight exchanges may run after shutdown starts.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// A bound consumer listener, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    proxy: Arc<Proxy>,
+    http: auto::Builder<TokioExecutor>,
+    handshake_timeout: Duration,
+    /// Bounds concurrent connections; when exhausted, further connections wait in the kernel's backlog.
+    connections: Arc<Semaphore>,
+    next_conn_id: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listener", &self.listener)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Binds the listener. Fails only on the socket.
+    pub async fn bind(
+        cfg: &ServerConfig,
+        tls: Arc<rustls::ServerConfig>,
+        proxy: Arc<Proxy>,
+    ) -> io::Result<Self> {
+        let listener = TcpListener::bind(cfg.listen).await?;
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            // hyper's timeouts do nothing (or panic) without a timer.
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
+            .keep_alive(true)
+            .preserve_header_case(true);
+        http.http2().timer(TokioTimer::new());
+        Ok(Self {
+            listener,
+            acceptor: TlsAcceptor::from(tls),
+            proxy,
+            http,
+            handshake_timeout: cfg.handshake_timeout,
+            connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            next_conn_id: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and lets open exchanges finish for up to `grace`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                permit = Arc::clone(&self.connections).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                () = &mut shutdown => break,
+            };
+            let (tcp, remote) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let conn = Connection {
+                id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
+                acceptor: self.acceptor.clone(),
+                proxy: Arc::clone(&self.proxy),
+                http: self.http.clone(),
+                handshake_timeout: self.handshake_timeout,
+            };
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let _permit = permit;
+                conn.serve(tcp, remote, watcher).await;
+            });
+        }
+        drop(self.listener);
+        tracing::info!("listener closed; draining open connections");
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_s = grace.as_secs(),
+                "grace period over; closing remaining connections"
+            );
+        }
+    }
+}
+
+/// One accepted TCP connection on its way to being served.
+struct Connection {
+    id: u64,
+    acceptor: TlsAcceptor,
+    proxy: Arc<Proxy>,
+    http: auto::Builder<TokioExecutor>,
+    handshake_timeout: Duration,
+}
+
+impl Connection {
+    async fn serve(
+        self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        // Check 1: the handshake verifies the chain, expiry, CRL and TLS version; failing it ends the connection
+        // with no HTTP at all.
+        let tls =
+            match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::info!(conn = self.id, %remote, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(conn = self.id, %remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(tls::peer_identity);
+        let Some(peer) = peer else {
+            tracing::warn!(conn = self.id, %remote, "verified client certificate could not be read; closing");
+            return;
+        };
+        tracing::debug!(conn = self.id, %remote, subject = %peer.subject, "connection accepted");
+        let info = Arc::new(ConnInfo {
+            id: self.id,
+            remote,
+            peer,
+        });
+        let proxy = self.proxy;
+        let service = service_fn(move |request| {
+            let proxy = Arc::clone(&proxy);
+            let info = Arc::clone(&info);
+            async move { proxy.handle(request, &info).await }
+        });
+        let connection = self
+            .http
+            .serve_connection(TokioIo::new(tls), service)
+            .into_owned();
+        if let Err(e) = watcher.watch(connection).await {
+            tracing::debug!(conn = self.id, error = %e, "connection ended with an error");
+        }
+    }
+}

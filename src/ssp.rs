@@ -1,0 +1,387 @@
+//! Parsing what a consumer sends into an [`SspRequest`]: the target URL carried in the request path
+//! (`/https://host[:port]/path[?query]`, check 3 of DESIGN.md 1.4) and the four `Ssp-*` headers (check 4).
+//!
+//! Everything here is untrusted input, parsed strictly and without normalisation: the path and query go to the
+//! provider byte for byte. No policy, no network.
+
+use http::{HeaderMap, HeaderName, Uri};
+
+use crate::ids::{Asid, InteractionId, TraceId};
+
+/// Longest target URL accepted (the request line itself is bounded by hyper's header limits).
+const MAX_TARGET_LEN: usize = 8 * 1024;
+
+pub const HEADER_TRACE_ID: HeaderName = HeaderName::from_static("ssp-traceid");
+pub const HEADER_FROM: HeaderName = HeaderName::from_static("ssp-from");
+pub const HEADER_TO: HeaderName = HeaderName::from_static("ssp-to");
+pub const HEADER_INTERACTION_ID: HeaderName = HeaderName::from_static("ssp-interactionid");
+
+/// The provider URL a consumer asked for, checked for shape but otherwise exactly as sent.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The URL as the consumer wrote it (without the proxy's leading `/`); check 9 compares this text.
+    text: Box<str>,
+    /// The same URL as an absolute URI for the upstream client.
+    uri: Uri,
+}
+
+/// Why a target URL was refused. The consumer only ever sees `INVALID_TARGET_URL`; the reason is for tests
+/// and the operational log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetError {
+    NotSspForm,
+    TooLong,
+    NotHttps,
+    Userinfo,
+    Fragment,
+    EmptyHost,
+    BadHost,
+    BadPort,
+    DotSegment,
+    Backslash,
+    Unparseable,
+}
+
+impl Target {
+    /// Parses the request's path-and-query, which must be `/` followed by an absolute https URL.
+    pub fn from_request_path(path_and_query: &str) -> Result<Self, TargetError> {
+        let text = path_and_query
+            .strip_prefix('/')
+            .ok_or(TargetError::NotSspForm)?;
+        Self::parse(text)
+    }
+
+    /// Parses an absolute https URL: `https://host[:port][/path][?query]`, no userinfo, no fragment, no dot
+    /// segments (also percent-encoded ones), no backslash, a DNS name or IP literal as host.
+    pub fn parse(text: &str) -> Result<Self, TargetError> {
+        if text.len() > MAX_TARGET_LEN {
+            return Err(TargetError::TooLong);
+        }
+        let rest = text.strip_prefix("https://").ok_or(TargetError::NotHttps)?;
+        if text.contains('#') {
+            return Err(TargetError::Fragment);
+        }
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, path_and_query) = rest.split_at(authority_end);
+        check_authority(authority)?;
+        let path = path_and_query
+            .split_once('?')
+            .map_or(path_and_query, |(path, _)| path);
+        if path.contains('\\') {
+            return Err(TargetError::Backslash);
+        }
+        if path.split('/').any(is_dot_segment) {
+            return Err(TargetError::DotSegment);
+        }
+        let uri = Uri::try_from(text).map_err(|_| TargetError::Unparseable)?;
+        // http::Uri agrees with our split, or the text is too odd to forward.
+        if uri.authority().map(|a| a.as_str()) != Some(authority) {
+            return Err(TargetError::Unparseable);
+        }
+        Ok(Self {
+            text: text.into(),
+            uri,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// `host[:port]` exactly as written, the value of the forwarded `Host` header.
+    pub fn authority(&self) -> &str {
+        self.uri.authority().map_or("", |a| a.as_str())
+    }
+
+    /// True when this target is `endpoint_url` itself or continues it at a `/` or `?` (check 9: exact text,
+    /// so an IP address for the host or an added `:443` does not match).
+    pub fn is_under(&self, endpoint_url: &str) -> bool {
+        match self.text.strip_prefix(endpoint_url) {
+            Some("") => true,
+            Some(rest) => rest.starts_with('/') || rest.starts_with('?'),
+            None => false,
+        }
+    }
+}
+
+fn check_authority(authority: &str) -> Result<(), TargetError> {
+    if authority.contains('@') {
+        return Err(TargetError::Userinfo);
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (addr, after) = v6.split_once(']').ok_or(TargetError::BadHost)?;
+        addr.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| TargetError::BadHost)?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or(TargetError::BadPort)?),
+        };
+        (addr, port)
+    } else {
+        match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(TargetError::EmptyHost);
+    }
+    if !authority.starts_with('[') && !is_dns_name(host) {
+        return Err(TargetError::BadHost);
+    }
+    if let Some(port) = port {
+        let ok = !port.is_empty()
+            && port.len() <= 5
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && matches!(port.parse::<u32>(), Ok(1..=65535));
+        if !ok {
+            return Err(TargetError::BadPort);
+        }
+    }
+    Ok(())
+}
+
+/// A DNS name (or dotted IPv4 literal): labels of letters, digits and hyphens, separated by single dots.
+fn is_dns_name(host: &str) -> bool {
+    host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// `.` or `..`, also when a dot is percent-encoded (`%2e`, `%2E`).
+fn is_dot_segment(segment: &str) -> bool {
+    let mut dots = 0;
+    let mut rest = segment.as_bytes();
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && (rest[2] | 0x20) == b'e'
+        {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
+}
+
+/// The `Ssp-*` headers of one request, each well formed.
+#[derive(Clone, Debug)]
+pub struct SspHeaders {
+    pub trace_id: TraceId,
+    pub from: Asid,
+    pub to: Asid,
+    pub interaction: InteractionId,
+}
+
+/// A missing, repeated or malformed `Ssp-*` header; carries the header's canonical name for the error text
+/// `MISSING_OR_INVALID_HEADER_<Header-Name>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderError(pub &'static str);
+
+impl SspHeaders {
+    /// Reads the four headers in the documented order; the first missing or invalid one is the error.
+    pub fn parse(headers: &HeaderMap) -> Result<Self, HeaderError> {
+        let trace_id = single(headers, &HEADER_TRACE_ID)
+            .and_then(TraceId::parse)
+            .ok_or(HeaderError("Ssp-TraceID"))?;
+        let from = single(headers, &HEADER_FROM)
+            .and_then(Asid::parse)
+            .ok_or(HeaderError("Ssp-From"))?;
+        let to = single(headers, &HEADER_TO)
+            .and_then(Asid::parse)
+            .ok_or(HeaderError("Ssp-To"))?;
+        let interaction = single(headers, &HEADER_INTERACTION_ID)
+            .and_then(InteractionId::parse)
+            .ok_or(HeaderError("Ssp-InteractionID"))?;
+        Ok(Self {
+            trace_id,
+            from,
+            to,
+            interaction,
+        })
+    }
+}
+
+/// The header's value when it appears exactly once and is visible ASCII. A repeated `Ssp-*` header is
+/// ambiguous, so it counts as invalid rather than taking either value.
+fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok()
+}
+
+/// A request that passed checks 3 and 4: where it goes and who says it is sending what.
+#[derive(Clone, Debug)]
+pub struct SspRequest {
+    pub target: Target,
+    pub headers: SspHeaders,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    const URL: &str = "https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect";
+
+    fn target(path: &str) -> Result<Target, TargetError> {
+        Target::from_request_path(path)
+    }
+
+    #[test]
+    fn accepts_the_ssp_form_and_keeps_bytes() {
+        let t = target("/https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect/fhir/Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9690937286").unwrap();
+        assert_eq!(t.authority(), "provider.dev.localhost:9443");
+        assert_eq!(
+            t.uri().path_and_query().unwrap().as_str(),
+            "/B82617/STU3/1/gpconnect/fhir/Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9690937286"
+        );
+        assert!(target("/https://h").is_ok());
+        assert!(target("/https://h?x=1").is_ok());
+        assert!(target("/https://[::1]:9443/p").is_ok());
+        assert!(target("/https://h/%2e%2e.txt").is_ok(), "not a dot segment");
+        assert!(target("/https://h/a..b/.c").is_ok());
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        use TargetError::*;
+        let cases = [
+            ("https://h/p", NotSspForm),
+            ("/http://h/p", NotHttps),
+            ("/HTTPS://h/p", NotHttps),
+            ("/h/p", NotHttps),
+            ("/https://user@h/p", Userinfo),
+            ("/https://user:pw@h/p", Userinfo),
+            ("/https://h/p#frag", Fragment),
+            ("/https:///p", EmptyHost),
+            ("/https://:443/p", EmptyHost),
+            ("/https://h:/p", BadPort),
+            ("/https://h:0/p", BadPort),
+            ("/https://h:65536/p", BadPort),
+            ("/https://h:44a/p", BadPort),
+            ("/https://h_x/p", BadHost),
+            ("/https://h..x/p", BadHost),
+            ("/https://h%2ex/p", BadHost),
+            ("/https://[zz]/p", BadHost),
+            ("/https://h/a/../b", DotSegment),
+            ("/https://h/a/./b", DotSegment),
+            ("/https://h/a/%2e%2E/b", DotSegment),
+            ("/https://h/a/.%2e", DotSegment),
+            ("/https://h/..", DotSegment),
+            ("/https://h/a\\..\\b", Backslash),
+        ];
+        for (path, want) in cases {
+            assert_eq!(target(path).err(), Some(want), "{path}");
+        }
+        let long = format!("/https://h/{}", "a".repeat(MAX_TARGET_LEN));
+        assert_eq!(target(&long).err(), Some(TooLong));
+    }
+
+    #[test]
+    fn dot_segments_in_the_query_are_data() {
+        assert!(target("/https://h/p?x=/../y").is_ok());
+    }
+
+    #[test]
+    fn under_endpoint_is_exact_text_at_a_boundary() {
+        let under = |p: &str| Target::parse(p).unwrap().is_under(URL);
+        assert!(under(URL));
+        assert!(under(&format!("{URL}/fhir/metadata")));
+        assert!(under(&format!("{URL}?x=1")));
+        assert!(!under(&format!("{URL}x/fhir")));
+        assert!(!under(
+            "https://127.0.0.1:9443/B82617/STU3/1/gpconnect/fhir"
+        ));
+        assert!(!under("https://provider.dev.localhost:9443:443/B82617"));
+        assert!(!under(
+            "https://PROVIDER.dev.localhost:9443/B82617/STU3/1/gpconnect"
+        ));
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    const GOOD: [(&str, &str); 4] = [
+        ("Ssp-TraceID", "629ea9ba-a077-4d99-b289-7a9b19fd4e03"),
+        ("Ssp-From", "200000000359"),
+        ("Ssp-To", "918999198993"),
+        (
+            "Ssp-InteractionId",
+            "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1",
+        ),
+    ];
+
+    #[test]
+    fn headers_parse_case_insensitively() {
+        let h = SspHeaders::parse(&headers(&GOOD)).unwrap();
+        assert_eq!(h.from.as_str(), "200000000359");
+        assert_eq!(h.to.as_str(), "918999198993");
+    }
+
+    #[test]
+    fn first_bad_header_is_named() {
+        for (i, name) in ["Ssp-TraceID", "Ssp-From", "Ssp-To", "Ssp-InteractionID"]
+            .iter()
+            .enumerate()
+        {
+            let mut missing = GOOD.to_vec();
+            missing.remove(i);
+            assert_eq!(
+                SspHeaders::parse(&headers(&missing)).err(),
+                Some(HeaderError(name))
+            );
+            let mut bad = GOOD.to_vec();
+            bad[i].1 = "not valid";
+            assert_eq!(
+                SspHeaders::parse(&headers(&bad)).err(),
+                Some(HeaderError(name))
+            );
+            let mut twice = GOOD.to_vec();
+            twice.push(GOOD[i]);
+            assert_eq!(
+                SspHeaders::parse(&headers(&twice)).err(),
+                Some(HeaderError(name))
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn target_parser_never_panics(s in "/https://[a-z0-9.:@\\[\\]%/?#\\\\-]{0,40}") {
+            let _ = target(&s);
+        }
+
+        #[test]
+        fn accepted_targets_have_no_dot_segments(path in "(/(\\.|\\.\\.|%2e|a|%2E\\.)){0,5}") {
+            let text = format!("/https://h{path}");
+            if let Ok(t) = target(&text) {
+                prop_assert!(!t.uri().path().split('/').any(is_dot_segment));
+                prop_assert_eq!(t.as_str(), &text[1..]);
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! TLS material and configs for both legs: loading PEM certificates, keys and CRLs, building the consumer-facing
+//! `ServerConfig` (client certificates required, CRLs, allowed versions, ALPN h2 + http/1.1) and the upstream
+//! `ClientConfig` (the proxy's own client certificate, provider roots), and reading a peer's identity once per
+//! connection.
+//!
+//! Exactly one crypto provider (aws-lc-rs) is used and passed explicitly. Building returns problems naming the
+//! config key and file; it never panics on bad material. Knows nothing of HTTP.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, SupportedProtocolVersion};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Problems, ServerConfig, TlsVersion, UpstreamConfig};
+use crate::ids::PeerIdentity;
+
+/// The one crypto provider, aws-lc-rs with its default suites: in TLS 1.2 only ECDHE with AES-GCM or ChaCha20
+/// (the GP Connect list's DHE and CBC suites are deliberately not offered).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Loads a PEM certificate chain (leaf first); `key` names the config key for the error line.
+pub fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{key}: {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{key}: {}: not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{key}: {}: no CERTIFICATE in the file",
+            path.display()
+        ));
+    }
+    for cert in &certs {
+        if x509_parser::parse_x509_certificate(cert).is_err() {
+            return Err(format!(
+                "{key}: {}: a certificate does not parse as X.509",
+                path.display()
+            ));
+        }
+    }
+    Ok(certs)
+}
+
+/// Loads a PEM private key (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| format!("{key}: {}: no usable private key: {e}", path.display()))
+}
+
+/// Loads PEM CRLs from every file.
+pub fn load_crls(
+    key: &str,
+    paths: &[impl AsRef<Path>],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let mut crls = Vec::new();
+    for path in paths {
+        let path = path.as_ref();
+        let before = crls.len();
+        for crl in CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| format!("{key}: {}: {e}", path.display()))?
+        {
+            crls.push(
+                crl.map_err(|e| format!("{key}: {}: not a PEM CRL file: {e}", path.display()))?,
+            );
+        }
+        if crls.len() == before {
+            return Err(format!(
+                "{key}: {}: no X509 CRL in the file",
+                path.display()
+            ));
+        }
+    }
+    Ok(crls)
+}
+
+/// Loads trust anchors from every file.
+pub fn load_roots(key: &str, paths: &[impl AsRef<Path>]) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for path in paths {
+        let path = path.as_ref();
+        for cert in load_certs(key, path)? {
+            roots.add(cert).map_err(|e| {
+                format!(
+                    "{key}: {}: not a usable CA certificate: {e}",
+                    path.display()
+                )
+            })?;
+        }
+    }
+    Ok(roots)
+}
+
+fn versions(list: &[TlsVersion]) -> Vec<&'static SupportedProtocolVersion> {
+    list.iter()
+        .map(|v| match v {
+            TlsVersion::Tls12 => &rustls::version::TLS12,
+            TlsVersion::Tls13 => &rustls::version::TLS13,
+        })
+        .collect()
+}
+
+/// Runs each loader, keeping every failure, so one run names all bad files.
+struct Collect(Vec<String>);
+
+impl Collect {
+    fn take<T>(&mut self, r: Result<T, String>) -> Option<T> {
+        r.map_err(|e| self.0.push(e)).ok()
+    }
+}
+
+/// Builds the consumer-facing config: client certificates required and chained to `client_ca`; when CRLs are
+/// configured, the client certificate's revocation status must be known from them (an unknown status refuses
+/// the handshake).
+pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Problems> {
+    let mut c = Collect(Vec::new());
+    let chain = c.take(load_certs("server.cert", &cfg.cert));
+    let key = c.take(load_key("server.key", &cfg.key));
+    let roots = c.take(load_roots("server.client_ca", &cfg.client_ca));
+    let crls = c.take(load_crls("server.crl", &cfg.crl));
+    let (Some(chain), Some(key), Some(roots), Some(crls)) = (chain, key, roots, crls) else {
+        return Err(Problems { problems: c.0 });
+    };
+    let provider = provider();
+    let mut verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !crls.is_empty() {
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| Problems::one(format!("server.client_ca / server.crl: {e}")))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&versions(&cfg.tls_versions))
+        .map_err(|e| Problems::one(format!("server.tls_versions: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            Problems::one(format!(
+                "server.cert / server.key: {}: {e}",
+                cfg.cert.display()
+            ))
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Builds the upstream config: the proxy's own client certificate, providers verified against `upstream.ca`
+/// and the target host name, HTTP/1.1 only.
+pub fn client_config(cfg: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, Problems> {
+    let mut c = Collect(Vec::new());
+    let chain = c.take(load_certs("upstream.cert", &cfg.cert));
+    let key = c.take(load_key("upstream.key", &cfg.key));
+    let roots = c.take(load_roots("upstream.ca", &cfg.ca));
+    let (Some(chain), Some(key), Some(roots)) = (chain, key, roots) else {
+        return Err(Problems { problems: c.0 });
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| Problems::one(format!("upstream: {e}")))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| {
+            Problems::one(format!(
+                "upstream.cert / upstream.key: {}: {e}",
+                cfg.cert.display()
+            ))
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Reads subject, CN, DNS SANs, serial and SHA-256 fingerprint from a (verified) DER certificate.
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let common_name = x509
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
+    let dns_sans = match x509.subject_alternative_name() {
+        Ok(Some(ext)) => ext
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(name) => Some((*name).to_owned()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some(PeerIdentity {
+        subject: x509.subject().to_string(),
+        common_name,
+        dns_sans,
+        serial: hex(x509.raw_serial()),
+        fingerprint_sha256: hex(&Sha256::digest(cert.as_ref())),
+    })
+}
+
+/// Lower-case hexadecimal.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
+/// The `notAfter` of the first certificate in a PEM file, as a Unix timestamp (for expiry warnings).
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(x509.validity().not_after.timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_is_lower_case() {
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+    }
+
+    #[test]
+    fn missing_files_are_named_with_their_key() {
+        let err = load_certs("server.cert", Path::new("/nonexistent/x.crt")).unwrap_err();
+        assert!(err.starts_with("server.cert: /nonexistent/x.crt:"), "{err}");
+        let err = load_key("upstream.key", Path::new("/nonexistent/x.key")).unwrap_err();
+        assert!(
+            err.starts_with("upstream.key: /nonexistent/x.key:"),
+            "{err}"
+        );
+    }
+}
