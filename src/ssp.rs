@@ -308,7 +308,13 @@ mod tests {
         assert!(!under(
             "https://127.0.0.1:9443/B82617/STU3/1/gpconnect/fhir"
         ));
-        assert!(!under("https://provider.dev.localhost:9443:443/B82617"));
+        let plain = Target::parse("https://provider.example/B82617/STU3/1/gpconnect/fhir/metadata")
+            .unwrap();
+        assert!(plain.is_under("https://provider.example/B82617/STU3/1/gpconnect"));
+        let added_port =
+            Target::parse("https://provider.example:443/B82617/STU3/1/gpconnect/fhir/metadata")
+                .unwrap();
+        assert!(!added_port.is_under("https://provider.example/B82617/STU3/1/gpconnect"));
         assert!(!under(
             "https://PROVIDER.dev.localhost:9443/B82617/STU3/1/gpconnect"
         ));

@@ -1,0 +1,740 @@
+//! Shared helpers for the integration tests: a fresh development PKI per test (rcgen, through `ssp dev-certs`'s
+//! generator), a recording TLS MA provider on `127.0.0.1:0`, the proxy started in-process on `127.0.0.1:0` (or
+//! the real binary as a child process), and an mTLS consumer speaking HTTP/1.1 or HTTP/2. Loopback only.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+pub use ssp::devcerts::{CONSUMER_NAME, CONSUMER2_NAME, PROXY_CLIENT_NAME};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = BoxBody<Bytes, BoxError>;
+
+pub const FROM: &str = "200000000359";
+pub const FROM_2: &str = "200000000360";
+pub const TO: &str = "918999198993";
+pub const TO_DOWN: &str = "918999198994";
+pub const METADATA: &str = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1";
+pub const STRUCTURED: &str =
+    "urn:nhs:names:services:gpconnect:fhir:operation:gpc.getstructuredrecord-1";
+pub const APPOINTMENT: &str = "urn:nhs:names:services:gpconnect:fhir:rest:read:appointment-1";
+pub const TRACE_ID: &str = "629ea9ba-a077-4d99-b289-7a9b19fd4e03";
+pub const TOKEN: &str = "Bearer eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiIxIn0.";
+
+/// Bounds every network step of a test.
+pub const STEP: Duration = Duration::from_secs(20);
+
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(STEP, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out: {what}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// PKI.
+
+/// A development PKI in a temporary folder.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        ssp::devcerts::generate(&dir.path().join("certs")).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join("certs").join(name)
+    }
+
+    pub fn ca(&self) -> Vec<PathBuf> {
+        vec![self.path("ca.crt")]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The recording provider.
+
+/// What the provider saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub path_and_query: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// The CN of the client certificate the provider's TLS verified.
+    pub client_cn: Option<String>,
+}
+
+#[derive(Default)]
+pub struct ProviderState {
+    pub seen: Mutex<Vec<Seen>>,
+    /// TCP connections accepted.
+    pub connections: AtomicUsize,
+    /// Bytes of request bodies read by `/gp/upload`.
+    pub uploaded: AtomicU64,
+    /// Lets `/gp/slow` send its last chunk.
+    pub release_slow: Notify,
+    /// Set when `/gp/infinite` could no longer send (its connection went away).
+    pub stream_broken: Notify,
+    pub broken: AtomicUsize,
+}
+
+pub struct Provider {
+    pub addr: SocketAddr,
+    pub state: Arc<ProviderState>,
+}
+
+impl Provider {
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Starts a TLS MA provider with the PKI's provider certificate, requiring client certs chained to its CA.
+    pub async fn start(pki: &Pki) -> Self {
+        let tls = ssp::demo::provider_tls(
+            &pki.path("provider.crt"),
+            &pki.path("provider.key"),
+            &pki.ca(),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(ProviderState::default());
+        let acceptor = TlsAcceptor::from(tls);
+        let st = Arc::clone(&state);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                st.connections.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let st = Arc::clone(&st);
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let client_cn = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(ssp::tls::peer_identity)
+                        .and_then(|p| p.common_name);
+                    let service = service_fn(move |req| {
+                        let st = Arc::clone(&st);
+                        let client_cn = client_cn.clone();
+                        async move { Ok::<_, Infallible>(provider_route(req, st, client_cn).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state }
+    }
+}
+
+async fn provider_route(
+    req: Request<Incoming>,
+    st: Arc<ProviderState>,
+    client_cn: Option<String>,
+) -> Response<TestBody> {
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    st.seen.lock().unwrap().push(Seen {
+        method: req.method().clone(),
+        path_and_query: path_and_query.clone(),
+        version: req.version(),
+        headers: req.headers().clone(),
+        client_cn,
+    });
+    let path = req.uri().path().to_owned();
+    if path.ends_with("/echo") {
+        // Streams the request body straight back, with a status and headers the consumer must see unchanged.
+        let mut response = Response::new(req.into_body().map_err(BoxError::from).boxed());
+        *response.status_mut() = StatusCode::CREATED;
+        response
+            .headers_mut()
+            .insert("x-provider", "echo".parse().unwrap());
+        response
+            .headers_mut()
+            .insert("content-type", "application/fhir+json".parse().unwrap());
+        return response;
+    }
+    if path.ends_with("/upload") {
+        let mut body = req.into_body();
+        let mut total = 0u64;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Some(data) = frame.data_ref() {
+                total += data.len() as u64;
+            }
+        }
+        st.uploaded.store(total, Ordering::SeqCst);
+        return text(StatusCode::OK, total.to_string());
+    }
+    if path.ends_with("/big") {
+        let n: u64 = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("bytes="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        return Response::new(RepeatBody::new(n, false).boxed());
+    }
+    if path.ends_with("/slow") {
+        let (tx, body) = ChannelBody::new();
+        tokio::spawn(async move {
+            let _ = tx.send(Bytes::from_static(b"first,")).await;
+            st.release_slow.notified().await;
+            let _ = tx.send(Bytes::from_static(b"last")).await;
+        });
+        return Response::new(body.boxed());
+    }
+    if path.ends_with("/stall") {
+        // Headers and one chunk, then silence forever.
+        let (tx, body) = ChannelBody::new();
+        tokio::spawn(async move {
+            let _ = tx.send(Bytes::from_static(b"partial")).await;
+            tx.closed().await;
+        });
+        return Response::new(body.boxed());
+    }
+    if path.ends_with("/infinite") {
+        let (tx, body) = ChannelBody::new();
+        tokio::spawn(async move {
+            let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+            loop {
+                if tx.send(chunk.clone()).await.is_err() {
+                    st.broken.fetch_add(1, Ordering::SeqCst);
+                    st.stream_broken.notify_one();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        return Response::new(body.boxed());
+    }
+    if path.ends_with("/silent") {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    let mut response = text(StatusCode::OK, format!("provider saw {path_and_query}"));
+    response
+        .headers_mut()
+        .insert("x-provider", "default".parse().unwrap());
+    response
+}
+
+pub fn text(status: StatusCode, body: String) -> Response<TestBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|e: Infallible| match e {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+}
+
+/// A body of `len` bytes in 64 KiB frames, generated on the fly (never held in memory).
+pub struct RepeatBody {
+    chunk: Bytes,
+    remaining: u64,
+    exact: bool,
+}
+
+impl RepeatBody {
+    pub fn new(len: u64, exact: bool) -> Self {
+        Self {
+            chunk: Bytes::from(vec![b'a'; 64 * 1024]),
+            remaining: len,
+            exact,
+        }
+    }
+}
+
+impl Body for RepeatBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(self.chunk.len() as u64) as usize;
+        self.remaining -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.exact {
+            SizeHint::with_exact(self.remaining)
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+/// A body fed from a channel, one frame per message.
+pub struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl ChannelBody {
+    pub fn new() -> (mpsc::Sender<Bytes>, Self) {
+        let (tx, rx) = mpsc::channel(1);
+        (tx, Self(rx))
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The proxy.
+
+/// Knobs for a test's config.
+#[derive(Clone)]
+pub struct Setup {
+    pub response_timeout: &'static str,
+    pub body_idle_timeout: &'static str,
+    pub tls_versions: &'static str,
+    /// An extra `[upstream.resolve]` line.
+    pub extra_resolve: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            response_timeout: "10s",
+            body_idle_timeout: "10s",
+            tls_versions: r#"["1.2", "1.3"]"#,
+            extra_resolve: String::new(),
+        }
+    }
+}
+
+/// The endpoint URL registered for the test provider.
+pub fn endpoint_url(provider: SocketAddr) -> String {
+    format!("https://provider.dev.localhost:{}/gp", provider.port())
+}
+
+/// Writes `ssp.toml` and `policies/test.toml` into the PKI's folder; returns the config path.
+pub fn write_config(
+    pki: &Pki,
+    provider: SocketAddr,
+    down: SocketAddr,
+    listen: SocketAddr,
+    setup: &Setup,
+) -> PathBuf {
+    let dir = pki.dir.path();
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    let config = format!(
+        r#"
+[server]
+listen = "{listen}"
+cert = "certs/proxy-server.crt"
+key = "certs/proxy-server.key"
+client_ca = ["certs/ca.crt"]
+crl = ["certs/ca.crl"]
+tls_versions = {tls}
+handshake_timeout = "5s"
+
+[upstream]
+cert = "certs/proxy-client.crt"
+key = "certs/proxy-client.key"
+ca = ["certs/ca.crt"]
+connect_timeout = "2s"
+response_timeout = "{rt}"
+body_idle_timeout = "{bit}"
+
+[upstream.resolve]
+"provider.dev.localhost:{pport}" = "{provider}"
+"provider2.dev.localhost:{dport}" = "{down}"
+{extra}
+
+[policy]
+dir = "policies"
+"#,
+        tls = setup.tls_versions,
+        rt = setup.response_timeout,
+        bit = setup.body_idle_timeout,
+        pport = provider.port(),
+        dport = down.port(),
+        extra = setup.extra_resolve,
+    );
+    let policy = format!(
+        r#"
+[[system]]
+asid = "{FROM}"
+name = "Hospital"
+ods = "RXX01"
+fqdn = "{CONSUMER_NAME}"
+interactions = ["{METADATA}", "{STRUCTURED}"]
+
+[[system]]
+asid = "{FROM_2}"
+name = "111"
+ods = "RYY01"
+fqdn = "{CONSUMER2_NAME}"
+interactions = ["{METADATA}"]
+
+[[endpoint]]
+asid = "{TO}"
+party_key = "B82617-807724"
+cpa_id = "S20001A000123"
+ods = "B82617"
+url = "{url}"
+interactions = ["{METADATA}", "{STRUCTURED}"]
+
+[[endpoint]]
+asid = "{TO_DOWN}"
+party_key = "B82618-807725"
+cpa_id = "S20001A000124"
+ods = "B82618"
+url = "https://provider2.dev.localhost:{dport}/gp"
+interactions = ["{METADATA}"]
+
+[[agreement]]
+id = "DSA-1"
+from = "{FROM}"
+to = "{TO}"
+interactions = ["*"]
+
+[[agreement]]
+id = "DSA-2"
+from = "{FROM}"
+to = "{TO_DOWN}"
+interactions = ["*"]
+"#,
+        url = endpoint_url(provider),
+        dport = down.port(),
+    );
+    std::fs::write(dir.join("ssp.toml"), config).unwrap();
+    std::fs::write(dir.join("policies/test.toml"), policy).unwrap();
+    dir.join("ssp.toml")
+}
+
+/// An address on which nothing listens (bound then released).
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The proxy running in-process; stops when dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+/// A whole test world: PKI, provider, proxy.
+pub struct World {
+    pub pki: Pki,
+    pub provider: Provider,
+    pub proxy: Proxy,
+    pub url: String,
+    /// Where the registered but stopped provider2 "listens" (nothing does).
+    pub down: SocketAddr,
+}
+
+impl World {
+    pub async fn start() -> Self {
+        Self::start_with(Setup::default()).await
+    }
+
+    pub async fn start_with(setup: Setup) -> Self {
+        let pki = Pki::generate();
+        let provider = Provider::start(&pki).await;
+        let down = closed_port().await;
+        let path = write_config(
+            &pki,
+            provider.addr,
+            down,
+            "127.0.0.1:0".parse().unwrap(),
+            &setup,
+        );
+        let config = ssp::config::Config::load(&path).unwrap();
+        let assembled = ssp::app::assemble(&config).unwrap();
+        let server = ssp::app::bind(&config, assembled).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(server.run(
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(1),
+        ));
+        let url = endpoint_url(provider.addr);
+        Self {
+            pki,
+            provider,
+            proxy: Proxy { addr, _stop: stop },
+            url,
+            down,
+        }
+    }
+
+    /// A consumer presenting the PKI's certificate `stem` (e.g. `consumer`).
+    pub fn consumer(&self, stem: &str) -> Consumer {
+        Consumer::new(&self.pki, Some(stem), self.proxy.addr, false)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The consumer.
+
+/// An mTLS consumer of the proxy.
+#[derive(Clone)]
+pub struct Consumer {
+    connector: TlsConnector,
+    addr: SocketAddr,
+    h2: bool,
+}
+
+impl Consumer {
+    /// `stem` names the client certificate in the PKI (`None`: no certificate); `h2` offers only HTTP/2.
+    pub fn new(pki: &Pki, stem: Option<&str>, addr: SocketAddr, h2: bool) -> Self {
+        let roots = ssp::tls::load_roots("ca", &pki.ca()).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(ssp::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut config = match stem {
+            Some(stem) => builder
+                .with_client_auth_cert(
+                    ssp::tls::load_certs("c", &pki.path(&format!("{stem}.crt"))).unwrap(),
+                    ssp::tls::load_key("k", &pki.path(&format!("{stem}.key"))).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
+        Self {
+            connector: TlsConnector::from(Arc::new(config)),
+            addr,
+            h2,
+        }
+    }
+
+    /// Connects and returns a request sender on one connection.
+    pub async fn connect(&self) -> Result<Sender, String> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tls = self
+            .connector
+            .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let io = TokioIo::new(tls);
+        if self.h2 {
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(Sender::H1(sender))
+        }
+    }
+
+    /// Sends one request on a fresh connection.
+    pub async fn send(&self, req: Request<TestBody>) -> Result<Response<Incoming>, String> {
+        self.connect().await?.send(req).await
+    }
+
+    /// Sends one request and reads the whole answer.
+    pub async fn fetch(&self, req: Request<TestBody>) -> Result<Answer, String> {
+        let response = self.send(req).await?;
+        Answer::read(response).await
+    }
+}
+
+pub enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<TestBody>),
+    H2(hyper::client::conn::http2::SendRequest<TestBody>),
+}
+
+impl Sender {
+    pub async fn send(&mut self, mut req: Request<TestBody>) -> Result<Response<Incoming>, String> {
+        let result = match self {
+            Sender::H1(s) => {
+                s.ready().await.map_err(|e| chain(&e))?;
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                *req.version_mut() = Version::HTTP_2;
+                // HTTP/2 wants an absolute URI for :scheme and :authority.
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default();
+                *req.uri_mut() = format!("https://ssp.dev.localhost{pq}").parse().unwrap();
+                req.headers_mut().remove("host");
+                s.ready().await.map_err(|e| chain(&e))?;
+                s.send_request(req).await
+            }
+        };
+        result.map_err(|e| chain(&e))
+    }
+}
+
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A whole answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub async fn read(response: Response<Incoming>) -> Result<Answer, String> {
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| chain(&e))?.to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// Asserts the answer is an SSP OperationOutcome with this status, issue code and text.
+    pub fn assert_outcome(&self, status: u16, code: &str, text: &str) {
+        assert_eq!(self.status.as_u16(), status, "status; body {:?}", self.body);
+        let v = self.json();
+        assert_eq!(v["resourceType"], "OperationOutcome");
+        let issue = &v["issue"][0];
+        assert_eq!(issue["code"], code);
+        let coding = &issue["details"]["coding"][0];
+        assert_eq!(coding["system"], ssp::outcome::CODING_SYSTEM);
+        assert_eq!(coding["code"], status.to_string());
+        assert_eq!(coding["display"], text);
+        assert_eq!(issue["diagnostics"], text);
+        assert_eq!(self.headers["cache-control"], "no-store");
+        assert!(
+            self.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/fhir+json")
+        );
+    }
+}
+
+/// A request builder with the four `Ssp-*` headers and a token, for `path` (which starts with `/https://`).
+pub fn ssp_request(method: Method, path: &str, interaction: &str) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "ssp.dev.localhost")
+        .header("Ssp-TraceID", TRACE_ID)
+        .header("Ssp-From", FROM)
+        .header("Ssp-To", TO)
+        .header("Ssp-InteractionID", interaction)
+        .header("Authorization", TOKEN)
+}
+
+pub fn empty() -> TestBody {
+    Empty::new().map_err(|e: Infallible| match e {}).boxed()
+}
+
+pub fn full(data: impl Into<Bytes>) -> TestBody {
+    Full::new(data.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+/// Reads a body frame by frame, counting bytes without keeping them.
+pub async fn drain(mut body: Incoming) -> Result<u64, String> {
+    let mut total = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| chain(&e))?;
+        if let Some(d) = frame.data_ref() {
+            total += d.len() as u64;
+        }
+    }
+    Ok(total)
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Path helper for binaries.
+pub fn ssp_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ssp"))
+}
