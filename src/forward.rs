@@ -398,8 +398,12 @@ pub struct Exchange {
     /// The first definite outcome wins; `Pending` at the end means the consumer went away.
     outcome: AtomicU8,
     upstream_ms: AtomicU64,
-    on_end: std::sync::Mutex<Option<Box<dyn FnOnce(&ExchangeSummary) + Send>>>,
+    /// Taken by `Drop`, which has `&mut self`, so no lock is needed to run it once.
+    on_end: Option<EndHook>,
 }
+
+/// What runs when an exchange ends.
+type EndHook = Box<dyn FnOnce(&ExchangeSummary) + Send + Sync>;
 
 /// What is known when an exchange ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -423,7 +427,7 @@ impl std::fmt::Debug for Exchange {
 impl Exchange {
     pub fn new(
         started: Instant,
-        on_end: impl FnOnce(&ExchangeSummary) + Send + 'static,
+        on_end: impl FnOnce(&ExchangeSummary) + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Self {
             started,
@@ -432,7 +436,7 @@ impl Exchange {
             status: AtomicU16::new(0),
             outcome: AtomicU8::new(ExchangeOutcome::Pending as u8),
             upstream_ms: AtomicU64::new(0),
-            on_end: std::sync::Mutex::new(Some(Box::new(on_end))),
+            on_end: Some(Box::new(on_end)),
         })
     }
 
@@ -471,11 +475,7 @@ impl Drop for Exchange {
         if summary.outcome == ExchangeOutcome::Pending {
             summary.outcome = ExchangeOutcome::ClientClosed;
         }
-        let hook = match self.on_end.get_mut() {
-            Ok(hook) => hook.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
-        if let Some(hook) = hook {
+        if let Some(hook) = self.on_end.take() {
             hook(&summary);
         }
     }

@@ -1,6 +1,13 @@
 //! End-to-end behaviour of the proxy over real loopback sockets: TLS MA on both legs, each check of DESIGN.md 1.4
 //! with its status and text, forwarding rules, streaming, timeouts and cancellation. The proxy runs in-process.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests: a failed step is a test failure"
+)]
+
 mod support;
 
 use std::sync::atomic::Ordering;

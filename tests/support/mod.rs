@@ -2,7 +2,17 @@
 //! generator), a recording TLS MA provider on `127.0.0.1:0`, the proxy started in-process on `127.0.0.1:0` (or
 //! the real binary as a child process), and an mTLS consumer speaking HTTP/1.1 or HTTP/2. Loopback only.
 
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    unused_imports,
+    reason = "each test crate uses a different subset of the helpers"
+)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test support: a failed setup step is a test failure"
+)]
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,0 +1,308 @@
+//! The `ssp` binary as operators and real clients use it: `serve` as a child process driven by curl and openssl,
+//! its memory while 200 MiB streams each way, and the exit codes of `check-config`, `dev-certs` and bad usage.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests: a failed step is a test failure"
+)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use support::*;
+
+/// `ssp serve` running as a child; killed when dropped.
+struct Served {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a config for `provider` on a free port and starts `ssp serve` on it, waiting until it accepts.
+async fn serve(pki: &Pki, provider: SocketAddr) -> Served {
+    let addr = closed_port().await;
+    let down = closed_port().await;
+    let config = write_config(pki, provider, down, addr, &Setup::default());
+    let child = Command::new(ssp_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let served = Served { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "ssp serve did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    served
+}
+
+/// 200 MiB up and 200 MiB down stream through the real binary while its peak resident memory stays under
+/// 64 MiB: bodies are never collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_200_mib_each_way_in_bounded_memory() {
+    const LEN: u64 = 200 * 1024 * 1024;
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve(&pki, provider.addr).await;
+    let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
+    let url = endpoint_url(provider.addr);
+    let baseline = vm_hwm_kib(served.child.id());
+
+    let upload = ssp_request(Method::POST, &format!("/{url}/fhir/upload"), STRUCTURED)
+        .body(RepeatBody::new(LEN, true).boxed())
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(300), consumer.fetch(upload))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(provider.state.uploaded.load(Ordering::SeqCst), LEN);
+
+    let download = ssp_request(
+        Method::GET,
+        &format!("/{url}/fhir/big?bytes={LEN}"),
+        METADATA,
+    )
+    .body(empty())
+    .unwrap();
+    let response = within("download headers", consumer.send(download))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let got = tokio::time::timeout(Duration::from_secs(300), drain(response.into_body()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, LEN);
+
+    let peak = vm_hwm_kib(served.child.id());
+    eprintln!("ssp serve VmHWM: {baseline} KiB at start, {peak} KiB after 2 x 200 MiB");
+    assert!(
+        peak < 64 * 1024,
+        "proxy peak RSS {peak} KiB is not under 64 MiB"
+    );
+}
+
+/// curl, a real client, gets the provider's answer through the running binary, byte for byte.
+#[tokio::test]
+async fn curl_through_the_binary() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve(&pki, provider.addr).await;
+    let url = endpoint_url(provider.addr);
+    let out = tokio::task::spawn_blocking({
+        let (cert, key, ca) = (pki.path("consumer.crt"), pki.path("consumer.key"), pki.path("ca.crt"));
+        let target = format!("https://{}/{url}/fhir/Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9690937286", served.addr);
+        move || {
+            Command::new("curl")
+                .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+                .arg("--cert").arg(cert)
+                .arg("--key").arg(key)
+                .arg("--cacert").arg(ca)
+                .args(["-H", &format!("Ssp-TraceID: {TRACE_ID}")])
+                .args(["-H", &format!("Ssp-From: {FROM}")])
+                .args(["-H", &format!("Ssp-To: {TO}")])
+                .args(["-H", &format!("Ssp-InteractionId: {METADATA}")])
+                .args(["-H", &format!("Authorization: {TOKEN}")])
+                .arg(target)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected_path =
+        "/gp/fhir/Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9690937286";
+    assert_eq!(stdout, format!("provider saw {expected_path}\n200"));
+    let seen = provider.seen();
+    assert_eq!(seen[0].path_and_query, expected_path);
+    assert_eq!(seen[0].headers["ssp-interactionid"], METADATA);
+}
+
+fn s_client(addr: SocketAddr, args: &[&str], pki: &Pki) -> (bool, String) {
+    let mut child = Command::new("openssl")
+        .arg("s_client")
+        .args(["-connect", &addr.to_string()])
+        .args(args)
+        .arg("-CAfile")
+        .arg(pki.path("ca.crt"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("openssl s_client hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `openssl s_client` shows a TLS 1.1 attempt refused, while TLS 1.2 with a client certificate is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_tls_1_1_is_refused() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve(&pki, provider.addr).await;
+    let addr = served.addr;
+    // The proxy is another process, so blocking this test's thread on openssl is harmless.
+    let (ok, text) = s_client(addr, &["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"], &pki);
+    assert!(!ok, "TLS 1.1 handshake succeeded:\n{text}");
+    // openssl names the attempted protocol even on failure; no cipher and the server's alert show the refusal.
+    assert!(
+        text.contains("alert") && text.contains("Cipher is (NONE)"),
+        "{text}"
+    );
+
+    let cert = pki.path("consumer.crt").display().to_string();
+    let key = pki.path("consumer.key").display().to_string();
+    let (ok, text) = s_client(addr, &["-tls1_2", "-cert", &cert, "-key", &key], &pki);
+    assert!(ok, "TLS 1.2 handshake failed:\n{text}");
+    assert!(
+        text.contains("TLSv1.2") && !text.contains("Cipher is (NONE)"),
+        "{text}"
+    );
+}
+
+fn ssp(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(ssp_bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `check-config` exits 0 on a good config and 64 with one line per problem, naming the key or path, otherwise.
+#[tokio::test]
+async fn check_config_exit_codes() {
+    let pki = Pki::generate();
+    let config = write_config(
+        &pki,
+        closed_port().await,
+        closed_port().await,
+        "127.0.0.1:0".parse().unwrap(),
+        &Setup::default(),
+    );
+    let config_arg = config.display().to_string();
+    let (code, out, err) = ssp(&["check-config", "--config", &config_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok"), "{out}");
+
+    let (code, _, err) = ssp(&["check-config", "--config", "/nonexistent/ssp.toml"]);
+    assert_eq!(code, 64);
+    assert!(
+        err.starts_with("/nonexistent/ssp.toml: cannot read"),
+        "{err}"
+    );
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "handshake_timeout = \"5s\"",
+            "handshake_timeout = \"5s\"\nlisten_port = 1",
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = ssp(&["check-config", "--config", &config_arg]);
+    assert_eq!(code, 64);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("listen_port"), "{err}");
+
+    std::fs::write(
+        &config,
+        text.replace("certs/proxy-client.key", "certs/missing.key")
+            .replace("certs/ca.crl", "certs/ca.crt"),
+    )
+    .unwrap();
+    let (code, _, err) = ssp(&["check-config", "--config", &config_arg]);
+    assert_eq!(code, 64);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("upstream.key:") && l.contains("missing.key")),
+        "{err}"
+    );
+    assert!(err.lines().any(|l| l.starts_with("server.crl:")), "{err}");
+
+    std::fs::write(&config, &text).unwrap();
+    std::fs::write(
+        pki.dir.path().join("policies/test.toml"),
+        "[[system]]\nasid = \"x\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = ssp(&["check-config", "--config", &config_arg]);
+    assert_eq!(code, 64);
+    assert!(err.contains("test.toml"), "{err}");
+}
+
+/// `dev-certs` writes a PKI that the proxy accepts; bad usage exits 64.
+#[tokio::test]
+async fn dev_certs_and_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pki");
+    let (code, stdout, _) = ssp(&["dev-certs", "--out", &out.display().to_string()]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("NOT FOR PRODUCTION"));
+    for name in [
+        "ca.crt",
+        "ca.crl",
+        "proxy-server.key",
+        "consumer2.crt",
+        "consumer-revoked.crt",
+        "consumer-expired.crt",
+    ] {
+        assert!(out.join(name).is_file(), "{name} missing");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(out.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    let (code, _, _) = ssp(&["serve", "--no-such-flag"]);
+    assert_eq!(code, 64);
+    let (code, _, _) = ssp(&["frobnicate"]);
+    assert_eq!(code, 64);
+}
