@@ -39,6 +39,9 @@ pub enum TargetError {
     BadPort,
     DotSegment,
     Backslash,
+    /// `%2F`, `%5C` or `%00` in the path: a provider that decodes before normalising could be walked out of
+    /// its endpoint root, and FHIR ids never contain them.
+    EncodedSeparator,
     Unparseable,
 }
 
@@ -72,6 +75,9 @@ impl Target {
         }
         if path.split('/').any(is_dot_segment) {
             return Err(TargetError::DotSegment);
+        }
+        if has_encoded_separator(path) {
+            return Err(TargetError::EncodedSeparator);
         }
         let uri = Uri::try_from(text).map_err(|_| TargetError::Unparseable)?;
         // http::Uri agrees with our split, or the text is too odd to forward.
@@ -173,6 +179,17 @@ fn is_dot_segment(segment: &str) -> bool {
         dots += 1;
     }
     dots == 1 || dots == 2
+}
+
+/// True when the path holds a percent-encoded `/`, `\` or NUL (any case).
+fn has_encoded_separator(path: &str) -> bool {
+    path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2] | 0x20),
+                (b'2', b'f') | (b'5', b'c') | (b'0', b'0')
+            )
+    })
 }
 
 /// The `Ssp-*` headers of one request, each well formed.
@@ -285,6 +302,10 @@ mod tests {
             ("/https://h/a/.%2e", DotSegment),
             ("/https://h/..", DotSegment),
             ("/https://h/a\\..\\b", Backslash),
+            ("/https://h/gp/%2e%2e%2fadmin", EncodedSeparator),
+            ("/https://h/gp/a%2Fb", EncodedSeparator),
+            ("/https://h/gp/a%5cb", EncodedSeparator),
+            ("/https://h/gp/a%00", EncodedSeparator),
         ];
         for (path, want) in cases {
             assert_eq!(target(path).err(), Some(want), "{path}");
@@ -296,6 +317,7 @@ mod tests {
     #[test]
     fn dot_segments_in_the_query_are_data() {
         assert!(target("/https://h/p?x=/../y").is_ok());
+        assert!(target("/https://h/p?x=a%2Fb%5C%00").is_ok());
     }
 
     #[test]

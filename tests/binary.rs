@@ -144,6 +144,19 @@ async fn curl_through_the_binary() {
     let seen = provider.seen();
     assert_eq!(seen[0].path_and_query, expected_path);
     assert_eq!(seen[0].headers["ssp-interactionid"], METADATA);
+
+    // SIGTERM stops it cleanly.
+    let mut served = served;
+    signal(served.child.id(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "ssp serve ignored SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
 }
 
 fn s_client(addr: SocketAddr, args: &[&str], pki: &Pki) -> (bool, String) {

@@ -81,11 +81,7 @@ ca = ["certs/ca.crt"]
             }
         }
     }
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    signal(child.id(), "INT");
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "demo exit after SIGINT\n{output}");
 

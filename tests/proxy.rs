@@ -92,7 +92,7 @@ async fn permitted_post_body_goes_through_both_ways() {
 #[tokio::test]
 async fn percent_encoding_reaches_the_provider_byte_for_byte() {
     let w = World::start().await;
-    let tail = "/fhir/Patient%2F1/a%20b/~x?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9690937286&q=a+b%2Bc&x=%E2%9C%93";
+    let tail = "/fhir/Patient/1/a%20b/~x%7E%3A?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9690937286&q=a+b%2Bc&x=%E2%9C%93";
     let path = format!("/{}{tail}", w.url);
     let req = ssp_request(Method::GET, &path, METADATA)
         .body(empty())
@@ -233,6 +233,54 @@ async fn check_1_tls_versions_are_enforced() {
     );
 }
 
+/// A client that opens TCP but never completes the handshake is disconnected after `handshake_timeout`.
+#[tokio::test]
+async fn stalled_handshake_is_cut() {
+    use tokio::io::AsyncReadExt;
+    let w = World::start_with(Setup {
+        handshake_timeout: "1s",
+        ..Setup::default()
+    })
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(w.proxy.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = within("handshake timeout", tcp.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "expected the proxy to close the connection");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+}
+
+/// A consumer that sends half a request head is disconnected after `header_read_timeout`.
+#[tokio::test]
+async fn slow_request_headers_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start_with(Setup {
+        header_read_timeout: "1s",
+        ..Setup::default()
+    })
+    .await;
+    let consumer = w.consumer("consumer");
+    let mut tls = within("tls", consumer.tls()).await;
+    tls.write_all(b"GET /https://x HTTP/1.1\r\nHost: ssp\r\nSsp-From: 2")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = within("header read timeout", tls.read_to_end(&mut buf)).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+    assert!(w.provider.seen().is_empty());
+}
+
 // -------------------------------------------------------------------------------------------------------------
 // Checks 2 to 9.
 
@@ -275,6 +323,7 @@ async fn check_3_target_url() {
         format!("/https://user@provider.dev.localhost:{port}/gp/fhir/metadata"),
         format!("/https://provider.dev.localhost:{port}/gp/fhir/../../etc"),
         format!("/https://provider.dev.localhost:{port}/gp/%2e%2e/x"),
+        format!("/https://provider.dev.localhost:{port}/gp/%2e%2e%2fadmin"),
         "/https:///gp".to_owned(),
         "/gp/fhir/metadata".to_owned(),
     ] {

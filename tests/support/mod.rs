@@ -353,6 +353,8 @@ pub struct Setup {
     pub response_timeout: &'static str,
     pub body_idle_timeout: &'static str,
     pub tls_versions: &'static str,
+    pub handshake_timeout: &'static str,
+    pub header_read_timeout: &'static str,
     /// An extra `[upstream.resolve]` line.
     pub extra_resolve: String,
 }
@@ -363,6 +365,8 @@ impl Default for Setup {
             response_timeout: "10s",
             body_idle_timeout: "10s",
             tls_versions: r#"["1.2", "1.3"]"#,
+            handshake_timeout: "5s",
+            header_read_timeout: "5s",
             extra_resolve: String::new(),
         }
     }
@@ -392,7 +396,8 @@ key = "certs/proxy-server.key"
 client_ca = ["certs/ca.crt"]
 crl = ["certs/ca.crl"]
 tls_versions = {tls}
-handshake_timeout = "5s"
+handshake_timeout = "{hst}"
+header_read_timeout = "{hrt}"
 
 [upstream]
 cert = "certs/proxy-client.crt"
@@ -411,6 +416,8 @@ body_idle_timeout = "{bit}"
 dir = "policies"
 "#,
         tls = setup.tls_versions,
+        hst = setup.handshake_timeout,
+        hrt = setup.header_read_timeout,
         rt = setup.response_timeout,
         bit = setup.body_idle_timeout,
         pport = provider.port(),
@@ -572,6 +579,13 @@ impl Consumer {
             addr,
             h2,
         }
+    }
+
+    /// A raw TLS connection to the proxy, for tests that write bytes by hand.
+    pub async fn tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let name = ServerName::IpAddress(self.addr.ip().into());
+        self.connector.connect(name, tcp).await.unwrap()
     }
 
     /// Connects and returns a request sender on one connection.
@@ -742,6 +756,15 @@ pub fn vm_hwm_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// Sends a signal (`TERM`, `INT`) to a child process through the shell's `kill` builtin.
+pub fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -{name} {pid}")])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid} failed");
 }
 
 /// Path helper for binaries.
