@@ -89,6 +89,7 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Serv
     let proxy = Arc::new(Proxy::new(
         config.server.methods.clone(),
         assembled.policy,
+        &config.jwt,
         upstream,
     ));
     Server::bind(&config.server, assembled.server_tls, proxy).await

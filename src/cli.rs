@@ -47,6 +47,15 @@ enum Command {
         #[arg(long, default_value = "ssp.toml")]
         config: PathBuf,
     },
+    /// Print a fresh unsigned GP Connect audit token for trying the proxy by hand (development only).
+    DevToken {
+        /// The audience: the provider endpoint's registered URL.
+        #[arg(long)]
+        aud: String,
+        /// The requested scope.
+        #[arg(long, default_value = "organization/*.read")]
+        scope: String,
+    },
     /// Generate a development PKI (NOT for production).
     DevCerts {
         /// Folder to write into (created if missing).
@@ -75,6 +84,10 @@ pub fn main() -> ExitCode {
             check_config(&config.unwrap_or_else(Config::default_path))
         }
         Command::Demo { config } => demo(&config),
+        Command::DevToken { aud, scope } => {
+            println!("{}", crate::demo::dev_jwt(&aud, &scope));
+            exit::OK
+        }
         Command::DevCerts { out } => dev_certs(&out),
     })
 }

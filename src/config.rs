@@ -49,6 +49,8 @@ struct RawConfig {
     upstream: RawUpstream,
     #[serde(default)]
     policy: RawPolicy,
+    #[serde(default)]
+    jwt: RawJwt,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +110,17 @@ struct RawPolicy {
     dir: Option<PathBuf>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    /// `off`, `audit` (record violations, forward) or `enforce` (refuse with 400). Default `enforce`.
+    mode: Option<String>,
+    /// `gpconnect-1` (STU3) or `gpconnect-0.7` (DSTU2). Default `gpconnect-1`.
+    profile: Option<String>,
+    /// How far in the future `iat` may be. Default `300s`.
+    max_future_skew: Option<String>,
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Validated form.
 
@@ -119,6 +132,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub policy: PolicyConfig,
+    pub jwt: JwtConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +167,13 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
     /// `host:port` (host lower-cased) to the socket address to connect to instead of resolving.
     pub resolve: HashMap<String, SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub mode: crate::jwt::Mode,
+    pub profile: crate::jwt::Profile,
+    pub max_future_skew: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -192,6 +213,7 @@ impl Config {
         let policy = PolicyConfig {
             dir: v.path(raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies"))),
         };
+        let jwt = v.jwt(raw.jwt);
         if !v.problems.is_empty() {
             return Err(Problems {
                 problems: v.problems,
@@ -202,6 +224,7 @@ impl Config {
             server,
             upstream,
             policy,
+            jwt,
         })
     }
 
@@ -340,6 +363,49 @@ impl Validator<'_> {
         }
     }
 
+    fn jwt(&mut self, raw: RawJwt) -> JwtConfig {
+        use crate::jwt::{Mode, Profile};
+        let mode = match raw.mode.as_deref().unwrap_or("enforce") {
+            "off" => Mode::Off,
+            "audit" => Mode::Audit,
+            "enforce" => Mode::Enforce,
+            other => {
+                self.problem(
+                    "jwt.mode",
+                    format_args!("{other:?} is not \"off\", \"audit\" or \"enforce\""),
+                );
+                Mode::Enforce
+            }
+        };
+        let profile = match raw.profile.as_deref().unwrap_or("gpconnect-1") {
+            "gpconnect-1" => Profile::GpConnect1,
+            "gpconnect-0.7" => Profile::GpConnect07,
+            other => {
+                self.problem(
+                    "jwt.profile",
+                    format_args!("{other:?} is not \"gpconnect-1\" or \"gpconnect-0.7\""),
+                );
+                Profile::GpConnect1
+            }
+        };
+        let max_future_skew = match raw.max_future_skew {
+            None => Duration::from_secs(300),
+            // Zero is a legitimate skew here (no future tokens at all).
+            Some(text) => parse_duration(&text).unwrap_or_else(|| {
+                self.problem(
+                    "jwt.max_future_skew",
+                    format_args!("{text:?} is not a duration like \"300s\""),
+                );
+                Duration::from_secs(300)
+            }),
+        };
+        JwtConfig {
+            mode,
+            profile,
+            max_future_skew,
+        }
+    }
+
     fn upstream(&mut self, raw: RawUpstream) -> UpstreamConfig {
         if raw.ca.is_empty() {
             self.problem("upstream.ca", "at least one CA file is required");
@@ -455,6 +521,9 @@ ca = ["ca.crt"]
         assert_eq!(c.server.methods.len(), 5);
         assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
         assert_eq!(c.policy.dir, PathBuf::from("/etc/ssp/policies"));
+        assert_eq!(c.jwt.mode, crate::jwt::Mode::Enforce);
+        assert_eq!(c.jwt.profile, crate::jwt::Profile::GpConnect1);
+        assert_eq!(c.jwt.max_future_skew, Duration::from_secs(300));
     }
 
     #[test]
@@ -473,7 +542,7 @@ ca = ["ca.crt"]
         let text = MINIMAL.replace(
             "[upstream]",
             "listen = \"nowhere\"\ntls_versions = [\"1.1\"]\nmethods = [\"TRACE\", \"get\"]\nhandshake_timeout = \"10 seconds\"\n[upstream]\nresolve = { \"nohost\" = \"1.2.3.4:5\", \"h:443\" = \"h:443\" }",
-        );
+        ) + "[jwt]\nmode = \"strict\"\nprofile = \"gpconnect-2\"\n";
         let err = Config::parse(&text, Path::new("ssp.toml")).unwrap_err();
         let all = err.to_string();
         for key in [
@@ -484,6 +553,8 @@ ca = ["ca.crt"]
             "server.handshake_timeout",
             "upstream.resolve.\"nohost\"",
             "upstream.resolve.\"h:443\"",
+            "jwt.mode",
+            "jwt.profile",
         ] {
             assert!(all.contains(key), "missing {key} in {all}");
         }

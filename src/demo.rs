@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -296,7 +294,6 @@ pub fn dev_jwt(aud: &str, scope: &str) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let header = r#"{"alg":"none","typ":"JWT"}"#;
     let claims = serde_json::json!({
         "iss": "https://consumer.dev.localhost",
         "sub": "1",
@@ -325,11 +322,7 @@ pub fn dev_jwt(aud: &str, scope: &str) -> String {
             "name": [{ "family": "Demo", "given": ["Doctor"], "prefix": ["Dr"] }]
         }
     });
-    format!(
-        "{}.{}.",
-        URL_SAFE_NO_PAD.encode(header),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    )
+    crate::jwt::encode_unsigned(&claims)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -357,6 +350,8 @@ struct Scenario {
     interaction: &'static str,
     /// Leave out `Ssp-TraceID`.
     no_trace_id: bool,
+    /// Send a token whose `aud` is not the endpoint.
+    wrong_audience: bool,
     body: Option<&'static str>,
     expect: &'static str,
 }
@@ -373,6 +368,7 @@ impl Scenario {
             to: TO,
             interaction: "fhir:rest:read:metadata-1",
             no_trace_id: false,
+            wrong_audience: false,
             body: None,
             expect,
         }
@@ -445,6 +441,10 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             path: "/https://127.0.0.1:9443/B82617/STU3/1/gpconnect/fhir/metadata".into(),
             ..s("9 endpoint", "IP instead of host name", "400")
+        },
+        Scenario {
+            wrong_audience: true,
+            ..s("10 jwt", "token for another audience", "400")
         },
         Scenario {
             to: TO_DOWN,
@@ -556,10 +556,14 @@ async fn run_scenarios(proxy: SocketAddr, certs: &Path, ca: &[PathBuf]) -> Vec<R
 
 fn build_request(sc: &Scenario) -> Request<Full<Bytes>> {
     let interaction = format!("{URN}{}", sc.interaction);
-    let scope = if sc.interaction.contains("metadata") || sc.interaction.contains("practitioner") {
-        "organization/*.read"
-    } else {
-        "patient/*.read"
+    let scope = crate::ids::InteractionId::parse(&interaction)
+        .as_ref()
+        .and_then(crate::jwt::required_scope)
+        .unwrap_or("patient/*.read");
+    let audience = match (sc.wrong_audience, sc.to) {
+        (true, _) => "https://elsewhere.example/fhir",
+        (false, TO_DOWN) => ENDPOINT_DOWN,
+        (false, _) => ENDPOINT,
     };
     let mut builder = Request::builder()
         .method(sc.method.clone())
@@ -571,7 +575,7 @@ fn build_request(sc: &Scenario) -> Request<Full<Bytes>> {
         .header("ssp-interactionid", interaction)
         .header(
             "authorization",
-            format!("Bearer {}", dev_jwt(ENDPOINT, scope)),
+            format!("Bearer {}", dev_jwt(audience, scope)),
         );
     if !sc.no_trace_id {
         builder = builder.header("ssp-traceid", TraceId::new_random().as_str());
@@ -611,28 +615,34 @@ fn print_table(rows: &[Row]) {
 
 fn print_curl(proxy: SocketAddr, certs: &Path) {
     let cwd = std::env::current_dir().unwrap_or_default();
-    let rel = |name: &str| {
-        let path = certs.join(name);
+    let rel = |path: PathBuf| {
         path.strip_prefix(&cwd)
             .map(Path::to_path_buf)
             .unwrap_or(path)
             .display()
             .to_string()
     };
-    let common = format!(
-        "curl --cert {} --key {} --cacert {} \\\n    -H \"Ssp-TraceID: $(cat /proc/sys/kernel/random/uuid)\" -H 'Ssp-From: {FROM}' -H 'Ssp-To: {TO}'",
-        rel("consumer.crt"),
-        rel("consumer.key"),
-        rel("ca.crt"),
-    );
+    // Tokens live 300 s, so each pasted line asks this binary for a fresh one.
+    let ssp = std::env::current_exe().map_or_else(|_| "ssp".to_owned(), rel);
+    let common = |scope: &str| {
+        format!(
+            "curl --cert {} --key {} --cacert {} \\\n    -H \"Ssp-TraceID: $(cat /proc/sys/kernel/random/uuid)\" -H 'Ssp-From: {FROM}' -H 'Ssp-To: {TO}' \\\n    -H \"Authorization: Bearer $({ssp} dev-token --aud {ENDPOINT} --scope '{scope}')\"",
+            rel(certs.join("consumer.crt")),
+            rel(certs.join("consumer.key")),
+            rel(certs.join("ca.crt")),
+        )
+    };
     println!("\nTry it by hand (development certificates):\n");
     println!(
-        "{common} \\\n    -H 'Ssp-InteractionID: {URN}fhir:rest:read:metadata-1' \\\n    https://{proxy}/{ENDPOINT}/fhir/metadata\n"
+        "{} \\\n    -H 'Ssp-InteractionID: {URN}fhir:rest:read:metadata-1' \\\n    https://{proxy}/{ENDPOINT}/fhir/metadata\n",
+        common("organization/*.read")
     );
     println!(
-        "{common} \\\n    -H 'Ssp-InteractionID: {URN}fhir:operation:gpc.getstructuredrecord-1' \\\n    -H 'Content-Type: application/fhir+json' -d '{{\"resourceType\":\"Parameters\"}}' \\\n    https://{proxy}/{ENDPOINT}/fhir/Patient/\\$gpc.getstructuredrecord\n"
+        "{} \\\n    -H 'Ssp-InteractionID: {URN}fhir:operation:gpc.getstructuredrecord-1' \\\n    -H 'Content-Type: application/fhir+json' -d '{{\"resourceType\":\"Parameters\"}}' \\\n    https://{proxy}/{ENDPOINT}/fhir/Patient/\\$gpc.getstructuredrecord\n",
+        common("patient/*.read")
     );
     println!(
-        "# refused at check 6 (interaction not accredited), as an XML OperationOutcome:\n{common} \\\n    -H 'Ssp-InteractionID: {URN}fhir:rest:read:appointment-1' -H 'Accept: application/fhir+xml' \\\n    https://{proxy}/{ENDPOINT}/fhir/Appointment/1"
+        "# refused at check 6 (interaction not accredited), as an XML OperationOutcome:\n{} \\\n    -H 'Ssp-InteractionID: {URN}fhir:rest:read:appointment-1' -H 'Accept: application/fhir+xml' \\\n    https://{proxy}/{ENDPOINT}/fhir/Appointment/1",
+        common("patient/*.read")
     );
 }

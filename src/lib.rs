@@ -39,6 +39,7 @@ pub mod demo;
 pub mod devcerts;
 pub mod forward;
 pub mod ids;
+pub mod jwt;
 pub mod outcome;
 pub mod policy;
 pub mod proxy;

@@ -17,10 +17,14 @@ use toml::Spanned;
 
 use crate::config::{Problems, line_col};
 use crate::ids::{Asid, InteractionId, OdsCode, PeerIdentity};
+use crate::jwt::VerifyingKey;
 use crate::ssp::{SspRequest, Target};
 
 /// Largest policy file read; a directory of 20,000 systems is a few MiB.
 const MAX_POLICY_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// A system's registered token keys, shared by every permit for it.
+pub type JwtKeys = Arc<[VerifyingKey]>;
 
 /// An accredited sending system (SDS accredited-system record).
 #[derive(Debug, Clone)]
@@ -32,6 +36,8 @@ pub struct System {
     pub fqdn: String,
     /// What this system may send (check 6).
     pub interactions: HashSet<InteractionId>,
+    /// Keys its audit tokens must be signed with; `None`: unsigned GP Connect tokens.
+    pub jwt_keys: Option<JwtKeys>,
 }
 
 /// A provider endpoint (SDS MHS record).
@@ -97,6 +103,8 @@ pub struct Policy {
 pub struct Permit {
     request: SspRequest,
     endpoint: Arc<Endpoint>,
+    /// The sender's registered token keys, for check 10.
+    jwt_keys: Option<JwtKeys>,
     generation: u64,
 }
 
@@ -115,6 +123,11 @@ impl Permit {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// The keys the sender's token must be signed with, if it registered any.
+    pub fn jwt_keys(&self) -> Option<&[VerifyingKey]> {
+        self.jwt_keys.as_deref()
     }
 }
 
@@ -194,9 +207,10 @@ impl Policy {
     /// Checks 5 to 9 for a request from the consumer `peer`, at time `now`. Consumes the request: a permit owns it.
     pub fn check(&self, request: SspRequest, peer: &PeerIdentity, now: SystemTime) -> Decision {
         match self.evaluate(&request, peer, now) {
-            Ok(endpoint) => Decision::Permit(Permit {
+            Ok((endpoint, jwt_keys)) => Decision::Permit(Permit {
                 request,
                 endpoint,
+                jwt_keys,
                 generation: self.generation,
             }),
             Err(denial) => Decision::Deny(denial, Box::new(request)),
@@ -208,7 +222,7 @@ impl Policy {
         request: &SspRequest,
         peer: &PeerIdentity,
         now: SystemTime,
-    ) -> Result<Arc<Endpoint>, Denial> {
+    ) -> Result<(Arc<Endpoint>, Option<JwtKeys>), Denial> {
         let h = &request.headers;
         let system = self.systems.get(&h.from);
         // 5: only a known sender has a registered FQDN to compare; an unknown one fails at 6.
@@ -220,11 +234,11 @@ impl Policy {
             });
         }
         // 6
-        if !system.is_some_and(|s| s.interactions.contains(&h.interaction)) {
+        let Some(system) = system.filter(|s| s.interactions.contains(&h.interaction)) else {
             return Err(Denial::SenderNotAccredited {
                 from: h.from.clone(),
             });
-        }
+        };
         // 7
         let endpoint = self
             .endpoints
@@ -250,7 +264,7 @@ impl Policy {
                 target: request.target.as_str().to_owned(),
             });
         }
-        Ok(Arc::clone(endpoint))
+        Ok((Arc::clone(endpoint), system.jwt_keys.clone()))
     }
 
     pub fn system(&self, asid: &Asid) -> Option<&System> {
@@ -344,6 +358,9 @@ struct RawSystem {
     ods: String,
     fqdn: String,
     interactions: Vec<String>,
+    /// PEM public keys or JWKS files, relative to the policy file's folder.
+    #[serde(default)]
+    jwt_keys: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,9 +427,10 @@ impl Compiler {
             file: file.clone(),
             line: line_col(text, span.start).0,
         };
+        let folder = path.parent().unwrap_or(Path::new("."));
         for item in raw.system {
             let at = origin(item.span());
-            self.system(&at, item.into_inner());
+            self.system(&at, item.into_inner(), folder);
         }
         for item in raw.endpoint {
             let at = origin(item.span());
@@ -465,7 +483,7 @@ impl Compiler {
         }
     }
 
-    fn system(&mut self, at: &Origin, raw: RawSystem) {
+    fn system(&mut self, at: &Origin, raw: RawSystem, folder: &Path) {
         let asid = self.asid(at, "[[system]] asid", &raw.asid);
         let ods = self.ods(at, &raw.ods);
         self.non_empty(at, "[[system]] name", &raw.name);
@@ -475,6 +493,14 @@ impl Compiler {
             self.problem(at, format_args!("fqdn {:?} is not a host name", raw.fqdn));
         }
         let interactions = self.interactions(at, &raw.interactions);
+        let mut keys = Vec::new();
+        for file in &raw.jwt_keys {
+            match crate::jwt::load_keys(&folder.join(file)) {
+                Ok(k) => keys.extend(k),
+                Err(e) => self.problem(at, format_args!("jwt_keys: {e}")),
+            }
+        }
+        let jwt_keys = (!keys.is_empty()).then(|| Arc::from(keys));
         let (Some(asid), Some(ods)) = (asid, ods) else {
             return;
         };
@@ -490,6 +516,7 @@ impl Compiler {
                 ods,
                 fqdn: raw.fqdn.to_ascii_lowercase(),
                 interactions,
+                jwt_keys,
             },
         );
     }

@@ -19,10 +19,12 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::config::JwtConfig;
 use crate::forward::{
     BoxError, Direction, Exchange, ExchangeOutcome, ForwardError, Streamed, Upstream,
 };
 use crate::ids::PeerIdentity;
+use crate::jwt::{Expect, JwtAudit, Mode, Validator, Violation};
 use crate::outcome::{Format, IssueCode, Outcome, Severity};
 use crate::policy::{Decision, Denial, Policy};
 use crate::ssp::{self, HeaderError, SspHeaders, SspRequest, Target, TargetError};
@@ -44,6 +46,8 @@ pub struct Proxy {
     /// The `Allow` header sent with 405, built once.
     allow: HeaderValue,
     policy: Arc<Policy>,
+    /// Check 10; `None` when `jwt.mode = "off"`.
+    jwt: Option<(Mode, Validator)>,
     upstream: Upstream,
 }
 
@@ -65,6 +69,8 @@ pub enum Refusal {
     Header(HeaderError),
     /// Checks 5 to 9.
     Denied(Denial),
+    /// Check 10, in enforce mode: the first violation of the audit token.
+    Jwt(Violation),
     /// The provider could not be reached or stayed silent; carries the target text for the error.
     Upstream { error: ForwardError, target: String },
 }
@@ -84,6 +90,7 @@ impl Refusal {
             Refusal::Target(_) => "invalid_target_url",
             Refusal::Header(_) => "missing_or_invalid_header",
             Refusal::Denied(d) => d.reason(),
+            Refusal::Jwt(_) => "invalid_jwt",
             Refusal::Upstream { error, .. } => match error {
                 ForwardError::Unreachable(_) => "error_communicating_to_endpoint",
                 ForwardError::Timeout => "timeout_communicating_to_endpoint",
@@ -117,6 +124,12 @@ impl Refusal {
                 (StatusCode::BAD_REQUEST, Invalid, Severity::Error, d.text())
             }
             Refusal::Denied(d) => (StatusCode::FORBIDDEN, Forbidden, Severity::Error, d.text()),
+            Refusal::Jwt(v) => (
+                StatusCode::BAD_REQUEST,
+                Invalid,
+                Severity::Error,
+                format!("INVALID_JWT_{}", v.name()),
+            ),
             Refusal::Upstream {
                 error: ForwardError::Unreachable(_),
                 target,
@@ -173,7 +186,12 @@ impl Refusal {
 }
 
 impl Proxy {
-    pub fn new(methods: Vec<Method>, policy: Arc<Policy>, upstream: Upstream) -> Self {
+    pub fn new(
+        methods: Vec<Method>,
+        policy: Arc<Policy>,
+        jwt: &JwtConfig,
+        upstream: Upstream,
+    ) -> Self {
         let allow = methods
             .iter()
             .map(Method::as_str)
@@ -184,6 +202,13 @@ impl Proxy {
                 .unwrap_or_else(|_| HeaderValue::from_static("GET")),
             methods,
             policy,
+            jwt: (jwt.mode != Mode::Off).then_some((
+                jwt.mode,
+                Validator {
+                    profile: jwt.profile,
+                    max_future_skew: jwt.max_future_skew,
+                },
+            )),
             upstream,
         }
     }
@@ -234,6 +259,8 @@ impl Proxy {
             Decision::Permit(permit) => permit,
             Decision::Deny(denial, _) => return Err(Refusal::Denied(denial)),
         };
+        // 10: the audit token.
+        let _jwt = self.check_jwt(&request, &permit, conn)?;
         // Forward, streaming both ways.
         let exchange = {
             let h = &permit.request().headers;
@@ -287,6 +314,48 @@ impl Proxy {
             Direction::Response,
         );
         Ok(Response::from_parts(parts, ProxyBody::stream(body)))
+    }
+}
+
+impl Proxy {
+    /// Check 10: decodes and validates the token when `jwt.mode` is not `off`. In enforce mode the first violation
+    /// refuses the request; in audit mode violations are recorded and the request goes on.
+    fn check_jwt(
+        &self,
+        request: &Request<Incoming>,
+        permit: &crate::policy::Permit,
+        conn: &ConnInfo,
+    ) -> Result<Option<JwtAudit>, Refusal> {
+        let Some((mode, validator)) = &self.jwt else {
+            return Ok(None);
+        };
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let expect = Expect {
+            endpoint_url: &permit.endpoint().url,
+            interaction: &permit.request().headers.interaction,
+            now,
+            keys: permit.jwt_keys(),
+        };
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        let audit = validator.check(authorization, &expect);
+        if let Some(violation) = audit.first_violation() {
+            if *mode == Mode::Enforce {
+                return Err(Refusal::Jwt(violation));
+            }
+            // Violation names only: never the token or its claims.
+            tracing::info!(
+                conn = conn.id,
+                trace_id = %permit.request().headers.trace_id,
+                violations = ?audit.violations,
+                "audit token invalid; forwarded (jwt.mode = audit)"
+            );
+        }
+        Ok(Some(audit))
     }
 }
 

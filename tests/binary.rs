@@ -113,6 +113,7 @@ async fn curl_through_the_binary() {
     let url = endpoint_url(provider.addr);
     let out = tokio::task::spawn_blocking({
         let (cert, key, ca) = (pki.path("consumer.crt"), pki.path("consumer.key"), pki.path("ca.crt"));
+        let token = bearer(&claims(&url, METADATA));
         let target = format!("https://{}/{url}/fhir/Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9690937286", served.addr);
         move || {
             Command::new("curl")
@@ -124,7 +125,7 @@ async fn curl_through_the_binary() {
                 .args(["-H", &format!("Ssp-From: {FROM}")])
                 .args(["-H", &format!("Ssp-To: {TO}")])
                 .args(["-H", &format!("Ssp-InteractionId: {METADATA}")])
-                .args(["-H", &format!("Authorization: {TOKEN}")])
+                .args(["-H", &format!("Authorization: {token}")])
                 .arg(target)
                 .output()
                 .unwrap()

@@ -51,7 +51,8 @@ pub const STRUCTURED: &str =
     "urn:nhs:names:services:gpconnect:fhir:operation:gpc.getstructuredrecord-1";
 pub const APPOINTMENT: &str = "urn:nhs:names:services:gpconnect:fhir:rest:read:appointment-1";
 pub const TRACE_ID: &str = "629ea9ba-a077-4d99-b289-7a9b19fd4e03";
-pub const TOKEN: &str = "Bearer eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiIxIn0.";
+/// A system that registers a key (`certs/jwt-signing.key` signs; `policies/jwt/signing.pem` verifies).
+pub const FROM_SIGNED: &str = "200000000361";
 
 /// Bounds every network step of a test.
 pub const STEP: Duration = Duration::from_secs(20);
@@ -354,6 +355,8 @@ pub struct Setup {
     pub body_idle_timeout: &'static str,
     pub tls_versions: &'static str,
     pub handshake_timeout: &'static str,
+    /// `jwt.mode`.
+    pub jwt_mode: &'static str,
     pub header_read_timeout: &'static str,
     /// An extra `[upstream.resolve]` line.
     pub extra_resolve: String,
@@ -366,6 +369,7 @@ impl Default for Setup {
             body_idle_timeout: "10s",
             tls_versions: r#"["1.2", "1.3"]"#,
             handshake_timeout: "5s",
+            jwt_mode: "enforce",
             header_read_timeout: "5s",
             extra_resolve: String::new(),
         }
@@ -414,7 +418,11 @@ body_idle_timeout = "{bit}"
 
 [policy]
 dir = "policies"
+
+[jwt]
+mode = "{jwt_mode}"
 "#,
+        jwt_mode = setup.jwt_mode,
         tls = setup.tls_versions,
         hst = setup.handshake_timeout,
         hrt = setup.header_read_timeout,
@@ -440,6 +448,14 @@ ods = "RYY01"
 fqdn = "{CONSUMER2_NAME}"
 interactions = ["{METADATA}"]
 
+[[system]]
+asid = "{FROM_SIGNED}"
+name = "Signing hospital"
+ods = "RZZ01"
+fqdn = "{CONSUMER_NAME}"
+interactions = ["{METADATA}"]
+jwt_keys = ["jwt/signing.pem"]
+
 [[endpoint]]
 asid = "{TO}"
 party_key = "B82617-807724"
@@ -463,6 +479,12 @@ to = "{TO}"
 interactions = ["*"]
 
 [[agreement]]
+id = "DSA-3"
+from = "{FROM_SIGNED}"
+to = "{TO}"
+interactions = ["*"]
+
+[[agreement]]
 id = "DSA-2"
 from = "{FROM}"
 to = "{TO_DOWN}"
@@ -471,6 +493,15 @@ interactions = ["*"]
         url = endpoint_url(provider),
         dport = down.port(),
     );
+    // The signed-token system's key pair (EC P-256, ES256).
+    std::fs::create_dir_all(dir.join("policies/jwt")).unwrap();
+    let signing = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(
+        dir.join("policies/jwt/signing.pem"),
+        signing.public_key_pem(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("certs/jwt-signing.key"), signing.serialize_pem()).unwrap();
     std::fs::write(dir.join("ssp.toml"), config).unwrap();
     std::fs::write(dir.join("policies/test.toml"), policy).unwrap();
     dir.join("ssp.toml")
@@ -713,7 +744,33 @@ impl Answer {
     }
 }
 
-/// A request builder with the four `Ssp-*` headers and a token, for `path` (which starts with `/https://`).
+/// The claims of a valid GP Connect 1.x token for `aud` and the scope `interaction` needs, issued now.
+pub fn claims(aud: &str, interaction: &str) -> serde_json::Value {
+    let scope = ssp::ids::InteractionId::parse(interaction)
+        .as_ref()
+        .and_then(ssp::jwt::required_scope)
+        .unwrap_or("patient/*.read");
+    let token = ssp::demo::dev_jwt(aud, scope);
+    ssp::jwt::decode(&token, None)
+        .map(|(_, c)| serde_json::Value::Object(c))
+        .unwrap()
+}
+
+/// `Bearer <unsigned token>` for these claims.
+pub fn bearer(claims: &serde_json::Value) -> String {
+    format!("Bearer {}", ssp::jwt::encode_unsigned(claims))
+}
+
+/// The endpoint URL a test path targets: everything up to `/gp` (the test endpoint root).
+pub fn audience(path: &str) -> String {
+    let target = path.trim_start_matches('/');
+    match target.find("/gp") {
+        Some(i) => target[..i + 3].to_owned(),
+        None => target.to_owned(),
+    }
+}
+
+/// A request builder with the four `Ssp-*` headers and a valid token, for `path` (which starts with `/https://`).
 pub fn ssp_request(method: Method, path: &str, interaction: &str) -> http::request::Builder {
     Request::builder()
         .method(method)
@@ -723,7 +780,10 @@ pub fn ssp_request(method: Method, path: &str, interaction: &str) -> http::reque
         .header("Ssp-From", FROM)
         .header("Ssp-To", TO)
         .header("Ssp-InteractionID", interaction)
-        .header("Authorization", TOKEN)
+        .header(
+            "Authorization",
+            bearer(&claims(&audience(path), interaction)),
+        )
 }
 
 pub fn empty() -> TestBody {
