@@ -1,0 +1,102 @@
+//! The per-request pure steps of the pipeline, measured with criterion: parsing the target and `Ssp-*` headers,
+//! the policy decision, and decoding + validating a typical GP Connect audit token.
+//!
+//! Run: `cargo bench --bench pipeline`. Figures go to benches/RESULTS.md.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark setup: a failure is a bench failure"
+)]
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue};
+use ssp::ids::{InteractionId, PeerIdentity};
+use ssp::jwt::{Expect, Profile, Validator};
+use ssp::policy::{Decision, Policy};
+use ssp::ssp::{SspHeaders, SspRequest, Target};
+
+const URL: &str = "https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect";
+const STRUCTURED: &str =
+    "urn:nhs:names:services:gpconnect:fhir:operation:gpc.getstructuredrecord-1";
+const PATH: &str = "/https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect/fhir/Patient/$gpc.getstructuredrecord";
+
+fn headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        "ssp-traceid",
+        HeaderValue::from_static("629ea9ba-a077-4d99-b289-7a9b19fd4e03"),
+    );
+    h.insert("ssp-from", HeaderValue::from_static("200000000359"));
+    h.insert("ssp-to", HeaderValue::from_static("918999198993"));
+    h.insert("ssp-interactionid", HeaderValue::from_static(STRUCTURED));
+    h
+}
+
+fn bench(c: &mut Criterion) {
+    let h = headers();
+    c.bench_function("parse target + Ssp headers", |b| {
+        b.iter(|| {
+            let target = Target::from_request_path(black_box(PATH)).unwrap();
+            let headers = SspHeaders::parse(black_box(&h)).unwrap();
+            black_box((target, headers))
+        })
+    });
+
+    let policy_text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/dev.toml")).unwrap();
+    let policy = Policy::compile(&[(PathBuf::from("dev.toml"), policy_text)], 1).unwrap();
+    let peer = PeerIdentity {
+        subject: "CN=consumer.dev.localhost".into(),
+        common_name: Some("consumer.dev.localhost".into()),
+        dns_sans: vec!["consumer.dev.localhost".into()],
+        serial: "01".into(),
+        fingerprint_sha256: "00".into(),
+    };
+    let request = SspRequest {
+        target: Target::from_request_path(PATH).unwrap(),
+        headers: SspHeaders::parse(&h).unwrap(),
+    };
+    let now = SystemTime::now();
+    c.bench_function("policy check (checks 5-9, permit)", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |r| match policy.check(r, &peer, now) {
+                Decision::Permit(p) => black_box(p),
+                Decision::Deny(d, _) => panic!("{d:?}"),
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+
+    let token = format!("Bearer {}", ssp::demo::dev_jwt(URL, "patient/*.read"));
+    let validator = Validator {
+        profile: Profile::GpConnect1,
+        max_future_skew: Duration::from_secs(300),
+    };
+    let interaction = InteractionId::parse(STRUCTURED).unwrap();
+    let unix_now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let expect = Expect {
+        endpoint_url: URL,
+        interaction: &interaction,
+        now: unix_now,
+        keys: None,
+    };
+    c.bench_function("jwt decode + validate (typical 1.x token)", |b| {
+        b.iter(|| {
+            let audit = validator.check(Some(black_box(token.as_bytes())), &expect);
+            assert!(audit.valid);
+            black_box(audit)
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
