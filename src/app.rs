@@ -83,6 +83,22 @@ pub fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
     (expired, soon)
 }
 
+/// Whether `audit.dir` is, or can become, a folder (it is created on start when missing).
+pub fn audit_dir_problem(config: &Config) -> Option<String> {
+    let dir = &config.audit.dir;
+    let mut existing = dir.as_path();
+    while !existing.exists() {
+        existing = existing.parent()?;
+    }
+    (!existing.is_dir()).then(|| {
+        format!(
+            "audit.dir: {}: {} is not a folder",
+            dir.display(),
+            existing.display()
+        )
+    })
+}
+
 /// Builds the pipeline and binds the consumer listener.
 pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Server> {
     let upstream = Upstream::new(&config.upstream, assembled.client_tls);
@@ -91,6 +107,7 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Serv
         assembled.policy,
         &config.jwt,
         upstream,
+        crate::audit::AuditLog::start(config.audit.clone()),
     ));
     Server::bind(&config.server, assembled.server_tls, proxy).await
 }

@@ -47,6 +47,11 @@ enum Command {
         #[arg(long, default_value = "ssp.toml")]
         config: PathBuf,
     },
+    /// Verify or query the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print a fresh unsigned GP Connect audit token for trying the proxy by hand (development only).
     DevToken {
         /// The audience: the provider endpoint's registered URL.
@@ -61,6 +66,66 @@ enum Command {
         /// Folder to write into (created if missing).
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+/// Where the audit log is: `--dir`, or `audit.dir` of the config.
+#[derive(Debug, clap::Args)]
+struct AuditLocation {
+    /// Config file whose `audit.dir` to read [default: as for serve]
+    #[arg(long, conflicts_with = "dir")]
+    config: Option<PathBuf>,
+    /// The audit folder itself
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl AuditLocation {
+    fn dir(self) -> Result<PathBuf, u8> {
+        if let Some(dir) = self.dir {
+            return Ok(dir);
+        }
+        match Config::load(&self.config.unwrap_or_else(Config::default_path)) {
+            Ok(config) => Ok(config.audit.dir),
+            Err(problems) => Err(print_problems(&problems)),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain end to end: exit 0 intact, 1 with the first broken record named.
+    Verify {
+        #[command(flatten)]
+        at: AuditLocation,
+    },
+    /// Print the transactions that have a record matching every filter given.
+    Query {
+        #[command(flatten)]
+        at: AuditLocation,
+        #[arg(long)]
+        trace_id: Option<String>,
+        /// Sending ASID (`Ssp-From`)
+        #[arg(long)]
+        from: Option<String>,
+        /// Receiving ASID (`Ssp-To`)
+        #[arg(long)]
+        to: Option<String>,
+        /// Interaction URN
+        #[arg(long)]
+        interaction: Option<String>,
+        /// RFC 3339 time, inclusive
+        #[arg(long)]
+        since: Option<String>,
+        /// RFC 3339 time, inclusive
+        #[arg(long)]
+        until: Option<String>,
+        /// ok, denied, client_closed, upstream_error or timeout
+        #[arg(long)]
+        outcome: Option<String>,
+        /// JSON lines instead of a table
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -84,6 +149,7 @@ pub fn main() -> ExitCode {
             check_config(&config.unwrap_or_else(Config::default_path))
         }
         Command::Demo { config } => demo(&config),
+        Command::Audit { command } => audit(command),
         Command::DevToken { aud, scope } => {
             println!("{}", crate::demo::dev_jwt(&aud, &scope));
             exit::OK
@@ -143,14 +209,17 @@ fn serve(path: &Path) -> u8 {
         };
         let addr = server.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
         tracing::info!(listen = %addr, systems, endpoints, agreements, config = %path.display(), "ssp serving");
+        let audit = server.audit();
         server.run(shutdown_signal(), crate::server::DEFAULT_GRACE).await;
+        // Seal the current segment and fsync: a clean stop leaves a verifiably complete log.
+        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
         tracing::info!("ssp stopped");
         exit::OK
     })
 }
 
 /// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
@@ -176,6 +245,7 @@ fn check_config(path: &Path) -> u8 {
     };
     let (expired, soon) = crate::app::expiry_report(&config);
     problems.extend(expired);
+    problems.extend(crate::app::audit_dir_problem(&config));
     for warning in soon {
         eprintln!("warning: {warning}");
     }
@@ -219,6 +289,100 @@ fn demo(path: &Path) -> u8 {
                 exit::USAGE
             } else {
                 exit::INTERNAL
+            }
+        }
+    }
+}
+
+fn audit(command: AuditCommand) -> u8 {
+    match command {
+        AuditCommand::Verify { at } => {
+            let dir = match at.dir() {
+                Ok(dir) => dir,
+                Err(code) => return code,
+            };
+            match crate::audit::verify(&dir) {
+                Ok(v) => {
+                    let state = if v.last_sealed {
+                        "sealed"
+                    } else {
+                        "open (being written, or its writer crashed)"
+                    };
+                    println!(
+                        "{}: intact: {} records in {} segments, last seq {}; newest segment {state}",
+                        dir.display(),
+                        v.records,
+                        v.segments,
+                        v.last_seq
+                    );
+                    exit::OK
+                }
+                Err(broken) => {
+                    println!("TAMPERED OR DAMAGED: {broken}");
+                    exit::NEGATIVE
+                }
+            }
+        }
+        AuditCommand::Query {
+            at,
+            trace_id,
+            from,
+            to,
+            interaction,
+            since,
+            until,
+            outcome,
+            json,
+        } => {
+            let dir = match at.dir() {
+                Ok(dir) => dir,
+                Err(code) => return code,
+            };
+            let time = |flag: &str,
+                        t: Option<String>|
+             -> Result<Option<time::OffsetDateTime>, u8> {
+                t.map(|t| {
+                    time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                        .map_err(|_| {
+                            eprintln!(
+                                "--{flag}: {t:?} is not an RFC 3339 time like 2026-11-21T09:00:00Z"
+                            );
+                            exit::USAGE
+                        })
+                })
+                .transpose()
+            };
+            let (since, until) = match (time("since", since), time("until", until)) {
+                (Ok(s), Ok(u)) => (s, u),
+                (Err(code), _) | (_, Err(code)) => return code,
+            };
+            let filter = crate::audit::Filter {
+                trace_id,
+                from,
+                to,
+                interaction,
+                since,
+                until,
+                outcome,
+            };
+            match crate::audit::query(&dir, &filter) {
+                Ok(records) => {
+                    if json {
+                        for r in &records {
+                            println!("{r}");
+                        }
+                    } else {
+                        println!("{}", crate::audit::TABLE_HEADER);
+                        for r in &records {
+                            println!("{}", crate::audit::table_row(r));
+                        }
+                    }
+                    exit::OK
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", dir.display());
+                    exit::INTERNAL
+                }
             }
         }
     }

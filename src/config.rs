@@ -51,6 +51,8 @@ struct RawConfig {
     policy: RawPolicy,
     #[serde(default)]
     jwt: RawJwt,
+    #[serde(default)]
+    audit: RawAudit,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +123,22 @@ struct RawJwt {
     max_future_skew: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    /// Folder of the audit segments. Default `data/audit`.
+    dir: Option<PathBuf>,
+    /// `batched` (written before forwarding, fsynced every `fsync_interval`) or `strict` (fsynced before
+    /// forwarding). Default `batched`.
+    durability: Option<String>,
+    /// Longest time written records wait for an fsync in `batched` mode. Default `10ms`.
+    fsync_interval: Option<String>,
+    /// A segment is sealed and a new one started past this size. Default `64MiB`.
+    segment_size: Option<String>,
+    /// This instance's name in every record. Default the host name.
+    instance: Option<String>,
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Validated form.
 
@@ -133,6 +151,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub policy: PolicyConfig,
     pub jwt: JwtConfig,
+    pub audit: crate::audit::AuditConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +233,7 @@ impl Config {
             dir: v.path(raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies"))),
         };
         let jwt = v.jwt(raw.jwt);
+        let audit = v.audit(raw.audit);
         if !v.problems.is_empty() {
             return Err(Problems {
                 problems: v.problems,
@@ -225,6 +245,7 @@ impl Config {
             upstream,
             policy,
             jwt,
+            audit,
         })
     }
 
@@ -363,6 +384,49 @@ impl Validator<'_> {
         }
     }
 
+    fn audit(&mut self, raw: RawAudit) -> crate::audit::AuditConfig {
+        use crate::audit::Durability;
+        let durability = match raw.durability.as_deref().unwrap_or("batched") {
+            "batched" => Durability::Batched,
+            "strict" => Durability::Strict,
+            other => {
+                self.problem(
+                    "audit.durability",
+                    format_args!("{other:?} is not \"batched\" or \"strict\""),
+                );
+                Durability::Batched
+            }
+        };
+        let segment_size = match raw.segment_size {
+            None => 64 << 20,
+            Some(text) => match parse_size(&text) {
+                Some(n) if n >= 4096 => n,
+                _ => {
+                    self.problem(
+                        "audit.segment_size",
+                        format_args!("{text:?} is not a size of at least 4KiB like \"64MiB\""),
+                    );
+                    64 << 20
+                }
+            },
+        };
+        let instance = raw.instance.unwrap_or_else(host_name);
+        if instance.is_empty() || instance.len() > 255 || instance.chars().any(char::is_control) {
+            self.problem("audit.instance", "must be 1 to 255 printable characters");
+        }
+        crate::audit::AuditConfig {
+            dir: self.path(raw.dir.unwrap_or_else(|| PathBuf::from("data/audit"))),
+            durability,
+            fsync_interval: self.duration(
+                "audit.fsync_interval",
+                raw.fsync_interval,
+                Duration::from_millis(10),
+            ),
+            segment_size,
+            instance,
+        }
+    }
+
     fn jwt(&mut self, raw: RawJwt) -> JwtConfig {
         use crate::jwt::{Mode, Profile};
         let mode = match raw.mode.as_deref().unwrap_or("enforce") {
@@ -469,6 +533,30 @@ fn toml_error_line(path: &Path, text: &str, err: &toml::de::Error) -> String {
     }
 }
 
+/// The host name, for `audit.instance`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "ssp".to_owned())
+}
+
+/// Parses `"64KiB"`, `"64MiB"`, `"1GiB"`, `"512B"` into bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let digits_end = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(digits_end);
+    let n: u64 = number.parse().ok()?;
+    let mult = match unit {
+        "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
 /// 1-based line and column of a byte offset.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -524,6 +612,10 @@ ca = ["ca.crt"]
         assert_eq!(c.jwt.mode, crate::jwt::Mode::Enforce);
         assert_eq!(c.jwt.profile, crate::jwt::Profile::GpConnect1);
         assert_eq!(c.jwt.max_future_skew, Duration::from_secs(300));
+        assert_eq!(c.audit.dir, PathBuf::from("/etc/ssp/data/audit"));
+        assert_eq!(c.audit.durability, crate::audit::Durability::Batched);
+        assert_eq!(c.audit.segment_size, 64 << 20);
+        assert!(!c.audit.instance.is_empty());
     }
 
     #[test]
@@ -569,6 +661,9 @@ ca = ["ca.crt"]
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("1.5s"), None);
+        assert_eq!(parse_size("64MiB"), Some(64 << 20));
+        assert_eq!(parse_size("4KiB"), Some(4096));
+        assert_eq!(parse_size("64mb"), None);
     }
 
     #[test]

@@ -495,7 +495,9 @@ pub async fn run(config: Config) -> Result<(), DemoError> {
         devcerts::PROXY_CLIENT_NAME.to_owned(),
         stopped(stop_rx.clone()),
     ));
+    let audit = server.audit();
     let proxy = tokio::spawn(server.run(stopped(stop_rx), crate::server::DEFAULT_GRACE));
+    let demo_started = time::OffsetDateTime::now_utc();
 
     println!(
         "ssp demo: proxy on https://{proxy_addr}, dev provider on https://{provider_addr} (as provider.dev.localhost:9443)"
@@ -507,14 +509,40 @@ pub async fn run(config: Config) -> Result<(), DemoError> {
     );
     let rows = run_scenarios(proxy_addr, &certs, &config.server.client_ca).await;
     print_table(&rows);
+    print_audit(&config.audit.dir, demo_started).await;
     print_curl(proxy_addr, &certs);
 
     println!("\nserving until Ctrl-C ...");
-    tokio::signal::ctrl_c().await?;
+    crate::cli::shutdown_signal().await;
     let _ = stop_tx.send(true);
     let _ = proxy.await;
     let _ = provider.await;
+    let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     Ok(())
+}
+
+/// Prints the audit records this run produced (response records are written as exchanges end, so give them a
+/// moment).
+async fn print_audit(dir: &Path, since: time::OffsetDateTime) {
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let filter = crate::audit::Filter {
+        since: Some(since),
+        ..Default::default()
+    };
+    match crate::audit::query(dir, &filter) {
+        Ok(records) => {
+            println!(
+                "\nAudit records of these requests ({}; verify with `ssp audit verify`):\n",
+                dir.display()
+            );
+            println!("{}", crate::audit::TABLE_HEADER);
+            for r in &records {
+                let row: String = crate::audit::table_row(r).chars().take(220).collect();
+                println!("{row}");
+            }
+        }
+        Err(e) => println!("\ncannot read the audit log in {}: {e}", dir.display()),
+    }
 }
 
 /// (check, request, expected, got, ok)

@@ -529,7 +529,7 @@ impl<B> std::fmt::Debug for Streamed<B> {
     }
 }
 
-impl<B> Streamed<B> {
+impl<B: Body> Streamed<B> {
     pub fn new(
         inner: B,
         idle_timeout: Duration,
@@ -537,6 +537,10 @@ impl<B> Streamed<B> {
         direction: Direction,
     ) -> Self {
         let now = Instant::now();
+        // An empty body (204, `Content-Length: 0`) is never polled: it is complete as it stands.
+        if direction == Direction::Response && inner.is_end_stream() {
+            exchange.finish(ExchangeOutcome::Ok);
+        }
         Self {
             inner,
             idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
@@ -561,11 +565,11 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
+        let mut this = self.project();
         if *this.done {
             return Poll::Ready(None);
         }
-        match this.inner.poll_frame(cx) {
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let counter = match this.direction {
@@ -575,6 +579,11 @@ where
                     counter.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 *this.last_frame = Instant::now();
+                // hyper stops polling once a sized body reports its end, so the final `None` may never come:
+                // the last frame is where a complete response is known to be complete.
+                if *this.direction == Direction::Response && this.inner.is_end_stream() {
+                    this.exchange.finish(ExchangeOutcome::Ok);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {

@@ -33,6 +33,7 @@
 //! 7. Any failure on the way is a `proxy::Refusal`, rendered by `outcome` as an OperationOutcome.
 
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -19,6 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::audit::{AuditLog, Kind, Record};
 use crate::config::JwtConfig;
 use crate::forward::{
     BoxError, Direction, Exchange, ExchangeOutcome, ForwardError, Streamed, Upstream,
@@ -26,7 +27,7 @@ use crate::forward::{
 use crate::ids::PeerIdentity;
 use crate::jwt::{Expect, JwtAudit, Mode, Validator, Violation};
 use crate::outcome::{Format, IssueCode, Outcome, Severity};
-use crate::policy::{Decision, Denial, Policy};
+use crate::policy::{Decision, Denial, Permit, Policy};
 use crate::ssp::{self, HeaderError, SspHeaders, SspRequest, Target, TargetError};
 
 /// What the server knows about a consumer connection; read once after the handshake and shared by its requests.
@@ -36,6 +37,8 @@ pub struct ConnInfo {
     pub id: u64,
     pub remote: SocketAddr,
     pub peer: PeerIdentity,
+    /// The peer as every audit record of this connection names it, built once.
+    pub audit_peer: Arc<crate::audit::Peer>,
 }
 
 /// The request pipeline's shared state.
@@ -49,6 +52,8 @@ pub struct Proxy {
     /// Check 10; `None` when `jwt.mode = "off"`.
     jwt: Option<(Mode, Validator)>,
     upstream: Upstream,
+    /// Check 12 and the response records.
+    audit: Arc<AuditLog>,
 }
 
 /// Whose fault a refusal was: decides the log level (and, later, metric labels).
@@ -69,8 +74,10 @@ pub enum Refusal {
     Header(HeaderError),
     /// Checks 5 to 9.
     Denied(Denial),
-    /// Check 10, in enforce mode: the first violation of the audit token.
-    Jwt(Violation),
+    /// Check 10, in enforce mode: the first violation of the audit token, and what was read of it.
+    Jwt(Violation, Box<JwtAudit>),
+    /// Check 12: the request record could not be written.
+    AuditUnavailable,
     /// The provider could not be reached or stayed silent; carries the target text for the error.
     Upstream { error: ForwardError, target: String },
 }
@@ -90,7 +97,8 @@ impl Refusal {
             Refusal::Target(_) => "invalid_target_url",
             Refusal::Header(_) => "missing_or_invalid_header",
             Refusal::Denied(d) => d.reason(),
-            Refusal::Jwt(_) => "invalid_jwt",
+            Refusal::Jwt(..) => "invalid_jwt",
+            Refusal::AuditUnavailable => "audit_unavailable",
             Refusal::Upstream { error, .. } => match error {
                 ForwardError::Unreachable(_) => "error_communicating_to_endpoint",
                 ForwardError::Timeout => "timeout_communicating_to_endpoint",
@@ -124,7 +132,13 @@ impl Refusal {
                 (StatusCode::BAD_REQUEST, Invalid, Severity::Error, d.text())
             }
             Refusal::Denied(d) => (StatusCode::FORBIDDEN, Forbidden, Severity::Error, d.text()),
-            Refusal::Jwt(v) => (
+            Refusal::AuditUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Transient,
+                Severity::Error,
+                "AUDIT_UNAVAILABLE".into(),
+            ),
+            Refusal::Jwt(v, _) => (
                 StatusCode::BAD_REQUEST,
                 Invalid,
                 Severity::Error,
@@ -153,12 +167,12 @@ impl Refusal {
 
     /// The consumer-facing response: an OperationOutcome in the negotiated format, `Cache-Control: no-store`, and
     /// the request's `Ssp-TraceID` echoed when it had one.
-    pub fn into_response(
-        self,
+    pub fn respond(
+        &self,
         format: Format,
         trace_id: Option<HeaderValue>,
         allow: &HeaderValue,
-    ) -> Response<ProxyBody> {
+    ) -> (Response<ProxyBody>, String) {
         let (status, code, severity, text) = self.parts();
         let body = Outcome {
             status: status.as_u16(),
@@ -181,7 +195,7 @@ impl Refusal {
         if status == StatusCode::METHOD_NOT_ALLOWED {
             headers.insert(header::ALLOW, allow.clone());
         }
-        response
+        (response, text)
     }
 }
 
@@ -191,6 +205,7 @@ impl Proxy {
         policy: Arc<Policy>,
         jwt: &JwtConfig,
         upstream: Upstream,
+        audit: Arc<AuditLog>,
     ) -> Self {
         let allow = methods
             .iter()
@@ -210,6 +225,7 @@ impl Proxy {
                 },
             )),
             upstream,
+            audit,
         }
     }
 
@@ -217,39 +233,64 @@ impl Proxy {
         &self.policy
     }
 
-    /// Handles one consumer request. Never fails: every error becomes a response here.
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
+    }
+
+    /// Handles one consumer request. Never fails: every error becomes a response here, and every request leaves
+    /// audit records (a refused one: a `request` record with the decision and a `response` record).
     pub async fn handle(
         &self,
         request: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
-        let format = Format::negotiate(request.headers().get(header::ACCEPT));
-        let trace_id = request.headers().get(ssp::HEADER_TRACE_ID).cloned();
-        match self.pipeline(request, conn, started).await {
-            Ok(response) => Ok(response),
-            Err(refusal) => {
-                log_refusal(&refusal, conn, trace_id.as_ref());
-                Ok(refusal.into_response(format, trace_id, &self.allow))
+        let (parts, body) = request.into_parts();
+        let format = Format::negotiate(parts.headers.get(header::ACCEPT));
+        let trace_id = parts.headers.get(ssp::HEADER_TRACE_ID).cloned();
+        let refusal = match self.check(&parts, conn) {
+            Err(refusal) => refusal,
+            Ok((permit, jwt)) => {
+                // 12: the request record is written (per `audit.durability`) before anything is forwarded.
+                let record = self.request_record(&permit, jwt, &parts, conn);
+                match self.audit.write(record).await {
+                    Err(_) => Refusal::AuditUnavailable,
+                    Ok(()) => match self
+                        .forward(permit, Request::from_parts(parts, body), conn, started)
+                        .await
+                    {
+                        Ok(response) => return Ok(response),
+                        Err(refusal) => {
+                            log_refusal(&refusal, conn, trace_id.as_ref());
+                            return Ok(refusal.respond(format, trace_id, &self.allow).0);
+                        }
+                    },
+                }
             }
+        };
+        log_refusal(&refusal, conn, trace_id.as_ref());
+        let (response, text) = refusal.respond(format, trace_id, &self.allow);
+        if !matches!(refusal, Refusal::AuditUnavailable) {
+            self.audit_refusal(&parts, conn, refusal, response.status(), text, started);
         }
+        Ok(response)
     }
 
-    async fn pipeline(
+    /// Checks 2 to 10, in order; the first failure wins.
+    fn check(
         &self,
-        request: Request<Incoming>,
+        parts: &http::request::Parts,
         conn: &ConnInfo,
-        started: Instant,
-    ) -> Result<Response<ProxyBody>, Refusal> {
+    ) -> Result<(Permit, Option<JwtAudit>), Refusal> {
         // 2: method.
-        if !self.methods.contains(request.method()) {
+        if !self.methods.contains(&parts.method) {
             return Err(Refusal::Method);
         }
         // 3: target URL.
-        let path = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let target = Target::from_request_path(path).map_err(Refusal::Target)?;
         // 4: Ssp-* headers.
-        let headers = SspHeaders::parse(request.headers()).map_err(Refusal::Header)?;
+        let headers = SspHeaders::parse(&parts.headers).map_err(Refusal::Header)?;
         // 5 to 9: directory and agreements.
         let permit = match self.policy.check(
             SspRequest { target, headers },
@@ -260,34 +301,19 @@ impl Proxy {
             Decision::Deny(denial, _) => return Err(Refusal::Denied(denial)),
         };
         // 10: the audit token.
-        let _jwt = self.check_jwt(&request, &permit, conn)?;
-        // Forward, streaming both ways.
-        let exchange = {
-            let h = &permit.request().headers;
-            let (trace_id, from, to, interaction) = (
-                h.trace_id.clone(),
-                h.from.clone(),
-                h.to.clone(),
-                h.interaction.clone(),
-            );
-            let conn_id = conn.id;
-            Exchange::new(started, move |s| {
-                tracing::info!(
-                    conn = conn_id,
-                    trace_id = %trace_id,
-                    from = %from,
-                    to = %to,
-                    interaction = %interaction,
-                    status = s.status,
-                    bytes_in = s.bytes_in,
-                    bytes_out = s.bytes_out,
-                    upstream_ms = s.upstream_ms,
-                    total_ms = s.total_ms,
-                    outcome = s.outcome.as_str(),
-                    "exchange"
-                );
-            })
-        };
+        let jwt = self.check_jwt(&parts.headers, &permit, conn)?;
+        Ok((permit, jwt))
+    }
+
+    /// Forwards a permitted request, streaming both ways. The response record is written when the exchange ends.
+    async fn forward(
+        &self,
+        permit: Permit,
+        request: Request<Incoming>,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        let exchange = self.exchange(&permit, conn, started);
         let response = match self
             .upstream
             .send(&permit, request, conn.remote, &exchange)
@@ -295,10 +321,12 @@ impl Proxy {
         {
             Ok(response) => response,
             Err(error) => {
-                exchange.finish(match error {
-                    ForwardError::Timeout => ExchangeOutcome::Timeout,
-                    ForwardError::Unreachable(_) => ExchangeOutcome::UpstreamError,
-                });
+                let (status, outcome) = match error {
+                    ForwardError::Timeout => (504, ExchangeOutcome::Timeout),
+                    ForwardError::Unreachable(_) => (502, ExchangeOutcome::UpstreamError),
+                };
+                exchange.responded(status);
+                exchange.finish(outcome);
                 return Err(Refusal::Upstream {
                     error,
                     target: permit.target().as_str().to_owned(),
@@ -315,15 +343,141 @@ impl Proxy {
         );
         Ok(Response::from_parts(parts, ProxyBody::stream(body)))
     }
-}
 
-impl Proxy {
+    /// The exchange accounting of a forwarded request; when it ends it writes the response record and one
+    /// operational log line.
+    fn exchange(&self, permit: &Permit, conn: &ConnInfo, started: Instant) -> Arc<Exchange> {
+        let h = &permit.request().headers;
+        let (trace_id, from, to, interaction) = (
+            h.trace_id.clone(),
+            h.from.clone(),
+            h.to.clone(),
+            h.interaction.clone(),
+        );
+        let conn_id = conn.id;
+        let audit = Arc::clone(&self.audit);
+        Exchange::new(started, move |s| {
+            tracing::info!(
+                conn = conn_id,
+                trace_id = %trace_id,
+                from = %from,
+                to = %to,
+                interaction = %interaction,
+                status = s.status,
+                bytes_in = s.bytes_in,
+                bytes_out = s.bytes_out,
+                upstream_ms = s.upstream_ms,
+                total_ms = s.total_ms,
+                outcome = s.outcome.as_str(),
+                "exchange"
+            );
+            let mut record = Record::new(Kind::Response);
+            record.trace_id = Some(trace_id.to_string());
+            record.conn_id = Some(conn_id);
+            record.from = Some(from.to_string());
+            record.to = Some(to.to_string());
+            record.interaction = Some(interaction.to_string());
+            record.status = Some(s.status);
+            record.bytes_in = Some(s.bytes_in);
+            record.bytes_out = Some(s.bytes_out);
+            record.upstream_ms = Some(s.upstream_ms);
+            record.total_ms = Some(s.total_ms);
+            record.outcome = Some(s.outcome.as_str());
+            audit.submit(record);
+        })
+    }
+
+    /// The `request` record of a permitted request.
+    fn request_record(
+        &self,
+        permit: &Permit,
+        jwt: Option<JwtAudit>,
+        parts: &http::request::Parts,
+        conn: &ConnInfo,
+    ) -> Record {
+        let h = &permit.request().headers;
+        let mut record = Record::new(Kind::Request);
+        record.trace_id = Some(h.trace_id.to_string());
+        record.conn_id = Some(conn.id);
+        record.peer = Some(Arc::clone(&conn.audit_peer));
+        record.from = Some(h.from.to_string());
+        record.to = Some(h.to.to_string());
+        record.interaction = Some(h.interaction.to_string());
+        record.method = Some(parts.method.to_string());
+        record.target = Some(permit.target().as_str().to_owned());
+        record.decision = Some("permit");
+        record.policy_generation = Some(permit.generation());
+        record.jwt = jwt.map(Box::new);
+        record
+    }
+
+    /// The `request` and `response` records of a refused request, from the raw (bounded) values it carried.
+    fn audit_refusal(
+        &self,
+        parts: &http::request::Parts,
+        conn: &ConnInfo,
+        refusal: Refusal,
+        status: StatusCode,
+        text: String,
+        started: Instant,
+    ) {
+        let raw = |name: &http::HeaderName| {
+            parts.headers.get(name).map(|v| {
+                let bytes = v.as_bytes();
+                String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_AUDITED_HEADER)]).into_owned()
+            })
+        };
+        let target = parts.uri.path_and_query().map(|pq| {
+            let text = pq.as_str().strip_prefix('/').unwrap_or(pq.as_str());
+            let end = (0..=text.len().min(MAX_AUDITED_TARGET))
+                .rev()
+                .find(|i| text.is_char_boundary(*i))
+                .unwrap_or(0);
+            text[..end].to_owned()
+        });
+        let (trace_id, from, to, interaction) = (
+            raw(&ssp::HEADER_TRACE_ID),
+            raw(&ssp::HEADER_FROM),
+            raw(&ssp::HEADER_TO),
+            raw(&ssp::HEADER_INTERACTION_ID),
+        );
+        let mut request = Record::new(Kind::Request);
+        request.trace_id = trace_id.clone();
+        request.conn_id = Some(conn.id);
+        request.peer = Some(Arc::clone(&conn.audit_peer));
+        request.from = from.clone();
+        request.to = to.clone();
+        request.interaction = interaction.clone();
+        request.method = Some(parts.method.to_string());
+        request.target = target;
+        request.decision = Some("deny");
+        request.reason = Some(text);
+        request.policy_generation = Some(self.policy.generation);
+        if let Refusal::Jwt(_, audit) = refusal {
+            request.jwt = Some(audit);
+        }
+        let mut response = Record::new(Kind::Response);
+        response.trace_id = trace_id;
+        response.conn_id = Some(conn.id);
+        response.from = from;
+        response.to = to;
+        response.interaction = interaction;
+        response.status = Some(status.as_u16());
+        response.bytes_in = Some(0);
+        response.bytes_out = Some(0);
+        response.upstream_ms = Some(0);
+        response.total_ms = Some(started.elapsed().as_millis() as u64);
+        response.outcome = Some("denied");
+        self.audit.submit(request);
+        self.audit.submit(response);
+    }
+
     /// Check 10: decodes and validates the token when `jwt.mode` is not `off`. In enforce mode the first violation
     /// refuses the request; in audit mode violations are recorded and the request goes on.
     fn check_jwt(
         &self,
-        request: &Request<Incoming>,
-        permit: &crate::policy::Permit,
+        headers: &http::HeaderMap,
+        permit: &Permit,
         conn: &ConnInfo,
     ) -> Result<Option<JwtAudit>, Refusal> {
         let Some((mode, validator)) = &self.jwt else {
@@ -338,14 +492,15 @@ impl Proxy {
             now,
             keys: permit.jwt_keys(),
         };
-        let authorization = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes);
-        let audit = validator.check(authorization, &expect);
+        let audit = validator.check(
+            headers
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes),
+            &expect,
+        );
         if let Some(violation) = audit.first_violation() {
             if *mode == Mode::Enforce {
-                return Err(Refusal::Jwt(violation));
+                return Err(Refusal::Jwt(violation, Box::new(audit)));
             }
             // Violation names only: never the token or its claims.
             tracing::info!(
@@ -358,6 +513,11 @@ impl Proxy {
         Ok(Some(audit))
     }
 }
+
+/// Longest raw `Ssp-*` header value kept in a refusal's audit record.
+const MAX_AUDITED_HEADER: usize = 256;
+/// Longest raw target kept in a refusal's audit record.
+const MAX_AUDITED_TARGET: usize = 8 * 1024;
 
 /// One operational log line per refusal: trace id, ASIDs and a bounded reason. Never the target URL (it can
 /// carry patient identifiers), never a token.

@@ -76,6 +76,11 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// The audit log the proxy writes to, for closing it after `run`.
+    pub fn audit(&self) -> Arc<crate::audit::AuditLog> {
+        Arc::clone(self.proxy.audit())
+    }
+
     /// Serves until `shutdown` completes, then stops accepting and lets open exchanges finish for up to `grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
         let graceful = GracefulShutdown::new();
@@ -169,10 +174,17 @@ impl Connection {
             return;
         };
         tracing::debug!(conn = self.id, %remote, subject = %peer.subject, "connection accepted");
+        let audit_peer = Arc::new(crate::audit::Peer {
+            addr: remote.to_string(),
+            subject: peer.subject.clone(),
+            serial: peer.serial.clone(),
+            fingerprint_sha256: peer.fingerprint_sha256.clone(),
+        });
         let info = Arc::new(ConnInfo {
             id: self.id,
             remote,
             peer,
+            audit_peer,
         });
         let proxy = self.proxy;
         let service = service_fn(move |request| {
