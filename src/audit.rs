@@ -821,7 +821,11 @@ pub fn verify(dir: &Path) -> Result<Verified, Broken> {
                     path,
                     line_no,
                     Some(link.seq),
-                    "prev does not match the previous record's hash (a record was edited, removed or moved)".into(),
+                    format!(
+                        "prev does not match the hash of line {}: that record was edited, or a record was removed \
+                         or moved here",
+                        line_no.saturating_sub(1)
+                    ),
                 ));
             }
             expect_prev = crate::tls::hex(&Sha256::digest(body));

@@ -320,3 +320,104 @@ async fn dev_certs_and_usage() {
     let (code, _, _) = ssp(&["frobnicate"]);
     assert_eq!(code, 64);
 }
+
+/// Crash safety: `ssp serve` under load is killed with SIGKILL. Every request whose response a client received has
+/// its `request` record, the chain verifies, and after a restart the writer seals the crashed segment and
+/// continues the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_no_record() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let mut served = serve(&pki, provider.addr).await;
+    let url = endpoint_url(provider.addr);
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
+        let (answered, url) = (answered.clone(), url.clone());
+        clients.push(tokio::spawn(async move {
+            let Ok(mut sender) = consumer.connect().await else {
+                return;
+            };
+            // Bounded: the proxy is killed long before this many requests.
+            for _ in 0..20_000 {
+                let trace_id = ssp::ids::TraceId::new_random().as_str().to_owned();
+                let mut req = ssp_request(Method::GET, &format!("/{url}/fhir/metadata"), METADATA)
+                    .body(empty())
+                    .unwrap();
+                req.headers_mut()
+                    .insert("ssp-traceid", trace_id.parse().unwrap());
+                let Ok(response) = sender.send(req).await else {
+                    return;
+                };
+                if response.status() == StatusCode::OK && drain(response.into_body()).await.is_ok()
+                {
+                    answered.lock().unwrap().push(trace_id);
+                } else {
+                    return;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(served.child.id(), "KILL");
+    let _ = served.child.wait();
+    for client in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(10), client).await;
+    }
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        answered.len() > 50,
+        "too little load to mean anything: {}",
+        answered.len()
+    );
+
+    let dir = pki.dir.path().join("data/audit");
+    let records = ssp::audit::query(&dir, &ssp::audit::Filter::default()).unwrap();
+    let requested: std::collections::HashSet<&str> = records
+        .iter()
+        .filter(|r| r["kind"] == "request")
+        .filter_map(|r| r["trace_id"].as_str())
+        .collect();
+    let missing: Vec<&String> = answered
+        .iter()
+        .filter(|t| !requested.contains(t.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} answered requests have no request record",
+        missing.len()
+    );
+    match ssp::audit::verify(&dir) {
+        Ok(v) => assert!(
+            !v.last_sealed,
+            "a killed writer cannot have sealed its segment"
+        ),
+        // A kill in the middle of a write leaves a torn line: detected, and set aside on restart.
+        Err(broken) => assert!(broken.problem.contains("torn"), "{broken}"),
+    }
+    let before = records.len();
+
+    // Restart on the same log: the crashed segment is sealed as recovered and the chain goes on.
+    let restarted = serve(&pki, provider.addr).await;
+    let consumer = Consumer::new(&pki, Some("consumer"), restarted.addr, false);
+    let req = ssp_request(Method::GET, &format!("/{url}/fhir/metadata"), METADATA)
+        .body(empty())
+        .unwrap();
+    assert_eq!(
+        within("after restart", consumer.fetch(req))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    audit_records(&dir, before + 2).await;
+    drop(restarted);
+    let v = ssp::audit::verify(&dir).unwrap();
+    assert_eq!(v.segments, 2);
+    let first = std::fs::read_to_string(dir.join("audit-00000001.jsonl")).unwrap();
+    let seal: serde_json::Value = serde_json::from_str(first.lines().last().unwrap()).unwrap();
+    assert_eq!(seal["kind"], "seal");
+    assert_eq!(seal["sealed"], "recovered");
+    eprintln!("{} answered before the kill; {v:?}", answered.len());
+}

@@ -357,6 +357,10 @@ pub struct Setup {
     pub handshake_timeout: &'static str,
     /// `jwt.mode`.
     pub jwt_mode: &'static str,
+    /// `audit.dir`, relative to the config's folder.
+    pub audit_dir: &'static str,
+    /// `audit.durability`.
+    pub durability: &'static str,
     pub header_read_timeout: &'static str,
     /// An extra `[upstream.resolve]` line.
     pub extra_resolve: String,
@@ -370,6 +374,8 @@ impl Default for Setup {
             tls_versions: r#"["1.2", "1.3"]"#,
             handshake_timeout: "5s",
             jwt_mode: "enforce",
+            audit_dir: "data/audit",
+            durability: "batched",
             header_read_timeout: "5s",
             extra_resolve: String::new(),
         }
@@ -421,7 +427,14 @@ dir = "policies"
 
 [jwt]
 mode = "{jwt_mode}"
+
+[audit]
+dir = "{audit_dir}"
+durability = "{durability}"
+instance = "test-instance"
 "#,
+        audit_dir = setup.audit_dir,
+        durability = setup.durability,
         jwt_mode = setup.jwt_mode,
         tls = setup.tls_versions,
         hst = setup.handshake_timeout,
@@ -564,6 +577,15 @@ impl World {
             url,
             down,
         }
+    }
+
+    pub fn audit_dir(&self) -> PathBuf {
+        self.pki.dir.path().join("data/audit")
+    }
+
+    /// Waits until the audit log holds at least `n` records (seals excluded) and returns them all.
+    pub async fn records(&self, n: usize) -> Vec<serde_json::Value> {
+        audit_records(&self.audit_dir(), n).await
     }
 
     /// A consumer presenting the PKI's certificate `stem` (e.g. `consumer`).
@@ -816,6 +838,24 @@ pub fn vm_hwm_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// Waits until the audit log in `dir` holds at least `n` records (seals excluded); response records are written
+/// when an exchange ends, a moment after the consumer has its answer.
+pub async fn audit_records(dir: &Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        let records = ssp::audit::query(dir, &ssp::audit::Filter::default()).unwrap_or_default();
+        if records.len() >= n {
+            return records;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected {n} audit records, found {}",
+            records.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Sends a signal (`TERM`, `INT`) to a child process through the shell's `kill` builtin.
