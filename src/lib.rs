@@ -11,6 +11,9 @@
 //! - [`server`]: accept loop, connection limit, handshake timeout, serving h1/h2 connections, graceful drain.
 //! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
 //! - [`policy`]: policy files, the in-memory snapshot, `check() -> Decision` (checks 5 to 9) and the `Permit`.
+//! - [`jwt`]: the consumer's audit token: strict decoding, signatures, validation per GP Connect profile (check 10).
+//! - [`audit`]: the transaction log: record schema, hash chain, writer thread with group commit, recovery,
+//!   verify and query (check 12).
 //! - [`forward`]: upstream client and pool, header rules, timeouts, the streaming body wrapper.
 //! - [`proxy`]: the order of the steps for one request; the one place errors become responses.
 //! - [`outcome`]: OperationOutcome bodies, JSON and XML.
@@ -26,11 +29,15 @@
 //!    connection; hyper serves HTTP/1.1 or HTTP/2 on it.
 //! 3. `proxy::Proxy::handle` takes each request: method (check 2), `ssp::Target` (3), `ssp::SspHeaders` (4).
 //! 4. `policy::Policy::check` runs checks 5 to 9 and returns `Decision::Permit(Permit)` or a `Denial`.
-//! 5. `forward::Upstream::send` takes the `Permit`, rewrites the headers, and sends the request over a pooled
+//! 5. `jwt::Validator::check` decodes and validates the audit token (check 10) into a `JwtAudit`.
+//! 6. `audit::AuditLog::write` hands the `request` record to the writer thread and waits until it is written
+//!    (or fsynced, in strict mode) (check 12).
+//! 7. `forward::Upstream::send` takes the `Permit`, rewrites the headers, and sends the request over a pooled
 //!    TLS connection presenting the proxy's client certificate; the request body streams through `Streamed`.
-//! 6. The provider's response streams back through `Streamed`, which counts bytes and enforces the idle
-//!    timeout; when both bodies are done the shared `Exchange` records the outcome exactly once.
-//! 7. Any failure on the way is a `proxy::Refusal`, rendered by `outcome` as an OperationOutcome.
+//! 8. The provider's response streams back through `Streamed`, which counts bytes and enforces the idle
+//!    timeout; when both bodies are done the shared `Exchange` fires once: the `response` record and a log line.
+//! 9. Any failure on the way is a `proxy::Refusal`, rendered by `outcome` as an OperationOutcome and recorded
+//!    as a `deny` request record plus a `denied` response record.
 
 pub mod app;
 pub mod audit;

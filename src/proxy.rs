@@ -3,7 +3,7 @@
 //!
 //! Each step consumes the previous step's output: `Request` -> `Target` + `SspHeaders` -> `Permit` ->
 //! upstream `Response` -> streamed body. Failures are small [`Refusal`] values that know whose fault they were;
-//! [`Refusal::into_response`] turns them into OperationOutcomes. No sockets, no parsing details.
+//! [`Refusal::respond`] turns them into OperationOutcomes. No sockets, no parsing details.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
