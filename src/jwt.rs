@@ -696,35 +696,13 @@ mod tests {
     const METADATA: &str = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1";
     const BOOK: &str = "urn:nhs:names:services:gpconnect:fhir:rest:create:appointment-1";
 
+    /// A valid 1.x token's claims (the demo's), issued at `NOW`.
     fn claims() -> Value {
-        json!({
-            "iss": "https://consumer.example",
-            "sub": "1",
-            "aud": URL,
-            "exp": NOW + 300,
-            "iat": NOW,
-            "reason_for_request": "directcare",
-            "requested_scope": "patient/*.read",
-            "requesting_device": {
-                "resourceType": "Device",
-                "identifier": [{ "system": "https://consumer.example/Id/device", "value": "dev-1" }],
-                "model": "EPR", "version": "1.0"
-            },
-            "requesting_organization": {
-                "resourceType": "Organization",
-                "identifier": [{ "system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": "RXX01" }],
-                "name": "Example Hospital"
-            },
-            "requesting_practitioner": {
-                "resourceType": "Practitioner",
-                "id": "1",
-                "identifier": [
-                    { "system": "https://fhir.nhs.uk/Id/sds-user-id", "value": "111222333444" },
-                    { "system": "https://fhir.nhs.uk/Id/sds-role-profile-id", "value": "444555666777" }
-                ],
-                "name": [{ "family": "Demo" }]
-            }
-        })
+        let (_, map) = decode(&crate::demo::dev_jwt(URL, "patient/*.read"), None).unwrap();
+        let mut c = Value::Object(map);
+        c["iat"] = json!(NOW);
+        c["exp"] = json!(NOW + 300);
+        c
     }
 
     fn validator() -> Validator {
@@ -773,7 +751,7 @@ mod tests {
         assert_eq!(a.practitioner_id.as_deref(), Some("1"));
         assert_eq!(
             a.device_identifier.as_deref(),
-            Some("https://consumer.example/Id/device|dev-1")
+            Some("https://consumer.dev.localhost/Id/device|demo-1")
         );
         assert_eq!((a.iat, a.exp), (Some(NOW), Some(NOW + 300)));
         assert_eq!(a.alg.as_deref(), Some("none"));

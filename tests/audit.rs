@@ -133,12 +133,7 @@ async fn denied_request_leaves_deny_records() {
 #[tokio::test]
 async fn client_closed_and_upstream_error_outcomes() {
     let w = World::start().await;
-    let req = ssp_request(Method::GET, &format!("/{}/fhir/infinite", w.url), METADATA)
-        .body(empty())
-        .unwrap();
-    let response = within("infinite", w.consumer("consumer").send(req))
-        .await
-        .unwrap();
+    let response = w.get("/fhir/infinite").await;
     let mut body = response.into_body();
     within("frame", body.frame()).await.unwrap().unwrap();
     drop(body);

@@ -596,12 +596,7 @@ async fn provider_stalling_mid_body_is_cut_after_the_idle_timeout() {
         ..Setup::default()
     })
     .await;
-    let req = ssp_request(Method::GET, &format!("/{}/fhir/stall", w.url), METADATA)
-        .body(empty())
-        .unwrap();
-    let response = within("stall", w.consumer("consumer").send(req))
-        .await
-        .unwrap();
+    let response = w.get("/fhir/stall").await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
     let first = within("first", body.frame())
@@ -622,12 +617,7 @@ async fn provider_stalling_mid_body_is_cut_after_the_idle_timeout() {
 #[tokio::test]
 async fn slow_response_streams_before_the_provider_finishes() {
     let w = World::start().await;
-    let req = ssp_request(Method::GET, &format!("/{}/fhir/slow", w.url), METADATA)
-        .body(empty())
-        .unwrap();
-    let response = within("slow", w.consumer("consumer").send(req))
-        .await
-        .unwrap();
+    let response = w.get("/fhir/slow").await;
     let mut body = response.into_body();
     // The provider holds its last chunk until released, so this frame can only arrive if the proxy streams.
     let first = within(
@@ -647,12 +637,7 @@ async fn slow_response_streams_before_the_provider_finishes() {
 #[tokio::test]
 async fn consumer_disconnect_cancels_the_upstream_exchange() {
     let w = World::start().await;
-    let req = ssp_request(Method::GET, &format!("/{}/fhir/infinite", w.url), METADATA)
-        .body(empty())
-        .unwrap();
-    let response = within("infinite", w.consumer("consumer").send(req))
-        .await
-        .unwrap();
+    let response = w.get("/fhir/infinite").await;
     let mut body = response.into_body();
     let mut got = 0;
     while got < 256 * 1024 {

@@ -588,6 +588,17 @@ impl World {
         audit_records(&self.audit_dir(), n).await
     }
 
+    /// Sends `GET <endpoint url><tail>` as the consumer, for the metadata interaction, and returns the response
+    /// once its headers arrive.
+    pub async fn get(&self, tail: &str) -> Response<Incoming> {
+        let req = ssp_request(Method::GET, &format!("/{}{tail}", self.url), METADATA)
+            .body(empty())
+            .unwrap();
+        within(tail, self.consumer("consumer").send(req))
+            .await
+            .unwrap()
+    }
+
     /// A consumer presenting the PKI's certificate `stem` (e.g. `consumer`).
     pub fn consumer(&self, stem: &str) -> Consumer {
         Consumer::new(&self.pki, Some(stem), self.proxy.addr, false)
