@@ -11,7 +11,6 @@
 )]
 
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -50,7 +49,11 @@ fn bench(c: &mut Criterion) {
 
     let policy_text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/dev.toml")).unwrap();
-    let policy = Policy::compile(&[(PathBuf::from("dev.toml"), policy_text)], 1).unwrap();
+    let policy = Policy::compile(
+        &ssp::policy::Source::from_files(vec![("dev.toml".into(), policy_text)]),
+        1,
+    )
+    .unwrap();
     let peer = PeerIdentity {
         subject: "CN=consumer.dev.localhost".into(),
         common_name: Some("consumer.dev.localhost".into()),

@@ -7,7 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, Problems};
 use crate::forward::Upstream;
-use crate::policy::Policy;
+use crate::policy::store::Store;
+use crate::policy::{Policy, Source};
 use crate::proxy::Proxy;
 use crate::server::Server;
 use crate::tls;
@@ -41,6 +42,59 @@ pub fn assemble(config: &Config) -> Result<Assembled, Problems> {
             })
         }
         _ => Err(Problems { problems }),
+    }
+}
+
+/// Everything `check-config` checks, without side effects (the policy store is not written): certificates,
+/// keys, CRLs, policy files, the audit folder. One line per problem.
+pub fn check(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(p) = tls::server_config(&config.server) {
+        problems.extend(p.problems);
+    }
+    if let Err(p) = tls::client_config(&config.upstream) {
+        problems.extend(p.problems);
+    }
+    if let Err(p) = Policy::load_dir(&config.policy.dir, 0) {
+        problems.extend(p.problems);
+    }
+    problems.extend(audit_dir_problem(config));
+    problems
+}
+
+/// Reads and validates the policy files and, when they differ from the store's current generation, imports them
+/// as a new generation. A broken set of files is refused whole and nothing is written. Blocking (sled, files).
+pub fn import_policy(config: &Config) -> Result<(Policy, bool), Problems> {
+    let source = Source::read_dir(&config.policy.dir)?;
+    let mut policy = Policy::compile(&source, 0)?;
+    let store = Store::open(&config.policy.store).map_err(Problems::one)?;
+    let (generation, new) = store
+        .import(source, config.policy.keep_generations)
+        .map_err(Problems::one)?;
+    policy.generation = generation.number;
+    Ok((policy, new))
+}
+
+/// The policy to start on: the files, imported (see [`import_policy`]); when they are broken, the store's current
+/// generation, the last good one, with a warning naming every problem. Fails only when there is neither.
+pub fn start_policy(config: &Config) -> Result<Policy, Problems> {
+    let problems = match import_policy(config) {
+        Ok((policy, _)) => return Ok(policy),
+        Err(problems) => problems,
+    };
+    let stored = Store::open(&config.policy.store).and_then(|store| store.current());
+    match stored {
+        Ok(Some(generation)) => {
+            for line in &problems.problems {
+                tracing::warn!(problem = %line, "policy files refused");
+            }
+            tracing::warn!(
+                generation = generation.number,
+                "starting on the last good policy generation"
+            );
+            Policy::compile(&generation.source, generation.number)
+        }
+        _ => Err(problems),
     }
 }
 

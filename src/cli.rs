@@ -47,6 +47,11 @@ enum Command {
         #[arg(long, default_value = "ssp.toml")]
         config: PathBuf,
     },
+    /// Explain, import and inspect the policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Verify or query the audit log.
     Audit {
         #[command(subcommand)]
@@ -90,6 +95,49 @@ impl AuditLocation {
             Err(problems) => Err(print_problems(&problems)),
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Explain, check by check (5 to 9), whether the policy permits a request: exit 0 permit, 1 deny.
+    Check {
+        /// Sending ASID (`Ssp-From`)
+        #[arg(long)]
+        from: String,
+        /// Receiving ASID (`Ssp-To`)
+        #[arg(long)]
+        to: String,
+        /// Interaction URN (`Ssp-InteractionID`)
+        #[arg(long)]
+        interaction: String,
+        /// The target URL (what follows the proxy's address)
+        #[arg(long)]
+        url: String,
+        /// The client certificate's FQDN (CN or DNS SAN); without it check 5 is skipped
+        #[arg(long)]
+        fqdn: Option<String>,
+        /// Use a stored generation (a number, or `current`) instead of the files in `policy.dir`
+        #[arg(long)]
+        generation: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the policy files and import them into the store as a new generation (if they changed).
+    Import {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// List the stored generations.
+    History {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the source files of a stored generation (default: the current one).
+    Show {
+        generation: Option<u64>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +198,7 @@ pub fn main() -> ExitCode {
         }
         Command::Demo { config } => demo(&config),
         Command::Audit { command } => audit(command),
+        Command::Policy { command } => policy(command),
         Command::DevToken { aud, scope } => {
             println!("{}", crate::demo::dev_jwt(&aud, &scope));
             exit::OK
@@ -210,7 +259,8 @@ fn serve(path: &Path) -> u8 {
         let addr = server.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
         tracing::info!(listen = %addr, systems, endpoints, agreements, config = %path.display(), "ssp serving");
         let audit = server.audit();
-        server.run(shutdown_signal(), crate::server::DEFAULT_GRACE).await;
+        tokio::spawn(crate::lifecycle::reload_on_sighup(config.clone(), server.proxy()));
+        server.run(crate::lifecycle::shutdown_signal(), crate::server::DEFAULT_GRACE).await;
         // Seal the current segment and fsync: a clean stop leaves a verifiably complete log.
         let _ = tokio::task::spawn_blocking(move || audit.close()).await;
         tracing::info!("ssp stopped");
@@ -218,34 +268,14 @@ fn serve(path: &Path) -> u8 {
     })
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 fn check_config(path: &Path) -> u8 {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(problems) => return print_problems(&problems),
     };
-    let mut problems = match crate::app::assemble(&config) {
-        Ok(_) => Vec::new(),
-        Err(p) => p.problems,
-    };
+    let mut problems = crate::app::check(&config);
     let (expired, soon) = crate::app::expiry_report(&config);
     problems.extend(expired);
-    problems.extend(crate::app::audit_dir_problem(&config));
     for warning in soon {
         eprintln!("warning: {warning}");
     }
@@ -290,6 +320,214 @@ fn demo(path: &Path) -> u8 {
             } else {
                 exit::INTERNAL
             }
+        }
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> Result<Config, u8> {
+    Config::load(&path.unwrap_or_else(Config::default_path)).map_err(|p| print_problems(&p))
+}
+
+fn policy(command: PolicyCommand) -> u8 {
+    use crate::policy::store::Store;
+    match command {
+        PolicyCommand::Check {
+            from,
+            to,
+            interaction,
+            url,
+            fqdn,
+            generation,
+            config,
+        } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            policy_check(
+                &config,
+                &from,
+                &to,
+                &interaction,
+                &url,
+                fqdn.as_deref(),
+                generation.as_deref(),
+            )
+        }
+        PolicyCommand::Import { config } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match crate::app::import_policy(&config) {
+                Ok((policy, new)) => {
+                    let (systems, endpoints, agreements) = policy.counts();
+                    let what = if new {
+                        "imported as generation"
+                    } else {
+                        "unchanged: still generation"
+                    };
+                    println!(
+                        "{what} {} ({systems} systems, {endpoints} endpoints, {agreements} agreements)",
+                        policy.generation
+                    );
+                    println!("a running proxy takes it on `systemctl reload ssp` (SIGHUP)");
+                    exit::OK
+                }
+                Err(problems) => print_problems(&problems),
+            }
+        }
+        PolicyCommand::History { config } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match Store::open(&config.policy.store).and_then(|s| s.history()) {
+                Ok(history) => {
+                    println!("generation  imported at                    files  sha256");
+                    for h in history {
+                        let mark = if h.current { "*" } else { " " };
+                        println!(
+                            "{mark}{:>9}  {:<29}  {:>5}  {}",
+                            h.number, h.imported_at, h.files, h.sha256
+                        );
+                    }
+                    exit::OK
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    exit::INTERNAL
+                }
+            }
+        }
+        PolicyCommand::Show { generation, config } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let found = Store::open(&config.policy.store).and_then(|s| match generation {
+                Some(n) => s.get(n),
+                None => s.current(),
+            });
+            match found {
+                Ok(Some(g)) => {
+                    println!(
+                        "# generation {}, imported {}, sha256 {}",
+                        g.number, g.imported_at, g.sha256
+                    );
+                    for (name, text) in &g.source.files {
+                        println!("\n# ---- {name}\n{text}");
+                    }
+                    for (name, text) in &g.source.keys {
+                        println!("\n# ---- jwt key {name}\n{text}");
+                    }
+                    exit::OK
+                }
+                Ok(None) => {
+                    eprintln!("{}: no such generation", config.policy.store.display());
+                    exit::NEGATIVE
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    exit::INTERNAL
+                }
+            }
+        }
+    }
+}
+
+fn policy_check(
+    config: &Config,
+    from: &str,
+    to: &str,
+    interaction: &str,
+    url: &str,
+    fqdn: Option<&str>,
+    generation: Option<&str>,
+) -> u8 {
+    use crate::ids::{Asid, InteractionId, TraceId};
+    let (Some(from), Some(to), Some(interaction)) = (
+        Asid::parse(from),
+        Asid::parse(to),
+        InteractionId::parse(interaction),
+    ) else {
+        eprintln!("--from and --to must be ASIDs (digits) and --interaction a URN (urn:...)");
+        return exit::USAGE;
+    };
+    let policy = match generation {
+        None => {
+            crate::policy::Policy::load_dir(&config.policy.dir, 0).map_err(|p| print_problems(&p))
+        }
+        Some(which) => {
+            let stored =
+                crate::policy::store::Store::open(&config.policy.store).and_then(|s| match which {
+                    "current" => s.current(),
+                    n => n
+                        .parse()
+                        .map_err(|_| format!("--generation {n:?}: a number or `current`"))
+                        .and_then(|n| s.get(n)),
+                });
+            match stored {
+                Ok(Some(g)) => crate::policy::Policy::compile(&g.source, g.number)
+                    .map_err(|p| print_problems(&p)),
+                Ok(None) => {
+                    eprintln!("{}: no such generation", config.policy.store.display());
+                    Err(exit::USAGE)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    Err(exit::INTERNAL)
+                }
+            }
+        }
+    };
+    let policy = match policy {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    match policy.generation {
+        0 => println!("policy: the files in {}", config.policy.dir.display()),
+        n => println!(
+            "policy: generation {n} from {}",
+            config.policy.store.display()
+        ),
+    }
+    let target = match crate::ssp::Target::parse(url) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("check 3  target     FAIL  not a valid target URL ({e:?})");
+            println!("decision: DENY  400 INVALID_TARGET_URL");
+            return exit::NEGATIVE;
+        }
+    };
+    let request = crate::ssp::SspRequest {
+        target,
+        headers: crate::ssp::SspHeaders {
+            trace_id: TraceId::new_random(),
+            from,
+            to,
+            interaction,
+        },
+    };
+    let explained = policy.explain(&request, fqdn, std::time::SystemTime::now());
+    for step in &explained.steps {
+        println!(
+            "check {}  {:<10} {:<4}  {}",
+            step.number,
+            step.name,
+            step.outcome.as_str(),
+            step.detail
+        );
+    }
+    match explained.decision {
+        Ok(()) => {
+            println!("decision: PERMIT");
+            exit::OK
+        }
+        Err(denial) => {
+            let status = if denial.check() == 9 { 400 } else { 403 };
+            println!("decision: DENY  {status} {}", denial.text());
+            exit::NEGATIVE
         }
     }
 }

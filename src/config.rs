@@ -110,6 +110,10 @@ struct RawUpstream {
 struct RawPolicy {
     /// Folder of policy `*.toml` files. Default `policies`.
     dir: Option<PathBuf>,
+    /// The sled database of imported generations. Default `data/policy`.
+    store: Option<PathBuf>,
+    /// Generations kept in the store. Default 20.
+    keep_generations: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +202,8 @@ pub struct JwtConfig {
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
     pub dir: PathBuf,
+    pub store: PathBuf,
+    pub keep_generations: usize,
 }
 
 impl Config {
@@ -229,8 +235,18 @@ impl Config {
         };
         let server = v.server(raw.server);
         let upstream = v.upstream(raw.upstream);
+        let keep_generations = raw.policy.keep_generations.unwrap_or(20);
+        if keep_generations == 0 {
+            v.problem("policy.keep_generations", "must be at least 1");
+        }
         let policy = PolicyConfig {
             dir: v.path(raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies"))),
+            store: v.path(
+                raw.policy
+                    .store
+                    .unwrap_or_else(|| PathBuf::from("data/policy")),
+            ),
+            keep_generations: keep_generations.max(1),
         };
         let jwt = v.jwt(raw.jwt);
         let audit = v.audit(raw.audit);
@@ -609,6 +625,8 @@ ca = ["ca.crt"]
         assert_eq!(c.server.methods.len(), 5);
         assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
         assert_eq!(c.policy.dir, PathBuf::from("/etc/ssp/policies"));
+        assert_eq!(c.policy.store, PathBuf::from("/etc/ssp/data/policy"));
+        assert_eq!(c.policy.keep_generations, 20);
         assert_eq!(c.jwt.mode, crate::jwt::Mode::Enforce);
         assert_eq!(c.jwt.profile, crate::jwt::Profile::GpConnect1);
         assert_eq!(c.jwt.max_future_skew, Duration::from_secs(300));

@@ -513,7 +513,7 @@ pub async fn run(config: Config) -> Result<(), DemoError> {
     print_curl(proxy_addr, &certs);
 
     println!("\nserving until Ctrl-C ...");
-    crate::cli::shutdown_signal().await;
+    crate::lifecycle::shutdown_signal().await;
     let _ = stop_tx.send(true);
     let _ = proxy.await;
     let _ = provider.await;

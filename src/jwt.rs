@@ -261,8 +261,13 @@ const RSA_ALGS: [jsonwebtoken::Algorithm; 3] = [
 /// Loads verifying keys from a PEM public key (RSA or EC P-256) or a JWKS file (`{"keys": [...]}`).
 pub fn load_keys(path: &Path) -> Result<Vec<VerifyingKey>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_keys(&bytes, path)
+}
+
+/// Parses verifying keys from the bytes of a PEM public key or a JWKS file; `path` names it in errors.
+pub fn parse_keys(bytes: &[u8], path: &Path) -> Result<Vec<VerifyingKey>, String> {
     if bytes.trim_ascii_start().starts_with(b"{") {
-        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&bytes)
+        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(bytes)
             .map_err(|e| format!("{}: not a JWKS: {e}", path.display()))?;
         let mut keys = Vec::new();
         for jwk in &set.keys {
@@ -281,13 +286,13 @@ pub fn load_keys(path: &Path) -> Result<Vec<VerifyingKey>, String> {
         }
         return Ok(keys);
     }
-    if let Ok(key) = jsonwebtoken::DecodingKey::from_rsa_pem(&bytes) {
+    if let Ok(key) = jsonwebtoken::DecodingKey::from_rsa_pem(bytes) {
         return Ok(vec![VerifyingKey {
             key,
             algorithms: RSA_ALGS.to_vec(),
         }]);
     }
-    if let Ok(key) = jsonwebtoken::DecodingKey::from_ec_pem(&bytes) {
+    if let Ok(key) = jsonwebtoken::DecodingKey::from_ec_pem(bytes) {
         return Ok(vec![VerifyingKey {
             key,
             algorithms: vec![jsonwebtoken::Algorithm::ES256],

@@ -10,7 +10,8 @@
 //! - [`tls`]: certificates, keys and CRLs; the consumer-facing and upstream rustls configs; peer identity reading.
 //! - [`server`]: accept loop, connection limit, handshake timeout, serving h1/h2 connections, graceful drain.
 //! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
-//! - [`policy`]: policy files, the in-memory snapshot, `check() -> Decision` (checks 5 to 9) and the `Permit`.
+//! - [`policy`]: policy files, the sled store of generations (`policy::store`), the in-memory snapshot,
+//!   `check() -> Decision` (checks 5 to 9), the `Permit`, and `explain` for `ssp policy check`.
 //! - [`jwt`]: the consumer's audit token: strict decoding, signatures, validation per GP Connect profile (check 10).
 //! - [`audit`]: the transaction log: record schema, hash chain, writer thread with group commit, recovery,
 //!   verify and query (check 12).
@@ -18,6 +19,7 @@
 //! - [`proxy`]: the order of the steps for one request; the one place errors become responses.
 //! - [`outcome`]: OperationOutcome bodies, JSON and XML.
 //! - [`app`]: assembling config, TLS and policy into a bound server (shared by `serve`, `demo`, tests).
+//! - [`lifecycle`]: signals; SIGHUP policy reload orchestration.
 //! - [`devcerts`]: the development PKI of `ssp dev-certs`.
 //! - [`demo`]: `ssp demo`, its dev provider and a small mTLS client.
 //!
@@ -48,6 +50,7 @@ pub mod devcerts;
 pub mod forward;
 pub mod ids;
 pub mod jwt;
+pub mod lifecycle;
 pub mod outcome;
 pub mod policy;
 pub mod proxy;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -48,7 +49,8 @@ pub struct Proxy {
     methods: Vec<Method>,
     /// The `Allow` header sent with 405, built once.
     allow: HeaderValue,
-    policy: Arc<Policy>,
+    /// The policy snapshot, swapped whole on reload; a request reads it once, lock-free, and is decided by it.
+    policy: ArcSwap<Policy>,
     /// Check 10; `None` when `jwt.mode = "off"`.
     jwt: Option<(Mode, Validator)>,
     upstream: Upstream,
@@ -216,7 +218,7 @@ impl Proxy {
             allow: HeaderValue::from_str(&allow)
                 .unwrap_or_else(|_| HeaderValue::from_static("GET")),
             methods,
-            policy,
+            policy: ArcSwap::new(policy),
             jwt: (jwt.mode != Mode::Off).then_some((
                 jwt.mode,
                 Validator {
@@ -229,8 +231,14 @@ impl Proxy {
         }
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Puts a new policy generation in force for every request that starts from now on.
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        self.policy.store(policy);
     }
 
     pub fn audit(&self) -> &Arc<AuditLog> {
@@ -292,7 +300,7 @@ impl Proxy {
         // 4: Ssp-* headers.
         let headers = SspHeaders::parse(&parts.headers).map_err(Refusal::Header)?;
         // 5 to 9: directory and agreements.
-        let permit = match self.policy.check(
+        let permit = match self.policy.load().check(
             SspRequest { target, headers },
             &conn.peer,
             SystemTime::now(),
@@ -452,7 +460,7 @@ impl Proxy {
         request.target = target;
         request.decision = Some("deny");
         request.reason = Some(text);
-        request.policy_generation = Some(self.policy.generation);
+        request.policy_generation = Some(self.policy.load().generation);
         if let Refusal::Jwt(_, audit) = refusal {
             request.jwt = Some(audit);
         }

@@ -76,6 +76,11 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// The request pipeline, for reloads.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        Arc::clone(&self.proxy)
+    }
+
     /// The audit log the proxy writes to, for closing it after `run`.
     pub fn audit(&self) -> Arc<crate::audit::AuditLog> {
         Arc::clone(self.proxy.audit())

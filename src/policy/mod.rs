@@ -6,6 +6,8 @@
 //! forwarder takes nothing else: a request that skipped the check cannot be forwarded. This module knows
 //! nothing of HTTP types or sockets.
 
+pub mod store;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -195,6 +197,50 @@ impl Denial {
     }
 }
 
+/// One check of an explanation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub number: u8,
+    pub name: &'static str,
+    pub outcome: StepOutcome,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    Pass,
+    Fail,
+    Skip,
+}
+
+impl StepOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepOutcome::Pass => "pass",
+            StepOutcome::Fail => "FAIL",
+            StepOutcome::Skip => "skip",
+        }
+    }
+}
+
+/// What `ssp policy check` prints: every check with its reason, and the decision (the first failure wins).
+#[derive(Debug, Clone)]
+pub struct Explained {
+    pub generation: u64,
+    pub steps: Vec<Step>,
+    pub decision: Result<(), Denial>,
+}
+
+fn sorted(set: &HashSet<InteractionId>) -> String {
+    let mut list: Vec<&str> = set.iter().map(InteractionId::as_str).collect();
+    list.sort_unstable();
+    if list.is_empty() {
+        "(nothing)".into()
+    } else {
+        list.join(", ")
+    }
+}
+
 /// The outcome of a policy check.
 #[derive(Debug)]
 pub enum Decision {
@@ -267,6 +313,169 @@ impl Policy {
         Ok((Arc::clone(endpoint), system.jwt_keys.clone()))
     }
 
+    /// Explains checks 5 to 9 for a request, check by check, for `ssp policy check`. `fqdn` stands for the client
+    /// certificate's name (absent: check 5 is skipped). The decision is the one [`Policy::check`] makes.
+    pub fn explain(&self, request: &SspRequest, fqdn: Option<&str>, now: SystemTime) -> Explained {
+        let h = &request.headers;
+        let urn = h.interaction.as_str();
+        let system = self.systems.get(&h.from);
+        let endpoint = self.endpoints.get(&h.to);
+        let mut steps = Vec::new();
+        let mut step = |number, name, outcome, detail: String| {
+            steps.push(Step {
+                number,
+                name,
+                outcome,
+                detail,
+            })
+        };
+        use StepOutcome::*;
+
+        match (system, fqdn) {
+            (None, _) => step(
+                5,
+                "fqdn",
+                Skip,
+                format!("{} is not in the directory (fails at 6)", h.from),
+            ),
+            (Some(s), None) => step(
+                5,
+                "fqdn",
+                Skip,
+                format!("no --fqdn given; {} must present {}", h.from, s.fqdn),
+            ),
+            (Some(s), Some(f)) if f.eq_ignore_ascii_case(&s.fqdn) => step(
+                5,
+                "fqdn",
+                Pass,
+                format!("{f} is the FQDN registered for {}", h.from),
+            ),
+            (Some(s), Some(f)) => step(
+                5,
+                "fqdn",
+                Fail,
+                format!("{f} is not {}, the FQDN registered for {}", s.fqdn, h.from),
+            ),
+        }
+        match system {
+            None => step(
+                6,
+                "sender",
+                Fail,
+                format!("{} is not an accredited system", h.from),
+            ),
+            Some(s) if s.interactions.contains(&h.interaction) => step(
+                6,
+                "sender",
+                Pass,
+                format!("{} ({}) may send {urn}", h.from, s.name),
+            ),
+            Some(s) => step(
+                6,
+                "sender",
+                Fail,
+                format!(
+                    "{} ({}) may send only: {}",
+                    h.from,
+                    s.name,
+                    sorted(&s.interactions)
+                ),
+            ),
+        }
+        match endpoint {
+            None => step(
+                7,
+                "receiver",
+                Fail,
+                format!("no endpoint has ASID {}", h.to),
+            ),
+            Some(e) if e.interactions.contains(&h.interaction) => step(
+                7,
+                "receiver",
+                Pass,
+                format!(
+                    "{} ({}, party key {}) handles {urn}",
+                    h.to, e.ods, e.party_key
+                ),
+            ),
+            Some(e) => step(
+                7,
+                "receiver",
+                Fail,
+                format!(
+                    "{} ({}) handles only: {}",
+                    h.to,
+                    e.ods,
+                    sorted(&e.interactions)
+                ),
+            ),
+        }
+        let agreements: Vec<&Agreement> = self
+            .agreements
+            .get(&h.from)
+            .map(|l| l.iter().filter(|a| a.to == h.to).collect())
+            .unwrap_or_default();
+        match agreements
+            .iter()
+            .find(|a| a.interactions.covers(&h.interaction) && a.in_force(now))
+        {
+            Some(a) => step(
+                8,
+                "agreement",
+                Pass,
+                format!("{} covers it and is in force", a.id),
+            ),
+            None if agreements.is_empty() => step(
+                8,
+                "agreement",
+                Fail,
+                format!("no agreement from {} to {}", h.from, h.to),
+            ),
+            None => {
+                let why: Vec<String> = agreements
+                    .iter()
+                    .map(|a| {
+                        if a.interactions.covers(&h.interaction) {
+                            format!("{} is not in force now", a.id)
+                        } else {
+                            format!("{} does not cover {urn}", a.id)
+                        }
+                    })
+                    .collect();
+                step(8, "agreement", Fail, why.join("; "))
+            }
+        }
+        match endpoint {
+            None => step(9, "endpoint", Skip, "no endpoint to compare with".into()),
+            Some(e) if request.target.is_under(&e.url) => step(
+                9,
+                "endpoint",
+                Pass,
+                format!("the URL continues the registered {}", e.url),
+            ),
+            Some(e) => step(
+                9,
+                "endpoint",
+                Fail,
+                format!("the URL does not continue the registered {} exactly", e.url),
+            ),
+        }
+        let peer = PeerIdentity {
+            subject: String::new(),
+            common_name: fqdn
+                .map(str::to_owned)
+                .or_else(|| system.map(|s| s.fqdn.clone())),
+            dns_sans: Vec::new(),
+            serial: String::new(),
+            fingerprint_sha256: String::new(),
+        };
+        Explained {
+            generation: self.generation,
+            steps,
+            decision: self.evaluate(request, &peer, now).map(|_| ()),
+        }
+    }
+
     pub fn system(&self, asid: &Asid) -> Option<&System> {
         self.systems.get(asid)
     }
@@ -292,9 +501,41 @@ impl Policy {
         )
     }
 
-    /// Reads every `*.toml` file in `dir` (sorted by name), validates them together and compiles a snapshot.
-    /// Any problem refuses the whole set.
+    /// Reads every `*.toml` file in `dir` and compiles them (see [`Source::read_dir`]).
     pub fn load_dir(dir: &Path, generation: u64) -> Result<Self, Problems> {
+        Self::compile(&Source::read_dir(dir)?, generation)
+    }
+
+    /// Validates and compiles a policy source. Any problem refuses the whole set; each names its file and line.
+    pub fn compile(source: &Source, generation: u64) -> Result<Self, Problems> {
+        let mut c = Compiler::default();
+        for (name, text) in &source.files {
+            c.file(name, text, &source.keys);
+        }
+        c.finish(generation)
+    }
+}
+
+/// Everything a policy generation is compiled from: the policy files (display name, text) in name order, and the
+/// `jwt_keys` files they name (as written, relative to the policy folder, with their text). A stored generation
+/// holds its whole source, so it recompiles without the files on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Source {
+    pub files: Vec<(String, String)>,
+    pub keys: std::collections::BTreeMap<String, String>,
+}
+
+impl Source {
+    /// A source of policy texts without key files.
+    pub fn from_files(files: Vec<(String, String)>) -> Self {
+        Self {
+            files,
+            keys: Default::default(),
+        }
+    }
+
+    /// Reads every `*.toml` file in `dir` (sorted by name) and the key files their systems name.
+    pub fn read_dir(dir: &Path) -> Result<Self, Problems> {
         let entries = std::fs::read_dir(dir).map_err(|e| {
             Problems::one(format!("{}: cannot read policy folder: {e}", dir.display()))
         })?;
@@ -310,30 +551,73 @@ impl Policy {
                 dir.display()
             )));
         }
-        let mut files = Vec::with_capacity(paths.len());
+        let mut source = Source::default();
         for path in paths {
-            let too_big = std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_POLICY_FILE_BYTES);
-            if too_big {
-                return Err(Problems::one(format!(
-                    "{}: larger than 256 MiB",
-                    path.display()
-                )));
+            let text = read_bounded(&path, MAX_POLICY_FILE_BYTES)?;
+            // A lenient look for key files only; the strict parse happens in `compile`.
+            if let Ok(refs) = toml::from_str::<KeyRefs>(&text) {
+                for name in refs.system.into_iter().flat_map(|s| s.jwt_keys) {
+                    if let Ok(key) = read_bounded(&dir.join(&name), MAX_KEY_FILE_BYTES) {
+                        source.keys.insert(name, key);
+                    }
+                }
             }
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| Problems::one(format!("{}: cannot read: {e}", path.display())))?;
-            files.push((path, text));
+            source.files.push((path.display().to_string(), text));
         }
-        Self::compile(&files, generation)
+        Ok(source)
     }
 
-    /// Validates and compiles policy texts, each given with the path it came from.
-    pub fn compile(files: &[(PathBuf, String)], generation: u64) -> Result<Self, Problems> {
-        let mut c = Compiler::default();
-        for (path, text) in files {
-            c.file(path, text);
+    /// SHA-256 (hex) over the file names and texts and the key files, in order.
+    pub fn sha256(&self) -> String {
+        let mut h = sha2::Sha256::new();
+        for (name, text) in &self.files {
+            for part in [name.as_bytes(), b"\0", text.as_bytes(), b"\0"] {
+                sha2::Digest::update(&mut h, part);
+            }
         }
-        c.finish(generation)
+        for (name, text) in &self.keys {
+            for part in [
+                b"key\0".as_slice(),
+                name.as_bytes(),
+                b"\0",
+                text.as_bytes(),
+                b"\0",
+            ] {
+                sha2::Digest::update(&mut h, part);
+            }
+        }
+        crate::tls::hex(&sha2::Digest::finalize(h))
     }
+}
+
+use sha2::Digest as _;
+
+/// Largest key file read.
+const MAX_KEY_FILE_BYTES: u64 = 1024 * 1024;
+
+fn read_bounded(path: &Path, max: u64) -> Result<String, Problems> {
+    let too_big = std::fs::metadata(path).is_ok_and(|m| m.len() > max);
+    if too_big {
+        return Err(Problems::one(format!(
+            "{}: larger than {max} bytes",
+            path.display()
+        )));
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| Problems::one(format!("{}: cannot read: {e}", path.display())))
+}
+
+/// The `jwt_keys` of each `[[system]]`, read leniently.
+#[derive(Deserialize)]
+struct KeyRefs {
+    #[serde(default)]
+    system: Vec<KeyRef>,
+}
+
+#[derive(Deserialize)]
+struct KeyRef {
+    #[serde(default)]
+    jwt_keys: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -412,8 +696,8 @@ impl Compiler {
         self.problems.push(format!("{at}: {message}"));
     }
 
-    fn file(&mut self, path: &Path, text: &str) {
-        let file = path.display().to_string();
+    fn file(&mut self, name: &str, text: &str, keys: &std::collections::BTreeMap<String, String>) {
+        let file = name.to_owned();
         let raw: RawFile = match toml::from_str(text) {
             Ok(raw) => raw,
             Err(e) => {
@@ -427,10 +711,9 @@ impl Compiler {
             file: file.clone(),
             line: line_col(text, span.start).0,
         };
-        let folder = path.parent().unwrap_or(Path::new("."));
         for item in raw.system {
             let at = origin(item.span());
-            self.system(&at, item.into_inner(), folder);
+            self.system(&at, item.into_inner(), keys);
         }
         for item in raw.endpoint {
             let at = origin(item.span());
@@ -483,7 +766,12 @@ impl Compiler {
         }
     }
 
-    fn system(&mut self, at: &Origin, raw: RawSystem, folder: &Path) {
+    fn system(
+        &mut self,
+        at: &Origin,
+        raw: RawSystem,
+        key_files: &std::collections::BTreeMap<String, String>,
+    ) {
         let asid = self.asid(at, "[[system]] asid", &raw.asid);
         let ods = self.ods(at, &raw.ods);
         self.non_empty(at, "[[system]] name", &raw.name);
@@ -495,7 +783,14 @@ impl Compiler {
         let interactions = self.interactions(at, &raw.interactions);
         let mut keys = Vec::new();
         for file in &raw.jwt_keys {
-            match crate::jwt::load_keys(&folder.join(file)) {
+            let parsed = match key_files.get(&file.display().to_string()) {
+                Some(text) => crate::jwt::parse_keys(text.as_bytes(), file),
+                None => Err(format!(
+                    "{}: not found or unreadable in the policy folder",
+                    file.display()
+                )),
+            };
+            match parsed {
                 Ok(k) => keys.extend(k),
                 Err(e) => self.problem(at, format_args!("jwt_keys: {e}")),
             }
@@ -620,6 +915,29 @@ impl Compiler {
                     format_args!("agreement {:?} names unknown endpoint {}", a.id, a.to),
                 );
             }
+            if let (Grant::Only(granted), Some(system), Some(endpoint)) = (
+                &a.interactions,
+                self.systems.get(&a.from),
+                self.endpoints.get(&a.to),
+            ) {
+                let mut orphans: Vec<&str> = granted
+                    .iter()
+                    .filter(|i| {
+                        !system.interactions.contains(*i) && !endpoint.interactions.contains(*i)
+                    })
+                    .map(InteractionId::as_str)
+                    .collect();
+                orphans.sort_unstable();
+                for i in orphans {
+                    self.problem(
+                        &at,
+                        format_args!(
+                            "agreement {:?} grants {i}, which neither {} nor {} holds",
+                            a.id, a.from, a.to
+                        ),
+                    );
+                }
+            }
             agreements.entry(a.from.clone()).or_default().push(a);
         }
         if !self.problems.is_empty() {
@@ -679,7 +997,11 @@ not_after = "2027-12-31T23:59:59Z"
 "#;
 
     fn policy() -> Policy {
-        Policy::compile(&[(PathBuf::from("p.toml"), POLICY.to_string())], 1).unwrap()
+        Policy::compile(
+            &Source::from_files(vec![("p.toml".into(), POLICY.to_string())]),
+            1,
+        )
+        .unwrap()
     }
 
     fn peer(cn: &str) -> PeerIdentity {
@@ -856,7 +1178,8 @@ not_after = "2027-12-31T23:59:59Z"
                 "not_before = \"2026-01-01T00:00:00Z\"",
                 "not_before = \"2028-01-01T00:00:00Z\"",
             );
-        let err = Policy::compile(&[(PathBuf::from("p.toml"), bad)], 2).unwrap_err();
+        let err =
+            Policy::compile(&Source::from_files(vec![("p.toml".into(), bad)]), 2).unwrap_err();
         let all = err.to_string();
         assert!(
             all.contains("p.toml: line 9: duplicate [[system]] asid 200000000359"),
@@ -873,7 +1196,8 @@ not_after = "2027-12-31T23:59:59Z"
     #[test]
     fn unknown_fields_are_refused() {
         let bad = POLICY.replace("name = \"111\"", "name = \"111\"\ncolour = \"blue\"");
-        let err = Policy::compile(&[(PathBuf::from("p.toml"), bad)], 2).unwrap_err();
+        let err =
+            Policy::compile(&Source::from_files(vec![("p.toml".into(), bad)]), 2).unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
     }
 }
