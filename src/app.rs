@@ -21,7 +21,8 @@ pub struct Assembled {
     pub policy: Arc<Policy>,
 }
 
-/// Loads certificates, keys, CRLs and policies named by `config`; collects every problem.
+/// Loads certificates, keys and CRLs named by `config`, and the policy to start on (see [`start_policy`]);
+/// collects every problem.
 pub fn assemble(config: &Config) -> Result<Assembled, Problems> {
     let mut problems = Vec::new();
     let server_tls = tls::server_config(&config.server)
@@ -30,7 +31,7 @@ pub fn assemble(config: &Config) -> Result<Assembled, Problems> {
     let client_tls = tls::client_config(&config.upstream)
         .map_err(|p| problems.extend(p.problems))
         .ok();
-    let policy = Policy::load_dir(&config.policy.dir, 1)
+    let policy = start_policy(config)
         .map_err(|p| problems.extend(p.problems))
         .ok();
     match (server_tls, client_tls, policy) {
@@ -78,7 +79,7 @@ pub fn import_policy(config: &Config) -> Result<(Policy, bool), Problems> {
 /// The policy to start on: the files, imported (see [`import_policy`]); when they are broken, the store's current
 /// generation, the last good one, with a warning naming every problem. Fails only when there is neither.
 pub fn start_policy(config: &Config) -> Result<Policy, Problems> {
-    let problems = match import_policy(config) {
+    let mut problems = match import_policy(config) {
         Ok((policy, _)) => return Ok(policy),
         Err(problems) => problems,
     };
@@ -94,7 +95,17 @@ pub fn start_policy(config: &Config) -> Result<Policy, Problems> {
             );
             Policy::compile(&generation.source, generation.number)
         }
-        _ => Err(problems),
+        Ok(None) => {
+            problems.problems.push(format!(
+                "{}: no earlier good generation to start on",
+                config.policy.store.display()
+            ));
+            Err(problems)
+        }
+        Err(e) => {
+            problems.problems.push(e);
+            Err(problems)
+        }
     }
 }
 

@@ -256,7 +256,9 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let format = Format::negotiate(parts.headers.get(header::ACCEPT));
         let trace_id = parts.headers.get(ssp::HEADER_TRACE_ID).cloned();
-        let refusal = match self.check(&parts, conn) {
+        // One snapshot decides the whole request, and is the generation its records name.
+        let policy = self.policy.load_full();
+        let refusal = match self.check(&policy, &parts, conn) {
             Err(refusal) => refusal,
             Ok((permit, jwt)) => {
                 // 12: the request record is written (per `audit.durability`) before anything is forwarded.
@@ -279,7 +281,14 @@ impl Proxy {
         log_refusal(&refusal, conn, trace_id.as_ref());
         let (response, text) = refusal.respond(format, trace_id, &self.allow);
         if !matches!(refusal, Refusal::AuditUnavailable) {
-            self.audit_refusal(&parts, conn, refusal, response.status(), text, started);
+            self.audit_refusal(
+                &parts,
+                conn,
+                refusal,
+                (response.status(), text),
+                started,
+                policy.generation,
+            );
         }
         Ok(response)
     }
@@ -287,6 +296,7 @@ impl Proxy {
     /// Checks 2 to 10, in order; the first failure wins.
     fn check(
         &self,
+        policy: &Policy,
         parts: &http::request::Parts,
         conn: &ConnInfo,
     ) -> Result<(Permit, Option<JwtAudit>), Refusal> {
@@ -300,7 +310,7 @@ impl Proxy {
         // 4: Ssp-* headers.
         let headers = SspHeaders::parse(&parts.headers).map_err(Refusal::Header)?;
         // 5 to 9: directory and agreements.
-        let permit = match self.policy.load().check(
+        let permit = match policy.check(
             SspRequest { target, headers },
             &conn.peer,
             SystemTime::now(),
@@ -425,9 +435,9 @@ impl Proxy {
         parts: &http::request::Parts,
         conn: &ConnInfo,
         refusal: Refusal,
-        status: StatusCode,
-        text: String,
+        (status, text): (StatusCode, String),
         started: Instant,
+        generation: u64,
     ) {
         let raw = |name: &http::HeaderName| {
             parts.headers.get(name).map(|v| {
@@ -460,7 +470,7 @@ impl Proxy {
         request.target = target;
         request.decision = Some("deny");
         request.reason = Some(text);
-        request.policy_generation = Some(self.policy.load().generation);
+        request.policy_generation = Some(generation);
         if let Refusal::Jwt(_, audit) = refusal {
             request.jwt = Some(audit);
         }

@@ -11,51 +11,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use support::*;
-
-/// `ssp serve` running as a child; killed when dropped.
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Writes a config for `provider` on a free port and starts `ssp serve` on it, waiting until it accepts.
-async fn serve(pki: &Pki, provider: SocketAddr) -> Served {
-    let addr = closed_port().await;
-    let down = closed_port().await;
-    let config = write_config(pki, provider, down, addr, &Setup::default());
-    let child = Command::new(ssp_bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let served = Served { child, addr };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "ssp serve did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    served
-}
 
 /// 200 MiB up and 200 MiB down stream through the real binary while its peak resident memory stays under
 /// 64 MiB: bodies are never collected.

@@ -1200,4 +1200,175 @@ not_after = "2027-12-31T23:59:59Z"
             Policy::compile(&Source::from_files(vec![("p.toml".into(), bad)]), 2).unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
     }
+
+    /// Each import validation rule refuses the whole set with a message naming the file and line.
+    #[test]
+    fn each_validation_error_has_its_message() {
+        let cases: [(&str, &str, &str); 12] = [
+            (
+                "name = \"111\"",
+                "name = \"111\"\ncolour = \"blue\"",
+                "unknown field `colour`",
+            ),
+            (
+                "asid = \"200000000360\"",
+                "asid = \"200000000359\"",
+                "line 9: duplicate [[system]] asid 200000000359",
+            ),
+            (
+                "asid = \"918999198993\"",
+                "asid = \"91899919899x\"",
+                "line 16: [[endpoint]] asid \"91899919899x\" is not an ASID",
+            ),
+            (
+                "id = \"DSA-0001\"",
+                "id = \"\"",
+                "[[agreement]] id must not be empty",
+            ),
+            (
+                "fqdn = \"consumer2.dev.localhost\"",
+                "fqdn = \"consumer2.dev.localhost:443\"",
+                "fqdn \"consumer2.dev.localhost:443\" is not a host name",
+            ),
+            (
+                "\"urn:nhs:names:services:gpconnect:fhir:rest:search:patient-1\"]",
+                "\"not-a-urn\"]",
+                "interaction \"not-a-urn\" is not a URN",
+            ),
+            (
+                "gpconnect\"\ninteractions",
+                "gpconnect/\"\ninteractions",
+                "must not end with /",
+            ),
+            (
+                "gpconnect\"\ninteractions",
+                "gpconnect?x=1\"\ninteractions",
+                "must not have a query",
+            ),
+            (
+                "from = \"200000000359\"",
+                "from = \"555\"",
+                "agreement \"DSA-0001\" names unknown system 555",
+            ),
+            (
+                "to = \"918999198993\"",
+                "to = \"918999198999\"",
+                "agreement \"DSA-0001\" names unknown endpoint 918999198999",
+            ),
+            (
+                "not_after = \"2027-12-31T23:59:59Z\"",
+                "not_after = \"2025-12-31T23:59:59Z\"",
+                "not_after is before not_before",
+            ),
+            (
+                "interactions = [\"*\"]",
+                "interactions = [\"urn:nhs:names:services:gpconnect:fhir:rest:read:slot-1\"]",
+                "grants urn:nhs:names:services:gpconnect:fhir:rest:read:slot-1, which neither 200000000359 nor 918999198993 holds",
+            ),
+        ];
+        for (from, to, message) in cases {
+            assert!(POLICY.contains(from), "{from}");
+            let bad = POLICY.replacen(from, to, 1);
+            let err =
+                Policy::compile(&Source::from_files(vec![("p.toml".into(), bad)]), 2).unwrap_err();
+            let all = err.to_string();
+            assert!(all.contains("p.toml: line "), "{all}");
+            assert!(all.contains(message), "expected {message:?} in {all}");
+        }
+        let mut dup = POLICY.to_string();
+        dup.push_str("\n[[agreement]]\nid = \"DSA-0001\"\nfrom = \"200000000359\"\nto = \"918999198993\"\ninteractions = [\"*\"]\n");
+        let err =
+            Policy::compile(&Source::from_files(vec![("p.toml".into(), dup)]), 2).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("duplicate [[agreement]] id \"DSA-0001\""),
+            "{err}"
+        );
+    }
+
+    /// `explain` reports every check and decides as `check` does: a permit, and a refusal at each of 5 to 9.
+    #[test]
+    fn explain_matches_check_at_each_step() {
+        let p = policy();
+        let cases = [
+            (
+                "200000000359",
+                "918999198993",
+                METADATA,
+                URL,
+                Some(CN),
+                None,
+            ),
+            (
+                "200000000359",
+                "918999198993",
+                METADATA,
+                URL,
+                Some("consumer2.dev.localhost"),
+                Some(5),
+            ),
+            (
+                "200000000359",
+                "918999198993",
+                "urn:x",
+                URL,
+                Some(CN),
+                Some(6),
+            ),
+            (
+                "200000000359",
+                "918999198993",
+                PATIENT,
+                URL,
+                Some(CN),
+                Some(7),
+            ),
+            (
+                "200000000360",
+                "918999198993",
+                METADATA,
+                URL,
+                Some("consumer2.dev.localhost"),
+                Some(8),
+            ),
+            (
+                "200000000359",
+                "918999198993",
+                METADATA,
+                "https://127.0.0.1:9443/B82617/STU3/1/gpconnect/fhir/metadata",
+                Some(CN),
+                Some(9),
+            ),
+        ];
+        for (from, to, interaction, target, fqdn, fails_at) in cases {
+            let req = request(from, to, interaction, target);
+            let explained = p.explain(&req, fqdn, at(NOW));
+            assert_eq!(
+                explained.steps.iter().map(|s| s.number).collect::<Vec<_>>(),
+                vec![5, 6, 7, 8, 9]
+            );
+            assert_eq!(
+                explained.decision.as_ref().err().map(Denial::check),
+                fails_at,
+                "{explained:?}"
+            );
+            if let Some(n) = fails_at {
+                let step = explained.steps.iter().find(|s| s.number == n).unwrap();
+                assert_eq!(step.outcome, StepOutcome::Fail, "{step:?}");
+            } else {
+                assert!(
+                    explained
+                        .steps
+                        .iter()
+                        .all(|s| s.outcome == StepOutcome::Pass),
+                    "{explained:?}"
+                );
+            }
+            let checked = match p.check(req, &peer(fqdn.unwrap_or(CN)), at(NOW)) {
+                Decision::Permit(_) => None,
+                Decision::Deny(d, _) => Some(d.check()),
+            };
+            assert_eq!(checked, fails_at);
+        }
+    }
 }

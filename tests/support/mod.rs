@@ -540,6 +540,9 @@ pub struct World {
     pub url: String,
     /// Where the registered but stopped provider2 "listens" (nothing does).
     pub down: SocketAddr,
+    pub config: ssp::config::Config,
+    /// The running pipeline, for reloads.
+    pub handle: Arc<ssp::proxy::Proxy>,
 }
 
 impl World {
@@ -562,6 +565,7 @@ impl World {
         let assembled = ssp::app::assemble(&config).unwrap();
         let server = ssp::app::bind(&config, assembled).await.unwrap();
         let addr = server.local_addr().unwrap();
+        let handle = server.proxy();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server.run(
             async {
@@ -576,6 +580,8 @@ impl World {
             proxy: Proxy { addr, _stop: stop },
             url,
             down,
+            config,
+            handle,
         }
     }
 
@@ -881,4 +887,42 @@ pub fn signal(pid: u32, name: &str) {
 /// Path helper for binaries.
 pub fn ssp_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ssp"))
+}
+
+/// `ssp serve` running as a child; killed when dropped.
+pub struct Served {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a config for `provider` on a free port and starts `ssp serve` on it, waiting until it accepts.
+pub async fn serve(pki: &Pki, provider: SocketAddr) -> Served {
+    let addr = closed_port().await;
+    let down = closed_port().await;
+    let config = write_config(pki, provider, down, addr, &Setup::default());
+    let child = std::process::Command::new(ssp_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let served = Served { child, addr };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ssp serve did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    served
 }
