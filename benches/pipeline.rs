@@ -102,5 +102,83 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// A directory of `n` systems and `n` endpoints with `per` agreements per system, as TOML.
+fn large_policy(n: u64, per: u64) -> String {
+    let mut text = String::with_capacity((n * (600 + per * 130)) as usize);
+    for i in 0..n {
+        text.push_str(&format!(
+            "[[system]]\nasid = \"{}\"\nname = \"System {i}\"\nods = \"S{i}\"\nfqdn = \"s{i}.example\"\ninteractions = [\"{STRUCTURED}\"]\n\n",
+            300_000_000_000 + i
+        ));
+        text.push_str(&format!(
+            "[[endpoint]]\nasid = \"{}\"\nparty_key = \"P{i}\"\ncpa_id = \"C{i}\"\nods = \"E{i}\"\nurl = \"https://e{i}.example/fhir\"\ninteractions = [\"{STRUCTURED}\"]\n\n",
+            400_000_000_000 + i
+        ));
+    }
+    for i in 0..n {
+        for k in 0..per {
+            text.push_str(&format!(
+                "[[agreement]]\nid = \"A{i}-{k}\"\nfrom = \"{}\"\nto = \"{}\"\ninteractions = [\"*\"]\n\n",
+                300_000_000_000 + i,
+                400_000_000_000 + (i + k * 7) % n
+            ));
+        }
+    }
+    text
+}
+
+/// Import and decision at the scale of the national directory: 20,000 systems, 20,000 endpoints, 100,000
+/// agreements. Import times are printed once (they take seconds, not a criterion loop).
+fn bench_scale(c: &mut Criterion) {
+    let text = large_policy(20_000, 5);
+    let source = ssp::policy::Source::from_files(vec![("scale.toml".into(), text)]);
+    let started = std::time::Instant::now();
+    let policy = Policy::compile(&source, 1).unwrap();
+    let compile = started.elapsed();
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let store = ssp::policy::store::Store::open(&dir.path().join("store")).unwrap();
+    store.import(source.clone(), 20).unwrap();
+    let stored = started.elapsed();
+    let (systems, endpoints, agreements) = policy.counts();
+    println!(
+        "scale policy ({systems} systems, {endpoints} endpoints, {agreements} agreements, {} MiB of TOML): \
+         validate + compile {compile:?}, store as a generation (write + 2 flushes) {stored:?}",
+        source.files[0].1.len() >> 20
+    );
+
+    let peer = PeerIdentity {
+        subject: "CN=s12345.example".into(),
+        common_name: Some("s12345.example".into()),
+        dns_sans: vec![],
+        serial: "01".into(),
+        fingerprint_sha256: "00".into(),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "ssp-traceid",
+        HeaderValue::from_static("629ea9ba-a077-4d99-b289-7a9b19fd4e03"),
+    );
+    headers.insert("ssp-from", HeaderValue::from_static("300000012345"));
+    headers.insert("ssp-to", HeaderValue::from_static("400000012345"));
+    headers.insert("ssp-interactionid", HeaderValue::from_static(STRUCTURED));
+    let request = SspRequest {
+        target: Target::parse("https://e12345.example/fhir/Patient/$gpc.getstructuredrecord")
+            .unwrap(),
+        headers: SspHeaders::parse(&headers).unwrap(),
+    };
+    let now = SystemTime::now();
+    c.bench_function("policy check at 20k/20k/100k (checks 5-9, permit)", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |r| match policy.check(r, &peer, now) {
+                Decision::Permit(p) => black_box(p),
+                Decision::Deny(d, _) => panic!("{d:?}"),
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, bench, bench_scale);
 criterion_main!(benches);
