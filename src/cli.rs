@@ -260,7 +260,13 @@ fn serve(path: &Path) -> u8 {
         tracing::info!(listen = %addr, systems, endpoints, agreements, config = %path.display(), "ssp serving");
         let audit = server.audit();
         tokio::spawn(crate::lifecycle::reload_on_sighup(config.clone(), server.proxy()));
-        server.run(crate::lifecycle::shutdown_signal(), crate::server::DEFAULT_GRACE).await;
+        tokio::spawn(crate::lifecycle::watchdog());
+        crate::lifecycle::notify_ready();
+        let stop = async {
+            crate::lifecycle::shutdown_signal().await;
+            crate::lifecycle::notify_stopping();
+        };
+        server.run(stop, crate::server::DEFAULT_GRACE).await;
         // Seal the current segment and fsync: a clean stop leaves a verifiably complete log.
         let _ = tokio::task::spawn_blocking(move || audit.close()).await;
         tracing::info!("ssp stopped");

@@ -1,13 +1,49 @@
-//! Signals and reload orchestration: SIGHUP re-imports the policy files and puts the new generation in force
-//! without dropping a connection (a refused reload keeps the running policy and says why); SIGTERM and SIGINT
-//! start the graceful stop. No request logic.
+//! Signals, systemd notification and reload orchestration: SIGHUP re-imports the policy files and puts the new
+//! generation in force without dropping a connection (a refused reload keeps the running policy and says why);
+//! SIGTERM and SIGINT start the graceful stop. Under systemd (`Type=notify`) the service manager hears `READY=1`
+//! once the listener is bound, `RELOADING=1` (with `MONOTONIC_USEC`) then `READY=1` around each reload,
+//! `STOPPING=1` when the stop begins, and watchdog pings when `WatchdogSec` is set. Without `NOTIFY_SOCKET`
+//! every notification is a no-op. No request logic.
 
 use std::sync::Arc;
 
+use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{Config, Problems};
 use crate::proxy::Proxy;
+
+/// Tells systemd something; a failure to reach it is logged, never fatal.
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// The listener is bound and the policy loaded: `READY=1`.
+pub fn notify_ready() {
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+}
+
+/// The graceful stop has begun: `STOPPING=1`.
+pub fn notify_stopping() {
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("draining open exchanges"),
+    ]);
+}
+
+/// Pings the systemd watchdog at half its interval while the runtime is alive, when `WatchdogSec` is set.
+pub async fn watchdog() {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval / 2);
+    loop {
+        tick.tick().await;
+        notify(&[NotifyState::Watchdog]);
+    }
+}
 
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
@@ -49,7 +85,17 @@ pub async fn reload_on_sighup(config: Config, proxy: Arc<Proxy>) {
     };
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading policies");
-        match reload_policy(&config, &proxy).await {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[
+                NotifyState::Reloading,
+                now,
+                NotifyState::Status("reloading"),
+            ]),
+            Err(_) => notify(&[NotifyState::Reloading]),
+        }
+        let result = reload_policy(&config, &proxy).await;
+        notify_ready();
+        match result {
             Ok((generation, true)) => {
                 tracing::info!(generation, "policy reloaded: new generation in force")
             }

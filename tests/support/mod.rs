@@ -904,6 +904,11 @@ impl Drop for Served {
 
 /// Writes a config for `provider` on a free port and starts `ssp serve` on it, waiting until it accepts.
 pub async fn serve(pki: &Pki, provider: SocketAddr) -> Served {
+    serve_with_env(pki, provider, &[]).await
+}
+
+/// As [`serve`], with extra environment for the child (e.g. `NOTIFY_SOCKET`).
+pub async fn serve_with_env(pki: &Pki, provider: SocketAddr, env: &[(&str, &str)]) -> Served {
     let addr = closed_port().await;
     let down = closed_port().await;
     let config = write_config(pki, provider, down, addr, &Setup::default());
@@ -911,6 +916,7 @@ pub async fn serve(pki: &Pki, provider: SocketAddr) -> Served {
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .spawn()
