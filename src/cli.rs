@@ -214,13 +214,18 @@ fn print_problems(problems: &Problems) -> u8 {
     exit::USAGE
 }
 
-fn init_logging(default_level: &str) {
+/// The operational log on stderr (journald under systemd): `RUST_LOG` wins over `level`.
+fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
@@ -238,11 +243,12 @@ fn serve(path: &Path) -> u8 {
         Ok(config) => config,
         Err(problems) => return print_problems(&problems),
     };
+    // Before anything that logs: starting on the last good policy generation is reported as a warning.
+    init_logging(&config.log.level, config.log.json);
     let assembled = match crate::app::assemble(&config) {
         Ok(assembled) => assembled,
         Err(problems) => return print_problems(&problems),
     };
-    init_logging("info");
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -312,7 +318,7 @@ fn demo(path: &Path) -> u8 {
             return print_problems(&problems);
         }
     };
-    init_logging("error");
+    init_logging("error", false);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,

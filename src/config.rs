@@ -53,6 +53,8 @@ struct RawConfig {
     jwt: RawJwt,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    log: RawLog,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +131,15 @@ struct RawJwt {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawLog {
+    /// `human` or `json` (one JSON object per line, for journald and log shippers). Default `human`.
+    format: Option<String>,
+    /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG`, when set, wins. Default `info`.
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawAudit {
     /// Folder of the audit segments. Default `data/audit`.
     dir: Option<PathBuf>,
@@ -156,6 +167,14 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub jwt: JwtConfig,
     pub audit: crate::audit::AuditConfig,
+    pub log: LogConfig,
+}
+
+/// The operational log (never the audit trail, never tokens, claims or patient identifiers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub json: bool,
+    pub level: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,6 +269,7 @@ impl Config {
         };
         let jwt = v.jwt(raw.jwt);
         let audit = v.audit(raw.audit);
+        let log = v.log(raw.log);
         if !v.problems.is_empty() {
             return Err(Problems {
                 problems: v.problems,
@@ -262,6 +282,7 @@ impl Config {
             policy,
             jwt,
             audit,
+            log,
         })
     }
 
@@ -398,6 +419,31 @@ impl Validator<'_> {
             max_connections: max_connections.max(1),
             methods,
         }
+    }
+
+    fn log(&mut self, raw: RawLog) -> LogConfig {
+        let json = match raw.format.as_deref().unwrap_or("human") {
+            "human" => false,
+            "json" => true,
+            other => {
+                self.problem(
+                    "log.format",
+                    format_args!("{other:?} is not \"human\" or \"json\""),
+                );
+                false
+            }
+        };
+        let level = raw.level.unwrap_or_else(|| "info".into());
+        if !matches!(
+            level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace"
+        ) {
+            self.problem(
+                "log.level",
+                format_args!("{level:?} is not error, warn, info, debug or trace"),
+            );
+        }
+        LogConfig { json, level }
     }
 
     fn audit(&mut self, raw: RawAudit) -> crate::audit::AuditConfig {
@@ -634,6 +680,13 @@ ca = ["ca.crt"]
         assert_eq!(c.audit.durability, crate::audit::Durability::Batched);
         assert_eq!(c.audit.segment_size, 64 << 20);
         assert!(!c.audit.instance.is_empty());
+        assert_eq!(
+            c.log,
+            LogConfig {
+                json: false,
+                level: "info".into()
+            }
+        );
     }
 
     #[test]

@@ -146,3 +146,102 @@ async fn sigterm_drains_in_flight_exchanges() {
         "{records:#?}"
     );
 }
+
+/// With `[log] format = "json"` every operational log line is a JSON object; refusals and exchanges carry the
+/// trace id and a bounded reason, and no line contains the token, a claim or the patient identifier in the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_operational_log_never_holds_tokens_or_patient_ids() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let listen = closed_port().await;
+    let config = write_config(
+        &pki,
+        provider.addr,
+        closed_port().await,
+        listen,
+        &Setup::default(),
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[log]\nformat = \"json\"\nlevel = \"info\"\n");
+    std::fs::write(&config, text).unwrap();
+    let child = std::process::Command::new(ssp_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + STEP;
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        assert!(Instant::now() < deadline, "ssp serve did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let consumer = Consumer::new(&pki, Some("consumer"), listen, false);
+    let url = endpoint_url(provider.addr);
+    let patient = "9690937286";
+    let permitted = ssp_request(
+        Method::GET,
+        &format!("/{url}/fhir/Patient?identifier=nhs-number%7C{patient}"),
+        METADATA,
+    )
+    .body(empty())
+    .unwrap();
+    let token = permitted.headers()["authorization"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        within("permitted", consumer.fetch(permitted))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    let refused = ssp_request(
+        Method::GET,
+        &format!("/{url}/fhir/Appointment?patient={patient}"),
+        APPOINTMENT,
+    )
+    .body(empty())
+    .unwrap();
+    assert_eq!(
+        within("refused", consumer.fetch(refused))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let log = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let refusal = lines
+        .iter()
+        .find(|l| l["fields"]["reason"] == "asid_check_failed")
+        .unwrap_or_else(|| panic!("no refusal line in\n{log}"));
+    assert_eq!(refusal["fields"]["trace_id"], TRACE_ID);
+    let exchange = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "exchange")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(exchange["fields"]["outcome"], "ok");
+    let jwt = token.trim_start_matches("Bearer ");
+    for forbidden in [
+        patient,
+        jwt,
+        jwt.split('.').nth(1).unwrap(),
+        "requesting_practitioner",
+        "111222333444",
+    ] {
+        assert!(
+            !log.contains(forbidden),
+            "the operational log holds {forbidden:?}:\n{log}"
+        );
+    }
+}
