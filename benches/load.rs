@@ -204,6 +204,8 @@ ca = ["certs/ca.crt"]
 "provider.dev.localhost:9443" = "{provider}"
 [policy]
 dir = "policies"
+[admin]
+listen = "127.0.0.1:0"
 [audit]
 dir = "audit-{name}"
 durability = "{durability}"

@@ -164,15 +164,68 @@ pub fn audit_dir_problem(config: &Config) -> Option<String> {
     })
 }
 
-/// Builds the pipeline and binds the consumer listener.
+/// `notAfter` of each certificate the config names, labelled as `ssp_certificate_expiry_timestamp_seconds` is:
+/// `server`, `upstream_client`, `client_ca:<file>`, `upstream_ca:<file>`.
+pub fn certificate_expiries(config: &Config) -> Vec<(String, i64)> {
+    let file = |p: &std::path::Path| {
+        p.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    };
+    let mut named: Vec<(String, &std::path::Path)> = vec![
+        ("server".into(), config.server.cert.as_path()),
+        ("upstream_client".into(), config.upstream.cert.as_path()),
+    ];
+    named.extend(
+        config
+            .server
+            .client_ca
+            .iter()
+            .map(|p| (format!("client_ca:{}", file(p)), p.as_path())),
+    );
+    named.extend(
+        config
+            .upstream
+            .ca
+            .iter()
+            .map(|p| (format!("upstream_ca:{}", file(p)), p.as_path())),
+    );
+    named
+        .into_iter()
+        .filter_map(|(name, path)| {
+            let certs = tls::load_certs("cert", path).ok()?;
+            Some((name, tls::not_after(certs.first()?)?))
+        })
+        .collect()
+}
+
+/// Builds the pipeline (metrics, audit writer, upstream client) and binds the consumer and admin listeners.
 pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Server> {
+    let metrics = Arc::new(crate::metrics::Metrics::new().map_err(std::io::Error::other)?);
+    metrics
+        .policy_generation
+        .set(assembled.policy.generation as i64);
+    metrics.certificates(&certificate_expiries(config));
+    let audit = crate::audit::AuditLog::start_with_metrics(
+        config.audit.clone(),
+        Some(crate::audit::AuditMetrics {
+            records: metrics.audit_records.clone(),
+            write_seconds: metrics.audit_write_seconds.clone(),
+        }),
+    );
     let upstream = Upstream::new(&config.upstream, assembled.client_tls);
     let proxy = Arc::new(Proxy::new(
         config.server.methods.clone(),
         assembled.policy,
         &config.jwt,
         upstream,
-        crate::audit::AuditLog::start(config.audit.clone()),
+        audit,
+        metrics,
     ));
-    Server::bind(&config.server, assembled.server_tls, proxy).await
+    Server::bind(
+        &config.server,
+        assembled.server_tls,
+        proxy,
+        config.admin_listen,
+    )
+    .await
 }

@@ -197,6 +197,13 @@ enum Job {
     Close(mpsc::Sender<()>),
 }
 
+/// The writer's metric handles: `ssp_audit_records_total` and `ssp_audit_write_seconds`.
+#[derive(Debug, Clone)]
+pub struct AuditMetrics {
+    pub records: prometheus::IntCounter,
+    pub write_seconds: prometheus::Histogram,
+}
+
 /// The handle the request path holds: submits records to the writer thread.
 pub struct AuditLog {
     tx: mpsc::SyncSender<Job>,
@@ -219,10 +226,16 @@ impl AuditLog {
     /// Starts the writer thread. It recovers the log (setting aside a torn tail) and opens a new segment; if it
     /// cannot, the log starts unhealthy (every request is refused with 503) and retries on each record.
     pub fn start(cfg: AuditConfig) -> Arc<Self> {
+        Self::start_with_metrics(cfg, None)
+    }
+
+    /// As [`AuditLog::start`], counting records written and timing each batch.
+    pub fn start_with_metrics(cfg: AuditConfig, metrics: Option<AuditMetrics>) -> Arc<Self> {
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(false));
         let queued = Arc::new(AtomicU64::new(0));
         let mut writer = Writer::new(cfg, Arc::clone(&healthy), Arc::clone(&queued));
+        writer.metrics = metrics;
         // Open before returning, so a healthy log is healthy from the first request.
         writer.ensure_open();
         let thread = std::thread::Builder::new()
@@ -339,6 +352,7 @@ struct Writer {
     last_sync: Instant,
     /// Reused for each batch.
     buf: Vec<u8>,
+    metrics: Option<AuditMetrics>,
 }
 
 impl Writer {
@@ -354,6 +368,7 @@ impl Writer {
             dirty: false,
             last_sync: Instant::now(),
             buf: Vec::with_capacity(64 * 1024),
+            metrics: None,
         }
     }
 
@@ -424,6 +439,8 @@ impl Writer {
     }
 
     fn write_batch(&mut self, records: Vec<(Box<Record>, Option<Ack>)>) {
+        let started = Instant::now();
+        let count = records.len() as u64;
         let mut acks = Vec::with_capacity(records.len());
         let result = self.append(records.into_iter().map(|(r, ack)| {
             acks.push(ack);
@@ -441,6 +458,10 @@ impl Writer {
         });
         if let Err(e) = &result {
             tracing::error!(error = %e, "audit write failed");
+        }
+        if let (Ok(()), Some(m)) = (&result, &self.metrics) {
+            m.records.inc_by(count);
+            m.write_seconds.observe(started.elapsed().as_secs_f64());
         }
         self.set_healthy(result.is_ok());
         let answer = result.map_err(|_| Unavailable);

@@ -55,6 +55,8 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    admin: RawAdmin,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +133,14 @@ struct RawJwt {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// `ip:port` of /metrics, /healthz and /readyz (plain HTTP: keep it on loopback or a management network).
+    /// Default `127.0.0.1:9090`.
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     /// `human` or `json` (one JSON object per line, for journald and log shippers). Default `human`.
     format: Option<String>,
@@ -168,6 +178,8 @@ pub struct Config {
     pub jwt: JwtConfig,
     pub audit: crate::audit::AuditConfig,
     pub log: LogConfig,
+    /// The admin listener's address.
+    pub admin_listen: SocketAddr,
 }
 
 /// The operational log (never the audit trail, never tokens, claims or patient identifiers).
@@ -270,6 +282,14 @@ impl Config {
         let jwt = v.jwt(raw.jwt);
         let audit = v.audit(raw.audit);
         let log = v.log(raw.log);
+        let admin_text = raw.admin.listen.unwrap_or_else(|| "127.0.0.1:9090".into());
+        let admin_listen = admin_text.parse().unwrap_or_else(|_| {
+            v.problem(
+                "admin.listen",
+                format_args!("{admin_text:?} is not an ip:port"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9090))
+        });
         if !v.problems.is_empty() {
             return Err(Problems {
                 problems: v.problems,
@@ -283,6 +303,7 @@ impl Config {
             jwt,
             audit,
             log,
+            admin_listen,
         })
     }
 

@@ -120,6 +120,14 @@ macro_rules! text_newtype_fmt {
 }
 text_newtype_fmt!(Asid, TraceId, InteractionId, OdsCode);
 
+/// Lets a set of interactions be searched by `&str` (for metric labels) without building an `InteractionId`;
+/// hashing and equality are those of the text either way.
+impl std::borrow::Borrow<str> for InteractionId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Who is at the other end of a consumer connection, read once from the client certificate right after the
 /// handshake and shared by every request on that connection.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -19,7 +19,8 @@
 //! - [`proxy`]: the order of the steps for one request; the one place errors become responses.
 //! - [`outcome`]: OperationOutcome bodies, JSON and XML.
 //! - [`app`]: assembling config, TLS and policy into a bound server (shared by `serve`, `demo`, tests).
-//! - [`lifecycle`]: signals; SIGHUP policy reload orchestration.
+//! - [`lifecycle`]: signals, systemd notification, SIGHUP policy reload orchestration.
+//! - [`metrics`], [`admin`]: metric names and handles; the admin listener (/metrics, /healthz, /readyz).
 //! - [`devcerts`]: the development PKI of `ssp dev-certs`.
 //! - [`demo`]: `ssp demo`, its dev provider and a small mTLS client.
 //!
@@ -41,6 +42,7 @@
 //! 9. Any failure on the way is a `proxy::Refusal`, rendered by `outcome` as an OperationOutcome and recorded
 //!    as a `deny` request record plus a `denied` response record.
 
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod cli;
@@ -51,6 +53,7 @@ pub mod forward;
 pub mod ids;
 pub mod jwt;
 pub mod lifecycle;
+pub mod metrics;
 pub mod outcome;
 pub mod policy;
 pub mod proxy;

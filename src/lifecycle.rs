@@ -94,6 +94,11 @@ pub async fn reload_on_sighup(config: Config, proxy: Arc<Proxy>) {
             Err(_) => notify(&[NotifyState::Reloading]),
         }
         let result = reload_policy(&config, &proxy).await;
+        proxy.metrics().policy_reload(result.is_ok());
+        proxy
+            .metrics()
+            .policy_generation
+            .set(proxy.policy().generation as i64);
         notify_ready();
         match result {
             Ok((generation, true)) => {

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -27,6 +27,7 @@ use crate::forward::{
 };
 use crate::ids::PeerIdentity;
 use crate::jwt::{Expect, JwtAudit, Mode, Validator, Violation};
+use crate::metrics::{Metrics, OTHER};
 use crate::outcome::{Format, IssueCode, Outcome, Severity};
 use crate::policy::{Decision, Denial, Permit, Policy};
 use crate::ssp::{self, HeaderError, SspHeaders, SspRequest, Target, TargetError};
@@ -56,6 +57,7 @@ pub struct Proxy {
     upstream: Upstream,
     /// Check 12 and the response records.
     audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
 }
 
 /// Whose fault a refusal was: decides the log level (and, later, metric labels).
@@ -208,6 +210,7 @@ impl Proxy {
         jwt: &JwtConfig,
         upstream: Upstream,
         audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let allow = methods
             .iter()
@@ -228,7 +231,12 @@ impl Proxy {
             )),
             upstream,
             audit,
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The policy in force now.
@@ -280,6 +288,19 @@ impl Proxy {
         };
         log_refusal(&refusal, conn, trace_id.as_ref());
         let (response, text) = refusal.respond(format, trace_id, &self.allow);
+        let interaction = parts
+            .headers
+            .get(ssp::HEADER_INTERACTION_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|i| policy.knows(i))
+            .unwrap_or(OTHER);
+        self.metrics.denied(refusal.reason());
+        self.metrics.request_done(
+            interaction,
+            "denied",
+            response.status().as_u16(),
+            started.elapsed(),
+        );
         if !matches!(refusal, Refusal::AuditUnavailable) {
             self.audit_refusal(
                 &parts,
@@ -374,7 +395,25 @@ impl Proxy {
         );
         let conn_id = conn.id;
         let audit = Arc::clone(&self.audit);
+        let metrics = Arc::clone(&self.metrics);
         Exchange::new(started, move |s| {
+            // A permitted interaction is one the policy names, so it is a bounded label.
+            metrics.request_done(
+                interaction.as_str(),
+                s.outcome.as_str(),
+                s.status,
+                Duration::from_millis(s.total_ms),
+            );
+            metrics.upstream(
+                Duration::from_millis(s.upstream_ms),
+                s.bytes_in,
+                s.bytes_out,
+            );
+            match s.outcome {
+                ExchangeOutcome::UpstreamError => metrics.upstream_error("upstream_error"),
+                ExchangeOutcome::Timeout => metrics.upstream_error("timeout"),
+                _ => {}
+            }
             tracing::info!(
                 conn = conn_id,
                 trace_id = %trace_id,

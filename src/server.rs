@@ -34,6 +34,9 @@ pub struct Server {
     /// Bounds concurrent connections; when exhausted, further connections wait in the kernel's backlog.
     connections: Arc<Semaphore>,
     next_conn_id: Arc<AtomicU64>,
+    /// The admin listener (/metrics, /healthz, /readyz), served for as long as `run`.
+    admin: TcpListener,
+    health: Arc<crate::admin::Health>,
 }
 
 impl std::fmt::Debug for Server {
@@ -51,8 +54,14 @@ impl Server {
         cfg: &ServerConfig,
         tls: Arc<rustls::ServerConfig>,
         proxy: Arc<Proxy>,
+        admin: SocketAddr,
     ) -> io::Result<Self> {
         let listener = TcpListener::bind(cfg.listen).await?;
+        let admin = TcpListener::bind(admin).await?;
+        let health = Arc::new(crate::admin::Health {
+            serving: std::sync::atomic::AtomicBool::new(false),
+            audit: Arc::clone(proxy.audit()),
+        });
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             // hyper's timeouts do nothing (or panic) without a timer.
@@ -69,11 +78,18 @@ impl Server {
             handshake_timeout: cfg.handshake_timeout,
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             next_conn_id: Arc::new(AtomicU64::new(1)),
+            admin,
+            health,
         })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> io::Result<SocketAddr> {
+        self.admin.local_addr()
     }
 
     /// The request pipeline, for reloads.
@@ -90,6 +106,13 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
+        let metrics = Arc::clone(self.proxy.metrics());
+        let admin = tokio::spawn(crate::admin::serve(
+            self.admin,
+            Arc::clone(&metrics),
+            Arc::clone(&self.health),
+        ));
+        self.health.serving.store(true, Ordering::Release);
         loop {
             let permit = tokio::select! {
                 permit = Arc::clone(&self.connections).acquire_owned() => match permit {
@@ -110,6 +133,7 @@ impl Server {
                 },
                 () = &mut shutdown => break,
             };
+            metrics.connections_total.inc();
             let conn = Connection {
                 id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
                 acceptor: self.acceptor.clone(),
@@ -118,12 +142,16 @@ impl Server {
                 handshake_timeout: self.handshake_timeout,
             };
             let watcher = graceful.watcher();
+            let active = ActiveConnection::new(Arc::clone(&metrics));
             tokio::spawn(async move {
                 let _permit = permit;
+                let _active = active;
                 conn.serve(tcp, remote, watcher).await;
             });
         }
         drop(self.listener);
+        // Draining: a load balancer polling /readyz takes this instance out of rotation.
+        self.health.serving.store(false, Ordering::Release);
         tracing::info!("listener closed; draining open connections");
         if tokio::time::timeout(grace, graceful.shutdown())
             .await
@@ -134,6 +162,23 @@ impl Server {
                 "grace period over; closing remaining connections"
             );
         }
+        admin.abort();
+    }
+}
+
+/// Counts a consumer connection in `ssp_connections_active` for as long as it lives.
+struct ActiveConnection(Arc<crate::metrics::Metrics>);
+
+impl ActiveConnection {
+    fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        metrics.connections_active.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.connections_active.dec();
     }
 }
 
@@ -160,10 +205,14 @@ impl Connection {
             match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
+                    self.proxy
+                        .metrics()
+                        .tls_failure(crate::metrics::tls_failure_reason(&e));
                     tracing::info!(conn = self.id, %remote, error = %e, "TLS handshake refused");
                     return;
                 }
                 Err(_) => {
+                    self.proxy.metrics().tls_failure("timeout");
                     tracing::info!(conn = self.id, %remote, "TLS handshake timed out");
                     return;
                 }

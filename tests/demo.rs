@@ -42,6 +42,8 @@ crl = ["certs/ca.crl"]
 cert = "certs/proxy-client.crt"
 key = "certs/proxy-client.key"
 ca = ["certs/ca.crt"]
+[admin]
+listen = "127.0.0.1:0"
 [upstream.resolve]
 "provider.dev.localhost:9443" = "{provider_port}"
 "provider2.dev.localhost:9444" = "{down}"

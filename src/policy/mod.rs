@@ -97,6 +97,8 @@ pub struct Policy {
     endpoints: HashMap<Asid, Arc<Endpoint>>,
     /// Agreements by sending system; a consumer has a handful, so the receiver is found by a short scan.
     agreements: HashMap<Asid, Vec<Agreement>>,
+    /// Every interaction some system sends or some endpoint handles: the bounded set of metric labels.
+    known: HashSet<InteractionId>,
 }
 
 /// Permission to forward one request. Only [`Policy::check`] makes one, and it owns the request it checked, so
@@ -474,6 +476,11 @@ impl Policy {
             steps,
             decision: self.evaluate(request, &peer, now).map(|_| ()),
         }
+    }
+
+    /// Whether some system or endpoint names this interaction (metric labels use it, or `other`).
+    pub fn knows(&self, interaction: &str) -> bool {
+        self.known.contains(interaction)
     }
 
     pub fn system(&self, asid: &Asid) -> Option<&System> {
@@ -948,11 +955,19 @@ impl Compiler {
                 problems: self.problems,
             });
         }
+        let known = self
+            .systems
+            .values()
+            .flat_map(|s| s.interactions.iter())
+            .chain(self.endpoints.values().flat_map(|e| e.interactions.iter()))
+            .cloned()
+            .collect();
         Ok(Policy {
             generation,
             systems: self.systems,
             endpoints: self.endpoints,
             agreements,
+            known,
         })
     }
 }

@@ -428,6 +428,9 @@ dir = "policies"
 [jwt]
 mode = "{jwt_mode}"
 
+[admin]
+listen = "127.0.0.1:0"
+
 [audit]
 dir = "{audit_dir}"
 durability = "{durability}"
@@ -538,6 +541,8 @@ pub struct World {
     pub provider: Provider,
     pub proxy: Proxy,
     pub url: String,
+    /// The admin listener (/metrics, /healthz, /readyz).
+    pub admin: SocketAddr,
     /// Where the registered but stopped provider2 "listens" (nothing does).
     pub down: SocketAddr,
     pub config: ssp::config::Config,
@@ -566,6 +571,7 @@ impl World {
         let server = ssp::app::bind(&config, assembled).await.unwrap();
         let addr = server.local_addr().unwrap();
         let handle = server.proxy();
+        let admin = server.admin_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server.run(
             async {
@@ -582,6 +588,7 @@ impl World {
             down,
             config,
             handle,
+            admin,
         }
     }
 

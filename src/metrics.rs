@@ -1,0 +1,320 @@
+//! Metric names and handles (DESIGN.md 1.7), registered once at start in one registry. Every label value comes
+//! from a bounded set: interactions the policy knows (anything else is `other`), fixed reason and outcome names,
+//! status classes, and certificate names from the config. An ASID, trace id or URL is never a label.
+//!
+//! Owns names and updates; the admin listener (`admin`) renders them. Does not touch the request pipeline's logic.
+
+use std::time::Duration;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// Latency buckets (seconds) from 0.5 ms to 60 s.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+/// Audit write buckets (seconds) from 50 µs to 1 s.
+const AUDIT_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+/// The label for interactions the policy does not know.
+pub const OTHER: &str = "other";
+
+/// Every metric of the proxy.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_duration: Histogram,
+    denials: IntCounterVec,
+    tls_failures: IntCounterVec,
+    pub connections_active: IntGauge,
+    pub connections_total: IntCounter,
+    bytes_in: IntCounter,
+    bytes_out: IntCounter,
+    upstream_errors: IntCounterVec,
+    pub audit_records: IntCounter,
+    pub audit_write_seconds: Histogram,
+    pub audit_queue_depth: IntGauge,
+    pub policy_generation: IntGauge,
+    policy_reloads: IntCounterVec,
+    certificate_expiry: prometheus::GaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    /// Registers every metric. Fails only on a programming error (a duplicate or malformed name).
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let requests = counter_vec(
+            &r,
+            "ssp_requests_total",
+            "Requests answered, by interaction, outcome and status class",
+            &["interaction", "outcome", "status_class"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "ssp_request_duration_seconds",
+                "Time from request to the end of the response",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["interaction"],
+        )?;
+        r.register(Box::new(request_duration.clone()))?;
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "ssp_upstream_duration_seconds",
+                "Time until the provider's response headers",
+            )
+            .buckets(BUCKETS.to_vec()),
+        )?;
+        r.register(Box::new(upstream_duration.clone()))?;
+        let denials = counter_vec(
+            &r,
+            "ssp_denials_total",
+            "Requests refused, by reason",
+            &["reason"],
+        )?;
+        let tls_failures = counter_vec(
+            &r,
+            "ssp_tls_handshake_failures_total",
+            "Consumer TLS handshakes refused, by reason",
+            &["reason"],
+        )?;
+        let connections_active = gauge(
+            &r,
+            "ssp_connections_active",
+            "Consumer connections open now",
+        )?;
+        let connections_total =
+            counter(&r, "ssp_connections_total", "Consumer connections accepted")?;
+        let bytes = counter_vec(
+            &r,
+            "ssp_bytes_total",
+            "Body bytes streamed: in = consumer to provider, out = provider to consumer",
+            &["direction"],
+        )?;
+        let upstream_errors = counter_vec(
+            &r,
+            "ssp_upstream_errors_total",
+            "Failed exchanges with providers, by kind",
+            &["kind"],
+        )?;
+        let audit_records = counter(&r, "ssp_audit_records_total", "Audit records written")?;
+        let audit_write_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "ssp_audit_write_seconds",
+                "Time to write (and in strict mode fsync) an audit batch",
+            )
+            .buckets(AUDIT_BUCKETS.to_vec()),
+        )?;
+        r.register(Box::new(audit_write_seconds.clone()))?;
+        let audit_queue_depth = gauge(
+            &r,
+            "ssp_audit_queue_depth",
+            "Audit records waiting for the writer",
+        )?;
+        let policy_generation = gauge(
+            &r,
+            "ssp_policy_generation",
+            "The policy generation in force",
+        )?;
+        let policy_reloads = counter_vec(
+            &r,
+            "ssp_policy_reloads_total",
+            "Policy reloads, by result",
+            &["result"],
+        )?;
+        let certificate_expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                "ssp_certificate_expiry_timestamp_seconds",
+                "notAfter of each certificate in use",
+            ),
+            &["cert"],
+        )?;
+        r.register(Box::new(certificate_expiry.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("ssp_build_info", "The running build"),
+            &["version"],
+        )?;
+        r.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(Self {
+            bytes_in: bytes.with_label_values(&["in"]),
+            bytes_out: bytes.with_label_values(&["out"]),
+            registry: r,
+            requests,
+            request_duration,
+            upstream_duration,
+            denials,
+            tls_failures,
+            connections_active,
+            connections_total,
+            upstream_errors,
+            audit_records,
+            audit_write_seconds,
+            audit_queue_depth,
+            policy_generation,
+            policy_reloads,
+            certificate_expiry,
+        })
+    }
+
+    /// An exchange or refusal has ended. `interaction` must already be bounded (a known URN or [`OTHER`]).
+    pub fn request_done(&self, interaction: &str, outcome: &str, status: u16, total: Duration) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "none",
+        };
+        self.requests
+            .with_label_values(&[interaction, outcome, class])
+            .inc();
+        self.request_duration
+            .with_label_values(&[interaction])
+            .observe(total.as_secs_f64());
+    }
+
+    pub fn upstream(&self, headers_after: Duration, bytes_in: u64, bytes_out: u64) {
+        self.upstream_duration.observe(headers_after.as_secs_f64());
+        self.bytes_in.inc_by(bytes_in);
+        self.bytes_out.inc_by(bytes_out);
+    }
+
+    pub fn denied(&self, reason: &'static str) {
+        self.denials.with_label_values(&[reason]).inc();
+    }
+
+    pub fn upstream_error(&self, kind: &'static str) {
+        self.upstream_errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn tls_failure(&self, reason: &'static str) {
+        self.tls_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn policy_reload(&self, ok: bool) {
+        self.policy_reloads
+            .with_label_values(&[if ok { "ok" } else { "refused" }])
+            .inc();
+    }
+
+    /// Sets `ssp_certificate_expiry_timestamp_seconds` for each named certificate.
+    pub fn certificates(&self, expiries: &[(String, i64)]) {
+        for (name, not_after) in expiries {
+            self.certificate_expiry
+                .with_label_values(&[name])
+                .set(*not_after as f64);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) =
+            prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)
+        {
+            tracing::error!(error = %e, "cannot render metrics");
+        }
+        out
+    }
+}
+
+/// A bounded reason label for a refused TLS handshake.
+pub fn tls_failure_reason(error: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+        return "io";
+    };
+    match tls {
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::InvalidCertificate(CertificateError::Revoked) => "certificate_revoked",
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "certificate_expired",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        Error::InvalidCertificate(_) => "certificate_invalid",
+        Error::PeerIncompatible(_) => "incompatible",
+        Error::InappropriateHandshakeMessage { .. } | Error::InappropriateMessage { .. } => {
+            "protocol"
+        }
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_design_metric_is_exposed() {
+        let m = Metrics::new().unwrap();
+        m.request_done("other", "denied", 403, Duration::from_millis(1));
+        m.denied("asid_check_failed");
+        m.upstream_error("unreachable");
+        m.tls_failure("certificate_revoked");
+        m.policy_reload(true);
+        m.certificates(&[("server".into(), 2_000_000_000)]);
+        let text = m.render();
+        for name in [
+            "ssp_requests_total",
+            "ssp_request_duration_seconds",
+            "ssp_upstream_duration_seconds",
+            "ssp_denials_total",
+            "ssp_tls_handshake_failures_total",
+            "ssp_connections_active",
+            "ssp_connections_total",
+            "ssp_bytes_total",
+            "ssp_upstream_errors_total",
+            "ssp_audit_records_total",
+            "ssp_audit_write_seconds",
+            "ssp_audit_queue_depth",
+            "ssp_policy_generation",
+            "ssp_policy_reloads_total",
+            "ssp_certificate_expiry_timestamp_seconds",
+            "ssp_build_info",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        assert!(text.contains(
+            r#"ssp_requests_total{interaction="other",outcome="denied",status_class="4xx"} 1"#
+        ));
+    }
+}
