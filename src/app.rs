@@ -212,7 +212,11 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Serv
             write_seconds: metrics.audit_write_seconds.clone(),
         }),
     );
-    let upstream = Upstream::new(&config.upstream, assembled.client_tls);
+    let tls = Arc::new(tls::Reloadable::new(
+        assembled.server_tls,
+        assembled.client_tls,
+    ));
+    let upstream = Upstream::new(&config.upstream, Arc::clone(&tls));
     let proxy = Arc::new(Proxy::new(
         config.server.methods.clone(),
         assembled.policy,
@@ -221,11 +225,5 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Serv
         audit,
         metrics,
     ));
-    Server::bind(
-        &config.server,
-        assembled.server_tls,
-        proxy,
-        config.admin_listen,
-    )
-    .await
+    Server::bind(&config.server, tls, proxy, config.admin_listen).await
 }

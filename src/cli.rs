@@ -265,7 +265,7 @@ fn serve(path: &Path) -> u8 {
         let addr = server.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
         tracing::info!(listen = %addr, systems, endpoints, agreements, config = %path.display(), "ssp serving");
         let audit = server.audit();
-        tokio::spawn(crate::lifecycle::reload_on_sighup(config.clone(), server.proxy()));
+        tokio::spawn(crate::lifecycle::reload_on_sighup(config.clone(), server.proxy(), server.tls()));
         tokio::spawn(crate::lifecycle::watchdog());
         crate::lifecycle::notify_ready();
         let stop = async {

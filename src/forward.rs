@@ -77,7 +77,8 @@ impl std::fmt::Display for ForwardError {
 /// Opens TLS connections to providers for the pooled client.
 #[derive(Clone)]
 pub struct Connector {
-    tls: TlsConnector,
+    /// Read once per new provider connection, so a reload applies to new connections and the pool carries on.
+    tls: Arc<crate::tls::Reloadable>,
     /// `host:port` (lower case) to the address to dial instead of resolving.
     resolve: Arc<HashMap<String, SocketAddr>>,
     connect_timeout: Duration,
@@ -127,7 +128,9 @@ impl Connector {
                 match TcpStream::connect(addr).await {
                     Ok(tcp) => {
                         tcp.set_nodelay(true)?;
-                        let tls = self.tls.connect(server_name.clone(), tcp).await?;
+                        let tls = TlsConnector::from(self.tls.client())
+                            .connect(server_name.clone(), tcp)
+                            .await?;
                         return Ok(tls);
                     }
                     Err(e) => last = e,
@@ -226,9 +229,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig, tls: Arc<rustls::ClientConfig>) -> Self {
+    pub fn new(cfg: &UpstreamConfig, tls: Arc<crate::tls::Reloadable>) -> Self {
         let connector = Connector {
-            tls: TlsConnector::from(tls),
+            tls,
             resolve: Arc::new(cfg.resolve.clone()),
             connect_timeout: cfg.connect_timeout,
         };

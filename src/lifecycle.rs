@@ -1,5 +1,6 @@
-//! Signals, systemd notification and reload orchestration: SIGHUP re-imports the policy files and puts the new
-//! generation in force without dropping a connection (a refused reload keeps the running policy and says why);
+//! Signals, systemd notification and reload orchestration: SIGHUP re-reads the certificates, keys, CA files and
+//! CRLs and re-imports the policy files, putting both in force for what starts next without dropping a connection
+//! (refused material keeps the running one and says why);
 //! SIGTERM and SIGINT start the graceful stop. Under systemd (`Type=notify`) the service manager hears `READY=1`
 //! once the listener is bound, `RELOADING=1` (with `MONOTONIC_USEC`) then `READY=1` around each reload,
 //! `STOPPING=1` when the stop begins, and watchdog pings when `WatchdogSec` is set. Without `NOTIFY_SOCKET`
@@ -12,6 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{Config, Problems};
 use crate::proxy::Proxy;
+use crate::tls::Reloadable;
 
 /// Tells systemd something; a failure to reach it is logged, never fatal.
 fn notify(states: &[NotifyState<'_>]) {
@@ -77,8 +79,38 @@ pub async fn reload_policy(config: &Config, proxy: &Proxy) -> Result<(u64, bool)
     Ok((generation, new || changed))
 }
 
-/// Reloads on every SIGHUP until the process ends.
-pub async fn reload_on_sighup(config: Config, proxy: Arc<Proxy>) {
+/// Re-reads the certificates, keys, CA files and CRLs and puts them in force for new handshakes (see
+/// [`crate::tls::Reloadable`]); bad material is refused whole and the old stays. Counted and logged either way.
+pub async fn reload_tls(
+    config: &Config,
+    tls: &Arc<Reloadable>,
+    proxy: &Proxy,
+) -> Result<(), Problems> {
+    let (config, tls_state) = (config.clone(), Arc::clone(tls));
+    let result = tokio::task::spawn_blocking(move || {
+        tls_state.reload(&config.server, &config.upstream)?;
+        Ok::<_, Problems>(crate::app::certificate_expiries(&config))
+    })
+    .await
+    .map_err(|e| Problems::one(format!("TLS reload: {e}")))?;
+    proxy.metrics().tls_reload(result.is_ok());
+    match result {
+        Ok(expiries) => {
+            proxy.metrics().certificates(&expiries);
+            tracing::info!("certificates, keys, CAs and CRLs reloaded");
+            Ok(())
+        }
+        Err(problems) => {
+            for line in &problems.problems {
+                tracing::error!(problem = %line, "TLS reload refused; the running certificates stay");
+            }
+            Err(problems)
+        }
+    }
+}
+
+/// Reloads TLS material and policies on every SIGHUP until the process ends.
+pub async fn reload_on_sighup(config: Config, proxy: Arc<Proxy>, tls: Arc<Reloadable>) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP: reload is unavailable");
         return;
@@ -93,6 +125,7 @@ pub async fn reload_on_sighup(config: Config, proxy: Arc<Proxy>) {
             ]),
             Err(_) => notify(&[NotifyState::Reloading]),
         }
+        let _ = reload_tls(&config, &tls, &proxy).await;
         let result = reload_policy(&config, &proxy).await;
         proxy.metrics().policy_reload(result.is_ok());
         proxy

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub audit_queue_depth: IntGauge,
     pub policy_generation: IntGauge,
     policy_reloads: IntCounterVec,
+    tls_reloads: IntCounterVec,
     certificate_expiry: prometheus::GaugeVec,
 }
 
@@ -157,6 +158,12 @@ impl Metrics {
             "Policy reloads, by result",
             &["result"],
         )?;
+        let tls_reloads = counter_vec(
+            &r,
+            "ssp_tls_reloads_total",
+            "Certificate, key, CA and CRL reloads, by result",
+            &["result"],
+        )?;
         let certificate_expiry = prometheus::GaugeVec::new(
             Opts::new(
                 "ssp_certificate_expiry_timestamp_seconds",
@@ -190,6 +197,7 @@ impl Metrics {
             audit_queue_depth,
             policy_generation,
             policy_reloads,
+            tls_reloads,
             certificate_expiry,
         })
     }
@@ -232,6 +240,12 @@ impl Metrics {
 
     pub fn policy_reload(&self, ok: bool) {
         self.policy_reloads
+            .with_label_values(&[if ok { "ok" } else { "refused" }])
+            .inc();
+    }
+
+    pub fn tls_reload(&self, ok: bool) {
+        self.tls_reloads
             .with_label_values(&[if ok { "ok" } else { "refused" }])
             .inc();
     }

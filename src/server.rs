@@ -27,7 +27,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// A bound consumer listener, ready to run.
 pub struct Server {
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    /// Read once per accepted connection, so a reload applies to every new handshake.
+    tls: Arc<crate::tls::Reloadable>,
     proxy: Arc<Proxy>,
     http: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
@@ -52,7 +53,7 @@ impl Server {
     /// Binds the listener. Fails only on the socket.
     pub async fn bind(
         cfg: &ServerConfig,
-        tls: Arc<rustls::ServerConfig>,
+        tls: Arc<crate::tls::Reloadable>,
         proxy: Arc<Proxy>,
         admin: SocketAddr,
     ) -> io::Result<Self> {
@@ -72,7 +73,7 @@ impl Server {
         http.http2().timer(TokioTimer::new());
         Ok(Self {
             listener,
-            acceptor: TlsAcceptor::from(tls),
+            tls,
             proxy,
             http,
             handshake_timeout: cfg.handshake_timeout,
@@ -85,6 +86,11 @@ impl Server {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The TLS material in force, for reloads.
+    pub fn tls(&self) -> Arc<crate::tls::Reloadable> {
+        Arc::clone(&self.tls)
     }
 
     /// The admin listener's address.
@@ -136,7 +142,7 @@ impl Server {
             metrics.connections_total.inc();
             let conn = Connection {
                 id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
-                acceptor: self.acceptor.clone(),
+                acceptor: TlsAcceptor::from(self.tls.server()),
                 proxy: Arc::clone(&self.proxy),
                 http: self.http.clone(),
                 handshake_timeout: self.handshake_timeout,

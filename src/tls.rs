@@ -176,6 +176,55 @@ pub fn client_config(cfg: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, 
     Ok(Arc::new(config))
 }
 
+/// The TLS material in force on both legs, swapped whole on reload. The listener reads the server config once per
+/// accepted connection and the upstream connector the client config once per new provider connection, so a reload
+/// applies to every new handshake while established connections (and the upstream pool) carry on. A new server
+/// config brings a new, empty session cache: a client whose certificate was revoked cannot resume a session
+/// negotiated before the reload.
+#[derive(Debug)]
+pub struct Reloadable {
+    server: arc_swap::ArcSwap<rustls::ServerConfig>,
+    client: arc_swap::ArcSwap<rustls::ClientConfig>,
+}
+
+impl Reloadable {
+    pub fn new(server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            server: arc_swap::ArcSwap::new(server),
+            client: arc_swap::ArcSwap::new(client),
+        }
+    }
+
+    pub fn server(&self) -> Arc<rustls::ServerConfig> {
+        self.server.load_full()
+    }
+
+    pub fn client(&self) -> Arc<rustls::ClientConfig> {
+        self.client.load_full()
+    }
+
+    /// Re-reads the certificates, keys, CA files and CRLs named by `server` and `upstream` and puts them in force;
+    /// if any of them is bad, nothing changes and every problem is returned.
+    pub fn reload(&self, server: &ServerConfig, upstream: &UpstreamConfig) -> Result<(), Problems> {
+        let new_server = server_config(server);
+        let new_client = client_config(upstream);
+        match (new_server, new_client) {
+            (Ok(s), Ok(c)) => {
+                self.server.store(s);
+                self.client.store(c);
+                Ok(())
+            }
+            (s, c) => {
+                let mut problems = Vec::new();
+                for p in [s.err(), c.err()].into_iter().flatten() {
+                    problems.extend(p.problems);
+                }
+                Err(Problems { problems })
+            }
+        }
+    }
+}
+
 /// Reads subject, CN, DNS SANs, serial and SHA-256 fingerprint from a (verified) DER certificate.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;

@@ -543,6 +543,8 @@ pub struct World {
     pub url: String,
     /// The admin listener (/metrics, /healthz, /readyz).
     pub admin: SocketAddr,
+    /// The TLS material in force, for reloads.
+    pub tls: Arc<ssp::tls::Reloadable>,
     /// Where the registered but stopped provider2 "listens" (nothing does).
     pub down: SocketAddr,
     pub config: ssp::config::Config,
@@ -572,6 +574,7 @@ impl World {
         let addr = server.local_addr().unwrap();
         let handle = server.proxy();
         let admin = server.admin_addr().unwrap();
+        let tls = server.tls();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server.run(
             async {
@@ -589,6 +592,7 @@ impl World {
             config,
             handle,
             admin,
+            tls,
         }
     }
 
