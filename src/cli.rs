@@ -272,7 +272,7 @@ fn serve(path: &Path) -> u8 {
             crate::lifecycle::shutdown_signal().await;
             crate::lifecycle::notify_stopping();
         };
-        server.run(stop, crate::server::DEFAULT_GRACE).await;
+        server.run(stop, config.server.shutdown_grace).await;
         // Seal the current segment and fsync: a clean stop leaves a verifiably complete log.
         let _ = tokio::task::spawn_blocking(move || audit.close()).await;
         tracing::info!("ssp stopped");

@@ -83,6 +83,8 @@ struct RawServer {
     max_connections: Option<usize>,
     /// Methods allowed (check 2). Default GET, POST, PUT, DELETE, PATCH.
     methods: Option<Vec<String>>,
+    /// How long open exchanges may run after SIGTERM before their connections are closed. Default `30s`.
+    shutdown_grace: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +209,7 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub methods: Vec<Method>,
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -439,6 +442,11 @@ impl Validator<'_> {
             ),
             max_connections: max_connections.max(1),
             methods,
+            shutdown_grace: self.duration(
+                "server.shutdown_grace",
+                raw.shutdown_grace,
+                Duration::from_secs(30),
+            ),
         }
     }
 
@@ -756,6 +764,19 @@ ca = ["ca.crt"]
         assert_eq!(parse_size("64MiB"), Some(64 << 20));
         assert_eq!(parse_size("4KiB"), Some(4096));
         assert_eq!(parse_size("64mb"), None);
+    }
+
+    /// The repository's dev config and the sample production config stay valid as keys change.
+    #[test]
+    fn shipped_configs_parse() {
+        for (name, text) in [
+            ("ssp.toml", include_str!("../ssp.toml")),
+            ("systemd/ssp.toml", include_str!("../systemd/ssp.toml")),
+        ] {
+            if let Err(e) = Config::parse(text, Path::new(name)) {
+                panic!("{name}: {e}");
+            }
+        }
     }
 
     #[test]

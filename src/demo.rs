@@ -496,7 +496,7 @@ pub async fn run(config: Config) -> Result<(), DemoError> {
         stopped(stop_rx.clone()),
     ));
     let audit = server.audit();
-    let proxy = tokio::spawn(server.run(stopped(stop_rx), crate::server::DEFAULT_GRACE));
+    let proxy = tokio::spawn(server.run(stopped(stop_rx), config.server.shutdown_grace));
     let demo_started = time::OffsetDateTime::now_utc();
 
     println!(

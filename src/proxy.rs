@@ -264,6 +264,11 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let format = Format::negotiate(parts.headers.get(header::ACCEPT));
         let trace_id = parts.headers.get(ssp::HEADER_TRACE_ID).cloned();
+        // For the log line of a refusal or upstream failure (cheap: the values share the request's buffer).
+        let asids = (
+            parts.headers.get(ssp::HEADER_FROM).cloned(),
+            parts.headers.get(ssp::HEADER_TO).cloned(),
+        );
         // One snapshot decides the whole request, and is the generation its records name.
         let policy = self.policy.load_full();
         let refusal = match self.check(&policy, &parts, conn) {
@@ -279,14 +284,14 @@ impl Proxy {
                     {
                         Ok(response) => return Ok(response),
                         Err(refusal) => {
-                            log_refusal(&refusal, conn, trace_id.as_ref());
+                            log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
                             return Ok(refusal.respond(format, trace_id, &self.allow).0);
                         }
                     },
                 }
             }
         };
-        log_refusal(&refusal, conn, trace_id.as_ref());
+        log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
         let (response, text) = refusal.respond(format, trace_id, &self.allow);
         let interaction = parts
             .headers
@@ -578,12 +583,24 @@ const MAX_AUDITED_TARGET: usize = 8 * 1024;
 
 /// One operational log line per refusal: trace id, ASIDs and a bounded reason. Never the target URL (it can
 /// carry patient identifiers), never a token.
-fn log_refusal(refusal: &Refusal, conn: &ConnInfo, trace_id: Option<&HeaderValue>) {
-    let trace_id = trace_id.and_then(|v| v.to_str().ok()).unwrap_or("-");
+fn log_refusal(
+    refusal: &Refusal,
+    conn: &ConnInfo,
+    trace_id: Option<&HeaderValue>,
+    (from, to): &(Option<HeaderValue>, Option<HeaderValue>),
+) {
+    // Consumer input, so bounded; `to_str` admits visible ASCII only, so nothing can forge a log line.
+    fn field(v: Option<&HeaderValue>) -> &str {
+        v.and_then(|v| v.to_str().ok())
+            .map_or("-", |t| &t[..t.len().min(64)])
+    }
+    let (trace_id, from, to) = (field(trace_id), field(from.as_ref()), field(to.as_ref()));
     match refusal {
         Refusal::Upstream { error, .. } => tracing::warn!(
             conn = conn.id,
             trace_id,
+            from,
+            to,
             reason = refusal.reason(),
             error = %error,
             "upstream failure"
@@ -591,6 +608,8 @@ fn log_refusal(refusal: &Refusal, conn: &ConnInfo, trace_id: Option<&HeaderValue
         Refusal::Denied(d) => tracing::info!(
             conn = conn.id,
             trace_id,
+            from,
+            to,
             reason = refusal.reason(),
             check = d.check(),
             "request refused"
@@ -598,6 +617,8 @@ fn log_refusal(refusal: &Refusal, conn: &ConnInfo, trace_id: Option<&HeaderValue
         _ => tracing::info!(
             conn = conn.id,
             trace_id,
+            from,
+            to,
             reason = refusal.reason(),
             "request refused"
         ),

@@ -21,9 +21,6 @@ use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::tls;
 
-/// How long in-flight exchanges may run after shutdown starts.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
-
 /// A bound consumer listener, ready to run.
 pub struct Server {
     listener: TcpListener,

@@ -226,6 +226,8 @@ async fn json_operational_log_never_holds_tokens_or_patient_ids() {
         .find(|l| l["fields"]["reason"] == "asid_check_failed")
         .unwrap_or_else(|| panic!("no refusal line in\n{log}"));
     assert_eq!(refusal["fields"]["trace_id"], TRACE_ID);
+    assert_eq!(refusal["fields"]["from"], FROM);
+    assert_eq!(refusal["fields"]["to"], TO);
     let exchange = lines
         .iter()
         .find(|l| l["fields"]["message"] == "exchange")
