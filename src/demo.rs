@@ -468,6 +468,7 @@ pub async fn run(config: Config) -> Result<(), DemoError> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let proxy_addr = server.local_addr()?;
+    let admin_addr = server.admin_addr()?;
 
     let provider_addr = *config
         .upstream
@@ -502,6 +503,7 @@ pub async fn run(config: Config) -> Result<(), DemoError> {
     println!(
         "ssp demo: proxy on https://{proxy_addr}, dev provider on https://{provider_addr} (as provider.dev.localhost:9443)"
     );
+    println!("metrics and health on http://{admin_addr}/metrics, /healthz, /readyz");
     println!(
         "certificates from {} ({})\n",
         certs.display(),
