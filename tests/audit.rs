@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::sync::atomic::Ordering;
 
 use http::{Method, StatusCode};
@@ -257,16 +256,6 @@ async fn jwt_refusal_record_carries_the_claims() {
     assert_eq!(records[0]["reason"], "INVALID_JWT_AUD_MISMATCH");
     assert_eq!(records[0]["jwt"]["aud"], "https://elsewhere.example/gp");
     assert_eq!(records[0]["jwt"]["organization_ods"], "RXX01");
-}
-
-fn ssp_cmd(args: &[&str]) -> (i32, String) {
-    let out = Command::new(ssp_bin()).args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
 }
 
 /// `ssp audit verify` exits 0 on the proxy's log and 1 naming the first bad record once a byte is edited;

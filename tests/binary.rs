@@ -190,14 +190,8 @@ fn ssp(args: &[&str]) -> (i32, String, String) {
 #[tokio::test]
 async fn check_config_exit_codes() {
     let pki = Pki::generate();
-    let config = write_config(
-        &pki,
-        closed_port().await,
-        closed_port().await,
-        "127.0.0.1:0".parse().unwrap(),
-        &Setup::default(),
-    );
-    let config_arg = config.display().to_string();
+    let config_arg = offline_config(&pki).await;
+    let config = std::path::PathBuf::from(&config_arg);
     let (code, out, err) = ssp(&["check-config", "--config", &config_arg]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("ok"), "{out}");

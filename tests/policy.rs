@@ -155,16 +155,6 @@ async fn broken_files_are_refused_and_the_old_generation_serves() {
     assert!(err.to_string().contains("9189x"), "{err}");
 }
 
-fn ssp_cmd(args: &[&str]) -> (i32, String) {
-    let out = Command::new(ssp_bin()).args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 /// A large policy for the import crash test: `n` systems and endpoints, 5 agreements per system.
 fn large_policy(n: usize, salt: usize) -> String {
     let mut text = format!("# salt {salt}\n");
@@ -194,14 +184,7 @@ fn large_policy(n: usize, salt: usize) -> String {
 #[tokio::test]
 async fn kill_9_during_import_leaves_a_complete_generation() {
     let pki = Pki::generate();
-    let config = write_config(
-        &pki,
-        closed_port().await,
-        closed_port().await,
-        "127.0.0.1:0".parse().unwrap(),
-        &Setup::default(),
-    );
-    let config_arg = config.display().to_string();
+    let config_arg = offline_config(&pki).await;
     let big = pki.dir.path().join("policies/big.toml");
     let store_path = pki.dir.path().join("data/policy");
     let mut completed = 0;

@@ -943,3 +943,29 @@ pub async fn serve_with_env(pki: &Pki, provider: SocketAddr, env: &[(&str, &str)
     }
     served
 }
+
+/// Runs the `ssp` binary; returns its exit code and its stdout and stderr together.
+pub fn ssp_cmd(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(ssp_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A config for a PKI whose providers are not running (commands that never forward), as `--config`'s argument.
+pub async fn offline_config(pki: &Pki) -> String {
+    let path = write_config(
+        pki,
+        closed_port().await,
+        closed_port().await,
+        "127.0.0.1:0".parse().unwrap(),
+        &Setup::default(),
+    );
+    path.display().to_string()
+}
