@@ -2,6 +2,7 @@
 //! checked before anything binds, every problem reported at once. `serve`, `check-config`, `demo` and the
 //! integration tests all start here, so they cannot drift apart.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -46,9 +47,20 @@ pub fn assemble(config: &Config) -> Result<Assembled, Problems> {
     }
 }
 
-/// Everything `check-config` checks, without side effects (the policy store is not written): certificates,
-/// keys, CRLs, policy files, the audit folder. One line per problem.
-pub fn check(config: &Config) -> Vec<String> {
+/// What `check-config` found.
+#[derive(Debug)]
+pub struct Checked {
+    /// One line each; any makes the config unusable.
+    pub problems: Vec<String>,
+    /// Worth saying, not fatal (a certificate expiring within 30 days).
+    pub warnings: Vec<String>,
+    /// The compiled policy files, when they are valid.
+    pub policy: Option<Policy>,
+}
+
+/// Everything `check-config` checks, without side effects (the policy store is not written): certificates, keys,
+/// CRLs and their expiry, policy files, the audit folder.
+pub fn check(config: &Config) -> Checked {
     let mut problems = Vec::new();
     if let Err(p) = tls::server_config(&config.server) {
         problems.extend(p.problems);
@@ -56,11 +68,17 @@ pub fn check(config: &Config) -> Vec<String> {
     if let Err(p) = tls::client_config(&config.upstream) {
         problems.extend(p.problems);
     }
-    if let Err(p) = Policy::load_dir(&config.policy.dir, 0) {
-        problems.extend(p.problems);
-    }
+    let policy = Policy::load_dir(&config.policy.dir, 0)
+        .map_err(|p| problems.extend(p.problems))
+        .ok();
     problems.extend(audit_dir_problem(config));
-    problems
+    let (expired, warnings) = expiry_report(config);
+    problems.extend(expired);
+    Checked {
+        problems,
+        warnings,
+        policy,
+    }
 }
 
 /// Reads and validates the policy files and, when they differ from the store's current generation, imports them
@@ -116,33 +134,20 @@ pub fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
         .map_or(0, |d| d.as_secs() as i64);
     let mut expired = Vec::new();
     let mut soon = Vec::new();
-    let files = [
-        ("server.cert", &config.server.cert),
-        ("upstream.cert", &config.upstream.cert),
-    ]
-    .into_iter()
-    .chain(
-        config
-            .server
-            .client_ca
-            .iter()
-            .map(|p| ("server.client_ca", p)),
-    )
-    .chain(config.upstream.ca.iter().map(|p| ("upstream.ca", p)));
-    for (key, path) in files {
-        let Ok(certs) = tls::load_certs(key, path) else {
-            continue;
-        };
-        for not_after in certs.iter().filter_map(tls::not_after) {
-            if not_after < now {
-                expired.push(format!("{key}: {}: certificate expired", path.display()));
-            } else if not_after < now + 30 * 86_400 {
-                soon.push(format!(
-                    "{key}: {}: certificate expires in {} days",
-                    path.display(),
-                    (not_after - now) / 86_400
-                ));
-            }
+    for cert in certificate_files(config) {
+        if cert.not_after < now {
+            expired.push(format!(
+                "{}: {}: certificate expired",
+                cert.key,
+                cert.path.display()
+            ));
+        } else if cert.not_after < now + 30 * 86_400 {
+            soon.push(format!(
+                "{}: {}: certificate expires in {} days",
+                cert.key,
+                cert.path.display(),
+                (cert.not_after - now) / 86_400
+            ));
         }
     }
     (expired, soon)
@@ -164,37 +169,67 @@ pub fn audit_dir_problem(config: &Config) -> Option<String> {
     })
 }
 
-/// `notAfter` of each certificate the config names, labelled as `ssp_certificate_expiry_timestamp_seconds` is:
-/// `server`, `upstream_client`, `client_ca:<file>`, `upstream_ca:<file>`.
-pub fn certificate_expiries(config: &Config) -> Vec<(String, i64)> {
-    let file = |p: &std::path::Path| {
+/// A certificate file the config names.
+#[derive(Debug, Clone)]
+pub struct CertificateFile {
+    /// The config key that names it (`server.cert`, `upstream.ca`, ...).
+    pub key: &'static str,
+    /// Its `cert` label in `ssp_certificate_expiry_timestamp_seconds`: `server`, `upstream_client`,
+    /// `client_ca:<file>`, `upstream_ca:<file>`.
+    pub label: String,
+    pub path: PathBuf,
+    /// The earliest `notAfter` of the certificates in it (Unix seconds): when the file stops being usable.
+    pub not_after: i64,
+}
+
+/// Every certificate file the config names that can be read, with its earliest `notAfter`.
+pub fn certificate_files(config: &Config) -> Vec<CertificateFile> {
+    let file = |p: &Path| {
         p.file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     };
-    let mut named: Vec<(String, &std::path::Path)> = vec![
-        ("server".into(), config.server.cert.as_path()),
-        ("upstream_client".into(), config.upstream.cert.as_path()),
+    let mut named: Vec<(&'static str, String, &Path)> = vec![
+        ("server.cert", "server".into(), config.server.cert.as_path()),
+        (
+            "upstream.cert",
+            "upstream_client".into(),
+            config.upstream.cert.as_path(),
+        ),
     ];
-    named.extend(
-        config
-            .server
-            .client_ca
-            .iter()
-            .map(|p| (format!("client_ca:{}", file(p)), p.as_path())),
-    );
-    named.extend(
-        config
-            .upstream
-            .ca
-            .iter()
-            .map(|p| (format!("upstream_ca:{}", file(p)), p.as_path())),
-    );
+    named.extend(config.server.client_ca.iter().map(|p| {
+        (
+            "server.client_ca",
+            format!("client_ca:{}", file(p)),
+            p.as_path(),
+        )
+    }));
+    named.extend(config.upstream.ca.iter().map(|p| {
+        (
+            "upstream.ca",
+            format!("upstream_ca:{}", file(p)),
+            p.as_path(),
+        )
+    }));
     named
         .into_iter()
-        .filter_map(|(name, path)| {
-            let certs = tls::load_certs("cert", path).ok()?;
-            Some((name, tls::not_after(certs.first()?)?))
+        .filter_map(|(key, label, path)| {
+            let certs = tls::load_certs(key, path).ok()?;
+            let not_after = certs.iter().filter_map(tls::not_after).min()?;
+            Some(CertificateFile {
+                key,
+                label,
+                path: path.to_path_buf(),
+                not_after,
+            })
         })
+        .collect()
+}
+
+/// `(label, notAfter)` for `ssp_certificate_expiry_timestamp_seconds`.
+pub fn certificate_expiries(config: &Config) -> Vec<(String, i64)> {
+    certificate_files(config)
+        .into_iter()
+        .map(|c| (c.label, c.not_after))
         .collect()
 }
 

@@ -285,17 +285,12 @@ fn check_config(path: &Path) -> u8 {
         Ok(config) => config,
         Err(problems) => return print_problems(&problems),
     };
-    let mut problems = crate::app::check(&config);
-    let (expired, soon) = crate::app::expiry_report(&config);
-    problems.extend(expired);
-    for warning in soon {
+    let checked = crate::app::check(&config);
+    for warning in &checked.warnings {
         eprintln!("warning: {warning}");
     }
-    if !problems.is_empty() {
-        return print_problems(&Problems { problems });
-    }
-    match crate::policy::Policy::load_dir(&config.policy.dir, 0) {
-        Ok(policy) => {
+    match checked.policy {
+        Some(policy) if checked.problems.is_empty() => {
             let (systems, endpoints, agreements) = policy.counts();
             println!(
                 "{}: ok (listen {}, {systems} systems, {endpoints} endpoints, {agreements} agreements)",
@@ -304,7 +299,9 @@ fn check_config(path: &Path) -> u8 {
             );
             exit::OK
         }
-        Err(problems) => print_problems(&problems),
+        _ => print_problems(&Problems {
+            problems: checked.problems,
+        }),
     }
 }
 

@@ -309,30 +309,6 @@ impl Config {
             admin_listen,
         })
     }
-
-    /// Every file the config names, with the key that names it, for existence checks.
-    pub fn files(&self) -> Vec<(&'static str, &Path)> {
-        let mut files = vec![
-            ("server.cert", self.server.cert.as_path()),
-            ("server.key", self.server.key.as_path()),
-            ("upstream.cert", self.upstream.cert.as_path()),
-            ("upstream.key", self.upstream.key.as_path()),
-        ];
-        files.extend(
-            self.server
-                .client_ca
-                .iter()
-                .map(|p| ("server.client_ca", p.as_path())),
-        );
-        files.extend(self.server.crl.iter().map(|p| ("server.crl", p.as_path())));
-        files.extend(
-            self.upstream
-                .ca
-                .iter()
-                .map(|p| ("upstream.ca", p.as_path())),
-        );
-        files
-    }
 }
 
 /// Collects problems while converting raw values, so that one run reports all of them.

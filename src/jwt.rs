@@ -215,13 +215,21 @@ pub struct JwtAudit {
     /// The header's `alg` (`none` for GP Connect's unsigned tokens).
     pub alg: Option<String>,
     pub valid: bool,
-    pub violations: Vec<&'static str>,
-    /// Violations in order, for the first one's error text.
-    #[serde(skip)]
+    /// Every violation, in the order found (the first is the error text); recorded by name as `violations`.
+    #[serde(rename = "violations", serialize_with = "by_name")]
     pub found: Vec<Violation>,
 }
 
+fn by_name<S: serde::Serializer>(found: &[Violation], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(found.iter().map(|v| v.name()))
+}
+
 impl JwtAudit {
+    /// The violations' names, in order.
+    pub fn violations(&self) -> Vec<&'static str> {
+        self.found.iter().map(|v| v.name()).collect()
+    }
+
     /// The first violation, which an enforcing proxy reports.
     pub fn first_violation(&self) -> Option<Violation> {
         self.found.first().copied()
@@ -230,7 +238,6 @@ impl JwtAudit {
     fn violate(&mut self, v: Violation) {
         if !self.found.contains(&v) {
             self.found.push(v);
-            self.violations.push(v.name());
         }
     }
 }
@@ -736,7 +743,7 @@ mod tests {
     }
 
     fn names(a: &JwtAudit) -> Vec<&'static str> {
-        a.violations.clone()
+        a.violations()
     }
 
     fn with(f: impl FnOnce(&mut Value)) -> Vec<&'static str> {
@@ -748,7 +755,7 @@ mod tests {
     #[test]
     fn a_good_token_is_valid_and_its_claims_are_kept() {
         let a = check(&claims());
-        assert!(a.valid, "{:?}", a.violations);
+        assert!(a.valid, "{:?}", a.violations());
         assert_eq!(a.organization_ods.as_deref(), Some("RXX01"));
         assert_eq!(a.organization_name.as_deref(), Some("Example Hospital"));
         assert_eq!(a.sds_user_id.as_deref(), Some("111222333444"));
@@ -1026,7 +1033,7 @@ mod tests {
         };
         assert_eq!(names(&run(&c)), vec!["MISSING_REQUESTED_RECORD"]);
         c["requested_record"] = json!({"resourceType": "Patient", "identifier": []});
-        assert!(run(&c).valid, "{:?}", run(&c).violations);
+        assert!(run(&c).valid, "{:?}", run(&c).violations());
         c["aud"] = json!(URL);
         assert_eq!(names(&run(&c)), vec!["AUD_MISMATCH"]);
     }

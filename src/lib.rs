@@ -38,9 +38,11 @@
 //! 7. `forward::Upstream::send` takes the `Permit`, rewrites the headers, and sends the request over a pooled
 //!    TLS connection presenting the proxy's client certificate; the request body streams through `Streamed`.
 //! 8. The provider's response streams back through `Streamed`, which counts bytes and enforces the idle
-//!    timeout; when both bodies are done the shared `Exchange` fires once: the `response` record and a log line.
-//! 9. Any failure on the way is a `proxy::Refusal`, rendered by `outcome` as an OperationOutcome and recorded
-//!    as a `deny` request record plus a `denied` response record.
+//!    timeout; when both bodies are done the shared `Exchange` fires once: the `response` record, the metrics
+//!    and a log line.
+//! 9. Any failure on the way is a `proxy::Refusal`, rendered by `outcome` as an OperationOutcome (in the format
+//!    `Accept` asks for, negotiated only then), counted, and recorded as a `deny` request record plus a `denied`
+//!    response record.
 
 pub mod admin;
 pub mod app;

@@ -72,21 +72,26 @@ impl Format {
         let mut best_json = 0u16;
         for range in accept.split(',') {
             let mut parts = range.split(';');
-            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let media = parts.next().unwrap_or("").trim();
             let q = parts
                 .filter_map(|p| p.trim().strip_prefix("q="))
                 .find_map(parse_qvalue)
                 .unwrap_or(1000);
-            match media.as_str() {
-                "application/fhir+xml" | "application/xml+fhir" | "application/xml" => {
-                    best_xml = best_xml.max(q)
-                }
-                "application/fhir+json"
-                | "application/json+fhir"
-                | "application/json"
-                | "application/*"
-                | "*/*" => best_json = best_json.max(q),
-                _ => {}
+            let is = |names: &[&str]| names.iter().any(|n| media.eq_ignore_ascii_case(n));
+            if is(&[
+                "application/fhir+xml",
+                "application/xml+fhir",
+                "application/xml",
+            ]) {
+                best_xml = best_xml.max(q);
+            } else if is(&[
+                "application/fhir+json",
+                "application/json+fhir",
+                "application/json",
+                "application/*",
+                "*/*",
+            ]) {
+                best_json = best_json.max(q);
             }
         }
         if best_xml > best_json {

@@ -2,7 +2,7 @@
 //! `server`), forwarding, and the one place where a failure becomes a consumer-facing response.
 //!
 //! Each step consumes the previous step's output: `Request` -> `Target` + `SspHeaders` -> `Permit` ->
-//! upstream `Response` -> streamed body. Failures are small [`Refusal`] values that know whose fault they were;
+//! upstream `Response` -> streamed body. Failures are small [`Refusal`] values with a bounded reason label;
 //! [`Refusal::respond`] turns them into OperationOutcomes. No sockets, no parsing details.
 
 use std::convert::Infallible;
@@ -60,13 +60,6 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
 }
 
-/// Whose fault a refusal was: decides the log level (and, later, metric labels).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    Consumer,
-    Provider,
-}
-
 /// Why a request was not forwarded, or failed upstream before a response.
 #[derive(Debug)]
 pub enum Refusal {
@@ -87,13 +80,6 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn fault(&self) -> Fault {
-        match self {
-            Refusal::Upstream { .. } => Fault::Provider,
-            _ => Fault::Consumer,
-        }
-    }
-
     /// A bounded label for logs and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -262,7 +248,8 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
-        let format = Format::negotiate(parts.headers.get(header::ACCEPT));
+        // Only a refusal needs the answer's format; keep the header (a refcount) and negotiate then.
+        let accept = parts.headers.get(header::ACCEPT).cloned();
         let trace_id = parts.headers.get(ssp::HEADER_TRACE_ID).cloned();
         // For the log line of a refusal or upstream failure (cheap: the values share the request's buffer).
         let asids = (
@@ -285,14 +272,17 @@ impl Proxy {
                         Ok(response) => return Ok(response),
                         Err(refusal) => {
                             log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
-                            return Ok(refusal.respond(format, trace_id, &self.allow).0);
+                            return Ok(refusal
+                                .respond(Format::negotiate(accept.as_ref()), trace_id, &self.allow)
+                                .0);
                         }
                     },
                 }
             }
         };
         log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
-        let (response, text) = refusal.respond(format, trace_id, &self.allow);
+        let (response, text) =
+            refusal.respond(Format::negotiate(accept.as_ref()), trace_id, &self.allow);
         let interaction = parts
             .headers
             .get(ssp::HEADER_INTERACTION_ID)
@@ -342,7 +332,7 @@ impl Proxy {
             SystemTime::now(),
         ) {
             Decision::Permit(permit) => permit,
-            Decision::Deny(denial, _) => return Err(Refusal::Denied(denial)),
+            Decision::Deny(denial) => return Err(Refusal::Denied(denial)),
         };
         // 10: the audit token.
         let jwt = self.check_jwt(&parts.headers, &permit, conn)?;
@@ -568,7 +558,7 @@ impl Proxy {
             tracing::info!(
                 conn = conn.id,
                 trace_id = %permit.request().headers.trace_id,
-                violations = ?audit.violations,
+                violations = ?audit.violations(),
                 "audit token invalid; forwarded (jwt.mode = audit)"
             );
         }

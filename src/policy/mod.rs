@@ -247,8 +247,7 @@ fn sorted(set: &HashSet<InteractionId>) -> String {
 #[derive(Debug)]
 pub enum Decision {
     Permit(Permit),
-    /// The request is handed back so the caller can still audit and answer it.
-    Deny(Denial, Box<SspRequest>),
+    Deny(Denial),
 }
 
 impl Policy {
@@ -261,7 +260,7 @@ impl Policy {
                 jwt_keys,
                 generation: self.generation,
             }),
-            Err(denial) => Decision::Deny(denial, Box::new(request)),
+            Err(denial) => Decision::Deny(denial),
         }
     }
 
@@ -483,20 +482,8 @@ impl Policy {
         self.known.contains(interaction)
     }
 
-    pub fn system(&self, asid: &Asid) -> Option<&System> {
-        self.systems.get(asid)
-    }
-
     pub fn endpoint(&self, asid: &Asid) -> Option<&Endpoint> {
         self.endpoints.get(asid).map(|e| &**e)
-    }
-
-    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
-        self.endpoints.values().map(|e| &**e)
-    }
-
-    pub fn systems(&self) -> impl Iterator<Item = &System> {
-        self.systems.values()
     }
 
     /// Counts of systems, endpoints and agreements, for logs.
@@ -1062,7 +1049,7 @@ not_after = "2027-12-31T23:59:59Z"
     ) -> Result<u64, Denial> {
         match policy().check(request(from, to, interaction, target), &peer(cn), at(now)) {
             Decision::Permit(p) => Ok(p.generation()),
-            Decision::Deny(d, _) => Err(d),
+            Decision::Deny(d) => Err(d),
         }
     }
 
@@ -1177,10 +1164,7 @@ not_after = "2027-12-31T23:59:59Z"
             &peer(CN),
             later,
         );
-        assert!(matches!(
-            denied,
-            Decision::Deny(Denial::NoAgreement { .. }, _)
-        ));
+        assert!(matches!(denied, Decision::Deny(Denial::NoAgreement { .. })));
     }
 
     #[test]
@@ -1384,7 +1368,7 @@ not_after = "2027-12-31T23:59:59Z"
             }
             let checked = match p.check(req, &peer(fqdn.unwrap_or(CN)), at(NOW)) {
                 Decision::Permit(_) => None,
-                Decision::Deny(d, _) => Some(d.check()),
+                Decision::Deny(d) => Some(d.check()),
             };
             assert_eq!(checked, fails_at);
         }
