@@ -251,14 +251,26 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Serv
         assembled.server_tls,
         assembled.client_tls,
     ));
-    let upstream = Upstream::new(&config.upstream, Arc::clone(&tls));
+    let upstream = Upstream::new(
+        &config.upstream,
+        config.limits.per_provider_connections,
+        Arc::clone(&tls),
+    );
     let proxy = Arc::new(Proxy::new(
         config.server.methods.clone(),
         assembled.policy,
         &config.jwt,
         upstream,
+        crate::limits::Limits::new(config.limits),
         audit,
         metrics,
     ));
-    Server::bind(&config.server, tls, proxy, config.admin_listen).await
+    Server::bind(
+        &config.server,
+        &config.limits,
+        tls,
+        proxy,
+        config.admin_listen,
+    )
+    .await
 }

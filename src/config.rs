@@ -57,6 +57,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    limits: RawLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +168,25 @@ struct RawAudit {
     instance: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    /// Requests per second one consumer ASID may send (token bucket). 0 or absent: unlimited.
+    per_consumer_rps: Option<u32>,
+    /// Requests a consumer may send at once above its rate after a quiet spell. Default `per_consumer_rps`.
+    per_consumer_burst: Option<u32>,
+    /// Exchanges one consumer ASID may have open at once. 0 or absent: unlimited.
+    per_consumer_concurrency: Option<u32>,
+    /// Exchanges one provider ASID may have open at once, over all consumers. 0 or absent: unlimited.
+    per_provider_concurrency: Option<u32>,
+    /// TLS connections the proxy may hold open to one provider (host:port), idle ones included. Default 256.
+    per_provider_connections: Option<u32>,
+    /// Bytes of request headers (names plus values) a request may carry. Default `64KiB`.
+    max_header_bytes: Option<String>,
+    /// Header fields a request may carry. Default 100.
+    max_header_count: Option<u32>,
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Validated form.
 
@@ -182,6 +203,33 @@ pub struct Config {
     pub log: LogConfig,
     /// The admin listener's address.
     pub admin_listen: SocketAddr,
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: throttling (check 11) and request-size limits. A zero count means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsConfig {
+    pub per_consumer_rps: u32,
+    pub per_consumer_burst: u32,
+    pub per_consumer_concurrency: u32,
+    pub per_provider_concurrency: u32,
+    pub per_provider_connections: u32,
+    pub max_header_bytes: usize,
+    pub max_header_count: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            per_consumer_rps: 0,
+            per_consumer_burst: 0,
+            per_consumer_concurrency: 0,
+            per_provider_concurrency: 0,
+            per_provider_connections: 256,
+            max_header_bytes: 64 << 10,
+            max_header_count: 100,
+        }
+    }
 }
 
 /// The operational log (never the audit trail, never tokens, claims or patient identifiers).
@@ -285,6 +333,7 @@ impl Config {
         let jwt = v.jwt(raw.jwt);
         let audit = v.audit(raw.audit);
         let log = v.log(raw.log);
+        let limits = v.limits(raw.limits);
         let admin_text = raw.admin.listen.unwrap_or_else(|| "127.0.0.1:9090".into());
         let admin_listen = admin_text.parse().unwrap_or_else(|_| {
             v.problem(
@@ -307,6 +356,7 @@ impl Config {
             audit,
             log,
             admin_listen,
+            limits,
         })
     }
 }
@@ -537,6 +587,57 @@ impl Validator<'_> {
         }
     }
 
+    fn limits(&mut self, raw: RawLimits) -> LimitsConfig {
+        let d = LimitsConfig::default();
+        let per_consumer_rps = raw.per_consumer_rps.unwrap_or(0);
+        let per_consumer_burst = raw.per_consumer_burst.unwrap_or(per_consumer_rps);
+        if per_consumer_rps > 0 && per_consumer_burst == 0 {
+            self.problem(
+                "limits.per_consumer_burst",
+                "must be at least 1 when per_consumer_rps is set",
+            );
+        }
+        let per_provider_connections = raw
+            .per_provider_connections
+            .unwrap_or(d.per_provider_connections);
+        if per_provider_connections == 0 {
+            self.problem("limits.per_provider_connections", "must be at least 1");
+        }
+        // hyper refuses request heads over its own buffer limits before we see them; below 1KiB no GP Connect
+        // request fits (the token alone is about 1.5KiB).
+        const HEADER_BYTES: std::ops::RangeInclusive<u64> = 1024..=(1 << 20);
+        let max_header_bytes = match raw.max_header_bytes {
+            None => d.max_header_bytes,
+            Some(text) => match parse_size(&text) {
+                Some(n) if HEADER_BYTES.contains(&n) => n as usize,
+                _ => {
+                    self.problem(
+                        "limits.max_header_bytes",
+                        format_args!("{text:?} is not a size from 1KiB to 1MiB like \"64KiB\""),
+                    );
+                    d.max_header_bytes
+                }
+            },
+        };
+        let max_header_count = raw.max_header_count.unwrap_or(100);
+        if !(8..=1000).contains(&max_header_count) {
+            self.problem("limits.max_header_count", "must be from 8 to 1000");
+        }
+        LimitsConfig {
+            per_consumer_rps,
+            per_consumer_burst: if per_consumer_rps == 0 {
+                0
+            } else {
+                per_consumer_burst.max(1)
+            },
+            per_consumer_concurrency: raw.per_consumer_concurrency.unwrap_or(0),
+            per_provider_concurrency: raw.per_provider_concurrency.unwrap_or(0),
+            per_provider_connections: per_provider_connections.max(1),
+            max_header_bytes,
+            max_header_count: max_header_count.clamp(8, 1000) as usize,
+        }
+    }
+
     fn upstream(&mut self, raw: RawUpstream) -> UpstreamConfig {
         if raw.ca.is_empty() {
             self.problem("upstream.ca", "at least one CA file is required");
@@ -692,6 +793,8 @@ ca = ["ca.crt"]
                 level: "info".into()
             }
         );
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.max_header_bytes, 64 * 1024);
     }
 
     #[test]
@@ -710,7 +813,8 @@ ca = ["ca.crt"]
         let text = MINIMAL.replace(
             "[upstream]",
             "listen = \"nowhere\"\ntls_versions = [\"1.1\"]\nmethods = [\"TRACE\", \"get\"]\nhandshake_timeout = \"10 seconds\"\n[upstream]\nresolve = { \"nohost\" = \"1.2.3.4:5\", \"h:443\" = \"h:443\" }",
-        ) + "[jwt]\nmode = \"strict\"\nprofile = \"gpconnect-2\"\n";
+        ) + "[jwt]\nmode = \"strict\"\nprofile = \"gpconnect-2\"\n"
+            + "[limits]\nper_consumer_rps = 5\nper_consumer_burst = 0\nper_provider_connections = 0\nmax_header_bytes = \"64\"\nmax_header_count = 3\n";
         let err = Config::parse(&text, Path::new("ssp.toml")).unwrap_err();
         let all = err.to_string();
         for key in [
@@ -723,6 +827,10 @@ ca = ["ca.crt"]
             "upstream.resolve.\"h:443\"",
             "jwt.mode",
             "jwt.profile",
+            "limits.per_consumer_burst",
+            "limits.per_provider_connections",
+            "limits.max_header_bytes",
+            "limits.max_header_count",
         ] {
             assert!(all.contains(key), "missing {key} in {all}");
         }

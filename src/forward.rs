@@ -82,6 +82,10 @@ pub struct Connector {
     /// `host:port` (lower case) to the address to dial instead of resolving.
     resolve: Arc<HashMap<String, SocketAddr>>,
     connect_timeout: Duration,
+    /// One semaphore per provider `host:port`, bounding the TLS connections held open to it (idle ones
+    /// included). The hosts are those of permitted targets, so the map holds registered endpoints only.
+    slots: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+    per_provider_connections: usize,
 }
 
 impl std::fmt::Debug for Connector {
@@ -118,7 +122,21 @@ impl Connector {
                 .map_err(|e| ConnectError(format!("bad server name: {e}")))?,
         };
         let key = format!("{}:{port}", host.to_ascii_lowercase());
+        let slots = {
+            let mut all = self
+                .slots
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(all.entry(key.clone()).or_insert_with(|| {
+                Arc::new(tokio::sync::Semaphore::new(self.per_provider_connections))
+            }))
+        };
         let dial = async {
+            // Waits, within the connect timeout, for one of the provider's connections to close.
+            let slot = slots
+                .acquire_owned()
+                .await
+                .map_err(|_| io::Error::other("provider connection limit closed"))?;
             let addrs: Vec<SocketAddr> = match self.resolve.get(&key) {
                 Some(addr) => vec![*addr],
                 None => tokio::net::lookup_host((bare_host, port)).await?.collect(),
@@ -131,7 +149,7 @@ impl Connector {
                         let tls = TlsConnector::from(self.tls.client())
                             .connect(server_name.clone(), tcp)
                             .await?;
-                        return Ok(tls);
+                        return Ok((tls, slot));
                     }
                     Err(e) => last = e,
                 }
@@ -139,8 +157,9 @@ impl Connector {
             Err(last)
         };
         match tokio::time::timeout(self.connect_timeout, dial).await {
-            Ok(Ok(tls)) => Ok(UpstreamIo {
+            Ok(Ok((tls, slot))) => Ok(UpstreamIo {
                 inner: TokioIo::new(tls),
+                _slot: slot,
             }),
             Ok(Err(e)) => Err(Box::new(e)),
             Err(_) => Err(Box::new(ConnectError("connect timed out".into()))),
@@ -166,6 +185,8 @@ impl tower_service::Service<http::Uri> for Connector {
 #[derive(Debug)]
 pub struct UpstreamIo {
     inner: TokioIo<TlsStream<TcpStream>>,
+    /// This connection's place under `limits.per_provider_connections`, given back when it closes.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connection for UpstreamIo {
@@ -229,11 +250,17 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig, tls: Arc<crate::tls::Reloadable>) -> Self {
+    pub fn new(
+        cfg: &UpstreamConfig,
+        per_provider_connections: u32,
+        tls: Arc<crate::tls::Reloadable>,
+    ) -> Self {
         let connector = Connector {
             tls,
             resolve: Arc::new(cfg.resolve.clone()),
             connect_timeout: cfg.connect_timeout,
+            slots: Arc::default(),
+            per_provider_connections: per_provider_connections.max(1) as usize,
         };
         let client = Client::builder(TokioExecutor::new())
             // Without a timer the idle timeout silently does nothing.

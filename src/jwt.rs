@@ -109,6 +109,8 @@ pub enum Violation {
     TooLarge,
     /// Not three base64url parts (padding, `+`, `/`, raw JSON and the like) or not JSON objects.
     Malformed,
+    /// A JSON object in the header or claims repeats a key.
+    DuplicateKey,
     /// The header is not exactly `{"alg":"none","typ":"JWT"}` (or, for a system with keys, a supported signing
     /// algorithm).
     Header,
@@ -149,6 +151,7 @@ impl Violation {
             Violation::MissingToken => "MISSING_TOKEN",
             Violation::TooLarge => "TOO_LARGE",
             Violation::Malformed => "MALFORMED",
+            Violation::DuplicateKey => "DUPLICATE_KEY",
             Violation::Header => "HEADER",
             Violation::UnexpectedSignature => "UNEXPECTED_SIGNATURE",
             Violation::SignatureRequired => "SIGNATURE_REQUIRED",
@@ -673,7 +676,7 @@ fn is_base64url(part: &str) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// One base64url part (no padding, no `+` or `/`) holding a JSON object.
+/// One base64url part (no padding, no `+` or `/`) holding a JSON object whose keys are distinct at every depth.
 fn json_object(part: &str) -> Result<Map<String, Value>, Violation> {
     if part.is_empty() || !is_base64url(part) {
         return Err(Violation::Malformed);
@@ -681,9 +684,84 @@ fn json_object(part: &str) -> Result<Map<String, Value>, Violation> {
     let bytes = URL_SAFE_NO_PAD
         .decode(part)
         .map_err(|_| Violation::Malformed)?;
-    match serde_json::from_slice(&bytes) {
+    // serde_json bounds nesting (128 levels) and the token size bounds everything else.
+    let mut reader = serde_json::Deserializer::from_slice(&bytes);
+    let parsed = serde::de::DeserializeSeed::deserialize(StrictJson, &mut reader)
+        .and_then(|value| reader.end().map(|()| value));
+    match parsed {
         Ok(Value::Object(map)) => Ok(map),
+        Err(e) if e.to_string().starts_with(DUPLICATE_KEY) => Err(Violation::DuplicateKey),
         _ => Err(Violation::Malformed),
+    }
+}
+
+const DUPLICATE_KEY: &str = "duplicate key";
+
+/// Reads a JSON value like `serde_json::Value` does, but refuses an object that repeats a key: two readers of the
+/// same token (this proxy and the provider) must not be able to see different claims.
+struct StrictJson;
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictJson {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictJson {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(StrictJson)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(DUPLICATE_KEY));
+            }
+            let value = map.next_value_seed(StrictJson)?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
     }
 }
 
@@ -823,6 +901,69 @@ mod tests {
         assert_eq!(
             with(|c| c["exp"] = json!("1795000300")),
             vec!["INVALID_EXP"]
+        );
+    }
+
+    #[test]
+    fn hostile_tokens_are_refused_by_name() {
+        let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+        let token = |payload: &str| format!("{h}.{}.", URL_SAFE_NO_PAD.encode(payload));
+        // Huge: refused before any decoding.
+        let huge = token(&format!(r#"{{"iss":"{}"}}"#, "a".repeat(MAX_TOKEN_BYTES)));
+        assert_eq!(names(&check_token(&huge, READ)), vec!["TOO_LARGE"]);
+        // Deeply nested: serde_json's depth limit, not the stack.
+        let deep = format!(r#"{{"iss":{}1{}}}"#, "[".repeat(5_000), "]".repeat(5_000));
+        assert!(token(&deep).len() < MAX_TOKEN_BYTES);
+        assert_eq!(names(&check_token(&token(&deep), READ)), vec!["MALFORMED"]);
+        // A repeated claim, at the top or inside a resource, and a repeated header key.
+        let mut text = claims().to_string();
+        text.insert_str(1, r#""sub":"someone-else","#);
+        assert_eq!(
+            names(&check_token(&token(&text), READ)),
+            vec!["DUPLICATE_KEY"]
+        );
+        let nested = claims().to_string().replacen(
+            r#""resourceType":"Practitioner""#,
+            r#""resourceType":"Practitioner","resourceType":"Patient""#,
+            1,
+        );
+        assert_ne!(nested, claims().to_string());
+        assert_eq!(
+            names(&check_token(&token(&nested), READ)),
+            vec!["DUPLICATE_KEY"]
+        );
+        let dup_header = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","alg":"none","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(claims().to_string())
+        );
+        assert_eq!(
+            names(&check_token(&dup_header, READ)),
+            vec!["DUPLICATE_KEY"]
+        );
+        // Wrong types: a number for a string, a string for a number, an array for a resource.
+        for (claim, value, name) in [
+            ("iss", json!(42), "INVALID_ISS"),
+            ("iat", json!("1795000000"), "INVALID_IAT"),
+            (
+                "requesting_device",
+                json!([1, 2]),
+                "INVALID_REQUESTING_DEVICE",
+            ),
+        ] {
+            let mut c = claims();
+            c[claim] = value;
+            assert!(
+                names(&check_token(&encode_unsigned(&c), READ)).contains(&name),
+                "{claim}"
+            );
+        }
+        // Not an object, and trailing bytes after one.
+        assert_eq!(names(&check_token(&token("[1]"), READ)), vec!["MALFORMED"]);
+        let trailing = format!("{} x", claims());
+        assert_eq!(
+            names(&check_token(&token(&trailing), READ)),
+            vec!["MALFORMED"]
         );
     }
 

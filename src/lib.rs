@@ -55,6 +55,7 @@ pub mod forward;
 pub mod ids;
 pub mod jwt;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod outcome;
 pub mod policy;

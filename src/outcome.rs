@@ -19,6 +19,10 @@ pub enum IssueCode {
     Invalid,
     Forbidden,
     Transient,
+    /// A limit was hit (429, or 503 for a provider's).
+    Throttled,
+    /// The request is too large to read (431).
+    TooLong,
 }
 
 impl IssueCode {
@@ -27,6 +31,8 @@ impl IssueCode {
             IssueCode::Invalid => "invalid",
             IssueCode::Forbidden => "forbidden",
             IssueCode::Transient => "transient",
+            IssueCode::Throttled => "throttled",
+            IssueCode::TooLong => "too-long",
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::forward::{
 };
 use crate::ids::PeerIdentity;
 use crate::jwt::{Expect, JwtAudit, Mode, Validator, Violation};
+use crate::limits::{Admission, Limits, Throttle};
 use crate::metrics::{Metrics, OTHER};
 use crate::outcome::{Format, IssueCode, Outcome, Severity};
 use crate::policy::{Decision, Denial, Permit, Policy};
@@ -55,6 +56,8 @@ pub struct Proxy {
     /// Check 10; `None` when `jwt.mode = "off"`.
     jwt: Option<(Mode, Validator)>,
     upstream: Upstream,
+    /// Check 11, and the header limits checked before everything else.
+    limits: Arc<Limits>,
     /// Check 12 and the response records.
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
@@ -63,6 +66,8 @@ pub struct Proxy {
 /// Why a request was not forwarded, or failed upstream before a response.
 #[derive(Debug)]
 pub enum Refusal {
+    /// Before check 2: more header bytes or fields than `limits.max_header_bytes` / `max_header_count`.
+    HeadersTooLarge,
     /// Check 2.
     Method,
     /// Check 3.
@@ -73,6 +78,8 @@ pub enum Refusal {
     Denied(Denial),
     /// Check 10, in enforce mode: the first violation of the audit token, and what was read of it.
     Jwt(Violation, Box<JwtAudit>),
+    /// Check 11: a consumer or provider limit; carries the ASID the text names.
+    Throttled(Throttle, crate::ids::Asid),
     /// Check 12: the request record could not be written.
     AuditUnavailable,
     /// The provider could not be reached or stayed silent; carries the target text for the error.
@@ -83,11 +90,13 @@ impl Refusal {
     /// A bounded label for logs and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
+            Refusal::HeadersTooLarge => "request_header_fields_too_large",
             Refusal::Method => "method_not_allowed",
             Refusal::Target(_) => "invalid_target_url",
             Refusal::Header(_) => "missing_or_invalid_header",
             Refusal::Denied(d) => d.reason(),
             Refusal::Jwt(..) => "invalid_jwt",
+            Refusal::Throttled(t, _) => t.reason(),
             Refusal::AuditUnavailable => "audit_unavailable",
             Refusal::Upstream { error, .. } => match error {
                 ForwardError::Unreachable(_) => "error_communicating_to_endpoint",
@@ -100,6 +109,32 @@ impl Refusal {
     fn parts(&self) -> (StatusCode, IssueCode, Severity, String) {
         use IssueCode::*;
         match self {
+            Refusal::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                TooLong,
+                Severity::Error,
+                "REQUEST_HEADER_FIELDS_TOO_LARGE".into(),
+            ),
+            Refusal::Throttled(
+                t @ (Throttle::ConsumerRate { .. } | Throttle::ConsumerConcurrency { .. }),
+                from,
+            ) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                Throttled,
+                Severity::Error,
+                match t {
+                    Throttle::ConsumerRate { .. } => {
+                        format!("RATE_LIMIT_EXCEEDED_MESSAGESENDER_{from}")
+                    }
+                    _ => format!("CONCURRENCY_LIMIT_EXCEEDED_MESSAGESENDER_{from}"),
+                },
+            ),
+            Refusal::Throttled(Throttle::ProviderConcurrency { .. }, to) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Throttled,
+                Severity::Error,
+                format!("PROVIDER_CONCURRENCY_LIMIT_EXCEEDED_MESSAGERECEIVER_{to}"),
+            ),
             Refusal::Method => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 Forbidden,
@@ -185,9 +220,23 @@ impl Refusal {
         if status == StatusCode::METHOD_NOT_ALLOWED {
             headers.insert(header::ALLOW, allow.clone());
         }
+        if let Refusal::Throttled(throttle, _) = self {
+            let (limit, remaining, reset) = throttle.headers();
+            headers.insert(X_RATE_LIMIT_LIMIT, HeaderValue::from(limit));
+            headers.insert(X_RATE_LIMIT_REMAINING, HeaderValue::from(remaining));
+            headers.insert(X_RATE_LIMIT_RESET, HeaderValue::from(reset));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(reset));
+        }
         (response, text)
     }
 }
+
+pub const X_RATE_LIMIT_LIMIT: http::HeaderName =
+    http::HeaderName::from_static("x-rate-limit-limit");
+pub const X_RATE_LIMIT_REMAINING: http::HeaderName =
+    http::HeaderName::from_static("x-rate-limit-remaining");
+pub const X_RATE_LIMIT_RESET: http::HeaderName =
+    http::HeaderName::from_static("x-rate-limit-reset");
 
 impl Proxy {
     pub fn new(
@@ -195,6 +244,7 @@ impl Proxy {
         policy: Arc<Policy>,
         jwt: &JwtConfig,
         upstream: Upstream,
+        limits: Arc<Limits>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -216,9 +266,14 @@ impl Proxy {
                 },
             )),
             upstream,
+            limits,
             audit,
             metrics,
         }
+    }
+
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -260,13 +315,19 @@ impl Proxy {
         let policy = self.policy.load_full();
         let refusal = match self.check(&policy, &parts, conn) {
             Err(refusal) => refusal,
-            Ok((permit, jwt)) => {
+            Ok((permit, jwt, admission)) => {
                 // 12: the request record is written (per `audit.durability`) before anything is forwarded.
                 let record = self.request_record(&permit, jwt, &parts, conn);
                 match self.audit.write(record).await {
                     Err(_) => Refusal::AuditUnavailable,
                     Ok(()) => match self
-                        .forward(permit, Request::from_parts(parts, body), conn, started)
+                        .forward(
+                            permit,
+                            admission,
+                            Request::from_parts(parts, body),
+                            conn,
+                            started,
+                        )
                         .await
                     {
                         Ok(response) => return Ok(response),
@@ -309,13 +370,20 @@ impl Proxy {
         Ok(response)
     }
 
-    /// Checks 2 to 10, in order; the first failure wins.
+    /// The header limits, then checks 2 to 11, in order; the first failure wins.
     fn check(
         &self,
         policy: &Policy,
         parts: &http::request::Parts,
         conn: &ConnInfo,
-    ) -> Result<(Permit, Option<JwtAudit>), Refusal> {
+    ) -> Result<(Permit, Option<JwtAudit>, Admission), Refusal> {
+        // Size first: nothing else reads a request that is too large to be one.
+        let limits = self.limits.config();
+        if parts.headers.len() > limits.max_header_count
+            || header_bytes(&parts.headers) > limits.max_header_bytes
+        {
+            return Err(Refusal::HeadersTooLarge);
+        }
         // 2: method.
         if !self.methods.contains(&parts.method) {
             return Err(Refusal::Method);
@@ -336,18 +404,31 @@ impl Proxy {
         };
         // 10: the audit token.
         let jwt = self.check_jwt(&parts.headers, &permit, conn)?;
-        Ok((permit, jwt))
+        // 11: limits, counted from here until the exchange ends.
+        let h = &permit.request().headers;
+        let admission = self
+            .limits
+            .admit(&h.from, &h.to, std::time::Instant::now())
+            .map_err(|t| {
+                let named = match t {
+                    Throttle::ProviderConcurrency { .. } => h.to.clone(),
+                    _ => h.from.clone(),
+                };
+                Refusal::Throttled(t, named)
+            })?;
+        Ok((permit, jwt, admission))
     }
 
     /// Forwards a permitted request, streaming both ways. The response record is written when the exchange ends.
     async fn forward(
         &self,
         permit: Permit,
+        admission: Admission,
         request: Request<Incoming>,
         conn: &ConnInfo,
         started: Instant,
     ) -> Result<Response<ProxyBody>, Refusal> {
-        let exchange = self.exchange(&permit, conn, started);
+        let exchange = self.exchange(&permit, admission, conn, started);
         let response = match self
             .upstream
             .send(&permit, request, conn.remote, &exchange)
@@ -380,7 +461,13 @@ impl Proxy {
 
     /// The exchange accounting of a forwarded request; when it ends it writes the response record and one
     /// operational log line.
-    fn exchange(&self, permit: &Permit, conn: &ConnInfo, started: Instant) -> Arc<Exchange> {
+    fn exchange(
+        &self,
+        permit: &Permit,
+        admission: Admission,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> Arc<Exchange> {
         let h = &permit.request().headers;
         let (trace_id, from, to, interaction) = (
             h.trace_id.clone(),
@@ -392,6 +479,8 @@ impl Proxy {
         let audit = Arc::clone(&self.audit);
         let metrics = Arc::clone(&self.metrics);
         Exchange::new(started, move |s| {
+            // The exchange is over: its consumer and provider limits are free again.
+            drop(admission);
             // A permitted interaction is one the policy names, so it is a bounded label.
             metrics.request_done(
                 interaction.as_str(),
@@ -564,6 +653,14 @@ impl Proxy {
         }
         Ok(Some(audit))
     }
+}
+
+/// Bytes of header names and values, as `limits.max_header_bytes` counts them.
+fn header_bytes(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum()
 }
 
 /// Longest raw `Ssp-*` header value kept in a refusal's audit record.

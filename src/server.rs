@@ -50,6 +50,7 @@ impl Server {
     /// Binds the listener. Fails only on the socket.
     pub async fn bind(
         cfg: &ServerConfig,
+        limits: &crate::config::LimitsConfig,
         tls: Arc<crate::tls::Reloadable>,
         proxy: Arc<Proxy>,
         admin: SocketAddr,
@@ -66,8 +67,14 @@ impl Server {
             .timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
             .keep_alive(true)
-            .preserve_header_case(true);
-        http.http2().timer(TokioTimer::new());
+            .preserve_header_case(true)
+            // hyper's own limits sit above ours, so that a request just over ours reaches the proxy and gets a
+            // documented 431 with its audit records; beyond hyper's, hyper answers a bare 431 and closes.
+            .max_headers(limits.max_header_count * 2)
+            .max_buf_size((limits.max_header_bytes * 2 + 16 * 1024).max(8192));
+        http.http2().timer(TokioTimer::new()).max_header_list_size(
+            u32::try_from(limits.max_header_bytes * 2 + 16 * 1024).unwrap_or(u32::MAX),
+        );
         Ok(Self {
             listener,
             tls,
@@ -185,6 +192,9 @@ impl Drop for ActiveConnection {
     }
 }
 
+/// The whole answer to plain HTTP on the TLS port.
+const PLAINTEXT_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 78\r\nConnection: close\r\n\r\nThis port speaks HTTPS with TLS mutual authentication; plain HTTP is refused.\n";
+
 /// One accepted TCP connection on its way to being served.
 struct Connection {
     id: u64,
@@ -202,24 +212,47 @@ impl Connection {
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let _ = tcp.set_nodelay(true);
+        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
+        // Plain HTTP sent to this port gets one short plain-text answer instead of a TLS alert it cannot read.
+        // A TLS ClientHello starts with 0x16; an HTTP request line with an upper-case method letter.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+            Ok(Ok(1..)) if first[0].is_ascii_uppercase() => {
+                self.proxy.metrics().tls_failure("plaintext_http");
+                tracing::info!(conn = self.id, %remote, "plain HTTP on the TLS port; answered 400");
+                let mut tcp = tcp;
+                let _ = tokio::time::timeout_at(deadline, async {
+                    tokio::io::AsyncWriteExt::write_all(&mut tcp, PLAINTEXT_ANSWER).await?;
+                    tokio::io::AsyncWriteExt::shutdown(&mut tcp).await
+                })
+                .await;
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                self.proxy.metrics().tls_failure("timeout");
+                tracing::info!(conn = self.id, %remote, "TLS handshake timed out");
+                return;
+            }
+        }
         // Check 1: the handshake verifies the chain, expiry, CRL and TLS version; failing it ends the connection
         // with no HTTP at all.
-        let tls =
-            match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    self.proxy
-                        .metrics()
-                        .tls_failure(crate::metrics::tls_failure_reason(&e));
-                    tracing::info!(conn = self.id, %remote, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    self.proxy.metrics().tls_failure("timeout");
-                    tracing::info!(conn = self.id, %remote, "TLS handshake timed out");
-                    return;
-                }
-            };
+        let tls = match tokio::time::timeout_at(deadline, self.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.proxy
+                    .metrics()
+                    .tls_failure(crate::metrics::tls_failure_reason(&e));
+                tracing::info!(conn = self.id, %remote, error = %e, "TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                self.proxy.metrics().tls_failure("timeout");
+                tracing::info!(conn = self.id, %remote, "TLS handshake timed out");
+                return;
+            }
+        };
         let peer = tls
             .get_ref()
             .1

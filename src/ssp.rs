@@ -42,6 +42,9 @@ pub enum TargetError {
     /// `%2F`, `%5C` or `%00` in the path: a provider that decodes before normalising could be walked out of
     /// its endpoint root, and FHIR ids never contain them.
     EncodedSeparator,
+    /// A byte outside visible ASCII: raw non-ASCII, a control character or a space. URLs carry those
+    /// percent-encoded, and hyper lets some through raw.
+    Unprintable,
     Unparseable,
 }
 
@@ -59,6 +62,9 @@ impl Target {
     pub fn parse(text: &str) -> Result<Self, TargetError> {
         if text.len() > MAX_TARGET_LEN {
             return Err(TargetError::TooLong);
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(TargetError::Unprintable);
         }
         let rest = text.strip_prefix("https://").ok_or(TargetError::NotHttps)?;
         if text.contains('#') {
@@ -306,6 +312,12 @@ mod tests {
             ("/https://h/gp/a%2Fb", EncodedSeparator),
             ("/https://h/gp/a%5cb", EncodedSeparator),
             ("/https://h/gp/a%00", EncodedSeparator),
+            ("/https://h/m\u{e9}tadata", Unprintable),
+            ("/https://h/a b", Unprintable),
+            ("/https://h/a\0", Unprintable),
+            ("/https://h/a\x7f", Unprintable),
+            ("/https://h/p?q=\u{e9}", Unprintable),
+            ("/https://h\u{430}/p", Unprintable),
         ];
         for (path, want) in cases {
             assert_eq!(target(path).err(), Some(want), "{path}");
@@ -401,6 +413,43 @@ mod tests {
         #[test]
         fn target_parser_never_panics(s in "/https://[a-z0-9.:@\\[\\]%/?#\\\\-]{0,40}") {
             let _ = target(&s);
+        }
+
+        #[test]
+        fn accepted_targets_keep_their_promises(s in "/https://[a-zA-Z0-9.:@\\[\\]%/?#\\\\ \u{e9}\u{0}\u{7f}-]{0,60}") {
+            if let Ok(t) = target(&s) {
+                let text = t.as_str();
+                prop_assert_eq!(text, &s[1..]);
+                prop_assert!(text.bytes().all(|b| b.is_ascii_graphic()));
+                let rest = &text["https://".len()..];
+                let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+                prop_assert!(!authority.is_empty() && !authority.contains('@'));
+                prop_assert_eq!(t.authority(), authority);
+                prop_assert!(!text.contains('#') && !text.contains('\\'));
+            }
+        }
+
+        #[test]
+        fn accepted_headers_are_single_and_unchanged(
+            values in proptest::collection::vec(
+                (0usize..5, proptest::collection::vec(any::<u8>(), 0..40)), 0..8),
+        ) {
+            const NAMES: [&str; 5] = ["ssp-traceid", "ssp-from", "ssp-to", "ssp-interactionid", "x-other"];
+            let mut headers = HeaderMap::new();
+            for (name, value) in &values {
+                if let Ok(v) = HeaderValue::from_bytes(value) {
+                    headers.append(NAMES[*name], v);
+                }
+            }
+            if let Ok(h) = SspHeaders::parse(&headers) {
+                for (name, parsed) in NAMES.iter().zip([
+                    h.trace_id.as_str(), h.from.as_str(), h.to.as_str(), h.interaction.as_str(),
+                ]) {
+                    let all: Vec<_> = headers.get_all(*name).iter().collect();
+                    prop_assert_eq!(all.len(), 1);
+                    prop_assert_eq!(all[0].as_bytes(), parsed.as_bytes());
+                }
+            }
         }
 
         #[test]

@@ -1373,4 +1373,36 @@ not_after = "2027-12-31T23:59:59Z"
             assert_eq!(checked, fails_at);
         }
     }
+
+    proptest::proptest! {
+        /// Any edit of a valid policy compiles or is refused with reasons; never a panic, and an accepted text
+        /// compiles the same way twice.
+        #[test]
+        fn edited_policies_compile_or_are_refused(
+            edits in proptest::collection::vec(
+                (0usize..2000, proptest::prop_oneof![
+                    proptest::strategy::Just(String::new()),
+                    "[\\[\\]{}=\",.#\n a-z0-9*-]{1,6}",
+                    "\\PC{1,3}",
+                ], 0usize..8),
+                1..4),
+        ) {
+            let mut text = POLICY.to_string();
+            for (at, insert, cut) in edits {
+                let mut at = at % (text.len() + 1);
+                while !text.is_char_boundary(at) { at -= 1; }
+                let mut end = (at + cut).min(text.len());
+                while !text.is_char_boundary(end) { end += 1; }
+                text.replace_range(at..end, &insert);
+            }
+            let source = Source::from_files(vec![("p.toml".into(), text)]);
+            match Policy::compile(&source, 1) {
+                Ok(p) => {
+                    let again = Policy::compile(&source, 1).unwrap();
+                    proptest::prop_assert_eq!(p.counts(), again.counts());
+                }
+                Err(e) => proptest::prop_assert!(!e.problems.is_empty()),
+            }
+        }
+    }
 }

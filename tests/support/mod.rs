@@ -267,6 +267,73 @@ async fn provider_route(
     response
 }
 
+/// A provider that misbehaves below HTTP: TLS with the given config, then, by the request path's last segment,
+/// `garbage` (an answer that is not HTTP), `reset` (headers promising 100000 bytes, 1000 of them, then a TCP
+/// reset), `hangup` (the connection closed before any answer). Counts its requests.
+pub struct FaultProvider {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl FaultProvider {
+    pub async fn start(tls: Arc<rustls::ServerConfig>) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&requests);
+        let acceptor = TlsAcceptor::from(tls);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, count) = (acceptor.clone(), Arc::clone(&count));
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let line = String::from_utf8_lossy(&head)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_owned();
+                    let path = line.split(' ').nth(1).unwrap_or("");
+                    if path.ends_with("/garbage") {
+                        let _ = tls
+                            .write_all(b"SPDY/9 WHAT\r\n\x00\x01\x02 not http at all\r\n\r\n")
+                            .await;
+                        let _ = tls.flush().await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    } else if path.ends_with("/reset") {
+                        let _ = tls
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 100000\r\n\r\n")
+                            .await;
+                        let _ = tls.write_all(&[b'r'; 1000]).await;
+                        let _ = tls.flush().await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        // A reset, not a clean close: linger 0 makes close send RST.
+                        let (tcp, _) = tls.into_inner();
+                        let _ = tcp.set_zero_linger();
+                        drop(tcp);
+                    }
+                    // `hangup` and anything else: drop the connection without a word.
+                });
+            }
+        });
+        Self { addr, requests }
+    }
+}
+
 pub fn text(status: StatusCode, body: String) -> Response<TestBody> {
     let mut response = Response::new(
         Full::new(Bytes::from(body))
@@ -364,6 +431,12 @@ pub struct Setup {
     pub header_read_timeout: &'static str,
     /// An extra `[upstream.resolve]` line.
     pub extra_resolve: String,
+    /// `server.max_connections`.
+    pub max_connections: usize,
+    /// The body of the `[limits]` section.
+    pub limits: String,
+    /// More policy text (endpoints and agreements of a test's own), appended to `policies/test.toml`.
+    pub extra_policy: String,
 }
 
 impl Default for Setup {
@@ -378,6 +451,9 @@ impl Default for Setup {
             durability: "batched",
             header_read_timeout: "5s",
             extra_resolve: String::new(),
+            max_connections: 10_000,
+            limits: String::new(),
+            extra_policy: String::new(),
         }
     }
 }
@@ -408,6 +484,7 @@ crl = ["certs/ca.crl"]
 tls_versions = {tls}
 handshake_timeout = "{hst}"
 header_read_timeout = "{hrt}"
+max_connections = {max_connections}
 
 [upstream]
 cert = "certs/proxy-client.crt"
@@ -435,7 +512,12 @@ listen = "127.0.0.1:0"
 dir = "{audit_dir}"
 durability = "{durability}"
 instance = "test-instance"
+
+[limits]
+{limits}
 "#,
+        max_connections = setup.max_connections,
+        limits = setup.limits,
         audit_dir = setup.audit_dir,
         durability = setup.durability,
         jwt_mode = setup.jwt_mode,
@@ -519,7 +601,7 @@ interactions = ["*"]
     .unwrap();
     std::fs::write(dir.join("certs/jwt-signing.key"), signing.serialize_pem()).unwrap();
     std::fs::write(dir.join("ssp.toml"), config).unwrap();
-    std::fs::write(dir.join("policies/test.toml"), policy).unwrap();
+    std::fs::write(dir.join("policies/test.toml"), policy + &setup.extra_policy).unwrap();
     dir.join("ssp.toml")
 }
 
@@ -558,7 +640,11 @@ impl World {
     }
 
     pub async fn start_with(setup: Setup) -> Self {
-        let pki = Pki::generate();
+        Self::start_in(Pki::generate(), setup).await
+    }
+
+    /// Starts the world on a PKI the test already uses (for providers of its own).
+    pub async fn start_in(pki: Pki, setup: Setup) -> Self {
         let provider = Provider::start(&pki).await;
         let down = closed_port().await;
         let path = write_config(
@@ -904,6 +990,8 @@ pub fn ssp_bin() -> &'static Path {
 pub struct Served {
     pub child: std::process::Child,
     pub addr: SocketAddr,
+    /// Where the registered but stopped provider2 "listens" (nothing does).
+    pub down: SocketAddr,
 }
 
 impl Drop for Served {
@@ -920,19 +1008,37 @@ pub async fn serve(pki: &Pki, provider: SocketAddr) -> Served {
 
 /// As [`serve`], with extra environment for the child (e.g. `NOTIFY_SOCKET`).
 pub async fn serve_with_env(pki: &Pki, provider: SocketAddr, env: &[(&str, &str)]) -> Served {
+    serve_setup(
+        pki,
+        provider,
+        &Setup::default(),
+        env,
+        std::process::Stdio::inherit(),
+    )
+    .await
+}
+
+/// As [`serve`], with a test's own config knobs, environment, and somewhere for the child's log to go.
+pub async fn serve_setup(
+    pki: &Pki,
+    provider: SocketAddr,
+    setup: &Setup,
+    env: &[(&str, &str)],
+    stderr: std::process::Stdio,
+) -> Served {
     let addr = closed_port().await;
     let down = closed_port().await;
-    let config = write_config(pki, provider, down, addr, &Setup::default());
+    let config = write_config(pki, provider, down, addr, setup);
     let child = std::process::Command::new(ssp_bin())
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap();
-    let served = Served { child, addr };
+    let served = Served { child, addr, down };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         assert!(
