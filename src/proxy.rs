@@ -342,8 +342,15 @@ impl Proxy {
             }
         };
         log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
-        let (response, text) =
+        let (mut response, text) =
             refusal.respond(Format::negotiate(accept.as_ref()), trace_id, &self.allow);
+        // An unread request body means hyper will close the connection after this answer: say so, so that an
+        // HTTP/1.1 client does not send its next request into a closing connection.
+        if !body.is_end_stream() && parts.version <= http::Version::HTTP_11 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let interaction = parts
             .headers
             .get(ssp::HEADER_INTERACTION_ID)

@@ -109,6 +109,16 @@ async fn per_consumer_rate_gives_429_with_rate_limit_headers() {
     assert_eq!((limit.as_str(), remaining.as_str()), ("2", "0"));
     assert_eq!(reset, 1);
     assert_eq!(a.headers["ssp-traceid"], trace(3).as_str());
+    assert!(a.headers.get("connection").is_none());
+    // Refused with its body unread: the connection closes after the answer, and the answer says so.
+    let mut post = ssp_request(Method::POST, &format!("/{}/fhir/echo", w.url), STRUCTURED)
+        .body(full(vec![b'x'; 256 * 1024]))
+        .unwrap();
+    post.headers_mut()
+        .insert("ssp-traceid", trace(30).parse().unwrap());
+    let a = within("429 post", one.fetch(post)).await.unwrap();
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(a.headers["connection"], "close");
     assert_eq!(
         w.provider.seen().len(),
         2,
@@ -144,7 +154,7 @@ async fn per_consumer_rate_gives_429_with_rate_limit_headers() {
     assert_eq!(c.status, StatusCode::OK);
     let metrics = w.handle.metrics().render();
     assert!(
-        metrics.contains("ssp_denials_total{reason=\"consumer_rate_limit\"} 1"),
+        metrics.contains("ssp_denials_total{reason=\"consumer_rate_limit\"} 2"),
         "{metrics}"
     );
 }
