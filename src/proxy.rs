@@ -115,19 +115,17 @@ impl Refusal {
                 Severity::Error,
                 "REQUEST_HEADER_FIELDS_TOO_LARGE".into(),
             ),
-            Refusal::Throttled(
-                t @ (Throttle::ConsumerRate { .. } | Throttle::ConsumerConcurrency { .. }),
-                from,
-            ) => (
+            Refusal::Throttled(Throttle::ConsumerRate { .. }, from) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 Throttled,
                 Severity::Error,
-                match t {
-                    Throttle::ConsumerRate { .. } => {
-                        format!("RATE_LIMIT_EXCEEDED_MESSAGESENDER_{from}")
-                    }
-                    _ => format!("CONCURRENCY_LIMIT_EXCEEDED_MESSAGESENDER_{from}"),
-                },
+                format!("RATE_LIMIT_EXCEEDED_MESSAGESENDER_{from}"),
+            ),
+            Refusal::Throttled(Throttle::ConsumerConcurrency { .. }, from) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                Throttled,
+                Severity::Error,
+                format!("CONCURRENCY_LIMIT_EXCEEDED_MESSAGESENDER_{from}"),
             ),
             Refusal::Throttled(Throttle::ProviderConcurrency { .. }, to) => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -70,12 +70,7 @@ struct Tally {
 }
 
 fn proc_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    proc_status_kib(pid, "VmRSS:")
 }
 
 fn proc_fds(pid: u32) -> usize {
@@ -322,6 +317,12 @@ async fn soak_mixed_load_keeps_memory_fds_and_the_audit_trail() {
         println!("  {kind:?}: {statuses:?}");
     }
     println!("  unanswered: {:?}", tally.unanswered);
+    let every_10s: Vec<_> = samples
+        .iter()
+        .filter(|s| s.0.as_secs() % 10 == 0)
+        .map(|s| format!("{}s {} KiB {} fds", s.0.as_secs(), s.1, s.2))
+        .collect();
+    println!("  samples: {}", every_10s.join(", "));
     println!(
         "  RSS after warm-up {} KiB, max {} KiB, settled {} KiB; fds after warm-up {}, max {}, settled {}",
         first.1, max_rss, settled.0, first.2, max_fds, settled.1
