@@ -342,9 +342,10 @@ impl Proxy {
         log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
         let (mut response, text) =
             refusal.respond(Format::negotiate(accept.as_ref()), trace_id, &self.allow);
-        // An unread request body means hyper will close the connection after this answer: say so, so that an
-        // HTTP/1.1 client does not send its next request into a closing connection.
-        if !body.is_end_stream() && parts.version <= http::Version::HTTP_11 {
+        // An HTTP/1.1 connection can carry the consumer's next request only once this one's body has been read:
+        // a small body is read and discarded. Past the bound hyper closes the connection after the answer, and
+        // the answer says so, so that the client does not send its next request into a closing connection.
+        if parts.version <= http::Version::HTTP_11 && !drain(body).await {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -658,6 +659,36 @@ impl Proxy {
         }
         Ok(Some(audit))
     }
+}
+
+/// Largest refused request body read and discarded to keep its connection open.
+const MAX_DRAIN_BYTES: u64 = 64 * 1024;
+/// Longest a refusal waits for that body.
+const MAX_DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// Reads and discards a refused request's body; true when it ended within the bounds.
+async fn drain(mut body: Incoming) -> bool {
+    use http_body_util::BodyExt;
+    if body.is_end_stream() {
+        return true;
+    }
+    if body.size_hint().lower() > MAX_DRAIN_BYTES {
+        return false;
+    }
+    let read = async {
+        let mut seen = 0u64;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > MAX_DRAIN_BYTES {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(MAX_DRAIN_TIME, read)
+        .await
+        .unwrap_or(false)
 }
 
 /// Bytes of header names and values, as `limits.max_header_bytes` counts them.
