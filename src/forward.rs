@@ -40,7 +40,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ForwardError {
     /// No connection: name resolution, TCP, TLS, or the connection broke before a response (502).
     Unreachable(BoxError),
-    /// No response headers within `response_timeout` (504).
+    /// No response headers within `response_timeout`, or the request body went idle past `body_idle_timeout`
+    /// before they came (504).
     Timeout,
 }
 
@@ -66,7 +67,9 @@ impl std::fmt::Display for ForwardError {
                 }
                 Ok(())
             }
-            ForwardError::Timeout => f.write_str("provider sent no response headers in time"),
+            ForwardError::Timeout => {
+                f.write_str("timed out before the provider's response headers")
+            }
         }
     }
 }
@@ -306,10 +309,24 @@ impl Upstream {
                 strip_hop_by_hop(response.headers_mut());
                 Ok(response)
             }
+            // The consumer's body went quiet: a timeout, as the exchange records it, not an unreachable provider.
+            Ok(Err(e)) if is_idle_timeout(&e) => Err(ForwardError::Timeout),
             Ok(Err(e)) => Err(ForwardError::Unreachable(Box::new(e))),
             Err(_) => Err(ForwardError::Timeout),
         }
     }
+}
+
+/// True when [`IdleTimeout`] is somewhere in the error's source chain.
+fn is_idle_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<IdleTimeout>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded in either direction.
