@@ -76,9 +76,8 @@ impl Throttle {
 /// Counts one admitted exchange against its consumer and provider until dropped.
 #[derive(Debug)]
 pub struct Admission {
-    limits: Option<Arc<Limits>>,
-    from: Asid,
-    to: Asid,
+    /// What to give back; `None` when no limit counts anything.
+    held: Option<(Arc<Limits>, Asid, Asid)>,
 }
 
 impl Limits {
@@ -113,11 +112,7 @@ impl Limits {
         now: Instant,
     ) -> Result<Admission, Throttle> {
         if !self.counts_anything() {
-            return Ok(Admission {
-                limits: None,
-                from: from.clone(),
-                to: to.clone(),
-            });
+            return Ok(Admission { held: None });
         }
         let cfg = &self.cfg;
         let mut state = self.lock();
@@ -163,14 +158,13 @@ impl Limits {
         consumer.in_flight += 1;
         *provider += 1;
         Ok(Admission {
-            limits: Some(Arc::clone(self)),
-            from: from.clone(),
-            to: to.clone(),
+            held: Some((Arc::clone(self), from.clone(), to.clone())),
         })
     }
 
-    /// Open exchanges of a consumer and of a provider, for tests and the soak run.
-    pub fn in_flight(&self, from: &Asid, to: &Asid) -> (u32, u32) {
+    /// Open exchanges of a consumer and of a provider.
+    #[cfg(test)]
+    fn in_flight(&self, from: &Asid, to: &Asid) -> (u32, u32) {
         let state = self.lock();
         (
             state.consumers.get(from).map_or(0, |c| c.in_flight),
@@ -181,14 +175,14 @@ impl Limits {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let Some(limits) = self.limits.take() else {
+        let Some((limits, from, to)) = self.held.take() else {
             return;
         };
         let mut state = limits.lock();
-        if let Some(c) = state.consumers.get_mut(&self.from) {
+        if let Some(c) = state.consumers.get_mut(&from) {
             c.in_flight = c.in_flight.saturating_sub(1);
         }
-        if let Some(p) = state.providers.get_mut(&self.to) {
+        if let Some(p) = state.providers.get_mut(&to) {
             *p = p.saturating_sub(1);
         }
     }

@@ -270,10 +270,6 @@ impl Proxy {
         }
     }
 
-    pub fn limits(&self) -> &Arc<Limits> {
-        &self.limits
-    }
-
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }

@@ -189,21 +189,15 @@ async fn client(
             }
         };
         let status = response.status().as_u16();
-        // A refused request whose body was never read ends its connection (`Connection: close`).
-        if response
+        // A refused request with a large body ends its connection, and says so.
+        let closing = response
             .headers()
             .get("connection")
-            .is_some_and(|v| v == "close")
-        {
-            match kind {
-                Kind::GoodH2 => h2 = None,
-                Kind::Disconnect => {}
-                _ => h1 = None,
-            }
-        }
+            .is_some_and(|v| v == "close");
         tally.lock().unwrap().answered.push((trace, kind, status));
         let mut body = response.into_body();
         if kind == Kind::Disconnect {
+            // Its own connection, dropped with the body after the first 64 KiB.
             let mut got = 0;
             while got < 64 * 1024 {
                 match body.frame().await {
@@ -211,15 +205,14 @@ async fn client(
                     _ => break,
                 }
             }
-            drop(body);
-        } else {
-            // Read to the end (a stalled body ends in an error after the idle timeout).
-            let broken = tokio::time::timeout(STEP, body.collect()).await;
-            if !matches!(broken, Ok(Ok(_))) && kind != Kind::ProviderStall {
-                h1 = None;
-            }
-            if kind == Kind::ProviderStall {
-                h1 = None;
+            continue;
+        }
+        // Read to the end; a stalled body ends in an error after the idle timeout, and breaks its connection.
+        let complete = matches!(tokio::time::timeout(STEP, body.collect()).await, Ok(Ok(_)));
+        if closing || !complete {
+            match kind {
+                Kind::GoodH2 => h2 = None,
+                _ => h1 = None,
             }
         }
     }
