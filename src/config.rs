@@ -106,7 +106,7 @@ struct RawUpstream {
     body_idle_timeout: Option<String>,
     /// Idle pooled connections are closed after this. Default `90s`.
     pool_idle_timeout: Option<String>,
-    /// Idle pooled connections kept per provider. Default 64.
+    /// Idle pooled connections kept per provider. Default 256, as `limits.per_provider_connections`.
     pool_max_idle_per_host: Option<usize>,
     /// Static name resolution, `"host:port" = "ip:port"`. Default none (system resolver).
     #[serde(default)]
@@ -683,7 +683,7 @@ impl Validator<'_> {
                 raw.pool_idle_timeout,
                 Duration::from_secs(90),
             ),
-            pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(64),
+            pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
             resolve,
         }
     }
