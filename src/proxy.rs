@@ -500,20 +500,31 @@ impl Proxy {
                 ExchangeOutcome::Timeout => metrics.upstream_error("timeout"),
                 _ => {}
             }
-            tracing::info!(
-                conn = conn_id,
-                trace_id = %trace_id,
-                from = %from,
-                to = %to,
-                interaction = %interaction,
-                status = s.status,
-                bytes_in = s.bytes_in,
-                bytes_out = s.bytes_out,
-                upstream_ms = s.upstream_ms,
-                total_ms = s.total_ms,
-                outcome = s.outcome.as_str(),
-                "exchange"
-            );
+            // A completed exchange is a debug line: the audit trail is its record, and a line per request at
+            // national volumes would be rate-limited by the journal anyway. One that failed is an event.
+            macro_rules! exchange_line {
+                ($level:ident) => {
+                    tracing::$level!(
+                        conn = conn_id,
+                        trace_id = %trace_id,
+                        from = %from,
+                        to = %to,
+                        interaction = %interaction,
+                        status = s.status,
+                        bytes_in = s.bytes_in,
+                        bytes_out = s.bytes_out,
+                        upstream_ms = s.upstream_ms,
+                        total_ms = s.total_ms,
+                        outcome = s.outcome.as_str(),
+                        "exchange"
+                    )
+                };
+            }
+            if s.outcome == ExchangeOutcome::Ok {
+                exchange_line!(debug);
+            } else {
+                exchange_line!(info);
+            }
             let mut record = Record::new(Kind::Response);
             record.trace_id = Some(trace_id.to_string());
             record.conn_id = Some(conn_id);

@@ -162,7 +162,7 @@ async fn json_operational_log_never_holds_tokens_or_patient_ids() {
         &Setup::default(),
     );
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("\n[log]\nformat = \"json\"\nlevel = \"info\"\n");
+    text.push_str("\n[log]\nformat = \"json\"\nlevel = \"debug\"\n");
     std::fs::write(&config, text).unwrap();
     let child = std::process::Command::new(ssp_bin())
         .args(["serve", "--config"])
