@@ -1,11 +1,18 @@
-//! Load benchmark: the same GP Connect read sent directly to the provider and through ssp (with `batched` and with
-//! `strict` audit durability), in one run, so the proxy's cost is a ratio to a direct connection measured on the
-//! same machine at the same time.
+//! Load benchmark: GP Connect traffic sent directly to a provider, through ssp (the release build, as operators
+//! run it: every check, the JWT validated, audit records written, limits on), and, when they are installed,
+//! through nginx and HAProxy configured as mutual-TLS-on-both-legs reverse proxies, all in one run, so that every
+//! figure is a ratio to a direct connection measured on the same machine at the same time.
 //!
-//! Run: `cargo bench --bench load` (env `SSP_BENCH_SECS`, default 5 per phase; `SSP_BENCH_CONNS`, default 16
-//! keep-alive connections; `SSP_BENCH_ROUNDS`, default 2 rounds of all phases, interleaved).
-//! Everything runs in this process on loopback: provider, proxies and clients share the machine's cores, so the
-//! figures are relative, not absolute capacity. Figures go to benches/RESULTS.md.
+//! Run: `benches/load.sh` (installs nginx and HAProxy when it can, then `cargo bench --bench load`).
+//! Environment: `SSP_BENCH_SECS` (default 5) per phase, `SSP_BENCH_ROUNDS` (default 3; the median round is
+//! reported), `SSP_BENCH_ONLY` (a comma-separated list of scenario names), `SSP_BENCH_PEERS=0` to skip nginx and
+//! HAProxy even when installed; `SSP_BENCH_SSP_BIN` to measure another build of ssp (one with frame pointers for
+//! `perf record -g`, say).
+//!
+//! Processes: this one (the driver and the load generator, on hyper + rustls), the provider (this same binary,
+//! re-executed with `SSP_BENCH_ROLE=provider`), two ssp instances (`durability = "batched"` and `"strict"`),
+//! nginx and HAProxy. Each proxy's CPU time and peak resident memory are read from /proc for its own processes.
+//! The PKI is RSA-2048, as in the reference figures.
 
 #![allow(
     clippy::unwrap_used,
@@ -14,20 +21,36 @@
     reason = "benchmark setup: a failure is a bench failure"
 )]
 
+use std::convert::Infallible;
+use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Empty};
+use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 
+/// The dev provider endpoint the policy registers; ssp requests name it in their target URL.
 const ENDPOINT: &str = "https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect";
+/// The same endpoint's path, as a direct client or a reverse proxy sends it.
+const BASE: &str = "/B82617/STU3/1/gpconnect";
 const METADATA: &str = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1";
+const STRUCTURED: &str =
+    "urn:nhs:names:services:gpconnect:fhir:operation:gpc.getstructuredrecord-1";
+/// The small response of the reference figures.
+const SMALL: usize = 2560;
+/// Frame size of large bodies, both ways.
+const CHUNK: usize = 64 * 1024;
+const MIB: u64 = 1024 * 1024;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -36,8 +59,249 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Bodies.
+
+/// `remaining` bytes served as slices of one shared chunk: no copy and no allocation per frame, so neither the
+/// provider nor the load generator adds body costs to the figures.
+struct Repeat {
+    chunk: Bytes,
+    remaining: u64,
+}
+
+impl Repeat {
+    fn new(chunk: &Bytes, len: u64) -> Self {
+        Self {
+            chunk: chunk.clone(),
+            remaining: len,
+        }
+    }
+}
+
+impl Body for Repeat {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = this.remaining.min(this.chunk.len() as u64);
+        this.remaining -= n;
+        Poll::Ready(Some(Ok(Frame::data(this.chunk.slice(..n as usize)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Reads a body to its end, counting its bytes without keeping them.
+async fn drain(mut body: Incoming) -> Result<u64, hyper::Error> {
+    use http_body_util::BodyExt;
+    let mut n = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            n += data.len() as u64;
+        }
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The provider process.
+
+/// Serves `GET {BASE}/fhir/metadata` (2.5 KB), `GET {BASE}/fhir/Binary/<bytes>` (a body of that many bytes) and
+/// `POST` (reads the body, answers 2.5 KB) over TLS with client authentication. Prints its port on stdout.
+fn provider_main(certs: &Path) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = ssp::demo::provider_tls(
+            &certs.join("provider.crt"),
+            &certs.join("provider.key"),
+            &[certs.join("ca.crt")],
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap().port());
+        let small = Bytes::from(vec![b'x'; SMALL]);
+        let chunk = Bytes::from(vec![b'y'; CHUNK]);
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, small, chunk) = (acceptor.clone(), small.clone(), chunk.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (small, chunk) = (small.clone(), chunk.clone());
+                    async move {
+                        let len = match req.uri().path().rsplit_once("/Binary/") {
+                            Some((_, n)) => n.parse().unwrap_or(0),
+                            None => SMALL as u64,
+                        };
+                        let body = if req.method() == Method::POST {
+                            drain(req.into_body()).await?;
+                            Repeat::new(&small, SMALL as u64)
+                        } else if len == SMALL as u64 {
+                            Repeat::new(&small, len)
+                        } else {
+                            Repeat::new(&chunk, len)
+                        };
+                        let mut response = Response::new(body);
+                        response.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/fhir+json"),
+                        );
+                        Ok::<_, hyper::Error>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// What is measured.
+
+#[derive(Clone, Copy, PartialEq)]
+enum Work {
+    Small,
+    Download(u64),
+    Upload(u64),
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    KeepAlive,
+    /// A new TCP + TLS connection per request, resuming a TLS 1.3 session (or not).
+    NewConnection {
+        resume: bool,
+    },
+}
+
+struct Scenario {
+    name: &'static str,
+    title: &'static str,
+    shape: Shape,
+    conns: usize,
+    work: Work,
+    /// Also measured through the `durability = "strict"` instance.
+    strict: bool,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let all = vec![
+        Scenario {
+            name: "c32",
+            title: "2.5 KB GET, 32 keep-alive connections",
+            shape: Shape::KeepAlive,
+            conns: 32,
+            work: Work::Small,
+            strict: true,
+        },
+        Scenario {
+            name: "c256",
+            title: "2.5 KB GET, 256 keep-alive connections",
+            shape: Shape::KeepAlive,
+            conns: 256,
+            work: Work::Small,
+            strict: false,
+        },
+        Scenario {
+            name: "resumed",
+            title: "new connection per request, TLS 1.3 resumed, 32 clients",
+            shape: Shape::NewConnection { resume: true },
+            conns: 32,
+            work: Work::Small,
+            strict: false,
+        },
+        Scenario {
+            name: "full",
+            title: "full mTLS handshake per request, 32 clients",
+            shape: Shape::NewConnection { resume: false },
+            conns: 32,
+            work: Work::Small,
+            strict: false,
+        },
+        Scenario {
+            name: "1mib",
+            title: "1 MiB downloads, 8 connections",
+            shape: Shape::KeepAlive,
+            conns: 8,
+            work: Work::Download(MIB),
+            strict: false,
+        },
+        Scenario {
+            name: "100mib",
+            title: "100 MiB download, 1 connection",
+            shape: Shape::KeepAlive,
+            conns: 1,
+            work: Work::Download(100 * MIB),
+            strict: false,
+        },
+        Scenario {
+            name: "upload",
+            title: "10 MiB uploads, 1 connection",
+            shape: Shape::KeepAlive,
+            conns: 1,
+            work: Work::Upload(10 * MIB),
+            strict: false,
+        },
+    ];
+    match std::env::var("SSP_BENCH_ONLY") {
+        Ok(only) => {
+            let only: Vec<&str> = only.split(',').map(str::trim).collect();
+            all.into_iter().filter(|s| only.contains(&s.name)).collect()
+        }
+        Err(_) => all,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Direct,
+    /// ssp: the SSP target URL form, `/https://host/...`.
+    Ssp,
+    /// A reverse proxy in front of the one provider: the provider's own path.
+    Peer,
+}
+
+/// Where a phase sends its requests, and which processes serve them.
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    kind: Kind,
+    addr: SocketAddr,
+    server_name: ServerName<'static>,
+    /// Resumption on (rustls' default in-memory session cache), and off.
+    tls: Arc<rustls::ClientConfig>,
+    tls_full: Arc<rustls::ClientConfig>,
+    /// The proxy's processes (empty for the direct connection); CPU and memory are read for these.
+    pids: Vec<u32>,
+    strict: bool,
+}
+
 /// A client TLS config presenting `stem`'s certificate from the PKI.
-fn client_tls(certs: &Path, stem: &str) -> Arc<rustls::ClientConfig> {
+fn client_tls(certs: &Path, stem: &str, resume: bool) -> Arc<rustls::ClientConfig> {
     let roots = ssp::tls::load_roots("ca", &[certs.join("ca.crt")]).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(ssp::tls::provider())
         .with_safe_default_protocol_versions()
@@ -49,32 +313,79 @@ fn client_tls(certs: &Path, stem: &str) -> Arc<rustls::ClientConfig> {
         )
         .unwrap();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     Arc::new(config)
 }
 
-/// Where a phase sends its requests.
-#[derive(Clone)]
-struct Target {
-    name: &'static str,
-    addr: SocketAddr,
-    server_name: ServerName<'static>,
-    tls: Arc<rustls::ClientConfig>,
-    /// Through the proxy: `/https://...` with the SSP headers; direct: the provider's own path.
-    via_proxy: bool,
+/// One request of `work` for `target`. Every target gets the same SSP headers and token, so request sizes match;
+/// only the path differs between the SSP form and a reverse proxy's.
+fn request(
+    target: &Target,
+    work: Work,
+    token: &str,
+    chunk: &Bytes,
+    close: bool,
+) -> Request<Repeat> {
+    let (method, suffix, interaction, upload) = match work {
+        Work::Small => (Method::GET, "/fhir/metadata".to_owned(), METADATA, 0),
+        Work::Download(n) => (Method::GET, format!("/fhir/Binary/{n}"), METADATA, 0),
+        Work::Upload(n) => (
+            Method::POST,
+            "/fhir/Patient/$gpc.getstructuredrecord".to_owned(),
+            STRUCTURED,
+            n,
+        ),
+    };
+    let path = match target.kind {
+        Kind::Ssp => format!("/{ENDPOINT}{suffix}"),
+        Kind::Direct | Kind::Peer => format!("{BASE}{suffix}"),
+    };
+    let host = match target.kind {
+        Kind::Ssp => "ssp.dev.localhost",
+        Kind::Direct | Kind::Peer => "provider.dev.localhost:9443",
+    };
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .header("accept", "application/fhir+json")
+        .header("ssp-traceid", ssp::ids::TraceId::new_random().as_str())
+        .header("ssp-from", "200000000359")
+        .header("ssp-to", "918999198993")
+        .header("ssp-interactionid", interaction)
+        .header("authorization", token);
+    if upload > 0 {
+        builder = builder.header("content-type", "application/fhir+json");
+    }
+    if close {
+        builder = builder.header("connection", "close");
+    }
+    builder.body(Repeat::new(chunk, upload)).unwrap()
 }
 
+/// What one phase (one target, one scenario, one round) measured.
+#[derive(Default)]
 struct Phase {
     requests: u64,
     errors: u64,
+    bytes: u64,
     elapsed: Duration,
     /// Microseconds, sorted.
     latencies: Vec<u32>,
+    /// The proxy's CPU time over the phase, and its peak resident memory during it (KiB).
     cpu: Duration,
+    peak_kib: u64,
 }
 
 impl Phase {
     fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn mbps(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64()
     }
 
     fn pct(&self, p: f64) -> f64 {
@@ -88,110 +399,324 @@ impl Phase {
     fn cpu_us_per_request(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
     }
+
+    fn cpu_ms_per_mb(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e3 / (self.bytes as f64 / 1e6).max(1e-9)
+    }
 }
 
-/// This process's user + system CPU time.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+// ---------------------------------------------------------------------------------------------------------------
+// /proc.
+
+/// `pid` and every process whose parent it is (nginx's workers).
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                pids.push(child);
+            }
+        }
+    }
+    pids
+}
+
+/// User + system CPU time of `pids`, all their threads.
+fn cpu_time(pids: &[u32]) -> Duration {
+    let ticks: u64 = pids
+        .iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            fields
+                .get(11)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                + fields
+                    .get(12)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+        })
+        .sum();
+    // USER_HZ is 100 on Linux.
     Duration::from_millis(ticks * 10)
 }
 
-async fn run_phase(target: &Target, conns: u64, secs: u64) -> Phase {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let cpu_before = cpu_time();
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let target = target.clone();
-        tasks.push(tokio::spawn(async move {
-            let tcp = TcpStream::connect(target.addr).await.unwrap();
-            tcp.set_nodelay(true).unwrap();
-            let tls = tokio_rustls::TlsConnector::from(target.tls.clone())
-                .connect(target.server_name.clone(), tcp)
-                .await
-                .unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            // Consumers mint a token per request; minting is the consumer's cost, so one per connection here.
-            let token = format!(
-                "Bearer {}",
-                ssp::demo::dev_jwt(ENDPOINT, "organization/*.read")
-            );
-            let mut latencies = Vec::new();
-            let mut errors = 0u64;
-            while Instant::now() < deadline {
-                let builder = if target.via_proxy {
-                    Request::get(format!("/{ENDPOINT}/fhir/metadata"))
-                        .header("host", "ssp.dev.localhost")
-                        .header("ssp-traceid", ssp::ids::TraceId::new_random().as_str())
-                        .header("ssp-from", "200000000359")
-                        .header("ssp-to", "918999198993")
-                        .header("ssp-interactionid", METADATA)
-                        .header("authorization", &token)
-                } else {
-                    Request::get("/B82617/STU3/1/gpconnect/fhir/metadata")
-                        .header("host", "provider.dev.localhost:9443")
-                        .header("ssp-traceid", ssp::ids::TraceId::new_random().as_str())
-                        .header("authorization", &token)
-                };
-                let req = builder.body(Empty::<Bytes>::new()).unwrap();
-                let t0 = Instant::now();
-                if sender.ready().await.is_err() {
-                    break;
-                }
-                match sender.send_request(req).await {
-                    Ok(resp) if resp.status().is_success() => {
-                        if resp.into_body().collect().await.is_ok() {
-                            latencies
-                                .push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                    _ => errors += 1,
-                }
+/// The processes' resident memory now, in KiB.
+fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Samples the processes' resident memory every 10 ms until stopped; the peak, in KiB. (`VmHWM` is the peak of
+/// the whole life of a process, and resetting it through `clear_refs` is not allowed everywhere.)
+struct PeakSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl PeakSampler {
+    fn start(pids: &[u32]) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, pids) = (Arc::clone(&stop), pids.to_vec());
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(&pids));
+                std::thread::sleep(Duration::from_millis(10));
             }
-            (latencies, errors)
-        }));
+            peak.max(rss_kib(&pids))
+        });
+        Self { stop, thread }
     }
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await.unwrap();
-        latencies.extend(l);
-        errors += e;
-    }
-    let elapsed = started.elapsed();
-    latencies.sort_unstable();
-    Phase {
-        requests: latencies.len() as u64,
-        errors,
-        elapsed,
-        latencies,
-        cpu: cpu_time().saturating_sub(cpu_before),
+
+    fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
     }
 }
 
-fn write_config(
+// ---------------------------------------------------------------------------------------------------------------
+// The load generator.
+
+/// Per connection task: latencies (µs), errors, body bytes moved.
+type TaskResult = (Vec<u32>, u64, u64);
+
+async fn connect(
+    target: &Target,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Option<hyper::client::conn::http1::SendRequest<Repeat>> {
+    let tcp = TcpStream::connect(target.addr).await.ok()?;
+    tcp.set_nodelay(true).ok()?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::clone(tls))
+        .connect(target.server_name.clone(), tcp)
+        .await
+        .ok()?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    Some(sender)
+}
+
+/// Sends one request and reads its answer to the end: the body bytes moved, or `None` on any failure.
+async fn exchange(
+    sender: &mut hyper::client::conn::http1::SendRequest<Repeat>,
+    req: Request<Repeat>,
+    work: Work,
+) -> Option<u64> {
+    sender.ready().await.ok()?;
+    let response = sender.send_request(req).await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let down = drain(response.into_body()).await.ok()?;
+    Some(match work {
+        Work::Small | Work::Download(_) => down,
+        Work::Upload(n) => n,
+    })
+}
+
+async fn client_task(
+    target: Target,
+    scenario_shape: Shape,
+    work: Work,
+    deadline: Instant,
+) -> TaskResult {
+    // Consumers mint a token per request; minting is the consumer's cost, so one per connection here.
+    let scope = match work {
+        Work::Upload(_) => "patient/*.read",
+        _ => "organization/*.read",
+    };
+    let token = format!("Bearer {}", ssp::demo::dev_jwt(ENDPOINT, scope));
+    let chunk = Bytes::from(vec![b'z'; CHUNK]);
+    let (mut latencies, mut errors, mut bytes) = (Vec::new(), 0u64, 0u64);
+    match scenario_shape {
+        Shape::KeepAlive => {
+            let Some(mut sender) = connect(&target, &target.tls).await else {
+                return (latencies, 1, 0);
+            };
+            while Instant::now() < deadline {
+                let req = request(&target, work, &token, &chunk, false);
+                let t0 = Instant::now();
+                match exchange(&mut sender, req, work).await {
+                    Some(n) => {
+                        latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        bytes += n;
+                    }
+                    None => {
+                        errors += 1;
+                        // Reconnect rather than count the same broken connection again.
+                        match connect(&target, &target.tls).await {
+                            Some(s) => sender = s,
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+        Shape::NewConnection { resume } => {
+            let tls = if resume {
+                &target.tls
+            } else {
+                &target.tls_full
+            };
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                let result = match connect(&target, tls).await {
+                    Some(mut sender) => {
+                        let req = request(&target, work, &token, &chunk, true);
+                        exchange(&mut sender, req, work).await
+                    }
+                    None => None,
+                };
+                match result {
+                    Some(n) => {
+                        latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        bytes += n;
+                    }
+                    None => errors += 1,
+                }
+            }
+        }
+    }
+    (latencies, errors, bytes)
+}
+
+async fn run_phase(target: &Target, scenario: &Scenario, secs: u64) -> Phase {
+    let sampler = PeakSampler::start(&target.pids);
+    let cpu_before = cpu_time(&target.pids);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..scenario.conns)
+        .map(|_| {
+            tokio::spawn(client_task(
+                target.clone(),
+                scenario.shape,
+                scenario.work,
+                deadline,
+            ))
+        })
+        .collect();
+    let mut phase = Phase::default();
+    for task in tasks {
+        let (latencies, errors, bytes) = task.await.unwrap();
+        phase.latencies.extend(latencies);
+        phase.errors += errors;
+        phase.bytes += bytes;
+    }
+    phase.elapsed = started.elapsed();
+    phase.cpu = cpu_time(&target.pids).saturating_sub(cpu_before);
+    phase.peak_kib = sampler.finish();
+    phase.requests = phase.latencies.len() as u64;
+    phase.latencies.sort_unstable();
+    phase
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Processes under test.
+
+/// Children stopped when the benchmark ends, however it ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn installed(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+fn start_provider(certs: &Path, children: &mut Children) -> SocketAddr {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("SSP_BENCH_ROLE", "provider")
+        .env("SSP_BENCH_CERTS", certs)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    children.0.push(child);
+    SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>().unwrap()))
+}
+
+/// Starts `ssp serve` on a config with every check on, limits set high enough never to refuse, and `durability`.
+fn start_ssp(
     dir: &Path,
     name: &str,
     provider: SocketAddr,
     durability: &str,
-) -> std::path::PathBuf {
+    children: &mut Children,
+) -> (u16, u32) {
+    let port = free_port();
     let config = format!(
         r#"
 [server]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
 cert = "certs/proxy-server.crt"
 key = "certs/proxy-server.key"
 client_ca = ["certs/ca.crt"]
@@ -204,138 +729,451 @@ ca = ["certs/ca.crt"]
 "provider.dev.localhost:9443" = "{provider}"
 [policy]
 dir = "policies"
+store = "policy-{name}"
 [admin]
 listen = "127.0.0.1:0"
+[jwt]
+mode = "enforce"
 [audit]
 dir = "audit-{name}"
 durability = "{durability}"
+[limits]
+per_consumer_rps = 1000000
+per_consumer_burst = 1000000
+per_consumer_concurrency = 100000
+per_provider_concurrency = 100000
 "#
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
-    path
+    // `SSP_BENCH_SSP_BIN` runs another build of ssp, such as one with frame pointers for perf.
+    let bin = std::env::var_os("SSP_BENCH_SSP_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ssp")), PathBuf::from);
+    let child = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    children.0.push(child);
+    wait_listening(port, "ssp");
+    (port, pid)
 }
 
-async fn start_proxy(path: &Path) -> SocketAddr {
-    let config = ssp::config::Config::load(path).unwrap();
-    let assembled = ssp::app::assemble(&config).unwrap();
-    let server = ssp::app::bind(&config, assembled).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    tokio::spawn(server.run(std::future::pending(), Duration::from_secs(1)));
-    addr
+/// nginx as a TLS-terminating reverse proxy: client certificates required and checked against the CA and CRL, the
+/// provider's certificate verified, the proxy's client certificate presented, upstream keep-alive, bodies streamed.
+fn start_nginx(
+    nginx: &Path,
+    dir: &Path,
+    provider: SocketAddr,
+    children: &mut Children,
+) -> (u16, u32) {
+    let port = free_port();
+    let d = dir.display();
+    let config = format!(
+        r#"
+worker_processes 2;
+daemon off;
+master_process on;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/nginx-body;
+    proxy_temp_path {d}/nginx-proxy;
+    fastcgi_temp_path {d}/nginx-fastcgi;
+    uwsgi_temp_path {d}/nginx-uwsgi;
+    scgi_temp_path {d}/nginx-scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_max_body_size 0;
+    upstream provider {{
+        server {provider};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_certificate {d}/certs/proxy-server.crt;
+        ssl_certificate_key {d}/certs/proxy-server.key;
+        ssl_client_certificate {d}/certs/ca.crt;
+        ssl_crl {d}/certs/ca.crl;
+        ssl_verify_client on;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_tickets on;
+        location / {{
+            proxy_pass https://provider;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host provider.dev.localhost:9443;
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_ssl_certificate {d}/certs/proxy-client.crt;
+            proxy_ssl_certificate_key {d}/certs/proxy-client.key;
+            proxy_ssl_trusted_certificate {d}/certs/ca.crt;
+            proxy_ssl_verify on;
+            proxy_ssl_name provider.dev.localhost;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+"#
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    children.0.push(child);
+    wait_listening(port, "nginx");
+    (port, pid)
 }
+
+/// HAProxy 2 threads, the same TLS on both legs as nginx, connection reuse to the provider.
+fn start_haproxy(
+    haproxy: &Path,
+    dir: &Path,
+    provider: SocketAddr,
+    children: &mut Children,
+) -> (u16, u32) {
+    let port = free_port();
+    let certs = dir.join("certs");
+    let pem = |stem: &str| {
+        let text = std::fs::read_to_string(certs.join(format!("{stem}.crt"))).unwrap()
+            + &std::fs::read_to_string(certs.join(format!("{stem}.key"))).unwrap();
+        let path = dir.join(format!("haproxy-{stem}.pem"));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (server_pem, client_pem) = (pem("proxy-server"), pem("proxy-client"));
+    let c = certs.display();
+    let config = format!(
+        r#"
+global
+    nbthread 2
+    maxconn 8192
+    tune.ssl.cachesize 20000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend consumers
+    bind 127.0.0.1:{port} ssl crt {server_pem} ca-file {c}/ca.crt crl-file {c}/ca.crl verify required alpn http/1.1
+    default_backend provider
+backend provider
+    http-request set-header Host provider.dev.localhost:9443
+    server p {provider} ssl crt {client_pem} ca-file {c}/ca.crt verify required sni str(provider.dev.localhost) verifyhost provider.dev.localhost alpn http/1.1
+"#
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(haproxy)
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    children.0.push(child);
+    wait_listening(port, "haproxy");
+    (port, pid)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The report.
+
+/// The round with the median throughput.
+fn median(mut rounds: Vec<Phase>) -> Phase {
+    rounds.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
+    let mid = rounds.len() / 2;
+    rounds.swap_remove(mid)
+}
+
+fn body_scenario(work: Work) -> bool {
+    !matches!(work, Work::Small)
+}
+
+fn print_scenario(scenario: &Scenario, rows: &[(&Target, Phase)]) {
+    println!("\n{}", scenario.title);
+    println!(
+        "  {:<13} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9}",
+        "target",
+        "req/s",
+        "MB/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU us/r",
+        "CPU ms/MB",
+        "peak MiB",
+        "errors",
+        "x direct",
+        "p99 x dir"
+    );
+    let direct = rows
+        .iter()
+        .find(|(t, _)| t.kind == Kind::Direct)
+        .map(|(_, p)| p);
+    for (target, p) in rows {
+        let proxy = target.kind != Kind::Direct;
+        let dash = |v: f64, w: usize, prec: usize| {
+            if proxy {
+                format!("{v:>w$.prec$}")
+            } else {
+                format!("{:>w$}", "-")
+            }
+        };
+        let (ratio, p99_ratio) = match direct {
+            Some(d) if body_scenario(scenario.work) => {
+                (p.mbps() / d.mbps(), p.pct(0.99) / d.pct(0.99))
+            }
+            Some(d) => (p.rps() / d.rps(), p.pct(0.99) / d.pct(0.99)),
+            None => (f64::NAN, f64::NAN),
+        };
+        println!(
+            "  {:<13} {:>9.0} {:>8.1} {:>8.2} {:>8.2} {} {} {} {:>7} {:>9.2} {:>9.2}",
+            target.name,
+            p.rps(),
+            p.mbps(),
+            p.pct(0.50),
+            p.pct(0.99),
+            dash(p.cpu_us_per_request(), 9, 0),
+            if body_scenario(scenario.work) {
+                dash(p.cpu_ms_per_mb(), 9, 2)
+            } else {
+                format!("{:>9}", "-")
+            },
+            dash(p.peak_kib as f64 / 1024.0, 9, 1),
+            p.errors,
+            ratio,
+            p99_ratio,
+        );
+    }
+}
+
+/// The issue's goals, checked against this run's own figures.
+fn print_goals(results: &[(&Scenario, Vec<(&Target, Phase)>)]) {
+    let find =
+        |rows: &[(&Target, Phase)], name: &str| rows.iter().position(|(t, _)| t.name == name);
+    println!("\nGoals (ssp = the batched instance; peers = nginx and HAProxy measured above)");
+    for (scenario, rows) in results {
+        let Some(s) = find(rows, "ssp") else { continue };
+        let ssp = &rows[s].1;
+        let peers: Vec<&Phase> = rows
+            .iter()
+            .filter(|(t, _)| t.kind == Kind::Peer)
+            .map(|(_, p)| p)
+            .collect();
+        let nginx = find(rows, "nginx").map(|i| &rows[i].1);
+        let mut lines = Vec::new();
+        let body = body_scenario(scenario.work);
+        if let Some(best) = peers.iter().copied().max_by(|a, b| {
+            if body {
+                a.mbps().total_cmp(&b.mbps())
+            } else {
+                a.rps().total_cmp(&b.rps())
+            }
+        }) {
+            let (mine, theirs, need) = match (body, scenario.shape) {
+                (true, _) => (ssp.mbps(), best.mbps(), 1.1),
+                (false, Shape::KeepAlive) => (ssp.rps(), best.rps(), 1.25),
+                (false, Shape::NewConnection { .. }) => (ssp.rps(), best.rps(), 1.0),
+            };
+            lines.push(format!(
+                "throughput {:.2}x the better peer (goal >= {need})",
+                mine / theirs
+            ));
+            if !body && scenario.shape == Shape::KeepAlive {
+                let best_p99 = peers
+                    .iter()
+                    .map(|p| p.pct(0.99))
+                    .fold(f64::INFINITY, f64::min);
+                lines.push(format!(
+                    "p99 {:.2} ms vs {:.2} ms (goal <=)",
+                    ssp.pct(0.99),
+                    best_p99
+                ));
+            }
+            let peak_max = peers.iter().map(|p| p.peak_kib).max().unwrap_or(0);
+            let haproxy = find(rows, "haproxy").map_or(peak_max, |i| rows[i].1.peak_kib);
+            lines.push(format!(
+                "peak RSS {:.1} MiB vs HAProxy {:.1} MiB (goal <)",
+                ssp.peak_kib as f64 / 1024.0,
+                haproxy as f64 / 1024.0
+            ));
+        }
+        if let Some(n) = nginx {
+            let ratio = if body {
+                ssp.cpu_ms_per_mb() / n.cpu_ms_per_mb()
+            } else {
+                ssp.cpu_us_per_request() / n.cpu_us_per_request()
+            };
+            lines.push(format!("CPU {ratio:.2}x nginx's (goal <= 0.8)"));
+        }
+        if let Some(strict) = find(rows, "ssp strict") {
+            lines.push(format!(
+                "strict {:.2}x batched req/s (goal >= 0.8)",
+                rows[strict].1.rps() / ssp.rps()
+            ));
+        }
+        println!("  {:<8} {}", scenario.name, lines.join("; "));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 
 fn main() {
-    let secs = env("SSP_BENCH_SECS", 5);
-    let conns = env("SSP_BENCH_CONNS", 16);
-    let rounds = env("SSP_BENCH_ROUNDS", 2);
-    // `cargo bench` passes `--bench`; a plain `cargo test --benches` run only checks that this builds.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("load benchmark: run with `cargo bench --bench load`");
+    if std::env::var("SSP_BENCH_ROLE").as_deref() == Ok("provider") {
+        let certs = PathBuf::from(std::env::var_os("SSP_BENCH_CERTS").unwrap());
+        provider_main(&certs);
         return;
     }
+    // `cargo bench` passes `--bench`; a plain `cargo test --benches` run only checks that this builds.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("load benchmark: run with `benches/load.sh` or `cargo bench --bench load`");
+        return;
+    }
+    let secs = env("SSP_BENCH_SECS", 5);
+    let rounds = env("SSP_BENCH_ROUNDS", 3).max(1);
+    let peers = env("SSP_BENCH_PEERS", 1) != 0;
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    ssp::devcerts::generate_with(&certs, ssp::devcerts::KeyKind::Rsa2048).unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/policies/dev.toml"),
+        dir.path().join("policies/dev.toml"),
+    )
+    .unwrap();
+
+    let mut children = Children(Vec::new());
+    let provider = start_provider(&certs, &mut children);
+    let consumer = (
+        client_tls(&certs, "consumer", true),
+        client_tls(&certs, "consumer", false),
+    );
+    let loopback = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let proxy_target = |name, kind, port: u16, pid: u32, strict| Target {
+        name,
+        kind,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        server_name: loopback.clone(),
+        tls: consumer.0.clone(),
+        tls_full: consumer.1.clone(),
+        pids: process_tree(pid),
+        strict,
+    };
+    let mut targets = vec![Target {
+        name: "direct",
+        kind: Kind::Direct,
+        addr: provider,
+        server_name: ServerName::try_from("provider.dev.localhost").unwrap(),
+        // The provider accepts any certificate of the CA; the direct client presents the proxy's.
+        tls: client_tls(&certs, "proxy-client", true),
+        tls_full: client_tls(&certs, "proxy-client", false),
+        pids: Vec::new(),
+        strict: false,
+    }];
+    let (port, pid) = start_ssp(dir.path(), "batched", provider, "batched", &mut children);
+    targets.push(proxy_target("ssp", Kind::Ssp, port, pid, false));
+    let (port, pid) = start_ssp(dir.path(), "strict", provider, "strict", &mut children);
+    targets.push(proxy_target("ssp strict", Kind::Ssp, port, pid, true));
+    let mut missing = Vec::new();
+    if peers {
+        match installed("nginx") {
+            Some(nginx) => {
+                let (port, pid) = start_nginx(&nginx, dir.path(), provider, &mut children);
+                // nginx forks its workers after it listens; give them a moment to appear.
+                std::thread::sleep(Duration::from_millis(300));
+                targets.push(proxy_target("nginx", Kind::Peer, port, pid, false));
+            }
+            None => missing.push("nginx"),
+        }
+        match installed("haproxy") {
+            Some(haproxy) => {
+                let (port, pid) = start_haproxy(&haproxy, dir.path(), provider, &mut children);
+                targets.push(proxy_target("haproxy", Kind::Peer, port, pid, false));
+            }
+            None => missing.push("haproxy"),
+        }
+    }
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async move {
-        let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        ssp::devcerts::generate(&certs).unwrap();
-        std::fs::create_dir_all(dir.path().join("policies")).unwrap();
-        std::fs::copy(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/policies/dev.toml"),
-            dir.path().join("policies/dev.toml"),
-        )
-        .unwrap();
-
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let provider = listener.local_addr().unwrap();
-        let provider_tls =
-            ssp::demo::provider_tls(&certs.join("provider.crt"), &certs.join("provider.key"), &[certs.join("ca.crt")])
-                .unwrap();
-        tokio::spawn(ssp::demo::serve_provider(
-            listener,
-            provider_tls,
-            ssp::devcerts::PROXY_CLIENT_NAME.to_owned(),
-            std::future::pending(),
-        ));
-        let batched = start_proxy(&write_config(dir.path(), "batched", provider, "batched")).await;
-        let strict = start_proxy(&write_config(dir.path(), "strict", provider, "strict")).await;
-
-        let consumer = client_tls(&certs, "consumer");
-        let targets = [
-            Target {
-                name: "direct",
-                addr: provider,
-                server_name: ServerName::try_from("provider.dev.localhost").unwrap(),
-                // The provider answers only the proxy's certificate, so the direct client presents it.
-                tls: client_tls(&certs, "proxy-client"),
-                via_proxy: false,
-            },
-            Target {
-                name: "ssp batched",
-                addr: batched,
-                server_name: ServerName::IpAddress(batched.ip().into()),
-                tls: consumer.clone(),
-                via_proxy: true,
-            },
-            Target {
-                name: "ssp strict",
-                addr: strict,
-                server_name: ServerName::IpAddress(strict.ip().into()),
-                tls: consumer,
-                via_proxy: true,
-            },
-        ];
-        // Warm up connections, pools and caches.
-        for t in &targets {
-            run_phase(t, conns, 1).await;
-        }
-        let mut results: Vec<Vec<Phase>> = targets.iter().map(|_| Vec::new()).collect();
-        for _ in 0..rounds {
-            for (i, t) in targets.iter().enumerate() {
-                results[i].push(run_phase(t, conns, secs).await);
-            }
-        }
-        println!(
-            "\n{conns} keep-alive connections, {rounds} x {secs} s per target, GET metadata (277-byte body), all on loopback\n"
-        );
-        println!(
-            "{:<12} {:>10} {:>9} {:>9} {:>9} {:>12} {:>7} {:>12} {:>12}",
-            "target", "req/s", "p50 ms", "p99 ms", "max ms", "CPU us/req", "errors", "rps ratio", "p99 ratio"
-        );
-        let merged: Vec<Phase> = results
-            .into_iter()
-            .map(|phases| {
-                let mut latencies: Vec<u32> = phases.iter().flat_map(|p| p.latencies.iter().copied()).collect();
-                latencies.sort_unstable();
-                Phase {
-                    requests: phases.iter().map(|p| p.requests).sum(),
-                    errors: phases.iter().map(|p| p.errors).sum(),
-                    elapsed: phases.iter().map(|p| p.elapsed).sum(),
-                    latencies,
-                    cpu: phases.iter().map(|p| p.cpu).sum(),
-                }
-            })
-            .collect();
-        let direct = &merged[0];
-        for (t, p) in targets.iter().zip(&merged) {
-            println!(
-                "{:<12} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>12.0} {:>7} {:>12.2} {:>12.2}",
-                t.name,
-                p.rps(),
-                p.pct(0.50),
-                p.pct(0.99),
-                p.pct(1.0),
-                p.cpu_us_per_request(),
-                p.errors,
-                p.rps() / direct.rps(),
-                p.pct(0.99) / direct.pct(0.99),
+    let scenarios = scenarios();
+    let started = Instant::now();
+    let results: Vec<(&Scenario, Vec<(&Target, Phase)>)> = rt.block_on(async {
+        // Warm up every target: connections, pools, caches.
+        let warm = Scenario {
+            name: "warm-up",
+            title: "",
+            shape: Shape::KeepAlive,
+            conns: 32,
+            work: Work::Small,
+            strict: false,
+        };
+        for target in &targets {
+            let phase = run_phase(target, &warm, 1).await;
+            assert!(
+                phase.requests > 0 && phase.errors == 0,
+                "{}: warm-up failed ({} answered, {} errors)",
+                target.name,
+                phase.requests,
+                phase.errors
             );
         }
-        let vm = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let hwm = vm.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("VmHWM: ?");
-        println!("\npeak resident memory of the whole benchmark process (provider, proxies, clients): {hwm}");
+        let mut results = Vec::new();
+        for scenario in &scenarios {
+            let applicable: Vec<&Target> = targets
+                .iter()
+                .filter(|t| !t.strict || scenario.strict)
+                .collect();
+            let mut rounds_of: Vec<Vec<Phase>> = applicable.iter().map(|_| Vec::new()).collect();
+            // Rounds interleave the targets, so that a slow moment of the machine does not land on one of them.
+            for _ in 0..rounds {
+                for (i, target) in applicable.iter().enumerate() {
+                    rounds_of[i].push(run_phase(target, scenario, secs).await);
+                }
+            }
+            let rows: Vec<(&Target, Phase)> = applicable
+                .into_iter()
+                .zip(rounds_of.into_iter().map(median))
+                .collect();
+            print_scenario(scenario, &rows);
+            results.push((scenario, rows));
+        }
+        results
     });
+    print_goals(&results);
+    println!(
+        "\n{} s per phase, median of {rounds} rounds, {:.0} s in all; RSA-2048 PKI, TLS 1.3, all on loopback on this machine.",
+        secs,
+        started.elapsed().as_secs_f64()
+    );
+    if !missing.is_empty() {
+        println!(
+            "not measured (not installed): {}; `benches/load.sh` installs them",
+            missing.join(", ")
+        );
+    }
+    drop(children);
 }

@@ -1,6 +1,7 @@
 //! `ssp dev-certs`: a development PKI, FOR DEVELOPMENT AND TESTS ONLY. A CA and its CRL, the proxy's server and
 //! client certificates, two consumer certificates with different FQDNs, a provider server certificate, and one
-//! revoked and one expired consumer certificate. ECDSA P-256 keys, valid for 10 years (except the expired one).
+//! revoked and one expired consumer certificate. ECDSA P-256 keys by default (RSA-2048 on request, as the load
+//! benchmark uses to match the reference figures), valid for 10 years (except the expired one).
 //!
 //! The committed `certs-dev/` folder is its output; tests generate fresh ones into temporary folders.
 
@@ -73,9 +74,35 @@ const LEAVES: &[Leaf] = &[
     },
 ];
 
-/// Generates the whole PKI into `dir` (created if missing), overwriting files of the same names.
-/// Returns the files written.
+/// The key type of every certificate in a generated PKI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    EcdsaP256,
+    Rsa2048,
+}
+
+impl KeyKind {
+    fn generate(self) -> Result<KeyPair, rcgen::Error> {
+        match self {
+            KeyKind::EcdsaP256 => KeyPair::generate(),
+            KeyKind::Rsa2048 => {
+                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+            }
+        }
+    }
+}
+
+/// Generates the whole PKI into `dir` (created if missing) with ECDSA P-256 keys, overwriting files of the same
+/// names. Returns the files written.
 pub fn generate(dir: &Path) -> Result<Vec<PathBuf>, Box<dyn std::error::Error + Send + Sync>> {
+    generate_with(dir, KeyKind::EcdsaP256)
+}
+
+/// As [`generate`], with keys of `kind`.
+pub fn generate_with(
+    dir: &Path,
+    kind: KeyKind,
+) -> Result<Vec<PathBuf>, Box<dyn std::error::Error + Send + Sync>> {
     std::fs::create_dir_all(dir)?;
     let now = OffsetDateTime::now_utc();
     let not_before = now - Duration::days(1);
@@ -88,7 +115,7 @@ pub fn generate(dir: &Path) -> Result<Vec<PathBuf>, Box<dyn std::error::Error + 
         Ok(())
     };
 
-    let ca_key = KeyPair::generate()?;
+    let ca_key = kind.generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.distinguished_name = name("ssp development CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -111,7 +138,7 @@ pub fn generate(dir: &Path) -> Result<Vec<PathBuf>, Box<dyn std::error::Error + 
         if leaf.stem == "consumer-revoked" {
             revoked_serial = Some(serial.clone());
         }
-        let (cert, key) = issue(leaf, serial, not_before, not_after, &issuer)?;
+        let (cert, key) = issue(leaf, serial, not_before, not_after, &issuer, kind)?;
         write(&format!("{}.crt", leaf.stem), &cert, false)?;
         write(&format!("{}.key", leaf.stem), &key, true)?;
     }
@@ -127,6 +154,7 @@ pub fn generate(dir: &Path) -> Result<Vec<PathBuf>, Box<dyn std::error::Error + 
         now - Duration::days(400),
         now - Duration::days(35),
         &issuer,
+        kind,
     )?;
     write("consumer-expired.crt", &cert, false)?;
     write("consumer-expired.key", &key, true)?;
@@ -182,8 +210,9 @@ fn issue(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     issuer: &Issuer<'_, &KeyPair>,
+    kind: KeyKind,
 ) -> Result<(String, String), rcgen::Error> {
-    let key = KeyPair::generate()?;
+    let key = kind.generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = name(leaf.cn);
     params.subject_alt_names = std::iter::once(leaf.cn)

@@ -1,0 +1,81 @@
+#!/bin/sh
+# Heap allocations per proxied request, counted exactly by valgrind's DHAT on the release build of `ssp serve`:
+# two runs on one keep-alive connection (every check, the JWT, both audit records, `durability = "batched"`),
+# FEW and then MANY requests; the difference in allocations divided by the difference in requests leaves out
+# start-up, the handshakes and the first upstream connection. Usage: benches/allocs.sh [FEW MANY]
+set -eu
+cd "$(dirname "$0")/.."
+few=${1:-20}
+many=${2:-220}
+command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
+cargo build --release --locked --bin ssp >&2
+bench=$(cargo bench --locked --bench load --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+work=$(mktemp -d)
+provider=""
+trap '[ -n "$provider" ] && kill "$provider" 2>/dev/null; rm -rf "$work"' EXIT
+target/release/ssp dev-certs --out "$work/certs" >/dev/null
+mkdir "$work/policies"
+cp policies/dev.toml "$work/policies/"
+SSP_BENCH_ROLE=provider SSP_BENCH_CERTS="$work/certs" "$bench" >"$work/port" &
+provider=$!
+while [ ! -s "$work/port" ]; do sleep 0.1; done
+port=$(head -1 "$work/port")
+listen=127.0.0.1:18443
+cat >"$work/ssp.toml" <<CONFIG
+[server]
+listen = "$listen"
+cert = "certs/proxy-server.crt"
+key = "certs/proxy-server.key"
+client_ca = ["certs/ca.crt"]
+crl = ["certs/ca.crl"]
+[upstream]
+cert = "certs/proxy-client.crt"
+key = "certs/proxy-client.key"
+ca = ["certs/ca.crt"]
+[upstream.resolve]
+"provider.dev.localhost:9443" = "127.0.0.1:$port"
+[policy]
+dir = "policies"
+store = "policy"
+[admin]
+listen = "127.0.0.1:0"
+[audit]
+dir = "audit"
+durability = "batched"
+[log]
+level = "warn"
+CONFIG
+endpoint=https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect
+token=$(target/release/ssp dev-token --aud "$endpoint" --scope "organization/*.read")
+
+# Runs ssp under DHAT for $1 requests; prints the allocation count.
+count() {
+    valgrind --tool=dhat --dhat-out-file=/dev/null target/release/ssp serve --config "$work/ssp.toml" \
+        2>"$work/dhat.txt" &
+    ssp=$!
+    until curl -s -o /dev/null --max-time 1 "https://$listen/" --cacert "$work/certs/ca.crt" \
+        --cert "$work/certs/consumer.crt" --key "$work/certs/consumer.key" 2>/dev/null; do
+        sleep 0.5
+    done
+    args=""
+    i=0
+    while [ "$i" -lt "$1" ]; do
+        args="$args -o /dev/null https://$listen/$endpoint/fhir/metadata"
+        i=$((i + 1))
+    done
+    # shellcheck disable=SC2086
+    curl -s --http1.1 --cacert "$work/certs/ca.crt" --cert "$work/certs/consumer.crt" \
+        --key "$work/certs/consumer.key" -w '%{http_code}\n' \
+        -H "Ssp-TraceID: 09a01679-2564-0fb4-5129-aecc81ea2706" -H "Ssp-From: 200000000359" \
+        -H "Ssp-To: 918999198993" -H "Ssp-InteractionID: urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1" \
+        -H "Authorization: Bearer $token" $args >"$work/codes"
+    kill -TERM "$ssp"
+    wait "$ssp" || true
+    ok=$(grep -c '^200$' "$work/codes" || true)
+    [ "$ok" = "$1" ] || { echo "expected $1 answers of 200, got $ok:" >&2; sort "$work/codes" | uniq -c >&2; exit 1; }
+    sed -n 's/^==[0-9]*== Total:.* in \([0-9,]*\) blocks.*/\1/p' "$work/dhat.txt" | tr -d ,
+}
+a=$(count "$few")
+b=$(count "$many")
+echo "ssp serve: $a allocations with $few requests, $b with $many"
+echo "allocations per proxied request: $(( (b - a) / (many - few) ))"
