@@ -166,6 +166,16 @@ impl Record {
     }
 }
 
+/// Appends `record` to `buf` as one JSON line and returns the SHA-256 (hex) of the line, the next record's `prev`:
+/// the whole cost of a record on the request path, but for the `write`.
+pub fn encode(record: &Record, buf: &mut Vec<u8>) -> io::Result<String> {
+    let start = buf.len();
+    serde_json::to_writer(&mut *buf, record).map_err(io::Error::other)?;
+    let hash = crate::tls::hex(&Sha256::digest(&buf[start..]));
+    buf.push(b'\n');
+    Ok(hash)
+}
+
 /// The current time as RFC 3339 with microseconds, UTC.
 pub fn now_rfc3339() -> String {
     let format = time::macros::format_description!(
@@ -643,10 +653,7 @@ impl Writer {
             record.seq = seq;
             record.instance = Arc::clone(&self.instance);
             record.prev = prev;
-            let start = self.buf.len();
-            serde_json::to_writer(&mut self.buf, &record).map_err(io::Error::other)?;
-            prev = crate::tls::hex(&Sha256::digest(&self.buf[start..]));
-            self.buf.push(b'\n');
+            prev = encode(&record, &mut self.buf)?;
         }
         let Some(segment) = self.segment.as_mut() else {
             return Err(io::Error::other("no writable audit segment"));
