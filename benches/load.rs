@@ -749,17 +749,28 @@ per_provider_concurrency = 100000
     // `SSP_BENCH_SSP_BIN` runs another build of ssp, such as one with frame pointers for perf.
     let bin = std::env::var_os("SSP_BENCH_SSP_BIN")
         .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ssp")), PathBuf::from);
-    let child = Command::new(bin)
-        .args(["serve", "--config"])
-        .arg(&path)
+    let pid = launch(
+        Command::new(bin).args(["serve", "--config"]).arg(&path),
+        port,
+        children,
+    );
+    (port, pid)
+}
+
+/// Starts a proxy quietly and waits until it listens on `port`; its pid.
+fn launch(command: &mut Command, port: u16, children: &mut Children) -> u32 {
+    let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let pid = child.id();
+    let (pid, name) = (
+        child.id(),
+        command.get_program().to_string_lossy().into_owned(),
+    );
     children.0.push(child);
-    wait_listening(port, "ssp");
-    (port, pid)
+    wait_listening(port, &name);
+    pid
 }
 
 /// nginx as a TLS-terminating reverse proxy: client certificates required and checked against the CA and CRL, the
@@ -827,18 +838,11 @@ http {{
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(nginx)
-        .arg("-c")
-        .arg(&path)
-        .arg("-p")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    children.0.push(child);
-    wait_listening(port, "nginx");
+    let pid = launch(
+        Command::new(nginx).arg("-c").arg(&path).arg("-p").arg(dir),
+        port,
+        children,
+    );
     (port, pid)
 }
 
@@ -882,17 +886,11 @@ backend provider
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(haproxy)
-        .arg("-db")
-        .arg("-f")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    children.0.push(child);
-    wait_listening(port, "haproxy");
+    let pid = launch(
+        Command::new(haproxy).arg("-db").arg("-f").arg(&path),
+        port,
+        children,
+    );
     (port, pid)
 }
 

@@ -260,3 +260,26 @@ fn write_file(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
     file.write_all(data)?;
     file.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    /// Each key kind gives certificates of that kind, which the TLS loaders accept.
+    #[test]
+    fn key_kinds() {
+        for (kind, oid) in [
+            (KeyKind::EcdsaP256, "1.2.840.10045.2.1"),
+            (KeyKind::Rsa2048, "1.2.840.113549.1.1.1"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            generate_with(dir.path(), kind).unwrap();
+            let certs = crate::tls::load_certs("c", &dir.path().join("proxy-server.crt")).unwrap();
+            crate::tls::load_key("k", &dir.path().join("proxy-server.key")).unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(&certs[0]).unwrap();
+            assert_eq!(cert.public_key().algorithm.algorithm.to_id_string(), oid);
+        }
+    }
+}
