@@ -346,18 +346,21 @@ impl Validator {
             audit.violate(Violation::MissingToken);
             return audit;
         };
-        match decode(token, expect.keys) {
-            Ok((alg, claims)) => {
-                audit.alg = Some(alg);
-                self.validate(&claims, expect, &mut audit);
-            }
-            Err(v) => audit.violate(v),
+        let checked = Parts::split(token).and_then(|parts| {
+            let (header, payload) = (parts.header()?, parts.payload()?);
+            let (alg, claims) = parts.check(&header, &payload, expect.keys)?;
+            audit.alg = Some(alg.to_owned());
+            self.validate(claims, expect, &mut audit);
+            Ok(())
+        });
+        if let Err(v) = checked {
+            audit.violate(v);
         }
         audit.valid = audit.found.is_empty();
         audit
     }
 
-    fn validate(&self, claims: &Map<String, Value>, expect: &Expect<'_>, audit: &mut JwtAudit) {
+    fn validate(&self, claims: &Obj<'_>, expect: &Expect<'_>, audit: &mut JwtAudit) {
         let mut c = Claims { map: claims, audit };
         let iss = c.string(Claim::Iss);
         c.audit.iss = iss.map(str::to_owned);
@@ -407,8 +410,8 @@ impl Validator {
         }
         if let Some(device) = device {
             let identifier = first_identifier(device);
-            let model = device.get("model").and_then(Value::as_str);
-            let version = device.get("version").and_then(Value::as_str);
+            let model = device.get("model").and_then(Json::as_str);
+            let version = device.get("version").and_then(Json::as_str);
             match (identifier, model, version) {
                 (Some((system, value)), Some(model), Some(version))
                     if !model.is_empty() && !version.is_empty() =>
@@ -421,7 +424,7 @@ impl Validator {
             }
         }
         if let Some(org) = organization {
-            c.audit.organization_name = org.get("name").and_then(Value::as_str).map(str::to_owned);
+            c.audit.organization_name = org.get("name").and_then(Json::as_str).map(str::to_owned);
             match identifier_value(org, self.profile.ods_system()) {
                 Some(ods) => c.audit.organization_ods = Some(ods.to_owned()),
                 None => c.audit.violate(Violation::OdsIdentifier),
@@ -430,7 +433,7 @@ impl Validator {
         if let Some(practitioner) = practitioner {
             let id = practitioner
                 .get("id")
-                .and_then(Value::as_str)
+                .and_then(Json::as_str)
                 .filter(|id| !id.is_empty());
             c.audit.practitioner_id = id.map(str::to_owned);
             if id.is_none() {
@@ -464,7 +467,7 @@ impl Validator {
                 c.audit.violate(Violation::Missing(Claim::RequestedRecord))
             }
             (Profile::GpConnect07, Some(r)) => {
-                let kind = r.get("resourceType").and_then(Value::as_str);
+                let kind = r.get("resourceType").and_then(Json::as_str);
                 if !matches!(kind, Some("Patient" | "Organization")) {
                     c.audit.violate(Violation::Invalid(Claim::RequestedRecord));
                 }
@@ -476,12 +479,12 @@ impl Validator {
 
 /// Reads typed claims, recording missing and mistyped ones.
 struct Claims<'a, 'b> {
-    map: &'a Map<String, Value>,
+    map: &'a Obj<'a>,
     audit: &'b mut JwtAudit,
 }
 
 impl<'a> Claims<'a, '_> {
-    fn get(&mut self, claim: Claim) -> Option<&'a Value> {
+    fn get(&mut self, claim: Claim) -> Option<&'a Json<'a>> {
         let value = self.map.get(claim.key());
         if value.is_none() {
             self.audit.violate(Violation::Missing(claim));
@@ -509,11 +512,11 @@ impl<'a> Claims<'a, '_> {
     }
 
     /// A JSON object whose `resourceType` is `kind`.
-    fn resource(&mut self, claim: Claim, kind: &str) -> Option<&'a Map<String, Value>> {
+    fn resource(&mut self, claim: Claim, kind: &str) -> Option<&'a Obj<'a>> {
         let value = self.get(claim)?;
         let object = value
             .as_object()
-            .filter(|o| o.get("resourceType").and_then(Value::as_str) == Some(kind));
+            .filter(|o| o.get("resourceType").and_then(Json::as_str) == Some(kind));
         if object.is_none() {
             self.audit.violate(Violation::Invalid(claim));
         }
@@ -521,22 +524,22 @@ impl<'a> Claims<'a, '_> {
     }
 }
 
-fn identifiers(resource: &Map<String, Value>) -> impl Iterator<Item = (&str, &str)> {
+fn identifiers<'a>(resource: &'a Obj<'_>) -> impl Iterator<Item = (&'a str, &'a str)> {
     resource
         .get("identifier")
-        .and_then(Value::as_array)
+        .and_then(Json::as_array)
         .into_iter()
         .flatten()
         .filter_map(|i| Some((i.get("system")?.as_str()?, i.get("value")?.as_str()?)))
 }
 
-fn first_identifier(resource: &Map<String, Value>) -> Option<(&str, &str)> {
+fn first_identifier<'a>(resource: &'a Obj<'_>) -> Option<(&'a str, &'a str)> {
     identifiers(resource)
         .next()
         .filter(|(s, v)| !s.is_empty() && !v.is_empty())
 }
 
-fn identifier_value<'a>(resource: &'a Map<String, Value>, system: &str) -> Option<&'a str> {
+fn identifier_value<'a>(resource: &'a Obj<'_>, system: &str) -> Option<&'a str> {
     identifiers(resource)
         .find(|(s, _)| *s == system)
         .map(|(_, v)| v)
@@ -613,62 +616,99 @@ pub fn decode(
     token: &str,
     keys: Option<&[VerifyingKey]>,
 ) -> Result<(String, Map<String, Value>), Violation> {
-    if token.len() > MAX_TOKEN_BYTES {
-        return Err(Violation::TooLarge);
+    let parts = Parts::split(token)?;
+    let (header, payload) = (parts.header()?, parts.payload()?);
+    let (alg, claims) = parts.check(&header, &payload, keys)?;
+    Ok((alg.to_owned(), claims.to_map()))
+}
+
+/// A token cut into its three parts, the first two base64-decoded. The JSON read from them borrows these bytes.
+struct Parts<'t> {
+    token: &'t str,
+    header: Vec<u8>,
+    payload: Vec<u8>,
+    signature: &'t str,
+}
+
+impl<'t> Parts<'t> {
+    fn split(token: &'t str) -> Result<Self, Violation> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(Violation::TooLarge);
+        }
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Violation::Malformed);
+        };
+        Ok(Self {
+            token,
+            header: base64url(header)?,
+            payload: base64url(payload)?,
+            signature,
+        })
     }
-    let mut parts = token.split('.');
-    let (Some(header), Some(payload), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(Violation::Malformed);
-    };
-    let header = json_object(header)?;
-    let claims = json_object(payload)?;
-    let alg = header
-        .get("alg")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let typ_ok = header.get("typ").and_then(Value::as_str) == Some("JWT");
-    match keys {
-        None => {
-            // Exactly {"alg":"none","typ":"JWT"}, in any key order, nothing more.
-            if alg != "none" || !typ_ok || header.len() != 2 {
-                return Err(Violation::Header);
+
+    fn header(&self) -> Result<Obj<'_>, Violation> {
+        json_object(&self.header)
+    }
+
+    fn payload(&self) -> Result<Obj<'_>, Violation> {
+        json_object(&self.payload)
+    }
+
+    /// Checks the header and the signature (or its absence); the header's `alg` and the claims.
+    fn check<'h, 'p>(
+        &self,
+        header: &'h Obj<'h>,
+        claims: &'p Obj<'p>,
+        keys: Option<&[VerifyingKey]>,
+    ) -> Result<(&'h str, &'p Obj<'p>), Violation> {
+        let (token, signature) = (self.token, self.signature);
+        let alg = header.get("alg").and_then(Json::as_str).unwrap_or_default();
+        let typ_ok = header.get("typ").and_then(Json::as_str) == Some("JWT");
+        match keys {
+            None => {
+                // Exactly {"alg":"none","typ":"JWT"}, in any key order, nothing more.
+                if alg != "none" || !typ_ok || header.len() != 2 {
+                    return Err(Violation::Header);
+                }
+                if !signature.is_empty() {
+                    return Err(Violation::UnexpectedSignature);
+                }
             }
-            if !signature.is_empty() {
-                return Err(Violation::UnexpectedSignature);
+            Some(keys) => {
+                if alg == "none" || signature.is_empty() {
+                    return Err(Violation::SignatureRequired);
+                }
+                let algorithm: jsonwebtoken::Algorithm =
+                    alg.parse().map_err(|_| Violation::Header)?;
+                if !typ_ok || !keys.iter().any(|k| k.algorithms.contains(&algorithm)) {
+                    return Err(Violation::Header);
+                }
+                if !is_base64url(signature) {
+                    return Err(Violation::Malformed);
+                }
+                let mut validation = jsonwebtoken::Validation::new(algorithm);
+                // Claims are validated by the profile rules, not by jsonwebtoken's defaults.
+                validation.required_spec_claims.clear();
+                validation.validate_exp = false;
+                validation.validate_nbf = false;
+                validation.validate_aud = false;
+                let verified = keys
+                    .iter()
+                    .filter(|k| k.algorithms.contains(&algorithm))
+                    .any(|k| {
+                        jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &validation)
+                            .is_ok()
+                    });
+                if !verified {
+                    return Err(Violation::BadSignature);
+                }
             }
         }
-        Some(keys) => {
-            if alg == "none" || signature.is_empty() {
-                return Err(Violation::SignatureRequired);
-            }
-            let algorithm: jsonwebtoken::Algorithm = alg.parse().map_err(|_| Violation::Header)?;
-            if !typ_ok || !keys.iter().any(|k| k.algorithms.contains(&algorithm)) {
-                return Err(Violation::Header);
-            }
-            if !is_base64url(signature) {
-                return Err(Violation::Malformed);
-            }
-            let mut validation = jsonwebtoken::Validation::new(algorithm);
-            // Claims are validated by the profile rules, not by jsonwebtoken's defaults.
-            validation.required_spec_claims.clear();
-            validation.validate_exp = false;
-            validation.validate_nbf = false;
-            validation.validate_aud = false;
-            let verified = keys
-                .iter()
-                .filter(|k| k.algorithms.contains(&algorithm))
-                .any(|k| {
-                    jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &validation).is_ok()
-                });
-            if !verified {
-                return Err(Violation::BadSignature);
-            }
-        }
+        Ok((alg, claims))
     }
-    Ok((alg, claims))
 }
 
 fn is_base64url(part: &str) -> bool {
@@ -676,20 +716,24 @@ fn is_base64url(part: &str) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// One base64url part (no padding, no `+` or `/`) holding a JSON object whose keys are distinct at every depth.
-fn json_object(part: &str) -> Result<Map<String, Value>, Violation> {
+/// One base64url part (no padding, no `+` or `/`), decoded.
+fn base64url(part: &str) -> Result<Vec<u8>, Violation> {
     if part.is_empty() || !is_base64url(part) {
         return Err(Violation::Malformed);
     }
-    let bytes = URL_SAFE_NO_PAD
+    URL_SAFE_NO_PAD
         .decode(part)
-        .map_err(|_| Violation::Malformed)?;
+        .map_err(|_| Violation::Malformed)
+}
+
+/// A JSON object whose keys are distinct at every depth, read from `bytes` and borrowing its strings from them.
+fn json_object(bytes: &[u8]) -> Result<Obj<'_>, Violation> {
     // serde_json bounds nesting (128 levels) and the token size bounds everything else.
-    let mut reader = serde_json::Deserializer::from_slice(&bytes);
-    let parsed = serde::de::DeserializeSeed::deserialize(StrictJson, &mut reader)
+    let mut reader = serde_json::Deserializer::from_slice(bytes);
+    let parsed = <Json<'_> as serde::Deserialize>::deserialize(&mut reader)
         .and_then(|value| reader.end().map(|()| value));
     match parsed {
-        Ok(Value::Object(map)) => Ok(map),
+        Ok(Json::Obj(map)) => Ok(map),
         Err(e) if e.to_string().starts_with(DUPLICATE_KEY) => Err(Violation::DuplicateKey),
         _ => Err(Violation::Malformed),
     }
@@ -697,71 +741,196 @@ fn json_object(part: &str) -> Result<Map<String, Value>, Violation> {
 
 const DUPLICATE_KEY: &str = "duplicate key";
 
-/// Reads a JSON value like `serde_json::Value` does, but refuses an object that repeats a key: two readers of the
-/// same token (this proxy and the provider) must not be able to see different claims.
-struct StrictJson;
+/// A JSON value read from a token: strings borrow the decoded bytes unless they hold escapes, and objects keep
+/// their members in order. Objects that repeat a key are refused while reading: two readers of the same token (this
+/// proxy and the provider) must not be able to see different claims.
+#[derive(Debug, Clone, PartialEq)]
+enum Json<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    /// An integer above `i64::MAX`.
+    Big(u64),
+    Float(f64),
+    Str(std::borrow::Cow<'a, str>),
+    Arr(Vec<Json<'a>>),
+    Obj(Obj<'a>),
+}
 
-impl<'de> serde::de::DeserializeSeed<'de> for StrictJson {
-    type Value = Value;
+/// A JSON object's members, in order, keys distinct.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Obj<'a>(Vec<(std::borrow::Cow<'a, str>, Json<'a>)>);
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(self)
+impl<'a> Obj<'a> {
+    fn get(&self, key: &str) -> Option<&Json<'a>> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn to_map(&self) -> Map<String, Value> {
+        self.0
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_value()))
+            .collect()
+    }
+
+    /// True when two members share a key: pairwise for a small object, sorted for a large one.
+    fn repeats_a_key(&self) -> bool {
+        let keys = &self.0;
+        if keys.len() <= 16 {
+            return keys
+                .iter()
+                .enumerate()
+                .any(|(i, (k, _))| keys[..i].iter().any(|(other, _)| other == k));
+        }
+        let mut sorted: Vec<&str> = keys.iter().map(|(k, _)| k.as_ref()).collect();
+        sorted.sort_unstable();
+        sorted.windows(2).any(|w| w[0] == w[1])
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for StrictJson {
-    type Value = Value;
+impl<'a> Json<'a> {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Like `serde_json::Value::as_i64`: an integer that fits, never a float.
+    fn as_i64(&self) -> Option<i64> {
+        match self {
+            Json::Int(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    fn as_object(&self) -> Option<&Obj<'a>> {
+        match self {
+            Json::Obj(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    fn as_array(&self) -> Option<&[Json<'a>]> {
+        match self {
+            Json::Arr(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// A member of an object; `None` for anything else.
+    fn get(&self, key: &str) -> Option<&Json<'a>> {
+        self.as_object()?.get(key)
+    }
+
+    fn to_value(&self) -> Value {
+        match self {
+            Json::Null => Value::Null,
+            Json::Bool(b) => Value::Bool(*b),
+            Json::Int(n) => Value::from(*n),
+            Json::Big(n) => Value::from(*n),
+            Json::Float(f) => Value::from(*f),
+            Json::Str(s) => Value::String(s.to_string()),
+            Json::Arr(a) => Value::Array(a.iter().map(Json::to_value).collect()),
+            Json::Obj(o) => Value::Object(o.to_map()),
+        }
+    }
+}
+
+/// An object key, borrowed when it holds no escapes (serde's own `Cow` always copies).
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Json<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(JsonVisitor)
+    }
+}
+
+struct JsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for JsonVisitor {
+    type Value = Json<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
+    fn visit_bool<E>(self, v: bool) -> Result<Json<'de>, E> {
+        Ok(Json::Bool(v))
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_i64<E>(self, v: i64) -> Result<Json<'de>, E> {
+        Ok(Json::Int(v))
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_u64<E>(self, v: u64) -> Result<Json<'de>, E> {
+        Ok(i64::try_from(v).map_or(Json::Big(v), Json::Int))
     }
 
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_f64<E>(self, v: f64) -> Result<Json<'de>, E> {
+        Ok(Json::Float(v))
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Json<'de>, E> {
+        Ok(Json::Str(std::borrow::Cow::Borrowed(v)))
     }
 
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+    fn visit_str<E>(self, v: &str) -> Result<Json<'de>, E> {
+        Ok(Json::Str(std::borrow::Cow::Owned(v.to_owned())))
     }
 
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_string<E>(self, v: String) -> Result<Json<'de>, E> {
+        Ok(Json::Str(std::borrow::Cow::Owned(v)))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+    fn visit_unit<E>(self) -> Result<Json<'de>, E> {
+        Ok(Json::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'de>, A::Error> {
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element_seed(StrictJson)? {
+        while let Some(item) = seq.next_element()? {
             items.push(item);
         }
-        Ok(Value::Array(items))
+        Ok(Json::Arr(items))
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut object = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if object.contains_key(&key) {
-                return Err(serde::de::Error::custom(DUPLICATE_KEY));
-            }
-            let value = map.next_value_seed(StrictJson)?;
-            object.insert(key, value);
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
+        let mut object = Obj::default();
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            let value = map.next_value()?;
+            object.0.push((key, value));
         }
-        Ok(Value::Object(object))
+        if object.repeats_a_key() {
+            return Err(serde::de::Error::custom(DUPLICATE_KEY));
+        }
+        Ok(Json::Obj(object))
     }
 }
 
@@ -939,6 +1108,22 @@ mod tests {
         );
         assert_eq!(
             names(&check_token(&dup_header, READ)),
+            vec!["DUPLICATE_KEY"]
+        );
+        // A key spelt with an escape is the same key; and a large object is checked as well as a small one.
+        let escaped = claims().to_string().replacen('{', r#"{"s\u0075b":"x","#, 1);
+        assert_eq!(
+            names(&check_token(&token(&escaped), READ)),
+            vec!["DUPLICATE_KEY"]
+        );
+        let mut large = claims();
+        for i in 0..40 {
+            large[format!("x-{i}")] = json!(i);
+        }
+        assert!(check_token(&token(&large.to_string()), READ).valid);
+        let repeated = large.to_string().replacen('{', r#"{"x-17":0,"#, 1);
+        assert_eq!(
+            names(&check_token(&token(&repeated), READ)),
             vec!["DUPLICATE_KEY"]
         );
         // Wrong types: a number for a string, a string for a number, an array for a resource.
