@@ -3,6 +3,7 @@
 # two runs on one keep-alive connection (every check, the JWT, both audit records, `durability = "batched"`),
 # FEW and then MANY requests; the difference in allocations divided by the difference in requests leaves out
 # start-up, the handshakes and the first upstream connection. Usage: benches/allocs.sh [FEW MANY]
+# SSP_DHAT_OUT=FILE keeps the DHAT profile of the second run (open it in DHAT's viewer, dh_view.html).
 set -eu
 cd "$(dirname "$0")/.."
 few=${1:-20}
@@ -48,9 +49,9 @@ CONFIG
 endpoint=https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect
 token=$(target/release/ssp dev-token --aud "$endpoint" --scope "organization/*.read")
 
-# Runs ssp under DHAT for $1 requests; prints the allocation count.
+# Runs ssp under DHAT for $1 requests, its profile to $2; prints the allocation count.
 count() {
-    valgrind --tool=dhat --dhat-out-file=/dev/null target/release/ssp serve --config "$work/ssp.toml" \
+    valgrind --tool=dhat --dhat-out-file="$2" target/release/ssp serve --config "$work/ssp.toml" \
         2>"$work/dhat.txt" &
     ssp=$!
     until curl -s -o /dev/null --max-time 1 "https://$listen/" --cacert "$work/certs/ca.crt" \
@@ -75,7 +76,7 @@ count() {
     [ "$ok" = "$1" ] || { echo "expected $1 answers of 200, got $ok:" >&2; sort "$work/codes" | uniq -c >&2; exit 1; }
     sed -n 's/^==[0-9]*== Total:.* in \([0-9,]*\) blocks.*/\1/p' "$work/dhat.txt" | tr -d ,
 }
-a=$(count "$few")
-b=$(count "$many")
+a=$(count "$few" /dev/null)
+b=$(count "$many" "${SSP_DHAT_OUT:-/dev/null}")
 echo "ssp serve: $a allocations with $few requests, $b with $many"
 echo "allocations per proxied request: $(( (b - a) / (many - few) ))"
