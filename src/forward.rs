@@ -358,42 +358,47 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Applies DESIGN.md 1.5 to a request's headers: hop-by-hop removed, `Host` set to the target authority,
 /// `Forwarded` and `X-Forwarded-For` appended; every other header (the `Ssp-*` ones, `Authorization`) unchanged.
+/// Every request passes here: the two values are written into one reused buffer.
 pub fn rewrite_request_headers(headers: &mut HeaderMap, authority: &str, client_addr: SocketAddr) {
+    use std::fmt::Write;
     strip_hop_by_hop(headers);
     if let Ok(host) = HeaderValue::from_str(authority) {
         headers.insert(header::HOST, host);
     }
     let ip = client_addr.ip().to_canonical();
+    let mut value = String::with_capacity(64);
     // RFC 7239: an IPv6 node is bracketed and the value quoted.
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    let _ = match ip {
+        IpAddr::V4(v4) => write!(value, "for={v4};proto=https"),
+        IpAddr::V6(v6) => write!(value, "for=\"[{v6}]\";proto=https"),
     };
-    append_list(
-        headers,
-        header::FORWARDED,
-        &format!("for={node};proto=https"),
-    );
+    append_list(headers, header::FORWARDED, &mut value);
+    value.clear();
+    let _ = write!(value, "{ip}");
     append_list(
         headers,
         HeaderName::from_static("x-forwarded-for"),
-        &ip.to_string(),
+        &mut value,
     );
 }
 
-/// Appends `value` to a comma-separated list header, joining existing lines into one.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let mut joined = String::new();
-    for existing in headers
+/// Appends `value` to a comma-separated list header, joining existing lines into one (`value` is used as the
+/// buffer).
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &mut String) {
+    let existing: Vec<&str> = headers
         .get_all(&name)
         .iter()
         .filter_map(|v| v.to_str().ok())
-    {
-        joined.push_str(existing);
-        joined.push_str(", ");
+        .collect();
+    if !existing.is_empty() {
+        let mine = std::mem::take(value);
+        for line in existing {
+            value.push_str(line);
+            value.push_str(", ");
+        }
+        value.push_str(&mine);
     }
-    joined.push_str(value);
-    if let Ok(v) = HeaderValue::from_str(&joined) {
+    if let Ok(v) = HeaderValue::from_str(value) {
         headers.insert(name, v);
     }
 }
