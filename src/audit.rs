@@ -1,5 +1,6 @@
 //! The transaction log (DESIGN.md 1.6): append-only JSON-lines segments, each record chained to the previous one
-//! by SHA-256, written by one writer thread in batches with group commit, verified and queried offline.
+//! by SHA-256, written with group commit by the requests themselves (an `ssp-audit` thread does the fsyncs),
+//! verified and queried offline.
 //!
 //! Layout of `audit.dir` (mode 0700): `audit-00000001.jsonl`, `audit-00000002.jsonl`, ... (mode 0600). Every
 //! record carries `prev`, the SHA-256 (hex) of the previous record's line; the very first record's `prev` is 64

@@ -13,7 +13,7 @@
 //! - [`policy`]: policy files, the sled store of generations (`policy::store`), the in-memory snapshot,
 //!   `check() -> Decision` (checks 5 to 9), the `Permit`, and `explain` for `ssp policy check`.
 //! - [`jwt`]: the consumer's audit token: strict decoding, signatures, validation per GP Connect profile (check 10).
-//! - [`audit`]: the transaction log: record schema, hash chain, writer thread with group commit, recovery,
+//! - [`audit`]: the transaction log: record schema, hash chain, group commit, the fsync thread, recovery,
 //!   verify and query (check 12).
 //! - [`forward`]: upstream client and pool, header rules, timeouts, the streaming body wrapper.
 //! - [`proxy`]: the order of the steps for one request; the one place errors become responses.
@@ -33,8 +33,8 @@
 //! 3. `proxy::Proxy::handle` takes each request: method (check 2), `ssp::Target` (3), `ssp::SspHeaders` (4).
 //! 4. `policy::Policy::check` runs checks 5 to 9 and returns `Decision::Permit(Permit)` or a `Denial`.
 //! 5. `jwt::Validator::check` decodes and validates the audit token (check 10) into a `JwtAudit`.
-//! 6. `audit::AuditLog::write` hands the `request` record to the writer thread and waits until it is written
-//!    (or fsynced, in strict mode) (check 12).
+//! 6. `audit::AuditLog::write` queues the `request` record, writes the queue unless a write is in progress, and
+//!    waits until its record is written (or fsynced, in strict mode) (check 12).
 //! 7. `forward::Upstream::send` takes the `Permit`, rewrites the headers, and sends the request over a pooled
 //!    TLS connection presenting the proxy's client certificate; the request body streams through `Streamed`.
 //! 8. The provider's response streams back through `Streamed`, which counts bytes and enforces the idle
