@@ -15,7 +15,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -275,8 +275,8 @@ struct Shared {
     wake: std::sync::Condvar,
     /// False after a failed write, open or fsync, true again after a good write: feeds readiness.
     healthy: Arc<AtomicBool>,
-    /// Records queued and not yet written, for the queue-depth metric.
-    queued: AtomicU64,
+    /// The audit folder, for log lines.
+    dir: PathBuf,
     durability: Durability,
     fsync_interval: Duration,
 }
@@ -313,9 +313,9 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Writes everything queued, a batch per `write`, unless a write is already in progress (its writer comes back
-    /// for what was queued meanwhile only if a waiting request asks again). Called with the lock held; releases it
-    /// for the I/O.
+    /// Writes everything queued, a batch per `write`, unless a write is already in progress: that writer goes on
+    /// with what was queued meanwhile before it gives the segment back. Called with the lock held; releases it for
+    /// the I/O.
     fn flush<'a>(
         &'a self,
         mut st: std::sync::MutexGuard<'a, State>,
@@ -347,7 +347,6 @@ impl Shared {
             {
                 writer.rotate();
             }
-            self.queued.fetch_sub(n as u64, Ordering::Relaxed);
             st = self.lock();
             st.file = writer.segment.as_ref().map(|s| Arc::clone(&s.file));
             st.writer = Some(writer);
@@ -381,9 +380,7 @@ impl Shared {
         let result = file.map_or(Ok(()), |f| f.sync_data());
         if let Err(e) = &result {
             tracing::error!(error = %e, "audit fsync failed");
-            if self.healthy.swap(false, Ordering::AcqRel) {
-                tracing::error!("audit log NOT writable: requests are refused with 503");
-            }
+            set_healthy(&self.healthy, false, &self.dir);
         }
         let state = if result.is_ok() {
             Slot::DONE
@@ -462,7 +459,8 @@ impl AuditLog {
     /// As [`AuditLog::start`], counting records written and timing each batch.
     pub fn start_with_metrics(cfg: AuditConfig, metrics: Option<AuditMetrics>) -> Arc<Self> {
         let healthy = Arc::new(AtomicBool::new(false));
-        let (durability, fsync_interval) = (cfg.durability, cfg.fsync_interval);
+        let (durability, fsync_interval, dir) =
+            (cfg.durability, cfg.fsync_interval, cfg.dir.clone());
         let mut writer = Writer::new(cfg, Arc::clone(&healthy));
         writer.metrics = metrics;
         // Open before returning, so a healthy log is healthy from the first request.
@@ -480,7 +478,7 @@ impl AuditLog {
             }),
             wake: std::sync::Condvar::new(),
             healthy,
-            queued: AtomicU64::new(0),
+            dir,
             durability,
             fsync_interval,
         });
@@ -501,7 +499,7 @@ impl AuditLog {
 
     /// Records queued and not yet written.
     pub fn queue_depth(&self) -> u64 {
-        self.shared.queued.load(Ordering::Relaxed)
+        self.shared.lock().pending.len() as u64
     }
 
     /// Queues a job; gives it back when the log is closed or the queue is full.
@@ -511,7 +509,6 @@ impl AuditLog {
             return Err(job);
         }
         st.pending.push(job);
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
         if st.syncer_idle {
             st.syncer_idle = false;
             self.shared.wake.notify_one();
@@ -589,13 +586,12 @@ impl AuditLog {
         }
         if let Some(mut writer) = writer {
             writer.seal("shutdown");
-            writer.sync();
-            let mut st = self.shared.lock();
-            let ok = if writer.dirty {
-                Slot::FAILED
-            } else {
+            let ok = if writer.sync() {
                 Slot::DONE
+            } else {
+                Slot::FAILED
             };
+            let mut st = self.shared.lock();
             for slot in std::mem::take(&mut st.unsynced) {
                 slot.set(ok);
             }
@@ -608,6 +604,17 @@ impl Drop for AuditLog {
     /// Dropping the log closes it, as a clean stop would.
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Sets the health flag that feeds readiness, and says so when it changes.
+fn set_healthy(flag: &AtomicBool, healthy: bool, dir: &Path) {
+    if flag.swap(healthy, Ordering::AcqRel) != healthy {
+        if healthy {
+            tracing::info!(dir = %dir.display(), "audit log writable");
+        } else {
+            tracing::error!(dir = %dir.display(), "audit log NOT writable: requests are refused with 503");
+        }
     }
 }
 
@@ -633,8 +640,6 @@ struct Writer {
     seq: u64,
     /// SHA-256 (hex) of the last line written.
     prev: String,
-    /// Written but not yet fsynced by this writer (seals and shutdown).
-    dirty: bool,
     /// Reused for each batch.
     buf: Vec<u8>,
     metrics: Option<AuditMetrics>,
@@ -649,20 +654,13 @@ impl Writer {
             segment: None,
             seq: 0,
             prev: GENESIS.to_owned(),
-            dirty: false,
             buf: Vec::with_capacity(64 * 1024),
             metrics: None,
         }
     }
 
     fn set_healthy(&self, healthy: bool) {
-        if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
-            if healthy {
-                tracing::info!(dir = %self.cfg.dir.display(), "audit log writable");
-            } else {
-                tracing::error!(dir = %self.cfg.dir.display(), "audit log NOT writable: requests are refused with 503");
-            }
-        }
+        set_healthy(&self.healthy, healthy, &self.cfg.dir);
     }
     /// Serialises, chains and writes records in one write; on failure rolls the segment back and leaves the chain
     /// where it was.
@@ -687,7 +685,6 @@ impl Writer {
                 segment.len += self.buf.len() as u64;
                 self.seq = seq;
                 self.prev = prev;
-                self.dirty = true;
                 Ok(())
             }
             Err(e) => {
@@ -708,14 +705,18 @@ impl Writer {
         if let Some(segment) = &self.segment {
             segment.file.sync_data()?;
         }
-        self.dirty = false;
         Ok(())
     }
 
-    fn sync(&mut self) {
-        if let Err(e) = self.sync_now() {
-            tracing::error!(error = %e, "audit fsync failed");
-            self.set_healthy(false);
+    /// Fsyncs the segment; a failure is logged and turns the log unhealthy. True when synced.
+    fn sync(&mut self) -> bool {
+        match self.sync_now() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "audit fsync failed");
+                self.set_healthy(false);
+                false
+            }
         }
     }
 

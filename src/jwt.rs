@@ -347,10 +347,9 @@ impl Validator {
             return audit;
         };
         let checked = Parts::split(token).and_then(|parts| {
-            let (header, payload) = (parts.header()?, parts.payload()?);
-            let (alg, claims) = parts.check(&header, &payload, expect.keys)?;
-            audit.alg = Some(alg.to_owned());
-            self.validate(claims, expect, &mut audit);
+            let (header, claims) = (parts.header()?, parts.payload()?);
+            audit.alg = Some(parts.check(&header, expect.keys)?.to_owned());
+            self.validate(&claims, expect, &mut audit);
             Ok(())
         });
         if let Err(v) = checked {
@@ -617,8 +616,8 @@ pub fn decode(
     keys: Option<&[VerifyingKey]>,
 ) -> Result<(String, Map<String, Value>), Violation> {
     let parts = Parts::split(token)?;
-    let (header, payload) = (parts.header()?, parts.payload()?);
-    let (alg, claims) = parts.check(&header, &payload, keys)?;
+    let (header, claims) = (parts.header()?, parts.payload()?);
+    let alg = parts.check(&header, keys)?;
     Ok((alg.to_owned(), claims.to_map()))
 }
 
@@ -657,13 +656,12 @@ impl<'t> Parts<'t> {
         json_object(&self.payload)
     }
 
-    /// Checks the header and the signature (or its absence); the header's `alg` and the claims.
-    fn check<'h, 'p>(
+    /// Checks the header (read by [`Parts::header`]) and the signature, or its absence; the header's `alg`.
+    fn check<'h>(
         &self,
         header: &'h Obj<'h>,
-        claims: &'p Obj<'p>,
         keys: Option<&[VerifyingKey]>,
-    ) -> Result<(&'h str, &'p Obj<'p>), Violation> {
+    ) -> Result<&'h str, Violation> {
         let (token, signature) = (self.token, self.signature);
         let alg = header.get("alg").and_then(Json::as_str).unwrap_or_default();
         let typ_ok = header.get("typ").and_then(Json::as_str) == Some("JWT");
@@ -707,7 +705,7 @@ impl<'t> Parts<'t> {
                 }
             }
         }
-        Ok((alg, claims))
+        Ok(alg)
     }
 }
 
