@@ -1,6 +1,7 @@
 #!/bin/sh
 # Heap allocations per proxied request, counted exactly by valgrind's DHAT on the release build of `ssp serve`:
-# two runs on one keep-alive connection (every check, the JWT, both audit records, `durability = "batched"`),
+# two runs on one keep-alive connection, on the load benchmark's config (every check, the JWT enforced, limits,
+# both audit records, `durability = "batched"`),
 # FEW and then MANY requests; the difference in allocations divided by the difference in requests leaves out
 # start-up, the handshakes and the first upstream connection. Usage: benches/allocs.sh [FEW MANY]
 # SSP_DHAT_OUT=FILE keeps the DHAT profile of the second run (open it in DHAT's viewer, dh_view.html).
@@ -22,30 +23,8 @@ provider=$!
 while [ ! -s "$work/port" ]; do sleep 0.1; done
 port=$(head -1 "$work/port")
 listen=127.0.0.1:18443
-cat >"$work/ssp.toml" <<CONFIG
-[server]
-listen = "$listen"
-cert = "certs/proxy-server.crt"
-key = "certs/proxy-server.key"
-client_ca = ["certs/ca.crt"]
-crl = ["certs/ca.crl"]
-[upstream]
-cert = "certs/proxy-client.crt"
-key = "certs/proxy-client.key"
-ca = ["certs/ca.crt"]
-[upstream.resolve]
-"provider.dev.localhost:9443" = "127.0.0.1:$port"
-[policy]
-dir = "policies"
-store = "policy"
-[admin]
-listen = "127.0.0.1:0"
-[audit]
-dir = "audit"
-durability = "batched"
-[log]
-level = "warn"
-CONFIG
+# The load benchmark's own config for its batched instance: every check, the JWT, limits.
+SSP_BENCH_ROLE=ssp-config SSP_BENCH_PORT=18443 SSP_BENCH_PROVIDER="127.0.0.1:$port" "$bench" >"$work/ssp.toml"
 endpoint=https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect
 token=$(target/release/ssp dev-token --aud "$endpoint" --scope "organization/*.read")
 

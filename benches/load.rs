@@ -704,16 +704,10 @@ fn start_provider(certs: &Path, children: &mut Children) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>().unwrap()))
 }
 
-/// Starts `ssp serve` on a config with every check on, limits set high enough never to refuse, and `durability`.
-fn start_ssp(
-    dir: &Path,
-    name: &str,
-    provider: SocketAddr,
-    durability: &str,
-    children: &mut Children,
-) -> (u16, u32) {
-    let port = free_port();
-    let config = format!(
+/// The config of an ssp under test, its paths relative to the bench folder: every check on, the JWT enforced,
+/// limits set high enough never to refuse. `benches/allocs.sh` measures the same config (role `ssp-config`).
+fn ssp_config(port: u16, name: &str, provider: SocketAddr, durability: &str) -> String {
+    format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
@@ -743,7 +737,19 @@ per_consumer_burst = 1000000
 per_consumer_concurrency = 100000
 per_provider_concurrency = 100000
 "#
-    );
+    )
+}
+
+/// Starts `ssp serve` on a config with every check on, limits set high enough never to refuse, and `durability`.
+fn start_ssp(
+    dir: &Path,
+    name: &str,
+    provider: SocketAddr,
+    durability: &str,
+    children: &mut Children,
+) -> (u16, u32) {
+    let port = free_port();
+    let config = ssp_config(port, name, provider, durability);
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
     // `SSP_BENCH_SSP_BIN` runs another build of ssp, such as one with frame pointers for perf.
@@ -1037,10 +1043,23 @@ fn print_goals(results: &[(&Scenario, Vec<(&Target, Phase)>)]) {
 // ---------------------------------------------------------------------------------------------------------------
 
 fn main() {
-    if std::env::var("SSP_BENCH_ROLE").as_deref() == Ok("provider") {
-        let certs = PathBuf::from(std::env::var_os("SSP_BENCH_CERTS").unwrap());
-        provider_main(&certs);
-        return;
+    match std::env::var("SSP_BENCH_ROLE").as_deref() {
+        Ok("provider") => {
+            let certs = PathBuf::from(std::env::var_os("SSP_BENCH_CERTS").unwrap());
+            provider_main(&certs);
+            return;
+        }
+        // For benches/allocs.sh: the config of the batched instance, listening on SSP_BENCH_PORT.
+        Ok("ssp-config") => {
+            let port = env("SSP_BENCH_PORT", 18443) as u16;
+            let provider = std::env::var("SSP_BENCH_PROVIDER")
+                .unwrap()
+                .parse()
+                .unwrap();
+            print!("{}", ssp_config(port, "batched", provider, "batched"));
+            return;
+        }
+        _ => {}
     }
     // `cargo bench` passes `--bench`; a plain `cargo test --benches` run only checks that this builds.
     if !std::env::args().any(|a| a == "--bench") {
