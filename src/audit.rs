@@ -31,6 +31,9 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 const MAX_BATCH: usize = 1024;
 /// Records waiting for the writer at most; past this, senders wait up to [`SUBMIT_WAIT`].
 const QUEUE_CAPACITY: usize = 8192;
+/// Records queued at most in all, counting those that do not wait (response records, refusals): a bound on memory
+/// while the disk stalls. Past it a record is dropped and the operational log says so.
+const QUEUE_LIMIT: usize = 8 * QUEUE_CAPACITY;
 /// How long a request waits for room in the queue before it is refused with 503 `AUDIT_UNAVAILABLE`.
 const SUBMIT_WAIT: Duration = Duration::from_millis(100);
 /// How long a request waits for its record to be written (and, in strict mode, fsynced).
@@ -556,12 +559,13 @@ impl AuditLog {
     }
 
     /// Queues a record without waiting for it to be written (response records, refusals): the next write carries
-    /// it, or the syncer within `fsync_interval`. Never refused for room: the queue holds at most one such record
-    /// per open exchange beyond its bound. A record that cannot be queued (the log is closed) is reported in the
-    /// operational log, never dropped silently.
+    /// it, or the syncer within `fsync_interval`. Request records wait for room below [`QUEUE_CAPACITY`]; these go
+    /// on up to [`QUEUE_LIMIT`], so that an exchange's response record is not lost to a burst. A record that
+    /// cannot be queued (the log is closed, or the disk has stalled that long) is reported in the operational log,
+    /// never dropped silently.
     pub fn submit(self: &Arc<Self>, record: Record) {
-        if self.push((Box::new(record), None), usize::MAX).is_err() {
-            tracing::error!("audit log closed: a record could not be queued");
+        if self.push((Box::new(record), None), QUEUE_LIMIT).is_err() {
+            tracing::error!("audit log closed or its queue full: a record could not be queued");
         }
     }
 
@@ -1373,6 +1377,28 @@ mod tests {
                 metrics.records.get()
             );
         }
+    }
+
+    /// While nothing can be written (here: the writer held, as by a write stuck on a stalled disk), a request
+    /// record is refused once the queue holds `QUEUE_CAPACITY`, and other records are kept up to `QUEUE_LIMIT`,
+    /// then dropped; everything queued is written once the writer is back.
+    #[tokio::test]
+    async fn the_queue_is_bounded_while_the_disk_stalls() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
+        let writer = log.shared.lock().writer.take();
+        for i in 0..QUEUE_CAPACITY as u64 {
+            log.submit(request(i));
+        }
+        assert_eq!(log.write(request(0)).await, Err(Unavailable));
+        for i in 0..(QUEUE_LIMIT - QUEUE_CAPACITY + 10) as u64 {
+            log.submit(request(i));
+        }
+        assert_eq!(log.queue_depth(), QUEUE_LIMIT as u64);
+        log.shared.lock().writer = writer;
+        log.close();
+        let v = verify(dir.path()).unwrap();
+        assert_eq!(v.records, QUEUE_LIMIT as u64 + 1);
     }
 
     /// Recovery reads a segment's last [`TAIL_WINDOW`] bytes; a tear longer than that is still found whole.
