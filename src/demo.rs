@@ -259,11 +259,18 @@ impl Client {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| error_chain(&e))?;
+        let conn = tokio::spawn(conn);
+        let response = match sender.send_request(request).await {
+            Ok(response) => response,
+            // A TLS 1.3 client finishes its handshake before the server has checked its certificate: a refusal
+            // arrives as an alert on the first read, which the connection task saw. Its error names the alert.
+            Err(e) => {
+                return Err(match conn.await {
+                    Ok(Err(conn_error)) => error_chain(&conn_error),
+                    _ => error_chain(&e),
+                });
+            }
+        };
         let (parts, body) = response.into_parts();
         let body = body
             .collect()

@@ -1,6 +1,11 @@
 //! The consumer-facing listener: accept loop, connection limit, TLS handshake with its timeout, the peer identity
-//! read once per connection, HTTP/1.1 and HTTP/2 (by ALPN) with hyper's header-read timeout, and a graceful drain
-//! on shutdown. Knows nothing of request contents: each request goes to [`Proxy::handle`].
+//! read once per connection, HTTP/1.1 and HTTP/2 (by ALPN) with hyper's header-read timeout, the idle rule, a
+//! graceful drain on shutdown, and the staged close of every connection ssp ends (RFC 9112 section 9.6). Knows
+//! nothing of request contents: each request goes to [`Proxy::handle`].
+//!
+//! The idle rule: a connection with no request in flight (from the end of the handshake, and from the end of each
+//! response) is shut down once it has been idle for `server.header_read_timeout` (HTTP/1.1, or before the protocol
+//! is known) or `server.http2_idle_timeout` (HTTP/2: GOAWAY, then close), whatever it sends or does not send.
 
 use std::future::Future;
 use std::io;
@@ -9,13 +14,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
@@ -29,6 +41,8 @@ pub struct Server {
     proxy: Arc<Proxy>,
     http: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
+    /// The idle rule's bounds: HTTP/1.1 (and before the protocol is known), HTTP/2.
+    idle: IdleTimeouts,
     /// Bounds concurrent connections; when exhausted, further connections wait in the kernel's backlog.
     connections: Arc<Semaphore>,
     next_conn_id: Arc<AtomicU64>,
@@ -81,6 +95,10 @@ impl Server {
             proxy,
             http,
             handshake_timeout: cfg.handshake_timeout,
+            idle: IdleTimeouts {
+                http1: cfg.header_read_timeout,
+                http2: cfg.http2_idle_timeout,
+            },
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             next_conn_id: Arc::new(AtomicU64::new(1)),
             admin,
@@ -114,7 +132,9 @@ impl Server {
 
     /// Serves until `shutdown` completes, then stops accepting and lets open exchanges finish for up to `grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
-        let graceful = GracefulShutdown::new();
+        // Every connection holds a receiver: `true` asks it to finish gracefully, and the sender's `closed()`
+        // resolves when the last connection has gone.
+        let (stop, stop_rx) = watch::channel(false);
         tokio::pin!(shutdown);
         let metrics = Arc::clone(self.proxy.metrics());
         let admin = tokio::spawn(crate::admin::serve(
@@ -150,23 +170,22 @@ impl Server {
                 proxy: Arc::clone(&self.proxy),
                 http: self.http.clone(),
                 handshake_timeout: self.handshake_timeout,
+                idle: self.idle,
             };
-            let watcher = graceful.watcher();
-            let active = ActiveConnection::new(Arc::clone(&metrics));
-            tokio::spawn(async move {
-                let _permit = permit;
-                let _active = active;
-                conn.serve(tcp, remote, watcher).await;
-            });
+            let guard = ConnGuard {
+                _permit: permit,
+                _active: ActiveConnection::new(Arc::clone(&metrics)),
+            };
+            let stop = stop_rx.clone();
+            tokio::spawn(conn.serve(tcp, remote, guard, stop));
         }
         drop(self.listener);
+        drop(stop_rx);
         // Draining: a load balancer polling /readyz takes this instance out of rotation.
         self.health.serving.store(false, Ordering::Release);
         tracing::info!("listener closed; draining open connections");
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        let _ = stop.send(true);
+        if tokio::time::timeout(grace, stop.closed()).await.is_err() {
             tracing::warn!(
                 grace_s = grace.as_secs(),
                 "grace period over; closing remaining connections"
@@ -176,7 +195,23 @@ impl Server {
     }
 }
 
+/// How long a connection may stay with no request in flight (the idle rule in the module docs).
+#[derive(Debug, Clone, Copy)]
+struct IdleTimeouts {
+    http1: Duration,
+    http2: Duration,
+}
+
+/// What a consumer connection holds for as long as it is open, including its staged close: its place under
+/// `server.max_connections` and its count in `ssp_connections_active`.
+#[derive(Debug)]
+struct ConnGuard {
+    _permit: OwnedSemaphorePermit,
+    _active: ActiveConnection,
+}
+
 /// Counts a consumer connection in `ssp_connections_active` for as long as it lives.
+#[derive(Debug)]
 struct ActiveConnection(Arc<crate::metrics::Metrics>);
 
 impl ActiveConnection {
@@ -202,6 +237,7 @@ struct Connection {
     proxy: Arc<Proxy>,
     http: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
+    idle: IdleTimeouts,
 }
 
 impl Connection {
@@ -209,10 +245,11 @@ impl Connection {
         self,
         tcp: TcpStream,
         remote: SocketAddr,
-        watcher: hyper_util::server::graceful::Watcher,
+        guard: ConnGuard,
+        mut stop: watch::Receiver<bool>,
     ) {
         let _ = tcp.set_nodelay(true);
-        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
+        let deadline = Instant::now() + self.handshake_timeout;
         // Plain HTTP sent to this port gets one short plain-text answer instead of a TLS alert it cannot read.
         // A TLS ClientHello starts with 0x16; an HTTP request line with an upper-case method letter.
         let mut first = [0u8; 1];
@@ -221,11 +258,8 @@ impl Connection {
                 self.proxy.metrics().tls_failure("plaintext_http");
                 tracing::info!(conn = self.id, %remote, "plain HTTP on the TLS port; answered 400");
                 let mut tcp = tcp;
-                let _ = tokio::time::timeout_at(deadline, async {
-                    tokio::io::AsyncWriteExt::write_all(&mut tcp, PLAINTEXT_ANSWER).await?;
-                    tokio::io::AsyncWriteExt::shutdown(&mut tcp).await
-                })
-                .await;
+                let _ = tokio::time::timeout_at(deadline, tcp.write_all(PLAINTEXT_ANSWER)).await;
+                close_in_stages(tcp, guard).await;
                 return;
             }
             Ok(Ok(_)) => {}
@@ -237,14 +271,17 @@ impl Connection {
             }
         }
         // Check 1: the handshake verifies the chain, expiry, CRL and TLS version; failing it ends the connection
-        // with no HTTP at all.
-        let tls = match tokio::time::timeout_at(deadline, self.acceptor.accept(tcp)).await {
+        // with no HTTP at all. rustls has written its alert by then; the staged close keeps the client's unread
+        // handshake bytes from turning the close into a reset that would destroy the alert.
+        let accept = self.acceptor.accept(tcp).into_fallible();
+        let tls = match tokio::time::timeout_at(deadline, accept).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
+            Ok(Err((e, tcp))) => {
                 self.proxy
                     .metrics()
                     .tls_failure(crate::metrics::tls_failure_reason(&e));
                 tracing::info!(conn = self.id, %remote, error = %e, "TLS handshake refused");
+                close_in_stages(tcp, guard).await;
                 return;
             }
             Err(_) => {
@@ -253,12 +290,15 @@ impl Connection {
                 return;
             }
         };
-        let peer = tls
-            .get_ref()
-            .1
+        let session = tls.get_ref().1;
+        let peer = session
             .peer_certificates()
             .and_then(|chain| chain.first())
             .and_then(tls::peer_identity);
+        let idle_timeout = match session.alpn_protocol() {
+            Some(b"h2") => self.idle.http2,
+            _ => self.idle.http1,
+        };
         let Some(peer) = peer else {
             tracing::warn!(conn = self.id, %remote, "verified client certificate could not be read; closing");
             return;
@@ -276,18 +316,273 @@ impl Connection {
             peer,
             audit_peer,
         });
+        let activity = Arc::new(Activity::new());
         let proxy = self.proxy;
-        let service = service_fn(move |request| {
-            let proxy = Arc::clone(&proxy);
-            let info = Arc::clone(&info);
-            async move { proxy.handle(request, &info).await }
-        });
-        let connection = self
-            .http
-            .serve_connection(TokioIo::new(tls), service)
-            .into_owned();
-        if let Err(e) = watcher.watch(connection).await {
+        let service = {
+            let activity = Arc::clone(&activity);
+            service_fn(move |request| {
+                let proxy = Arc::clone(&proxy);
+                let info = Arc::clone(&info);
+                // In flight from the complete request head until hyper has sent (or dropped) the response body.
+                let busy = activity.busy();
+                async move {
+                    let response = proxy.handle(request, &info).await?;
+                    Ok::<_, std::convert::Infallible>(
+                        response.map(|body| Tracked { body, _busy: busy }),
+                    )
+                }
+            })
+        };
+        let io = ConsumerIo::new(tls, guard);
+        let connection = self.http.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
+        let mut closing = false;
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break result,
+                _ = stop.changed(), if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                () = idle.as_mut(), if !closing => {
+                    match activity.idle_until(idle_timeout) {
+                        Some(end) if end <= Instant::now() => {
+                            tracing::debug!(conn = self.id, idle_s = idle_timeout.as_secs_f64(), "idle connection closed");
+                            closing = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
+                        Some(end) => idle.as_mut().reset(end),
+                        None => idle.as_mut().reset(Instant::now() + idle_timeout),
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
             tracing::debug!(conn = self.id, error = %e, "connection ended with an error");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The idle rule.
+
+/// Requests in flight on one connection, and since when it has had none. Updated by the requests themselves; read
+/// by the connection's idle timer only when it fires, so a busy connection costs no timer updates.
+#[derive(Debug)]
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicU64,
+    /// Milliseconds from `opened` to the end of the last request.
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicU64::new(0),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(Arc::clone(self))
+    }
+
+    /// When the connection's idle time runs out, or `None` while a request is in flight.
+    fn idle_until(&self, timeout: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        Some(self.opened + since + timeout)
+    }
+}
+
+/// One request in flight; when dropped (its response body sent or abandoned) the connection may go idle.
+#[derive(Debug)]
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let ms = self.0.opened.elapsed().as_millis() as u64;
+        self.0.idle_since_ms.store(ms, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until hyper lets go of it.
+    struct Tracked<B> {
+        #[pin]
+        body: B,
+        _busy: Busy,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Tracked<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The staged close (RFC 9112 section 9.6).
+
+/// Longest a closing connection keeps reading and discarding what the client still sends.
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
+/// Most bytes a closing connection reads and discards.
+pub const LINGER_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Closes a connection ssp is ending in stages, so that the answer (or TLS alert) already written reaches the
+/// client: shut down the write side, read and discard what the client still sends for at most [`LINGER_TIME`]
+/// and [`LINGER_BYTES`], then close. Closing at once with unread bytes in the receive buffer would make the kernel
+/// send a reset, which can destroy the answer in flight. The connection's guard is held until the end.
+async fn close_in_stages<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, guard: ConnGuard) {
+    let deadline = Instant::now() + LINGER_TIME;
+    if tokio::time::timeout_at(deadline, stream.shutdown())
+        .await
+        .is_ok()
+    {
+        drain_until(&mut stream, deadline).await;
+    }
+    drop(stream);
+    drop(guard);
+}
+
+/// Reads and discards until end of stream, an error, `deadline` or [`LINGER_BYTES`].
+async fn drain_until<S: AsyncRead + Unpin>(stream: &mut S, deadline: Instant) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut seen = 0u64;
+    while seen <= LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n @ 1..)) => seen += n as u64,
+            _ => return,
+        }
+    }
+}
+
+/// A consumer's TLS stream as hyper serves it. When hyper lets go of it while the client has not closed its side
+/// (ssp ended the connection: `Connection: close`, a 431, a timeout, the idle rule, shutdown), the rest of the
+/// close is staged on a task of its own: [`close_in_stages`], TLS close_notify first when hyper did not send it.
+struct ConsumerIo {
+    tls: Option<TlsStream<TcpStream>>,
+    /// A read returned end of stream: the client has closed its side, nothing more can arrive.
+    peer_closed: bool,
+    /// hyper shut the write side down (close_notify sent, TCP FIN).
+    write_closed: bool,
+    guard: Option<ConnGuard>,
+}
+
+impl std::fmt::Debug for ConsumerIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerIo")
+            .field("peer_closed", &self.peer_closed)
+            .field("write_closed", &self.write_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsumerIo {
+    fn new(tls: TlsStream<TcpStream>, guard: ConnGuard) -> Self {
+        Self {
+            tls: Some(tls),
+            peer_closed: false,
+            write_closed: false,
+            guard: Some(guard),
+        }
+    }
+
+    fn stream(&mut self) -> io::Result<Pin<&mut TlsStream<TcpStream>>> {
+        self.tls
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+}
+
+impl Drop for ConsumerIo {
+    fn drop(&mut self) {
+        let (Some(tls), Some(guard)) = (self.tls.take(), self.guard.take()) else {
+            return;
+        };
+        if self.peer_closed {
+            return;
+        }
+        // Outside a runtime (the process is ending) there is no one left to answer.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.write_closed {
+            // close_notify is out: what follows is raw TCP.
+            let (tcp, _) = tls.into_inner();
+            runtime.spawn(close_in_stages(tcp, guard));
+        } else {
+            runtime.spawn(close_in_stages(tls, guard));
+        }
+    }
+}
+
+impl AsyncRead for ConsumerIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = ready!(self.stream()?.poll_read(cx, buf));
+        if result.is_ok() && buf.filled().len() == before && buf.remaining() > 0 {
+            self.peer_closed = true;
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl AsyncWrite for ConsumerIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.stream()?.poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream()?.poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = ready!(self.stream()?.poll_shutdown(cx));
+        self.write_closed = true;
+        Poll::Ready(result)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.stream()?.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.as_ref().is_some_and(AsyncWrite::is_write_vectored)
     }
 }
