@@ -72,8 +72,11 @@ pub fn check(config: &Config) -> Checked {
         .map_err(|p| problems.extend(p.problems))
         .ok();
     problems.extend(audit_dir_problem(config));
-    let (expired, warnings) = expiry_report(config);
+    let (expired, mut warnings) = expiry_report(config);
     problems.extend(expired);
+    let (stale_crls, crl_warnings) = tls::crl_report(&config.server, tls::unix_now());
+    problems.extend(stale_crls);
+    warnings.extend(crl_warnings);
     Checked {
         problems,
         warnings,
@@ -240,6 +243,9 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Serv
         .policy_generation
         .set(assembled.policy.generation as i64);
     metrics.certificates(&certificate_expiries(config));
+    let crls = tls::crl_files(&config.server);
+    metrics.crl_next_updates(&crls);
+    tls::log_crl_report(&config.server);
     let audit = crate::audit::AuditLog::start_with_metrics(
         config.audit.clone(),
         Some(crate::audit::AuditMetrics {
@@ -250,7 +256,9 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Serv
     let tls = Arc::new(tls::Reloadable::new(
         assembled.server_tls,
         assembled.client_tls,
+        crls,
     ));
+    tokio::spawn(tls::watch_crl_expiry(tls.crls(), config.server.crl_expired));
     let upstream = Upstream::new(
         &config.upstream,
         config.limits.per_provider_connections,

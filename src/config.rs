@@ -79,8 +79,17 @@ struct RawServer {
     tls_versions: Option<Vec<String>>,
     /// Longest a TLS handshake may take. Default `10s`.
     handshake_timeout: Option<String>,
-    /// Longest a client may take to send a request's headers. Default `30s`.
+    /// Longest a client may take to send a request's headers, and longest an HTTP/1.1 connection may stay with
+    /// no request in flight (from the handshake, and between requests). Default `30s`.
     header_read_timeout: Option<String>,
+    /// Longest an HTTP/2 connection may stay with no open stream before GOAWAY and close. Default `60s`.
+    http2_idle_timeout: Option<String>,
+    /// `"refuse"` (a handshake whose revocation status rests on a CRL past its nextUpdate is refused) or
+    /// `"allow"` (accepted, logged as an error). Default `"refuse"`.
+    crl_expired: Option<String>,
+    /// Send the names of the `client_ca` roots in the CertificateRequest. Default `true`; `false` when the names
+    /// exceed what one TLS message can carry.
+    client_ca_hints: Option<bool>,
     /// Concurrent consumer connections; further ones wait in the listen backlog. Default 10000.
     max_connections: Option<usize>,
     /// Methods allowed (check 2). Default GET, POST, PUT, DELETE, PATCH.
@@ -245,6 +254,16 @@ pub enum TlsVersion {
     Tls13,
 }
 
+/// What a handshake does when a consumer's revocation status rests on a CRL past its nextUpdate
+/// (`server.crl_expired`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrlExpired {
+    /// Refused (fail closed): the default.
+    Refuse,
+    /// Accepted; the proxy logs an error at start, on reload and when the CRL expires.
+    Allow,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -255,6 +274,9 @@ pub struct ServerConfig {
     pub tls_versions: Vec<TlsVersion>,
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub http2_idle_timeout: Duration,
+    pub crl_expired: CrlExpired,
+    pub client_ca_hints: bool,
     pub max_connections: usize,
     pub methods: Vec<Method>,
     pub shutdown_grace: Duration,
@@ -427,6 +449,17 @@ impl Validator<'_> {
         if tls_versions.is_empty() {
             self.problem("server.tls_versions", "at least one version is required");
         }
+        let crl_expired = match raw.crl_expired.as_deref() {
+            None | Some("refuse") => CrlExpired::Refuse,
+            Some("allow") => CrlExpired::Allow,
+            Some(other) => {
+                self.problem(
+                    "server.crl_expired",
+                    format_args!("{other:?} is neither \"refuse\" nor \"allow\""),
+                );
+                CrlExpired::Refuse
+            }
+        };
         let max_connections = raw.max_connections.unwrap_or(10_000);
         if max_connections == 0 {
             self.problem("server.max_connections", "must be at least 1");
@@ -466,6 +499,13 @@ impl Validator<'_> {
                 raw.header_read_timeout,
                 Duration::from_secs(30),
             ),
+            http2_idle_timeout: self.duration(
+                "server.http2_idle_timeout",
+                raw.http2_idle_timeout,
+                Duration::from_secs(60),
+            ),
+            crl_expired,
+            client_ca_hints: raw.client_ca_hints.unwrap_or(true),
             max_connections: max_connections.max(1),
             methods,
             shutdown_grace: self.duration(

@@ -86,7 +86,7 @@ pub async fn reload_tls(
     tls: &Arc<Reloadable>,
     proxy: &Proxy,
 ) -> Result<(), Problems> {
-    let (config, tls_state) = (config.clone(), Arc::clone(tls));
+    let (server, (config, tls_state)) = (config.server.clone(), (config.clone(), Arc::clone(tls)));
     let result = tokio::task::spawn_blocking(move || {
         tls_state.reload(&config.server, &config.upstream)?;
         Ok::<_, Problems>(crate::app::certificate_expiries(&config))
@@ -97,7 +97,9 @@ pub async fn reload_tls(
     match result {
         Ok(expiries) => {
             proxy.metrics().certificates(&expiries);
+            proxy.metrics().crl_next_updates(&tls.crls().borrow());
             tracing::info!("certificates, keys, CAs and CRLs reloaded");
+            crate::tls::log_crl_report(&server);
             Ok(())
         }
         Err(problems) => {

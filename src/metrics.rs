@@ -24,6 +24,49 @@ const AUDIT_BUCKETS: &[f64] = &[
 /// The label for interactions the policy does not know.
 pub const OTHER: &str = "other";
 
+/// Every `reason` of `ssp_denials_total`: one per refusal of DESIGN.md 1.4. Each series exists at 0 from start,
+/// so that `increase()` sees the first event.
+pub const DENIAL_REASONS: &[&str] = &[
+    "request_header_fields_too_large",
+    "method_not_allowed",
+    "invalid_target_url",
+    "missing_or_invalid_header",
+    "fqdn_check_failed",
+    "asid_check_failed",
+    "partykey_interaction_check_failed",
+    "fot_check_failed",
+    "endpoint_varies_from_target_url",
+    "invalid_jwt",
+    "consumer_rate_limit",
+    "consumer_concurrency_limit",
+    "provider_concurrency_limit",
+    "audit_unavailable",
+    "error_communicating_to_endpoint",
+    "timeout_communicating_to_endpoint",
+];
+
+/// Every `reason` of `ssp_tls_handshake_failures_total` ([`tls_failure_reason`], plus the listener's own).
+pub const TLS_FAILURE_REASONS: &[&str] = &[
+    "no_certificate",
+    "certificate_revoked",
+    "certificate_expired",
+    "crl_expired",
+    "unknown_issuer",
+    "certificate_invalid",
+    "incompatible",
+    "protocol",
+    "other",
+    "io",
+    "timeout",
+    "plaintext_http",
+];
+
+/// Every `kind` of `ssp_upstream_errors_total`.
+pub const UPSTREAM_ERROR_KINDS: &[&str] = &["upstream_error", "timeout"];
+
+/// Every `result` of the reload counters.
+const RELOAD_RESULTS: &[&str] = &["ok", "refused"];
+
 /// Every metric of the proxy.
 pub struct Metrics {
     registry: Registry,
@@ -44,6 +87,7 @@ pub struct Metrics {
     policy_reloads: IntCounterVec,
     tls_reloads: IntCounterVec,
     certificate_expiry: prometheus::GaugeVec,
+    crl_next_update: prometheus::GaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -172,6 +216,14 @@ impl Metrics {
             &["cert"],
         )?;
         r.register(Box::new(certificate_expiry.clone()))?;
+        let crl_next_update = prometheus::GaugeVec::new(
+            Opts::new(
+                "ssp_crl_next_update_timestamp_seconds",
+                "nextUpdate of each server.crl file (the earliest of its CRLs)",
+            ),
+            &["crl"],
+        )?;
+        r.register(Box::new(crl_next_update.clone()))?;
         let build_info = IntGaugeVec::new(
             Opts::new("ssp_build_info", "The running build"),
             &["version"],
@@ -180,6 +232,19 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Series with a bounded, known label set exist at 0 from start: a rule on `increase()` then fires on
+        // the first event, not the second.
+        for (vec, labels) in [
+            (&denials, DENIAL_REASONS),
+            (&tls_failures, TLS_FAILURE_REASONS),
+            (&upstream_errors, UPSTREAM_ERROR_KINDS),
+            (&policy_reloads, RELOAD_RESULTS),
+            (&tls_reloads, RELOAD_RESULTS),
+        ] {
+            for label in labels {
+                let _ = vec.with_label_values(&[label]);
+            }
+        }
         Ok(Self {
             bytes_in: bytes.with_label_values(&["in"]),
             bytes_out: bytes.with_label_values(&["out"]),
@@ -199,6 +264,7 @@ impl Metrics {
             policy_reloads,
             tls_reloads,
             certificate_expiry,
+            crl_next_update,
         })
     }
 
@@ -259,6 +325,18 @@ impl Metrics {
         }
     }
 
+    /// Sets `ssp_crl_next_update_timestamp_seconds` for each CRL file in force, dropping files no longer named.
+    pub fn crl_next_updates(&self, crls: &[crate::tls::CrlFile]) {
+        self.crl_next_update.reset();
+        for crl in crls {
+            if let Some(next) = crl.next_update {
+                self.crl_next_update
+                    .with_label_values(&[crl.label.as_str()])
+                    .set(next as f64);
+            }
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -280,6 +358,10 @@ pub fn tls_failure_reason(error: &std::io::Error) -> &'static str {
     match tls {
         Error::NoCertificatesPresented => "no_certificate",
         Error::InvalidCertificate(CertificateError::Revoked) => "certificate_revoked",
+        Error::InvalidCertificate(
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. },
+        ) => "crl_expired",
         Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
         ) => "certificate_expired",

@@ -16,7 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Problems, ServerConfig, TlsVersion, UpstreamConfig};
+use crate::config::{CrlExpired, Problems, ServerConfig, TlsVersion, UpstreamConfig};
 use crate::ids::PeerIdentity;
 
 /// The one crypto provider, aws-lc-rs with its default suites: in TLS 1.2 only ECDHE with AES-GCM or ChaCha20
@@ -115,9 +115,24 @@ impl Collect {
     }
 }
 
+/// Most bytes of CA names one CertificateRequest can carry: the `certificate_authorities` list has a 16-bit length
+/// (RFC 8446 section 4.2.4, RFC 5246 section 7.4.4), each name with its own 2-byte length.
+pub const MAX_CA_HINT_BYTES: usize = 65_535;
+
+/// Bytes the names of `roots` take in a CertificateRequest.
+fn ca_hint_bytes(roots: &RootCertStore) -> usize {
+    roots
+        .subjects()
+        .iter()
+        .map(|dn| 2 + dn.as_ref().len())
+        .sum()
+}
+
 /// Builds the consumer-facing config: client certificates required and chained to `client_ca`; when CRLs are
 /// configured, the client certificate's revocation status must be known from them (an unknown status refuses
-/// the handshake).
+/// the handshake), and with `server.crl_expired = "refuse"` from a CRL whose nextUpdate has not passed. The
+/// server's cipher-suite order wins. With `server.client_ca_hints` on, CA names that do not fit in one TLS message
+/// are a problem naming their size.
 pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Problems> {
     let mut c = Collect(Vec::new());
     let chain = c.take(load_certs("server.cert", &cfg.cert));
@@ -127,11 +142,26 @@ pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Pr
     let (Some(chain), Some(key), Some(roots), Some(crls)) = (chain, key, roots, crls) else {
         return Err(Problems { problems: c.0 });
     };
+    let hint_bytes = ca_hint_bytes(&roots);
+    if cfg.client_ca_hints && hint_bytes > MAX_CA_HINT_BYTES {
+        return Err(Problems::one(format!(
+            "server.client_ca: the names of its {} CAs take {hint_bytes} bytes in each CertificateRequest, more \
+             than one TLS message can carry ({MAX_CA_HINT_BYTES}): every handshake would fail; use fewer CAs or set \
+             server.client_ca_hints = false",
+            roots.len()
+        )));
+    }
     let provider = provider();
     let mut verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if !crls.is_empty() {
         verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+        if cfg.crl_expired == CrlExpired::Refuse {
+            verifier = verifier.enforce_revocation_expiration();
+        }
+    }
+    if !cfg.client_ca_hints {
+        verifier = verifier.clear_root_hint_subjects();
     }
     let verifier = verifier
         .build()
@@ -148,7 +178,146 @@ pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Pr
             ))
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// One `server.crl` file and when it goes stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlFile {
+    pub path: std::path::PathBuf,
+    /// Its label in `ssp_crl_next_update_timestamp_seconds`: the file name.
+    pub label: String,
+    /// The earliest nextUpdate of the CRLs in it (Unix seconds); `None` when none of them has one (RFC 5280
+    /// section 5.1.2.5 makes it optional).
+    pub next_update: Option<i64>,
+}
+
+/// Every `server.crl` file that can be read, with its earliest nextUpdate.
+pub fn crl_files(cfg: &ServerConfig) -> Vec<CrlFile> {
+    cfg.crl
+        .iter()
+        .filter_map(|path| {
+            let crls = load_crls("server.crl", &[path]).ok()?;
+            let next_update = crls
+                .iter()
+                .filter_map(|der| {
+                    let (_, crl) = x509_parser::parse_x509_crl(der).ok()?;
+                    crl.next_update().map(|t| t.timestamp())
+                })
+                .min();
+            Some(CrlFile {
+                path: path.clone(),
+                label: path
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                next_update,
+            })
+        })
+        .collect()
+}
+
+/// Seconds in the window before a CRL's nextUpdate in which `check-config` and the proxy warn.
+pub const CRL_WARN_WINDOW_S: i64 = 86_400;
+
+/// What is wrong with the CRLs at `now` (Unix seconds): `(problems, warnings)`. An expired CRL is a problem when
+/// `server.crl_expired = "refuse"` (every handshake it covers fails) and a warning when `"allow"`.
+pub fn crl_report(cfg: &ServerConfig, now: i64) -> (Vec<String>, Vec<String>) {
+    let (mut problems, mut warnings) = (Vec::new(), Vec::new());
+    for crl in crl_files(cfg) {
+        let Some(next) = crl.next_update else {
+            continue;
+        };
+        let when = time::OffsetDateTime::from_unix_timestamp(next)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| next.to_string());
+        if next <= now {
+            match cfg.crl_expired {
+                CrlExpired::Refuse => problems.push(format!(
+                    "server.crl: {}: CRL expired (nextUpdate {when}): handshakes whose revocation status rests on \
+                     it are refused (server.crl_expired = \"refuse\")",
+                    crl.path.display()
+                )),
+                CrlExpired::Allow => warnings.push(format!(
+                    "server.crl: {}: CRL expired (nextUpdate {when}): still trusted because server.crl_expired = \
+                     \"allow\"",
+                    crl.path.display()
+                )),
+            }
+        } else if next - now <= CRL_WARN_WINDOW_S {
+            warnings.push(format!(
+                "server.crl: {}: CRL nextUpdate {when} is within 24 hours",
+                crl.path.display()
+            ));
+        }
+    }
+    (problems, warnings)
+}
+
+/// Logs [`crl_report`] for now: an expired CRL at error, one close to expiry at warn.
+pub fn log_crl_report(cfg: &ServerConfig) {
+    let (problems, warnings) = crl_report(cfg, unix_now());
+    for line in problems {
+        tracing::error!(problem = %line, "stale CRL");
+    }
+    for line in warnings {
+        if line.contains("expired") {
+            tracing::error!(problem = %line, "stale CRL trusted (server.crl_expired = \"allow\")");
+        } else {
+            tracing::warn!(problem = %line, "CRL close to its nextUpdate");
+        }
+    }
+}
+
+/// Sleeps until each CRL in force passes its nextUpdate and logs it then; `crls` changes on reload.
+pub async fn watch_crl_expiry(
+    mut crls: tokio::sync::watch::Receiver<Vec<CrlFile>>,
+    mode: CrlExpired,
+) {
+    loop {
+        let now = unix_now();
+        let next = crls
+            .borrow_and_update()
+            .iter()
+            .filter_map(|c| c.next_update.map(|n| (n, c.path.clone())))
+            .filter(|(n, _)| *n > now)
+            .min();
+        let changed = crls.changed();
+        match next {
+            None => {
+                if changed.await.is_err() {
+                    return;
+                }
+            }
+            Some((at, path)) => {
+                let wait = std::time::Duration::from_secs((at - now).max(0) as u64 + 1);
+                tokio::select! {
+                    result = changed => if result.is_err() { return },
+                    () = tokio::time::sleep(wait) => match mode {
+                        CrlExpired::Refuse => tracing::error!(
+                            crl = %path.display(),
+                            "CRL expired while running: handshakes whose revocation status rests on it are now refused"
+                        ),
+                        CrlExpired::Allow => tracing::error!(
+                            crl = %path.display(),
+                            "CRL expired while running: still trusted because server.crl_expired = \"allow\""
+                        ),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Builds the upstream config: the proxy's own client certificate, providers verified against `upstream.ca`
@@ -185,14 +354,26 @@ pub fn client_config(cfg: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, 
 pub struct Reloadable {
     server: arc_swap::ArcSwap<rustls::ServerConfig>,
     client: arc_swap::ArcSwap<rustls::ClientConfig>,
+    /// The CRL files in force and their nextUpdate, for the expiry watch and the metric.
+    crls: tokio::sync::watch::Sender<Vec<CrlFile>>,
 }
 
 impl Reloadable {
-    pub fn new(server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) -> Self {
+    pub fn new(
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+        crls: Vec<CrlFile>,
+    ) -> Self {
         Self {
             server: arc_swap::ArcSwap::new(server),
             client: arc_swap::ArcSwap::new(client),
+            crls: tokio::sync::watch::Sender::new(crls),
         }
+    }
+
+    /// The CRL files in force, updated on each reload.
+    pub fn crls(&self) -> tokio::sync::watch::Receiver<Vec<CrlFile>> {
+        self.crls.subscribe()
     }
 
     pub fn server(&self) -> Arc<rustls::ServerConfig> {
@@ -212,6 +393,7 @@ impl Reloadable {
             (Ok(s), Ok(c)) => {
                 self.server.store(s);
                 self.client.store(c);
+                self.crls.send_replace(crl_files(server));
                 Ok(())
             }
             (s, c) => {
