@@ -92,6 +92,10 @@ pub struct Record {
     pub conn_id: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<Arc<Peer>>,
+    /// The client certificate's name (CN or DNS SAN) that check 5 matched (permitted request records): the
+    /// consumer's identity even when its certificate has no CN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -118,10 +122,15 @@ pub struct Record {
     pub bytes_in: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_out: Option<u64>,
+    /// Milliseconds to the provider's response head, to the microsecond.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_ms: Option<u64>,
+    pub upstream_ms: Option<f64>,
+    /// Milliseconds to the end of the exchange, to the microsecond.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub total_ms: Option<u64>,
+    pub total_ms: Option<f64>,
+    /// `true` when the request was sent a second time after a stale pooled provider connection (response records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retried: Option<bool>,
     /// `ok`, `denied`, `client_closed`, `upstream_error`, `timeout` (response records).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<&'static str>,
@@ -147,6 +156,7 @@ impl Record {
             trace_id: None,
             conn_id: None,
             peer: None,
+            fqdn: None,
             from: None,
             to: None,
             interaction: None,
@@ -161,6 +171,7 @@ impl Record {
             bytes_out: None,
             upstream_ms: None,
             total_ms: None,
+            retried: None,
             outcome: None,
             sealed: None,
             torn_bytes: None,
@@ -168,6 +179,11 @@ impl Record {
             prev: String::new(),
         }
     }
+}
+
+/// A duration as the audit record's milliseconds, to the microsecond.
+pub fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }
 
 /// Appends `record` to `buf` as one JSON line and returns the SHA-256 (hex) of the line, the next record's `prev`:

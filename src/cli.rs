@@ -216,7 +216,17 @@ fn print_problems(problems: &Problems) -> u8 {
 
 /// The operational log on stderr (journald under systemd): `RUST_LOG` wins over `level`.
 fn init_logging(level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    // rustls warns about what any consumer can send at will (an IP address as SNI, renegotiation attempts): one
+    // line each would let a scanner flood the operator's log. Its errors stay; a `RUST_LOG` that names rustls
+    // overrides.
+    let mut directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| level.to_owned());
+    if !directives.contains("rustls") {
+        directives.push_str(",rustls=error");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

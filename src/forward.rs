@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -163,6 +164,7 @@ impl Connector {
             Ok(Ok((tls, slot))) => Ok(UpstreamIo {
                 inner: TokioIo::new(tls),
                 _slot: slot,
+                responses: Responses::default(),
             }),
             Ok(Err(e)) => Err(Box::new(e)),
             Err(_) => Err(Box::new(ConnectError("connect timed out".into()))),
@@ -190,11 +192,19 @@ pub struct UpstreamIo {
     inner: TokioIo<TlsStream<TcpStream>>,
     /// This connection's place under `limits.per_provider_connections`, given back when it closes.
     _slot: tokio::sync::OwnedSemaphorePermit,
+    responses: Responses,
 }
+
+/// Responses a provider connection has delivered so far (counted as their heads arrive). A request that fails on
+/// a connection that had delivered one was sent on a reused, pooled connection: the shape of a provider's
+/// keep-alive close racing the next request. hyper-util's `Connected::extra` carries it to both the response and
+/// the error.
+#[derive(Debug, Clone, Default)]
+struct Responses(Arc<AtomicU64>);
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(self.responses.clone())
     }
 }
 
@@ -248,6 +258,8 @@ pub type UpstreamBody = Streamed<Incoming>;
 #[derive(Debug, Clone)]
 pub struct Upstream {
     client: Client<Connector, UpstreamBody>,
+    /// Never pools: the one retry of a request that failed on a stale pooled connection goes out on a new one.
+    fresh: Client<Connector, Empty<Bytes>>,
     response_timeout: Duration,
     body_idle_timeout: Duration,
 }
@@ -271,9 +283,14 @@ impl Upstream {
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
             .http1_preserve_header_case(true)
+            .build(connector.clone());
+        let fresh = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .http1_preserve_header_case(true)
             .build(connector);
         Self {
             client,
+            fresh,
             response_timeout: cfg.response_timeout,
             body_idle_timeout: cfg.body_idle_timeout,
         }
@@ -283,8 +300,13 @@ impl Upstream {
         self.body_idle_timeout
     }
 
-    /// Sends a permitted request to its target and waits for the response headers, at most `response_timeout`.
-    /// Dropping the returned future (the consumer went away) cancels the upstream exchange.
+    /// Sends a permitted request to its target and waits for the response headers, at most `response_timeout`
+    /// (retry included). Dropping the returned future (the consumer went away) cancels the upstream exchange.
+    ///
+    /// The retry rule (RFC 9110 section 9.2.2): a request with an idempotent method and no body that fails on a
+    /// reused pooled connection before its response head (the provider's keep-alive close raced it) is sent once
+    /// more, on a new connection, and the exchange records `retried`. A request with a body, or with a method
+    /// that is not idempotent, is never retried.
     pub async fn send(
         &self,
         permit: &Permit,
@@ -297,6 +319,15 @@ impl Upstream {
         // The pool speaks HTTP/1.1 only; an h2 consumer's request must be re-versioned or hyper refuses it.
         parts.version = Version::HTTP_11;
         rewrite_request_headers(&mut parts.headers, permit.target().authority(), client_addr);
+        // Kept for a retry only when one is allowed; the header values share the request's buffers.
+        let again = (parts.method.is_idempotent() && body.is_end_stream()).then(|| {
+            let mut again = Request::new(Empty::new());
+            *again.method_mut() = parts.method.clone();
+            *again.uri_mut() = parts.uri.clone();
+            *again.version_mut() = Version::HTTP_11;
+            *again.headers_mut() = parts.headers.clone();
+            again
+        });
         let body = Streamed::new(
             body,
             self.body_idle_timeout,
@@ -304,8 +335,24 @@ impl Upstream {
             Direction::Request,
         );
         let request = Request::from_parts(parts, body);
-        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+        let deadline = Instant::now() + self.response_timeout;
+        let mut result = tokio::time::timeout_at(deadline, self.client.request(request)).await;
+        if let (Ok(Err(e)), Some(again)) = (&result, again) {
+            if on_stale_connection(e) {
+                tracing::info!(
+                    target_host = permit.target().authority(),
+                    error = %e,
+                    "stale pooled provider connection: closed before the response head; retrying once on a new connection"
+                );
+                exchange.retried();
+                result = tokio::time::timeout_at(deadline, self.fresh.request(again)).await;
+            }
+        }
+        match result {
             Ok(Ok(mut response)) => {
+                if let Some(responses) = response.extensions().get::<Responses>() {
+                    responses.0.fetch_add(1, Ordering::Relaxed);
+                }
                 strip_hop_by_hop(response.headers_mut());
                 Ok(response)
             }
@@ -315,6 +362,43 @@ impl Upstream {
             Err(_) => Err(ForwardError::Timeout),
         }
     }
+}
+
+/// True when `e` is a request that failed on a connection that had already delivered a response, because the
+/// connection closed or reset before this response's head: not a connect failure, not a timeout.
+fn on_stale_connection(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let reused = e.connect_info().is_some_and(|info| {
+        let mut extras = http::Extensions::new();
+        info.get_extras(&mut extras);
+        extras
+            .get::<Responses>()
+            .is_some_and(|r| r.0.load(Ordering::Relaxed) > 0)
+    });
+    if !reused {
+        return false;
+    }
+    let mut next = std::error::Error::source(e);
+    while let Some(source) = next {
+        if let Some(h) = source.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return true;
+            }
+        }
+        if let Some(io) = source.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            );
+        }
+        next = source.source();
+    }
+    false
 }
 
 /// True when [`IdleTimeout`] is somewhere in the error's source chain.
@@ -354,6 +438,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(HeaderName::from_static("proxy-connection"));
+}
+
+/// Makes a consumer's request header fields what the provider's HTTP/1.1 leg will carry, before any check reads
+/// them: hop-by-hop fields removed, including every field a `Connection` field names (any case, any position, any
+/// number of `Connection` fields; RFC 9110 7.6.1), and an HTTP/2 consumer's split `cookie` fields joined into one
+/// with `"; "` (RFC 9113 8.2.3).
+pub fn normalize_request_headers(headers: &mut HeaderMap, version: Version) {
+    strip_hop_by_hop(headers);
+    if version == Version::HTTP_2 {
+        join_cookies(headers);
+    }
+}
+
+/// Joins several `cookie` fields into one, in order, with `"; "`.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (cookies.next(), cookies.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 /// Applies DESIGN.md 1.5 to a request's headers: hop-by-hop removed, `Host` set to the target authority,
@@ -449,7 +560,10 @@ pub struct Exchange {
     status: AtomicU16,
     /// The first definite outcome wins; `Pending` at the end means the consumer went away.
     outcome: AtomicU8,
-    upstream_ms: AtomicU64,
+    /// Microseconds from the start to the provider's response head.
+    upstream_us: AtomicU64,
+    /// The request was sent a second time after a stale pooled connection.
+    retried: std::sync::atomic::AtomicBool,
     /// Taken by `Drop`, which has `&mut self`, so no lock is needed to run it once.
     on_end: Option<EndHook>,
 }
@@ -463,9 +577,13 @@ pub struct ExchangeSummary {
     pub status: u16,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    pub upstream_ms: u64,
-    pub total_ms: u64,
+    /// From the start of the request to the provider's response head.
+    pub upstream: Duration,
+    /// From the start of the request to the end of the exchange.
+    pub total: Duration,
     pub outcome: ExchangeOutcome,
+    /// Sent a second time on a new connection after a stale pooled one (the retry rule of [`Upstream::send`]).
+    pub retried: bool,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -487,7 +605,8 @@ impl Exchange {
             bytes_out: AtomicU64::new(0),
             status: AtomicU16::new(0),
             outcome: AtomicU8::new(ExchangeOutcome::Pending as u8),
-            upstream_ms: AtomicU64::new(0),
+            upstream_us: AtomicU64::new(0),
+            retried: std::sync::atomic::AtomicBool::new(false),
             on_end: Some(Box::new(on_end)),
         })
     }
@@ -495,8 +614,13 @@ impl Exchange {
     /// Records the response status and the time to response headers.
     pub fn responded(&self, status: u16) {
         self.status.store(status, Ordering::Relaxed);
-        self.upstream_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.upstream_us
+            .store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Records that the request went out a second time (see [`Upstream::send`]).
+    pub fn retried(&self) {
+        self.retried.store(true, Ordering::Relaxed);
     }
 
     /// Sets the outcome unless one is already set.
@@ -514,9 +638,10 @@ impl Exchange {
             status: self.status.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
-            upstream_ms: self.upstream_ms.load(Ordering::Relaxed),
-            total_ms: self.started.elapsed().as_millis() as u64,
+            upstream: Duration::from_micros(self.upstream_us.load(Ordering::Relaxed)),
+            total: self.started.elapsed(),
             outcome: ExchangeOutcome::from_u8(self.outcome.load(Ordering::Acquire)),
+            retried: self.retried.load(Ordering::Relaxed),
         }
     }
 }
@@ -724,6 +849,40 @@ mod tests {
         assert_eq!(h["ssp-traceid"], "629ea9ba-a077-4d99-b289-7a9b19fd4e03");
         assert_eq!(h[header::FORWARDED], "for=127.0.0.9;proto=https");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.9");
+    }
+
+    #[test]
+    fn normalising_removes_what_connection_names_before_the_checks() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Ssp-TraceID, ssp-from"),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" keep-alive ,AUTHORIZATION"),
+        );
+        h.insert("ssp-traceid", HeaderValue::from_static("x"));
+        h.insert("ssp-from", HeaderValue::from_static("1"));
+        h.insert("ssp-to", HeaderValue::from_static("2"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        normalize_request_headers(&mut h, Version::HTTP_11);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["ssp-to"]);
+    }
+
+    #[test]
+    fn http2_cookies_are_joined_in_order() {
+        let mut h = HeaderMap::new();
+        for c in ["a=1", "b=2", "c=3"] {
+            h.append(header::COOKIE, HeaderValue::from_static(c));
+        }
+        let mut h1 = h.clone();
+        normalize_request_headers(&mut h, Version::HTTP_2);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "a=1; b=2; c=3");
+        normalize_request_headers(&mut h1, Version::HTTP_11);
+        assert_eq!(h1.get_all(header::COOKIE).iter().count(), 3);
     }
 
     #[test]

@@ -337,14 +337,12 @@ impl Validator {
     /// Decodes and validates the value of an `Authorization` header (or its absence).
     pub fn check(&self, authorization: Option<&[u8]>, expect: &Expect<'_>) -> JwtAudit {
         let mut audit = JwtAudit::default();
-        let token = authorization.and_then(|v| {
-            let v = std::str::from_utf8(v).ok()?;
-            let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then_some(token)
-        });
-        let Some(token) = token else {
-            audit.violate(Violation::MissingToken);
-            return audit;
+        let token = match bearer_token(authorization) {
+            Ok(token) => token,
+            Err(v) => {
+                audit.violate(v);
+                return audit;
+            }
         };
         let checked = Parts::split(token).and_then(|parts| {
             let (header, claims) = (parts.header()?, parts.payload()?);
@@ -607,6 +605,28 @@ pub fn required_scope(interaction: &InteractionId) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// The token of an `Authorization` field value: `Bearer`, in any case, then one or more spaces, then the token
+/// (RFC 6750 section 2.1: `credentials = "Bearer" 1*SP b64token`). No field, or a field of another scheme, is
+/// `MissingToken`; a `Bearer` field that is not in that shape (a TAB, no token, not UTF-8) is `Malformed`.
+pub fn bearer_token(authorization: Option<&[u8]>) -> Result<&str, Violation> {
+    let value = authorization.ok_or(Violation::MissingToken)?;
+    const SCHEME: &[u8] = b"bearer";
+    let is_bearer = value.len() >= SCHEME.len()
+        && value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME)
+        && value
+            .get(SCHEME.len())
+            .is_none_or(|b| !b.is_ascii_alphanumeric());
+    if !is_bearer {
+        return Err(Violation::MissingToken);
+    }
+    let rest = std::str::from_utf8(&value[SCHEME.len()..]).map_err(|_| Violation::Malformed)?;
+    let token = rest.trim_start_matches(' ');
+    if token.len() == rest.len() || token.is_empty() {
+        return Err(Violation::Malformed);
+    }
+    Ok(token)
 }
 
 /// Decodes a token: three base64url parts without padding. Unsigned unless `keys` are given, in which case it must
@@ -1219,6 +1239,35 @@ mod tests {
             names(&check_token(&format!("{h}.{big}."), READ)),
             vec!["TOO_LARGE"]
         );
+    }
+
+    #[test]
+    fn bearer_takes_one_or_more_spaces_and_nothing_else() {
+        assert_eq!(bearer_token(Some(b"Bearer abc")), Ok("abc"));
+        assert_eq!(bearer_token(Some(b"bEaReR    abc")), Ok("abc"));
+        assert_eq!(bearer_token(None), Err(Violation::MissingToken));
+        assert_eq!(
+            bearer_token(Some(b"Basic abc")),
+            Err(Violation::MissingToken)
+        );
+        assert_eq!(
+            bearer_token(Some(b"Bearerx abc")),
+            Err(Violation::MissingToken)
+        );
+        for malformed in [
+            &b"Bearer\tabc"[..],
+            b"Bearer",
+            b"Bearer   ",
+            b"Bearer \xff",
+            b"Bearer\t abc",
+        ] {
+            assert_eq!(
+                bearer_token(Some(malformed)),
+                Err(Violation::Malformed),
+                "{:?}",
+                String::from_utf8_lossy(malformed)
+            );
+        }
     }
 
     #[test]

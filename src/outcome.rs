@@ -137,23 +137,60 @@ impl Outcome<'_> {
         }
     }
 
+    /// Members in the order FHIR serialisers write them, `resourceType` first (serde keeps a struct's field order;
+    /// a `serde_json::Value` map would sort them).
     fn render_json(&self, id: &str) -> Bytes {
-        let body = serde_json::json!({
-            "resourceType": "OperationOutcome",
-            "id": id,
-            "meta": { "profile": ["https://fhir.nhs.uk/STU3/StructureDefinition/GPConnect-OperationOutcome-1"] },
-            "issue": [{
-                "severity": self.severity.as_str(),
-                "code": self.code.as_str(),
-                "details": { "coding": [{
-                    "system": CODING_SYSTEM,
-                    "code": self.status.to_string(),
-                    "display": self.text,
-                }]},
-                "diagnostics": self.text,
-            }]
-        });
-        Bytes::from(body.to_string())
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body<'a> {
+            resource_type: &'static str,
+            id: &'a str,
+            meta: Meta,
+            issue: [Issue<'a>; 1],
+        }
+        #[derive(serde::Serialize)]
+        struct Meta {
+            profile: [&'static str; 1],
+        }
+        #[derive(serde::Serialize)]
+        struct Issue<'a> {
+            severity: &'static str,
+            code: &'static str,
+            details: Details<'a>,
+            diagnostics: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        struct Details<'a> {
+            coding: [Coding<'a>; 1],
+        }
+        #[derive(serde::Serialize)]
+        struct Coding<'a> {
+            system: &'static str,
+            code: String,
+            display: &'a str,
+        }
+        let body = Body {
+            resource_type: "OperationOutcome",
+            id,
+            meta: Meta {
+                profile: [
+                    "https://fhir.nhs.uk/STU3/StructureDefinition/GPConnect-OperationOutcome-1",
+                ],
+            },
+            issue: [Issue {
+                severity: self.severity.as_str(),
+                code: self.code.as_str(),
+                details: Details {
+                    coding: [Coding {
+                        system: CODING_SYSTEM,
+                        code: self.status.to_string(),
+                        display: self.text,
+                    }],
+                },
+                diagnostics: self.text,
+            }],
+        };
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
     }
 
     fn render_xml(&self, id: &str) -> Bytes {
@@ -227,7 +264,12 @@ mod tests {
             severity: Severity::Error,
             text: "ASID_CHECK_FAILED_MESSAGESENDER_100000000001",
         };
-        let v: serde_json::Value = serde_json::from_slice(&outcome.render(Format::Json)).unwrap();
+        let body = outcome.render(Format::Json);
+        assert!(
+            body.starts_with(br#"{"resourceType":"OperationOutcome","id":""#),
+            "{body:?}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["resourceType"], "OperationOutcome");
         assert!(uuid::Uuid::parse_str(v["id"].as_str().unwrap()).is_ok());
         let issue = &v["issue"][0];

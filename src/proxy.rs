@@ -296,7 +296,11 @@ impl Proxy {
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        // Hop-by-hop fields go first (RFC 9110 7.6.1), so that the checks and the audit record see exactly the
+        // header fields the provider will get: a field the consumer names in `Connection` is not forwarded, so it
+        // is not checked either.
+        crate::forward::normalize_request_headers(&mut parts.headers, parts.version);
         // Only a refusal needs the answer's format; keep the header (a refcount) and negotiate then.
         let accept = parts.headers.get(header::ACCEPT).cloned();
         let trace_id = parts.headers.get(ssp::HEADER_TRACE_ID).cloned();
@@ -341,7 +345,10 @@ impl Proxy {
         // An HTTP/1.1 connection can carry the consumer's next request only once this one's body has been read:
         // a small body is read and discarded. Past the bound hyper closes the connection after the answer, and
         // the answer says so, so that the client does not send its next request into a closing connection.
-        if parts.version <= http::Version::HTTP_11 && !drain(body).await {
+        // A request head over the limits says nothing good of what follows on its connection: it is closed.
+        if parts.version <= http::Version::HTTP_11
+            && (matches!(refusal, Refusal::HeadersTooLarge) || !drain(body).await)
+        {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -484,16 +491,11 @@ impl Proxy {
             // The exchange is over: its consumer and provider limits are free again.
             drop(admission);
             // A permitted interaction is one the policy names, so it is a bounded label.
-            metrics.request_done(
-                interaction.as_str(),
-                s.outcome.as_str(),
-                s.status,
-                Duration::from_millis(s.total_ms),
-            );
-            metrics.upstream(
-                Duration::from_millis(s.upstream_ms),
-                s.bytes_in,
-                s.bytes_out,
+            metrics.request_done(interaction.as_str(), s.outcome.as_str(), s.status, s.total);
+            metrics.upstream(s.upstream, s.bytes_in, s.bytes_out);
+            let (upstream_ms, total_ms) = (
+                crate::audit::millis(s.upstream),
+                crate::audit::millis(s.total),
             );
             match s.outcome {
                 ExchangeOutcome::UpstreamError => metrics.upstream_error("upstream_error"),
@@ -513,9 +515,10 @@ impl Proxy {
                         status = s.status,
                         bytes_in = s.bytes_in,
                         bytes_out = s.bytes_out,
-                        upstream_ms = s.upstream_ms,
-                        total_ms = s.total_ms,
+                        upstream_ms,
+                        total_ms,
                         outcome = s.outcome.as_str(),
+                        retried = s.retried,
                         "exchange"
                     )
                 };
@@ -534,9 +537,10 @@ impl Proxy {
             record.status = Some(s.status);
             record.bytes_in = Some(s.bytes_in);
             record.bytes_out = Some(s.bytes_out);
-            record.upstream_ms = Some(s.upstream_ms);
-            record.total_ms = Some(s.total_ms);
+            record.upstream_ms = Some(upstream_ms);
+            record.total_ms = Some(total_ms);
             record.outcome = Some(s.outcome.as_str());
+            record.retried = s.retried.then_some(true);
             audit.submit(record);
         })
     }
@@ -554,6 +558,7 @@ impl Proxy {
         record.trace_id = Some(h.trace_id.to_string());
         record.conn_id = Some(conn.id);
         record.peer = Some(Arc::clone(&conn.audit_peer));
+        record.fqdn = Some(Arc::clone(permit.fqdn()));
         record.from = Some(h.from.to_string());
         record.to = Some(h.to.to_string());
         record.interaction = Some(h.interaction.to_string());
@@ -619,8 +624,8 @@ impl Proxy {
         response.status = Some(status.as_u16());
         response.bytes_in = Some(0);
         response.bytes_out = Some(0);
-        response.upstream_ms = Some(0);
-        response.total_ms = Some(started.elapsed().as_millis() as u64);
+        response.upstream_ms = Some(0.0);
+        response.total_ms = Some(crate::audit::millis(started.elapsed()));
         response.outcome = Some("denied");
         self.audit.submit(request);
         self.audit.submit(response);

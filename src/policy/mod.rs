@@ -34,8 +34,8 @@ pub struct System {
     pub asid: Asid,
     pub name: String,
     pub ods: OdsCode,
-    /// Must equal the client certificate's CN or one of its DNS SANs (check 5).
-    pub fqdn: String,
+    /// Must equal the client certificate's CN or one of its DNS SANs (check 5); lower case.
+    pub fqdn: Arc<str>,
     /// What this system may send (check 6).
     pub interactions: HashSet<InteractionId>,
     /// Keys its audit tokens must be signed with; `None`: unsigned GP Connect tokens.
@@ -109,6 +109,8 @@ pub struct Permit {
     endpoint: Arc<Endpoint>,
     /// The sender's registered token keys, for check 10.
     jwt_keys: Option<JwtKeys>,
+    /// The sender's registered FQDN, which the client certificate's CN or one of its DNS SANs matched (check 5).
+    fqdn: Arc<str>,
     generation: u64,
 }
 
@@ -127,6 +129,11 @@ impl Permit {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// The certificate name (CN or DNS SAN, lower case) that check 5 matched.
+    pub fn fqdn(&self) -> &Arc<str> {
+        &self.fqdn
     }
 
     /// The keys the sender's token must be signed with, if it registered any.
@@ -254,10 +261,11 @@ impl Policy {
     /// Checks 5 to 9 for a request from the consumer `peer`, at time `now`. Consumes the request: a permit owns it.
     pub fn check(&self, request: SspRequest, peer: &PeerIdentity, now: SystemTime) -> Decision {
         match self.evaluate(&request, peer, now) {
-            Ok((endpoint, jwt_keys)) => Decision::Permit(Permit {
-                request,
+            Ok((endpoint, system)) => Decision::Permit(Permit {
                 endpoint,
-                jwt_keys,
+                jwt_keys: system.jwt_keys.clone(),
+                fqdn: Arc::clone(&system.fqdn),
+                request,
                 generation: self.generation,
             }),
             Err(denial) => Decision::Deny(denial),
@@ -269,7 +277,7 @@ impl Policy {
         request: &SspRequest,
         peer: &PeerIdentity,
         now: SystemTime,
-    ) -> Result<(Arc<Endpoint>, Option<JwtKeys>), Denial> {
+    ) -> Result<(Arc<Endpoint>, &System), Denial> {
         let h = &request.headers;
         let system = self.systems.get(&h.from);
         // 5: only a known sender has a registered FQDN to compare; an unknown one fails at 6.
@@ -311,7 +319,7 @@ impl Policy {
                 target: request.target.as_str().to_owned(),
             });
         }
-        Ok((Arc::clone(endpoint), system.jwt_keys.clone()))
+        Ok((Arc::clone(endpoint), system))
     }
 
     /// Explains checks 5 to 9 for a request, check by check, for `ssp policy check`. `fqdn` stands for the client
@@ -465,7 +473,7 @@ impl Policy {
             subject: String::new(),
             common_name: fqdn
                 .map(str::to_owned)
-                .or_else(|| system.map(|s| s.fqdn.clone())),
+                .or_else(|| system.map(|s| s.fqdn.to_string())),
             dns_sans: Vec::new(),
             serial: String::new(),
             fingerprint_sha256: String::new(),
@@ -806,7 +814,7 @@ impl Compiler {
                 asid,
                 name: raw.name,
                 ods,
-                fqdn: raw.fqdn.to_ascii_lowercase(),
+                fqdn: raw.fqdn.to_ascii_lowercase().into(),
                 interactions,
                 jwt_keys,
             },
