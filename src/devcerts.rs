@@ -231,6 +231,9 @@ fn issue(
     params.not_before = not_before;
     params.not_after = not_after;
     params.serial_number = Some(serial);
+    // Strict verifiers (`openssl verify -x509_strict`, Python 3.13's default context) require the Authority Key
+    // Identifier on every certificate a CA issues (RFC 5280 section 4.2.1.1).
+    params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&key, issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
@@ -281,5 +284,35 @@ mod tests {
             let (_, cert) = x509_parser::parse_x509_certificate(&certs[0]).unwrap();
             assert_eq!(cert.public_key().algorithm.algorithm.to_id_string(), oid);
         }
+    }
+
+    /// Every generated certificate passes OpenSSL's strict X.509 checks against the CA, as Python 3.13's default
+    /// client and sslyze require (the shipped `certs-dev/` too, checked the same way in `tests/binary.rs`).
+    #[test]
+    fn every_certificate_passes_strict_x509_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = generate(dir.path()).unwrap();
+        let ca = dir.path().join("ca.crt");
+        let mut checked = 0;
+        for path in written
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "crt"))
+        {
+            let mut cmd = std::process::Command::new("openssl");
+            cmd.args(["verify", "-x509_strict", "-CAfile"]).arg(&ca);
+            if path.ends_with("consumer-expired.crt") {
+                cmd.arg("-no_check_time");
+            }
+            let out = cmd.arg(path).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}{}",
+                path.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 8, "{written:?}");
     }
 }
