@@ -271,6 +271,36 @@ async fn dev_certs_and_usage() {
         0o600
     );
 
+    // Every certificate passes OpenSSL's strict X.509 checks (Authority Key Identifier and the rest), those just
+    // written and those shipped in certs-dev/, which the demo and the README's curl lines use.
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs-dev");
+    for dir in [out.as_path(), shipped.as_path()] {
+        for name in [
+            "ca.crt",
+            "proxy-server.crt",
+            "proxy-client.crt",
+            "consumer.crt",
+            "consumer2.crt",
+            "provider.crt",
+            "consumer-revoked.crt",
+            "consumer-expired.crt",
+        ] {
+            let verified = std::process::Command::new("openssl")
+                .args(["verify", "-x509_strict", "-no_check_time", "-CAfile"])
+                .arg(dir.join("ca.crt"))
+                .arg(dir.join(name))
+                .output()
+                .unwrap();
+            assert!(
+                verified.status.success(),
+                "{}: {}{}",
+                dir.join(name).display(),
+                String::from_utf8_lossy(&verified.stdout),
+                String::from_utf8_lossy(&verified.stderr)
+            );
+        }
+    }
+
     let (code, _, _) = ssp(&["serve", "--no-such-flag"]);
     assert_eq!(code, 64);
     let (code, _, _) = ssp(&["frobnicate"]);

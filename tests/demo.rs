@@ -96,6 +96,9 @@ listen = "127.0.0.1:0"
         "200 Bundle",
         "200 Practitioner",
         "refused: ",
+        // Check 1's refusals name the TLS alert the proxy sent, not a connection that merely went away.
+        "received fatal alert: CertificateRevoked",
+        "received fatal alert: CertificateExpired",
         "405 405: Method Not Allowed",
         "400 INVALID_TARGET_URL",
         "400 MISSING_OR_INVALID_HEADER_Ssp-TraceID",

@@ -88,6 +88,28 @@ async fn enforce_mode_refuses_bad_tokens() {
     );
 }
 
+/// RFC 6750 allows one or more spaces after `Bearer`: two are permitted; a TAB is a malformed field, not a
+/// missing one.
+#[tokio::test]
+async fn bearer_takes_one_or_more_spaces() {
+    let w = World::start().await;
+    let token = ssp::jwt::encode_unsigned(&claims(&w.url, METADATA));
+    let two_spaces = metadata_request(&w, FROM, Some(format!("Bearer  {token}")));
+    assert_eq!(
+        within("two spaces", w.consumer("consumer").fetch(two_spaces))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    let tab = metadata_request(&w, FROM, Some(format!("Bearer\t{token}")));
+    within("tab", w.consumer("consumer").fetch(tab))
+        .await
+        .unwrap()
+        .assert_outcome(400, "invalid", "INVALID_JWT_MALFORMED");
+    assert_eq!(w.provider.seen().len(), 1);
+}
+
 /// Audit mode: a bad token is forwarded, unchanged.
 #[tokio::test]
 async fn audit_mode_forwards_bad_tokens() {

@@ -235,3 +235,95 @@ async fn health_and_readiness() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(text.contains("audit log not writable"), "{text}");
 }
+
+/// A fresh `ssp serve` process exposes every series with a known, bounded label set at 0 before anything has
+/// happened, so that a rule on `increase()` fires on the first event: each denial reason, each handshake failure
+/// reason, each upstream error kind, both reload results.
+#[tokio::test]
+async fn a_fresh_process_exposes_every_bounded_series_at_zero() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let admin = closed_port().await;
+    let _served = serve_setup(
+        &pki,
+        provider.addr,
+        &Setup {
+            admin: admin.to_string(),
+            ..Setup::default()
+        },
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let (status, text) = within("metrics", admin_get(admin, "/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+    let series = parse(&text);
+    let mut expected: Vec<String> = Vec::new();
+    // The documented reasons, written out here (not read from the crate), so that a dropped one fails.
+    for reason in [
+        "request_header_fields_too_large",
+        "method_not_allowed",
+        "invalid_target_url",
+        "missing_or_invalid_header",
+        "fqdn_check_failed",
+        "asid_check_failed",
+        "partykey_interaction_check_failed",
+        "fot_check_failed",
+        "endpoint_varies_from_target_url",
+        "invalid_jwt",
+        "consumer_rate_limit",
+        "consumer_concurrency_limit",
+        "provider_concurrency_limit",
+        "audit_unavailable",
+        "error_communicating_to_endpoint",
+        "timeout_communicating_to_endpoint",
+    ] {
+        expected.push(format!("ssp_denials_total{{reason=\"{reason}\"}}"));
+    }
+    for reason in [
+        "no_certificate",
+        "certificate_revoked",
+        "certificate_expired",
+        "crl_expired",
+        "unknown_issuer",
+        "certificate_invalid",
+        "incompatible",
+        "protocol",
+        "other",
+        "io",
+        "timeout",
+        "plaintext_http",
+    ] {
+        expected.push(format!(
+            "ssp_tls_handshake_failures_total{{reason=\"{reason}\"}}"
+        ));
+    }
+    for kind in ["upstream_error", "timeout"] {
+        expected.push(format!("ssp_upstream_errors_total{{kind=\"{kind}\"}}"));
+    }
+    for result in ["ok", "refused"] {
+        expected.push(format!("ssp_policy_reloads_total{{result=\"{result}\"}}"));
+        expected.push(format!("ssp_tls_reloads_total{{result=\"{result}\"}}"));
+    }
+    for direction in ["in", "out"] {
+        expected.push(format!("ssp_bytes_total{{direction=\"{direction}\"}}"));
+    }
+    for name in [
+        "ssp_connections_active",
+        "ssp_connections_total",
+        "ssp_audit_records_total",
+        "ssp_audit_queue_depth",
+        "ssp_upstream_duration_seconds_count",
+        "ssp_audit_write_seconds_count",
+    ] {
+        expected.push(name.to_owned());
+    }
+    for name in &expected {
+        assert_eq!(series.get(name), Some(&0.0), "{name} in:\n{text}");
+    }
+    // Present with a value from the start: the policy generation, the build, the certificates and the CRL.
+    assert!(series["ssp_policy_generation"] >= 1.0);
+    assert!(series.keys().any(|k| k.starts_with("ssp_build_info{")));
+    assert!(series["ssp_certificate_expiry_timestamp_seconds{cert=\"server\"}"] > 0.0);
+    assert!(series["ssp_crl_next_update_timestamp_seconds{crl=\"ca.crl\"}"] > 1.0e9);
+}

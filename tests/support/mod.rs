@@ -437,6 +437,12 @@ pub struct Setup {
     pub limits: String,
     /// More policy text (endpoints and agreements of a test's own), appended to `policies/test.toml`.
     pub extra_policy: String,
+    /// More `[server]` lines (`http2_idle_timeout = "2s"`, `crl_expired = "allow"`, ...).
+    pub extra_server: String,
+    /// `server.crl`, relative to the config's folder.
+    pub crl: &'static str,
+    /// `admin.listen`.
+    pub admin: String,
 }
 
 impl Default for Setup {
@@ -454,6 +460,9 @@ impl Default for Setup {
             max_connections: 10_000,
             limits: String::new(),
             extra_policy: String::new(),
+            extra_server: String::new(),
+            crl: "certs/ca.crl",
+            admin: "127.0.0.1:0".into(),
         }
     }
 }
@@ -480,11 +489,12 @@ listen = "{listen}"
 cert = "certs/proxy-server.crt"
 key = "certs/proxy-server.key"
 client_ca = ["certs/ca.crt"]
-crl = ["certs/ca.crl"]
+crl = ["{crl}"]
 tls_versions = {tls}
 handshake_timeout = "{hst}"
 header_read_timeout = "{hrt}"
 max_connections = {max_connections}
+{extra_server}
 
 [upstream]
 cert = "certs/proxy-client.crt"
@@ -506,7 +516,7 @@ dir = "policies"
 mode = "{jwt_mode}"
 
 [admin]
-listen = "127.0.0.1:0"
+listen = "{admin}"
 
 [audit]
 dir = "{audit_dir}"
@@ -517,6 +527,9 @@ instance = "test-instance"
 {limits}
 "#,
         max_connections = setup.max_connections,
+        extra_server = setup.extra_server,
+        admin = setup.admin,
+        crl = setup.crl,
         limits = setup.limits,
         audit_dir = setup.audit_dir,
         durability = setup.durability,

@@ -1,0 +1,987 @@
+//! Protocol edges found by real clients: the request that is checked is the request that is forwarded, and every
+//! connection ends cleanly. Where the behaviour lives in connection handling, the real `ssp serve` binary runs;
+//! clients are raw TLS sockets, hyper, curl and openssl. Loopback only, every wait bounded.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests: a failed step is a failed test"
+)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Helpers.
+
+/// The head of a valid metadata request for `w`'s provider, without the final blank line, so that a test can add
+/// fields of its own.
+fn request_head(url: &str, method: &str, extra: &str) -> String {
+    let path = format!("/{url}/fhir/metadata");
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: ssp.dev.localhost\r\nSsp-TraceID: {TRACE_ID}\r\nSsp-From: {FROM}\r\n\
+         Ssp-To: {TO}\r\nSsp-InteractionID: {METADATA}\r\nAuthorization: {}\r\n{extra}",
+        bearer(&claims(&audience(&path), METADATA))
+    )
+}
+
+/// Reads until the server closes the connection (close_notify or EOF); returns what arrived and how it ended.
+async fn read_to_close(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (String, Result<(), String>) {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tls.read(&mut buf).await {
+            Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), Ok(())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => {
+                return (
+                    String::from_utf8_lossy(&got).into_owned(),
+                    Err(e.to_string()),
+                );
+            }
+        }
+    }
+}
+
+/// `ssp serve` with its operational log in a file, and its admin listener on a known port.
+struct Logged {
+    served: Served,
+    log: PathBuf,
+    admin: SocketAddr,
+}
+
+impl Logged {
+    async fn start(pki: &Pki, provider: SocketAddr, mut setup: Setup) -> Self {
+        let admin = closed_port().await;
+        setup.admin = admin.to_string();
+        let log = pki.dir.path().join("ssp.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let served = serve_setup(pki, provider, &setup, &[], file.into()).await;
+        Self { served, log, admin }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the log holds `text`.
+    async fn wait_for_log(&self, text: &str) -> String {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let log = self.log();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "no {text:?} in the log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        within("metrics", tcp.read_to_string(&mut text))
+            .await
+            .unwrap();
+        text
+    }
+}
+
+/// A CRL from the PKI's CA with this nextUpdate, revoking `revoked` (certificate stems), written to `name`.
+fn write_crl(
+    pki: &Pki,
+    name: &str,
+    next_update: time::OffsetDateTime,
+    revoked: &[&str],
+) -> PathBuf {
+    let key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.path("ca.key")).unwrap()).unwrap();
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(pki.path("ca.crt")).unwrap(), key)
+            .unwrap();
+    let revoked_certs = revoked
+        .iter()
+        .map(|stem| {
+            let der = ssp::tls::load_certs("c", &pki.path(&format!("{stem}.crt"))).unwrap();
+            let (_, x509) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
+            rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(x509.raw_serial()),
+                revocation_time: next_update - time::Duration::days(30),
+                reason_code: None,
+                invalidity_date: None,
+            }
+        })
+        .collect();
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: next_update - time::Duration::days(30),
+        next_update,
+        crl_number: rcgen::SerialNumber::from(7u64),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .unwrap();
+    let path = pki.path(name);
+    std::fs::write(&path, crl.pem().unwrap()).unwrap();
+    path
+}
+
+/// A TLS handshake (and for TLS 1.3 the first read, where a refused client certificate shows) with a fresh client
+/// config, so that no session is resumed.
+async fn handshake(pki: &Pki, stem: &str, addr: SocketAddr) -> Result<(), String> {
+    let consumer = Consumer::new(pki, Some(stem), addr, false);
+    let sender = consumer.connect().await;
+    let mut sender = sender?;
+    let req = ssp_request(Method::GET, "/https://nowhere.invalid/gp", METADATA)
+        .body(empty())
+        .unwrap();
+    sender.send(req).await.map(|_| ())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 1. What `Connection` names is removed before the checks.
+
+/// Fields named by `Connection` (any case, any position, several `Connection` fields) are gone before check 2:
+/// the check that misses its field refuses, and nothing reaches the provider.
+#[tokio::test]
+async fn fields_named_by_connection_are_removed_before_the_checks() {
+    let w = World::start().await;
+    let cases = [
+        (
+            "Connection: Ssp-TraceID, Ssp-From, Ssp-To, Ssp-InteractionID, Authorization\r\n",
+            "MISSING_OR_INVALID_HEADER_Ssp-TraceID",
+        ),
+        (
+            "Connection: keep-alive\r\nConnection: x-other, AUTHORIZATION\r\n",
+            "INVALID_JWT_MISSING_TOKEN",
+        ),
+        (
+            "Connection: ssp-to ,  te\r\n",
+            "MISSING_OR_INVALID_HEADER_Ssp-To",
+        ),
+        (
+            "Connection: close, sSp-InteractionId\r\n",
+            "MISSING_OR_INVALID_HEADER_Ssp-InteractionID",
+        ),
+    ];
+    for (i, (connection, text)) in cases.iter().enumerate() {
+        let mut tls = w.consumer("consumer").tls().await;
+        let head = request_head(&w.url, "GET", connection) + "Connection: close\r\n\r\n";
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let (answer, _) = within("refusal", read_to_close(&mut tls)).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "case {i}: {answer}");
+        assert!(
+            answer.contains(&format!("\"diagnostics\":\"{text}\"")),
+            "case {i}: {answer}"
+        );
+    }
+    assert!(w.provider.seen().is_empty(), "the provider was reached");
+    let records = w.records(2 * cases.len()).await;
+    for record in records.iter().filter(|r| r["kind"] == "request") {
+        assert_eq!(record["decision"], "deny", "{record}");
+    }
+}
+
+/// An HTTP/2 consumer's split `cookie` fields reach the HTTP/1.1 provider as one field joined with `; `.
+#[tokio::test]
+async fn http2_cookie_fields_reach_the_provider_as_one() {
+    let w = World::start().await;
+    let consumer = Consumer::new(&w.pki, Some("consumer"), w.proxy.addr, true);
+    let req = ssp_request(Method::GET, &format!("/{}/fhir/metadata", w.url), METADATA)
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(empty())
+        .unwrap();
+    let response = within("h2", consumer.send(req)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = w.provider.seen();
+    let cookies: Vec<_> = seen[0].headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 2. Silent and idle connections.
+
+/// With `max_connections = 3`, three certified connections that send nothing are closed after
+/// `header_read_timeout`, and a fourth consumer is then served.
+#[tokio::test]
+async fn silent_connections_are_closed_and_do_not_lock_others_out() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve_setup(
+        &pki,
+        provider.addr,
+        &Setup {
+            header_read_timeout: "2s",
+            max_connections: 3,
+            ..Setup::default()
+        },
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(consumer.tls().await);
+    }
+    // A fourth is served once the silent ones are gone (it waits in the backlog until then).
+    let url = endpoint_url(provider.addr);
+    let req = ssp_request(Method::GET, &format!("/{url}/fhir/metadata"), METADATA)
+        .body(empty())
+        .unwrap();
+    let answer = within("fourth consumer", consumer.fetch(req))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    // Each silent connection was closed by ssp (close_notify or EOF), not left open.
+    for mut tls in silent {
+        let (got, _) = within("silent close", read_to_close(&mut tls)).await;
+        assert_eq!(got, "");
+    }
+}
+
+/// Between requests an HTTP/1.1 keep-alive connection is bounded by `header_read_timeout`; an HTTP/2 connection
+/// with no open stream by `http2_idle_timeout` (GOAWAY, then close).
+#[tokio::test]
+async fn idle_connections_are_closed_after_their_timeout() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve_setup(
+        &pki,
+        provider.addr,
+        &Setup {
+            header_read_timeout: "2s",
+            extra_server: "http2_idle_timeout = \"3s\"".into(),
+            ..Setup::default()
+        },
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let url = endpoint_url(provider.addr);
+    for (h2, bound) in [(false, 2.0), (true, 3.0)] {
+        let consumer = Consumer::new(&pki, Some("consumer"), served.addr, h2);
+        let tls = consumer.tls().await;
+        let io = hyper_util::rt::TokioIo::new(tls);
+        let ended: tokio::task::JoinHandle<Instant>;
+        let mut sender = if h2 {
+            let (s, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            ended = tokio::spawn(async move {
+                let _ = conn.await;
+                Instant::now()
+            });
+            Sender::H2(s)
+        } else {
+            let (s, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            ended = tokio::spawn(async move {
+                let _ = conn.await;
+                Instant::now()
+            });
+            Sender::H1(s)
+        };
+        for _ in 0..2 {
+            let req = ssp_request(Method::GET, &format!("/{url}/fhir/metadata"), METADATA)
+                .body(empty())
+                .unwrap();
+            let response = within("request", sender.send(req)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            drain(response.into_body()).await.unwrap();
+        }
+        let idle_from = Instant::now();
+        let closed_at = within("idle close", ended).await.unwrap();
+        let idle = closed_at.duration_since(idle_from).as_secs_f64();
+        assert!(
+            idle >= bound - 0.5 && idle < bound + 3.0,
+            "h2 {h2}: closed after {idle} s"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 3. Stale CRLs.
+
+/// A CRL past its nextUpdate: check-config names it, the proxy logs it at start, `/metrics` shows its nextUpdate,
+/// and a handshake whose revocation status rests on it is refused (fail closed).
+#[tokio::test]
+async fn an_expired_crl_is_named_and_refuses_handshakes() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let feb_2020 = time::macros::datetime!(2020-02-01 00:00 UTC);
+    write_crl(&pki, "stale.crl", feb_2020, &[]);
+    let setup = Setup {
+        crl: "certs/stale.crl",
+        ..Setup::default()
+    };
+    let config = write_config(
+        &pki,
+        provider.addr,
+        closed_port().await,
+        "127.0.0.1:0".parse().unwrap(),
+        &setup,
+    );
+    let (code, text) = ssp_cmd(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 64, "{text}");
+    assert!(
+        text.contains("stale.crl: CRL expired (nextUpdate 2020-02-01T00:00:00Z)"),
+        "{text}"
+    );
+
+    let ssp = Logged::start(&pki, provider.addr, setup).await;
+    ssp.wait_for_log("stale.crl: CRL expired").await;
+    let refused = handshake(&pki, "consumer", ssp.served.addr).await;
+    assert!(
+        refused.is_err(),
+        "a handshake resting on a stale CRL completed"
+    );
+    let metrics = ssp.metrics().await;
+    assert!(
+        metrics.contains("ssp_crl_next_update_timestamp_seconds{crl=\"stale.crl\"} 1580515200"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ssp_tls_handshake_failures_total{reason=\"crl_expired\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// `server.crl_expired = "allow"`: check-config passes with a warning, the proxy serves and says so at error.
+#[tokio::test]
+async fn crl_expired_allow_keeps_serving_loudly() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    write_crl(
+        &pki,
+        "stale.crl",
+        time::macros::datetime!(2020-02-01 00:00 UTC),
+        &[],
+    );
+    let setup = Setup {
+        crl: "certs/stale.crl",
+        extra_server: "crl_expired = \"allow\"".into(),
+        ..Setup::default()
+    };
+    let config = write_config(
+        &pki,
+        provider.addr,
+        closed_port().await,
+        "127.0.0.1:0".parse().unwrap(),
+        &setup,
+    );
+    let (code, text) = ssp_cmd(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("warning: server.crl:") && text.contains("server.crl_expired = \"allow\""),
+        "{text}"
+    );
+    let ssp = Logged::start(&pki, provider.addr, setup).await;
+    let log = ssp.wait_for_log("stale CRL trusted").await;
+    assert!(log.contains("ERROR"), "{log}");
+    handshake(&pki, "consumer", ssp.served.addr).await.unwrap();
+}
+
+/// A CRL within 24 hours of its nextUpdate is a check-config warning; once it passes while the proxy runs, the
+/// proxy logs it and refuses new handshakes that rest on it.
+#[tokio::test]
+async fn a_crl_expiring_while_running_is_logged_and_enforced() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(4);
+    write_crl(&pki, "short.crl", soon, &["consumer-revoked"]);
+    let setup = Setup {
+        crl: "certs/short.crl",
+        ..Setup::default()
+    };
+    let config = write_config(
+        &pki,
+        provider.addr,
+        closed_port().await,
+        "127.0.0.1:0".parse().unwrap(),
+        &setup,
+    );
+    let (code, text) = ssp_cmd(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("is within 24 hours"), "{text}");
+    let ssp = Logged::start(&pki, provider.addr, setup).await;
+    handshake(&pki, "consumer", ssp.served.addr).await.unwrap();
+    assert!(
+        handshake(&pki, "consumer-revoked", ssp.served.addr)
+            .await
+            .is_err()
+    );
+    ssp.wait_for_log("CRL expired while running").await;
+    assert!(handshake(&pki, "consumer", ssp.served.addr).await.is_err());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 4 and 6. Closing with a body (or a head) still arriving.
+
+/// A refused upload of 1 MiB and 5 MiB, written whole before the answer is read (as python requests does): the
+/// client reads the 403, not a reset, every time.
+#[tokio::test]
+async fn a_refused_upload_gets_its_answer_not_a_reset() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve(&pki, provider.addr).await;
+    let url = endpoint_url(provider.addr);
+    let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
+    for (round, size) in [1usize << 20, 5 << 20, 1 << 20, 5 << 20, 5 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        let tls = consumer.tls().await;
+        // Check 6 refuses: this interaction is not one the sender is accredited for.
+        let path = format!("/{url}/fhir/Appointment/1");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: ssp.dev.localhost\r\nSsp-TraceID: {TRACE_ID}\r\nSsp-From: {FROM}\r\n\
+             Ssp-To: {TO}\r\nSsp-InteractionID: {APPOINTMENT}\r\nAuthorization: {}\r\n\
+             Content-Type: application/fhir+json\r\nContent-Length: {size}\r\n\r\n",
+            bearer(&claims(&audience(&path), APPOINTMENT))
+        );
+        let (mut read, mut write) = tokio::io::split(tls);
+        let writer = tokio::spawn(async move {
+            write.write_all(head.as_bytes()).await?;
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..size / chunk.len() {
+                write.write_all(&chunk).await?;
+            }
+            write.flush().await
+        });
+        let mut got = Vec::new();
+        let ended = within("answer", read.read_to_end(&mut got)).await;
+        let answer = String::from_utf8_lossy(&got);
+        assert!(
+            ended.is_ok(),
+            "round {round} ({size} B): {ended:?} after {answer:?}"
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 403 "),
+            "round {round}: {answer}"
+        );
+        assert!(
+            answer.contains("ASID_CHECK_FAILED_MESSAGESENDER_"),
+            "round {round}: {answer}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        let _ = within("writer", writer).await;
+    }
+}
+
+/// A 200 KB (and a 1 MB) `Authorization` field: 431 with `Connection: close`, delivered before the close.
+#[tokio::test]
+async fn a_huge_request_head_gets_431() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve(&pki, provider.addr).await;
+    let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
+    // 200 KB reaches the proxy's own limit check; 1 MB is past hyper's read buffer, which answers a bare 431.
+    for size in [200_000, 200_000, 1_000_000, 1_000_000] {
+        let tls = consumer.tls().await;
+        let head = format!(
+            "GET /https://x/gp HTTP/1.1\r\nHost: ssp.dev.localhost\r\nAuthorization: Bearer {}\r\n\r\n",
+            "a".repeat(size)
+        );
+        let (mut read, mut write) = tokio::io::split(tls);
+        let writer = tokio::spawn(async move { write.write_all(head.as_bytes()).await });
+        let mut got = Vec::new();
+        let ended = within("431", read.read_to_end(&mut got)).await;
+        let answer = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(ended.is_ok(), "{size}: {ended:?} after {answer:?}");
+        assert!(answer.starts_with("http/1.1 431 "), "{size}: {answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        let _ = within("writer", writer).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 5. The alert of a refused handshake reaches the client.
+
+/// curl over TLS 1.3 with a revoked, an expired and no client certificate names the alert every time.
+#[tokio::test]
+async fn curl_names_the_alert_of_a_refused_handshake() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve(&pki, provider.addr).await;
+    let url = format!("https://127.0.0.1:{}/", served.addr.port());
+    let ca = pki.path("ca.crt");
+    let cases: [(Option<&str>, &str); 3] = [
+        (Some("consumer-revoked"), "certificate revoked"),
+        (Some("consumer-expired"), "certificate expired"),
+        (None, "certificate required"),
+    ];
+    for (stem, alert) in cases {
+        for round in 0..5 {
+            let mut cmd = std::process::Command::new("curl");
+            cmd.args(["-sS", "--tlsv1.3", "--max-time", "10", "--cacert"])
+                .arg(&ca);
+            if let Some(stem) = stem {
+                cmd.arg("--cert")
+                    .arg(pki.path(&format!("{stem}.crt")))
+                    .arg("--key")
+                    .arg(pki.path(&format!("{stem}.key")));
+            }
+            let out = cmd.arg(&url).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert!(stderr.contains(alert), "{stem:?} round {round}: {stderr}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 7. A stale pooled provider connection.
+
+/// How the stale provider treats a kept-alive connection once it has answered.
+#[derive(Clone, Copy)]
+enum Stale {
+    /// Closes 3 ms after answering.
+    CloseAfter3ms,
+    /// Closes as soon as the next request's first bytes arrive, without reading them.
+    CloseOnNextRequest,
+}
+
+/// A TLS MA provider that answers one request per connection with 200 and a keep-alive response, then closes
+/// per `mode`. Counts connections and answered requests.
+async fn stale_provider(
+    pki: &Pki,
+    mode: Stale,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let tls = ssp::demo::provider_tls(
+        &pki.path("provider.crt"),
+        &pki.path("provider.key"),
+        &pki.ca(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (connections, answered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, a) = (Arc::clone(&connections), Arc::clone(&answered));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, a) = (acceptor.clone(), Arc::clone(&a));
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 8192];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = b"{\"resourceType\":\"CapabilityStatement\"}";
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                if tls.write_all(answer.as_bytes()).await.is_err()
+                    || tls.write_all(body).await.is_err()
+                {
+                    return;
+                }
+                let _ = tls.flush().await;
+                a.fetch_add(1, Ordering::SeqCst);
+                match mode {
+                    Stale::CloseAfter3ms => tokio::time::sleep(Duration::from_millis(3)).await,
+                    Stale::CloseOnNextRequest => {
+                        let _ = tls.get_mut().0.readable().await;
+                    }
+                }
+                // Unread bytes make this close a reset, as a real server's idle close racing a request can.
+                drop(tls);
+            });
+        }
+    });
+    (addr, connections, answered)
+}
+
+/// The World with one more endpoint, `TO_STALE`, served by a stale provider.
+async fn stale_world(mode: Stale) -> (World, String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    const TO_STALE: &str = "918999198997";
+    let pki = Pki::generate();
+    let (addr, connections, answered) = stale_provider(&pki, mode).await;
+    let port = addr.port();
+    let url = format!("https://localhost:{port}/gp");
+    let w = World::start_in(
+        pki,
+        Setup {
+            extra_resolve: format!("\"localhost:{port}\" = \"{addr}\"\n"),
+            extra_policy: format!(
+                "\n[[endpoint]]\nasid = \"{TO_STALE}\"\nparty_key = \"S-1\"\ncpa_id = \"S1\"\nods = \"S1\"\n\
+                 url = \"{url}\"\ninteractions = [\"{METADATA}\"]\n\n[[agreement]]\nid = \"DSA-S\"\nfrom = \"{FROM}\"\n\
+                 to = \"{TO_STALE}\"\ninteractions = [\"*\"]\n"
+            ),
+            ..Setup::default()
+        },
+    )
+    .await;
+    (w, url, connections, answered)
+}
+
+fn stale_request(
+    url: &str,
+    method: Method,
+    body: TestBody,
+    trace: usize,
+) -> http::Request<TestBody> {
+    let mut req = ssp_request(method, &format!("/{url}/fhir/metadata"), METADATA)
+        .body(body)
+        .unwrap();
+    req.headers_mut()
+        .insert("ssp-to", "918999198997".parse().unwrap());
+    req.headers_mut().insert(
+        "ssp-traceid",
+        format!("00000000-0000-4000-8000-{trace:012}")
+            .parse()
+            .unwrap(),
+    );
+    req
+}
+
+/// Twenty GETs back to back on one consumer connection, against a provider that closes each keep-alive
+/// connection after its first answer: every one is answered 200, and those that met a stale pooled connection
+/// say `retried` in their response record.
+#[tokio::test]
+async fn idempotent_requests_on_a_stale_pooled_connection_are_retried_once() {
+    for mode in [Stale::CloseOnNextRequest, Stale::CloseAfter3ms] {
+        let (w, url, _, answered) = stale_world(mode).await;
+        let mut sender = w.consumer("consumer").connect().await.unwrap();
+        for i in 0..20 {
+            let response = within(
+                "get",
+                sender.send(stale_request(&url, Method::GET, empty(), i)),
+            )
+            .await
+            .unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "request {i}");
+            drain(response.into_body()).await.unwrap();
+        }
+        assert_eq!(answered.load(Ordering::SeqCst), 20);
+        let records = w.records(40).await;
+        let responses: Vec<_> = records.iter().filter(|r| r["kind"] == "response").collect();
+        assert!(
+            responses
+                .iter()
+                .all(|r| r["status"] == 200 && r["outcome"] == "ok")
+        );
+        let retried = responses.iter().filter(|r| r["retried"] == true).count();
+        if matches!(mode, Stale::CloseOnNextRequest) {
+            // Every request after the first on a pooled connection met a stale one.
+            assert!(retried >= 9, "{retried} retried: {responses:?}");
+        } else {
+            assert!(retried <= 19, "{responses:?}");
+        }
+    }
+}
+
+/// A request with a body (POST), or one whose method is not idempotent, is not retried: 502, recorded as an
+/// upstream error, and the provider answered nothing more.
+#[tokio::test]
+async fn a_request_with_a_body_is_not_retried() {
+    let (w, url, connections, answered) = stale_world(Stale::CloseOnNextRequest).await;
+    let mut sender = w.consumer("consumer").connect().await.unwrap();
+    let first = within(
+        "get",
+        sender.send(stale_request(&url, Method::GET, empty(), 1)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    drain(first.into_body()).await.unwrap();
+    let post = within(
+        "post",
+        sender.send(stale_request(&url, Method::POST, full("{\"a\":1}"), 2)),
+    )
+    .await
+    .unwrap();
+    let answer = Answer::read(post).await.unwrap();
+    answer.assert_outcome(
+        502,
+        "transient",
+        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{url}/fhir/metadata"),
+    );
+    assert_eq!(answered.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "a retry connection was opened"
+    );
+    let records = w.records(4).await;
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r["kind"] == "response")
+        .unwrap();
+    assert_eq!(last["outcome"], "upstream_error", "{last}");
+    assert!(last.get("retried").is_none(), "{last}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 10. CA names too large for a handshake.
+
+/// 450 CAs with long names (more than 64 KiB of names): check-config refuses it with the size, unless
+/// `server.client_ca_hints = false`, with which a consumer completes its handshake.
+#[tokio::test]
+async fn client_ca_names_too_large_for_one_message_are_refused_or_not_sent() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let mut bundle = std::fs::read_to_string(pki.path("ca.crt")).unwrap();
+    let padding = "x".repeat(150);
+    for i in 0..450 {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("padding CA {i} {padding}"),
+        );
+        let key = rcgen::KeyPair::generate().unwrap();
+        bundle.push_str(&params.self_signed(&key).unwrap().pem());
+    }
+    std::fs::write(pki.path("many-cas.crt"), bundle).unwrap();
+    let write = |extra: &str, admin_port: SocketAddr| {
+        let setup = Setup {
+            extra_server: extra.into(),
+            ..Setup::default()
+        };
+        let path = write_config(
+            &pki,
+            provider.addr,
+            admin_port,
+            "127.0.0.1:0".parse().unwrap(),
+            &setup,
+        );
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "client_ca = [\"certs/ca.crt\"]",
+            "client_ca = [\"certs/many-cas.crt\"]",
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let down = closed_port().await;
+    let config = write("", down);
+    let (code, text) = ssp_cmd(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 64, "{text}");
+    assert!(
+        text.contains("server.client_ca: the names of its 451 CAs take"),
+        "{text}"
+    );
+    assert!(text.contains("server.client_ca_hints = false"), "{text}");
+
+    let config = write("client_ca_hints = false", down);
+    let (code, text) = ssp_cmd(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    let served_config = ssp::config::Config::load(&config).unwrap();
+    let tls = ssp::tls::server_config(&served_config.server).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        tls.write_all(b"hello").await.unwrap();
+        tls.shutdown().await.unwrap();
+    });
+    // OpenSSL, the client that failed on the oversized CertificateRequest.
+    let out = tokio::task::spawn_blocking({
+        let (cert, key, ca) = (
+            pki.path("consumer.crt"),
+            pki.path("consumer.key"),
+            pki.path("ca.crt"),
+        );
+        move || {
+            std::process::Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &addr.to_string(),
+                    "-quiet",
+                    "-verify_return_error",
+                ])
+                .arg("-cert")
+                .arg(cert)
+                .arg("-key")
+                .arg(key)
+                .arg("-CAfile")
+                .arg(ca)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("hello"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Smaller edges.
+
+/// The server's cipher-suite order wins over the client's.
+#[tokio::test]
+async fn the_servers_cipher_suite_order_wins() {
+    let w = World::start().await;
+    let provider = ssp::tls::provider();
+    let mut chacha_first = (*provider).clone();
+    chacha_first
+        .cipher_suites
+        .sort_by_key(|s| !format!("{:?}", s.suite()).contains("CHACHA20"));
+    let roots = ssp::tls::load_roots("ca", &w.pki.ca()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(chacha_first))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            ssp::tls::load_certs("c", &w.pki.path("consumer.crt")).unwrap(),
+            ssp::tls::load_key("k", &w.pki.path("consumer.key")).unwrap(),
+        )
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(w.proxy.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(w.proxy.addr.ip().into()),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap();
+    assert_eq!(format!("{:?}", suite.suite()), "TLS13_AES_256_GCM_SHA384");
+}
+
+/// A consumer certificate with no CN, whose DNS SAN is the registered FQDN: permitted, and the request record
+/// names the SAN that check 5 matched.
+#[tokio::test]
+async fn a_certificate_without_cn_is_recorded_by_its_matching_san() {
+    let w = World::start().await;
+    let key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(w.pki.path("ca.key")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(w.pki.path("ca.crt")).unwrap(),
+        key,
+    )
+    .unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![CONSUMER_NAME.to_owned()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "no common name");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&leaf_key, &issuer).unwrap();
+    std::fs::write(w.pki.path("nocn.crt"), cert.pem()).unwrap();
+    std::fs::write(w.pki.path("nocn.key"), leaf_key.serialize_pem()).unwrap();
+    let consumer = Consumer::new(&w.pki, Some("nocn"), w.proxy.addr, false);
+    let req = ssp_request(Method::GET, &format!("/{}/fhir/metadata", w.url), METADATA)
+        .body(empty())
+        .unwrap();
+    let answer = within("nocn", consumer.fetch(req)).await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    let records = w.records(1).await;
+    assert_eq!(records[0]["fqdn"], CONSUMER_NAME, "{}", records[0]);
+    assert_eq!(records[0]["peer"]["subject"], "O=no common name");
+}
+
+/// What any client can make rustls warn about (an IP address as SNI) does not reach the operator's log by default;
+/// with `RUST_LOG` naming rustls it does (so the input does make rustls warn).
+#[tokio::test]
+async fn rustls_warnings_a_consumer_triggers_are_not_logged() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    for (rust_log, expect_warning) in [(None, false), (Some("info,rustls=warn"), true)] {
+        let addr = closed_port().await;
+        let config = write_config(
+            &pki,
+            provider.addr,
+            closed_port().await,
+            addr,
+            &Setup::default(),
+        );
+        let log = pki.dir.path().join("ssp.log");
+        let mut cmd = std::process::Command::new(ssp_bin());
+        cmd.args(["serve", "--config"]).arg(&config);
+        match rust_log {
+            None => cmd.env_remove("RUST_LOG"),
+            Some(v) => cmd.env("RUST_LOG", v),
+        };
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + STEP;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for _ in 0..5 {
+            let out = std::process::Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &addr.to_string(),
+                    "-servername",
+                    "127.0.0.1",
+                ])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            assert!(!out.stdout.is_empty());
+        }
+        // Each refused handshake (no client certificate) is logged by ssp at info: wait for the fifth.
+        let deadline = Instant::now() + STEP;
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.matches("TLS handshake refused").count() >= 5 || Instant::now() > deadline {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(text.matches("TLS handshake refused").count() >= 5, "{text}");
+        assert_eq!(
+            text.contains("Illegal SNI"),
+            expect_warning,
+            "RUST_LOG {rust_log:?}: {text}"
+        );
+    }
+}
