@@ -262,8 +262,9 @@ impl Connection {
                 close_in_stages(tcp, guard).await;
                 return;
             }
+            // Closed before sending a byte: a TCP health check or a port probe, not a failed handshake.
+            Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(_)) => {}
-            Ok(Err(_)) => return,
             Err(_) => {
                 self.proxy.metrics().tls_failure("timeout");
                 tracing::info!(conn = self.id, %remote, "TLS handshake timed out");

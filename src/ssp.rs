@@ -300,6 +300,8 @@ mod tests {
             ("/https://h:44a/p", BadPort),
             ("/https://h_x/p", BadHost),
             ("/https://h..x/p", BadHost),
+            ("/https://provider.example./p", BadHost),
+            ("/https://provider.example.:443/p", BadHost),
             ("/https://h%2ex/p", BadHost),
             ("/https://[zz]/p", BadHost),
             ("/https://h/a/../b", DotSegment),
