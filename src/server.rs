@@ -259,7 +259,7 @@ impl Connection {
                 tracing::info!(conn = self.id, %remote, "plain HTTP on the TLS port; answered 400");
                 let mut tcp = tcp;
                 let _ = tokio::time::timeout_at(deadline, tcp.write_all(PLAINTEXT_ANSWER)).await;
-                close_in_stages(tcp, guard).await;
+                close_in_stages(tcp, guard, Instant::now() + LINGER_TIME).await;
                 return;
             }
             // Closed before sending a byte: a TCP health check or a port probe, not a failed handshake.
@@ -282,7 +282,7 @@ impl Connection {
                     .metrics()
                     .tls_failure(crate::metrics::tls_failure_reason(&e));
                 tracing::info!(conn = self.id, %remote, error = %e, "TLS handshake refused");
-                close_in_stages(tcp, guard).await;
+                close_in_stages(tcp, guard, Instant::now() + LINGER_TIME).await;
                 return;
             }
             Err(_) => {
@@ -456,16 +456,21 @@ pub const LINGER_BYTES: u64 = 16 * 1024 * 1024;
 /// client: shut down the write side, read and discard what the client still sends for at most [`LINGER_TIME`]
 /// and [`LINGER_BYTES`], then close. Closing at once with unread bytes in the receive buffer would make the kernel
 /// send a reset, which can destroy the answer in flight. The connection's guard is held until the end.
-async fn close_in_stages<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, guard: ConnGuard) {
-    let deadline = Instant::now() + LINGER_TIME;
-    if tokio::time::timeout_at(deadline, stream.shutdown())
-        .await
-        .is_ok()
-    {
-        drain_until(&mut stream, deadline).await;
-    }
-    drop(stream);
+async fn close_in_stages(mut tcp: TcpStream, guard: ConnGuard, deadline: Instant) {
+    // A second shutdown of the write side (after TLS's own) is harmless.
+    let _ = tcp.shutdown().await;
+    drain_until(&mut tcp, deadline).await;
+    drop(tcp);
     drop(guard);
+}
+
+/// As [`close_in_stages`] for a TLS connection whose close_notify may not have been sent: send it (bounded by the
+/// same deadline), then go on at the TCP level, where the client's remaining records are discarded unread.
+async fn close_tls_in_stages(mut tls: TlsStream<TcpStream>, guard: ConnGuard) {
+    let deadline = Instant::now() + LINGER_TIME;
+    let _ = tokio::time::timeout_at(deadline, tls.shutdown()).await;
+    let (tcp, _) = tls.into_inner();
+    close_in_stages(tcp, guard, deadline).await;
 }
 
 /// Reads and discards until end of stream, an error, `deadline` or [`LINGER_BYTES`].
@@ -475,9 +480,13 @@ async fn drain_until<S: AsyncRead + Unpin>(stream: &mut S, deadline: Instant) {
     while seen <= LINGER_BYTES {
         match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Ok(Ok(n @ 1..)) => seen += n as u64,
-            _ => return,
+            ended => {
+                tracing::debug!(drained = seen, ?ended, "staged close ended");
+                return;
+            }
         }
     }
+    tracing::debug!(drained = seen, "staged close ended at its byte bound");
 }
 
 /// A consumer's TLS stream as hyper serves it. When hyper lets go of it while the client has not closed its side
@@ -524,6 +533,11 @@ impl Drop for ConsumerIo {
         let (Some(tls), Some(guard)) = (self.tls.take(), self.guard.take()) else {
             return;
         };
+        tracing::debug!(
+            peer_closed = self.peer_closed,
+            write_closed = self.write_closed,
+            "connection released"
+        );
         if self.peer_closed {
             return;
         }
@@ -534,9 +548,9 @@ impl Drop for ConsumerIo {
         if self.write_closed {
             // close_notify is out: what follows is raw TCP.
             let (tcp, _) = tls.into_inner();
-            runtime.spawn(close_in_stages(tcp, guard));
+            runtime.spawn(close_in_stages(tcp, guard, Instant::now() + LINGER_TIME));
         } else {
-            runtime.spawn(close_in_stages(tls, guard));
+            runtime.spawn(close_tls_in_stages(tls, guard));
         }
     }
 }

@@ -86,6 +86,11 @@ async fn permitted_request_leaves_request_and_response_records() {
         resp["total_ms"].as_f64().unwrap(),
     );
     assert!(upstream_ms > 0.0 && total_ms >= upstream_ms, "{resp}");
+    // Written as decimals (`0.412`, `2.0`), never whole milliseconds.
+    assert!(
+        resp["upstream_ms"].is_f64() && resp["total_ms"].is_f64(),
+        "{resp}"
+    );
     assert!(resp.get("retried").is_none(), "{resp}");
     assert!(ssp::audit::verify(&w.audit_dir()).is_ok());
 }
