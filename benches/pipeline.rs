@@ -110,6 +110,7 @@ fn bench(c: &mut Criterion) {
         subject: "CN=consumer.dev.localhost, O=Example Hospital".into(),
         serial: "1a2b3c4d5e6f7788".into(),
         fingerprint_sha256: "ab".repeat(32),
+        via: None,
     }));
     record.from = Some("200000000359".into());
     record.to = Some("918999198993".into());

@@ -75,6 +75,9 @@ pub struct Peer {
     pub subject: String,
     pub serial: String,
     pub fingerprint_sha256: String,
+    /// The layer-4 balancer that relayed the connection with a PROXY protocol header, when `addr` came from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// One audit record. `seq`, `instance` and `prev` are filled by the writer; fields that do not apply to a kind are

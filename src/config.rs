@@ -90,6 +90,11 @@ struct RawServer {
     /// Send the names of the `client_ca` roots in the CertificateRequest. Default `true`; `false` when the names
     /// exceed what one TLS message can carry.
     client_ca_hints: Option<bool>,
+    /// Networks (`"10.0.0.0/24"`, or a bare address) of layer-4 balancers whose connections start with a PROXY
+    /// protocol header (v1 or v2), which is then required; from anywhere else a PROXY header is refused. Default
+    /// none.
+    #[serde(default)]
+    proxy_protocol_from: Vec<String>,
     /// Concurrent consumer connections; further ones wait in the listen backlog. Default 10000.
     max_connections: Option<usize>,
     /// Methods allowed (check 2). Default GET, POST, PUT, DELETE, PATCH.
@@ -277,6 +282,8 @@ pub struct ServerConfig {
     pub http2_idle_timeout: Duration,
     pub crl_expired: CrlExpired,
     pub client_ca_hints: bool,
+    /// Sources whose connections must start with a PROXY protocol header.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     pub max_connections: usize,
     pub methods: Vec<Method>,
     pub shutdown_grace: Duration,
@@ -460,6 +467,19 @@ impl Validator<'_> {
                 CrlExpired::Refuse
             }
         };
+        let mut proxy_protocol_from = Vec::new();
+        for text in &raw.proxy_protocol_from {
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => proxy_protocol_from.push(net.trunc()),
+                Err(_) => self.problem(
+                    "server.proxy_protocol_from",
+                    format_args!("{text:?} is not a network like \"10.0.0.0/24\" or an IP address"),
+                ),
+            }
+        }
         let max_connections = raw.max_connections.unwrap_or(10_000);
         if max_connections == 0 {
             self.problem("server.max_connections", "must be at least 1");
@@ -506,6 +526,7 @@ impl Validator<'_> {
             ),
             crl_expired,
             client_ca_hints: raw.client_ca_hints.unwrap_or(true),
+            proxy_protocol_from,
             max_connections: max_connections.max(1),
             methods,
             shutdown_grace: self.duration(

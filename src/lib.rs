@@ -8,7 +8,9 @@
 //! - [`config`]: the TOML config, strictly parsed, validated once into typed values.
 //! - [`ids`]: identifier newtypes (`Asid`, `TraceId`, `InteractionId`, `OdsCode`) and the peer identity.
 //! - [`tls`]: certificates, keys and CRLs; the consumer-facing and upstream rustls configs; peer identity reading.
-//! - [`server`]: accept loop, connection limit, handshake timeout, serving h1/h2 connections, graceful drain.
+//! - [`server`]: accept loop, connection limit, handshake timeout, serving h1/h2 connections, the idle rule,
+//!   staged closes, graceful drain.
+//! - [`proxy_header`]: the PROXY protocol header (v1 and v2) from a trusted layer-4 balancer.
 //! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
 //! - [`policy`]: policy files, the sled store of generations (`policy::store`), the in-memory snapshot,
 //!   `check() -> Decision` (checks 5 to 9), the `Permit`, and `explain` for `ssp policy check`.
@@ -26,11 +28,14 @@
 //!
 //! # Life of a request
 //!
-//! 1. `server` accepts a TCP connection (within `max_connections`) and completes the TLS handshake within
-//!    `handshake_timeout`: the client certificate must chain to `client_ca`, be unexpired and unrevoked (check 1).
+//! 1. `server` accepts a TCP connection (within `max_connections`), reads a PROXY header when the connection
+//!    comes from a trusted balancer (`proxy_header`: the consumer's address), and completes the TLS handshake
+//!    within `handshake_timeout`: the client certificate must chain to `client_ca`, be unexpired and unrevoked
+//!    (check 1).
 //! 2. `tls::peer_identity` reads the certificate's subject, CN, DNS SANs, serial and fingerprint, once per
 //!    connection; hyper serves HTTP/1.1 or HTTP/2 on it.
-//! 3. `proxy::Proxy::handle` takes each request: method (check 2), `ssp::Target` (3), `ssp::SspHeaders` (4).
+//! 3. `proxy::Proxy::handle` takes each request, removes its hop-by-hop fields (so that the checks see what will
+//!    be forwarded), then: method (check 2), `ssp::Target` (3), `ssp::SspHeaders` (4).
 //! 4. `policy::Policy::check` runs checks 5 to 9 and returns `Decision::Permit(Permit)` or a `Denial`.
 //! 5. `jwt::Validator::check` decodes and validates the audit token (check 10) into a `JwtAudit`.
 //! 6. `audit::AuditLog::write` queues the `request` record, writes the queue unless a write is in progress, and
@@ -60,6 +65,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod policy;
 pub mod proxy;
+pub mod proxy_header;
 pub mod server;
 pub mod ssp;
 pub mod tls;

@@ -59,6 +59,9 @@ pub const TLS_FAILURE_REASONS: &[&str] = &[
     "io",
     "timeout",
     "plaintext_http",
+    "proxy_header_missing",
+    "proxy_header_invalid",
+    "proxy_header_untrusted",
 ];
 
 /// Every `kind` of `ssp_upstream_errors_total`.

@@ -31,6 +31,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy_header::{ProxyHeader, ProxyHeaderError};
 use crate::tls;
 
 /// A bound consumer listener, ready to run.
@@ -43,6 +44,8 @@ pub struct Server {
     handshake_timeout: Duration,
     /// The idle rule's bounds: HTTP/1.1 (and before the protocol is known), HTTP/2.
     idle: IdleTimeouts,
+    /// Balancers whose connections start with a PROXY protocol header (`server.proxy_protocol_from`).
+    proxy_protocol_from: Arc<[ipnet::IpNet]>,
     /// Bounds concurrent connections; when exhausted, further connections wait in the kernel's backlog.
     connections: Arc<Semaphore>,
     next_conn_id: Arc<AtomicU64>,
@@ -99,6 +102,7 @@ impl Server {
                 http1: cfg.header_read_timeout,
                 http2: cfg.http2_idle_timeout,
             },
+            proxy_protocol_from: Arc::from(cfg.proxy_protocol_from.as_slice()),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             next_conn_id: Arc::new(AtomicU64::new(1)),
             admin,
@@ -171,6 +175,7 @@ impl Server {
                 http: self.http.clone(),
                 handshake_timeout: self.handshake_timeout,
                 idle: self.idle,
+                proxy_protocol_from: Arc::clone(&self.proxy_protocol_from),
             };
             let guard = ConnGuard {
                 _permit: permit,
@@ -238,6 +243,7 @@ struct Connection {
     http: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
     idle: IdleTimeouts,
+    proxy_protocol_from: Arc<[ipnet::IpNet]>,
 }
 
 impl Connection {
@@ -249,15 +255,53 @@ impl Connection {
         mut stop: watch::Receiver<bool>,
     ) {
         let _ = tcp.set_nodelay(true);
+        let mut tcp = tcp;
         let deadline = Instant::now() + self.handshake_timeout;
+        // From a trusted balancer the connection starts with a PROXY header naming the consumer; the balancer's
+        // own address is kept as `via`. The header's read is bounded by the handshake timeout.
+        let balancer = remote.ip().to_canonical();
+        let (remote, via) = if self
+            .proxy_protocol_from
+            .iter()
+            .any(|n| n.contains(&balancer))
+        {
+            match tokio::time::timeout_at(deadline, crate::proxy_header::read(&mut tcp)).await {
+                Ok(Ok(ProxyHeader::Relayed(consumer))) => (consumer, Some(remote)),
+                Ok(Ok(ProxyHeader::Local)) => (remote, None),
+                Ok(Err(ProxyHeaderError::Closed)) => return,
+                Ok(Err(e)) => {
+                    self.proxy.metrics().tls_failure(e.reason());
+                    tracing::info!(conn = self.id, %remote, error = %e, "PROXY protocol header refused; closing");
+                    close_in_stages(tcp, guard, Instant::now() + LINGER_TIME).await;
+                    return;
+                }
+                Err(_) => {
+                    self.proxy.metrics().tls_failure("timeout");
+                    tracing::info!(conn = self.id, %remote, "PROXY protocol header timed out");
+                    return;
+                }
+            }
+        } else {
+            (remote, None)
+        };
         // Plain HTTP sent to this port gets one short plain-text answer instead of a TLS alert it cannot read.
-        // A TLS ClientHello starts with 0x16; an HTTP request line with an upper-case method letter.
-        let mut first = [0u8; 1];
+        // A TLS ClientHello starts with 0x16; an HTTP request line with an upper-case method letter. A PROXY
+        // header from a source not in `server.proxy_protocol_from` is refused: it could name any address.
+        let mut first = [0u8; 12];
         match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+            Ok(Ok(n @ 1..)) if crate::proxy_header::looks_like_proxy_header(&first[..n]) => {
+                self.proxy.metrics().tls_failure("proxy_header_untrusted");
+                tracing::warn!(
+                    conn = self.id,
+                    %remote,
+                    "PROXY protocol header from a source not in server.proxy_protocol_from; closing"
+                );
+                close_in_stages(tcp, guard, Instant::now() + LINGER_TIME).await;
+                return;
+            }
             Ok(Ok(1..)) if first[0].is_ascii_uppercase() => {
                 self.proxy.metrics().tls_failure("plaintext_http");
                 tracing::info!(conn = self.id, %remote, "plain HTTP on the TLS port; answered 400");
-                let mut tcp = tcp;
                 let _ = tokio::time::timeout_at(deadline, tcp.write_all(PLAINTEXT_ANSWER)).await;
                 close_in_stages(tcp, guard, Instant::now() + LINGER_TIME).await;
                 return;
@@ -304,12 +348,13 @@ impl Connection {
             tracing::warn!(conn = self.id, %remote, "verified client certificate could not be read; closing");
             return;
         };
-        tracing::debug!(conn = self.id, %remote, subject = %peer.subject, "connection accepted");
+        tracing::debug!(conn = self.id, %remote, ?via, subject = %peer.subject, "connection accepted");
         let audit_peer = Arc::new(crate::audit::Peer {
             addr: remote.to_string(),
             subject: peer.subject.clone(),
             serial: peer.serial.clone(),
             fingerprint_sha256: peer.fingerprint_sha256.clone(),
+            via: via.map(|v| v.to_string()),
         });
         let info = Arc::new(ConnInfo {
             id: self.id,

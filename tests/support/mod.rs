@@ -773,6 +773,12 @@ impl Consumer {
         let tcp = TcpStream::connect(self.addr)
             .await
             .map_err(|e| e.to_string())?;
+        self.connect_over(tcp).await
+    }
+
+    /// TLS and HTTP over a TCP connection the test opened itself (from a chosen source address, or after a PROXY
+    /// protocol header of its own); the server is verified as the consumer's `addr`.
+    pub async fn connect_over(&self, tcp: TcpStream) -> Result<Sender, String> {
         let tls = self
             .connector
             .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
