@@ -138,6 +138,25 @@ enum PolicyCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Build a policy file of [[system]] and [[endpoint]] entries from the Spine Directory Service ([sds] in the
+    /// config): live from its FHIR API, or from saved answers. Exit 0 written, 1 bad entries (nothing written
+    /// without --partial), 64 bad config.
+    Sds {
+        /// Saved SDS answers (searchset Bundles, JSON, as the API returns them) instead of a live fetch
+        #[arg(long = "bundle")]
+        bundles: Vec<PathBuf>,
+        /// Write the policy file here (default: standard output, unless --diff)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print what would change in the policy in force (policy.dir), by ASID
+        #[arg(long)]
+        diff: bool,
+        /// Write the good entries even when some are bad (the bad ones are listed on stderr)
+        #[arg(long)]
+        partial: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -452,7 +471,209 @@ fn policy(command: PolicyCommand) -> u8 {
                 }
             }
         }
+        PolicyCommand::Sds {
+            bundles,
+            out,
+            diff,
+            partial,
+            config,
+        } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            policy_sds(&config, &bundles, out.as_deref(), diff, partial)
+        }
     }
+}
+
+/// `ssp policy sds`: reads or fetches the answers, builds the directory, compiles it with the normal policy
+/// compiler, then reports, diffs and writes.
+fn policy_sds(
+    config: &Config,
+    bundles: &[PathBuf],
+    out: Option<&Path>,
+    diff: bool,
+    partial: bool,
+) -> u8 {
+    use crate::policy::sds;
+    let Some(cfg) = &config.sds else {
+        eprintln!(
+            "{}: no [sds] section (see README, \"Directory from SDS\")",
+            config.source.display()
+        );
+        return exit::USAGE;
+    };
+    let (pages, note, fetched) = if bundles.is_empty() {
+        init_logging(&config.log.level, false);
+        let client = match crate::sds_api::Client::new(cfg) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return exit::USAGE;
+            }
+        };
+        let rt = match runtime() {
+            Ok(rt) => rt,
+            Err(code) => return code,
+        };
+        let ods: Vec<String> = cfg
+            .roles
+            .systems
+            .union(&cfg.roles.endpoints)
+            .cloned()
+            .collect();
+        let interactions: Vec<String> = cfg.roles.interactions.iter().cloned().collect();
+        let fetched_at = crate::audit::now_rfc3339();
+        match rt.block_on(client.fetch_all(&ods, &interactions)) {
+            Ok(pages) => {
+                let base = cfg.base_url.as_deref().unwrap_or("");
+                (
+                    pages,
+                    format!("Source: SDS FHIR API {base}, fetched {fetched_at}."),
+                    Some(fetched_at),
+                )
+            }
+            Err(e) => {
+                eprintln!("ssp policy sds: {e}");
+                return exit::NEGATIVE;
+            }
+        }
+    } else {
+        let mut pages = Vec::new();
+        let mut names = Vec::new();
+        for path in bundles {
+            let bytes = match read_limited(path, crate::sds_api::MAX_ANSWER_BYTES) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return exit::USAGE;
+                }
+            };
+            let name = path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            match sds::Bundle::parse(&name, &bytes) {
+                Ok(bundle) => pages.push(sds::Page {
+                    origin: name.clone(),
+                    bundle,
+                }),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return exit::NEGATIVE;
+                }
+            }
+            names.push(name);
+        }
+        (
+            pages,
+            format!("Source: saved SDS answers {}.", names.join(", ")),
+            None,
+        )
+    };
+    let directory = sds::build(&pages, &cfg.roles, &note, fetched.as_deref());
+    // The normal compiler is the judge of what was built.
+    let built = match crate::policy::Policy::compile(
+        &crate::policy::Source::from_files(vec![("sds.toml".into(), directory.text.clone())]),
+        0,
+    ) {
+        Ok(p) => p,
+        Err(problems) => {
+            eprintln!("the directory built from SDS does not compile as a policy:");
+            return print_problems(&problems).min(exit::NEGATIVE);
+        }
+    };
+    for problem in &directory.problems {
+        eprintln!("{problem}");
+    }
+    if !directory.problems.is_empty() && !partial {
+        eprintln!(
+            "{} bad entries: nothing written (--partial writes the {} systems and {} endpoints that are good)",
+            directory.problems.len(),
+            directory.systems,
+            directory.endpoints
+        );
+        return exit::NEGATIVE;
+    }
+    if diff {
+        match crate::policy::Policy::load_dir(&config.policy.dir, 0) {
+            Ok(current) => {
+                let lines = sds::diff(&current, &built, &cfg.roles);
+                if lines.is_empty() {
+                    println!(
+                        "no change against the policy in force ({})",
+                        config.policy.dir.display()
+                    );
+                }
+                for line in lines {
+                    println!("{line}");
+                }
+            }
+            Err(problems) => {
+                eprintln!("the policy in force does not compile; no diff:");
+                return print_problems(&problems);
+            }
+        }
+    }
+    match out {
+        Some(path) => {
+            if let Err(e) = write_atomically(path, directory.text.as_bytes()) {
+                eprintln!("{}: {e}", path.display());
+                return exit::INTERNAL;
+            }
+            eprintln!(
+                "{}: {} systems, {} endpoints{}",
+                path.display(),
+                directory.systems,
+                directory.endpoints,
+                if directory.problems.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} bad entries left out", directory.problems.len())
+                }
+            );
+        }
+        None if !diff => print!("{}", directory.text),
+        None => {}
+    }
+    if directory.problems.is_empty() {
+        exit::OK
+    } else {
+        exit::NEGATIVE
+    }
+}
+
+/// A file's bytes, refused past `limit`.
+fn read_limited(path: &Path, limit: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > limit {
+        return Err(std::io::Error::other(format!("larger than {limit} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// Writes `path` through a temporary file in the same folder, fsynced, then renamed over it.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map_or_else(|| "sds".into(), |n| n.to_string_lossy())
+    ));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn policy_check(

@@ -59,6 +59,33 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     limits: RawLimits,
+    /// The Spine Directory Service, for `ssp policy sds`. Optional.
+    sds: Option<RawSds>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSds {
+    /// The SDS FHIR API base URL (https), e.g. `https://api.service.nhs.uk/spine-directory/FHIR/R4`. Needed for a
+    /// live fetch only.
+    base_url: Option<String>,
+    /// The file holding the API key sent as `apikey`. Needed for a live fetch only.
+    api_key_file: Option<PathBuf>,
+    /// PEM roots the SDS server's certificate must chain to. Default the system bundle.
+    ca: Option<Vec<PathBuf>>,
+    /// ODS codes whose accredited systems are consumers (`[[system]]`).
+    #[serde(default)]
+    systems: Vec<String>,
+    /// ODS codes whose accredited systems are providers (`[[endpoint]]`).
+    #[serde(default)]
+    endpoints: Vec<String>,
+    /// Interaction URNs to resolve (and to keep in the entries).
+    #[serde(default)]
+    interactions: Vec<String>,
+    /// One request, connection to last byte. Default `10s`.
+    timeout: Option<String>,
+    /// Retries of a request answered 429, each after its `Retry-After` (at most 30 s). Default 3.
+    max_retries: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,6 +245,19 @@ pub struct Config {
     /// The admin listener's address.
     pub admin_listen: SocketAddr,
     pub limits: LimitsConfig,
+    /// `[sds]`, when present.
+    pub sds: Option<SdsConfig>,
+}
+
+/// `[sds]`: where `ssp policy sds` finds the Spine Directory Service and what it resolves.
+#[derive(Debug, Clone)]
+pub struct SdsConfig {
+    pub base_url: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub ca: Vec<PathBuf>,
+    pub roles: crate::policy::sds::Roles,
+    pub timeout: Duration,
+    pub max_retries: u32,
 }
 
 /// `[limits]`: throttling (check 11) and request-size limits. A zero count means unlimited.
@@ -363,6 +403,7 @@ impl Config {
         let audit = v.audit(raw.audit);
         let log = v.log(raw.log);
         let limits = v.limits(raw.limits);
+        let sds = raw.sds.map(|raw| v.sds(raw));
         let admin_text = raw.admin.listen.unwrap_or_else(|| "127.0.0.1:9090".into());
         let admin_listen = admin_text.parse().unwrap_or_else(|_| {
             v.problem(
@@ -386,6 +427,7 @@ impl Config {
             log,
             admin_listen,
             limits,
+            sds,
         })
     }
 }
@@ -401,6 +443,47 @@ impl Validator<'_> {
     fn problem(&mut self, key: &str, message: impl fmt::Display) {
         self.problems
             .push(format!("{}: {key}: {message}", self.file));
+    }
+
+    fn sds(&mut self, raw: RawSds) -> SdsConfig {
+        if let Some(url) = &raw.base_url
+            && (!url.starts_with("https://") || url.parse::<http::Uri>().is_err())
+        {
+            self.problem("sds.base_url", format_args!("{url:?} is not an https URL"));
+        }
+        for ods in raw.systems.iter().chain(&raw.endpoints) {
+            if crate::ids::OdsCode::parse(ods).is_none() {
+                self.problem(
+                    "sds.systems / sds.endpoints",
+                    format_args!("{ods:?} is not an ODS code"),
+                );
+            }
+        }
+        for urn in &raw.interactions {
+            if crate::ids::InteractionId::parse(urn).is_none() {
+                self.problem(
+                    "sds.interactions",
+                    format_args!("{urn:?} is not an interaction URN"),
+                );
+            }
+        }
+        SdsConfig {
+            base_url: raw.base_url.map(|u| u.trim_end_matches('/').to_owned()),
+            api_key_file: raw.api_key_file.map(|p| self.path(p)),
+            ca: raw
+                .ca
+                .unwrap_or_else(|| vec![PathBuf::from("/etc/ssl/certs/ca-certificates.crt")])
+                .into_iter()
+                .map(|p| self.path(p))
+                .collect(),
+            roles: crate::policy::sds::Roles {
+                systems: raw.systems.into_iter().collect(),
+                endpoints: raw.endpoints.into_iter().collect(),
+                interactions: raw.interactions.into_iter().collect(),
+            },
+            timeout: self.duration("sds.timeout", raw.timeout, Duration::from_secs(10)),
+            max_retries: raw.max_retries.unwrap_or(3).min(10),
+        }
     }
 
     fn path(&self, path: PathBuf) -> PathBuf {

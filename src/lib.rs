@@ -12,7 +12,8 @@
 //!   staged closes, graceful drain.
 //! - [`proxy_header`]: the PROXY protocol header (v1 and v2) from a trusted layer-4 balancer.
 //! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
-//! - [`policy`]: policy files, the sled store of generations (`policy::store`), the in-memory snapshot,
+//! - [`policy`]: policy files, the sled store of generations (`policy::store`), the directory built from SDS
+//!   answers (`policy::sds`; fetched live by [`sds_api`]), the in-memory snapshot,
 //!   `check() -> Decision` (checks 5 to 9), the `Permit`, and `explain` for `ssp policy check`.
 //! - [`jwt`]: the consumer's audit token: strict decoding, signatures, validation per GP Connect profile (check 10).
 //! - [`audit`]: the transaction log: record schema, hash chain, group commit, the fsync thread, recovery,
@@ -66,6 +67,7 @@ pub mod outcome;
 pub mod policy;
 pub mod proxy;
 pub mod proxy_header;
+pub mod sds_api;
 pub mod server;
 pub mod ssp;
 pub mod tls;

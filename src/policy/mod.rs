@@ -6,6 +6,7 @@
 //! forwarder takes nothing else: a request that skipped the check cannot be forwarded. This module knows
 //! nothing of HTTP types or sockets.
 
+pub mod sds;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -492,6 +493,20 @@ impl Policy {
 
     pub fn endpoint(&self, asid: &Asid) -> Option<&Endpoint> {
         self.endpoints.get(asid).map(|e| &**e)
+    }
+
+    /// Every accredited system, in ASID order.
+    pub fn systems(&self) -> Vec<&System> {
+        let mut all: Vec<&System> = self.systems.values().collect();
+        all.sort_by(|a, b| a.asid.as_str().cmp(b.asid.as_str()));
+        all
+    }
+
+    /// Every provider endpoint, in ASID order.
+    pub fn endpoints(&self) -> Vec<&Endpoint> {
+        let mut all: Vec<&Endpoint> = self.endpoints.values().map(|e| &**e).collect();
+        all.sort_by(|a, b| a.asid.as_str().cmp(b.asid.as_str()));
+        all
     }
 
     /// Counts of systems, endpoints and agreements, for logs.
