@@ -143,6 +143,18 @@ fn write_crl(
     path
 }
 
+/// `ssp check-config` on a config written for `setup`: exit code, and stdout and stderr together.
+async fn check_config(pki: &Pki, provider: SocketAddr, setup: &Setup) -> (i32, String) {
+    let config = write_config(
+        pki,
+        provider,
+        closed_port().await,
+        "127.0.0.1:0".parse().unwrap(),
+        setup,
+    );
+    ssp_cmd(&["check-config", "--config", config.to_str().unwrap()])
+}
+
 /// A TLS handshake (and for TLS 1.3 the first read, where a refused client certificate shows) with a fresh client
 /// config, so that no session is resumed.
 async fn handshake(pki: &Pki, stem: &str, addr: SocketAddr) -> Result<(), String> {
@@ -340,14 +352,7 @@ async fn an_expired_crl_is_named_and_refuses_handshakes() {
         crl: "certs/stale.crl",
         ..Setup::default()
     };
-    let config = write_config(
-        &pki,
-        provider.addr,
-        closed_port().await,
-        "127.0.0.1:0".parse().unwrap(),
-        &setup,
-    );
-    let (code, text) = ssp_cmd(&["check-config", "--config", config.to_str().unwrap()]);
+    let (code, text) = check_config(&pki, provider.addr, &setup).await;
     assert_eq!(code, 64, "{text}");
     assert!(
         text.contains("stale.crl: CRL expired (nextUpdate 2020-02-01T00:00:00Z)"),
@@ -388,14 +393,7 @@ async fn crl_expired_allow_keeps_serving_loudly() {
         extra_server: "crl_expired = \"allow\"".into(),
         ..Setup::default()
     };
-    let config = write_config(
-        &pki,
-        provider.addr,
-        closed_port().await,
-        "127.0.0.1:0".parse().unwrap(),
-        &setup,
-    );
-    let (code, text) = ssp_cmd(&["check-config", "--config", config.to_str().unwrap()]);
+    let (code, text) = check_config(&pki, provider.addr, &setup).await;
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("warning: server.crl:") && text.contains("server.crl_expired = \"allow\""),
@@ -419,14 +417,7 @@ async fn a_crl_expiring_while_running_is_logged_and_enforced() {
         crl: "certs/short.crl",
         ..Setup::default()
     };
-    let config = write_config(
-        &pki,
-        provider.addr,
-        closed_port().await,
-        "127.0.0.1:0".parse().unwrap(),
-        &setup,
-    );
-    let (code, text) = ssp_cmd(&["check-config", "--config", config.to_str().unwrap()]);
+    let (code, text) = check_config(&pki, provider.addr, &setup).await;
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("is within 24 hours"), "{text}");
     let ssp = Logged::start(&pki, provider.addr, setup).await;
