@@ -26,7 +26,6 @@ listen=127.0.0.1:18443
 # The load benchmark's own config for its batched instance: every check, the JWT, limits.
 SSP_BENCH_ROLE=ssp-config SSP_BENCH_PORT=18443 SSP_BENCH_PROVIDER="127.0.0.1:$port" "$bench" >"$work/ssp.toml"
 endpoint=https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect
-token=$(target/release/ssp dev-token --aud "$endpoint" --scope "organization/*.read")
 
 # Runs ssp under DHAT for $1 requests, its profile to $2; prints the allocation count.
 count() {
@@ -37,6 +36,8 @@ count() {
         --cert "$work/certs/consumer.crt" --key "$work/certs/consumer.key" 2>/dev/null; do
         sleep 0.5
     done
+    # A token lives 300 s (GP Connect): made now, after the slow start under valgrind, not once for both runs.
+    token=$(target/release/ssp dev-token --aud "$endpoint" --scope "organization/*.read")
     args=""
     i=0
     while [ "$i" -lt "$1" ]; do

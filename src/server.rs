@@ -88,7 +88,10 @@ impl Server {
             // hyper's own limits sit above ours, so that a request just over ours reaches the proxy and gets a
             // documented 431 with its audit records; beyond hyper's, hyper answers a bare 431 and closes.
             .max_headers(limits.max_header_count * 2)
-            .max_buf_size((limits.max_header_bytes * 2 + 16 * 1024).max(8192));
+            // At most the limit plus room for the request line and separators: with the default limit this stays
+            // under the 128 KiB after which some clients (curl) stop sending a head and wait, which would leave
+            // them waiting for header_read_timeout instead of getting their 431.
+            .max_buf_size((limits.max_header_bytes + 16 * 1024).max(8192));
         http.http2().timer(TokioTimer::new()).max_header_list_size(
             u32::try_from(limits.max_header_bytes * 2 + 16 * 1024).unwrap_or(u32::MAX),
         );
@@ -385,9 +388,14 @@ impl Connection {
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         let mut closing = false;
+        // Once an idle connection has been asked to close (HTTP/2: GOAWAY and a PING whose answer hyper awaits), a
+        // client that never answers must not keep it: after CLOSE_GRACE with nothing in flight it is dropped.
+        let mut idle_closing = false;
+        let hard_close = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(hard_close);
         let result = loop {
             tokio::select! {
-                result = connection.as_mut() => break result,
+                result = connection.as_mut() => break Some(result),
                 _ = stop.changed(), if !closing => {
                     closing = true;
                     connection.as_mut().graceful_shutdown();
@@ -397,15 +405,25 @@ impl Connection {
                         Some(end) if end <= Instant::now() => {
                             tracing::debug!(conn = self.id, idle_s = idle_timeout.as_secs_f64(), "idle connection closed");
                             closing = true;
+                            idle_closing = true;
+                            hard_close.as_mut().reset(Instant::now() + CLOSE_GRACE);
                             connection.as_mut().graceful_shutdown();
                         }
                         Some(end) => idle.as_mut().reset(end),
                         None => idle.as_mut().reset(Instant::now() + idle_timeout),
                     }
                 }
+                () = hard_close.as_mut(), if idle_closing => {
+                    if activity.idle_until(Duration::ZERO).is_some() {
+                        tracing::debug!(conn = self.id, "closing connection did not finish within its grace; dropped");
+                        break None;
+                    }
+                    // A stream opened before the GOAWAY reached the client is still being served.
+                    hard_close.as_mut().reset(Instant::now() + CLOSE_GRACE);
+                }
             }
         };
-        if let Err(e) = result {
+        if let Some(Err(e)) = result {
             tracing::debug!(conn = self.id, error = %e, "connection ended with an error");
         }
     }
@@ -492,18 +510,24 @@ impl<B: Body<Data = Bytes>> Body for Tracked<B> {
 // ---------------------------------------------------------------------------------------------------------------
 // The staged close (RFC 9112 section 9.6).
 
-/// Longest a closing connection keeps reading and discarding what the client still sends.
-pub const LINGER_TIME: Duration = Duration::from_secs(2);
+/// Longest a closing connection keeps reading and discarding what the client still sends (nginx's
+/// `lingering_time` is the same): a refused upload on a slow link still gets its answer.
+pub const LINGER_TIME: Duration = Duration::from_secs(30);
+/// Longest a closing connection waits for the client's next bytes (nginx's `lingering_timeout`).
+pub const LINGER_IDLE: Duration = Duration::from_secs(5);
 /// Most bytes a closing connection reads and discards.
-pub const LINGER_BYTES: u64 = 16 * 1024 * 1024;
+pub const LINGER_BYTES: u64 = 256 * 1024 * 1024;
+/// How long an idle connection asked to close may take to finish (an HTTP/2 client answering the GOAWAY's PING)
+/// before it is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Closes a connection ssp is ending in stages, so that the answer (or TLS alert) already written reaches the
 /// client: shut down the write side, read and discard what the client still sends for at most [`LINGER_TIME`]
-/// and [`LINGER_BYTES`], then close. Closing at once with unread bytes in the receive buffer would make the kernel
+/// and [`LINGER_BYTES`] (and [`LINGER_IDLE`] between reads), then close. Closing at once with unread bytes in the receive buffer would make the kernel
 /// send a reset, which can destroy the answer in flight. The connection's guard is held until the end.
 async fn close_in_stages(mut tcp: TcpStream, guard: ConnGuard, deadline: Instant) {
-    // A second shutdown of the write side (after TLS's own) is harmless.
-    let _ = tcp.shutdown().await;
+    // A second shutdown of the write side (after TLS's own) is harmless; the first waits for nothing.
+    let _ = tokio::time::timeout(LINGER_IDLE, tcp.shutdown()).await;
     drain_until(&mut tcp, deadline).await;
     drop(tcp);
     drop(guard);
@@ -513,7 +537,8 @@ async fn close_in_stages(mut tcp: TcpStream, guard: ConnGuard, deadline: Instant
 /// same deadline), then go on at the TCP level, where the client's remaining records are discarded unread.
 async fn close_tls_in_stages(mut tls: TlsStream<TcpStream>, guard: ConnGuard) {
     let deadline = Instant::now() + LINGER_TIME;
-    let _ = tokio::time::timeout_at(deadline, tls.shutdown()).await;
+    // A client that reads nothing cannot hold the close_notify's flush for longer than the idle bound.
+    let _ = tokio::time::timeout(LINGER_IDLE, tls.shutdown()).await;
     let (tcp, _) = tls.into_inner();
     close_in_stages(tcp, guard, deadline).await;
 }
@@ -523,7 +548,8 @@ async fn drain_until<S: AsyncRead + Unpin>(stream: &mut S, deadline: Instant) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut seen = 0u64;
     while seen <= LINGER_BYTES {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+        let next = deadline.min(Instant::now() + LINGER_IDLE);
+        match tokio::time::timeout_at(next, stream.read(&mut buf)).await {
             Ok(Ok(n @ 1..)) => seen += n as u64,
             ended => {
                 tracing::debug!(drained = seen, ?ended, "staged close ended");

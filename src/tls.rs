@@ -115,9 +115,12 @@ impl Collect {
     }
 }
 
-/// Most bytes of CA names one CertificateRequest can carry: the `certificate_authorities` list has a 16-bit length
-/// (RFC 8446 section 4.2.4, RFC 5246 section 7.4.4), each name with its own 2-byte length.
-pub const MAX_CA_HINT_BYTES: usize = 65_535;
+/// Most bytes of CA names (each with its 2-byte length) sent in a CertificateRequest: 60 KiB. The names list has
+/// a 16-bit length (RFC 5246 section 7.4.4); in TLS 1.3 it sits inside the message's extensions block, whose 16-bit
+/// length also covers the extension headers and `signature_algorithms` (RFC 8446 section 4.3.2), and clients
+/// built on rustls buffer a whole handshake flight (this message, the server's certificate, its signature) in
+/// 64 KiB. 4 KiB are left for all of that.
+pub const MAX_CA_HINT_BYTES: usize = 60 * 1024;
 
 /// Bytes the names of `roots` take in a CertificateRequest.
 fn ca_hint_bytes(roots: &RootCertStore) -> usize {
@@ -146,8 +149,8 @@ pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Pr
     if cfg.client_ca_hints && hint_bytes > MAX_CA_HINT_BYTES {
         return Err(Problems::one(format!(
             "server.client_ca: the names of its {} CAs take {hint_bytes} bytes in each CertificateRequest, more \
-             than one TLS message can carry ({MAX_CA_HINT_BYTES}): every handshake would fail; use fewer CAs or set \
-             server.client_ca_hints = false",
+             than fits in one with room for the rest of the handshake ({MAX_CA_HINT_BYTES}): handshakes would fail; \
+             use fewer CAs or set server.client_ca_hints = false",
             roots.len()
         )));
     }

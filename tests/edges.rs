@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
+use rustls_pki_types::pem::PemObject;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -277,6 +278,54 @@ async fn silent_connections_are_closed_and_do_not_lock_others_out() {
     }
 }
 
+/// An HTTP/2 client that sends its preface and SETTINGS, then nothing (it never acknowledges, never answers the
+/// GOAWAY's PING): dropped 5 s after its idle GOAWAY, so three of them cannot hold `max_connections = 3`.
+#[tokio::test]
+async fn a_silent_http2_client_is_dropped_after_its_goaway() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve_setup(
+        &pki,
+        provider.addr,
+        &Setup {
+            max_connections: 3,
+            extra_server: "http2_idle_timeout = \"2s\"".into(),
+            ..Setup::default()
+        },
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let h2 = Consumer::new(&pki, Some("consumer"), served.addr, true);
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        let mut tls = h2.tls().await;
+        // The connection preface, then an empty SETTINGS frame (RFC 9113 section 3.4).
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        tls.flush().await.unwrap();
+        silent.push(tls);
+    }
+    let url = endpoint_url(provider.addr);
+    let req = ssp_request(Method::GET, &format!("/{url}/fhir/metadata"), METADATA)
+        .body(empty())
+        .unwrap();
+    let h1 = Consumer::new(&pki, Some("consumer"), served.addr, false);
+    let answer = within("fourth consumer", h1.fetch(req)).await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    for mut tls in silent {
+        let (got, _) = within("dropped", read_to_close(&mut tls)).await;
+        assert!(!got.is_empty(), "no GOAWAY or SETTINGS before the close");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(6) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+}
+
 /// Between requests an HTTP/1.1 keep-alive connection is bounded by `header_read_timeout`; an HTTP/2 connection
 /// with no open stream by `http2_idle_timeout` (GOAWAY, then close).
 #[tokio::test]
@@ -443,10 +492,17 @@ async fn a_refused_upload_gets_its_answer_not_a_reset() {
     let served = serve(&pki, provider.addr).await;
     let url = endpoint_url(provider.addr);
     let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
-    for (round, size) in [1usize << 20, 5 << 20, 1 << 20, 5 << 20, 5 << 20]
-        .into_iter()
-        .enumerate()
-    {
+    // (size, pause between 64 KiB chunks): at full speed, and on a slow link (3 MiB at about 1 MiB/s, longer than
+    // the first version's 2 s discard bound).
+    let rounds = [
+        (1usize << 20, 0u64),
+        (5 << 20, 0),
+        (1 << 20, 0),
+        (5 << 20, 0),
+        (5 << 20, 0),
+        (3 << 20, 60),
+    ];
+    for (round, (size, pause_ms)) in rounds.into_iter().enumerate() {
         let tls = consumer.tls().await;
         // Check 6 refuses: this interaction is not one the sender is accredited for.
         let path = format!("/{url}/fhir/Appointment/1");
@@ -464,6 +520,10 @@ async fn a_refused_upload_gets_its_answer_not_a_reset() {
             let chunk = vec![b'x'; 64 * 1024];
             for _ in 0..size / chunk.len() {
                 tls.write_all(&chunk).await?;
+                if pause_ms > 0 {
+                    tls.flush().await?;
+                    tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                }
             }
             tls.flush().await
         })
@@ -494,7 +554,8 @@ async fn a_refused_upload_gets_its_answer_not_a_reset() {
     }
 }
 
-/// A 200 KB (and a 1 MB) `Authorization` field: 431 with `Connection: close`, delivered before the close.
+/// A 200 KB (and a 1 MB) `Authorization` field: 431 with `Connection: close`, delivered before the close; also
+/// to curl, which sends only the first 128 KiB of such a head and then waits for an answer.
 #[tokio::test]
 async fn a_huge_request_head_gets_431() {
     let pki = Pki::generate();
@@ -518,6 +579,50 @@ async fn a_huge_request_head_gets_431() {
         assert!(answer.contains("connection: close"), "{answer}");
         let _ = within("writer", writer).await;
     }
+    let header = pki.dir.path().join("big-header.txt");
+    std::fs::write(
+        &header,
+        format!("Authorization: Bearer {}\n", "a".repeat(200_000)),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http1.1",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+        ])
+        .arg(pki.path("ca.crt"))
+        .arg("--cert")
+        .arg(pki.path("consumer.crt"))
+        .arg("--key")
+        .arg(pki.path("consumer.key"))
+        .arg("-H")
+        .arg(format!("@{}", header.display()))
+        .arg(format!(
+            "https://127.0.0.1:{}/https://x/gp",
+            served.addr.port()
+        ))
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        code,
+        "431",
+        "curl: {code} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -847,6 +952,121 @@ async fn client_ca_names_too_large_for_one_message_are_refused_or_not_sent() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The window just under 64 KiB of names: names that fit the 16-bit list but not TLS 1.3's extensions block (where
+/// rustls would panic on every handshake) or a rustls client's 64 KiB flight buffer are refused; names just under
+/// ssp's bound complete a TLS 1.3 handshake with a rustls client.
+#[tokio::test]
+async fn client_ca_names_near_the_limit() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let dn_bytes = |pem: &str| -> usize {
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        2 + x509.subject().as_raw().len()
+    };
+    let dev_ca = std::fs::read_to_string(pki.path("ca.crt")).unwrap();
+    let padding = "y".repeat(200);
+    let mut extra: Vec<String> = Vec::new();
+    let (mut fits, mut window) = (None, None);
+    let mut total = dn_bytes(&dev_ca);
+    for i in 0.. {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("window CA {i} {padding}"),
+        );
+        let pem = params
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem();
+        let size = dn_bytes(&pem);
+        if fits.is_none() && total + size > ssp::tls::MAX_CA_HINT_BYTES {
+            fits = Some((dev_ca.clone() + extra.concat().as_str(), total));
+        }
+        extra.push(pem);
+        total += size;
+        if window.is_none() && total > ssp::tls::MAX_CA_HINT_BYTES {
+            window = Some((dev_ca.clone() + extra.concat().as_str(), total));
+        }
+        // The size that made rustls panic in TLS 1.3: within the 16-bit list, not within the extensions block.
+        if total > 65_100 {
+            break;
+        }
+    }
+    let panics = (dev_ca.clone() + extra.concat().as_str(), total);
+    let (fits, fits_total) = fits.unwrap();
+    let (window, window_total) = window.unwrap();
+    assert!(
+        fits_total > 61_000 && window_total < 62_000,
+        "{fits_total} {window_total}"
+    );
+    assert!(panics.1 <= 65_535, "{}", panics.1);
+    let with_bundle = |name: &str, bundle: &str| {
+        std::fs::write(pki.path(name), bundle).unwrap();
+        let config = pki.dir.path().join("ssp.toml");
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "client_ca = [\"certs/ca.crt\"]",
+            &format!("client_ca = [\"certs/{name}\"]"),
+        );
+        std::fs::write(&config, text).unwrap();
+        config
+    };
+    write_config(
+        &pki,
+        provider.addr,
+        closed_port().await,
+        "127.0.0.1:0".parse().unwrap(),
+        &Setup::default(),
+    );
+    for (name, (bundle, bytes)) in [
+        ("window.crt", (window, window_total)),
+        ("panics.crt", panics),
+    ] {
+        write_config(
+            &pki,
+            provider.addr,
+            closed_port().await,
+            "127.0.0.1:0".parse().unwrap(),
+            &Setup::default(),
+        );
+        let config = with_bundle(name, &bundle);
+        let (code, text) = ssp_cmd(&["check-config", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 64, "{bytes} bytes: {text}");
+        assert!(text.contains(&format!("take {bytes} bytes")), "{text}");
+    }
+
+    // Just under the bound: served, and a TLS 1.3 handshake asks for a certificate and completes.
+    let addr = closed_port().await;
+    write_config(
+        &pki,
+        provider.addr,
+        closed_port().await,
+        addr,
+        &Setup::default(),
+    );
+    let config = with_bundle("fits.crt", &fits);
+    let (code, text) = ssp_cmd(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{fits_total} bytes: {text}");
+    let mut child = std::process::Command::new(ssp_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + STEP;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = handshake(&pki, "consumer", addr).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    // The request itself is refused (check 3: no such target), but only after a completed handshake.
+    assert!(got.is_ok(), "{fits_total} bytes of names: {got:?}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -374,17 +374,32 @@ async fn slowloris_is_cut_off_while_others_are_served() {
     let consumer = w.consumer("consumer");
     let mut tls = within("tls", consumer.tls()).await;
     let mut silent_tcp = tokio::net::TcpStream::connect(w.proxy.addr).await.unwrap();
+    // The cut is when the proxy closes its side (close_notify, then EOF on the dribbler's read half): it then
+    // discards what still arrives for a bounded time (the staged close), so the dribbler's writes may go on
+    // succeeding for a while after it.
     let dribble = tokio::spawn(async move {
         let started = Instant::now();
         let head = format!(
             "GET /https://x HTTP/1.1\r\nHost: ssp\r\nX-Slow: {}",
             "s".repeat(100)
         );
-        for byte in head.as_bytes() {
-            if tls.write_all(&[*byte]).await.is_err() || tls.flush().await.is_err() {
-                return started.elapsed();
+        let (mut read, mut write) = tokio::io::split(tls);
+        let cut = async {
+            let mut buf = [0u8; 1024];
+            while matches!(read.read(&mut buf).await, Ok(1..)) {}
+        };
+        let writes = async {
+            for byte in head.as_bytes() {
+                if write.write_all(&[*byte]).await.is_err() || write.flush().await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = cut => {}
+            () = writes => {}
         }
         started.elapsed()
     });
