@@ -372,7 +372,7 @@ async fn slowloris_is_cut_off_while_others_are_served() {
     })
     .await;
     let consumer = w.consumer("consumer");
-    let mut tls = within("tls", consumer.tls()).await;
+    let tls = within("tls", consumer.tls()).await;
     let mut silent_tcp = tokio::net::TcpStream::connect(w.proxy.addr).await.unwrap();
     // The cut is when the proxy closes its side (close_notify, then EOF on the dribbler's read half): it then
     // discards what still arrives for a bounded time (the staged close), so the dribbler's writes may go on
