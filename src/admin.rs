@@ -28,8 +28,14 @@ pub struct Health {
 /// Serves the admin endpoints until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of descriptors and the like: back off rather than spin, as the consumer listener does.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let (metrics, health) = (Arc::clone(&metrics), Arc::clone(&health));
         tokio::spawn(async move {
