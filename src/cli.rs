@@ -578,6 +578,11 @@ fn policy_sds(
         &crate::policy::Source::from_files(vec![("sds.toml".into(), directory.text.clone())]),
         0,
     ) {
+        // Only systems and endpoints come from SDS: anything else in the text is a bug or an injection.
+        Ok(p) if p.counts().2 != 0 => {
+            eprintln!("the directory built from SDS holds agreements; refused");
+            return exit::NEGATIVE;
+        }
         Ok(p) => p,
         Err(problems) => {
             eprintln!("the directory built from SDS does not compile as a policy:");

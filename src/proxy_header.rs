@@ -23,7 +23,8 @@ pub const MAX_V2_LENGTH: usize = 4096;
 /// What a valid header says about the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyHeader {
-    /// A relayed connection (v1 `TCP4`/`TCP6`, v2 `PROXY` over IPv4 or IPv6): the consumer's address.
+    /// A relayed connection (v1 `TCP4`/`TCP6`, v2 `PROXY` over IPv4 or IPv6): the consumer's address (an
+    /// IPv4-mapped IPv6 address as the IPv4 address it is, as `Forwarded` writes it).
     Relayed(SocketAddr),
     /// The balancer speaking for itself (v2 `LOCAL`, as in health checks; v1 `UNKNOWN`; v2 `PROXY` with an
     /// unspecified or UNIX family): the connection's own address stands (spec section 2.2).
@@ -114,9 +115,10 @@ async fn read_v1<S: AsyncRead + Unpin>(
         ppp::v1::Addresses::Tcp4(a) => {
             ProxyHeader::Relayed(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port))
         }
-        ppp::v1::Addresses::Tcp6(a) => {
-            ProxyHeader::Relayed(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port))
-        }
+        ppp::v1::Addresses::Tcp6(a) => ProxyHeader::Relayed(SocketAddr::new(
+            IpAddr::V6(a.source_address).to_canonical(),
+            a.source_port,
+        )),
         ppp::v1::Addresses::Unknown => ProxyHeader::Local,
     })
 }
@@ -159,9 +161,9 @@ async fn read_v2<S: AsyncRead + Unpin>(
         (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => {
             ProxyHeader::Relayed(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port))
         }
-        (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => {
-            ProxyHeader::Relayed(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port))
-        }
+        (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => ProxyHeader::Relayed(
+            SocketAddr::new(IpAddr::V6(a.source_address).to_canonical(), a.source_port),
+        ),
         (ppp::v2::Command::Proxy, _) => ProxyHeader::Local,
     })
 }

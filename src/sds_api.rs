@@ -149,12 +149,20 @@ impl Client {
             (Some(a), Some(b)) => a.as_str().eq_ignore_ascii_case(b.as_str()),
             _ => false,
         };
-        if uri.scheme_str() != Some("https")
-            || !same_authority
-            || !uri
-                .path()
-                .starts_with(self.base.path().trim_end_matches('/'))
-        {
+        let base_path = self.base.path().trim_end_matches('/');
+        let path = uri.path();
+        let under_base = path == base_path
+            || path
+                .strip_prefix(base_path)
+                .is_some_and(|rest| rest.starts_with('/'));
+        // No dot segments, encoded dots or separators: the path is compared as text, so it must mean what it says.
+        let lower = path.to_ascii_lowercase();
+        let plain = !path.split('/').any(|seg| seg == "." || seg == "..")
+            && !lower.contains("%2e")
+            && !lower.contains("%2f")
+            && !lower.contains("%5c")
+            && !path.contains('\\');
+        if uri.scheme_str() != Some("https") || !same_authority || !under_base || !plain {
             return Err(format!(
                 "{from}: next link {next:?} leaves the SDS base URL {}",
                 self.base_text
@@ -251,7 +259,7 @@ fn check_content_type(url: &str, value: Option<&http::HeaderValue>) -> Result<()
     for param in parts {
         if let Some((name, version)) = param.split_once('=')
             && name.trim().eq_ignore_ascii_case("fhirVersion")
-            && !version.trim().trim_matches('"').starts_with("4.0")
+            && !matches!(version.trim().trim_matches('"'), v if v == "4.0" || v.starts_with("4.0."))
         {
             return Err(format!("{url}: answer is FHIR {version}, not R4 (4.0)"));
         }
@@ -319,6 +327,12 @@ mod tests {
         );
         assert!(
             check_content_type("u", v("application/fhir+json; fhirVersion=3.0").as_ref()).is_err()
+        );
+        assert!(
+            check_content_type("u", v("application/fhir+json; fhirVersion=4.0.1").as_ref()).is_ok()
+        );
+        assert!(
+            check_content_type("u", v("application/fhir+json; fhirVersion=4.01").as_ref()).is_err()
         );
         assert!(check_content_type("u", v("text/html").as_ref()).is_err());
         assert!(check_content_type("u", None).is_err());

@@ -309,6 +309,59 @@ async fn bad_answers_are_named_and_nothing_is_written() {
             "party key B82617-5: Endpoint e-5 has no Device",
         ),
         (
+            "id that would end its comment",
+            vec![device(
+                "X\n[[agreement]]\nid = \"INJECTED\"\nfrom = \"918999190002\"\nto = \"918999190002\"\n#",
+                Some("918999190008"),
+                "B82617-8",
+                "B82617",
+                &[METADATA],
+            )],
+            "is not a FHIR id (letters, digits, - and ., at most 64)",
+        ),
+        (
+            "address the policy would refuse",
+            vec![
+                device(
+                    "d-9",
+                    Some("918999190009"),
+                    "B82617-9",
+                    "B82617",
+                    &[METADATA],
+                ),
+                endpoint(
+                    "e-9",
+                    "B82617-9",
+                    "https://user@gp.example.nhs.uk/fhir",
+                    "gp.example.nhs.uk",
+                    "B82617",
+                    METADATA,
+                ),
+            ],
+            "Endpoint e-9: address \"https://user@gp.example.nhs.uk/fhir\" is not a URL the policy accepts",
+        ),
+        (
+            "Endpoint of another organisation",
+            vec![
+                device(
+                    "d-10",
+                    Some("918999190010"),
+                    "B82617-10",
+                    "B82617",
+                    &[METADATA],
+                ),
+                endpoint(
+                    "e-10",
+                    "B82617-10",
+                    "https://gp.example.nhs.uk/fhir",
+                    "gp.example.nhs.uk",
+                    "RXX01",
+                    METADATA,
+                ),
+            ],
+            "party key B82617-10: Device d-10 (ASID 918999190010) belongs to ODS B82617 but its Endpoint e-10 to ODS RXX01",
+        ),
+        (
             "malformed interaction",
             vec![device(
                 "d-6",
@@ -343,6 +396,7 @@ async fn bad_answers_are_named_and_nothing_is_written() {
         assert_eq!(code, 1, "{name}: {stderr}");
         assert!(stderr.contains(message), "{name}: {stderr}");
         let written = std::fs::read_to_string(&out).unwrap();
+        assert!(!written.contains("[[agreement]]"), "{name}: {written}");
         assert!(
             written.contains("asid = \"918999190002\""),
             "{name}: {written}"
@@ -528,7 +582,10 @@ fn answer(
     // Page links point at this server (or, for the hostile case, elsewhere).
     for link in bundle["link"].as_array_mut().unwrap() {
         if link["relation"] == "next" {
-            link["url"] = json!(hostile_next.clone().unwrap_or_else(|| format!(
+            let hostile_next = hostile_next
+                .clone()
+                .map(|h| h.replace("PLACEHOLDER", &format!("https://localhost:{}", addr.port())));
+            link["url"] = json!(hostile_next.unwrap_or_else(|| format!(
                 "{base}/Endpoint?organization={ODS_SYSTEM}%7CB82617&identifier={INTERACTION_SYSTEM}%7C{METADATA}&_page=2"
             )));
         }
@@ -616,6 +673,31 @@ async fn live_answers_leaving_the_base_url_or_not_r4_are_refused() {
         .unwrap();
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("leaves the SDS base URL"), "{stderr}");
+
+    // Same host, but out of the base path: dot segments, encoded dots, a sibling path sharing the prefix.
+    for hostile in [
+        "/FHIR/R4/../../admin/steal",
+        "/FHIR/R4evil/x",
+        "/FHIR/R4/%2e%2e/admin",
+    ] {
+        let pki = Pki::generate();
+        let (addr, seen) = sds_server(&pki, Some(format!("PLACEHOLDER{hostile}")), "4.0").await;
+        let config = live_config(&pki, addr).await;
+        let (code, _, stderr) = tokio::task::spawn_blocking(move || run(&config, &[]))
+            .await
+            .unwrap();
+        assert_eq!(code, 1, "{hostile}: {stderr}");
+        assert!(
+            stderr.contains("leaves the SDS base URL"),
+            "{hostile}: {stderr}"
+        );
+        let followed = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(pq, _)| pq.contains("admin") || pq.contains("evil"));
+        assert!(!followed, "{hostile}: followed");
+    }
 
     let pki = Pki::generate();
     let (addr, _) = sds_server(&pki, None, "3.0").await;

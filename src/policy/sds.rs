@@ -203,6 +203,41 @@ pub struct Directory {
     pub endpoints: usize,
 }
 
+/// A FHIR resource id (R4 `id` datatype: `[A-Za-z0-9\-\.]{1,64}`): it goes into comments of the policy file, so
+/// anything else is refused.
+fn resource_id(id: Option<&str>, kind: &str, origin: &str) -> Result<String, String> {
+    match id {
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') =>
+        {
+            Ok(id.to_owned())
+        }
+        Some(id) => Err(format!(
+            "{origin}: {kind} id {:?} is not a FHIR id (letters, digits, - and ., at most 64)",
+            id.chars().take(80).collect::<String>()
+        )),
+        None => Err(format!("{origin}: {kind} without an id")),
+    }
+}
+
+/// Text for a comment line of the policy file: printable ASCII only, so that nothing from an answer or a file name
+/// can end the comment and become policy.
+fn comment_text(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
 fn bounded(s: &str) -> Option<String> {
     (!s.is_empty() && s.len() <= MAX_FIELD).then(|| s.to_owned())
 }
@@ -248,16 +283,19 @@ fn interaction(value: &str, what: &str) -> Result<String, String> {
 fn read_device(value: &serde_json::Value, origin: &str) -> Result<Device, String> {
     let raw: DeviceResource =
         serde_json::from_value(value.clone()).map_err(|e| format!("{origin}: Device: {e}"))?;
-    let id = raw.id.as_deref().unwrap_or("(no id)");
+    let id = resource_id(raw.id.as_deref(), "Device", origin)?;
+    let id = id.as_str();
     let what = format!("{origin}: Device {id}");
     let asid = one(&raw.identifier, ASID_SYSTEM, &what, "ASID")?;
     if Asid::parse(&asid).is_none() {
         return Err(format!("{what}: ASID {asid:?} is not 1 to 20 digits"));
     }
     let party_key = one(&raw.identifier, PARTY_KEY_SYSTEM, &what, "party key")?;
-    let ods = ods_of(raw.owner.as_ref()).ok_or_else(|| {
-        format!("{what}: no owner ODS code (owner.identifier system {ODS_SYSTEM})")
-    })?;
+    // ODS codes are upper case; SDS is not trusted to write them so.
+    let ods = ods_of(raw.owner.as_ref())
+        .ok_or_else(|| format!("{what}: no owner ODS code (owner.identifier system {ODS_SYSTEM})"))?
+        .to_ascii_uppercase();
+    let ods = ods.as_str();
     if OdsCode::parse(ods).is_none() {
         return Err(format!("{what}: owner ODS code {ods:?} is not an ODS code"));
     }
@@ -285,7 +323,8 @@ fn read_device(value: &serde_json::Value, origin: &str) -> Result<Device, String
 fn read_endpoint(value: &serde_json::Value, origin: &str) -> Result<Mhs, String> {
     let raw: EndpointResource =
         serde_json::from_value(value.clone()).map_err(|e| format!("{origin}: Endpoint: {e}"))?;
-    let id = raw.id.as_deref().unwrap_or("(no id)");
+    let id = resource_id(raw.id.as_deref(), "Endpoint", origin)?;
+    let id = id.as_str();
     let what = format!("{origin}: Endpoint {id}");
     let party_key = one(&raw.identifier, PARTY_KEY_SYSTEM, &what, "party key")?;
     let address = raw
@@ -330,7 +369,7 @@ fn read_endpoint(value: &serde_json::Value, origin: &str) -> Result<Mhs, String>
         address,
         fqdn,
         cpa_id,
-        ods: ods_of(raw.managing_organization.as_ref()).map(str::to_owned),
+        ods: ods_of(raw.managing_organization.as_ref()).map(str::to_ascii_uppercase),
         interactions,
     })
 }
@@ -347,6 +386,12 @@ pub fn normalise_address(address: &str) -> Result<String, &'static str> {
     let trimmed = address.trim_end_matches('/');
     if trimmed.len() <= "https://".len() {
         return Err("has no host");
+    }
+    // What the policy compiler will require of an endpoint url (check 3's parser), checked here per entry.
+    if crate::ssp::Target::parse(trimmed).is_err() {
+        return Err(
+            "is not a URL the policy accepts (userinfo, port, dot segments, encoded separators, host)",
+        );
     }
     Ok(trimmed.to_owned())
 }
@@ -418,7 +463,8 @@ pub fn build(pages: &[Page], roles: &Roles, source_note: &str, fetched: Option<&
     let _ = writeln!(
         text,
         "# Directory from the Spine Directory Service, written by `ssp policy sds`: do not edit by hand.\n\
-         # {source_note}\n# Agreements stay hand-written, in files of their own."
+         # {}\n# Agreements stay hand-written, in files of their own.",
+        comment_text(source_note)
     );
     let (mut systems, mut endpoints) = (0, 0);
     for device in devices.values() {
@@ -430,6 +476,17 @@ pub fn build(pages: &[Page], roles: &Roles, source_note: &str, fetched: Option<&
             ));
             continue;
         };
+        if let Some(ods) = &m.ods
+            && *ods != device.ods
+        {
+            problems.push(format!(
+                "party key {}: {what} belongs to ODS {} but its Endpoint {} to ODS {ods}",
+                device.party_key,
+                device.ods,
+                join(&m.ids)
+            ));
+            continue;
+        }
         let when = match fetched {
             Some(at) => format!("fetched {at}"),
             None => format!(
@@ -437,11 +494,11 @@ pub fn build(pages: &[Page], roles: &Roles, source_note: &str, fetched: Option<&
                 join(&device.origins.union(&m.origins).cloned().collect())
             ),
         };
-        let sources = format!(
+        let sources = comment_text(&format!(
             "SDS Device {}; Endpoint {}; {when}",
             join(&device.ids),
             join(&m.ids)
-        );
+        ));
         let name = device
             .name
             .clone()
@@ -454,6 +511,10 @@ pub fn build(pages: &[Page], roles: &Roles, source_note: &str, fetched: Option<&
                     join(&m.ids)
                 )),
                 (_, true) => problems.push(format!("{what}: none of the interactions asked for")),
+                (Some(fqdn), false) if !is_host_name(fqdn) => problems.push(format!(
+                    "{what}: its Endpoint {} has FQDN {fqdn:?}, not a host name",
+                    join(&m.ids)
+                )),
                 (Some(fqdn), false) => {
                     let _ = write!(
                         text,
@@ -506,6 +567,13 @@ pub fn build(pages: &[Page], roles: &Roles, source_note: &str, fetched: Option<&
         systems,
         endpoints,
     }
+}
+
+/// A host name as the policy compiler takes an `fqdn`: the authority of `https://<name>`, with no port or IP-literal
+/// brackets.
+fn is_host_name(name: &str) -> bool {
+    crate::ssp::Target::parse(&format!("https://{name}"))
+        .is_ok_and(|t| t.authority() == name && !name.contains([':', '[']))
 }
 
 fn merge_device(

@@ -31,7 +31,7 @@ const CLIENT_HELLO: &[u8] = b"\x16\x03\x01\x00\x05hello";
 
 #[tokio::test]
 async fn version_1_tcp4_tcp6_and_unknown() {
-    let cases: [(&[u8], ProxyHeader); 3] = [
+    let cases: [(&[u8], ProxyHeader); 4] = [
         (
             b"PROXY TCP4 192.0.2.1 198.51.100.2 51234 8443\r\n",
             ProxyHeader::Relayed("192.0.2.1:51234".parse().unwrap()),
@@ -41,6 +41,11 @@ async fn version_1_tcp4_tcp6_and_unknown() {
             ProxyHeader::Relayed("[2001:db8::1]:51234".parse().unwrap()),
         ),
         (b"PROXY UNKNOWN\r\n", ProxyHeader::Local),
+        // An IPv4-mapped IPv6 source is the IPv4 address, as Forwarded and X-Forwarded-For write it.
+        (
+            b"PROXY TCP6 ::ffff:192.0.2.9 ::1 51234 8443\r\n",
+            ProxyHeader::Relayed("192.0.2.9:51234".parse().unwrap()),
+        ),
     ];
     for (header, expected) in cases {
         let input = [header, CLIENT_HELLO].concat();
