@@ -300,7 +300,8 @@ impl Upstream {
         self.body_idle_timeout
     }
 
-    /// Sends a permitted request to its target and waits for the response headers, at most `response_timeout`
+    /// Sends a permitted request (its headers normalised by [`normalize_request_headers`], as the pipeline does
+    /// before the checks) to its target and waits for the response headers, at most `response_timeout`
     /// (retry included). Dropping the returned future (the consumer went away) cancels the upstream exchange.
     ///
     /// The retry rule (RFC 9110 section 9.2.2): a request with an idempotent method and no body that fails on a
@@ -467,12 +468,12 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Applies DESIGN.md 1.5 to a request's headers: hop-by-hop removed, `Host` set to the target authority,
-/// `Forwarded` and `X-Forwarded-For` appended; every other header (the `Ssp-*` ones, `Authorization`) unchanged.
-/// Every request passes here: the two values are written into one reused buffer.
+/// Applies the rest of DESIGN.md 1.5 to headers already normalised by [`normalize_request_headers`] (which the
+/// pipeline does before the checks, so hop-by-hop fields are not looked for twice): `Host` set to the target
+/// authority, `Forwarded` and `X-Forwarded-For` appended; every other header (the `Ssp-*` ones, `Authorization`)
+/// unchanged. Every request passes here: the two values are written into one reused buffer.
 pub fn rewrite_request_headers(headers: &mut HeaderMap, authority: &str, client_addr: SocketAddr) {
     use std::fmt::Write;
-    strip_hop_by_hop(headers);
     if let Ok(host) = HeaderValue::from_str(authority) {
         headers.insert(header::HOST, host);
     }
@@ -830,6 +831,7 @@ mod tests {
         );
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        normalize_request_headers(&mut h, Version::HTTP_11);
         rewrite_request_headers(
             &mut h,
             "provider.example:9443",

@@ -281,8 +281,7 @@ fn interaction(value: &str, what: &str) -> Result<String, String> {
 }
 
 fn read_device(value: &serde_json::Value, origin: &str) -> Result<Device, String> {
-    let raw: DeviceResource =
-        serde_json::from_value(value.clone()).map_err(|e| format!("{origin}: Device: {e}"))?;
+    let raw = DeviceResource::deserialize(value).map_err(|e| format!("{origin}: Device: {e}"))?;
     let id = resource_id(raw.id.as_deref(), "Device", origin)?;
     let id = id.as_str();
     let what = format!("{origin}: Device {id}");
@@ -321,8 +320,8 @@ fn read_device(value: &serde_json::Value, origin: &str) -> Result<Device, String
 }
 
 fn read_endpoint(value: &serde_json::Value, origin: &str) -> Result<Mhs, String> {
-    let raw: EndpointResource =
-        serde_json::from_value(value.clone()).map_err(|e| format!("{origin}: Endpoint: {e}"))?;
+    let raw =
+        EndpointResource::deserialize(value).map_err(|e| format!("{origin}: Endpoint: {e}"))?;
     let id = resource_id(raw.id.as_deref(), "Endpoint", origin)?;
     let id = id.as_str();
     let what = format!("{origin}: Endpoint {id}");
