@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, Problems};
 use crate::forward::Upstream;
@@ -74,9 +73,10 @@ pub fn check(config: &Config) -> Checked {
     problems.extend(audit_dir_problem(config));
     let (expired, mut warnings) = expiry_report(config);
     problems.extend(expired);
-    let (stale_crls, crl_warnings) = tls::crl_report(&config.server, tls::unix_now());
-    problems.extend(stale_crls);
-    warnings.extend(crl_warnings);
+    let crls = tls::crl_report(&config.server, crate::ids::unix_now());
+    problems.extend(crls.refused);
+    warnings.extend(crls.trusted_stale);
+    warnings.extend(crls.expiring);
     Checked {
         problems,
         warnings,
@@ -132,9 +132,7 @@ pub fn start_policy(config: &Config) -> Result<Policy, Problems> {
 
 /// Certificates named by the config that have expired (a problem) or expire within 30 days (a warning).
 pub fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = crate::ids::unix_now();
     let mut expired = Vec::new();
     let mut soon = Vec::new();
     for cert in certificate_files(config) {

@@ -642,9 +642,7 @@ impl Proxy {
         let Some((mode, validator)) = &self.jwt else {
             return Ok(None);
         };
-        let now = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now = crate::ids::unix_now();
         let expect = Expect {
             endpoint_url: &permit.endpoint().url,
             interaction: &permit.request().headers.interaction,

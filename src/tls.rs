@@ -223,10 +223,21 @@ pub fn crl_files(cfg: &ServerConfig) -> Vec<CrlFile> {
 /// Seconds in the window before a CRL's nextUpdate in which `check-config` and the proxy warn.
 pub const CRL_WARN_WINDOW_S: i64 = 86_400;
 
-/// What is wrong with the CRLs at `now` (Unix seconds): `(problems, warnings)`. An expired CRL is a problem when
-/// `server.crl_expired = "refuse"` (every handshake it covers fails) and a warning when `"allow"`.
-pub fn crl_report(cfg: &ServerConfig, now: i64) -> (Vec<String>, Vec<String>) {
-    let (mut problems, mut warnings) = (Vec::new(), Vec::new());
+/// What is wrong with the CRLs at a moment, one line per file, by kind.
+#[derive(Debug, Default)]
+pub struct CrlReport {
+    /// Past nextUpdate with `server.crl_expired = "refuse"`: every handshake resting on them fails.
+    pub refused: Vec<String>,
+    /// Past nextUpdate with `server.crl_expired = "allow"`: trusted anyway.
+    pub trusted_stale: Vec<String>,
+    /// nextUpdate within [`CRL_WARN_WINDOW_S`].
+    pub expiring: Vec<String>,
+}
+
+/// The state of the CRLs at `now` (Unix seconds). `check-config` takes `refused` as problems and the rest as
+/// warnings; the proxy logs the first two at error and `expiring` at warn.
+pub fn crl_report(cfg: &ServerConfig, now: i64) -> CrlReport {
+    let mut report = CrlReport::default();
     for crl in crl_files(cfg) {
         let Some(next) = crl.next_update else {
             continue;
@@ -238,41 +249,38 @@ pub fn crl_report(cfg: &ServerConfig, now: i64) -> (Vec<String>, Vec<String>) {
                     .ok()
             })
             .unwrap_or_else(|| next.to_string());
+        let path = crl.path.display();
         if next <= now {
             match cfg.crl_expired {
-                CrlExpired::Refuse => problems.push(format!(
-                    "server.crl: {}: CRL expired (nextUpdate {when}): handshakes whose revocation status rests on \
-                     it are refused (server.crl_expired = \"refuse\")",
-                    crl.path.display()
+                CrlExpired::Refuse => report.refused.push(format!(
+                    "server.crl: {path}: CRL expired (nextUpdate {when}): handshakes whose revocation status rests \
+                     on it are refused (server.crl_expired = \"refuse\")"
                 )),
-                CrlExpired::Allow => warnings.push(format!(
-                    "server.crl: {}: CRL expired (nextUpdate {when}): still trusted because server.crl_expired = \
-                     \"allow\"",
-                    crl.path.display()
+                CrlExpired::Allow => report.trusted_stale.push(format!(
+                    "server.crl: {path}: CRL expired (nextUpdate {when}): still trusted because \
+                     server.crl_expired = \"allow\""
                 )),
             }
         } else if next - now <= CRL_WARN_WINDOW_S {
-            warnings.push(format!(
-                "server.crl: {}: CRL nextUpdate {when} is within 24 hours",
-                crl.path.display()
+            report.expiring.push(format!(
+                "server.crl: {path}: CRL nextUpdate {when} is within 24 hours"
             ));
         }
     }
-    (problems, warnings)
+    report
 }
 
 /// Logs [`crl_report`] for now: an expired CRL at error, one close to expiry at warn.
 pub fn log_crl_report(cfg: &ServerConfig) {
-    let (problems, warnings) = crl_report(cfg, unix_now());
-    for line in problems {
+    let report = crl_report(cfg, crate::ids::unix_now());
+    for line in report.refused {
         tracing::error!(problem = %line, "stale CRL");
     }
-    for line in warnings {
-        if line.contains("expired") {
-            tracing::error!(problem = %line, "stale CRL trusted (server.crl_expired = \"allow\")");
-        } else {
-            tracing::warn!(problem = %line, "CRL close to its nextUpdate");
-        }
+    for line in report.trusted_stale {
+        tracing::error!(problem = %line, "stale CRL trusted (server.crl_expired = \"allow\")");
+    }
+    for line in report.expiring {
+        tracing::warn!(problem = %line, "CRL close to its nextUpdate");
     }
 }
 
@@ -282,7 +290,7 @@ pub async fn watch_crl_expiry(
     mode: CrlExpired,
 ) {
     loop {
-        let now = unix_now();
+        let now = crate::ids::unix_now();
         let next = crls
             .borrow_and_update()
             .iter()
@@ -314,13 +322,6 @@ pub async fn watch_crl_expiry(
             }
         }
     }
-}
-
-/// Unix seconds now.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Builds the upstream config: the proxy's own client certificate, providers verified against `upstream.ca`
