@@ -100,32 +100,44 @@ fn bench(c: &mut Criterion) {
     });
 
     // A permitted request's record as the proxy writes it: peer, headers, target, the token's claims.
-    let mut record = ssp::audit::Record::new(ssp::audit::Kind::Request);
-    record.seq = 1_234_567;
-    record.instance = std::sync::Arc::from("ssp-1.example.nhs.uk");
-    record.trace_id = Some("09a01679-2564-0fb4-5129-aecc81ea2706".into());
-    record.conn_id = Some(42);
-    record.peer = Some(std::sync::Arc::new(ssp::audit::Peer {
-        addr: "10.1.2.3:51234".into(),
+    let identity = PeerIdentity {
         subject: "CN=consumer.dev.localhost, O=Example Hospital".into(),
+        common_name: Some("consumer.dev.localhost".into()),
+        dns_sans: Vec::new(),
         serial: "1a2b3c4d5e6f7788".into(),
         fingerprint_sha256: "ab".repeat(32),
-        via: None,
-    }));
-    record.from = Some("200000000359".into());
-    record.to = Some("918999198993".into());
-    record.interaction = Some(STRUCTURED.into());
-    record.method = Some("GET".into());
-    record.target = Some(format!("{URL}/fhir/metadata"));
-    record.decision = Some("permit");
-    record.policy_generation = Some(7);
-    record.jwt = Some(Box::new(validator.check(Some(token.as_bytes()), &expect)));
-    record.prev = "0".repeat(64);
+    };
+    let tx = std::sync::Arc::new(ssp::audit::Transaction {
+        conn_id: 42,
+        peer: std::sync::Arc::new(ssp::audit::Peer::new(
+            "10.1.2.3:51234".parse().unwrap(),
+            None,
+            &identity,
+        )),
+        method: http::Method::GET,
+        policy_generation: 7,
+        names: ssp::audit::Names::Checked {
+            trace_id: ssp::ids::TraceId::parse("09a01679-2564-0fb4-5129-aecc81ea2706").unwrap(),
+            from: ssp::ids::Asid::parse("200000000359").unwrap(),
+            to: ssp::ids::Asid::parse("918999198993").unwrap(),
+            interaction: interaction.clone(),
+            target: std::sync::Arc::from(format!("{URL}/fhir/metadata")),
+            fqdn: std::sync::Arc::from("consumer.dev.localhost"),
+        },
+    });
+    let record =
+        ssp::audit::Record::permitted(&tx, Some(validator.check(Some(token.as_bytes()), &expect)));
+    let prev = "0".repeat(64);
+    let link = ssp::audit::Link {
+        seq: 1_234_567,
+        instance: "ssp-1.example.nhs.uk",
+        prev: &prev,
+    };
     let mut buf = Vec::with_capacity(4096);
     c.bench_function("audit request record: JSON line + SHA-256", |b| {
         b.iter(|| {
             buf.clear();
-            black_box(ssp::audit::encode(black_box(&record), &mut buf).unwrap())
+            black_box(ssp::audit::encode(black_box(&record), link, &mut buf).unwrap())
         })
     });
 }

@@ -524,7 +524,7 @@ fn policy_sds(
             .cloned()
             .collect();
         let interactions: Vec<String> = cfg.roles.interactions.iter().cloned().collect();
-        let fetched_at = crate::audit::now_rfc3339();
+        let fetched_at = crate::ids::now_rfc3339();
         match rt.block_on(client.fetch_all(&ods, &interactions)) {
             Ok(pages) => {
                 let base = cfg.base_url.as_deref().unwrap_or("");

@@ -240,7 +240,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub policy: PolicyConfig,
     pub jwt: JwtConfig,
-    pub audit: crate::audit::AuditConfig,
+    pub audit: AuditConfig,
     pub log: LogConfig,
     /// The admin listener's address.
     pub admin_listen: SocketAddr,
@@ -249,13 +249,22 @@ pub struct Config {
     pub sds: Option<SdsConfig>,
 }
 
+/// Which ODS codes' accredited systems are consumers (`[[system]]`) and which are providers (`[[endpoint]]`), and
+/// the interactions to keep (empty: all).
+#[derive(Debug, Clone, Default)]
+pub struct SdsRoles {
+    pub systems: std::collections::BTreeSet<String>,
+    pub endpoints: std::collections::BTreeSet<String>,
+    pub interactions: std::collections::BTreeSet<String>,
+}
+
 /// `[sds]`: where `ssp policy sds` finds the Spine Directory Service and what it resolves.
 #[derive(Debug, Clone)]
 pub struct SdsConfig {
     pub base_url: Option<String>,
     pub api_key_file: Option<PathBuf>,
     pub ca: Vec<PathBuf>,
-    pub roles: crate::policy::sds::Roles,
+    pub roles: SdsRoles,
     pub timeout: Duration,
     pub max_retries: u32,
 }
@@ -284,6 +293,26 @@ impl Default for LimitsConfig {
             max_header_count: 100,
         }
     }
+}
+
+/// When records reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Written (to the page cache) before the request is forwarded; fsynced every `fsync_interval`.
+    Batched,
+    /// Fsynced before the request is forwarded (group commit: one fsync per batch).
+    Strict,
+}
+
+/// The `[audit]` section, validated.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+    pub durability: Durability,
+    pub fsync_interval: Duration,
+    pub segment_size: u64,
+    /// Names this proxy instance in every record (default: the host name).
+    pub instance: String,
 }
 
 /// The operational log (never the audit trail, never tokens, claims or patient identifiers).
@@ -476,7 +505,7 @@ impl Validator<'_> {
                 .into_iter()
                 .map(|p| self.path(p))
                 .collect(),
-            roles: crate::policy::sds::Roles {
+            roles: SdsRoles {
                 systems: raw.systems.into_iter().collect(),
                 endpoints: raw.endpoints.into_iter().collect(),
                 interactions: raw.interactions.into_iter().collect(),
@@ -645,8 +674,7 @@ impl Validator<'_> {
         LogConfig { json, level }
     }
 
-    fn audit(&mut self, raw: RawAudit) -> crate::audit::AuditConfig {
-        use crate::audit::Durability;
+    fn audit(&mut self, raw: RawAudit) -> AuditConfig {
         let durability = match raw.durability.as_deref().unwrap_or("batched") {
             "batched" => Durability::Batched,
             "strict" => Durability::Strict,
@@ -675,7 +703,7 @@ impl Validator<'_> {
         if instance.is_empty() || instance.len() > 255 || instance.chars().any(char::is_control) {
             self.problem("audit.instance", "must be 1 to 255 printable characters");
         }
-        crate::audit::AuditConfig {
+        AuditConfig {
             dir: self.path(raw.dir.unwrap_or_else(|| PathBuf::from("data/audit"))),
             durability,
             fsync_interval: self.duration(

@@ -31,6 +31,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::audit::Outcome;
 use crate::config::UpstreamConfig;
 use crate::policy::Permit;
 
@@ -518,35 +519,24 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &mut String) {
 // ---------------------------------------------------------------------------------------------------------------
 // Exchange accounting and the streaming body wrapper.
 
-/// How a forwarded exchange ended (DESIGN.md 1.6 `outcome`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ExchangeOutcome {
-    Pending = 0,
-    Ok = 1,
-    ClientClosed = 2,
-    UpstreamError = 3,
-    Timeout = 4,
+/// An exchange's outcome in its atomic cell: 0 while none is set (the consumer went away, if it stays so).
+fn outcome_code(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Ok => 1,
+        Outcome::ClientClosed => 2,
+        Outcome::UpstreamError => 3,
+        Outcome::Timeout => 4,
+        Outcome::Denied => 5,
+    }
 }
 
-impl ExchangeOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExchangeOutcome::Pending | ExchangeOutcome::ClientClosed => "client_closed",
-            ExchangeOutcome::Ok => "ok",
-            ExchangeOutcome::UpstreamError => "upstream_error",
-            ExchangeOutcome::Timeout => "timeout",
-        }
-    }
-
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => ExchangeOutcome::Ok,
-            2 => ExchangeOutcome::ClientClosed,
-            3 => ExchangeOutcome::UpstreamError,
-            4 => ExchangeOutcome::Timeout,
-            _ => ExchangeOutcome::Pending,
-        }
+fn outcome_of(code: u8) -> Outcome {
+    match code {
+        1 => Outcome::Ok,
+        3 => Outcome::UpstreamError,
+        4 => Outcome::Timeout,
+        5 => Outcome::Denied,
+        _ => Outcome::ClientClosed,
     }
 }
 
@@ -559,7 +549,7 @@ pub struct Exchange {
     /// Provider to consumer body bytes.
     bytes_out: AtomicU64,
     status: AtomicU16,
-    /// The first definite outcome wins; `Pending` at the end means the consumer went away.
+    /// The first definite outcome wins; none at the end means the consumer went away.
     outcome: AtomicU8,
     /// Microseconds from the start to the provider's response head.
     upstream_us: AtomicU64,
@@ -582,7 +572,8 @@ pub struct ExchangeSummary {
     pub upstream: Duration,
     /// From the start of the request to the end of the exchange.
     pub total: Duration,
-    pub outcome: ExchangeOutcome,
+    /// `client_closed` while no outcome is set.
+    pub outcome: Outcome,
     /// Sent a second time on a new connection after a stale pooled one (the retry rule of [`Upstream::send`]).
     pub retried: bool,
 }
@@ -605,7 +596,7 @@ impl Exchange {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             status: AtomicU16::new(0),
-            outcome: AtomicU8::new(ExchangeOutcome::Pending as u8),
+            outcome: AtomicU8::new(0),
             upstream_us: AtomicU64::new(0),
             retried: std::sync::atomic::AtomicBool::new(false),
             on_end: Some(Box::new(on_end)),
@@ -625,10 +616,10 @@ impl Exchange {
     }
 
     /// Sets the outcome unless one is already set.
-    pub fn finish(&self, outcome: ExchangeOutcome) {
+    pub fn finish(&self, outcome: Outcome) {
         let _ = self.outcome.compare_exchange(
-            ExchangeOutcome::Pending as u8,
-            outcome as u8,
+            0,
+            outcome_code(outcome),
             Ordering::AcqRel,
             Ordering::Acquire,
         );
@@ -641,7 +632,7 @@ impl Exchange {
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             upstream: Duration::from_micros(self.upstream_us.load(Ordering::Relaxed)),
             total: self.started.elapsed(),
-            outcome: ExchangeOutcome::from_u8(self.outcome.load(Ordering::Acquire)),
+            outcome: outcome_of(self.outcome.load(Ordering::Acquire)),
             retried: self.retried.load(Ordering::Relaxed),
         }
     }
@@ -649,10 +640,7 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        let mut summary = self.summary();
-        if summary.outcome == ExchangeOutcome::Pending {
-            summary.outcome = ExchangeOutcome::ClientClosed;
-        }
+        let summary = self.summary();
         if let Some(hook) = self.on_end.take() {
             hook(&summary);
         }
@@ -717,7 +705,7 @@ impl<B: Body> Streamed<B> {
         let now = Instant::now();
         // An empty body (204, `Content-Length: 0`) is never polled: it is complete as it stands.
         if direction == Direction::Response && inner.is_end_stream() {
-            exchange.finish(ExchangeOutcome::Ok);
+            exchange.finish(Outcome::Ok);
         }
         Self {
             inner,
@@ -760,22 +748,22 @@ where
                 // hyper stops polling once a sized body reports its end, so the final `None` may never come:
                 // the last frame is where a complete response is known to be complete.
                 if *this.direction == Direction::Response && this.inner.is_end_stream() {
-                    this.exchange.finish(ExchangeOutcome::Ok);
+                    this.exchange.finish(Outcome::Ok);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
                 *this.done = true;
                 this.exchange.finish(match this.direction {
-                    Direction::Request => ExchangeOutcome::ClientClosed,
-                    Direction::Response => ExchangeOutcome::UpstreamError,
+                    Direction::Request => Outcome::ClientClosed,
+                    Direction::Response => Outcome::UpstreamError,
                 });
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
                 *this.done = true;
                 if *this.direction == Direction::Response {
-                    this.exchange.finish(ExchangeOutcome::Ok);
+                    this.exchange.finish(Outcome::Ok);
                 }
                 Poll::Ready(None)
             }
@@ -787,7 +775,7 @@ where
                     continue;
                 }
                 *this.done = true;
-                this.exchange.finish(ExchangeOutcome::Timeout);
+                this.exchange.finish(Outcome::Timeout);
                 return Poll::Ready(Some(Err(Box::new(IdleTimeout))));
             },
         }
@@ -900,14 +888,14 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let exchange = Exchange::new(Instant::now(), move |s| tx.send(*s).unwrap());
         exchange.responded(200);
-        exchange.finish(ExchangeOutcome::Timeout);
-        exchange.finish(ExchangeOutcome::Ok);
+        exchange.finish(Outcome::Timeout);
+        exchange.finish(Outcome::Ok);
         let other = Arc::clone(&exchange);
         drop(exchange);
         assert!(rx.try_recv().is_err(), "fired while still held");
         drop(other);
         let s = rx.try_recv().unwrap();
-        assert_eq!((s.status, s.outcome), (200, ExchangeOutcome::Timeout));
+        assert_eq!((s.status, s.outcome), (200, Outcome::Timeout));
         assert!(rx.try_recv().is_err());
     }
 
@@ -936,7 +924,7 @@ mod tests {
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.is::<IdleTimeout>());
         assert_eq!(exchange.summary().bytes_out, 15);
-        assert_eq!(exchange.summary().outcome, ExchangeOutcome::Timeout);
+        assert_eq!(exchange.summary().outcome, Outcome::Timeout);
     }
 
     /// A minimal `Stream` over an mpsc receiver (tokio-stream is not a dependency).

@@ -161,10 +161,59 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Lower-case hexadecimal of `bytes`: certificate serials and fingerprints, record and policy hashes.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// The current time as RFC 3339 with microseconds, UTC.
+pub fn now_rfc3339() -> String {
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// `t` (UTC) as `YYYY-MM-DDTHH:MM:SS.ffffffZ`, digit by digit: every record is stamped, and the general formatter
+/// cost a microsecond a record.
+pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
+    fn digits(out: &mut String, n: u32, width: u32) {
+        for place in (0..width).rev() {
+            let d = (n / 10u32.pow(place)) % 10;
+            out.push(char::from(b'0' + d as u8));
+        }
+    }
+    let (h, m, sec, micro) = t.to_hms_micro();
+    let mut out = String::with_capacity(27);
+    digits(&mut out, t.year().clamp(0, 9999) as u32, 4);
+    out.push('-');
+    digits(&mut out, u32::from(u8::from(t.month())), 2);
+    out.push('-');
+    digits(&mut out, u32::from(t.day()), 2);
+    out.push('T');
+    digits(&mut out, u32::from(h), 2);
+    out.push(':');
+    digits(&mut out, u32::from(m), 2);
+    out.push(':');
+    digits(&mut out, u32::from(sec), 2);
+    out.push('.');
+    digits(&mut out, micro, 6);
+    out.push('Z');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn hex_is_lower_case() {
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+    }
 
     #[test]
     fn asid_accepts_digits_only() {
@@ -224,5 +273,21 @@ mod tests {
             if let Some(t) = TraceId::parse(&s) { prop_assert_eq!(t.as_str(), s.as_str()); }
             if let Some(i) = InteractionId::parse(&s) { prop_assert_eq!(i.as_str(), s.as_str()); }
         }
+    }
+
+    /// The hand-written stamp is what the general formatter writes, for any instant of these years.
+    #[test]
+    fn timestamps_match_the_formatter() {
+        let format = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        );
+        let mut t = time::OffsetDateTime::from_unix_timestamp(0).unwrap();
+        let step = time::Duration::seconds(86_399) + time::Duration::microseconds(987_654);
+        while t.year() < 2100 {
+            assert_eq!(rfc3339(t), t.format(&format).unwrap());
+            t += step;
+        }
+        let now = now_rfc3339();
+        assert_eq!(now.len(), 27, "{now}");
     }
 }

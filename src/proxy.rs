@@ -20,16 +20,14 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::audit::{AuditLog, Kind, Record};
+use crate::audit::{AuditLog, Completion, Names, Outcome, Record, Transaction};
 use crate::config::JwtConfig;
-use crate::forward::{
-    BoxError, Direction, Exchange, ExchangeOutcome, ForwardError, Streamed, Upstream,
-};
+use crate::forward::{BoxError, Direction, Exchange, ForwardError, Streamed, Upstream};
 use crate::ids::PeerIdentity;
 use crate::jwt::{Expect, JwtAudit, Mode, Validator, Violation};
 use crate::limits::{Admission, Limits, Throttle};
 use crate::metrics::{Metrics, OTHER};
-use crate::outcome::{Format, IssueCode, Outcome, Severity};
+use crate::outcome::{Format, IssueCode, Outcome as OperationOutcome, Severity};
 use crate::policy::{Decision, Denial, Permit, Policy};
 use crate::ssp::{self, HeaderError, SspHeaders, SspRequest, Target, TargetError};
 
@@ -197,7 +195,7 @@ impl Refusal {
         allow: &HeaderValue,
     ) -> (Response<ProxyBody>, String) {
         let (status, code, severity, text) = self.parts();
-        let body = Outcome {
+        let body = OperationOutcome {
             status: status.as_u16(),
             code,
             severity,
@@ -315,12 +313,13 @@ impl Proxy {
             Err(refusal) => refusal,
             Ok((permit, jwt, admission)) => {
                 // 12: the request record is written (per `audit.durability`) before anything is forwarded.
-                let record = self.request_record(&permit, jwt, &parts, conn);
-                match self.audit.write(record).await {
+                let tx = transaction(&permit, &parts, conn);
+                match self.audit.write(Record::permitted(&tx, jwt)).await {
                     Err(_) => Refusal::AuditUnavailable,
                     Ok(()) => match self
                         .forward(
                             permit,
+                            tx,
                             admission,
                             Request::from_parts(parts, body),
                             conn,
@@ -432,12 +431,13 @@ impl Proxy {
     async fn forward(
         &self,
         permit: Permit,
+        tx: Arc<Transaction>,
         admission: Admission,
         request: Request<Incoming>,
         conn: &ConnInfo,
         started: Instant,
     ) -> Result<Response<ProxyBody>, Refusal> {
-        let exchange = self.exchange(&permit, admission, conn, started);
+        let exchange = self.exchange(tx, admission, started);
         let response = match self
             .upstream
             .send(&permit, request, conn.remote, &exchange)
@@ -446,8 +446,8 @@ impl Proxy {
             Ok(response) => response,
             Err(error) => {
                 let (status, outcome) = match error {
-                    ForwardError::Timeout => (504, ExchangeOutcome::Timeout),
-                    ForwardError::Unreachable(_) => (502, ExchangeOutcome::UpstreamError),
+                    ForwardError::Timeout => (504, Outcome::Timeout),
+                    ForwardError::Unreachable(_) => (502, Outcome::UpstreamError),
                 };
                 exchange.responded(status);
                 exchange.finish(outcome);
@@ -472,34 +472,22 @@ impl Proxy {
     /// operational log line.
     fn exchange(
         &self,
-        permit: &Permit,
+        tx: Arc<Transaction>,
         admission: Admission,
-        conn: &ConnInfo,
         started: Instant,
     ) -> Arc<Exchange> {
-        let h = &permit.request().headers;
-        let (trace_id, from, to, interaction) = (
-            h.trace_id.clone(),
-            h.from.clone(),
-            h.to.clone(),
-            h.interaction.clone(),
-        );
-        let conn_id = conn.id;
         let audit = Arc::clone(&self.audit);
         let metrics = Arc::clone(&self.metrics);
         Exchange::new(started, move |s| {
             // The exchange is over: its consumer and provider limits are free again.
             drop(admission);
+            let [from, to, interaction] = tx.parties().map(|p| p.unwrap_or(OTHER));
             // A permitted interaction is one the policy names, so it is a bounded label.
-            metrics.request_done(interaction.as_str(), s.outcome.as_str(), s.status, s.total);
+            metrics.request_done(interaction, s.outcome.as_str(), s.status, s.total);
             metrics.upstream(s.upstream, s.bytes_in, s.bytes_out);
-            let (upstream_ms, total_ms) = (
-                crate::audit::millis(s.upstream),
-                crate::audit::millis(s.total),
-            );
             match s.outcome {
-                ExchangeOutcome::UpstreamError => metrics.upstream_error("upstream_error"),
-                ExchangeOutcome::Timeout => metrics.upstream_error("timeout"),
+                Outcome::UpstreamError => metrics.upstream_error("upstream_error"),
+                Outcome::Timeout => metrics.upstream_error("timeout"),
                 _ => {}
             }
             // A completed exchange is a debug line: the audit trail is its record, and a line per request at
@@ -507,67 +495,40 @@ impl Proxy {
             macro_rules! exchange_line {
                 ($level:ident) => {
                     tracing::$level!(
-                        conn = conn_id,
-                        trace_id = %trace_id,
-                        from = %from,
-                        to = %to,
-                        interaction = %interaction,
+                        conn = tx.conn_id,
+                        trace_id = tx.trace_id().unwrap_or("-"),
+                        from,
+                        to,
+                        interaction,
                         status = s.status,
                         bytes_in = s.bytes_in,
                         bytes_out = s.bytes_out,
-                        upstream_ms,
-                        total_ms,
+                        upstream_ms = crate::audit::millis(s.upstream),
+                        total_ms = crate::audit::millis(s.total),
                         outcome = s.outcome.as_str(),
                         retried = s.retried,
                         "exchange"
                     )
                 };
             }
-            if s.outcome == ExchangeOutcome::Ok {
+            if s.outcome == Outcome::Ok {
                 exchange_line!(debug);
             } else {
                 exchange_line!(info);
             }
-            let mut record = Record::new(Kind::Response);
-            record.trace_id = Some(trace_id.to_string());
-            record.conn_id = Some(conn_id);
-            record.from = Some(from.to_string());
-            record.to = Some(to.to_string());
-            record.interaction = Some(interaction.to_string());
-            record.status = Some(s.status);
-            record.bytes_in = Some(s.bytes_in);
-            record.bytes_out = Some(s.bytes_out);
-            record.upstream_ms = Some(upstream_ms);
-            record.total_ms = Some(total_ms);
-            record.outcome = Some(s.outcome.as_str());
-            record.retried = s.retried.then_some(true);
-            audit.submit(record);
+            audit.submit(Record::completed(
+                &tx,
+                Completion {
+                    status: s.status,
+                    bytes_in: s.bytes_in,
+                    bytes_out: s.bytes_out,
+                    upstream: s.upstream,
+                    total: s.total,
+                    retried: s.retried,
+                    outcome: s.outcome,
+                },
+            ));
         })
-    }
-
-    /// The `request` record of a permitted request.
-    fn request_record(
-        &self,
-        permit: &Permit,
-        jwt: Option<JwtAudit>,
-        parts: &http::request::Parts,
-        conn: &ConnInfo,
-    ) -> Record {
-        let h = &permit.request().headers;
-        let mut record = Record::new(Kind::Request);
-        record.trace_id = Some(h.trace_id.to_string());
-        record.conn_id = Some(conn.id);
-        record.peer = Some(Arc::clone(&conn.audit_peer));
-        record.fqdn = Some(Arc::clone(permit.fqdn()));
-        record.from = Some(h.from.to_string());
-        record.to = Some(h.to.to_string());
-        record.interaction = Some(h.interaction.to_string());
-        record.method = Some(parts.method.to_string());
-        record.target = Some(permit.target().as_str().to_owned());
-        record.decision = Some("permit");
-        record.policy_generation = Some(permit.generation());
-        record.jwt = jwt.map(Box::new);
-        record
     }
 
     /// The `request` and `response` records of a refused request, from the raw (bounded) values it carried.
@@ -583,7 +544,9 @@ impl Proxy {
         let raw = |name: &http::HeaderName| {
             parts.headers.get(name).map(|v| {
                 let bytes = v.as_bytes();
-                String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_AUDITED_HEADER)]).into_owned()
+                Box::from(String::from_utf8_lossy(
+                    &bytes[..bytes.len().min(MAX_AUDITED_HEADER)],
+                ))
             })
         };
         let target = parts.uri.path_and_query().map(|pq| {
@@ -592,43 +555,38 @@ impl Proxy {
                 .rev()
                 .find(|i| text.is_char_boundary(*i))
                 .unwrap_or(0);
-            text[..end].to_owned()
+            Box::from(&text[..end])
         });
-        let (trace_id, from, to, interaction) = (
-            raw(&ssp::HEADER_TRACE_ID),
-            raw(&ssp::HEADER_FROM),
-            raw(&ssp::HEADER_TO),
-            raw(&ssp::HEADER_INTERACTION_ID),
-        );
-        let mut request = Record::new(Kind::Request);
-        request.trace_id = trace_id.clone();
-        request.conn_id = Some(conn.id);
-        request.peer = Some(Arc::clone(&conn.audit_peer));
-        request.from = from.clone();
-        request.to = to.clone();
-        request.interaction = interaction.clone();
-        request.method = Some(parts.method.to_string());
-        request.target = target;
-        request.decision = Some("deny");
-        request.reason = Some(text);
-        request.policy_generation = Some(generation);
-        if let Refusal::Jwt(_, audit) = refusal {
-            request.jwt = Some(audit);
-        }
-        let mut response = Record::new(Kind::Response);
-        response.trace_id = trace_id;
-        response.conn_id = Some(conn.id);
-        response.from = from;
-        response.to = to;
-        response.interaction = interaction;
-        response.status = Some(status.as_u16());
-        response.bytes_in = Some(0);
-        response.bytes_out = Some(0);
-        response.upstream_ms = Some(0.0);
-        response.total_ms = Some(crate::audit::millis(started.elapsed()));
-        response.outcome = Some("denied");
-        self.audit.submit(request);
-        self.audit.submit(response);
+        let tx = Arc::new(Transaction {
+            conn_id: conn.id,
+            peer: Arc::clone(&conn.audit_peer),
+            method: parts.method.clone(),
+            policy_generation: generation,
+            names: Names::Raw {
+                trace_id: raw(&ssp::HEADER_TRACE_ID),
+                from: raw(&ssp::HEADER_FROM),
+                to: raw(&ssp::HEADER_TO),
+                interaction: raw(&ssp::HEADER_INTERACTION_ID),
+                target,
+            },
+        });
+        let jwt = match refusal {
+            Refusal::Jwt(_, audit) => Some(audit),
+            _ => None,
+        };
+        self.audit.submit(Record::refused(&tx, text, jwt));
+        self.audit.submit(Record::completed(
+            &tx,
+            Completion {
+                status: status.as_u16(),
+                bytes_in: 0,
+                bytes_out: 0,
+                upstream: Duration::ZERO,
+                total: started.elapsed(),
+                retried: false,
+                outcome: Outcome::Denied,
+            },
+        ));
     }
 
     /// Check 10: decodes and validates the token when `jwt.mode` is not `off`. In enforce mode the first violation
@@ -669,6 +627,25 @@ impl Proxy {
         }
         Ok(Some(audit))
     }
+}
+
+/// The transaction of a permitted request: its identifiers shared from the parse, not copied.
+fn transaction(permit: &Permit, parts: &http::request::Parts, conn: &ConnInfo) -> Arc<Transaction> {
+    let h = &permit.request().headers;
+    Arc::new(Transaction {
+        conn_id: conn.id,
+        peer: Arc::clone(&conn.audit_peer),
+        method: parts.method.clone(),
+        policy_generation: permit.generation(),
+        names: Names::Checked {
+            trace_id: h.trace_id.clone(),
+            from: h.from.clone(),
+            to: h.to.clone(),
+            interaction: h.interaction.clone(),
+            target: Arc::clone(permit.target().shared_text()),
+            fqdn: Arc::clone(permit.fqdn()),
+        },
+    })
 }
 
 /// Largest refused request body read and discarded to keep its connection open.

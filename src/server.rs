@@ -352,13 +352,7 @@ impl Connection {
             return;
         };
         tracing::debug!(conn = self.id, %remote, ?via, subject = %peer.subject, "connection accepted");
-        let audit_peer = Arc::new(crate::audit::Peer {
-            addr: remote.to_string(),
-            subject: peer.subject.clone(),
-            serial: peer.serial.clone(),
-            fingerprint_sha256: peer.fingerprint_sha256.clone(),
-            via: via.map(|v| v.to_string()),
-        });
+        let audit_peer = Arc::new(crate::audit::Peer::new(remote, via, &peer));
         let info = Arc::new(ConnInfo {
             id: self.id,
             remote,

@@ -20,7 +20,7 @@ pub const HEADER_INTERACTION_ID: HeaderName = HeaderName::from_static("ssp-inter
 #[derive(Clone, Debug)]
 pub struct Target {
     /// The URL as the consumer wrote it (without the proxy's leading `/`); check 9 compares this text.
-    text: Box<str>,
+    text: std::sync::Arc<str>,
     /// The same URL as an absolute URI for the upstream client.
     uri: Uri,
 }
@@ -97,6 +97,11 @@ impl Target {
     }
 
     pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The URL text, shared: the audit record names the target without copying it.
+    pub fn shared_text(&self) -> &std::sync::Arc<str> {
         &self.text
     }
 

@@ -17,7 +17,7 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use sha2::{Digest, Sha256};
 
 use crate::config::{CrlExpired, Problems, ServerConfig, TlsVersion, UpstreamConfig};
-use crate::ids::PeerIdentity;
+use crate::ids::{PeerIdentity, hex};
 
 /// The one crypto provider, aws-lc-rs with its default suites: in TLS 1.2 only ECDHE with AES-GCM or ChaCha20
 /// (the GP Connect list's DHE and CBC suites are deliberately not offered).
@@ -441,17 +441,6 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
     })
 }
 
-/// Lower-case hexadecimal.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 0xf) as usize] as char);
-    }
-    out
-}
-
 /// The `notAfter` of the first certificate in a PEM file, as a Unix timestamp (for expiry warnings).
 pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
@@ -461,11 +450,6 @@ pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hex_is_lower_case() {
-        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
-    }
 
     #[test]
     fn missing_files_are_named_with_their_key() {

@@ -603,7 +603,7 @@ impl Source {
                 sha2::Digest::update(&mut h, part);
             }
         }
-        crate::tls::hex(&sha2::Digest::finalize(h))
+        crate::ids::hex(&sha2::Digest::finalize(h))
     }
 }
 

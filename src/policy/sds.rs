@@ -45,14 +45,7 @@ pub const MAX_ENTRIES: usize = 50_000;
 /// Longest text field kept from an answer (names, addresses, identifiers).
 const MAX_FIELD: usize = 2048;
 
-/// Which ODS codes' accredited systems are consumers (`[[system]]`) and which are providers (`[[endpoint]]`), and
-/// the interactions to keep (empty: all).
-#[derive(Debug, Clone, Default)]
-pub struct Roles {
-    pub systems: BTreeSet<String>,
-    pub endpoints: BTreeSet<String>,
-    pub interactions: BTreeSet<String>,
-}
+pub use crate::config::SdsRoles as Roles;
 
 /// One searchset Bundle and where it came from (a file name, or a URL without the API key).
 #[derive(Debug, Clone)]

@@ -1,0 +1,113 @@
+//! `ssp audit query`: whole transactions matching a filter, as JSON lines or a table.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::Path;
+
+use super::segment::list_segments;
+
+/// Filters of `ssp audit query`; all given ones must match.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub trace_id: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub interaction: Option<String>,
+    /// RFC 3339 bounds on `ts`, inclusive.
+    pub since: Option<time::OffsetDateTime>,
+    pub until: Option<time::OffsetDateTime>,
+    pub outcome: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, v: &serde_json::Value) -> bool {
+        let eq = |key: &str, want: &Option<String>| {
+            want.as_ref()
+                .is_none_or(|w| v[key].as_str() == Some(w.as_str()))
+        };
+        let ts = || {
+            v["ts"].as_str().and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
+        };
+        v["kind"] != "seal"
+            && eq("trace_id", &self.trace_id)
+            && eq("from", &self.from)
+            && eq("to", &self.to)
+            && eq("interaction", &self.interaction)
+            && eq("outcome", &self.outcome)
+            && self.since.is_none_or(|s| ts().is_some_and(|t| t >= s))
+            && self.until.is_none_or(|u| ts().is_some_and(|t| t <= u))
+    }
+}
+
+/// Every record of every transaction that has a record matching `filter`, in log order. A transaction is the
+/// request and response records sharing an instance, connection and trace id.
+pub fn query(dir: &Path, filter: &Filter) -> io::Result<Vec<serde_json::Value>> {
+    let key = |v: &serde_json::Value| {
+        (
+            v["instance"].to_string(),
+            v["conn_id"].to_string(),
+            v["trace_id"].to_string(),
+        )
+    };
+    let mut wanted = std::collections::HashSet::new();
+    for_each_record(dir, |v| {
+        if filter.matches(&v) {
+            wanted.insert(key(&v));
+        }
+    })?;
+    let mut out = Vec::new();
+    for_each_record(dir, |v| {
+        if v["kind"] != "seal" && wanted.contains(&key(&v)) {
+            out.push(v);
+        }
+    })?;
+    Ok(out)
+}
+
+fn for_each_record(dir: &Path, mut f: impl FnMut(serde_json::Value)) -> io::Result<()> {
+    for (_, path) in list_segments(dir)? {
+        for line in BufReader::new(File::open(&path)?).lines() {
+            if let Ok(v) = serde_json::from_str(&line?) {
+                f(v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One line of the table view.
+pub fn table_row(v: &serde_json::Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or("-").to_owned();
+    let interaction = s("interaction");
+    let interaction = interaction
+        .strip_prefix("urn:nhs:names:services:gpconnect:")
+        .unwrap_or(&interaction)
+        .to_owned();
+    let result = match v["kind"].as_str() {
+        Some("request") => format!("{} {}", s("decision"), v["reason"].as_str().unwrap_or("")),
+        _ => format!(
+            "{} {} {}B in {}B out {}ms",
+            v["status"],
+            s("outcome"),
+            v["bytes_in"],
+            v["bytes_out"],
+            v["total_ms"]
+        ),
+    };
+    format!(
+        "{:<27} {:>6} {:<8} {:<36} {:<12} {:<12} {:<45} {:<6} {}",
+        s("ts"),
+        v["seq"],
+        s("kind"),
+        s("trace_id"),
+        s("from"),
+        s("to"),
+        interaction,
+        s("method"),
+        result.trim_end()
+    )
+}
+
+pub const TABLE_HEADER: &str = "ts                             seq kind     trace_id                             from         to           interaction                                   method result";

@@ -1,0 +1,352 @@
+//! The record schema (DESIGN.md 1.6): the typed [`Transaction`] every record of one exchange names, and the
+//! [`Record`] kinds, each made by one constructor. A record is written as one JSON line whose fields come in a
+//! fixed order: `seq`, `instance`, `ts`, `kind`, the kind's fields, `prev`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use sha2::{Digest, Sha256};
+
+use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
+use crate::jwt::JwtAudit;
+
+/// The consumer end of a connection, as the audit trail names it; built once per connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct Peer {
+    addr: String,
+    subject: String,
+    serial: String,
+    fingerprint_sha256: String,
+    /// The layer-4 balancer that relayed the connection with a PROXY protocol header, when `addr` came from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    via: Option<String>,
+}
+
+impl Peer {
+    /// The consumer at `addr` (relayed by the balancer at `via`, if any) with the certificate read as `identity`.
+    pub fn new(addr: SocketAddr, via: Option<SocketAddr>, identity: &PeerIdentity) -> Self {
+        Self {
+            addr: addr.to_string(),
+            subject: identity.subject.clone(),
+            serial: identity.serial.clone(),
+            fingerprint_sha256: identity.fingerprint_sha256.clone(),
+            via: via.map(|v| v.to_string()),
+        }
+    }
+}
+
+/// The identifiers a transaction's records name.
+#[derive(Debug)]
+pub enum Names {
+    /// A permitted request: the parsed identifiers, shared with the request itself (reference counts, no copies),
+    /// and the certificate name check 5 matched.
+    Checked {
+        trace_id: TraceId,
+        from: Asid,
+        to: Asid,
+        interaction: InteractionId,
+        target: Arc<str>,
+        fqdn: Arc<str>,
+    },
+    /// A refused request: what it carried, raw and bounded (it may be what was refused).
+    Raw {
+        trace_id: Option<Box<str>>,
+        from: Option<Box<str>>,
+        to: Option<Box<str>>,
+        interaction: Option<Box<str>>,
+        target: Option<Box<str>>,
+    },
+}
+
+/// One exchange as the audit trail names it: made once per request, shared by its request and response records.
+#[derive(Debug)]
+pub struct Transaction {
+    pub conn_id: u64,
+    pub peer: Arc<Peer>,
+    pub method: http::Method,
+    /// The policy generation that decided the request.
+    pub policy_generation: u64,
+    pub names: Names,
+}
+
+impl Transaction {
+    /// The trace id, checked or as sent.
+    pub fn trace_id(&self) -> Option<&str> {
+        match &self.names {
+            Names::Checked { trace_id, .. } => Some(trace_id.as_str()),
+            Names::Raw { trace_id, .. } => trace_id.as_deref(),
+        }
+    }
+
+    /// `from`, `to`, `interaction`.
+    pub fn parties(&self) -> [Option<&str>; 3] {
+        match &self.names {
+            Names::Checked {
+                from,
+                to,
+                interaction,
+                ..
+            } => [
+                Some(from.as_str()),
+                Some(to.as_str()),
+                Some(interaction.as_str()),
+            ],
+            Names::Raw {
+                from,
+                to,
+                interaction,
+                ..
+            } => [from.as_deref(), to.as_deref(), interaction.as_deref()],
+        }
+    }
+}
+
+/// How an exchange ended (DESIGN.md 1.6 `outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// Refused by a check: nothing was forwarded.
+    Denied,
+    /// The consumer went away before the exchange ended.
+    ClientClosed,
+    UpstreamError,
+    Timeout,
+}
+
+impl Outcome {
+    /// The record's and the metrics' label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::ClientClosed => "client_closed",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// What a response record says of how the exchange went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Completion {
+    pub status: u16,
+    /// Consumer to provider body bytes.
+    pub bytes_in: u64,
+    /// Provider to consumer body bytes.
+    pub bytes_out: u64,
+    /// From the start of the request to the provider's response head.
+    pub upstream: Duration,
+    /// From the start of the request to the end of the exchange.
+    pub total: Duration,
+    /// Sent a second time on a new connection after a stale pooled one.
+    pub retried: bool,
+    pub outcome: Outcome,
+}
+
+/// Why a segment was sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealReason {
+    Rotate,
+    Shutdown,
+    /// Found unsealed at start (its writer did not stop cleanly).
+    Recovered,
+}
+
+impl SealReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            SealReason::Rotate => "rotate",
+            SealReason::Shutdown => "shutdown",
+            SealReason::Recovered => "recovered",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Entry {
+    Permitted {
+        tx: Arc<Transaction>,
+        jwt: Option<Box<JwtAudit>>,
+    },
+    Refused {
+        tx: Arc<Transaction>,
+        reason: String,
+        jwt: Option<Box<JwtAudit>>,
+    },
+    Completed {
+        tx: Arc<Transaction>,
+        end: Completion,
+    },
+    Sealed {
+        why: SealReason,
+        /// Bytes of a torn last line set aside during recovery, and the file they went to.
+        torn: Option<(u64, String)>,
+    },
+}
+
+/// One audit record, stamped when made. `seq`, `instance` and `prev` are the writer's.
+#[derive(Debug)]
+pub struct Record {
+    ts: String,
+    entry: Entry,
+}
+
+impl Record {
+    fn new(entry: Entry) -> Self {
+        Self {
+            ts: crate::ids::now_rfc3339(),
+            entry,
+        }
+    }
+
+    /// The `request` record of a permitted request: `decision: permit`, and the token's claims when check 10 ran.
+    pub fn permitted(tx: &Arc<Transaction>, jwt: Option<JwtAudit>) -> Self {
+        Self::new(Entry::Permitted {
+            tx: Arc::clone(tx),
+            jwt: jwt.map(Box::new),
+        })
+    }
+
+    /// The `request` record of a refused request: `decision: deny` and the refusal's text.
+    pub fn refused(tx: &Arc<Transaction>, reason: String, jwt: Option<Box<JwtAudit>>) -> Self {
+        Self::new(Entry::Refused {
+            tx: Arc::clone(tx),
+            reason,
+            jwt,
+        })
+    }
+
+    /// The `response` record that ends a transaction, forwarded or refused.
+    pub fn completed(tx: &Arc<Transaction>, end: Completion) -> Self {
+        Self::new(Entry::Completed {
+            tx: Arc::clone(tx),
+            end,
+        })
+    }
+
+    /// The `seal` record that ends a segment.
+    pub fn sealed(why: SealReason, torn: Option<(u64, String)>) -> Self {
+        Self::new(Entry::Sealed { why, torn })
+    }
+}
+
+/// A duration as the audit record's milliseconds, to the microsecond.
+pub fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+/// Where a record goes in the chain: the writer's part of the line.
+#[derive(Debug, Clone, Copy)]
+pub struct Link<'a> {
+    pub seq: u64,
+    pub instance: &'a str,
+    /// SHA-256 (hex) of the previous line.
+    pub prev: &'a str,
+}
+
+/// Appends `record` to `buf` as one JSON line at `link` and returns the SHA-256 (hex) of the line, the next
+/// record's `prev`: the whole cost of a record on the writer, but for the `write`.
+pub fn encode(record: &Record, link: Link<'_>, buf: &mut Vec<u8>) -> io::Result<String> {
+    let start = buf.len();
+    let mut serializer = serde_json::Serializer::new(&mut *buf);
+    Line { record, link }
+        .serialize(&mut serializer)
+        .map_err(io::Error::other)?;
+    let hash = crate::ids::hex(&Sha256::digest(&buf[start..]));
+    buf.push(b'\n');
+    Ok(hash)
+}
+
+struct Line<'a> {
+    record: &'a Record,
+    link: Link<'a>,
+}
+
+impl Serialize for Line<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("seq", &self.link.seq)?;
+        map.serialize_entry("instance", self.link.instance)?;
+        map.serialize_entry("ts", &self.record.ts)?;
+        match &self.record.entry {
+            Entry::Permitted { tx, jwt } => request(&mut map, tx, "permit", None, jwt.as_deref())?,
+            Entry::Refused { tx, reason, jwt } => {
+                request(&mut map, tx, "deny", Some(reason), jwt.as_deref())?;
+            }
+            Entry::Completed { tx, end } => {
+                map.serialize_entry("kind", "response")?;
+                optional(&mut map, "trace_id", tx.trace_id())?;
+                map.serialize_entry("conn_id", &tx.conn_id)?;
+                parties(&mut map, tx)?;
+                map.serialize_entry("status", &end.status)?;
+                map.serialize_entry("bytes_in", &end.bytes_in)?;
+                map.serialize_entry("bytes_out", &end.bytes_out)?;
+                map.serialize_entry("upstream_ms", &millis(end.upstream))?;
+                map.serialize_entry("total_ms", &millis(end.total))?;
+                if end.retried {
+                    map.serialize_entry("retried", &true)?;
+                }
+                map.serialize_entry("outcome", end.outcome.as_str())?;
+            }
+            Entry::Sealed { why, torn } => {
+                map.serialize_entry("kind", "seal")?;
+                map.serialize_entry("sealed", why.as_str())?;
+                if let Some((bytes, file)) = torn {
+                    map.serialize_entry("torn_bytes", bytes)?;
+                    map.serialize_entry("torn_file", file)?;
+                }
+            }
+        }
+        map.serialize_entry("prev", self.link.prev)?;
+        map.end()
+    }
+}
+
+/// The fields of a `request` record, after `ts`.
+fn request<M: SerializeMap>(
+    map: &mut M,
+    tx: &Transaction,
+    decision: &str,
+    reason: Option<&str>,
+    jwt: Option<&JwtAudit>,
+) -> Result<(), M::Error> {
+    map.serialize_entry("kind", "request")?;
+    optional(map, "trace_id", tx.trace_id())?;
+    map.serialize_entry("conn_id", &tx.conn_id)?;
+    map.serialize_entry("peer", &*tx.peer)?;
+    let target = match &tx.names {
+        Names::Checked { fqdn, target, .. } => {
+            map.serialize_entry("fqdn", &**fqdn)?;
+            Some(&**target)
+        }
+        Names::Raw { target, .. } => target.as_deref(),
+    };
+    parties(map, tx)?;
+    map.serialize_entry("method", tx.method.as_str())?;
+    optional(map, "target", target)?;
+    map.serialize_entry("decision", decision)?;
+    optional(map, "reason", reason)?;
+    map.serialize_entry("policy_generation", &tx.policy_generation)?;
+    if let Some(jwt) = jwt {
+        map.serialize_entry("jwt", jwt)?;
+    }
+    Ok(())
+}
+
+fn parties<M: SerializeMap>(map: &mut M, tx: &Transaction) -> Result<(), M::Error> {
+    let [from, to, interaction] = tx.parties();
+    optional(map, "from", from)?;
+    optional(map, "to", to)?;
+    optional(map, "interaction", interaction)
+}
+
+fn optional<M: SerializeMap>(map: &mut M, key: &str, value: Option<&str>) -> Result<(), M::Error> {
+    match value {
+        Some(value) => map.serialize_entry(key, value),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,391 @@
+//! Segment files: the appender that serialises, chains and writes batches of records, rotation, and recovery of
+//! what a crashed process left (a torn tail is set aside, an unsealed segment sealed). Runs on the audit thread
+//! only (see `writer`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use super::GENESIS;
+use super::record::{Link as ChainLink, Record, SealReason, encode};
+use super::writer::{AuditMetrics, set_healthy};
+use crate::config::AuditConfig;
+
+/// The segment being appended to.
+pub(super) struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    /// The number in its file name.
+    index: u64,
+    /// Bytes known to be written in full; a failed write is rolled back to this.
+    len: u64,
+}
+
+pub(super) struct SegmentWriter {
+    cfg: AuditConfig,
+    healthy: Arc<AtomicBool>,
+    segment: Option<Segment>,
+    /// Sequence number of the last record written.
+    seq: u64,
+    /// SHA-256 (hex) of the last line written.
+    prev: String,
+    /// Reused for each batch.
+    buf: Vec<u8>,
+    metrics: Option<AuditMetrics>,
+}
+
+impl SegmentWriter {
+    pub(super) fn new(cfg: AuditConfig, healthy: Arc<AtomicBool>) -> Self {
+        Self {
+            cfg,
+            healthy,
+            segment: None,
+            seq: 0,
+            prev: GENESIS.to_owned(),
+            buf: Vec::with_capacity(64 * 1024),
+            metrics: None,
+        }
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        set_healthy(&self.healthy, healthy, &self.cfg.dir);
+    }
+    /// Serialises, chains and writes records in one write; on failure rolls the segment back and leaves the chain
+    /// where it was.
+    fn append<'r>(&mut self, records: impl Iterator<Item = &'r Record>) -> io::Result<()> {
+        if !self.ensure_open() {
+            return Err(io::Error::other("no writable audit segment"));
+        }
+        self.buf.clear();
+        let (mut seq, mut prev) = (self.seq, self.prev.clone());
+        for record in records {
+            seq += 1;
+            let link = ChainLink {
+                seq,
+                instance: &self.cfg.instance,
+                prev: &prev,
+            };
+            prev = encode(record, link, &mut self.buf)?;
+        }
+        let Some(segment) = self.segment.as_mut() else {
+            return Err(io::Error::other("no writable audit segment"));
+        };
+        match (&*segment.file).write_all(&self.buf) {
+            Ok(()) => {
+                segment.len += self.buf.len() as u64;
+                self.seq = seq;
+                self.prev = prev;
+                Ok(())
+            }
+            Err(e) => {
+                // Cut off whatever part of the batch landed, so the file still ends at a whole record.
+                let rollback = segment
+                    .file
+                    .set_len(segment.len)
+                    .and_then(|()| (&*segment.file).seek(SeekFrom::End(0)));
+                if rollback.is_err() {
+                    self.segment = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts records written and times each batch.
+    pub(super) fn set_metrics(&mut self, metrics: Option<AuditMetrics>) {
+        self.metrics = metrics;
+    }
+
+    /// Writes one batch with one `write`, counts it, and moves to the next segment once this one has reached
+    /// `audit.segment_size` (after the batch, so a batch never spans two segments). A failure is logged and turns
+    /// the log unhealthy; a good write makes it healthy again.
+    pub(super) fn write_batch<'r>(
+        &mut self,
+        records: impl ExactSizeIterator<Item = &'r Record>,
+    ) -> io::Result<()> {
+        let started = Instant::now();
+        let n = records.len() as u64;
+        let result = self.append(records);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "audit write failed");
+        }
+        self.set_healthy(result.is_ok());
+        if result.is_ok() {
+            if let Some(m) = &self.metrics {
+                m.records.inc_by(n);
+                m.write_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            if self
+                .segment
+                .as_ref()
+                .is_some_and(|s| s.len >= self.cfg.segment_size)
+            {
+                self.rotate();
+            }
+        }
+        result
+    }
+
+    pub(super) fn sync_now(&mut self) -> io::Result<()> {
+        if let Some(segment) = &self.segment {
+            segment.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Fsyncs the segment; a failure is logged and turns the log unhealthy. True when synced.
+    pub(super) fn sync(&mut self) -> bool {
+        match self.sync_now() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "audit fsync failed");
+                self.set_healthy(false);
+                false
+            }
+        }
+    }
+
+    /// Appends a seal record to the current segment.
+    pub(super) fn seal(&mut self, why: SealReason) {
+        if self.segment.is_none() {
+            return;
+        }
+        let record = Record::sealed(why, None);
+        if let Err(e) = self.append(std::iter::once(&record)) {
+            tracing::error!(error = %e, "audit seal failed");
+        }
+    }
+
+    /// Opens a writable segment if there is none: recovers the log on disk, then starts a new segment.
+    pub(super) fn ensure_open(&mut self) -> bool {
+        if self.segment.is_some() {
+            return true;
+        }
+        match self.open() {
+            Ok(segment) => {
+                tracing::info!(segment = %segment.path.display(), seq = self.seq, "audit segment opened");
+                self.segment = Some(segment);
+                self.set_healthy(true);
+                true
+            }
+            Err(e) => {
+                tracing::error!(dir = %self.cfg.dir.display(), error = %e, "cannot open the audit log");
+                self.set_healthy(false);
+                false
+            }
+        }
+    }
+
+    fn open(&mut self) -> io::Result<Segment> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.cfg.dir)?;
+        // The log holds patient identifiers: an existing folder is tightened too.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&self.cfg.dir, fs::Permissions::from_mode(0o700))?;
+        }
+        let mut segments = list_segments(&self.cfg.dir)?;
+        // Recover from the newest segment backwards until one holds a record.
+        let mut last_index = segments.last().map_or(0, |(i, _)| *i);
+        while let Some((index, path)) = segments.pop() {
+            let recovered = recover_segment(&path)?;
+            match recovered {
+                Recovered::Empty => {
+                    tracing::warn!(segment = %path.display(), "removing an audit segment with no record");
+                    fs::remove_file(&path)?;
+                }
+                Recovered::Tail {
+                    seq,
+                    hash,
+                    sealed,
+                    torn,
+                } => {
+                    self.seq = seq;
+                    self.prev = hash;
+                    if !sealed {
+                        // The process that wrote it did not stop cleanly: seal it now, saying what was found.
+                        let file = OpenOptions::new().append(true).open(&path)?;
+                        let len = file.metadata()?.len();
+                        self.segment = Some(Segment {
+                            file: Arc::new(file),
+                            path: path.clone(),
+                            index,
+                            len,
+                        });
+                        let record = Record::sealed(SealReason::Recovered, torn);
+                        let sealed = self
+                            .append(std::iter::once(&record))
+                            .and_then(|()| self.sync_now());
+                        self.segment = None;
+                        sealed?;
+                    }
+                    last_index = index;
+                    break;
+                }
+            }
+        }
+        self.create_segment(last_index + 1)
+    }
+
+    /// Creates segment `index`, empty, and makes its directory entry durable.
+    fn create_segment(&self, index: u64) -> io::Result<Segment> {
+        let path = self.cfg.dir.join(segment_name(index));
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        File::open(&self.cfg.dir)?.sync_all()?;
+        Ok(Segment {
+            file: Arc::new(file),
+            path,
+            index,
+            len: 0,
+        })
+    }
+
+    /// Seals the current segment, fsyncs it, and goes on in the next one. The chain state is known here, so
+    /// nothing is read back (recovery reads only what a start after a crash needs).
+    pub(super) fn rotate(&mut self) {
+        self.seal(SealReason::Rotate);
+        self.sync();
+        let Some(index) = self.segment.take().map(|s| s.index) else {
+            return;
+        };
+        match self.create_segment(index + 1) {
+            Ok(segment) => {
+                tracing::info!(segment = %segment.path.display(), seq = self.seq, "audit segment opened");
+                self.segment = Some(segment);
+            }
+            // Another process or a failing disk: the full open path recovers what is there, or reports it.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create the next audit segment");
+                self.ensure_open();
+            }
+        }
+    }
+}
+
+fn segment_name(index: u64) -> String {
+    format!("audit-{index:08}.jsonl")
+}
+
+/// Segment files in `dir`, in order.
+pub(super) fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(index) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("audit-"))
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if entry.file_type()?.is_file() {
+            segments.push((index, entry.path()));
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+enum Recovered {
+    /// No complete record (the file is removed by the caller).
+    Empty,
+    Tail {
+        seq: u64,
+        hash: String,
+        sealed: bool,
+        /// Bytes of a torn last line and the file they were set aside in.
+        torn: Option<(u64, String)>,
+    },
+}
+
+/// How much of a segment's end recovery reads: far more than one record, far less than a segment.
+pub(super) const TAIL_WINDOW: u64 = 1 << 20;
+
+/// Reads a segment's last complete record; a torn tail (bytes after the last newline) is copied to
+/// `<segment>.torn-<unix seconds>`, fsynced, and only then cut from the segment. Reads only the segment's last
+/// [`TAIL_WINDOW`] bytes, unless the last record does not fit in them.
+fn recover_segment(path: &Path) -> io::Result<Recovered> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut start = len.saturating_sub(TAIL_WINDOW);
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(start))?;
+    file.read_to_end(&mut bytes)?;
+    let mut good = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if start > 0 && !bytes[..good.saturating_sub(1)].contains(&b'\n') {
+        start = 0;
+        bytes.clear();
+        file.seek(SeekFrom::Start(0))?;
+        file.read_to_end(&mut bytes)?;
+        good = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    }
+    let mut torn = None;
+    if good < bytes.len() {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = path.with_extension(format!("jsonl.torn-{stamp}"));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&aside)?;
+        file.write_all(&bytes[good..])?;
+        file.sync_all()?;
+        let segment = OpenOptions::new().write(true).open(path)?;
+        segment.set_len(start + good as u64)?;
+        segment.sync_all()?;
+        tracing::warn!(
+            segment = %path.display(),
+            torn_bytes = bytes.len() - good,
+            set_aside = %aside.display(),
+            "audit segment ended in a torn record; set aside"
+        );
+        let name = aside
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        torn = Some(((bytes.len() - good) as u64, name));
+    }
+    if good == 0 {
+        return Ok(Recovered::Empty);
+    }
+    let body = &bytes[..good - 1];
+    let last = body
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(body, |i| &body[i + 1..]);
+    let link: TailLink = serde_json::from_slice(last).map_err(|e| {
+        io::Error::other(format!(
+            "{}: the last record does not parse ({e}); run `ssp audit verify`",
+            path.display()
+        ))
+    })?;
+    Ok(Recovered::Tail {
+        seq: link.seq,
+        hash: crate::ids::hex(&Sha256::digest(last)),
+        sealed: link.kind == "seal",
+        torn,
+    })
+}
+
+/// The chain fields of a line.
+#[derive(serde::Deserialize)]
+struct TailLink {
+    seq: u64,
+    kind: String,
+}

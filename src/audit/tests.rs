@@ -1,0 +1,381 @@
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::segment::{TAIL_WINDOW, list_segments};
+use super::writer::{QUEUE_CAPACITY, QUEUE_LIMIT};
+use super::*;
+use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
+
+fn config(dir: &Path, durability: Durability, segment_size: u64) -> AuditConfig {
+    AuditConfig {
+        dir: dir.to_path_buf(),
+        durability,
+        fsync_interval: Duration::from_millis(5),
+        segment_size,
+        instance: "test-1".into(),
+    }
+}
+
+/// A permitted transaction on connection `n` whose trace id ends in `n`.
+fn transaction(n: u64) -> Arc<Transaction> {
+    let identity = PeerIdentity {
+        subject: "CN=consumer.dev.localhost".into(),
+        common_name: Some("consumer.dev.localhost".into()),
+        dns_sans: Vec::new(),
+        serial: "01".into(),
+        fingerprint_sha256: "ab".repeat(32),
+    };
+    Arc::new(Transaction {
+        conn_id: n,
+        peer: Arc::new(Peer::new(
+            "127.0.0.1:50000".parse().unwrap(),
+            None,
+            &identity,
+        )),
+        method: http::Method::GET,
+        policy_generation: 1,
+        names: Names::Checked {
+            trace_id: TraceId::parse(&format!("00000000-0000-4000-8000-{n:012}")).unwrap(),
+            from: Asid::parse("200000000359").unwrap(),
+            to: Asid::parse("918999198993").unwrap(),
+            interaction: InteractionId::parse(
+                "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1",
+            )
+            .unwrap(),
+            target: Arc::from("https://provider.dev.localhost/B82617/STU3/1/gpconnect/metadata"),
+            fqdn: Arc::from("consumer.dev.localhost"),
+        },
+    })
+}
+
+fn request(n: u64) -> Record {
+    Record::permitted(&transaction(n), None)
+}
+
+fn response(n: u64, status: u16, outcome: Outcome) -> Record {
+    Record::completed(
+        &transaction(n),
+        Completion {
+            status,
+            bytes_in: 0,
+            bytes_out: 10,
+            upstream: Duration::from_millis(1),
+            total: Duration::from_millis(2),
+            retried: false,
+            outcome,
+        },
+    )
+}
+
+async fn write_n(log: &AuditLog, n: u64) {
+    for i in 0..n {
+        log.write(request(i)).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn records_chain_across_segments_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), Durability::Strict, 1024));
+    write_n(&log, 30).await;
+    log.close();
+    let v = verify(dir.path()).unwrap();
+    assert!(v.segments > 2, "{v:?}");
+    assert!(v.last_sealed);
+    // 30 requests plus one seal per segment.
+    assert_eq!(v.records, 30 + v.segments as u64);
+    use std::os::unix::fs::PermissionsExt;
+    for (_, path) in list_segments(dir.path()).unwrap() {
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    assert_eq!(
+        fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+}
+
+#[tokio::test]
+async fn a_restart_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        let log = AuditLog::start(config(dir.path(), Durability::Batched, 1 << 20));
+        write_n(&log, 5).await;
+        log.close();
+    }
+    let v = verify(dir.path()).unwrap();
+    assert_eq!((v.segments, v.records), (3, 18));
+}
+
+/// Simulates a crash: a segment left unsealed with half a record at the end.
+#[tokio::test]
+async fn a_torn_tail_is_set_aside_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), Durability::Strict, 1 << 20));
+    write_n(&log, 3).await;
+    // Drop without close: as after kill -9, no seal. Then tear the end.
+    std::mem::forget(log);
+    let (_, path) = list_segments(dir.path()).unwrap().pop().unwrap();
+    let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+    f.write_all(br#"{"seq":4,"instance":"test-1","ts":"2026"#)
+        .unwrap();
+    let err = verify(dir.path()).unwrap_err();
+    assert!(err.problem.contains("torn"), "{err}");
+
+    let log = AuditLog::start(config(dir.path(), Durability::Strict, 1 << 20));
+    assert!(log.healthy());
+    write_n(&log, 2).await;
+    log.close();
+    let v = verify(dir.path()).unwrap();
+    assert_eq!(v.records, 3 + 1 + 2 + 1);
+    let aside: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".torn-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(
+        fs::read(aside[0].path()).unwrap(),
+        br#"{"seq":4,"instance":"test-1","ts":"2026"#
+    );
+    let first = fs::read_to_string(&path).unwrap();
+    let seal: serde_json::Value = serde_json::from_str(first.lines().last().unwrap()).unwrap();
+    assert_eq!(seal["sealed"], "recovered");
+    assert_eq!(seal["torn_bytes"], 39);
+}
+
+/// Many requests at once on two threads: every one is answered, group commit writes fewer batches than
+/// records, and the chain holds across rotations, in both durability modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_writes() {
+    for durability in [Durability::Batched, Durability::Strict] {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = AuditMetrics {
+            records: prometheus::IntCounter::new("r", "r").unwrap(),
+            write_seconds: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new(
+                "w", "w",
+            ))
+            .unwrap(),
+        };
+        let log = AuditLog::start_with_metrics(
+            config(dir.path(), durability, 256 << 10),
+            Some(metrics.clone()),
+        );
+        let tasks: Vec<_> = (0..64)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    for i in 0..25 {
+                        log.write(request(t * 100 + i)).await.unwrap();
+                        log.submit(response(t * 100 + i, 200, Outcome::Ok));
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        log.close();
+        let v = verify(dir.path()).unwrap();
+        assert!(v.segments > 1, "{v:?}");
+        assert_eq!(v.records, 64 * 25 * 2 + v.segments as u64, "{durability:?}");
+        let batches = metrics.write_seconds.get_sample_count();
+        assert!(
+            batches < metrics.records.get(),
+            "{durability:?}: {batches} writes for {} records",
+            metrics.records.get()
+        );
+    }
+}
+
+/// While nothing can be written (here: the writer held, as by a write stuck on a stalled disk), a request
+/// record is refused once the queue holds `QUEUE_CAPACITY`, and other records are kept up to `QUEUE_LIMIT`,
+/// then dropped; everything queued is written once the writer is back.
+#[tokio::test]
+async fn the_queue_is_bounded_while_the_disk_stalls() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
+    log.hold(true);
+    for i in 0..QUEUE_CAPACITY as u64 {
+        log.submit(request(i));
+    }
+    assert_eq!(log.write(request(0)).await, Err(Unavailable));
+    for i in 0..(QUEUE_LIMIT - QUEUE_CAPACITY + 10) as u64 {
+        log.submit(request(i));
+    }
+    assert_eq!(log.queue_depth(), QUEUE_LIMIT as u64);
+    log.hold(false);
+    log.close();
+    let v = verify(dir.path()).unwrap();
+    assert_eq!(v.records, QUEUE_LIMIT as u64 + 1);
+}
+
+/// Recovery reads a segment's last [`TAIL_WINDOW`] bytes; a tear longer than that is still found whole.
+#[tokio::test]
+async fn recovery_of_a_long_segment_reads_its_tail() {
+    for tear in [
+        b"{\"seq\":".to_vec(),
+        vec![b'x'; TAIL_WINDOW as usize + 4096],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
+        let n = 2 * TAIL_WINDOW / 200;
+        for i in 0..n {
+            log.submit(request(i));
+        }
+        log.write(request(n)).await.unwrap();
+        std::mem::forget(log);
+        let (_, path) = list_segments(dir.path()).unwrap().pop().unwrap();
+        assert!(fs::metadata(&path).unwrap().len() > TAIL_WINDOW);
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&tear)
+            .unwrap();
+
+        let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
+        write_n(&log, 1).await;
+        log.close();
+        let v = verify(dir.path()).unwrap();
+        assert_eq!(v.records, n + 1 + 1 + 1 + 1, "{v:?}");
+        let text = fs::read_to_string(&path).unwrap();
+        let seal: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(seal["sealed"], "recovered");
+        assert_eq!(seal["torn_bytes"], tear.len() as u64);
+    }
+}
+
+#[tokio::test]
+async fn an_unwritable_directory_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    fs::write(&blocker, b"not a directory").unwrap();
+    let log = AuditLog::start(config(&blocker.join("audit"), Durability::Strict, 1 << 20));
+    assert!(!log.healthy());
+    assert_eq!(log.write(request(1)).await, Err(Unavailable));
+    log.close();
+}
+
+fn tamper(dir: &Path, f: impl FnOnce(&mut Vec<String>)) -> Broken {
+    let (_, path) = list_segments(dir).unwrap().into_iter().next().unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    f(&mut lines);
+    fs::write(&path, lines.join("\n") + "\n").unwrap();
+    verify(dir).unwrap_err()
+}
+
+async fn fresh_log() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), Durability::Batched, 1 << 20));
+    write_n(&log, 6).await;
+    log.close();
+    assert!(verify(dir.path()).is_ok());
+    dir
+}
+
+#[tokio::test]
+async fn tampering_is_detected_at_the_first_bad_record() {
+    let dir = fresh_log().await;
+    let err = tamper(dir.path(), |l| {
+        l[2] = l[2].replace("918999198993", "918999198994")
+    });
+    assert_eq!((err.line, err.seq), (4, Some(4)), "{err}");
+
+    let dir = fresh_log().await;
+    let err = tamper(dir.path(), |l| {
+        l.remove(2);
+    });
+    assert_eq!(err.line, 3, "{err}");
+
+    let dir = fresh_log().await;
+    let err = tamper(dir.path(), |l| l.swap(1, 2));
+    assert_eq!(err.line, 2, "{err}");
+
+    let dir = fresh_log().await;
+    let (_, path) = list_segments(dir.path()).unwrap().pop().unwrap();
+    let len = fs::metadata(&path).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let err = verify(dir.path()).unwrap_err();
+    assert!(err.problem.contains("torn"), "{err}");
+}
+
+#[tokio::test]
+async fn removing_a_sealed_segment_or_its_seal_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), Durability::Batched, 512));
+    write_n(&log, 20).await;
+    log.close();
+    let segments = list_segments(dir.path()).unwrap();
+    assert!(segments.len() >= 3);
+    // Truncate the first segment at a record boundary: its seal is gone.
+    let text = fs::read_to_string(&segments[0].1).unwrap();
+    let cut: Vec<&str> = text.lines().collect();
+    fs::write(&segments[0].1, cut[..cut.len() - 1].join("\n") + "\n").unwrap();
+    let err = verify(dir.path()).unwrap_err();
+    assert!(err.problem.contains("seal"), "{err}");
+    fs::write(&segments[0].1, text).unwrap();
+    assert!(verify(dir.path()).is_ok());
+    // Remove a middle segment.
+    fs::remove_file(&segments[1].1).unwrap();
+    let err = verify(dir.path()).unwrap_err();
+    assert_eq!(err.segment, segments[2].1);
+}
+
+#[tokio::test]
+async fn query_returns_whole_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), Durability::Batched, 1 << 20));
+    for (n, outcome) in [(1u64, Outcome::Ok), (2, Outcome::Denied), (3, Outcome::Ok)] {
+        log.write(request(n)).await.unwrap();
+        log.write(response(n, 200, outcome)).await.unwrap();
+    }
+    log.close();
+    let denied = query(
+        dir.path(),
+        &Filter {
+            outcome: Some("denied".into()),
+            ..Filter::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        denied.len(),
+        2,
+        "the request and response of the denied transaction"
+    );
+    assert_eq!(denied[0]["kind"], "request");
+    assert_eq!(denied[1]["outcome"], "denied");
+    let all = query(
+        dir.path(),
+        &Filter {
+            from: Some("200000000359".into()),
+            ..Filter::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(all.len(), 6);
+    let none = query(
+        dir.path(),
+        &Filter {
+            since: Some(time::OffsetDateTime::now_utc() + time::Duration::hours(1)),
+            ..Filter::default()
+        },
+    )
+    .unwrap();
+    assert!(none.is_empty());
+}

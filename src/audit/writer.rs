@@ -1,0 +1,353 @@
+//! The writer: one `ssp-audit` thread owns the segment files and does every write, fsync, rotation, reopen and
+//! recovery, so no file I/O runs on a runtime worker. Requests queue their records and wait on a notification.
+//!
+//! Group commit: the thread takes everything queued (up to [`MAX_BATCH`] records) and writes it with one `write`;
+//! in strict mode one fsync follows each batch and acknowledges every record in it. In batched mode a record is
+//! acknowledged once written (to the page cache) and the thread fsyncs every `audit.fsync_interval` while there is
+//! something to sync. Nothing waits by sleeping: the thread waits on a condition variable that a queued record or
+//! `close` signals (with a timeout only when an fsync falls due); a request waits on its own [`Slot`]; a request
+//! that finds the queue full waits on a semaphore the thread releases as it takes records.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::record::{Record, SealReason};
+use super::segment::SegmentWriter;
+use crate::config::{AuditConfig, Durability};
+
+/// Records written in one batch at most.
+const MAX_BATCH: usize = 1024;
+/// Records waiting for the writer at most; past this, request records wait up to [`SUBMIT_WAIT`].
+pub(super) const QUEUE_CAPACITY: usize = 8192;
+/// Records queued at most in all, counting those that do not wait (response records, refusals): a bound on memory
+/// while the disk stalls. Past it a record is dropped and the operational log says so.
+pub(super) const QUEUE_LIMIT: usize = 8 * QUEUE_CAPACITY;
+/// How long a request waits for room in the queue before it is refused with 503 `AUDIT_UNAVAILABLE`.
+const SUBMIT_WAIT: Duration = Duration::from_millis(100);
+/// How long a request waits for its record to be written (and, in strict mode, fsynced).
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// The audit log could not take a record in time: the request must not go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("audit log unavailable")
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// The writer's metric handles: `ssp_audit_records_total` and `ssp_audit_write_seconds`.
+#[derive(Debug, Clone)]
+pub struct AuditMetrics {
+    pub records: prometheus::IntCounter,
+    pub write_seconds: prometheus::Histogram,
+}
+
+/// Where a request record stands; the request waiting for it is woken, and only it, when that changes.
+#[derive(Debug, Default)]
+struct Slot {
+    state: AtomicU8,
+    changed: Notify,
+}
+
+impl Slot {
+    // 0, the default: not written yet.
+    const DONE: u8 = 1;
+    const FAILED: u8 = 2;
+
+    fn get(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Sets the state and wakes the waiting request (or leaves it a permit, if it is not waiting yet).
+    fn set(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
+        self.changed.notify_one();
+    }
+}
+
+/// A record waiting to be written; the slot of the request waiting for it (none for records nobody waits for);
+/// its place in the queue's capacity, given back when the thread takes it.
+struct Job {
+    record: Record,
+    slot: Option<Arc<Slot>>,
+    _room: Option<OwnedSemaphorePermit>,
+}
+
+/// The handle the request path holds.
+pub struct AuditLog {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the thread: a record was queued while it waited, or the log is closing.
+    wake: Condvar,
+    /// [`QUEUE_CAPACITY`] places; a request record waits for one.
+    room: Arc<Semaphore>,
+    /// False after a failed write, open or fsync, true again after a good write: feeds readiness.
+    healthy: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    /// The thread waits with nothing to do: a queued record must wake it.
+    idle: bool,
+    closed: bool,
+    /// Tests only: the thread takes nothing, as when a write is stuck on a stalled disk.
+    #[cfg(test)]
+    held: bool,
+}
+
+impl Queue {
+    fn has_work(&self) -> bool {
+        #[cfg(test)]
+        if self.held && !self.closed {
+            return false;
+        }
+        !self.jobs.is_empty()
+    }
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("healthy", &self.healthy())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The `ssp-audit` thread: writes what is queued, fsyncs per the durability, and on close writes the rest,
+    /// seals the segment and fsyncs.
+    fn run(&self, mut writer: SegmentWriter, durability: Durability, fsync_interval: Duration) {
+        let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        // Batched mode: written since the last fsync, and when that was.
+        let mut dirty = false;
+        let mut last_sync = Instant::now();
+        loop {
+            let mut queue = self.lock();
+            while !queue.has_work() && !queue.closed {
+                queue.idle = true;
+                queue = if dirty {
+                    let due = fsync_interval.saturating_sub(last_sync.elapsed());
+                    if due.is_zero() {
+                        break;
+                    }
+                    self.wake
+                        .wait_timeout(queue, due)
+                        .map_or_else(|e| e.into_inner().0, |(g, _)| g)
+                } else {
+                    self.wake
+                        .wait(queue)
+                        .unwrap_or_else(PoisonError::into_inner)
+                };
+                queue.idle = false;
+            }
+            queue.idle = false;
+            let closing = queue.closed && !queue.has_work();
+            let n = queue.jobs.len().min(MAX_BATCH);
+            batch.extend(queue.jobs.drain(..n));
+            drop(queue);
+            if !batch.is_empty() {
+                let written = writer
+                    .write_batch(batch.iter().map(|job| &job.record))
+                    .is_ok();
+                let done = match durability {
+                    Durability::Batched => written,
+                    Durability::Strict => written && writer.sync(),
+                };
+                dirty |= written && durability == Durability::Batched;
+                let state = if done { Slot::DONE } else { Slot::FAILED };
+                for job in batch.drain(..) {
+                    if let Some(slot) = job.slot {
+                        slot.set(state);
+                    }
+                }
+            }
+            if dirty && (closing || last_sync.elapsed() >= fsync_interval) {
+                writer.sync();
+                dirty = false;
+                last_sync = Instant::now();
+            }
+            if closing {
+                writer.seal(SealReason::Shutdown);
+                writer.sync();
+                return;
+            }
+        }
+    }
+}
+
+impl AuditLog {
+    /// Starts the log. It recovers the log (setting aside a torn tail) and opens a new segment; if it cannot, the
+    /// log starts unhealthy (every request is refused with 503) and retries on each write.
+    pub fn start(cfg: AuditConfig) -> Arc<Self> {
+        Self::start_with_metrics(cfg, None)
+    }
+
+    /// As [`AuditLog::start`], counting records written and timing each batch.
+    pub fn start_with_metrics(cfg: AuditConfig, metrics: Option<AuditMetrics>) -> Arc<Self> {
+        let healthy = Arc::new(AtomicBool::new(false));
+        let (durability, fsync_interval) = (cfg.durability, cfg.fsync_interval);
+        let mut writer = SegmentWriter::new(cfg, Arc::clone(&healthy));
+        writer.set_metrics(metrics);
+        // Open before returning (the one piece of file I/O on the caller's thread, at start), so that a healthy
+        // log is healthy from the first request.
+        writer.ensure_open();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            room: Arc::new(Semaphore::new(QUEUE_CAPACITY)),
+            healthy,
+        });
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("ssp-audit".into())
+            .spawn(move || for_thread.run(writer, durability, fsync_interval));
+        let thread = match thread {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the audit thread: requests are refused with 503");
+                shared.healthy.store(false, Ordering::Release);
+                shared.lock().closed = true;
+                None
+            }
+        };
+        Arc::new(Self {
+            shared,
+            thread: Mutex::new(thread),
+        })
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Acquire)
+    }
+
+    /// Records queued and not yet taken by the writer.
+    pub fn queue_depth(&self) -> u64 {
+        self.shared.lock().jobs.len() as u64
+    }
+
+    /// Queues a job and wakes the thread if it waits; false when the log is closed or [`QUEUE_LIMIT`] is reached.
+    fn push(&self, job: Job) -> bool {
+        let mut queue = self.shared.lock();
+        if queue.closed || queue.jobs.len() >= QUEUE_LIMIT {
+            return false;
+        }
+        queue.jobs.push(job);
+        if queue.idle {
+            queue.idle = false;
+            self.shared.wake.notify_one();
+        }
+        true
+    }
+
+    /// Queues a record and waits until it is written (batched) or fsynced (strict). A request may be forwarded
+    /// only after this returns `Ok`. Waits at most 100 ms for room in the queue and 5 s for the write.
+    pub async fn write(&self, record: Record) -> Result<(), Unavailable> {
+        let room = tokio::time::timeout(SUBMIT_WAIT, Arc::clone(&self.shared.room).acquire_owned())
+            .await
+            .map_err(|_| Unavailable)?
+            .map_err(|_| Unavailable)?;
+        let slot = Arc::new(Slot::default());
+        let job = Job {
+            record,
+            slot: Some(Arc::clone(&slot)),
+            _room: Some(room),
+        };
+        if !self.push(job) {
+            return Err(Unavailable);
+        }
+        let deadline = tokio::time::Instant::now() + ACK_WAIT;
+        loop {
+            // A change between reading the slot and waiting leaves a permit, so it is not missed.
+            match slot.get() {
+                Slot::DONE => return Ok(()),
+                Slot::FAILED => return Err(Unavailable),
+                _ => {}
+            }
+            if tokio::time::timeout_at(deadline, slot.changed.notified())
+                .await
+                .is_err()
+            {
+                return Err(Unavailable);
+            }
+        }
+    }
+
+    /// Queues a record without waiting for it to be written (response records, refusals). It takes a place in the
+    /// queue's capacity while there is one, and is queued anyway up to [`QUEUE_LIMIT`], so that an exchange's
+    /// response record is not lost to a burst. A record that cannot be queued (the log is closed, or the disk has
+    /// stalled that long) is reported in the operational log, never dropped silently.
+    pub fn submit(&self, record: Record) {
+        let job = Job {
+            record,
+            slot: None,
+            _room: Arc::clone(&self.shared.room).try_acquire_owned().ok(),
+        };
+        if !self.push(job) {
+            tracing::error!("audit log closed or its queue full: a record could not be queued");
+        }
+    }
+
+    /// Writes what is queued, seals the current segment, fsyncs and stops the thread; waits for it. Later writes
+    /// are refused.
+    pub fn close(&self) {
+        {
+            let mut queue = self.shared.lock();
+            queue.closed = true;
+            self.shared.wake.notify_one();
+        }
+        self.shared.room.close();
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                tracing::error!("the audit thread panicked");
+            }
+        }
+    }
+
+    /// Tests: holds the writer (it takes nothing from the queue), as a write stuck on a stalled disk would.
+    #[cfg(test)]
+    pub(super) fn hold(&self, held: bool) {
+        let mut queue = self.shared.lock();
+        queue.held = held;
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Drop for AuditLog {
+    /// Dropping the log closes it, as a clean stop would.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Sets the health flag that feeds readiness, and says so when it changes.
+pub(super) fn set_healthy(flag: &AtomicBool, healthy: bool, dir: &Path) {
+    if flag.swap(healthy, Ordering::AcqRel) != healthy {
+        if healthy {
+            tracing::info!(dir = %dir.display(), "audit log writable");
+        } else {
+            tracing::error!(dir = %dir.display(), "audit log NOT writable: requests are refused with 503");
+        }
+    }
+}
