@@ -1,0 +1,208 @@
+//! `ssp policy check`: checks 5 to 9 explained one by one, with the same check functions that decide requests
+//! (`decide`), so the explanation cannot disagree with the decision.
+
+use std::collections::HashSet;
+use std::time::SystemTime;
+
+use super::decide::{Denial, fqdn_check, sender_check, target_check};
+use super::model::{Agreement, Policy};
+use crate::ids::InteractionId;
+use crate::ssp::SspRequest;
+
+/// One check of an explanation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub number: u8,
+    pub name: &'static str,
+    pub outcome: StepOutcome,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    Pass,
+    Fail,
+    Skip,
+}
+
+impl StepOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepOutcome::Pass => "pass",
+            StepOutcome::Fail => "FAIL",
+            StepOutcome::Skip => "skip",
+        }
+    }
+}
+
+/// What `ssp policy check` prints: every check with its reason, and the decision (the first failure wins).
+#[derive(Debug, Clone)]
+pub struct Explained {
+    pub generation: u64,
+    pub steps: Vec<Step>,
+    pub decision: Result<(), Denial>,
+}
+
+fn sorted(set: &HashSet<InteractionId>) -> String {
+    let mut list: Vec<&str> = set.iter().map(InteractionId::as_str).collect();
+    list.sort_unstable();
+    if list.is_empty() {
+        "(nothing)".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+/// The steps so far and the first failure, which is the decision.
+struct Steps {
+    steps: Vec<Step>,
+    decision: Result<(), Denial>,
+}
+
+impl Steps {
+    fn skip(&mut self, number: u8, name: &'static str, detail: String) {
+        self.push(number, name, StepOutcome::Skip, detail);
+    }
+
+    /// Adds a check that ran: `pass` or `fail` is its detail; a failure is the decision if none came before.
+    fn ran<T>(
+        &mut self,
+        number: u8,
+        name: &'static str,
+        result: Result<T, Denial>,
+        pass: impl FnOnce(T) -> String,
+        fail: impl FnOnce() -> String,
+    ) {
+        match result {
+            Ok(found) => self.push(number, name, StepOutcome::Pass, pass(found)),
+            Err(denial) => {
+                self.push(number, name, StepOutcome::Fail, fail());
+                if self.decision.is_ok() {
+                    self.decision = Err(denial);
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, number: u8, name: &'static str, outcome: StepOutcome, detail: String) {
+        self.steps.push(Step {
+            number,
+            name,
+            outcome,
+            detail,
+        });
+    }
+}
+
+impl Policy {
+    /// Explains checks 5 to 9 for a request, check by check, for `ssp policy check`. `fqdn` stands for the client
+    /// certificate's name (absent: check 5 is skipped). The decision is the one [`Policy::check`] makes: the
+    /// first failing check.
+    pub fn explain(&self, request: &SspRequest, fqdn: Option<&str>, now: SystemTime) -> Explained {
+        let h = &request.headers;
+        let urn = h.interaction.as_str();
+        let system = self.systems.get(&h.from);
+        let endpoint = self.endpoints.get(&h.to);
+        let mut out = Steps {
+            steps: Vec::new(),
+            decision: Ok(()),
+        };
+
+        match (system, fqdn) {
+            (None, _) => out.skip(
+                5,
+                "fqdn",
+                format!("{} is not in the directory (fails at 6)", h.from),
+            ),
+            (Some(s), None) => out.skip(
+                5,
+                "fqdn",
+                format!("no --fqdn given; {} must present {}", h.from, s.fqdn),
+            ),
+            (Some(s), Some(f)) => out.ran(
+                5,
+                "fqdn",
+                fqdn_check(h, system, |registered| f.eq_ignore_ascii_case(registered)),
+                |()| format!("{f} is the FQDN registered for {}", h.from),
+                || format!("{f} is not {}, the FQDN registered for {}", s.fqdn, h.from),
+            ),
+        }
+        out.ran(
+            6,
+            "sender",
+            sender_check(h, system),
+            |s| format!("{} ({}) may send {urn}", h.from, s.name),
+            || match system {
+                None => format!("{} is not an accredited system", h.from),
+                Some(s) => format!(
+                    "{} ({}) may send only: {}",
+                    h.from,
+                    s.name,
+                    sorted(&s.interactions)
+                ),
+            },
+        );
+        out.ran(
+            7,
+            "receiver",
+            self.receiver_check(h),
+            |e| {
+                format!(
+                    "{} ({}, party key {}) handles {urn}",
+                    h.to, e.ods, e.party_key
+                )
+            },
+            || match endpoint {
+                None => format!("no endpoint has ASID {}", h.to),
+                Some(e) => format!(
+                    "{} ({}) handles only: {}",
+                    h.to,
+                    e.ods,
+                    sorted(&e.interactions)
+                ),
+            },
+        );
+        out.ran(
+            8,
+            "agreement",
+            self.agreement_check(h, now),
+            |a| format!("{} covers it and is in force", a.id),
+            || {
+                let agreements: Vec<&Agreement> = self
+                    .agreements
+                    .get(&h.from)
+                    .map(|l| l.iter().filter(|a| a.to == h.to).collect())
+                    .unwrap_or_default();
+                if agreements.is_empty() {
+                    return format!("no agreement from {} to {}", h.from, h.to);
+                }
+                let why: Vec<String> = agreements
+                    .iter()
+                    .map(|a| {
+                        if a.interactions.covers(&h.interaction) {
+                            format!("{} is not in force now", a.id)
+                        } else {
+                            format!("{} does not cover {urn}", a.id)
+                        }
+                    })
+                    .collect();
+                why.join("; ")
+            },
+        );
+        match endpoint {
+            None => out.skip(9, "endpoint", "no endpoint to compare with".into()),
+            Some(e) => out.ran(
+                9,
+                "endpoint",
+                target_check(&request.target, e),
+                |()| format!("the URL continues the registered {}", e.url),
+                || format!("the URL does not continue the registered {} exactly", e.url),
+            ),
+        }
+        Explained {
+            generation: self.generation,
+            steps: out.steps,
+            decision: out.decision,
+        }
+    }
+}

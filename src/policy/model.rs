@@ -1,0 +1,119 @@
+//! The compiled directory and agreements: accredited systems, provider endpoints, agreements, and the immutable
+//! [`Policy`] snapshot that request handling reads without locks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::ids::{Asid, InteractionId, OdsCode};
+use crate::jwt::VerifyingKey;
+
+/// A system's registered token keys, shared by every permit for it.
+pub type JwtKeys = Arc<[VerifyingKey]>;
+
+/// An accredited sending system (SDS accredited-system record).
+#[derive(Debug, Clone)]
+pub struct System {
+    pub asid: Asid,
+    pub name: String,
+    pub ods: OdsCode,
+    /// Must equal the client certificate's CN or one of its DNS SANs (check 5); lower case.
+    pub fqdn: Arc<str>,
+    /// What this system may send (check 6).
+    pub interactions: HashSet<InteractionId>,
+    /// Keys its audit tokens must be signed with; `None`: unsigned GP Connect tokens.
+    pub jwt_keys: Option<JwtKeys>,
+}
+
+/// A provider endpoint (SDS MHS record).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub asid: Asid,
+    pub party_key: String,
+    pub cpa_id: String,
+    pub ods: OdsCode,
+    /// The registered `nhsMhsEndPoint`, no trailing slash; targets must continue it exactly (check 9).
+    pub url: String,
+    /// What this endpoint handles (check 7).
+    pub interactions: HashSet<InteractionId>,
+}
+
+/// Which interactions an agreement covers.
+#[derive(Debug, Clone)]
+pub enum Grant {
+    All,
+    Only(HashSet<InteractionId>),
+}
+
+impl Grant {
+    pub(super) fn covers(&self, interaction: &InteractionId) -> bool {
+        match self {
+            Grant::All => true,
+            Grant::Only(set) => set.contains(interaction),
+        }
+    }
+}
+
+/// A data-sharing agreement from one consumer system to one provider endpoint.
+#[derive(Debug, Clone)]
+pub struct Agreement {
+    pub id: String,
+    pub from: Asid,
+    pub to: Asid,
+    pub interactions: Grant,
+    pub not_before: Option<SystemTime>,
+    pub not_after: Option<SystemTime>,
+}
+
+impl Agreement {
+    pub(super) fn in_force(&self, now: SystemTime) -> bool {
+        self.not_before.is_none_or(|t| now >= t) && self.not_after.is_none_or(|t| now <= t)
+    }
+}
+
+/// An immutable, compiled policy: what request handling reads.
+#[derive(Debug, Default)]
+pub struct Policy {
+    /// Which import produced this snapshot; named by every decision.
+    pub generation: u64,
+    pub(super) systems: HashMap<Asid, System>,
+    pub(super) endpoints: HashMap<Asid, Arc<Endpoint>>,
+    /// Agreements by sending system; a consumer has a handful, so the receiver is found by a short scan.
+    pub(super) agreements: HashMap<Asid, Vec<Agreement>>,
+    /// Every interaction some system sends or some endpoint handles: the bounded set of metric labels.
+    pub(super) known: HashSet<InteractionId>,
+}
+
+impl Policy {
+    /// Whether some system or endpoint names this interaction (metric labels use it, or `other`).
+    pub fn knows(&self, interaction: &str) -> bool {
+        self.known.contains(interaction)
+    }
+
+    pub fn endpoint(&self, asid: &Asid) -> Option<&Endpoint> {
+        self.endpoints.get(asid).map(|e| &**e)
+    }
+
+    /// Every accredited system, in ASID order.
+    pub fn systems(&self) -> Vec<&System> {
+        let mut all: Vec<&System> = self.systems.values().collect();
+        all.sort_by(|a, b| a.asid.as_str().cmp(b.asid.as_str()));
+        all
+    }
+
+    /// Every provider endpoint, in ASID order.
+    pub fn endpoints(&self) -> Vec<&Endpoint> {
+        let mut all: Vec<&Endpoint> = self.endpoints.values().map(|e| &**e).collect();
+        all.sort_by(|a, b| a.asid.as_str().cmp(b.asid.as_str()));
+        all
+    }
+
+    /// Counts of systems, endpoints and agreements, for logs.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.systems.len(),
+            self.endpoints.len(),
+            self.agreements.values().map(Vec::len).sum(),
+        )
+    }
+}
