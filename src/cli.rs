@@ -741,7 +741,7 @@ fn policy_check(
         Ok(t) => t,
         Err(e) => {
             println!("check 3  target     FAIL  not a valid target URL ({e:?})");
-            println!("decision: DENY  400 INVALID_TARGET_URL");
+            print_denial(&crate::proxy::Refusal::Target(e));
             return exit::NEGATIVE;
         }
     };
@@ -770,11 +770,19 @@ fn policy_check(
             exit::OK
         }
         Err(denial) => {
-            let status = if denial.check() == 9 { 400 } else { 403 };
-            println!("decision: DENY  {status} {}", denial.text());
+            print_denial(&crate::proxy::Refusal::Denied(denial));
             exit::NEGATIVE
         }
     }
+}
+
+/// The decision line of a refusal, with the status and text the proxy would answer.
+fn print_denial(refusal: &crate::proxy::Refusal) {
+    println!(
+        "decision: DENY  {} {}",
+        refusal.status().as_u16(),
+        refusal.text()
+    );
 }
 
 fn audit(command: AuditCommand) -> u8 {

@@ -72,7 +72,7 @@ pub enum Denial {
 
 impl Denial {
     /// The check number of DESIGN.md 1.4.
-    pub fn check(&self) -> u8 {
+    pub fn number(&self) -> u8 {
         match self {
             Denial::FqdnMismatch { .. } => 5,
             Denial::SenderNotAccredited { .. } => 6,

@@ -195,8 +195,8 @@ fn agreements_are_in_force_only_between_their_dates() {
     let d = |now| decide("200000000359", "918999198993", METADATA, URL, CN, now);
     assert!(d("2026-01-01T00:00:00Z").is_ok());
     assert!(d("2027-12-31T23:59:59Z").is_ok());
-    assert_eq!(d("2025-12-31T23:59:59Z").unwrap_err().check(), 8);
-    assert_eq!(d("2028-01-01T00:00:00Z").unwrap_err().check(), 8);
+    assert_eq!(d("2025-12-31T23:59:59Z").unwrap_err().number(), 8);
+    assert_eq!(d("2028-01-01T00:00:00Z").unwrap_err().number(), 8);
     let later = at(NOW) + Duration::from_secs(3 * 365 * 86400);
     let denied = policy().check(
         request("200000000359", "918999198993", METADATA, URL),
@@ -386,7 +386,7 @@ fn explain_matches_check_at_each_step() {
             vec![5, 6, 7, 8, 9]
         );
         assert_eq!(
-            explained.decision.as_ref().err().map(Denial::check),
+            explained.decision.as_ref().err().map(Denial::number),
             fails_at,
             "{explained:?}"
         );
@@ -404,7 +404,7 @@ fn explain_matches_check_at_each_step() {
         }
         let checked = match p.check(req, &peer(fqdn.unwrap_or(CN)), at(NOW)) {
             Decision::Permit(_) => None,
-            Decision::Deny(d) => Some(d.check()),
+            Decision::Deny(d) => Some(d.number()),
         };
         assert_eq!(checked, fails_at);
     }

@@ -1,46 +1,29 @@
-//! One request, start to finish: the order of the checks of DESIGN.md 1.4 (2 to 9 here; 1 is the handshake in
-//! `server`), forwarding, and the one place where a failure becomes a consumer-facing response.
-//!
-//! Each step consumes the previous step's output: `Request` -> `Target` + `SspHeaders` -> `Permit` ->
-//! upstream `Response` -> streamed body. Failures are small [`Refusal`] values with a bounded reason label;
-//! [`Refusal::respond`] turns them into OperationOutcomes. No sockets, no parsing details.
+//! The order of the steps for one request (DESIGN.md 1.4, checks 2 to 12; 1 is the handshake in `server`):
+//! hop-by-hop removal, the checks, the request record, forwarding, and the exchange that writes the response
+//! record when both bodies end.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::ConnInfo;
+use super::body::{ProxyBody, drain};
+use super::refusal::{Refusal, log_refusal, raw_transaction};
 use crate::audit::{AuditLog, Completion, Names, Outcome, Record, Transaction};
 use crate::config::JwtConfig;
-use crate::forward::{BoxError, Direction, Exchange, ForwardError, Streamed, Upstream};
-use crate::ids::PeerIdentity;
-use crate::jwt::{Expect, JwtAudit, Mode, Validator, Violation};
+use crate::forward::{Direction, Exchange, ForwardError, Streamed, Upstream};
+use crate::jwt::{Expect, JwtAudit, Mode, Validator};
 use crate::limits::{Admission, Limits, Throttle};
 use crate::metrics::{Metrics, OTHER};
-use crate::outcome::{Format, IssueCode, Outcome as OperationOutcome, Severity};
-use crate::policy::{Decision, Denial, Permit, Policy};
-use crate::ssp::{self, HeaderError, SspHeaders, SspRequest, Target, TargetError};
-
-/// What the server knows about a consumer connection; read once after the handshake and shared by its requests.
-#[derive(Debug)]
-pub struct ConnInfo {
-    /// Counts connections since start, for correlating log lines.
-    pub id: u64,
-    pub remote: SocketAddr,
-    pub peer: PeerIdentity,
-    /// The peer as every audit record of this connection names it, built once.
-    pub audit_peer: Arc<crate::audit::Peer>,
-}
+use crate::outcome::Format;
+use crate::policy::{Decision, Permit, Policy};
+use crate::ssp::{self, SspHeaders, SspRequest, Target};
 
 /// The request pipeline's shared state.
 #[derive(Debug)]
@@ -60,179 +43,6 @@ pub struct Proxy {
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
 }
-
-/// Why a request was not forwarded, or failed upstream before a response.
-#[derive(Debug)]
-pub enum Refusal {
-    /// Before check 2: more header bytes or fields than `limits.max_header_bytes` / `max_header_count`.
-    HeadersTooLarge,
-    /// Check 2.
-    Method,
-    /// Check 3.
-    Target(TargetError),
-    /// Check 4.
-    Header(HeaderError),
-    /// Checks 5 to 9.
-    Denied(Denial),
-    /// Check 10, in enforce mode: the first violation of the audit token, and what was read of it.
-    Jwt(Violation, Box<JwtAudit>),
-    /// Check 11: a consumer or provider limit; carries the ASID the text names.
-    Throttled(Throttle, crate::ids::Asid),
-    /// Check 12: the request record could not be written.
-    AuditUnavailable,
-    /// The provider could not be reached or stayed silent; carries the target text for the error.
-    Upstream { error: ForwardError, target: String },
-}
-
-impl Refusal {
-    /// A bounded label for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Refusal::HeadersTooLarge => "request_header_fields_too_large",
-            Refusal::Method => "method_not_allowed",
-            Refusal::Target(_) => "invalid_target_url",
-            Refusal::Header(_) => "missing_or_invalid_header",
-            Refusal::Denied(d) => d.reason(),
-            Refusal::Jwt(..) => "invalid_jwt",
-            Refusal::Throttled(t, _) => t.reason(),
-            Refusal::AuditUnavailable => "audit_unavailable",
-            Refusal::Upstream { error, .. } => match error {
-                ForwardError::Unreachable(_) => "error_communicating_to_endpoint",
-                ForwardError::Timeout => "timeout_communicating_to_endpoint",
-            },
-        }
-    }
-
-    /// Status, issue code, severity and text, exactly as DESIGN.md 1.4 lists them.
-    fn parts(&self) -> (StatusCode, IssueCode, Severity, String) {
-        use IssueCode::*;
-        match self {
-            Refusal::HeadersTooLarge => (
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                TooLong,
-                Severity::Error,
-                "REQUEST_HEADER_FIELDS_TOO_LARGE".into(),
-            ),
-            Refusal::Throttled(Throttle::ConsumerRate { .. }, from) => (
-                StatusCode::TOO_MANY_REQUESTS,
-                Throttled,
-                Severity::Error,
-                format!("RATE_LIMIT_EXCEEDED_MESSAGESENDER_{from}"),
-            ),
-            Refusal::Throttled(Throttle::ConsumerConcurrency { .. }, from) => (
-                StatusCode::TOO_MANY_REQUESTS,
-                Throttled,
-                Severity::Error,
-                format!("CONCURRENCY_LIMIT_EXCEEDED_MESSAGESENDER_{from}"),
-            ),
-            Refusal::Throttled(Throttle::ProviderConcurrency { .. }, to) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Throttled,
-                Severity::Error,
-                format!("PROVIDER_CONCURRENCY_LIMIT_EXCEEDED_MESSAGERECEIVER_{to}"),
-            ),
-            Refusal::Method => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                Forbidden,
-                Severity::Fatal,
-                "405: Method Not Allowed".into(),
-            ),
-            Refusal::Target(_) => (
-                StatusCode::BAD_REQUEST,
-                Invalid,
-                Severity::Error,
-                "INVALID_TARGET_URL".into(),
-            ),
-            Refusal::Header(HeaderError(name)) => (
-                StatusCode::BAD_REQUEST,
-                Invalid,
-                Severity::Error,
-                format!("MISSING_OR_INVALID_HEADER_{name}"),
-            ),
-            Refusal::Denied(d @ Denial::TargetVaries { .. }) => {
-                (StatusCode::BAD_REQUEST, Invalid, Severity::Error, d.text())
-            }
-            Refusal::Denied(d) => (StatusCode::FORBIDDEN, Forbidden, Severity::Error, d.text()),
-            Refusal::AuditUnavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Transient,
-                Severity::Error,
-                "AUDIT_UNAVAILABLE".into(),
-            ),
-            Refusal::Jwt(v, _) => (
-                StatusCode::BAD_REQUEST,
-                Invalid,
-                Severity::Error,
-                format!("INVALID_JWT_{}", v.name()),
-            ),
-            Refusal::Upstream {
-                error: ForwardError::Unreachable(_),
-                target,
-            } => (
-                StatusCode::BAD_GATEWAY,
-                Transient,
-                Severity::Error,
-                format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
-            ),
-            Refusal::Upstream {
-                error: ForwardError::Timeout,
-                target,
-            } => (
-                StatusCode::GATEWAY_TIMEOUT,
-                Transient,
-                Severity::Error,
-                format!("TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
-            ),
-        }
-    }
-
-    /// The consumer-facing response: an OperationOutcome in the negotiated format, `Cache-Control: no-store`, and
-    /// the request's `Ssp-TraceID` echoed when it had one.
-    pub fn respond(
-        &self,
-        format: Format,
-        trace_id: Option<HeaderValue>,
-        allow: &HeaderValue,
-    ) -> (Response<ProxyBody>, String) {
-        let (status, code, severity, text) = self.parts();
-        let body = OperationOutcome {
-            status: status.as_u16(),
-            code,
-            severity,
-            text: &text,
-        }
-        .render(format);
-        let mut response = Response::new(ProxyBody::full(body));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(format.content_type()),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(trace_id) = trace_id {
-            headers.insert(ssp::HEADER_TRACE_ID, trace_id);
-        }
-        if status == StatusCode::METHOD_NOT_ALLOWED {
-            headers.insert(header::ALLOW, allow.clone());
-        }
-        if let Refusal::Throttled(throttle, _) = self {
-            let (limit, remaining, reset) = throttle.headers();
-            headers.insert(X_RATE_LIMIT_LIMIT, HeaderValue::from(limit));
-            headers.insert(X_RATE_LIMIT_REMAINING, HeaderValue::from(remaining));
-            headers.insert(X_RATE_LIMIT_RESET, HeaderValue::from(reset));
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(reset));
-        }
-        (response, text)
-    }
-}
-
-pub const X_RATE_LIMIT_LIMIT: http::HeaderName =
-    http::HeaderName::from_static("x-rate-limit-limit");
-pub const X_RATE_LIMIT_REMAINING: http::HeaderName =
-    http::HeaderName::from_static("x-rate-limit-remaining");
-pub const X_RATE_LIMIT_RESET: http::HeaderName =
-    http::HeaderName::from_static("x-rate-limit-reset");
 
 impl Proxy {
     pub fn new(
@@ -366,14 +176,7 @@ impl Proxy {
             started.elapsed(),
         );
         if !matches!(refusal, Refusal::AuditUnavailable) {
-            self.audit_refusal(
-                &parts,
-                conn,
-                refusal,
-                (response.status(), text),
-                started,
-                policy.generation,
-            );
+            self.audit_refusal(&parts, conn, refusal, text, started, policy.generation);
         }
         Ok(response)
     }
@@ -537,39 +340,12 @@ impl Proxy {
         parts: &http::request::Parts,
         conn: &ConnInfo,
         refusal: Refusal,
-        (status, text): (StatusCode, String),
+        text: String,
         started: Instant,
         generation: u64,
     ) {
-        let raw = |name: &http::HeaderName| {
-            parts.headers.get(name).map(|v| {
-                let bytes = v.as_bytes();
-                Box::from(String::from_utf8_lossy(
-                    &bytes[..bytes.len().min(MAX_AUDITED_HEADER)],
-                ))
-            })
-        };
-        let target = parts.uri.path_and_query().map(|pq| {
-            let text = pq.as_str().strip_prefix('/').unwrap_or(pq.as_str());
-            let end = (0..=text.len().min(MAX_AUDITED_TARGET))
-                .rev()
-                .find(|i| text.is_char_boundary(*i))
-                .unwrap_or(0);
-            Box::from(&text[..end])
-        });
-        let tx = Arc::new(Transaction {
-            conn_id: conn.id,
-            peer: Arc::clone(&conn.audit_peer),
-            method: parts.method.clone(),
-            policy_generation: generation,
-            names: Names::Raw {
-                trace_id: raw(&ssp::HEADER_TRACE_ID),
-                from: raw(&ssp::HEADER_FROM),
-                to: raw(&ssp::HEADER_TO),
-                interaction: raw(&ssp::HEADER_INTERACTION_ID),
-                target,
-            },
-        });
+        let tx = raw_transaction(parts, conn, generation);
+        let status = refusal.status();
         let jwt = match refusal {
             Refusal::Jwt(_, audit) => Some(audit),
             _ => None,
@@ -648,151 +424,10 @@ fn transaction(permit: &Permit, parts: &http::request::Parts, conn: &ConnInfo) -
     })
 }
 
-/// Largest refused request body read and discarded to keep its connection open.
-const MAX_DRAIN_BYTES: u64 = 64 * 1024;
-/// Longest a refusal waits for that body.
-const MAX_DRAIN_TIME: Duration = Duration::from_secs(1);
-
-/// Reads and discards a refused request's body; true when it ended within the bounds.
-async fn drain(mut body: Incoming) -> bool {
-    use http_body_util::BodyExt;
-    if body.is_end_stream() {
-        return true;
-    }
-    if body.size_hint().lower() > MAX_DRAIN_BYTES {
-        return false;
-    }
-    let read = async {
-        let mut seen = 0u64;
-        while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else { return false };
-            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
-            if seen > MAX_DRAIN_BYTES {
-                return false;
-            }
-        }
-        true
-    };
-    tokio::time::timeout(MAX_DRAIN_TIME, read)
-        .await
-        .unwrap_or(false)
-}
-
 /// Bytes of header names and values, as `limits.max_header_bytes` counts them.
 fn header_bytes(headers: &http::HeaderMap) -> usize {
     headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum()
-}
-
-/// Longest raw `Ssp-*` header value kept in a refusal's audit record.
-const MAX_AUDITED_HEADER: usize = 256;
-/// Longest raw target kept in a refusal's audit record.
-const MAX_AUDITED_TARGET: usize = 8 * 1024;
-
-/// One operational log line per refusal: trace id, ASIDs and a bounded reason. Never the target URL (it can
-/// carry patient identifiers), never a token.
-fn log_refusal(
-    refusal: &Refusal,
-    conn: &ConnInfo,
-    trace_id: Option<&HeaderValue>,
-    (from, to): &(Option<HeaderValue>, Option<HeaderValue>),
-) {
-    // Consumer input, so bounded; `to_str` admits visible ASCII only, so nothing can forge a log line.
-    fn field(v: Option<&HeaderValue>) -> &str {
-        v.and_then(|v| v.to_str().ok())
-            .map_or("-", |t| &t[..t.len().min(64)])
-    }
-    let (trace_id, from, to) = (field(trace_id), field(from.as_ref()), field(to.as_ref()));
-    match refusal {
-        Refusal::Upstream { error, .. } => tracing::warn!(
-            conn = conn.id,
-            trace_id,
-            from,
-            to,
-            reason = refusal.reason(),
-            error = %error,
-            "upstream failure"
-        ),
-        Refusal::Denied(d) => tracing::info!(
-            conn = conn.id,
-            trace_id,
-            from,
-            to,
-            reason = refusal.reason(),
-            check = d.check(),
-            "request refused"
-        ),
-        _ => tracing::info!(
-            conn = conn.id,
-            trace_id,
-            from,
-            to,
-            reason = refusal.reason(),
-            "request refused"
-        ),
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A consumer-facing response body: a refusal built here, or the provider's body streamed through.
-    #[project = ProxyBodyProj]
-    pub enum ProxyBody {
-        Full { data: Option<Bytes> },
-        Stream { #[pin] body: Streamed<Incoming> },
-    }
-}
-
-impl std::fmt::Debug for ProxyBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ProxyBody::Full { data } => f
-                .debug_struct("Full")
-                .field("len", &data.as_ref().map(Bytes::len))
-                .finish(),
-            ProxyBody::Stream { body } => body.fmt(f),
-        }
-    }
-}
-
-impl ProxyBody {
-    pub fn full(data: Bytes) -> Self {
-        ProxyBody::Full { data: Some(data) }
-    }
-
-    pub fn stream(body: Streamed<Incoming>) -> Self {
-        ProxyBody::Stream { body }
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBodyProj::Stream { body } => body.poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Full { data } => data.is_none(),
-            ProxyBody::Stream { body } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Full { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
-            ProxyBody::Stream { body } => body.size_hint(),
-        }
-    }
 }

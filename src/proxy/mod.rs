@@ -1,0 +1,35 @@
+//! One request, start to finish: the order of the checks of DESIGN.md 1.4 (2 to 12 here; 1 is the handshake in
+//! `server`), forwarding, and the one place where a failure becomes a consumer-facing response.
+//!
+//! Each step consumes the previous step's output: `Request` -> `Target` + `SspHeaders` -> `Permit` ->
+//! `Transaction` -> upstream `Response` -> streamed body. Failures are small [`Refusal`] values with a bounded
+//! reason label; [`Refusal::respond`] turns them into OperationOutcomes. No sockets, no parsing details, no
+//! record fields.
+//!
+//! - `pipeline`: [`Proxy`] and [`Proxy::handle`], the steps in order.
+//! - `refusal`: [`Refusal`]: status, text, OperationOutcome, log line.
+//! - `body`: [`ProxyBody`], and the bounded discard of a refused request's body.
+
+mod body;
+mod pipeline;
+mod refusal;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::ids::PeerIdentity;
+
+pub use body::ProxyBody;
+pub use pipeline::Proxy;
+pub use refusal::{Refusal, X_RATE_LIMIT_LIMIT, X_RATE_LIMIT_REMAINING, X_RATE_LIMIT_RESET};
+
+/// What the server knows about a consumer connection; read once after the handshake and shared by its requests.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// Counts connections since start, for correlating log lines.
+    pub id: u64,
+    pub remote: SocketAddr,
+    pub peer: PeerIdentity,
+    /// The peer as every audit record of this connection names it, built once.
+    pub audit_peer: Arc<crate::audit::Peer>,
+}

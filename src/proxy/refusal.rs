@@ -1,0 +1,267 @@
+//! The one place failures become statuses and responses: [`Refusal`] (every reason a request is not forwarded,
+//! or fails upstream before a response), its status, OperationOutcome and headers, its operational log line, and
+//! the raw, bounded names a refused request's audit records carry.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use super::ConnInfo;
+use super::body::ProxyBody;
+use crate::audit::{Names, Transaction};
+use crate::forward::ForwardError;
+use crate::jwt::{JwtAudit, Violation};
+use crate::limits::Throttle;
+use crate::outcome::{Format, IssueCode, Outcome as OperationOutcome, Severity};
+use crate::policy::Denial;
+use crate::ssp::{self, HeaderError, TargetError};
+
+/// Why a request was not forwarded, or failed upstream before a response.
+#[derive(Debug)]
+pub enum Refusal {
+    /// Before check 2: more header bytes or fields than `limits.max_header_bytes` / `max_header_count`.
+    HeadersTooLarge,
+    /// Check 2.
+    Method,
+    /// Check 3.
+    Target(TargetError),
+    /// Check 4.
+    Header(HeaderError),
+    /// Checks 5 to 9.
+    Denied(Denial),
+    /// Check 10, in enforce mode: the first violation of the audit token, and what was read of it.
+    Jwt(Violation, Box<JwtAudit>),
+    /// Check 11: a consumer or provider limit; carries the ASID the text names.
+    Throttled(Throttle, crate::ids::Asid),
+    /// Check 12: the request record could not be written.
+    AuditUnavailable,
+    /// The provider could not be reached or stayed silent; carries the target text for the error.
+    Upstream { error: ForwardError, target: String },
+}
+
+impl Refusal {
+    /// A bounded label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::HeadersTooLarge => "request_header_fields_too_large",
+            Refusal::Method => "method_not_allowed",
+            Refusal::Target(_) => "invalid_target_url",
+            Refusal::Header(_) => "missing_or_invalid_header",
+            Refusal::Denied(d) => d.reason(),
+            Refusal::Jwt(..) => "invalid_jwt",
+            Refusal::Throttled(t, _) => t.reason(),
+            Refusal::AuditUnavailable => "audit_unavailable",
+            Refusal::Upstream { error, .. } => match error {
+                ForwardError::Unreachable(_) => "error_communicating_to_endpoint",
+                ForwardError::Timeout => "timeout_communicating_to_endpoint",
+            },
+        }
+    }
+
+    /// The HTTP status of the failure (DESIGN.md 1.4): the only place a status is chosen for one.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::Method => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::Target(_) | Refusal::Header(_) | Refusal::Jwt(..) => StatusCode::BAD_REQUEST,
+            // Check 9 says the request itself is wrong; 5 to 8 that it is not allowed.
+            Refusal::Denied(Denial::TargetVaries { .. }) => StatusCode::BAD_REQUEST,
+            Refusal::Denied(_) => StatusCode::FORBIDDEN,
+            Refusal::Throttled(Throttle::ProviderConcurrency { .. }, _) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Refusal::Throttled(..) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Upstream {
+                error: ForwardError::Unreachable(_),
+                ..
+            } => StatusCode::BAD_GATEWAY,
+            Refusal::Upstream {
+                error: ForwardError::Timeout,
+                ..
+            } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The OperationOutcome issue code and severity.
+    fn issue(&self) -> (IssueCode, Severity) {
+        match self {
+            Refusal::HeadersTooLarge => (IssueCode::TooLong, Severity::Error),
+            Refusal::Method => (IssueCode::Forbidden, Severity::Fatal),
+            Refusal::Target(_) | Refusal::Header(_) | Refusal::Jwt(..) => {
+                (IssueCode::Invalid, Severity::Error)
+            }
+            Refusal::Denied(Denial::TargetVaries { .. }) => (IssueCode::Invalid, Severity::Error),
+            Refusal::Denied(_) => (IssueCode::Forbidden, Severity::Error),
+            Refusal::Throttled(..) => (IssueCode::Throttled, Severity::Error),
+            Refusal::AuditUnavailable | Refusal::Upstream { .. } => {
+                (IssueCode::Transient, Severity::Error)
+            }
+        }
+    }
+
+    /// The consumer-facing text, exactly as DESIGN.md 1.4 lists it.
+    pub fn text(&self) -> String {
+        match self {
+            Refusal::HeadersTooLarge => "REQUEST_HEADER_FIELDS_TOO_LARGE".into(),
+            Refusal::Method => "405: Method Not Allowed".into(),
+            Refusal::Target(_) => "INVALID_TARGET_URL".into(),
+            Refusal::Header(HeaderError(name)) => format!("MISSING_OR_INVALID_HEADER_{name}"),
+            Refusal::Denied(d) => d.text(),
+            Refusal::Jwt(v, _) => format!("INVALID_JWT_{}", v.name()),
+            Refusal::Throttled(Throttle::ConsumerRate { .. }, from) => {
+                format!("RATE_LIMIT_EXCEEDED_MESSAGESENDER_{from}")
+            }
+            Refusal::Throttled(Throttle::ConsumerConcurrency { .. }, from) => {
+                format!("CONCURRENCY_LIMIT_EXCEEDED_MESSAGESENDER_{from}")
+            }
+            Refusal::Throttled(Throttle::ProviderConcurrency { .. }, to) => {
+                format!("PROVIDER_CONCURRENCY_LIMIT_EXCEEDED_MESSAGERECEIVER_{to}")
+            }
+            Refusal::AuditUnavailable => "AUDIT_UNAVAILABLE".into(),
+            Refusal::Upstream {
+                error: ForwardError::Unreachable(_),
+                target,
+            } => format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+            Refusal::Upstream {
+                error: ForwardError::Timeout,
+                target,
+            } => format!("TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+        }
+    }
+
+    /// The consumer-facing response: an OperationOutcome in the negotiated format, `Cache-Control: no-store`, and
+    /// the request's `Ssp-TraceID` echoed when it had one.
+    pub fn respond(
+        &self,
+        format: Format,
+        trace_id: Option<HeaderValue>,
+        allow: &HeaderValue,
+    ) -> (Response<ProxyBody>, String) {
+        let (status, text) = (self.status(), self.text());
+        let (code, severity) = self.issue();
+        let body = OperationOutcome {
+            status: status.as_u16(),
+            code,
+            severity,
+            text: &text,
+        }
+        .render(format);
+        let mut response = Response::new(ProxyBody::full(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(format.content_type()),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(trace_id) = trace_id {
+            headers.insert(ssp::HEADER_TRACE_ID, trace_id);
+        }
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            headers.insert(header::ALLOW, allow.clone());
+        }
+        if let Refusal::Throttled(throttle, _) = self {
+            let (limit, remaining, reset) = throttle.headers();
+            headers.insert(X_RATE_LIMIT_LIMIT, HeaderValue::from(limit));
+            headers.insert(X_RATE_LIMIT_REMAINING, HeaderValue::from(remaining));
+            headers.insert(X_RATE_LIMIT_RESET, HeaderValue::from(reset));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(reset));
+        }
+        (response, text)
+    }
+}
+
+pub const X_RATE_LIMIT_LIMIT: http::HeaderName =
+    http::HeaderName::from_static("x-rate-limit-limit");
+pub const X_RATE_LIMIT_REMAINING: http::HeaderName =
+    http::HeaderName::from_static("x-rate-limit-remaining");
+pub const X_RATE_LIMIT_RESET: http::HeaderName =
+    http::HeaderName::from_static("x-rate-limit-reset");
+
+/// Longest raw `Ssp-*` header value kept in a refusal's audit record.
+const MAX_AUDITED_HEADER: usize = 256;
+/// Longest raw target kept in a refusal's audit record.
+const MAX_AUDITED_TARGET: usize = 8 * 1024;
+
+/// The transaction of a refused request: what it carried, raw and bounded, since it may be what was refused.
+pub(super) fn raw_transaction(
+    parts: &http::request::Parts,
+    conn: &ConnInfo,
+    generation: u64,
+) -> Arc<Transaction> {
+    let raw = |name: &http::HeaderName| {
+        parts.headers.get(name).map(|v| {
+            let bytes = v.as_bytes();
+            Box::from(String::from_utf8_lossy(
+                &bytes[..bytes.len().min(MAX_AUDITED_HEADER)],
+            ))
+        })
+    };
+    let target = parts.uri.path_and_query().map(|pq| {
+        let text = pq.as_str().strip_prefix('/').unwrap_or(pq.as_str());
+        let end = (0..=text.len().min(MAX_AUDITED_TARGET))
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        Box::from(&text[..end])
+    });
+    Arc::new(Transaction {
+        conn_id: conn.id,
+        peer: Arc::clone(&conn.audit_peer),
+        method: parts.method.clone(),
+        policy_generation: generation,
+        names: Names::Raw {
+            trace_id: raw(&ssp::HEADER_TRACE_ID),
+            from: raw(&ssp::HEADER_FROM),
+            to: raw(&ssp::HEADER_TO),
+            interaction: raw(&ssp::HEADER_INTERACTION_ID),
+            target,
+        },
+    })
+}
+
+/// One operational log line per refusal: trace id, ASIDs and a bounded reason. Never the target URL (it can
+/// carry patient identifiers), never a token.
+pub(super) fn log_refusal(
+    refusal: &Refusal,
+    conn: &ConnInfo,
+    trace_id: Option<&HeaderValue>,
+    (from, to): &(Option<HeaderValue>, Option<HeaderValue>),
+) {
+    // Consumer input, so bounded; `to_str` admits visible ASCII only, so nothing can forge a log line.
+    fn field(v: Option<&HeaderValue>) -> &str {
+        v.and_then(|v| v.to_str().ok())
+            .map_or("-", |t| &t[..t.len().min(64)])
+    }
+    let (trace_id, from, to) = (field(trace_id), field(from.as_ref()), field(to.as_ref()));
+    match refusal {
+        Refusal::Upstream { error, .. } => tracing::warn!(
+            conn = conn.id,
+            trace_id,
+            from,
+            to,
+            reason = refusal.reason(),
+            error = %error,
+            "upstream failure"
+        ),
+        Refusal::Denied(d) => tracing::info!(
+            conn = conn.id,
+            trace_id,
+            from,
+            to,
+            reason = refusal.reason(),
+            check = d.number(),
+            "request refused"
+        ),
+        _ => tracing::info!(
+            conn = conn.id,
+            trace_id,
+            from,
+            to,
+            reason = refusal.reason(),
+            "request refused"
+        ),
+    }
+}
