@@ -1,0 +1,286 @@
+//! Exchange accounting and the streaming body wrapper.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use super::BoxError;
+use crate::audit::Outcome;
+
+/// An exchange's outcome in its atomic cell: 0 while none is set (the consumer went away, if it stays so).
+fn outcome_code(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Ok => 1,
+        Outcome::ClientClosed => 2,
+        Outcome::UpstreamError => 3,
+        Outcome::Timeout => 4,
+        Outcome::Denied => 5,
+    }
+}
+
+fn outcome_of(code: u8) -> Outcome {
+    match code {
+        1 => Outcome::Ok,
+        3 => Outcome::UpstreamError,
+        4 => Outcome::Timeout,
+        5 => Outcome::Denied,
+        _ => Outcome::ClientClosed,
+    }
+}
+
+/// The running totals of one forwarded exchange, shared by the request and response body wrappers. When the last
+/// holder lets go (both bodies ended or were dropped) the exchange is over and `on_end` runs, exactly once.
+pub struct Exchange {
+    started: Instant,
+    /// Consumer to provider body bytes.
+    bytes_in: AtomicU64,
+    /// Provider to consumer body bytes.
+    bytes_out: AtomicU64,
+    status: AtomicU16,
+    /// The first definite outcome wins; none at the end means the consumer went away.
+    outcome: AtomicU8,
+    /// Microseconds from the start to the provider's response head.
+    upstream_us: AtomicU64,
+    /// The request was sent a second time after a stale pooled connection.
+    retried: std::sync::atomic::AtomicBool,
+    /// Taken by `Drop`, which has `&mut self`, so no lock is needed to run it once.
+    on_end: Option<EndHook>,
+}
+
+/// What runs when an exchange ends.
+type EndHook = Box<dyn FnOnce(&ExchangeSummary) + Send + Sync>;
+
+/// What is known when an exchange ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExchangeSummary {
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// From the start of the request to the provider's response head.
+    pub upstream: Duration,
+    /// From the start of the request to the end of the exchange.
+    pub total: Duration,
+    /// `client_closed` while no outcome is set.
+    pub outcome: Outcome,
+    /// Sent a second time on a new connection after a stale pooled one (the retry rule of [`Upstream::send`]).
+    pub retried: bool,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("summary", &self.summary())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Exchange {
+    pub fn new(
+        started: Instant,
+        on_end: impl FnOnce(&ExchangeSummary) + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            started,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            status: AtomicU16::new(0),
+            outcome: AtomicU8::new(0),
+            upstream_us: AtomicU64::new(0),
+            retried: std::sync::atomic::AtomicBool::new(false),
+            on_end: Some(Box::new(on_end)),
+        })
+    }
+
+    /// Records the response status and the time to response headers.
+    pub fn responded(&self, status: u16) {
+        self.status.store(status, Ordering::Relaxed);
+        self.upstream_us
+            .store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Records that the request went out a second time (see [`Upstream::send`]).
+    pub fn retried(&self) {
+        self.retried.store(true, Ordering::Relaxed);
+    }
+
+    /// Sets the outcome unless one is already set.
+    pub fn finish(&self, outcome: Outcome) {
+        let _ = self.outcome.compare_exchange(
+            0,
+            outcome_code(outcome),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    pub fn summary(&self) -> ExchangeSummary {
+        ExchangeSummary {
+            status: self.status.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            upstream: Duration::from_micros(self.upstream_us.load(Ordering::Relaxed)),
+            total: self.started.elapsed(),
+            outcome: outcome_of(self.outcome.load(Ordering::Acquire)),
+            retried: self.retried.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let summary = self.summary();
+        if let Some(hook) = self.on_end.take() {
+            hook(&summary);
+        }
+    }
+}
+
+/// Which way a body flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Consumer to provider.
+    Request,
+    /// Provider to consumer.
+    Response,
+}
+
+/// A body that went quiet for longer than `upstream.body_idle_timeout`.
+#[derive(Debug)]
+pub struct IdleTimeout;
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("body idle timeout")
+    }
+}
+
+impl std::error::Error for IdleTimeout {}
+
+pin_project_lite::pin_project! {
+    /// Passes frames through untouched, counting data bytes into the [`Exchange`] and failing the stream when no
+    /// frame arrives for the idle timeout. Never buffers.
+    pub struct Streamed<B> {
+        #[pin]
+        inner: B,
+        // Armed at most once per idle period: frames only move `last_frame`, and the timer re-arms itself from
+        // it when it fires, so a busy stream costs no timer updates. Boxed so that the body stays `Unpin`, which
+        // hyper's pooled client requires of request bodies.
+        idle: Pin<Box<Sleep>>,
+        idle_timeout: Duration,
+        last_frame: Instant,
+        exchange: Arc<Exchange>,
+        direction: Direction,
+        done: bool,
+    }
+}
+
+impl<B> std::fmt::Debug for Streamed<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streamed")
+            .field("direction", &self.direction)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Body> Streamed<B> {
+    pub fn new(
+        inner: B,
+        idle_timeout: Duration,
+        exchange: Arc<Exchange>,
+        direction: Direction,
+    ) -> Self {
+        let now = Instant::now();
+        // An empty body (204, `Content-Length: 0`) is never polled: it is complete as it stands.
+        if direction == Direction::Response && inner.is_end_stream() {
+            exchange.finish(Outcome::Ok);
+        }
+        Self {
+            inner,
+            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            idle_timeout,
+            last_frame: now,
+            exchange,
+            direction,
+            done: false,
+        }
+    }
+}
+
+impl<B> Body for Streamed<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let counter = match this.direction {
+                        Direction::Request => &this.exchange.bytes_in,
+                        Direction::Response => &this.exchange.bytes_out,
+                    };
+                    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                *this.last_frame = Instant::now();
+                // hyper stops polling once a sized body reports its end, so the final `None` may never come:
+                // the last frame is where a complete response is known to be complete.
+                if *this.direction == Direction::Response && this.inner.is_end_stream() {
+                    this.exchange.finish(Outcome::Ok);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                *this.done = true;
+                this.exchange.finish(match this.direction {
+                    Direction::Request => Outcome::ClientClosed,
+                    Direction::Response => Outcome::UpstreamError,
+                });
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                *this.done = true;
+                if *this.direction == Direction::Response {
+                    this.exchange.finish(Outcome::Ok);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => loop {
+                ready!(this.idle.as_mut().poll(cx));
+                let deadline = *this.last_frame + *this.idle_timeout;
+                if deadline > Instant::now() {
+                    this.idle.as_mut().reset(deadline);
+                    continue;
+                }
+                *this.done = true;
+                this.exchange.finish(Outcome::Timeout);
+                return Poll::Ready(Some(Err(Box::new(IdleTimeout))));
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

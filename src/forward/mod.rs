@@ -1,0 +1,68 @@
+//! The upstream leg: a pooled keep-alive HTTP/1.1 client presenting the proxy's client certificate, the header
+//! rules of DESIGN.md 1.5, the connect / response / body-idle timeouts, and [`Streamed`], the body wrapper that
+//! moves frames through untouched while counting bytes, enforcing the idle timeout and recording how the
+//! exchange ended.
+//!
+//! Takes only a [`Permit`](crate::policy::Permit): there is no way to forward a request the policy did not
+//! check. Does not parse consumer input or decide anything.
+//!
+//! - `connector`: static resolution, then DNS; TCP; TLS with the proxy's client certificate; responses counted
+//!   per connection (for the stale-connection retry).
+//! - `pool`: [`Upstream`], the pooled client, its timeouts and the retry of a request that met a stale pooled
+//!   connection.
+//! - `headers`: hop-by-hop removal, cookie joining, `Host`, `Forwarded` and `X-Forwarded-For`.
+//! - `exchange`: [`Exchange`] accounting and the [`Streamed`] body wrapper.
+
+mod connector;
+mod exchange;
+mod headers;
+mod pool;
+
+pub use connector::{Connector, UpstreamIo};
+pub use exchange::{Direction, Exchange, ExchangeSummary, IdleTimeout, Streamed};
+pub use headers::{normalize_request_headers, rewrite_request_headers, strip_hop_by_hop};
+pub use pool::{Upstream, UpstreamBody};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the upstream exchange failed before a response arrived.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// No connection: name resolution, TCP, TLS, or the connection broke before a response (502).
+    Unreachable(BoxError),
+    /// No response headers within `response_timeout`, or the request body went idle past `body_idle_timeout`
+    /// before they came (504).
+    Timeout,
+}
+
+impl ForwardError {
+    /// A bounded label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ForwardError::Unreachable(_) => "unreachable",
+            ForwardError::Timeout => "timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ForwardError::Unreachable(e) => {
+                write!(f, "provider unreachable: {e}")?;
+                let mut source = e.source();
+                while let Some(s) = source {
+                    write!(f, ": {s}")?;
+                    source = s.source();
+                }
+                Ok(())
+            }
+            ForwardError::Timeout => {
+                f.write_str("timed out before the provider's response headers")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

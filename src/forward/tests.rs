@@ -1,0 +1,172 @@
+
+use super::*;
+
+use std::sync::Arc;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Version;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body::Frame;
+
+use tokio::time::Instant;
+
+use crate::audit::Outcome;
+
+#[test]
+fn request_headers_follow_the_forwarding_rules() {
+    let mut h = HeaderMap::new();
+    h.insert(header::HOST, HeaderValue::from_static("ssp.example:8443"));
+    h.insert(
+        header::CONNECTION,
+        HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+    );
+    h.insert("x-secret-hop", HeaderValue::from_static("1"));
+    h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+    h.insert(header::TE, HeaderValue::from_static("trailers"));
+    h.insert(
+        header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    h.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_static("Bearer abc."),
+    );
+    h.insert(
+        "ssp-traceid",
+        HeaderValue::from_static("629ea9ba-a077-4d99-b289-7a9b19fd4e03"),
+    );
+    h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+    h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+    normalize_request_headers(&mut h, Version::HTTP_11);
+    rewrite_request_headers(
+        &mut h,
+        "provider.example:9443",
+        "127.0.0.9:5555".parse().unwrap(),
+    );
+    assert_eq!(h[header::HOST], "provider.example:9443");
+    for gone in [
+        "connection",
+        "x-secret-hop",
+        "keep-alive",
+        "te",
+        "transfer-encoding",
+    ] {
+        assert!(!h.contains_key(gone), "{gone} forwarded");
+    }
+    assert_eq!(h[header::AUTHORIZATION], "Bearer abc.");
+    assert_eq!(h["ssp-traceid"], "629ea9ba-a077-4d99-b289-7a9b19fd4e03");
+    assert_eq!(h[header::FORWARDED], "for=127.0.0.9;proto=https");
+    assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.9");
+}
+
+#[test]
+fn normalising_removes_what_connection_names_before_the_checks() {
+    let mut h = HeaderMap::new();
+    h.append(
+        header::CONNECTION,
+        HeaderValue::from_static("Ssp-TraceID, ssp-from"),
+    );
+    h.append(
+        header::CONNECTION,
+        HeaderValue::from_static(" keep-alive ,AUTHORIZATION"),
+    );
+    h.insert("ssp-traceid", HeaderValue::from_static("x"));
+    h.insert("ssp-from", HeaderValue::from_static("1"));
+    h.insert("ssp-to", HeaderValue::from_static("2"));
+    h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+    normalize_request_headers(&mut h, Version::HTTP_11);
+    let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+    assert_eq!(left, ["ssp-to"]);
+}
+
+#[test]
+fn http2_cookies_are_joined_in_order() {
+    let mut h = HeaderMap::new();
+    for c in ["a=1", "b=2", "c=3"] {
+        h.append(header::COOKIE, HeaderValue::from_static(c));
+    }
+    let mut h1 = h.clone();
+    normalize_request_headers(&mut h, Version::HTTP_2);
+    assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+    assert_eq!(h[header::COOKIE], "a=1; b=2; c=3");
+    normalize_request_headers(&mut h1, Version::HTTP_11);
+    assert_eq!(h1.get_all(header::COOKIE).iter().count(), 3);
+}
+
+#[test]
+fn ipv6_clients_are_quoted_in_forwarded() {
+    let mut h = HeaderMap::new();
+    rewrite_request_headers(&mut h, "p:1", "[::1]:5555".parse().unwrap());
+    assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=https");
+    assert_eq!(h["x-forwarded-for"], "::1");
+}
+
+#[tokio::test]
+async fn exchange_hook_fires_once_with_the_first_outcome() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let exchange = Exchange::new(Instant::now(), move |s| tx.send(*s).unwrap());
+    exchange.responded(200);
+    exchange.finish(Outcome::Timeout);
+    exchange.finish(Outcome::Ok);
+    let other = Arc::clone(&exchange);
+    drop(exchange);
+    assert!(rx.try_recv().is_err(), "fired while still held");
+    drop(other);
+    let s = rx.try_recv().unwrap();
+    assert_eq!((s.status, s.outcome), (200, Outcome::Timeout));
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_body_times_out_and_a_busy_one_does_not() {
+    use http_body_util::{BodyExt, StreamBody};
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    let stream = tokio_stream_from(rx);
+    let exchange = Exchange::new(Instant::now(), |_| {});
+    let mut body = Streamed::new(
+        StreamBody::new(stream),
+        Duration::from_secs(10),
+        exchange.clone(),
+        Direction::Response,
+    );
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_secs(6)).await;
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abc"
+        );
+    }
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert!(err.is::<IdleTimeout>());
+    assert_eq!(exchange.summary().bytes_out, 15);
+    assert_eq!(exchange.summary().outcome, Outcome::Timeout);
+}
+
+/// A minimal `Stream` over an mpsc receiver (tokio-stream is not a dependency).
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_core_stream::Stream<Item = T> {
+    futures_core_stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+mod futures_core_stream {
+    pub use futures_core::Stream;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    pub struct PollFn<F>(F);
+    impl<T, F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin> Stream for PollFn<F> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            (self.0)(cx)
+        }
+    }
+    pub fn poll_fn<T, F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin>(f: F) -> PollFn<F> {
+        PollFn(f)
+    }
+}
