@@ -1,0 +1,252 @@
+//! The consumer's `Authorization: Bearer` audit token (SSP-DOMAIN.md section 6): a strict decoder for unsigned
+//! GP Connect tokens (`alg: none`), signature verification for systems that register keys, and validation of the
+//! claims for a profile (`gpconnect-1`, STU3, or `gpconnect-0.7`, DSTU2). The result is a [`JwtAudit`]: the claims
+//! that matter for the audit trail, `valid`, and every violation by its stable machine name.
+//!
+//! `now` is passed in; nothing here reads a clock, touches the network or logs. Tokens and claims never leave
+//! this module except inside the `JwtAudit` that goes to the audit trail.
+//!
+//! - `json`: the strict JSON reader (duplicate keys refused at every depth) that borrows from the token's bytes.
+//! - `token`: the `Authorization` field, base64url parts, decoding, signatures and registered keys.
+//! - `profile`: the [`Validator`]: the claims GP Connect requires, per profile, into a [`JwtAudit`].
+
+mod json;
+mod profile;
+mod token;
+
+pub use profile::{Expect, Validator, required_scope};
+pub use token::{VerifyingKey, bearer_token, decode, encode_unsigned, load_keys, parse_keys};
+
+use serde::Serialize;
+
+/// Largest token read (a typical GP Connect token is about 1.5 KiB).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// The fixed DSTU2 (0.7) audience.
+pub const DSTU2_AUDIENCE: &str = "https://authorize.fhir.nhs.net/token";
+
+/// What `jwt.mode` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Do not look at tokens.
+    Off,
+    /// Decode and validate; record violations; forward anyway.
+    Audit,
+    /// Refuse a request whose token has a violation with 400 `INVALID_JWT_<NAME>`.
+    Enforce,
+}
+
+/// The GP Connect version whose rules apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// GP Connect 1.x (FHIR STU3).
+    GpConnect1,
+    /// GP Connect 0.7 (FHIR DSTU2).
+    GpConnect07,
+}
+
+impl Profile {
+    fn ods_system(self) -> &'static str {
+        match self {
+            Profile::GpConnect1 => "https://fhir.nhs.uk/Id/ods-organization-code",
+            Profile::GpConnect07 => "http://fhir.nhs.net/Id/ods-organization-code",
+        }
+    }
+
+    fn sds_user_system(self) -> &'static str {
+        match self {
+            Profile::GpConnect1 => "https://fhir.nhs.uk/Id/sds-user-id",
+            Profile::GpConnect07 => "http://fhir.nhs.net/sds-user-id",
+        }
+    }
+
+    fn sds_role_system(self) -> &'static str {
+        match self {
+            Profile::GpConnect1 => "https://fhir.nhs.uk/Id/sds-role-profile-id",
+            Profile::GpConnect07 => "http://fhir.nhs.net/Id/sds-role-profile-id",
+        }
+    }
+}
+
+/// The token's claims, by name, for violation names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    Iss,
+    Sub,
+    Aud,
+    Exp,
+    Iat,
+    ReasonForRequest,
+    RequestedScope,
+    RequestingDevice,
+    RequestingOrganization,
+    RequestingPractitioner,
+    RequestedRecord,
+}
+
+impl Claim {
+    fn key(self) -> &'static str {
+        match self {
+            Claim::Iss => "iss",
+            Claim::Sub => "sub",
+            Claim::Aud => "aud",
+            Claim::Exp => "exp",
+            Claim::Iat => "iat",
+            Claim::ReasonForRequest => "reason_for_request",
+            Claim::RequestedScope => "requested_scope",
+            Claim::RequestingDevice => "requesting_device",
+            Claim::RequestingOrganization => "requesting_organization",
+            Claim::RequestingPractitioner => "requesting_practitioner",
+            Claim::RequestedRecord => "requested_record",
+        }
+    }
+}
+
+/// One rule a token broke. [`Violation::name`] is stable: it appears in `INVALID_JWT_<NAME>` and in the audit
+/// record, and operators may alert on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// No `Authorization: Bearer` header.
+    MissingToken,
+    /// Longer than [`MAX_TOKEN_BYTES`].
+    TooLarge,
+    /// Not three base64url parts (padding, `+`, `/`, raw JSON and the like) or not JSON objects.
+    Malformed,
+    /// A JSON object in the header or claims repeats a key.
+    DuplicateKey,
+    /// The header is not exactly `{"alg":"none","typ":"JWT"}` (or, for a system with keys, a supported signing
+    /// algorithm).
+    Header,
+    /// An unsigned token with a non-empty signature part.
+    UnexpectedSignature,
+    /// A system with registered keys sent an unsigned token.
+    SignatureRequired,
+    /// The signature does not verify with any registered key.
+    BadSignature,
+    /// A required claim is absent.
+    Missing(Claim),
+    /// A claim has the wrong JSON type, is empty, or is not the FHIR resource it must be.
+    Invalid(Claim),
+    /// `exp - iat` is not exactly 300.
+    ExpIat,
+    /// `exp` has passed.
+    Expired,
+    /// `iat` is further in the future than `jwt.max_future_skew`.
+    IssuedInFuture,
+    /// `requested_scope` does not fit the interaction (read vs write, patient vs organization).
+    ScopeForInteraction,
+    /// `sub` differs from `requesting_practitioner.id`.
+    SubNotPractitioner,
+    /// `aud` is not the endpoint's registered URL (1.x) or the DSTU2 audience (0.7).
+    Audience,
+    /// `requesting_organization` has no ODS code identifier of the profile's system.
+    OdsIdentifier,
+    /// `requesting_practitioner` has no SDS user id identifier of the profile's system.
+    SdsUserId,
+    /// `requested_record` appears in a 1.x token.
+    UnexpectedRequestedRecord,
+}
+
+impl Violation {
+    pub fn name(self) -> &'static str {
+        use Claim::*;
+        match self {
+            Violation::MissingToken => "MISSING_TOKEN",
+            Violation::TooLarge => "TOO_LARGE",
+            Violation::Malformed => "MALFORMED",
+            Violation::DuplicateKey => "DUPLICATE_KEY",
+            Violation::Header => "HEADER",
+            Violation::UnexpectedSignature => "UNEXPECTED_SIGNATURE",
+            Violation::SignatureRequired => "SIGNATURE_REQUIRED",
+            Violation::BadSignature => "BAD_SIGNATURE",
+            Violation::Missing(c) => match c {
+                Iss => "MISSING_ISS",
+                Sub => "MISSING_SUB",
+                Aud => "MISSING_AUD",
+                Exp => "MISSING_EXP",
+                Iat => "MISSING_IAT",
+                ReasonForRequest => "MISSING_REASON_FOR_REQUEST",
+                RequestedScope => "MISSING_REQUESTED_SCOPE",
+                RequestingDevice => "MISSING_REQUESTING_DEVICE",
+                RequestingOrganization => "MISSING_REQUESTING_ORGANIZATION",
+                RequestingPractitioner => "MISSING_REQUESTING_PRACTITIONER",
+                RequestedRecord => "MISSING_REQUESTED_RECORD",
+            },
+            Violation::Invalid(c) => match c {
+                Iss => "INVALID_ISS",
+                Sub => "INVALID_SUB",
+                Aud => "INVALID_AUD",
+                Exp => "INVALID_EXP",
+                Iat => "INVALID_IAT",
+                ReasonForRequest => "INVALID_REASON_FOR_REQUEST",
+                RequestedScope => "INVALID_REQUESTED_SCOPE",
+                RequestingDevice => "INVALID_REQUESTING_DEVICE",
+                RequestingOrganization => "INVALID_REQUESTING_ORGANIZATION",
+                RequestingPractitioner => "INVALID_REQUESTING_PRACTITIONER",
+                RequestedRecord => "INVALID_REQUESTED_RECORD",
+            },
+            Violation::ExpIat => "EXP_IAT_NOT_300",
+            Violation::Expired => "EXPIRED",
+            Violation::IssuedInFuture => "IAT_IN_FUTURE",
+            Violation::ScopeForInteraction => "SCOPE_FOR_INTERACTION",
+            Violation::SubNotPractitioner => "SUB_NOT_PRACTITIONER_ID",
+            Violation::Audience => "AUD_MISMATCH",
+            Violation::OdsIdentifier => "ODS_IDENTIFIER",
+            Violation::SdsUserId => "SDS_USER_ID",
+            Violation::UnexpectedRequestedRecord => "UNEXPECTED_REQUESTED_RECORD",
+        }
+    }
+}
+
+/// What the audit trail keeps of a token: the claims that answer who, where from, why, when and to whom, plus
+/// whether it was valid and why not. Never logged operationally.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct JwtAudit {
+    pub iss: Option<String>,
+    pub sub: Option<String>,
+    pub aud: Option<String>,
+    pub iat: Option<i64>,
+    pub exp: Option<i64>,
+    pub reason_for_request: Option<String>,
+    pub requested_scope: Option<String>,
+    pub organization_ods: Option<String>,
+    pub organization_name: Option<String>,
+    pub practitioner_id: Option<String>,
+    pub sds_user_id: Option<String>,
+    pub sds_role_profile_id: Option<String>,
+    /// `system|value` of the device's first identifier.
+    pub device_identifier: Option<String>,
+    pub device_model: Option<String>,
+    pub device_version: Option<String>,
+    /// The header's `alg` (`none` for GP Connect's unsigned tokens).
+    pub alg: Option<String>,
+    pub valid: bool,
+    /// Every violation, in the order found (the first is the error text); recorded by name as `violations`.
+    #[serde(rename = "violations", serialize_with = "by_name")]
+    pub found: Vec<Violation>,
+}
+
+fn by_name<S: serde::Serializer>(found: &[Violation], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(found.iter().map(|v| v.name()))
+}
+
+impl JwtAudit {
+    /// The violations' names, in order.
+    pub fn violations(&self) -> Vec<&'static str> {
+        self.found.iter().map(|v| v.name()).collect()
+    }
+
+    /// The first violation, which an enforcing proxy reports.
+    pub fn first_violation(&self) -> Option<Violation> {
+        self.found.first().copied()
+    }
+
+    fn violate(&mut self, v: Violation) {
+        if !self.found.contains(&v) {
+            self.found.push(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,301 @@
+//! The GP Connect rules for a token's claims, per profile: the [`Validator`] and what it records.
+
+use std::time::Duration;
+
+use super::json::{Json, Obj};
+use super::token::{Parts, VerifyingKey, bearer_token};
+use super::{Claim, DSTU2_AUDIENCE, JwtAudit, Profile, Violation};
+use crate::ids::InteractionId;
+
+/// Validates tokens for one profile.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    pub profile: Profile,
+    pub max_future_skew: Duration,
+}
+
+/// What a token is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect<'a> {
+    /// The endpoint's registered URL (the 1.x audience).
+    pub endpoint_url: &'a str,
+    pub interaction: &'a InteractionId,
+    /// Unix seconds.
+    pub now: i64,
+    /// The sending system's registered keys: when present, the token must be signed with one of them.
+    pub keys: Option<&'a [VerifyingKey]>,
+}
+
+impl Validator {
+    /// Decodes and validates the value of an `Authorization` header (or its absence).
+    pub fn check(&self, authorization: Option<&[u8]>, expect: &Expect<'_>) -> JwtAudit {
+        let mut audit = JwtAudit::default();
+        let token = match bearer_token(authorization) {
+            Ok(token) => token,
+            Err(v) => {
+                audit.violate(v);
+                return audit;
+            }
+        };
+        let checked = Parts::split(token).and_then(|parts| {
+            let (header, claims) = (parts.header()?, parts.payload()?);
+            audit.alg = Some(parts.check(&header, expect.keys)?.to_owned());
+            self.validate(&claims, expect, &mut audit);
+            Ok(())
+        });
+        if let Err(v) = checked {
+            audit.violate(v);
+        }
+        audit.valid = audit.found.is_empty();
+        audit
+    }
+
+    fn validate(&self, claims: &Obj<'_>, expect: &Expect<'_>, audit: &mut JwtAudit) {
+        let mut c = Claims { map: claims, audit };
+        let iss = c.string(Claim::Iss);
+        c.audit.iss = iss.map(str::to_owned);
+        let sub = c.string(Claim::Sub);
+        c.audit.sub = sub.map(str::to_owned);
+        let aud = c.string(Claim::Aud);
+        c.audit.aud = aud.map(str::to_owned);
+        let exp = c.integer(Claim::Exp);
+        let iat = c.integer(Claim::Iat);
+        c.audit.exp = exp;
+        c.audit.iat = iat;
+        let reason = c.string(Claim::ReasonForRequest);
+        c.audit.reason_for_request = reason.map(str::to_owned);
+        let scope = c.string(Claim::RequestedScope);
+        c.audit.requested_scope = scope.map(str::to_owned);
+        let device = c.resource(Claim::RequestingDevice, "Device");
+        let organization = c.resource(Claim::RequestingOrganization, "Organization");
+        let practitioner = c.resource(Claim::RequestingPractitioner, "Practitioner");
+
+        if let (Some(exp), Some(iat)) = (exp, iat) {
+            if exp.checked_sub(iat) != Some(300) {
+                c.audit.violate(Violation::ExpIat);
+            }
+            if expect.now > exp {
+                c.audit.violate(Violation::Expired);
+            }
+            let skew = i64::try_from(self.max_future_skew.as_secs()).unwrap_or(i64::MAX);
+            if iat > expect.now.saturating_add(skew) {
+                c.audit.violate(Violation::IssuedInFuture);
+            }
+        }
+        if let Some(reason) = reason {
+            let migrating = expect.interaction.as_str().contains("migrate");
+            if !(reason == "directcare" || (reason == "migration" && migrating)) {
+                c.audit.violate(Violation::Invalid(Claim::ReasonForRequest));
+            }
+        }
+        if let Some(scope) = scope {
+            match parse_scope(scope) {
+                None => c.audit.violate(Violation::Invalid(Claim::RequestedScope)),
+                Some(base) => {
+                    if required_scope(expect.interaction).is_some_and(|need| need != base) {
+                        c.audit.violate(Violation::ScopeForInteraction);
+                    }
+                }
+            }
+        }
+        if let Some(device) = device {
+            let identifier = first_identifier(device);
+            let model = device.get("model").and_then(Json::as_str);
+            let version = device.get("version").and_then(Json::as_str);
+            match (identifier, model, version) {
+                (Some((system, value)), Some(model), Some(version))
+                    if !model.is_empty() && !version.is_empty() =>
+                {
+                    c.audit.device_identifier = Some(format!("{system}|{value}"));
+                    c.audit.device_model = Some(model.to_owned());
+                    c.audit.device_version = Some(version.to_owned());
+                }
+                _ => c.audit.violate(Violation::Invalid(Claim::RequestingDevice)),
+            }
+        }
+        if let Some(org) = organization {
+            c.audit.organization_name = org.get("name").and_then(Json::as_str).map(str::to_owned);
+            match identifier_value(org, self.profile.ods_system()) {
+                Some(ods) => c.audit.organization_ods = Some(ods.to_owned()),
+                None => c.audit.violate(Violation::OdsIdentifier),
+            }
+        }
+        if let Some(practitioner) = practitioner {
+            let id = practitioner
+                .get("id")
+                .and_then(Json::as_str)
+                .filter(|id| !id.is_empty());
+            c.audit.practitioner_id = id.map(str::to_owned);
+            if id.is_none() {
+                c.audit
+                    .violate(Violation::Invalid(Claim::RequestingPractitioner));
+            }
+            if sub.is_some() && id.is_some() && sub != id {
+                c.audit.violate(Violation::SubNotPractitioner);
+            }
+            // `UNK` is the documented value for an unknown SDS id and is accepted.
+            match identifier_value(practitioner, self.profile.sds_user_system()) {
+                Some(sds) => c.audit.sds_user_id = Some(sds.to_owned()),
+                None => c.audit.violate(Violation::SdsUserId),
+            }
+            c.audit.sds_role_profile_id =
+                identifier_value(practitioner, self.profile.sds_role_system()).map(str::to_owned);
+        }
+        if let Some(aud) = aud {
+            let want = match self.profile {
+                Profile::GpConnect1 => expect.endpoint_url,
+                Profile::GpConnect07 => DSTU2_AUDIENCE,
+            };
+            if aud != want {
+                c.audit.violate(Violation::Audience);
+            }
+        }
+        let record = claims.get(Claim::RequestedRecord.key());
+        match (self.profile, record) {
+            (Profile::GpConnect1, Some(_)) => c.audit.violate(Violation::UnexpectedRequestedRecord),
+            (Profile::GpConnect07, None) => {
+                c.audit.violate(Violation::Missing(Claim::RequestedRecord))
+            }
+            (Profile::GpConnect07, Some(r)) => {
+                let kind = r.get("resourceType").and_then(Json::as_str);
+                if !matches!(kind, Some("Patient" | "Organization")) {
+                    c.audit.violate(Violation::Invalid(Claim::RequestedRecord));
+                }
+            }
+            (Profile::GpConnect1, None) => {}
+        }
+    }
+}
+
+/// Reads typed claims, recording missing and mistyped ones.
+struct Claims<'a, 'b> {
+    map: &'a Obj<'a>,
+    audit: &'b mut JwtAudit,
+}
+
+impl<'a> Claims<'a, '_> {
+    fn get(&mut self, claim: Claim) -> Option<&'a Json<'a>> {
+        let value = self.map.get(claim.key());
+        if value.is_none() {
+            self.audit.violate(Violation::Missing(claim));
+        }
+        value
+    }
+
+    fn string(&mut self, claim: Claim) -> Option<&'a str> {
+        let value = self.get(claim)?;
+        let text = value.as_str().filter(|s| !s.is_empty());
+        if text.is_none() {
+            self.audit.violate(Violation::Invalid(claim));
+        }
+        text
+    }
+
+    /// An integer number of seconds (a float or a string is invalid).
+    fn integer(&mut self, claim: Claim) -> Option<i64> {
+        let value = self.get(claim)?;
+        let n = value.as_i64();
+        if n.is_none() {
+            self.audit.violate(Violation::Invalid(claim));
+        }
+        n
+    }
+
+    /// A JSON object whose `resourceType` is `kind`.
+    fn resource(&mut self, claim: Claim, kind: &str) -> Option<&'a Obj<'a>> {
+        let value = self.get(claim)?;
+        let object = value
+            .as_object()
+            .filter(|o| o.get("resourceType").and_then(Json::as_str) == Some(kind));
+        if object.is_none() {
+            self.audit.violate(Violation::Invalid(claim));
+        }
+        object
+    }
+}
+
+fn identifiers<'a>(resource: &'a Obj<'_>) -> impl Iterator<Item = (&'a str, &'a str)> {
+    resource
+        .get("identifier")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| Some((i.get("system")?.as_str()?, i.get("value")?.as_str()?)))
+}
+
+fn first_identifier<'a>(resource: &'a Obj<'_>) -> Option<(&'a str, &'a str)> {
+    identifiers(resource)
+        .next()
+        .filter(|(s, v)| !s.is_empty() && !v.is_empty())
+}
+
+fn identifier_value<'a>(resource: &'a Obj<'_>, system: &str) -> Option<&'a str> {
+    identifiers(resource)
+        .find(|(s, _)| *s == system)
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
+}
+
+/// The base scope of a `requested_scope` value: one of the four GP Connect scopes, optionally followed by
+/// ` conf/N` or ` conf/R` (1.6). Anything else is invalid.
+fn parse_scope(scope: &str) -> Option<&str> {
+    let mut parts = scope.split(' ');
+    let base = parts.next()?;
+    let known = matches!(
+        base,
+        "patient/*.read" | "patient/*.write" | "organization/*.read" | "organization/*.write"
+    );
+    let rest_ok = matches!(
+        (parts.next(), parts.next()),
+        (None, _) | (Some("conf/N" | "conf/R"), None)
+    );
+    (known && rest_ok).then_some(base)
+}
+
+/// The scope an interaction needs, when it is one GP Connect documents (SSP-DOMAIN.md section 6).
+pub fn required_scope(interaction: &InteractionId) -> Option<&'static str> {
+    let urn = interaction
+        .as_str()
+        .strip_prefix("urn:nhs:names:services:gpconnect:")?;
+    // `structured:` and `documents:` prefixes share the rules of the plain forms.
+    let op = urn
+        .trim_start_matches("structured:")
+        .trim_start_matches("documents:");
+    let op = op.strip_suffix("-1").unwrap_or(op);
+    let organization_read = [
+        "fhir:rest:read:metadata",
+        "fhir:rest:read:practitioner",
+        "fhir:rest:search:practitioner",
+        "fhir:rest:read:organization",
+        "fhir:rest:search:organization",
+        "fhir:rest:read:location",
+        "fhir:rest:search:slot",
+    ];
+    let patient_write = [
+        "fhir:operation:gpc.registerpatient",
+        "fhir:rest:create:appointment",
+        "fhir:rest:update:appointment",
+        "fhir:rest:cancel:appointment",
+    ];
+    let patient_read = [
+        "fhir:rest:read:patient",
+        "fhir:rest:search:patient",
+        "fhir:rest:read:appointment",
+        "fhir:rest:search:patient_appointments",
+        "fhir:operation:gpc.getstructuredrecord",
+        "fhir:operation:gpc.migratestructuredrecord",
+        "fhir:operation:gpc.getcarerecord",
+        "fhir:rest:search:documentreference",
+        "fhir:rest:read:binary",
+        "fhir:rest:migrate:binary",
+    ];
+    if organization_read.contains(&op) {
+        Some("organization/*.read")
+    } else if patient_write.contains(&op) {
+        Some("patient/*.write")
+    } else if patient_read.contains(&op) {
+        Some("patient/*.read")
+    } else {
+        None
+    }
+}

@@ -1,0 +1,225 @@
+//! The token itself: the `Authorization` field, base64url parts, decoding, signatures and registered keys.
+
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Map, Value};
+
+use super::json::{Json, Obj, json_object};
+use super::{MAX_TOKEN_BYTES, Violation};
+
+/// A public key registered for a system's signed tokens.
+#[derive(Clone)]
+pub struct VerifyingKey {
+    key: jsonwebtoken::DecodingKey,
+    /// The algorithms this key may verify.
+    algorithms: Vec<jsonwebtoken::Algorithm>,
+}
+
+impl std::fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyingKey")
+            .field("algorithms", &self.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Signing algorithms accepted for signed tokens.
+const RSA_ALGS: [jsonwebtoken::Algorithm; 3] = [
+    jsonwebtoken::Algorithm::RS256,
+    jsonwebtoken::Algorithm::RS512,
+    jsonwebtoken::Algorithm::PS256,
+];
+
+/// Loads verifying keys from a PEM public key (RSA or EC P-256) or a JWKS file (`{"keys": [...]}`).
+pub fn load_keys(path: &Path) -> Result<Vec<VerifyingKey>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_keys(&bytes, path)
+}
+
+/// Parses verifying keys from the bytes of a PEM public key or a JWKS file; `path` names it in errors.
+pub fn parse_keys(bytes: &[u8], path: &Path) -> Result<Vec<VerifyingKey>, String> {
+    if bytes.trim_ascii_start().starts_with(b"{") {
+        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(bytes)
+            .map_err(|e| format!("{}: not a JWKS: {e}", path.display()))?;
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            let key = jsonwebtoken::DecodingKey::from_jwk(jwk)
+                .map_err(|e| format!("{}: unusable JWK: {e}", path.display()))?;
+            let algorithms = match &jwk.algorithm {
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => {
+                    vec![jsonwebtoken::Algorithm::ES256]
+                }
+                _ => RSA_ALGS.to_vec(),
+            };
+            keys.push(VerifyingKey { key, algorithms });
+        }
+        if keys.is_empty() {
+            return Err(format!("{}: the JWKS has no keys", path.display()));
+        }
+        return Ok(keys);
+    }
+    if let Ok(key) = jsonwebtoken::DecodingKey::from_rsa_pem(bytes) {
+        return Ok(vec![VerifyingKey {
+            key,
+            algorithms: RSA_ALGS.to_vec(),
+        }]);
+    }
+    if let Ok(key) = jsonwebtoken::DecodingKey::from_ec_pem(bytes) {
+        return Ok(vec![VerifyingKey {
+            key,
+            algorithms: vec![jsonwebtoken::Algorithm::ES256],
+        }]);
+    }
+    Err(format!(
+        "{}: not a PEM RSA or EC public key, nor a JWKS",
+        path.display()
+    ))
+}
+
+/// The token of an `Authorization` field value: `Bearer`, in any case, then one or more spaces, then the token
+/// (RFC 6750 section 2.1: `credentials = "Bearer" 1*SP b64token`). No field, or a field of another scheme, is
+/// `MissingToken`; a `Bearer` field that is not in that shape (a TAB, no token, not UTF-8) is `Malformed`.
+pub fn bearer_token(authorization: Option<&[u8]>) -> Result<&str, Violation> {
+    let value = authorization.ok_or(Violation::MissingToken)?;
+    const SCHEME: &[u8] = b"bearer";
+    let is_bearer = value.len() >= SCHEME.len()
+        && value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME)
+        && value
+            .get(SCHEME.len())
+            .is_none_or(|b| !b.is_ascii_alphanumeric());
+    if !is_bearer {
+        return Err(Violation::MissingToken);
+    }
+    let rest = std::str::from_utf8(&value[SCHEME.len()..]).map_err(|_| Violation::Malformed)?;
+    let token = rest.trim_start_matches(' ');
+    if token.len() == rest.len() || token.is_empty() {
+        return Err(Violation::Malformed);
+    }
+    Ok(token)
+}
+
+/// Decodes a token: three base64url parts without padding. Unsigned unless `keys` are given, in which case it must
+/// carry a signature that one of them verifies. Returns the header's `alg` and the claims object.
+pub fn decode(
+    token: &str,
+    keys: Option<&[VerifyingKey]>,
+) -> Result<(String, Map<String, Value>), Violation> {
+    let parts = Parts::split(token)?;
+    let (header, claims) = (parts.header()?, parts.payload()?);
+    let alg = parts.check(&header, keys)?;
+    Ok((alg.to_owned(), claims.to_map()))
+}
+
+/// A token cut into its three parts, the first two base64-decoded. The JSON read from them borrows these bytes.
+pub(super) struct Parts<'t> {
+    token: &'t str,
+    header: Vec<u8>,
+    payload: Vec<u8>,
+    signature: &'t str,
+}
+
+impl<'t> Parts<'t> {
+    pub(super) fn split(token: &'t str) -> Result<Self, Violation> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(Violation::TooLarge);
+        }
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Violation::Malformed);
+        };
+        Ok(Self {
+            token,
+            header: base64url(header)?,
+            payload: base64url(payload)?,
+            signature,
+        })
+    }
+
+    pub(super) fn header(&self) -> Result<Obj<'_>, Violation> {
+        json_object(&self.header)
+    }
+
+    pub(super) fn payload(&self) -> Result<Obj<'_>, Violation> {
+        json_object(&self.payload)
+    }
+
+    /// Checks the header (read by [`Parts::header`]) and the signature, or its absence; the header's `alg`.
+    pub(super) fn check<'h>(
+        &self,
+        header: &'h Obj<'h>,
+        keys: Option<&[VerifyingKey]>,
+    ) -> Result<&'h str, Violation> {
+        let (token, signature) = (self.token, self.signature);
+        let alg = header.get("alg").and_then(Json::as_str).unwrap_or_default();
+        let typ_ok = header.get("typ").and_then(Json::as_str) == Some("JWT");
+        match keys {
+            None => {
+                // Exactly {"alg":"none","typ":"JWT"}, in any key order, nothing more.
+                if alg != "none" || !typ_ok || header.len() != 2 {
+                    return Err(Violation::Header);
+                }
+                if !signature.is_empty() {
+                    return Err(Violation::UnexpectedSignature);
+                }
+            }
+            Some(keys) => {
+                if alg == "none" || signature.is_empty() {
+                    return Err(Violation::SignatureRequired);
+                }
+                let algorithm: jsonwebtoken::Algorithm =
+                    alg.parse().map_err(|_| Violation::Header)?;
+                if !typ_ok || !keys.iter().any(|k| k.algorithms.contains(&algorithm)) {
+                    return Err(Violation::Header);
+                }
+                if !is_base64url(signature) {
+                    return Err(Violation::Malformed);
+                }
+                let mut validation = jsonwebtoken::Validation::new(algorithm);
+                // Claims are validated by the profile rules, not by jsonwebtoken's defaults.
+                validation.required_spec_claims.clear();
+                validation.validate_exp = false;
+                validation.validate_nbf = false;
+                validation.validate_aud = false;
+                let verified = keys
+                    .iter()
+                    .filter(|k| k.algorithms.contains(&algorithm))
+                    .any(|k| {
+                        jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &validation)
+                            .is_ok()
+                    });
+                if !verified {
+                    return Err(Violation::BadSignature);
+                }
+            }
+        }
+        Ok(alg)
+    }
+}
+
+fn is_base64url(part: &str) -> bool {
+    part.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// One base64url part (no padding, no `+` or `/`), decoded.
+fn base64url(part: &str) -> Result<Vec<u8>, Violation> {
+    if part.is_empty() || !is_base64url(part) {
+        return Err(Violation::Malformed);
+    }
+    URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| Violation::Malformed)
+}
+
+/// Encodes an unsigned token (`alg: none`) for claims; the inverse of [`decode`] without keys.
+pub fn encode_unsigned(claims: &Value) -> String {
+    format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    )
+}
