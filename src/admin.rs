@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub struct Health {
     /// Set while the consumer listener accepts connections.
-    pub serving: AtomicBool,
+    pub serving: Arc<AtomicBool>,
     pub audit: Arc<AuditLog>,
 }
 

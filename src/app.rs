@@ -2,11 +2,17 @@
 //! checked before anything binds, every problem reported at once. `serve`, `check-config`, `demo` and the
 //! integration tests all start here, so they cannot drift apart.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
+use crate::audit::AuditLog;
 use crate::config::{Config, Problems};
 use crate::forward::Upstream;
+use crate::metrics::Metrics;
 use crate::policy::store::Store;
 use crate::policy::{Policy, Source};
 use crate::proxy::Proxy;
@@ -234,9 +240,73 @@ pub fn certificate_expiries(config: &Config) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// A wired instance, ready to run: the consumer listener, the admin listener, and the shared parts the two, the
+/// reloads and the shutdown use. Everything is connected here and nowhere else.
+pub struct Instance {
+    server: Server,
+    admin: tokio::net::TcpListener,
+    health: Arc<crate::admin::Health>,
+    handles: Handles,
+    audit: Arc<AuditLog>,
+}
+
+/// What a reload touches: the policy snapshot (in the proxy), the TLS material, and their metrics.
+#[derive(Debug, Clone)]
+pub struct Handles {
+    pub proxy: Arc<Proxy>,
+    pub tls: Arc<tls::Reloadable>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("server", &self.server)
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Instance {
+    /// The consumer listener's address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// The parts reloads use.
+    pub fn handles(&self) -> Handles {
+        self.handles.clone()
+    }
+
+    /// Serves the admin listener as its own task and the consumer listener until `shutdown` completes; then drains
+    /// for up to `grace`, stops the admin listener, and closes the audit log (the current segment sealed and
+    /// fsynced, off the runtime's workers).
+    pub async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
+        let admin = tokio::spawn(crate::admin::serve(
+            self.admin,
+            Arc::clone(&self.handles.metrics),
+            self.health,
+        ));
+        self.server.run(shutdown, grace).await;
+        admin.abort();
+        let audit = self.audit;
+        if tokio::task::spawn_blocking(move || audit.close())
+            .await
+            .is_err()
+        {
+            tracing::error!("closing the audit log failed");
+        }
+    }
+}
+
 /// Builds the pipeline (metrics, audit writer, upstream client) and binds the consumer and admin listeners.
-pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Server> {
-    let metrics = Arc::new(crate::metrics::Metrics::new().map_err(std::io::Error::other)?);
+pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Instance> {
+    let metrics = Arc::new(Metrics::new().map_err(std::io::Error::other)?);
     metrics
         .policy_generation
         .set(assembled.policy.generation as i64);
@@ -244,7 +314,7 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Serv
     let crls = tls::crl_files(&config.server);
     metrics.crl_next_updates(&crls);
     tls::log_crl_report(&config.server);
-    let audit = crate::audit::AuditLog::start_with_metrics(
+    let audit = AuditLog::start_with_metrics(
         config.audit.clone(),
         Some(crate::audit::AuditMetrics {
             records: metrics.audit_records.clone(),
@@ -268,15 +338,33 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Serv
         &config.jwt,
         upstream,
         crate::limits::Limits::new(config.limits),
-        audit,
-        metrics,
+        Arc::clone(&audit),
+        Arc::clone(&metrics),
     ));
-    Server::bind(
+    let serving = Arc::new(AtomicBool::new(false));
+    let server = Server::bind(
         &config.server,
         &config.limits,
-        tls,
-        proxy,
-        config.admin_listen,
+        Arc::clone(&tls),
+        Arc::clone(&proxy),
+        Arc::clone(&metrics),
+        Arc::clone(&serving),
     )
-    .await
+    .await?;
+    let admin = tokio::net::TcpListener::bind(config.admin_listen).await?;
+    let health = Arc::new(crate::admin::Health {
+        serving,
+        audit: Arc::clone(&audit),
+    });
+    Ok(Instance {
+        server,
+        admin,
+        health,
+        handles: Handles {
+            proxy,
+            tls,
+            metrics,
+        },
+        audit,
+    })
 }

@@ -293,17 +293,15 @@ fn serve(path: &Path) -> u8 {
         };
         let addr = server.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
         tracing::info!(listen = %addr, systems, endpoints, agreements, config = %path.display(), "ssp serving");
-        let audit = server.audit();
-        tokio::spawn(crate::lifecycle::reload_on_sighup(config.clone(), server.proxy(), server.tls()));
+        tokio::spawn(crate::lifecycle::reload_on_sighup(config.clone(), server.handles()));
         tokio::spawn(crate::lifecycle::watchdog());
         crate::lifecycle::notify_ready();
         let stop = async {
             crate::lifecycle::shutdown_signal().await;
             crate::lifecycle::notify_stopping();
         };
+        // Ends with the current audit segment sealed and fsynced: a clean stop leaves a verifiably complete log.
         server.run(stop, config.server.shutdown_grace).await;
-        // Seal the current segment and fsync: a clean stop leaves a verifiably complete log.
-        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
         tracing::info!("ssp stopped");
         exit::OK
     })

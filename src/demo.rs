@@ -503,7 +503,6 @@ pub async fn run(config: Config) -> Result<(), DemoError> {
         devcerts::PROXY_CLIENT_NAME.to_owned(),
         stopped(stop_rx.clone()),
     ));
-    let audit = server.audit();
     let proxy = tokio::spawn(server.run(stopped(stop_rx), config.server.shutdown_grace));
     let demo_started = time::OffsetDateTime::now_utc();
 
@@ -526,7 +525,6 @@ pub async fn run(config: Config) -> Result<(), DemoError> {
     let _ = stop_tx.send(true);
     let _ = proxy.await;
     let _ = provider.await;
-    let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     Ok(())
 }
 

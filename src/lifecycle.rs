@@ -11,7 +11,9 @@ use std::sync::Arc;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::app::Handles;
 use crate::config::{Config, Problems};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::tls::Reloadable;
 
@@ -84,7 +86,7 @@ pub async fn reload_policy(config: &Config, proxy: &Proxy) -> Result<(u64, bool)
 pub async fn reload_tls(
     config: &Config,
     tls: &Arc<Reloadable>,
-    proxy: &Proxy,
+    metrics: &Metrics,
 ) -> Result<(), Problems> {
     let (server, (config, tls_state)) = (config.server.clone(), (config.clone(), Arc::clone(tls)));
     let result = tokio::task::spawn_blocking(move || {
@@ -93,11 +95,11 @@ pub async fn reload_tls(
     })
     .await
     .map_err(|e| Problems::one(format!("TLS reload: {e}")))?;
-    proxy.metrics().tls_reload(result.is_ok());
+    metrics.tls_reload(result.is_ok());
     match result {
         Ok(expiries) => {
-            proxy.metrics().certificates(&expiries);
-            proxy.metrics().crl_next_updates(&tls.crls().borrow());
+            metrics.certificates(&expiries);
+            metrics.crl_next_updates(&tls.crls().borrow());
             tracing::info!("certificates, keys, CAs and CRLs reloaded");
             crate::tls::log_crl_report(&server);
             Ok(())
@@ -112,7 +114,12 @@ pub async fn reload_tls(
 }
 
 /// Reloads TLS material and policies on every SIGHUP until the process ends.
-pub async fn reload_on_sighup(config: Config, proxy: Arc<Proxy>, tls: Arc<Reloadable>) {
+pub async fn reload_on_sighup(config: Config, handles: Handles) {
+    let Handles {
+        proxy,
+        tls,
+        metrics,
+    } = handles;
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP: reload is unavailable");
         return;
@@ -127,11 +134,10 @@ pub async fn reload_on_sighup(config: Config, proxy: Arc<Proxy>, tls: Arc<Reload
             ]),
             Err(_) => notify(&[NotifyState::Reloading]),
         }
-        let _ = reload_tls(&config, &tls, &proxy).await;
+        let _ = reload_tls(&config, &tls, &metrics).await;
         let result = reload_policy(&config, &proxy).await;
-        proxy.metrics().policy_reload(result.is_ok());
-        proxy
-            .metrics()
+        metrics.policy_reload(result.is_ok());
+        metrics
             .policy_generation
             .set(proxy.policy().generation as i64);
         notify_ready();

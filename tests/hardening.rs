@@ -176,7 +176,7 @@ async fn per_consumer_rate_gives_429_with_rate_limit_headers() {
     .await
     .unwrap();
     assert_eq!(c.status, StatusCode::OK);
-    let metrics = w.handle.metrics().render();
+    let metrics = w.metrics.render();
     assert!(
         metrics.contains(&format!(
             "ssp_denials_total{{reason=\"consumer_rate_limit\"}} {throttled}"
@@ -701,7 +701,7 @@ async fn upstream_faults_are_answered_and_recorded() {
     .await
     .unwrap();
     assert_eq!(ok.status, StatusCode::OK);
-    let counters = w.handle.metrics().render();
+    let counters = w.metrics.render();
     assert!(
         counters.contains("ssp_upstream_errors_total{kind=\"upstream_error\"} 6"),
         "{counters}"
@@ -1014,7 +1014,7 @@ async fn plain_http_on_the_tls_port_gets_a_plain_answer() {
         .unwrap();
     assert_eq!(body.len(), length);
     assert!(body.contains("TLS"));
-    let metrics = w.handle.metrics().render();
+    let metrics = w.metrics.render();
     assert!(
         metrics.contains("ssp_tls_handshake_failures_total{reason=\"plaintext_http\"} 1"),
         "{metrics}"

@@ -127,7 +127,7 @@ async fn certificates_and_crls_rotate_on_reload() {
     );
 
     let new_cert = rotate(&certs);
-    ssp::lifecycle::reload_tls(&w.config, &w.tls, &w.handle)
+    ssp::lifecycle::reload_tls(&w.config, &w.tls, &w.metrics)
         .await
         .unwrap();
 
@@ -148,7 +148,7 @@ async fn certificates_and_crls_rotate_on_reload() {
     );
 
     std::fs::write(certs.join("proxy-server.key"), "not a key").unwrap();
-    let err = ssp::lifecycle::reload_tls(&w.config, &w.tls, &w.handle)
+    let err = ssp::lifecycle::reload_tls(&w.config, &w.tls, &w.metrics)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("server.key"), "{err}");

@@ -78,10 +78,6 @@ impl Proxy {
         }
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     /// The policy in force now.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.load_full()
@@ -90,10 +86,6 @@ impl Proxy {
     /// Puts a new policy generation in force for every request that starts from now on.
     pub fn set_policy(&self, policy: Arc<Policy>) {
         self.policy.store(policy);
-    }
-
-    pub fn audit(&self) -> &Arc<AuditLog> {
-        &self.audit
     }
 
     /// Handles one consumer request. Never fails: every error becomes a response here, and every request leaves

@@ -645,6 +645,8 @@ pub struct World {
     pub config: ssp::config::Config,
     /// The running pipeline, for reloads.
     pub handle: Arc<ssp::proxy::Proxy>,
+    /// The running instance's metrics.
+    pub metrics: Arc<ssp::metrics::Metrics>,
 }
 
 impl World {
@@ -671,9 +673,8 @@ impl World {
         let assembled = ssp::app::assemble(&config).unwrap();
         let server = ssp::app::bind(&config, assembled).await.unwrap();
         let addr = server.local_addr().unwrap();
-        let handle = server.proxy();
+        let handles = server.handles();
         let admin = server.admin_addr().unwrap();
-        let tls = server.tls();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server.run(
             async {
@@ -689,9 +690,10 @@ impl World {
             url,
             down,
             config,
-            handle,
+            handle: handles.proxy,
+            metrics: handles.metrics,
             admin,
-            tls,
+            tls: handles.tls,
         }
     }
 

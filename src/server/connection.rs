@@ -1,0 +1,211 @@
+//! One accepted connection on its way to being served, and how it ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::metrics::Metrics;
+use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy_header::{ProxyHeader, ProxyHeaderError};
+use crate::tls;
+
+use super::ConnGuard;
+use super::close::{CLOSE_GRACE, ConsumerIo, LINGER_TIME, close_in_stages};
+use super::idle::{Activity, IdleTimeouts, Tracked};
+
+/// The whole answer to plain HTTP on the TLS port.
+const PLAINTEXT_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 78\r\nConnection: close\r\n\r\nThis port speaks HTTPS with TLS mutual authentication; plain HTTP is refused.\n";
+
+/// One accepted TCP connection on its way to being served.
+pub(super) struct Connection {
+    pub(super) id: u64,
+    pub(super) acceptor: TlsAcceptor,
+    pub(super) proxy: Arc<Proxy>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) http: auto::Builder<TokioExecutor>,
+    pub(super) handshake_timeout: Duration,
+    pub(super) idle: IdleTimeouts,
+    pub(super) proxy_protocol_from: Arc<[ipnet::IpNet]>,
+}
+
+impl Connection {
+    pub(super) async fn serve(
+        self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        guard: ConnGuard,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let mut tcp = tcp;
+        let deadline = Instant::now() + self.handshake_timeout;
+        // From a trusted balancer the connection starts with a PROXY header naming the consumer; the balancer's
+        // own address is kept as `via`. The header's read is bounded by the handshake timeout.
+        let balancer = remote.ip().to_canonical();
+        let (remote, via) = if self
+            .proxy_protocol_from
+            .iter()
+            .any(|n| n.contains(&balancer))
+        {
+            match tokio::time::timeout_at(deadline, crate::proxy_header::read(&mut tcp)).await {
+                Ok(Ok(ProxyHeader::Relayed(consumer))) => (consumer, Some(remote)),
+                Ok(Ok(ProxyHeader::Local)) => (remote, None),
+                Ok(Err(ProxyHeaderError::Closed)) => return,
+                Ok(Err(e)) => {
+                    self.metrics.tls_failure(e.reason());
+                    tracing::info!(conn = self.id, %remote, error = %e, "PROXY protocol header refused; closing");
+                    close_in_stages(tcp, guard, Instant::now() + LINGER_TIME).await;
+                    return;
+                }
+                Err(_) => {
+                    self.metrics.tls_failure("timeout");
+                    tracing::info!(conn = self.id, %remote, "PROXY protocol header timed out");
+                    return;
+                }
+            }
+        } else {
+            (remote, None)
+        };
+        // Plain HTTP sent to this port gets one short plain-text answer instead of a TLS alert it cannot read.
+        // A TLS ClientHello starts with 0x16; an HTTP request line with an upper-case method letter. A PROXY
+        // header from a source not in `server.proxy_protocol_from` is refused: it could name any address.
+        let mut first = [0u8; 12];
+        match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+            Ok(Ok(n @ 1..)) if crate::proxy_header::looks_like_proxy_header(&first[..n]) => {
+                self.metrics.tls_failure("proxy_header_untrusted");
+                tracing::warn!(
+                    conn = self.id,
+                    %remote,
+                    "PROXY protocol header from a source not in server.proxy_protocol_from; closing"
+                );
+                close_in_stages(tcp, guard, Instant::now() + LINGER_TIME).await;
+                return;
+            }
+            Ok(Ok(1..)) if first[0].is_ascii_uppercase() => {
+                self.metrics.tls_failure("plaintext_http");
+                tracing::info!(conn = self.id, %remote, "plain HTTP on the TLS port; answered 400");
+                let _ = tokio::time::timeout_at(deadline, tcp.write_all(PLAINTEXT_ANSWER)).await;
+                close_in_stages(tcp, guard, Instant::now() + LINGER_TIME).await;
+                return;
+            }
+            // Closed before sending a byte: a TCP health check or a port probe, not a failed handshake.
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                self.metrics.tls_failure("timeout");
+                tracing::info!(conn = self.id, %remote, "TLS handshake timed out");
+                return;
+            }
+        }
+        // Check 1: the handshake verifies the chain, expiry, CRL and TLS version; failing it ends the connection
+        // with no HTTP at all. rustls has written its alert by then; the staged close keeps the client's unread
+        // handshake bytes from turning the close into a reset that would destroy the alert.
+        let accept = self.acceptor.accept(tcp).into_fallible();
+        let tls = match tokio::time::timeout_at(deadline, accept).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err((e, tcp))) => {
+                self.metrics
+                    .tls_failure(crate::metrics::tls_failure_reason(&e));
+                tracing::info!(conn = self.id, %remote, error = %e, "TLS handshake refused");
+                close_in_stages(tcp, guard, Instant::now() + LINGER_TIME).await;
+                return;
+            }
+            Err(_) => {
+                self.metrics.tls_failure("timeout");
+                tracing::info!(conn = self.id, %remote, "TLS handshake timed out");
+                return;
+            }
+        };
+        let session = tls.get_ref().1;
+        let peer = session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(tls::peer_identity);
+        let idle_timeout = match session.alpn_protocol() {
+            Some(b"h2") => self.idle.http2,
+            _ => self.idle.http1,
+        };
+        let Some(peer) = peer else {
+            tracing::warn!(conn = self.id, %remote, "verified client certificate could not be read; closing");
+            return;
+        };
+        tracing::debug!(conn = self.id, %remote, ?via, subject = %peer.subject, "connection accepted");
+        let audit_peer = Arc::new(crate::audit::Peer::new(remote, via, &peer));
+        let info = Arc::new(ConnInfo {
+            id: self.id,
+            remote,
+            peer,
+            audit_peer,
+        });
+        let activity = Arc::new(Activity::new());
+        let proxy = self.proxy;
+        let service = {
+            let activity = Arc::clone(&activity);
+            service_fn(move |request| {
+                let proxy = Arc::clone(&proxy);
+                let info = Arc::clone(&info);
+                // In flight from the complete request head until hyper has sent (or dropped) the response body.
+                let busy = activity.busy();
+                async move {
+                    let response = proxy.handle(request, &info).await?;
+                    Ok::<_, std::convert::Infallible>(
+                        response.map(|body| Tracked { body, _busy: busy }),
+                    )
+                }
+            })
+        };
+        let io = ConsumerIo::new(tls, guard);
+        let connection = self.http.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
+        let mut closing = false;
+        // Once an idle connection has been asked to close (HTTP/2: GOAWAY and a PING whose answer hyper awaits), a
+        // client that never answers must not keep it: after CLOSE_GRACE with nothing in flight it is dropped.
+        let mut idle_closing = false;
+        let hard_close = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(hard_close);
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break Some(result),
+                _ = stop.changed(), if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                () = idle.as_mut(), if !closing => {
+                    match activity.idle_until(idle_timeout) {
+                        Some(end) if end <= Instant::now() => {
+                            tracing::debug!(conn = self.id, idle_s = idle_timeout.as_secs_f64(), "idle connection closed");
+                            closing = true;
+                            idle_closing = true;
+                            hard_close.as_mut().reset(Instant::now() + CLOSE_GRACE);
+                            connection.as_mut().graceful_shutdown();
+                        }
+                        Some(end) => idle.as_mut().reset(end),
+                        None => idle.as_mut().reset(Instant::now() + idle_timeout),
+                    }
+                }
+                () = hard_close.as_mut(), if idle_closing => {
+                    if activity.idle_until(Duration::ZERO).is_some() {
+                        tracing::debug!(conn = self.id, "closing connection did not finish within its grace; dropped");
+                        break None;
+                    }
+                    // A stream opened before the GOAWAY reached the client is still being served.
+                    hard_close.as_mut().reset(Instant::now() + CLOSE_GRACE);
+                }
+            }
+        };
+        if let Some(Err(e)) = result {
+            tracing::debug!(conn = self.id, error = %e, "connection ended with an error");
+        }
+    }
+}
