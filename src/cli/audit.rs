@@ -1,0 +1,163 @@
+//! `ssp audit ...`: verify, query and tail the transaction log.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+use super::{exit, print_problems};
+
+/// Where the audit log is: `--dir`, or `audit.dir` of the config.
+#[derive(Debug, clap::Args)]
+struct AuditLocation {
+    /// Config file whose `audit.dir` to read [default: as for serve]
+    #[arg(long, conflicts_with = "dir")]
+    config: Option<PathBuf>,
+    /// The audit folder itself
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl AuditLocation {
+    fn dir(self) -> Result<PathBuf, u8> {
+        if let Some(dir) = self.dir {
+            return Ok(dir);
+        }
+        match Config::load(&self.config.unwrap_or_else(Config::default_path)) {
+            Ok(config) => Ok(config.audit.dir),
+            Err(problems) => Err(print_problems(&problems)),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum AuditCommand {
+    /// Verify the hash chain end to end: exit 0 intact, 1 with the first broken record named.
+    Verify {
+        #[command(flatten)]
+        at: AuditLocation,
+    },
+    /// Print the transactions that have a record matching every filter given.
+    Query {
+        #[command(flatten)]
+        at: AuditLocation,
+        #[arg(long)]
+        trace_id: Option<String>,
+        /// Sending ASID (`Ssp-From`)
+        #[arg(long)]
+        from: Option<String>,
+        /// Receiving ASID (`Ssp-To`)
+        #[arg(long)]
+        to: Option<String>,
+        /// Interaction URN
+        #[arg(long)]
+        interaction: Option<String>,
+        /// RFC 3339 time, inclusive
+        #[arg(long)]
+        since: Option<String>,
+        /// RFC 3339 time, inclusive
+        #[arg(long)]
+        until: Option<String>,
+        /// ok, denied, client_closed, upstream_error or timeout
+        #[arg(long)]
+        outcome: Option<String>,
+        /// JSON lines instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(super) fn audit(command: AuditCommand) -> u8 {
+    match command {
+        AuditCommand::Verify { at } => {
+            let dir = match at.dir() {
+                Ok(dir) => dir,
+                Err(code) => return code,
+            };
+            match crate::audit::verify(&dir) {
+                Ok(v) => {
+                    let state = if v.last_sealed {
+                        "sealed"
+                    } else {
+                        "open (being written, or its writer crashed)"
+                    };
+                    println!(
+                        "{}: intact: {} records in {} segments, last seq {}; newest segment {state}",
+                        dir.display(),
+                        v.records,
+                        v.segments,
+                        v.last_seq
+                    );
+                    exit::OK
+                }
+                Err(broken) => {
+                    println!("TAMPERED OR DAMAGED: {broken}");
+                    exit::NEGATIVE
+                }
+            }
+        }
+        AuditCommand::Query {
+            at,
+            trace_id,
+            from,
+            to,
+            interaction,
+            since,
+            until,
+            outcome,
+            json,
+        } => {
+            let dir = match at.dir() {
+                Ok(dir) => dir,
+                Err(code) => return code,
+            };
+            let time = |flag: &str,
+                        t: Option<String>|
+             -> Result<Option<time::OffsetDateTime>, u8> {
+                t.map(|t| {
+                    time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                        .map_err(|_| {
+                            eprintln!(
+                                "--{flag}: {t:?} is not an RFC 3339 time like 2026-11-21T09:00:00Z"
+                            );
+                            exit::USAGE
+                        })
+                })
+                .transpose()
+            };
+            let (since, until) = match (time("since", since), time("until", until)) {
+                (Ok(s), Ok(u)) => (s, u),
+                (Err(code), _) | (_, Err(code)) => return code,
+            };
+            let filter = crate::audit::Filter {
+                trace_id,
+                from,
+                to,
+                interaction,
+                since,
+                until,
+                outcome,
+            };
+            match crate::audit::query(&dir, &filter) {
+                Ok(records) => {
+                    if json {
+                        for r in &records {
+                            println!("{r}");
+                        }
+                    } else {
+                        println!("{}", crate::audit::TABLE_HEADER);
+                        for r in &records {
+                            println!("{}", crate::audit::table_row(r));
+                        }
+                    }
+                    exit::OK
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", dir.display());
+                    exit::INTERNAL
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Command-line interface: argument parsing, exit codes, and wiring each command to the library. No request
+//! logic here. Configs and policies are loaded and validated before any runtime starts or socket binds; a bad
+//! one prints one line per problem and exits 64.
+
+//!
+//! - `policy`: `ssp policy import | check | list | sds ...`.
+//! - `audit`: `ssp audit verify | query | tail`.
+
+mod audit;
+mod policy;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, Problems};
+
+use audit::{AuditCommand, audit};
+use policy::{PolicyCommand, policy};
+
+/// Exit codes of DESIGN.md 1.1.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// A negative answer (deny, tampered).
+    pub const NEGATIVE: u8 = 1;
+    /// Bad usage or config.
+    pub const USAGE: u8 = 64;
+    /// Internal error.
+    pub const INTERNAL: u8 = 70;
+}
+
+/// A Spine-Secure-Proxy-style forward HTTP proxy for GP Connect.
+#[derive(Debug, Parser)]
+#[command(name = "ssp", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// Config file [default: ./ssp.toml if present, else /etc/ssp/ssp.toml]
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Load and validate config, certificates, keys, CRLs and policies; exit 0 if good, 64 if not.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Start the proxy and a dev provider on the dev config, send demo requests, keep serving until Ctrl-C.
+    Demo {
+        /// Config file [default: ./ssp.toml]
+        #[arg(long, default_value = "ssp.toml")]
+        config: PathBuf,
+    },
+    /// Explain, import and inspect the policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Verify or query the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Print a fresh unsigned GP Connect audit token for trying the proxy by hand (development only).
+    DevToken {
+        /// The audience: the provider endpoint's registered URL.
+        #[arg(long)]
+        aud: String,
+        /// The requested scope.
+        #[arg(long, default_value = "organization/*.read")]
+        scope: String,
+    },
+    /// Generate a development PKI (NOT for production).
+    DevCerts {
+        /// Folder to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Parses arguments and runs the command; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    ExitCode::from(match cli.command {
+        Command::Serve { config } => serve(&config.unwrap_or_else(Config::default_path)),
+        Command::CheckConfig { config } => {
+            check_config(&config.unwrap_or_else(Config::default_path))
+        }
+        Command::Demo { config } => demo(&config),
+        Command::Audit { command } => audit(command),
+        Command::Policy { command } => policy(command),
+        Command::DevToken { aud, scope } => {
+            println!("{}", crate::demo::dev_jwt(&aud, &scope));
+            exit::OK
+        }
+        Command::DevCerts { out } => dev_certs(&out),
+    })
+}
+
+fn print_problems(problems: &Problems) -> u8 {
+    for line in &problems.problems {
+        eprintln!("{line}");
+    }
+    exit::USAGE
+}
+
+/// The operational log on stderr (journald under systemd): `RUST_LOG` wins over `level`.
+fn init_logging(level: &str, json: bool) {
+    // rustls warns about what any consumer can send at will (an IP address as SNI, renegotiation attempts): one
+    // line each would let a scanner flood the operator's log. Its errors stay; a `RUST_LOG` that names rustls
+    // overrides.
+    let mut directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| level.to_owned());
+    if !directives.contains("rustls") {
+        directives.push_str(",rustls=error");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the runtime: {e}");
+            exit::INTERNAL
+        })
+}
+
+fn serve(path: &Path) -> u8 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(problems) => return print_problems(&problems),
+    };
+    // Before anything that logs: starting on the last good policy generation is reported as a warning.
+    init_logging(&config.log.level, config.log.json);
+    let assembled = match crate::app::assemble(&config) {
+        Ok(assembled) => assembled,
+        Err(problems) => return print_problems(&problems),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let (systems, endpoints, agreements) = assembled.policy.counts();
+        let server = match crate::app::bind(&config, assembled).await {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("{}: server.listen: cannot listen on {}: {e}", path.display(), config.server.listen);
+                return exit::INTERNAL;
+            }
+        };
+        let addr = server.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
+        tracing::info!(listen = %addr, systems, endpoints, agreements, config = %path.display(), "ssp serving");
+        tokio::spawn(crate::lifecycle::reload_on_sighup(config.clone(), server.handles()));
+        tokio::spawn(crate::lifecycle::watchdog());
+        crate::lifecycle::notify_ready();
+        let stop = async {
+            crate::lifecycle::shutdown_signal().await;
+            crate::lifecycle::notify_stopping();
+        };
+        // Ends with the current audit segment sealed and fsynced: a clean stop leaves a verifiably complete log.
+        server.run(stop, config.server.shutdown_grace).await;
+        tracing::info!("ssp stopped");
+        exit::OK
+    })
+}
+
+fn check_config(path: &Path) -> u8 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(problems) => return print_problems(&problems),
+    };
+    let checked = crate::app::check(&config);
+    for warning in &checked.warnings {
+        eprintln!("warning: {warning}");
+    }
+    match checked.policy {
+        Some(policy) if checked.problems.is_empty() => {
+            let (systems, endpoints, agreements) = policy.counts();
+            println!(
+                "{}: ok (listen {}, {systems} systems, {endpoints} endpoints, {agreements} agreements)",
+                path.display(),
+                config.server.listen
+            );
+            exit::OK
+        }
+        _ => print_problems(&Problems {
+            problems: checked.problems,
+        }),
+    }
+}
+
+fn demo(path: &Path) -> u8 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(problems) => {
+            eprintln!(
+                "ssp demo runs on the repository's dev config: run it from the repository root, or pass --config"
+            );
+            return print_problems(&problems);
+        }
+    };
+    init_logging("error", false);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(crate::demo::run(config)) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("ssp demo: {e}");
+            if e.downcast_ref::<Problems>().is_some() {
+                exit::USAGE
+            } else {
+                exit::INTERNAL
+            }
+        }
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> Result<Config, u8> {
+    Config::load(&path.unwrap_or_else(Config::default_path)).map_err(|p| print_problems(&p))
+}
+
+fn dev_certs(out: &Path) -> u8 {
+    match crate::devcerts::generate(out) {
+        Ok(files) => {
+            println!("{}", crate::devcerts::WARNING);
+            for file in files {
+                println!("wrote {}", file.display());
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", out.display());
+            exit::INTERNAL
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The config file (DESIGN.md 1.2): a strictly parsed raw form (`deny_unknown_fields`, one doc line per key with
+//! its unit and default) converted once into typed values. Nothing downstream sees a raw string.
+//!
+//! Owns reading and validating; does not open sockets, build TLS objects or read policy files (the paths it
+//! returns are checked for existence by `check-config`, which loads them through their owning modules).
+//!
+//! - `raw`: the file's schema, as written (`deny_unknown_fields`).
+//! - `validate`: raw values to typed ones, every problem named with its key.
+
+mod raw;
+mod validate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+
+use raw::RawConfig;
+use validate::{Validator, toml_error_line};
+
+/// Where `serve` looks when no `--config` is given: the first that exists.
+pub const DEFAULT_PATHS: [&str; 2] = ["ssp.toml", "/etc/ssp/ssp.toml"];
+
+/// One or more problems found in a config or policy files, one line each, each naming the file and the key
+/// or line it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems {
+    pub problems: Vec<String>,
+}
+
+impl Problems {
+    pub fn one(problem: impl Into<String>) -> Self {
+        Self {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("\n"))
+    }
+}
+
+impl std::error::Error for Problems {}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Validated form.
+
+/// The whole validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub policy: PolicyConfig,
+    pub jwt: JwtConfig,
+    pub audit: AuditConfig,
+    pub log: LogConfig,
+    /// The admin listener's address.
+    pub admin_listen: SocketAddr,
+    pub limits: LimitsConfig,
+    /// `[sds]`, when present.
+    pub sds: Option<SdsConfig>,
+}
+
+/// Which ODS codes' accredited systems are consumers (`[[system]]`) and which are providers (`[[endpoint]]`), and
+/// the interactions to keep (empty: all).
+#[derive(Debug, Clone, Default)]
+pub struct SdsRoles {
+    pub systems: std::collections::BTreeSet<String>,
+    pub endpoints: std::collections::BTreeSet<String>,
+    pub interactions: std::collections::BTreeSet<String>,
+}
+
+/// `[sds]`: where `ssp policy sds` finds the Spine Directory Service and what it resolves.
+#[derive(Debug, Clone)]
+pub struct SdsConfig {
+    pub base_url: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub ca: Vec<PathBuf>,
+    pub roles: SdsRoles,
+    pub timeout: Duration,
+    pub max_retries: u32,
+}
+
+/// `[limits]`: throttling (check 11) and request-size limits. A zero count means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsConfig {
+    pub per_consumer_rps: u32,
+    pub per_consumer_burst: u32,
+    pub per_consumer_concurrency: u32,
+    pub per_provider_concurrency: u32,
+    pub per_provider_connections: u32,
+    pub max_header_bytes: usize,
+    pub max_header_count: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            per_consumer_rps: 0,
+            per_consumer_burst: 0,
+            per_consumer_concurrency: 0,
+            per_provider_concurrency: 0,
+            per_provider_connections: 256,
+            max_header_bytes: 64 << 10,
+            max_header_count: 100,
+        }
+    }
+}
+
+/// When records reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Written (to the page cache) before the request is forwarded; fsynced every `fsync_interval`.
+    Batched,
+    /// Fsynced before the request is forwarded (group commit: one fsync per batch).
+    Strict,
+}
+
+/// The `[audit]` section, validated.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+    pub durability: Durability,
+    pub fsync_interval: Duration,
+    pub segment_size: u64,
+    /// Names this proxy instance in every record (default: the host name).
+    pub instance: String,
+}
+
+/// The operational log (never the audit trail, never tokens, claims or patient identifiers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub json: bool,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+/// What a handshake does when a consumer's revocation status rests on a CRL past its nextUpdate
+/// (`server.crl_expired`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrlExpired {
+    /// Refused (fail closed): the default.
+    Refuse,
+    /// Accepted; the proxy logs an error at start, on reload and when the CRL expires.
+    Allow,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Vec<PathBuf>,
+    pub crl: Vec<PathBuf>,
+    pub tls_versions: Vec<TlsVersion>,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub http2_idle_timeout: Duration,
+    pub crl_expired: CrlExpired,
+    pub client_ca_hints: bool,
+    /// Sources whose connections must start with a PROXY protocol header.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    pub max_connections: usize,
+    pub methods: Vec<Method>,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: Vec<PathBuf>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// `host:port` (host lower-cased) to the socket address to connect to instead of resolving.
+    pub resolve: HashMap<String, SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub mode: crate::jwt::Mode,
+    pub profile: crate::jwt::Profile,
+    pub max_future_skew: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub dir: PathBuf,
+    pub store: PathBuf,
+    pub keep_generations: usize,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`. Relative paths inside resolve against the file's folder.
+    pub fn load(path: &Path) -> Result<Self, Problems> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Problems::one(format!("{}: cannot read: {e}", path.display())))?;
+        Self::parse(&text, path)
+    }
+
+    /// The path `serve` uses when none is given.
+    pub fn default_path() -> PathBuf {
+        DEFAULT_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATHS[1]))
+    }
+
+    /// Validates config text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, Problems> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| Problems::one(toml_error_line(path, text, &e)))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut v = Validator {
+            base,
+            problems: Vec::new(),
+            file: path.display().to_string(),
+        };
+        let server = v.server(raw.server);
+        let upstream = v.upstream(raw.upstream);
+        let keep_generations = raw.policy.keep_generations.unwrap_or(20);
+        if keep_generations == 0 {
+            v.problem("policy.keep_generations", "must be at least 1");
+        }
+        let policy = PolicyConfig {
+            dir: v.path(raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies"))),
+            store: v.path(
+                raw.policy
+                    .store
+                    .unwrap_or_else(|| PathBuf::from("data/policy")),
+            ),
+            keep_generations: keep_generations.max(1),
+        };
+        let jwt = v.jwt(raw.jwt);
+        let audit = v.audit(raw.audit);
+        let log = v.log(raw.log);
+        let limits = v.limits(raw.limits);
+        let sds = raw.sds.map(|raw| v.sds(raw));
+        let admin_text = raw.admin.listen.unwrap_or_else(|| "127.0.0.1:9090".into());
+        let admin_listen = admin_text.parse().unwrap_or_else(|_| {
+            v.problem(
+                "admin.listen",
+                format_args!("{admin_text:?} is not an ip:port"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9090))
+        });
+        if !v.problems.is_empty() {
+            return Err(Problems {
+                problems: v.problems,
+            });
+        }
+        Ok(Self {
+            source: path.to_path_buf(),
+            server,
+            upstream,
+            policy,
+            jwt,
+            audit,
+            log,
+            admin_listen,
+            limits,
+            sds,
+        })
+    }
+}
+
+/// Parses `"64KiB"`, `"64MiB"`, `"1GiB"`, `"512B"` into bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let digits_end = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(digits_end);
+    let n: u64 = number.parse().ok()?;
+    let mult = match unit {
+        "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+/// Parses `"10s"`, `"500ms"`, `"5m"`, `"1h"` (an integer and a unit, nothing else).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let digits_end = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(digits_end);
+    let n: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,116 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[server]
+cert = "c.crt"
+key = "c.key"
+client_ca = ["ca.crt"]
+[upstream]
+cert = "u.crt"
+key = "u.key"
+ca = ["ca.crt"]
+"#;
+
+#[test]
+fn defaults_and_relative_paths() {
+    let c = Config::parse(MINIMAL, Path::new("/etc/ssp/ssp.toml")).unwrap();
+    assert_eq!(c.server.listen, "127.0.0.1:8443".parse().unwrap());
+    assert_eq!(c.server.cert, PathBuf::from("/etc/ssp/c.crt"));
+    assert_eq!(
+        c.server.tls_versions,
+        vec![TlsVersion::Tls12, TlsVersion::Tls13]
+    );
+    assert_eq!(c.server.methods.len(), 5);
+    assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
+    assert_eq!(c.policy.dir, PathBuf::from("/etc/ssp/policies"));
+    assert_eq!(c.policy.store, PathBuf::from("/etc/ssp/data/policy"));
+    assert_eq!(c.policy.keep_generations, 20);
+    assert_eq!(c.jwt.mode, crate::jwt::Mode::Enforce);
+    assert_eq!(c.jwt.profile, crate::jwt::Profile::GpConnect1);
+    assert_eq!(c.jwt.max_future_skew, Duration::from_secs(300));
+    assert_eq!(c.audit.dir, PathBuf::from("/etc/ssp/data/audit"));
+    assert_eq!(c.audit.durability, crate::audit::Durability::Batched);
+    assert_eq!(c.audit.segment_size, 64 << 20);
+    assert!(!c.audit.instance.is_empty());
+    assert_eq!(
+        c.log,
+        LogConfig {
+            json: false,
+            level: "info".into()
+        }
+    );
+    assert_eq!(c.limits, LimitsConfig::default());
+    assert_eq!(c.limits.max_header_bytes, 64 * 1024);
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let text = MINIMAL.replace("key = \"c.key\"", "key = \"c.key\"\nlisten_port = 1");
+    let err = Config::parse(&text, Path::new("ssp.toml")).unwrap_err();
+    assert_eq!(err.problems.len(), 1);
+    let line = &err.problems[0];
+    assert!(line.starts_with("ssp.toml: line 5"), "{line}");
+    assert!(line.contains("listen_port"), "{line}");
+    assert!(!line.contains('\n'));
+}
+
+#[test]
+fn every_bad_value_is_reported() {
+    let text = MINIMAL.replace(
+            "[upstream]",
+            "listen = \"nowhere\"\ntls_versions = [\"1.1\"]\nmethods = [\"TRACE\", \"get\"]\nhandshake_timeout = \"10 seconds\"\n[upstream]\nresolve = { \"nohost\" = \"1.2.3.4:5\", \"h:443\" = \"h:443\" }",
+        ) + "[jwt]\nmode = \"strict\"\nprofile = \"gpconnect-2\"\n"
+            + "[limits]\nper_consumer_rps = 5\nper_consumer_burst = 0\nper_provider_connections = 0\nmax_header_bytes = \"64\"\nmax_header_count = 3\n";
+    let err = Config::parse(&text, Path::new("ssp.toml")).unwrap_err();
+    let all = err.to_string();
+    for key in [
+        "server.listen",
+        "server.tls_versions",
+        "server.methods: TRACE",
+        "server.methods: \"get\"",
+        "server.handshake_timeout",
+        "upstream.resolve.\"nohost\"",
+        "upstream.resolve.\"h:443\"",
+        "jwt.mode",
+        "jwt.profile",
+        "limits.per_consumer_burst",
+        "limits.per_provider_connections",
+        "limits.max_header_bytes",
+        "limits.max_header_count",
+    ] {
+        assert!(all.contains(key), "missing {key} in {all}");
+    }
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+    assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+    assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+    assert_eq!(parse_duration("10"), None);
+    assert_eq!(parse_duration("s"), None);
+    assert_eq!(parse_duration("1.5s"), None);
+    assert_eq!(parse_size("64MiB"), Some(64 << 20));
+    assert_eq!(parse_size("4KiB"), Some(4096));
+    assert_eq!(parse_size("64mb"), None);
+}
+
+/// The repository's dev config and the sample production config stay valid as keys change.
+#[test]
+fn shipped_configs_parse() {
+    for (name, text) in [
+        ("ssp.toml", include_str!("../../ssp.toml")),
+        ("systemd/ssp.toml", include_str!("../../systemd/ssp.toml")),
+    ] {
+        if let Err(e) = Config::parse(text, Path::new(name)) {
+            panic!("{name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn line_col_counts_from_one() {
+    assert_eq!(line_col("ab\ncd", 0), (1, 1));
+    assert_eq!(line_col("ab\ncd", 4), (2, 2));
+}

@@ -1,0 +1,438 @@
+//! Raw values to typed ones; one run reports every problem, each named with its key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+
+use super::raw::*;
+use super::*;
+
+/// Collects problems while converting raw values, so that one run reports all of them.
+pub(super) struct Validator<'a> {
+    pub(super) base: &'a Path,
+    pub(super) file: String,
+    pub(super) problems: Vec<String>,
+}
+
+impl Validator<'_> {
+    pub(super) fn problem(&mut self, key: &str, message: impl fmt::Display) {
+        self.problems
+            .push(format!("{}: {key}: {message}", self.file));
+    }
+
+    pub(super) fn sds(&mut self, raw: RawSds) -> SdsConfig {
+        if let Some(url) = &raw.base_url
+            && (!url.starts_with("https://") || url.parse::<http::Uri>().is_err())
+        {
+            self.problem("sds.base_url", format_args!("{url:?} is not an https URL"));
+        }
+        for ods in raw.systems.iter().chain(&raw.endpoints) {
+            if crate::ids::OdsCode::parse(ods).is_none() {
+                self.problem(
+                    "sds.systems / sds.endpoints",
+                    format_args!("{ods:?} is not an ODS code"),
+                );
+            }
+        }
+        for urn in &raw.interactions {
+            if crate::ids::InteractionId::parse(urn).is_none() {
+                self.problem(
+                    "sds.interactions",
+                    format_args!("{urn:?} is not an interaction URN"),
+                );
+            }
+        }
+        SdsConfig {
+            base_url: raw.base_url.map(|u| u.trim_end_matches('/').to_owned()),
+            api_key_file: raw.api_key_file.map(|p| self.path(p)),
+            ca: raw
+                .ca
+                .unwrap_or_else(|| vec![PathBuf::from("/etc/ssl/certs/ca-certificates.crt")])
+                .into_iter()
+                .map(|p| self.path(p))
+                .collect(),
+            roles: SdsRoles {
+                systems: raw.systems.into_iter().collect(),
+                endpoints: raw.endpoints.into_iter().collect(),
+                interactions: raw.interactions.into_iter().collect(),
+            },
+            timeout: self.duration("sds.timeout", raw.timeout, Duration::from_secs(10)),
+            max_retries: raw.max_retries.unwrap_or(3).min(10),
+        }
+    }
+
+    pub(super) fn path(&self, path: PathBuf) -> PathBuf {
+        if path.is_absolute() {
+            path
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    pub(super) fn duration(
+        &mut self,
+        key: &str,
+        raw: Option<String>,
+        default: Duration,
+    ) -> Duration {
+        match raw {
+            None => default,
+            Some(text) => match parse_duration(&text) {
+                Some(d) if !d.is_zero() => d,
+                _ => {
+                    self.problem(
+                        key,
+                        format_args!("{text:?} is not a duration like \"10s\", \"500ms\", \"5m\""),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    pub(super) fn server(&mut self, raw: RawServer) -> ServerConfig {
+        let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8443".into());
+        let listen = listen_text.parse().unwrap_or_else(|_| {
+            self.problem(
+                "server.listen",
+                format_args!("{listen_text:?} is not an ip:port"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8443))
+        });
+        if raw.client_ca.is_empty() {
+            self.problem("server.client_ca", "at least one CA file is required");
+        }
+        let mut tls_versions = Vec::new();
+        for v in raw
+            .tls_versions
+            .unwrap_or_else(|| vec!["1.2".into(), "1.3".into()])
+        {
+            match v.as_str() {
+                "1.2" => tls_versions.push(TlsVersion::Tls12),
+                "1.3" => tls_versions.push(TlsVersion::Tls13),
+                other => self.problem(
+                    "server.tls_versions",
+                    format_args!("{other:?} is not supported (\"1.2\" or \"1.3\"; older versions are forbidden)"),
+                ),
+            }
+        }
+        if tls_versions.is_empty() {
+            self.problem("server.tls_versions", "at least one version is required");
+        }
+        let crl_expired = match raw.crl_expired.as_deref() {
+            None | Some("refuse") => CrlExpired::Refuse,
+            Some("allow") => CrlExpired::Allow,
+            Some(other) => {
+                self.problem(
+                    "server.crl_expired",
+                    format_args!("{other:?} is neither \"refuse\" nor \"allow\""),
+                );
+                CrlExpired::Refuse
+            }
+        };
+        let mut proxy_protocol_from = Vec::new();
+        for text in &raw.proxy_protocol_from {
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => proxy_protocol_from.push(net.trunc()),
+                Err(_) => self.problem(
+                    "server.proxy_protocol_from",
+                    format_args!("{text:?} is not a network like \"10.0.0.0/24\" or an IP address"),
+                ),
+            }
+        }
+        let max_connections = raw.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            self.problem("server.max_connections", "must be at least 1");
+        }
+        let mut methods = Vec::new();
+        for m in raw.methods.unwrap_or_else(|| {
+            ["GET", "POST", "PUT", "DELETE", "PATCH"]
+                .map(String::from)
+                .to_vec()
+        }) {
+            match Method::from_bytes(m.as_bytes()) {
+                Ok(Method::CONNECT | Method::TRACE) => self.problem(
+                    "server.methods",
+                    format_args!("{m} is never forwarded by an SSP"),
+                ),
+                Ok(method) if m.bytes().all(|b| b.is_ascii_uppercase()) => methods.push(method),
+                _ => self.problem(
+                    "server.methods",
+                    format_args!("{m:?} is not an upper-case method"),
+                ),
+            }
+        }
+        ServerConfig {
+            listen,
+            cert: self.path(raw.cert),
+            key: self.path(raw.key),
+            client_ca: raw.client_ca.into_iter().map(|p| self.path(p)).collect(),
+            crl: raw.crl.into_iter().map(|p| self.path(p)).collect(),
+            tls_versions,
+            handshake_timeout: self.duration(
+                "server.handshake_timeout",
+                raw.handshake_timeout,
+                Duration::from_secs(10),
+            ),
+            header_read_timeout: self.duration(
+                "server.header_read_timeout",
+                raw.header_read_timeout,
+                Duration::from_secs(30),
+            ),
+            http2_idle_timeout: self.duration(
+                "server.http2_idle_timeout",
+                raw.http2_idle_timeout,
+                Duration::from_secs(60),
+            ),
+            crl_expired,
+            client_ca_hints: raw.client_ca_hints.unwrap_or(true),
+            proxy_protocol_from,
+            max_connections: max_connections.max(1),
+            methods,
+            shutdown_grace: self.duration(
+                "server.shutdown_grace",
+                raw.shutdown_grace,
+                Duration::from_secs(30),
+            ),
+        }
+    }
+
+    pub(super) fn log(&mut self, raw: RawLog) -> LogConfig {
+        let json = match raw.format.as_deref().unwrap_or("human") {
+            "human" => false,
+            "json" => true,
+            other => {
+                self.problem(
+                    "log.format",
+                    format_args!("{other:?} is not \"human\" or \"json\""),
+                );
+                false
+            }
+        };
+        let level = raw.level.unwrap_or_else(|| "info".into());
+        if !matches!(
+            level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace"
+        ) {
+            self.problem(
+                "log.level",
+                format_args!("{level:?} is not error, warn, info, debug or trace"),
+            );
+        }
+        LogConfig { json, level }
+    }
+
+    pub(super) fn audit(&mut self, raw: RawAudit) -> AuditConfig {
+        let durability = match raw.durability.as_deref().unwrap_or("batched") {
+            "batched" => Durability::Batched,
+            "strict" => Durability::Strict,
+            other => {
+                self.problem(
+                    "audit.durability",
+                    format_args!("{other:?} is not \"batched\" or \"strict\""),
+                );
+                Durability::Batched
+            }
+        };
+        let segment_size = match raw.segment_size {
+            None => 64 << 20,
+            Some(text) => match parse_size(&text) {
+                Some(n) if n >= 4096 => n,
+                _ => {
+                    self.problem(
+                        "audit.segment_size",
+                        format_args!("{text:?} is not a size of at least 4KiB like \"64MiB\""),
+                    );
+                    64 << 20
+                }
+            },
+        };
+        let instance = raw.instance.unwrap_or_else(host_name);
+        if instance.is_empty() || instance.len() > 255 || instance.chars().any(char::is_control) {
+            self.problem("audit.instance", "must be 1 to 255 printable characters");
+        }
+        AuditConfig {
+            dir: self.path(raw.dir.unwrap_or_else(|| PathBuf::from("data/audit"))),
+            durability,
+            fsync_interval: self.duration(
+                "audit.fsync_interval",
+                raw.fsync_interval,
+                Duration::from_millis(10),
+            ),
+            segment_size,
+            instance,
+        }
+    }
+
+    pub(super) fn jwt(&mut self, raw: RawJwt) -> JwtConfig {
+        use crate::jwt::{Mode, Profile};
+        let mode = match raw.mode.as_deref().unwrap_or("enforce") {
+            "off" => Mode::Off,
+            "audit" => Mode::Audit,
+            "enforce" => Mode::Enforce,
+            other => {
+                self.problem(
+                    "jwt.mode",
+                    format_args!("{other:?} is not \"off\", \"audit\" or \"enforce\""),
+                );
+                Mode::Enforce
+            }
+        };
+        let profile = match raw.profile.as_deref().unwrap_or("gpconnect-1") {
+            "gpconnect-1" => Profile::GpConnect1,
+            "gpconnect-0.7" => Profile::GpConnect07,
+            other => {
+                self.problem(
+                    "jwt.profile",
+                    format_args!("{other:?} is not \"gpconnect-1\" or \"gpconnect-0.7\""),
+                );
+                Profile::GpConnect1
+            }
+        };
+        let max_future_skew = match raw.max_future_skew {
+            None => Duration::from_secs(300),
+            // Zero is a legitimate skew here (no future tokens at all).
+            Some(text) => parse_duration(&text).unwrap_or_else(|| {
+                self.problem(
+                    "jwt.max_future_skew",
+                    format_args!("{text:?} is not a duration like \"300s\""),
+                );
+                Duration::from_secs(300)
+            }),
+        };
+        JwtConfig {
+            mode,
+            profile,
+            max_future_skew,
+        }
+    }
+
+    pub(super) fn limits(&mut self, raw: RawLimits) -> LimitsConfig {
+        let d = LimitsConfig::default();
+        let per_consumer_rps = raw.per_consumer_rps.unwrap_or(0);
+        let per_consumer_burst = raw.per_consumer_burst.unwrap_or(per_consumer_rps);
+        if per_consumer_rps > 0 && per_consumer_burst == 0 {
+            self.problem(
+                "limits.per_consumer_burst",
+                "must be at least 1 when per_consumer_rps is set",
+            );
+        }
+        let per_provider_connections = raw
+            .per_provider_connections
+            .unwrap_or(d.per_provider_connections);
+        if per_provider_connections == 0 {
+            self.problem("limits.per_provider_connections", "must be at least 1");
+        }
+        // hyper refuses request heads over its own buffer limits before we see them; below 1KiB no GP Connect
+        // request fits (the token alone is about 1.5KiB).
+        const HEADER_BYTES: std::ops::RangeInclusive<u64> = 1024..=(1 << 20);
+        let max_header_bytes = match raw.max_header_bytes {
+            None => d.max_header_bytes,
+            Some(text) => match parse_size(&text) {
+                Some(n) if HEADER_BYTES.contains(&n) => n as usize,
+                _ => {
+                    self.problem(
+                        "limits.max_header_bytes",
+                        format_args!("{text:?} is not a size from 1KiB to 1MiB like \"64KiB\""),
+                    );
+                    d.max_header_bytes
+                }
+            },
+        };
+        let max_header_count = raw.max_header_count.unwrap_or(100);
+        if !(8..=1000).contains(&max_header_count) {
+            self.problem("limits.max_header_count", "must be from 8 to 1000");
+        }
+        LimitsConfig {
+            per_consumer_rps,
+            per_consumer_burst: if per_consumer_rps == 0 {
+                0
+            } else {
+                per_consumer_burst.max(1)
+            },
+            per_consumer_concurrency: raw.per_consumer_concurrency.unwrap_or(0),
+            per_provider_concurrency: raw.per_provider_concurrency.unwrap_or(0),
+            per_provider_connections: per_provider_connections.max(1),
+            max_header_bytes,
+            max_header_count: max_header_count.clamp(8, 1000) as usize,
+        }
+    }
+
+    pub(super) fn upstream(&mut self, raw: RawUpstream) -> UpstreamConfig {
+        if raw.ca.is_empty() {
+            self.problem("upstream.ca", "at least one CA file is required");
+        }
+        let mut resolve = HashMap::new();
+        for (name, addr) in raw.resolve {
+            let key = format!("upstream.resolve.\"{name}\"");
+            let name_ok = name.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !name_ok {
+                self.problem(&key, "the name must be \"host:port\"");
+                continue;
+            }
+            match addr.parse::<SocketAddr>() {
+                Ok(sa) => {
+                    resolve.insert(name.to_ascii_lowercase(), sa);
+                }
+                Err(_) => self.problem(&key, format_args!("{addr:?} is not an ip:port")),
+            }
+        }
+        UpstreamConfig {
+            cert: self.path(raw.cert),
+            key: self.path(raw.key),
+            ca: raw.ca.into_iter().map(|p| self.path(p)).collect(),
+            connect_timeout: self.duration(
+                "upstream.connect_timeout",
+                raw.connect_timeout,
+                Duration::from_secs(5),
+            ),
+            response_timeout: self.duration(
+                "upstream.response_timeout",
+                raw.response_timeout,
+                Duration::from_secs(60),
+            ),
+            body_idle_timeout: self.duration(
+                "upstream.body_idle_timeout",
+                raw.body_idle_timeout,
+                Duration::from_secs(60),
+            ),
+            pool_idle_timeout: self.duration(
+                "upstream.pool_idle_timeout",
+                raw.pool_idle_timeout,
+                Duration::from_secs(90),
+            ),
+            pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
+            resolve,
+        }
+    }
+}
+
+/// `"path: message at line L, column C"` for a TOML syntax or type error, on one line.
+pub(super) fn toml_error_line(path: &Path, text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim().replace('\n', " ");
+    match err.span() {
+        Some(span) => {
+            let (line, col) = line_col(text, span.start);
+            format!("{}: line {line}, column {col}: {message}", path.display())
+        }
+        None => format!("{}: {message}", path.display()),
+    }
+}
+
+/// The host name, for `audit.instance`.
+pub(super) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "ssp".to_owned())
+}
