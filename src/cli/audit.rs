@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 
 use crate::config::Config;
 
@@ -10,7 +10,7 @@ use super::{exit, print_problems};
 
 /// Where the audit log is: `--dir`, or `audit.dir` of the config.
 #[derive(Debug, clap::Args)]
-struct AuditLocation {
+pub(super) struct AuditLocation {
     /// Config file whose `audit.dir` to read [default: as for serve]
     #[arg(long, conflicts_with = "dir")]
     config: Option<PathBuf>,
