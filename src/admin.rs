@@ -19,14 +19,14 @@ use crate::metrics::Metrics;
 
 /// What `/readyz` looks at.
 #[derive(Debug)]
-pub struct Health {
+pub(crate) struct Health {
     /// Set while the consumer listener accepts connections.
     pub serving: Arc<AtomicBool>,
     pub audit: Arc<AuditLog>,
 }
 
 /// Serves the admin endpoints until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
+pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,

@@ -50,24 +50,26 @@
 //!    `Accept` asks for, negotiated only then), counted, and recorded as a `deny` request record plus a `denied`
 //!    response record.
 
-pub mod admin;
+#![warn(unreachable_pub)]
+
+pub(crate) mod admin;
 pub mod app;
 pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod devcerts;
-pub mod forward;
+pub(crate) mod forward;
 pub mod ids;
 pub mod jwt;
 pub mod lifecycle;
-pub mod limits;
+pub(crate) mod limits;
 pub mod metrics;
 pub mod outcome;
 pub mod policy;
 pub mod proxy;
-pub mod proxy_header;
-pub mod sds_api;
-pub mod server;
+pub(crate) mod proxy_header;
+pub(crate) mod sds_api;
+pub(crate) mod server;
 pub mod ssp;
 pub mod tls;

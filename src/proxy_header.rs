@@ -18,11 +18,11 @@ const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 const V1_MAX: usize = 107;
 /// The longest version 2 address block plus TLVs accepted: enough for IPv6 addresses and the TLVs balancers send
 /// (ALPN, authority, unique id, SSL details); the spec allows up to 65,535.
-pub const MAX_V2_LENGTH: usize = 4096;
+pub(crate) const MAX_V2_LENGTH: usize = 4096;
 
 /// What a valid header says about the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyHeader {
+pub(crate) enum ProxyHeader {
     /// A relayed connection (v1 `TCP4`/`TCP6`, v2 `PROXY` over IPv4 or IPv6): the consumer's address (an
     /// IPv4-mapped IPv6 address as the IPv4 address it is, as `Forwarded` writes it).
     Relayed(SocketAddr),
@@ -33,7 +33,7 @@ pub enum ProxyHeader {
 
 /// Why a trusted source's connection did not start with a usable header.
 #[derive(Debug)]
-pub enum ProxyHeaderError {
+pub(crate) enum ProxyHeaderError {
     /// The connection closed before sending a byte: a TCP health check or a port probe, not a failure.
     Closed,
     /// The first bytes are not a PROXY header (a consumer connecting past the balancer, for example).
@@ -61,7 +61,7 @@ impl std::error::Error for ProxyHeaderError {}
 
 impl ProxyHeaderError {
     /// A bounded label for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             ProxyHeaderError::Closed | ProxyHeaderError::Missing => "proxy_header_missing",
             ProxyHeaderError::Malformed(_) | ProxyHeaderError::Io(_) => "proxy_header_invalid",
@@ -70,13 +70,13 @@ impl ProxyHeaderError {
 }
 
 /// True when `first` (the first bytes a connection sent, as peeked) starts like a PROXY header of either version.
-pub fn looks_like_proxy_header(first: &[u8]) -> bool {
+pub(crate) fn looks_like_proxy_header(first: &[u8]) -> bool {
     let n = first.len().min(V2_SIGNATURE.len());
     (n >= 5 && first.starts_with(b"PROXY")) || (n >= 4 && first[..n] == V2_SIGNATURE[..n])
 }
 
 /// Reads one header from the start of `stream`, consuming exactly its bytes.
-pub async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<ProxyHeader, ProxyHeaderError> {
+pub(crate) async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<ProxyHeader, ProxyHeaderError> {
     let mut head = [0u8; 6];
     let first = stream.read(&mut head).await.map_err(ProxyHeaderError::Io)?;
     if first == 0 {

@@ -23,14 +23,14 @@ use crate::config::SdsConfig;
 use crate::policy::sds::{Bundle, INTERACTION_SYSTEM, ODS_SYSTEM, Page};
 
 /// Largest answer read.
-pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 /// Most pages followed for one search.
-pub const MAX_PAGES: usize = 100;
+pub(crate) const MAX_PAGES: usize = 100;
 /// Longest wait a `Retry-After` may ask for.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// A client of one SDS FHIR API base URL.
-pub struct Client {
+pub(crate) struct Client {
     tls: TlsConnector,
     base: Uri,
     base_text: String,
@@ -49,7 +49,7 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// A client for `[sds]`; fails naming the key when the base URL, API key file or roots are missing or bad.
-    pub fn new(cfg: &SdsConfig) -> Result<Self, String> {
+    pub(crate) fn new(cfg: &SdsConfig) -> Result<Self, String> {
         let base_text = cfg
             .base_url
             .clone()
@@ -92,7 +92,7 @@ impl Client {
     }
 
     /// Every page of the `Device` and `Endpoint` searches for each ODS code and interaction, in a fixed order.
-    pub async fn fetch_all(
+    pub(crate) async fn fetch_all(
         &self,
         ods_codes: &[String],
         interactions: &[String],

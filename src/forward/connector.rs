@@ -21,7 +21,7 @@ use super::BoxError;
 
 /// Opens TLS connections to providers for the pooled client.
 #[derive(Clone)]
-pub struct Connector {
+pub(crate) struct Connector {
     /// Read once per new provider connection, so a reload applies to new connections and the pool carries on.
     pub(super) tls: Arc<crate::tls::Reloadable>,
     /// `host:port` (lower case) to the address to dial instead of resolving.
@@ -129,7 +129,7 @@ impl tower_service::Service<http::Uri> for Connector {
 
 /// A TLS connection to a provider, as hyper's client wants it.
 #[derive(Debug)]
-pub struct UpstreamIo {
+pub(crate) struct UpstreamIo {
     inner: TokioIo<TlsStream<TcpStream>>,
     /// This connection's place under `limits.per_provider_connections`, given back when it closes.
     _slot: tokio::sync::OwnedSemaphorePermit,

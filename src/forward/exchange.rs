@@ -153,7 +153,7 @@ pub enum Direction {
 
 /// A body that went quiet for longer than `upstream.body_idle_timeout`.
 #[derive(Debug)]
-pub struct IdleTimeout;
+pub(crate) struct IdleTimeout;
 
 impl std::fmt::Display for IdleTimeout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -18,7 +18,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -36,7 +36,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// them: hop-by-hop fields removed, including every field a `Connection` field names (any case, any position, any
 /// number of `Connection` fields; RFC 9110 7.6.1), and an HTTP/2 consumer's split `cookie` fields joined into one
 /// with `"; "` (RFC 9113 8.2.3).
-pub fn normalize_request_headers(headers: &mut HeaderMap, version: Version) {
+pub(crate) fn normalize_request_headers(headers: &mut HeaderMap, version: Version) {
     strip_hop_by_hop(headers);
     if version == Version::HTTP_2 {
         join_cookies(headers);
@@ -63,7 +63,7 @@ fn join_cookies(headers: &mut HeaderMap) {
 /// pipeline does before the checks, so hop-by-hop fields are not looked for twice): `Host` set to the target
 /// authority, `Forwarded` and `X-Forwarded-For` appended; every other header (the `Ssp-*` ones, `Authorization`)
 /// unchanged. Every request passes here: the two values are written into one reused buffer.
-pub fn rewrite_request_headers(headers: &mut HeaderMap, authority: &str, client_addr: SocketAddr) {
+pub(crate) fn rewrite_request_headers(headers: &mut HeaderMap, authority: &str, client_addr: SocketAddr) {
     use std::fmt::Write;
     if let Ok(host) = HeaderValue::from_str(authority) {
         headers.insert(header::HOST, host);

@@ -18,12 +18,12 @@ mod exchange;
 mod headers;
 mod pool;
 
-pub use connector::{Connector, UpstreamIo};
-pub use exchange::{Direction, Exchange, ExchangeSummary, IdleTimeout, Streamed};
-pub use headers::{normalize_request_headers, rewrite_request_headers, strip_hop_by_hop};
-pub use pool::{Upstream, UpstreamBody};
+pub(crate) use connector::Connector;
+pub(crate) use exchange::{Direction, Exchange, IdleTimeout, Streamed};
+pub(crate) use headers::{normalize_request_headers, rewrite_request_headers, strip_hop_by_hop};
+pub(crate) use pool::Upstream;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why the upstream exchange failed before a response arrived.
 #[derive(Debug)]

@@ -24,7 +24,7 @@ use crate::config::UpstreamConfig;
 use crate::policy::Permit;
 
 /// The request body sent upstream: the consumer's body, streamed.
-pub type UpstreamBody = Streamed<Incoming>;
+pub(crate) type UpstreamBody = Streamed<Incoming>;
 
 /// The pooled upstream client and its timeouts.
 #[derive(Debug, Clone)]

@@ -154,18 +154,18 @@ fn tokio_stream_from<T: Send + 'static>(
 }
 
 mod futures_core_stream {
-    pub use futures_core::Stream;
+    pub(super) use futures_core::Stream;
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
-    pub struct PollFn<F>(F);
+    pub(super) struct PollFn<F>(F);
     impl<T, F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin> Stream for PollFn<F> {
         type Item = T;
         fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
             (self.0)(cx)
         }
     }
-    pub fn poll_fn<T, F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin>(f: F) -> PollFn<F> {
+    pub(super) fn poll_fn<T, F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin>(f: F) -> PollFn<F> {
         PollFn(f)
     }
 }

@@ -18,14 +18,14 @@ use super::ConnGuard;
 
 /// Longest a closing connection keeps reading and discarding what the client still sends (nginx's
 /// `lingering_time` is the same): a refused upload on a slow link still gets its answer.
-pub const LINGER_TIME: Duration = Duration::from_secs(30);
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(30);
 /// Longest a closing connection waits for the client's next bytes (nginx's `lingering_timeout`).
-pub const LINGER_IDLE: Duration = Duration::from_secs(5);
+pub(crate) const LINGER_IDLE: Duration = Duration::from_secs(5);
 /// Most bytes a closing connection reads and discards.
-pub const LINGER_BYTES: u64 = 256 * 1024 * 1024;
+pub(crate) const LINGER_BYTES: u64 = 256 * 1024 * 1024;
 /// How long an idle connection asked to close may take to finish (an HTTP/2 client answering the GOAWAY's PING)
 /// before it is dropped.
-pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Closes a connection ssp is ending in stages, so that the answer (or TLS alert) already written reaches the
 /// client: shut down the write side, read and discard what the client still sends for at most [`LINGER_TIME`]

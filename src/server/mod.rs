@@ -16,7 +16,6 @@ mod close;
 mod connection;
 mod idle;
 
-pub use close::{CLOSE_GRACE, LINGER_BYTES, LINGER_IDLE, LINGER_TIME};
 
 use connection::Connection;
 use idle::IdleTimeouts;
@@ -39,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 
 /// A bound consumer listener, ready to run.
-pub struct Server {
+pub(crate) struct Server {
     listener: TcpListener,
     /// Read once per accepted connection, so a reload applies to every new handshake.
     tls: Arc<crate::tls::Reloadable>,
@@ -70,7 +69,7 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Binds the listener, whose connections' requests go to `proxy`; `serving` is set while it accepts. Fails
     /// only on the socket.
-    pub async fn bind(
+    pub(crate) async fn bind(
         cfg: &ServerConfig,
         limits: &crate::config::LimitsConfig,
         tls: Arc<crate::tls::Reloadable>,
@@ -114,12 +113,12 @@ impl Server {
         })
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
     /// Serves until `shutdown` completes, then stops accepting and lets open exchanges finish for up to `grace`.
-    pub async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
+    pub(crate) async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
         // Every connection holds a receiver: `true` asks it to finish gracefully, and the sender's `closed()`
         // resolves when the last connection has gone.
         let (stop, stop_rx) = watch::channel(false);
