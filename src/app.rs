@@ -54,7 +54,7 @@ pub fn assemble(config: &Config) -> Result<Assembled, Problems> {
 
 /// What `check-config` found.
 #[derive(Debug)]
-pub struct Checked {
+pub(crate) struct Checked {
     /// One line each; any makes the config unusable.
     pub problems: Vec<String>,
     /// Worth saying, not fatal (a certificate expiring within 30 days).
@@ -65,7 +65,7 @@ pub struct Checked {
 
 /// Everything `check-config` checks, without side effects (the policy store is not written): certificates, keys,
 /// CRLs and their expiry, policy files, the audit folder.
-pub fn check(config: &Config) -> Checked {
+pub(crate) fn check(config: &Config) -> Checked {
     let mut problems = Vec::new();
     if let Err(p) = tls::server_config(&config.server) {
         problems.extend(p.problems);
@@ -92,7 +92,7 @@ pub fn check(config: &Config) -> Checked {
 
 /// Reads and validates the policy files and, when they differ from the store's current generation, imports them
 /// as a new generation. A broken set of files is refused whole and nothing is written. Blocking (sled, files).
-pub fn import_policy(config: &Config) -> Result<(Policy, bool), Problems> {
+pub(crate) fn import_policy(config: &Config) -> Result<(Policy, bool), Problems> {
     let source = Source::read_dir(&config.policy.dir)?;
     let mut policy = Policy::compile(&source, 0)?;
     let store = Store::open(&config.policy.store).map_err(Problems::one)?;
@@ -137,7 +137,7 @@ pub fn start_policy(config: &Config) -> Result<Policy, Problems> {
 }
 
 /// Certificates named by the config that have expired (a problem) or expire within 30 days (a warning).
-pub fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
+pub(crate) fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
     let now = crate::ids::unix_now();
     let mut expired = Vec::new();
     let mut soon = Vec::new();
@@ -161,7 +161,7 @@ pub fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
 }
 
 /// Whether `audit.dir` is, or can become, a folder (it is created on start when missing).
-pub fn audit_dir_problem(config: &Config) -> Option<String> {
+pub(crate) fn audit_dir_problem(config: &Config) -> Option<String> {
     let dir = &config.audit.dir;
     let mut existing = dir.as_path();
     while !existing.exists() {
@@ -178,7 +178,7 @@ pub fn audit_dir_problem(config: &Config) -> Option<String> {
 
 /// A certificate file the config names.
 #[derive(Debug, Clone)]
-pub struct CertificateFile {
+pub(crate) struct CertificateFile {
     /// The config key that names it (`server.cert`, `upstream.ca`, ...).
     pub key: &'static str,
     /// Its `cert` label in `ssp_certificate_expiry_timestamp_seconds`: `server`, `upstream_client`,
@@ -190,7 +190,7 @@ pub struct CertificateFile {
 }
 
 /// Every certificate file the config names that can be read, with its earliest `notAfter`.
-pub fn certificate_files(config: &Config) -> Vec<CertificateFile> {
+pub(crate) fn certificate_files(config: &Config) -> Vec<CertificateFile> {
     let file = |p: &Path| {
         p.file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
@@ -233,7 +233,7 @@ pub fn certificate_files(config: &Config) -> Vec<CertificateFile> {
 }
 
 /// `(label, notAfter)` for `ssp_certificate_expiry_timestamp_seconds`.
-pub fn certificate_expiries(config: &Config) -> Vec<(String, i64)> {
+pub(crate) fn certificate_expiries(config: &Config) -> Vec<(String, i64)> {
     certificate_files(config)
         .into_iter()
         .map(|c| (c.label, c.not_after))

@@ -17,15 +17,15 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 /// Printed into every generated folder and certificate organisation name.
-pub const WARNING: &str = "ssp development PKI - NOT FOR PRODUCTION";
+pub(crate) const WARNING: &str = "ssp development PKI - NOT FOR PRODUCTION";
 
 /// Names the generated leaf certificates carry; the dev policy and config refer to them.
-pub const PROXY_SERVER_NAME: &str = "ssp.dev.localhost";
+pub(crate) const PROXY_SERVER_NAME: &str = "ssp.dev.localhost";
 pub const PROXY_CLIENT_NAME: &str = "ssp-client.dev.localhost";
 pub const CONSUMER_NAME: &str = "consumer.dev.localhost";
 pub const CONSUMER2_NAME: &str = "consumer2.dev.localhost";
-pub const PROVIDER_NAME: &str = "provider.dev.localhost";
-pub const PROVIDER2_NAME: &str = "provider2.dev.localhost";
+pub(crate) const PROVIDER_NAME: &str = "provider.dev.localhost";
+pub(crate) const PROVIDER2_NAME: &str = "provider2.dev.localhost";
 
 /// What to issue: file stem, subject CN, extra DNS SANs, server or client use.
 struct Leaf {

@@ -27,7 +27,7 @@ impl Asid {
         ok.then(|| Self(Arc::from(text)))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -82,7 +82,7 @@ impl InteractionId {
         ok.then(|| Self(Arc::from(text)))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -92,14 +92,14 @@ impl InteractionId {
 pub struct OdsCode(Arc<str>);
 
 impl OdsCode {
-    pub fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         let ok = !text.is_empty()
             && text.len() <= MAX_ODS_LEN
             && text.bytes().all(|b| b.is_ascii_alphanumeric());
         ok.then(|| Self(Arc::from(text)))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -146,7 +146,7 @@ pub struct PeerIdentity {
 
 impl PeerIdentity {
     /// True when the certificate's CN or one of its DNS SANs equals `fqdn` (DNS names compare case-insensitively).
-    pub fn has_fqdn(&self, fqdn: &str) -> bool {
+    pub(crate) fn has_fqdn(&self, fqdn: &str) -> bool {
         self.common_name
             .iter()
             .chain(self.dns_sans.iter())
@@ -155,14 +155,14 @@ impl PeerIdentity {
 }
 
 /// Unix seconds now (0 if the clock is before 1970).
-pub fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Lower-case hexadecimal of `bytes`: certificate serials and fingerprints, record and policy hashes.
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -173,7 +173,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// The current time as RFC 3339 with microseconds, UTC.
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     rfc3339(time::OffsetDateTime::now_utc())
 }
 

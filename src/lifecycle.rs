@@ -25,12 +25,12 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 /// The listener is bound and the policy loaded: `READY=1`.
-pub fn notify_ready() {
+pub(crate) fn notify_ready() {
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
 }
 
 /// The graceful stop has begun: `STOPPING=1`.
-pub fn notify_stopping() {
+pub(crate) fn notify_stopping() {
     notify(&[
         NotifyState::Stopping,
         NotifyState::Status("draining open exchanges"),
@@ -38,7 +38,7 @@ pub fn notify_stopping() {
 }
 
 /// Pings the systemd watchdog at half its interval while the runtime is alive, when `WatchdogSec` is set.
-pub async fn watchdog() {
+pub(crate) async fn watchdog() {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
     };
@@ -50,7 +50,7 @@ pub async fn watchdog() {
 }
 
 /// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
             tokio::select! {
@@ -114,7 +114,7 @@ pub async fn reload_tls(
 }
 
 /// Reloads TLS material and policies on every SIGHUP until the process ends.
-pub async fn reload_on_sighup(config: Config, handles: Handles) {
+pub(crate) async fn reload_on_sighup(config: Config, handles: Handles) {
     let Handles {
         proxy,
         tls,

@@ -16,7 +16,7 @@ use crate::ids::Asid;
 
 /// The limits in force and what is in flight against them.
 #[derive(Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     cfg: LimitsConfig,
     state: Mutex<State>,
 }
@@ -75,20 +75,20 @@ impl Throttle {
 
 /// Counts one admitted exchange against its consumer and provider until dropped.
 #[derive(Debug)]
-pub struct Admission {
+pub(crate) struct Admission {
     /// What to give back; `None` when no limit counts anything.
     held: Option<(Arc<Limits>, Asid, Asid)>,
 }
 
 impl Limits {
-    pub fn new(cfg: LimitsConfig) -> Arc<Self> {
+    pub(crate) fn new(cfg: LimitsConfig) -> Arc<Self> {
         Arc::new(Self {
             cfg,
             state: Mutex::default(),
         })
     }
 
-    pub fn config(&self) -> &LimitsConfig {
+    pub(crate) fn config(&self) -> &LimitsConfig {
         &self.cfg
     }
 
@@ -105,7 +105,7 @@ impl Limits {
 
     /// Admits one exchange from `from` to `to` at `now`, or says which limit it would break. Nothing is taken
     /// from any limit unless all of them admit it.
-    pub fn admit(
+    pub(crate) fn admit(
         self: &Arc<Self>,
         from: &Asid,
         to: &Asid,

@@ -22,11 +22,11 @@ const AUDIT_BUCKETS: &[f64] = &[
 ];
 
 /// The label for interactions the policy does not know.
-pub const OTHER: &str = "other";
+pub(crate) const OTHER: &str = "other";
 
 /// Every `reason` of `ssp_denials_total`: one per refusal of DESIGN.md 1.4. Each series exists at 0 from start,
 /// so that `increase()` sees the first event.
-pub const DENIAL_REASONS: &[&str] = &[
+pub(crate) const DENIAL_REASONS: &[&str] = &[
     "request_header_fields_too_large",
     "method_not_allowed",
     "invalid_target_url",
@@ -46,7 +46,7 @@ pub const DENIAL_REASONS: &[&str] = &[
 ];
 
 /// Every `reason` of `ssp_tls_handshake_failures_total` ([`tls_failure_reason`], plus the listener's own).
-pub const TLS_FAILURE_REASONS: &[&str] = &[
+pub(crate) const TLS_FAILURE_REASONS: &[&str] = &[
     "no_certificate",
     "certificate_revoked",
     "certificate_expired",
@@ -65,7 +65,7 @@ pub const TLS_FAILURE_REASONS: &[&str] = &[
 ];
 
 /// Every `kind` of `ssp_upstream_errors_total`.
-pub const UPSTREAM_ERROR_KINDS: &[&str] = &["upstream_error", "timeout"];
+pub(crate) const UPSTREAM_ERROR_KINDS: &[&str] = &["upstream_error", "timeout"];
 
 /// Every `result` of the reload counters.
 const RELOAD_RESULTS: &[&str] = &["ok", "refused"];
@@ -124,7 +124,7 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntG
 
 impl Metrics {
     /// Registers every metric. Fails only on a programming error (a duplicate or malformed name).
-    pub fn new() -> prometheus::Result<Self> {
+    pub(crate) fn new() -> prometheus::Result<Self> {
         let r = Registry::new();
         let requests = counter_vec(
             &r,
@@ -272,7 +272,13 @@ impl Metrics {
     }
 
     /// An exchange or refusal has ended. `interaction` must already be bounded (a known URN or [`OTHER`]).
-    pub fn request_done(&self, interaction: &str, outcome: &str, status: u16, total: Duration) {
+    pub(crate) fn request_done(
+        &self,
+        interaction: &str,
+        outcome: &str,
+        status: u16,
+        total: Duration,
+    ) {
         let class = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -295,32 +301,32 @@ impl Metrics {
         self.bytes_out.inc_by(bytes_out);
     }
 
-    pub fn denied(&self, reason: &'static str) {
+    pub(crate) fn denied(&self, reason: &'static str) {
         self.denials.with_label_values(&[reason]).inc();
     }
 
-    pub fn upstream_error(&self, kind: &'static str) {
+    pub(crate) fn upstream_error(&self, kind: &'static str) {
         self.upstream_errors.with_label_values(&[kind]).inc();
     }
 
-    pub fn tls_failure(&self, reason: &'static str) {
+    pub(crate) fn tls_failure(&self, reason: &'static str) {
         self.tls_failures.with_label_values(&[reason]).inc();
     }
 
-    pub fn policy_reload(&self, ok: bool) {
+    pub(crate) fn policy_reload(&self, ok: bool) {
         self.policy_reloads
             .with_label_values(&[if ok { "ok" } else { "refused" }])
             .inc();
     }
 
-    pub fn tls_reload(&self, ok: bool) {
+    pub(crate) fn tls_reload(&self, ok: bool) {
         self.tls_reloads
             .with_label_values(&[if ok { "ok" } else { "refused" }])
             .inc();
     }
 
     /// Sets `ssp_certificate_expiry_timestamp_seconds` for each named certificate.
-    pub fn certificates(&self, expiries: &[(String, i64)]) {
+    pub(crate) fn certificates(&self, expiries: &[(String, i64)]) {
         for (name, not_after) in expiries {
             self.certificate_expiry
                 .with_label_values(&[name])
@@ -329,7 +335,7 @@ impl Metrics {
     }
 
     /// Sets `ssp_crl_next_update_timestamp_seconds` for each CRL file in force, dropping files no longer named.
-    pub fn crl_next_updates(&self, crls: &[crate::tls::CrlFile]) {
+    pub(crate) fn crl_next_updates(&self, crls: &[crate::tls::CrlFile]) {
         self.crl_next_update.reset();
         for crl in crls {
             if let Some(next) = crl.next_update {
@@ -353,7 +359,7 @@ impl Metrics {
 }
 
 /// A bounded reason label for a refused TLS handshake.
-pub fn tls_failure_reason(error: &std::io::Error) -> &'static str {
+pub(crate) fn tls_failure_reason(error: &std::io::Error) -> &'static str {
     use rustls::{CertificateError, Error};
     let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
         return "io";

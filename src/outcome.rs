@@ -10,8 +10,8 @@ use http::HeaderValue;
 /// The coding system every SSP refusal names.
 pub const CODING_SYSTEM: &str = "http://fhir.nhs.net/ValueSet/gpconnect-schedule-response-code-1-0";
 
-pub const CONTENT_TYPE_JSON: &str = "application/fhir+json; charset=utf-8";
-pub const CONTENT_TYPE_XML: &str = "application/fhir+xml; charset=utf-8";
+pub(crate) const CONTENT_TYPE_JSON: &str = "application/fhir+json; charset=utf-8";
+pub(crate) const CONTENT_TYPE_XML: &str = "application/fhir+xml; charset=utf-8";
 
 /// The FHIR `issue.code` of a refusal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub enum IssueCode {
 }
 
 impl IssueCode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             IssueCode::Invalid => "invalid",
             IssueCode::Forbidden => "forbidden",
@@ -45,7 +45,7 @@ pub enum Severity {
 }
 
 impl Severity {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Severity::Error => "error",
             Severity::Fatal => "fatal",
@@ -55,13 +55,13 @@ impl Severity {
 
 /// The wire format of an OperationOutcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Json,
     Xml,
 }
 
 impl Format {
-    pub fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             Format::Json => CONTENT_TYPE_JSON,
             Format::Xml => CONTENT_TYPE_XML,
@@ -70,7 +70,7 @@ impl Format {
 
     /// Chooses the format from an `Accept` header: XML only when an XML FHIR type is preferred (a higher `q`)
     /// over every JSON-compatible range, JSON otherwise (also when the header is absent or unreadable).
-    pub fn negotiate(accept: Option<&HeaderValue>) -> Format {
+    pub(crate) fn negotiate(accept: Option<&HeaderValue>) -> Format {
         let Some(accept) = accept.and_then(|v| v.to_str().ok()) else {
             return Format::Json;
         };
@@ -129,7 +129,7 @@ pub struct Outcome<'a> {
 
 impl Outcome<'_> {
     /// Renders the body with a fresh GUID `id`.
-    pub fn render(&self, format: Format) -> Bytes {
+    pub(crate) fn render(&self, format: Format) -> Bytes {
         let id = uuid::Uuid::new_v4();
         match format {
             Format::Json => self.render_json(&id.hyphenated().to_string()),

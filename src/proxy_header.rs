@@ -76,7 +76,9 @@ pub(crate) fn looks_like_proxy_header(first: &[u8]) -> bool {
 }
 
 /// Reads one header from the start of `stream`, consuming exactly its bytes.
-pub(crate) async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<ProxyHeader, ProxyHeaderError> {
+pub(crate) async fn read<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<ProxyHeader, ProxyHeaderError> {
     let mut head = [0u8; 6];
     let first = stream.read(&mut head).await.map_err(ProxyHeaderError::Io)?;
     if first == 0 {

@@ -55,7 +55,7 @@ pub fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String
 }
 
 /// Loads PEM CRLs from every file.
-pub fn load_crls(
+pub(crate) fn load_crls(
     key: &str,
     paths: &[impl AsRef<Path>],
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
@@ -187,7 +187,7 @@ pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Pr
 
 /// One `server.crl` file and when it goes stale.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CrlFile {
+pub(crate) struct CrlFile {
     pub path: std::path::PathBuf,
     /// Its label in `ssp_crl_next_update_timestamp_seconds`: the file name.
     pub label: String,
@@ -197,7 +197,7 @@ pub struct CrlFile {
 }
 
 /// Every `server.crl` file that can be read, with its earliest nextUpdate.
-pub fn crl_files(cfg: &ServerConfig) -> Vec<CrlFile> {
+pub(crate) fn crl_files(cfg: &ServerConfig) -> Vec<CrlFile> {
     cfg.crl
         .iter()
         .filter_map(|path| {
@@ -221,11 +221,11 @@ pub fn crl_files(cfg: &ServerConfig) -> Vec<CrlFile> {
 }
 
 /// Seconds in the window before a CRL's nextUpdate in which `check-config` and the proxy warn.
-pub const CRL_WARN_WINDOW_S: i64 = 86_400;
+pub(crate) const CRL_WARN_WINDOW_S: i64 = 86_400;
 
 /// What is wrong with the CRLs at a moment, one line per file, by kind.
 #[derive(Debug, Default)]
-pub struct CrlReport {
+pub(crate) struct CrlReport {
     /// Past nextUpdate with `server.crl_expired = "refuse"`: every handshake resting on them fails.
     pub refused: Vec<String>,
     /// Past nextUpdate with `server.crl_expired = "allow"`: trusted anyway.
@@ -236,7 +236,7 @@ pub struct CrlReport {
 
 /// The state of the CRLs at `now` (Unix seconds). `check-config` takes `refused` as problems and the rest as
 /// warnings; the proxy logs the first two at error and `expiring` at warn.
-pub fn crl_report(cfg: &ServerConfig, now: i64) -> CrlReport {
+pub(crate) fn crl_report(cfg: &ServerConfig, now: i64) -> CrlReport {
     let mut report = CrlReport::default();
     for crl in crl_files(cfg) {
         let Some(next) = crl.next_update else {
@@ -271,7 +271,7 @@ pub fn crl_report(cfg: &ServerConfig, now: i64) -> CrlReport {
 }
 
 /// Logs [`crl_report`] for now: an expired CRL at error, one close to expiry at warn.
-pub fn log_crl_report(cfg: &ServerConfig) {
+pub(crate) fn log_crl_report(cfg: &ServerConfig) {
     let report = crl_report(cfg, crate::ids::unix_now());
     for line in report.refused {
         tracing::error!(problem = %line, "stale CRL");
@@ -285,7 +285,7 @@ pub fn log_crl_report(cfg: &ServerConfig) {
 }
 
 /// Sleeps until each CRL in force passes its nextUpdate and logs it then; `crls` changes on reload.
-pub async fn watch_crl_expiry(
+pub(crate) async fn watch_crl_expiry(
     mut crls: tokio::sync::watch::Receiver<Vec<CrlFile>>,
     mode: CrlExpired,
 ) {
@@ -326,7 +326,7 @@ pub async fn watch_crl_expiry(
 
 /// Builds the upstream config: the proxy's own client certificate, providers verified against `upstream.ca`
 /// and the target host name, HTTP/1.1 only.
-pub fn client_config(cfg: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, Problems> {
+pub(crate) fn client_config(cfg: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, Problems> {
     let mut c = Collect(Vec::new());
     let chain = c.take(load_certs("upstream.cert", &cfg.cert));
     let key = c.take(load_key("upstream.key", &cfg.key));
@@ -363,7 +363,7 @@ pub struct Reloadable {
 }
 
 impl Reloadable {
-    pub fn new(
+    pub(crate) fn new(
         server: Arc<rustls::ServerConfig>,
         client: Arc<rustls::ClientConfig>,
         crls: Vec<CrlFile>,
@@ -376,21 +376,25 @@ impl Reloadable {
     }
 
     /// The CRL files in force, updated on each reload.
-    pub fn crls(&self) -> tokio::sync::watch::Receiver<Vec<CrlFile>> {
+    pub(crate) fn crls(&self) -> tokio::sync::watch::Receiver<Vec<CrlFile>> {
         self.crls.subscribe()
     }
 
-    pub fn server(&self) -> Arc<rustls::ServerConfig> {
+    pub(crate) fn server(&self) -> Arc<rustls::ServerConfig> {
         self.server.load_full()
     }
 
-    pub fn client(&self) -> Arc<rustls::ClientConfig> {
+    pub(crate) fn client(&self) -> Arc<rustls::ClientConfig> {
         self.client.load_full()
     }
 
     /// Re-reads the certificates, keys, CA files and CRLs named by `server` and `upstream` and puts them in force;
     /// if any of them is bad, nothing changes and every problem is returned.
-    pub fn reload(&self, server: &ServerConfig, upstream: &UpstreamConfig) -> Result<(), Problems> {
+    pub(crate) fn reload(
+        &self,
+        server: &ServerConfig,
+        upstream: &UpstreamConfig,
+    ) -> Result<(), Problems> {
         let new_server = server_config(server);
         let new_client = client_config(upstream);
         match (new_server, new_client) {
@@ -442,7 +446,7 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
 }
 
 /// The `notAfter` of the first certificate in a PEM file, as a Unix timestamp (for expiry warnings).
-pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+pub(crate) fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
     Some(x509.validity().not_after.timestamp())
 }

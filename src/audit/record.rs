@@ -75,7 +75,7 @@ pub struct Transaction {
 
 impl Transaction {
     /// The trace id, checked or as sent.
-    pub fn trace_id(&self) -> Option<&str> {
+    pub(crate) fn trace_id(&self) -> Option<&str> {
         match &self.names {
             Names::Checked { trace_id, .. } => Some(trace_id.as_str()),
             Names::Raw { trace_id, .. } => trace_id.as_deref(),
@@ -83,7 +83,7 @@ impl Transaction {
     }
 
     /// `from`, `to`, `interaction`.
-    pub fn parties(&self) -> [Option<&str>; 3] {
+    pub(crate) fn parties(&self) -> [Option<&str>; 3] {
         match &self.names {
             Names::Checked {
                 from,
@@ -119,7 +119,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The record's and the metrics' label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Denied => "denied",
@@ -212,7 +212,11 @@ impl Record {
     }
 
     /// The `request` record of a refused request: `decision: deny` and the refusal's text.
-    pub fn refused(tx: &Arc<Transaction>, reason: String, jwt: Option<Box<JwtAudit>>) -> Self {
+    pub(crate) fn refused(
+        tx: &Arc<Transaction>,
+        reason: String,
+        jwt: Option<Box<JwtAudit>>,
+    ) -> Self {
         Self::new(Entry::Refused {
             tx: Arc::clone(tx),
             reason,
@@ -221,7 +225,7 @@ impl Record {
     }
 
     /// The `response` record that ends a transaction, forwarded or refused.
-    pub fn completed(tx: &Arc<Transaction>, end: Completion) -> Self {
+    pub(crate) fn completed(tx: &Arc<Transaction>, end: Completion) -> Self {
         Self::new(Entry::Completed {
             tx: Arc::clone(tx),
             end,
@@ -229,7 +233,7 @@ impl Record {
     }
 
     /// The `seal` record that ends a segment.
-    pub fn sealed(why: SealReason, torn: Option<(u64, String)>) -> Self {
+    pub(crate) fn sealed(why: SealReason, torn: Option<(u64, String)>) -> Self {
         Self::new(Entry::Sealed { why, torn })
     }
 }

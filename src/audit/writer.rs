@@ -195,12 +195,13 @@ impl Shared {
 impl AuditLog {
     /// Starts the log. It recovers the log (setting aside a torn tail) and opens a new segment; if it cannot, the
     /// log starts unhealthy (every request is refused with 503) and retries on each write.
-    pub fn start(cfg: AuditConfig) -> Arc<Self> {
+    #[cfg(test)]
+    pub(crate) fn start(cfg: AuditConfig) -> Arc<Self> {
         Self::start_with_metrics(cfg, None)
     }
 
     /// As [`AuditLog::start`], counting records written and timing each batch.
-    pub fn start_with_metrics(cfg: AuditConfig, metrics: Option<AuditMetrics>) -> Arc<Self> {
+    pub(crate) fn start_with_metrics(cfg: AuditConfig, metrics: Option<AuditMetrics>) -> Arc<Self> {
         let healthy = Arc::new(AtomicBool::new(false));
         let (durability, fsync_interval) = (cfg.durability, cfg.fsync_interval);
         let mut writer = SegmentWriter::new(cfg, Arc::clone(&healthy));
@@ -233,12 +234,12 @@ impl AuditLog {
         })
     }
 
-    pub fn healthy(&self) -> bool {
+    pub(crate) fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Acquire)
     }
 
     /// Records queued and not yet taken by the writer.
-    pub fn queue_depth(&self) -> u64 {
+    pub(crate) fn queue_depth(&self) -> u64 {
         self.shared.lock().jobs.len() as u64
     }
 
@@ -258,7 +259,7 @@ impl AuditLog {
 
     /// Queues a record and waits until it is written (batched) or fsynced (strict). A request may be forwarded
     /// only after this returns `Ok`. Waits at most 100 ms for room in the queue and 5 s for the write.
-    pub async fn write(&self, record: Record) -> Result<(), Unavailable> {
+    pub(crate) async fn write(&self, record: Record) -> Result<(), Unavailable> {
         let room = tokio::time::timeout(SUBMIT_WAIT, Arc::clone(&self.shared.room).acquire_owned())
             .await
             .map_err(|_| Unavailable)?
@@ -293,7 +294,7 @@ impl AuditLog {
     /// queue's capacity while there is one, and is queued anyway up to [`QUEUE_LIMIT`], so that an exchange's
     /// response record is not lost to a burst. A record that cannot be queued (the log is closed, or the disk has
     /// stalled that long) is reported in the operational log, never dropped silently.
-    pub fn submit(&self, record: Record) {
+    pub(crate) fn submit(&self, record: Record) {
         let job = Job {
             record,
             slot: None,
@@ -306,7 +307,7 @@ impl AuditLog {
 
     /// Writes what is queued, seals the current segment, fsyncs and stops the thread; waits for it. Later writes
     /// are refused.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         {
             let mut queue = self.shared.lock();
             queue.closed = true;

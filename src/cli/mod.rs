@@ -21,19 +21,19 @@ use policy::{PolicyCommand, policy};
 
 /// Exit codes of DESIGN.md 1.1.
 pub mod exit {
-    pub const OK: u8 = 0;
+    pub(crate) const OK: u8 = 0;
     /// A negative answer (deny, tampered).
-    pub const NEGATIVE: u8 = 1;
+    pub(crate) const NEGATIVE: u8 = 1;
     /// Bad usage or config.
-    pub const USAGE: u8 = 64;
+    pub(crate) const USAGE: u8 = 64;
     /// Internal error.
-    pub const INTERNAL: u8 = 70;
+    pub(crate) const INTERNAL: u8 = 70;
 }
 
 /// A Spine-Secure-Proxy-style forward HTTP proxy for GP Connect.
 #[derive(Debug, Parser)]
 #[command(name = "ssp", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }

@@ -22,7 +22,7 @@ use raw::RawConfig;
 use validate::{Validator, toml_error_line};
 
 /// Where `serve` looks when no `--config` is given: the first that exists.
-pub const DEFAULT_PATHS: [&str; 2] = ["ssp.toml", "/etc/ssp/ssp.toml"];
+pub(crate) const DEFAULT_PATHS: [&str; 2] = ["ssp.toml", "/etc/ssp/ssp.toml"];
 
 /// One or more problems found in a config or policy files, one line each, each naming the file and the key
 /// or line it is about.
@@ -32,7 +32,7 @@ pub struct Problems {
 }
 
 impl Problems {
-    pub fn one(problem: impl Into<String>) -> Self {
+    pub(crate) fn one(problem: impl Into<String>) -> Self {
         Self {
             problems: vec![problem.into()],
         }
@@ -214,7 +214,7 @@ impl Config {
     }
 
     /// The path `serve` uses when none is given.
-    pub fn default_path() -> PathBuf {
+    pub(crate) fn default_path() -> PathBuf {
         DEFAULT_PATHS
             .iter()
             .map(PathBuf::from)
@@ -223,7 +223,7 @@ impl Config {
     }
 
     /// Validates config text as if read from `path`.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, Problems> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, Problems> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| Problems::one(toml_error_line(path, text, &e)))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -281,7 +281,7 @@ impl Config {
 }
 
 /// Parses `"64KiB"`, `"64MiB"`, `"1GiB"`, `"512B"` into bytes.
-pub fn parse_size(text: &str) -> Option<u64> {
+pub(crate) fn parse_size(text: &str) -> Option<u64> {
     let digits_end = text.find(|c: char| !c.is_ascii_digit())?;
     let (number, unit) = text.split_at(digits_end);
     let n: u64 = number.parse().ok()?;
@@ -296,7 +296,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
 }
 
 /// 1-based line and column of a byte offset.
-pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let col = before
@@ -307,7 +307,7 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// Parses `"10s"`, `"500ms"`, `"5m"`, `"1h"` (an integer and a unit, nothing else).
-pub fn parse_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
     let digits_end = text.find(|c: char| !c.is_ascii_digit())?;
     let (number, unit) = text.split_at(digits_end);
     let n: u64 = number.parse().ok()?;

@@ -41,7 +41,7 @@ pub struct Answer {
 
 impl Answer {
     /// The `diagnostics` text of an OperationOutcome body, if it is one.
-    pub fn diagnostics(&self) -> Option<String> {
+    pub(crate) fn diagnostics(&self) -> Option<String> {
         let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
         v["issue"][0]["diagnostics"].as_str().map(str::to_owned)
     }
@@ -50,7 +50,7 @@ impl Answer {
 impl Client {
     /// A client for the server at `addr` (verified by its IP address against `ca`), presenting `identity`
     /// (certificate and key files) when given.
-    pub fn new(
+    pub(crate) fn new(
         addr: SocketAddr,
         ca: &[PathBuf],
         identity: Option<(&Path, &Path)>,
@@ -74,7 +74,7 @@ impl Client {
     }
 
     /// Sends one request on a fresh connection and reads the whole answer.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, String> {
+    pub(crate) async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, String> {
         let tcp = TcpStream::connect(self.addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;

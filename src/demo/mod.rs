@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::devcerts;
 use crate::ids::TraceId;
 
-pub type DemoError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type DemoError = Box<dyn std::error::Error + Send + Sync>;
 
 // ---------------------------------------------------------------------------------------------------------------
 // The demo run.
@@ -158,7 +158,7 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 /// Runs the demo on a loaded config until Ctrl-C.
-pub async fn run(config: Config) -> Result<(), DemoError> {
+pub(crate) async fn run(config: Config) -> Result<(), DemoError> {
     let certs = config
         .server
         .client_ca

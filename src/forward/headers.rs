@@ -63,7 +63,11 @@ fn join_cookies(headers: &mut HeaderMap) {
 /// pipeline does before the checks, so hop-by-hop fields are not looked for twice): `Host` set to the target
 /// authority, `Forwarded` and `X-Forwarded-For` appended; every other header (the `Ssp-*` ones, `Authorization`)
 /// unchanged. Every request passes here: the two values are written into one reused buffer.
-pub(crate) fn rewrite_request_headers(headers: &mut HeaderMap, authority: &str, client_addr: SocketAddr) {
+pub(crate) fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    authority: &str,
+    client_addr: SocketAddr,
+) {
     use std::fmt::Write;
     if let Ok(host) = HeaderValue::from_str(authority) {
         headers.insert(header::HOST, host);

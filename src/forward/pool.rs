@@ -28,7 +28,7 @@ pub(crate) type UpstreamBody = Streamed<Incoming>;
 
 /// The pooled upstream client and its timeouts.
 #[derive(Debug, Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: Client<Connector, UpstreamBody>,
     /// Never pools: the one retry of a request that failed on a stale pooled connection goes out on a new one.
     fresh: Client<Connector, Empty<Bytes>>,
@@ -37,7 +37,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(
+    pub(crate) fn new(
         cfg: &UpstreamConfig,
         per_provider_connections: u32,
         tls: Arc<crate::tls::Reloadable>,
@@ -68,7 +68,7 @@ impl Upstream {
         }
     }
 
-    pub fn body_idle_timeout(&self) -> Duration {
+    pub(crate) fn body_idle_timeout(&self) -> Duration {
         self.body_idle_timeout
     }
 
@@ -80,7 +80,7 @@ impl Upstream {
     /// reused pooled connection before its response head (the provider's keep-alive close raced it) is sent once
     /// more, on a new connection, and the exchange records `retried`. A request with a body, or with a method
     /// that is not idempotent, is never retried.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         permit: &Permit,
         request: Request<Incoming>,

@@ -165,7 +165,9 @@ mod futures_core_stream {
             (self.0)(cx)
         }
     }
-    pub(super) fn poll_fn<T, F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin>(f: F) -> PollFn<F> {
+    pub(super) fn poll_fn<T, F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin>(
+        f: F,
+    ) -> PollFn<F> {
         PollFn(f)
     }
 }

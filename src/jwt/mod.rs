@@ -20,10 +20,10 @@ pub use token::{VerifyingKey, bearer_token, decode, encode_unsigned, load_keys, 
 use serde::Serialize;
 
 /// Largest token read (a typical GP Connect token is about 1.5 KiB).
-pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// The fixed DSTU2 (0.7) audience.
-pub const DSTU2_AUDIENCE: &str = "https://authorize.fhir.nhs.net/token";
+pub(crate) const DSTU2_AUDIENCE: &str = "https://authorize.fhir.nhs.net/token";
 
 /// What `jwt.mode` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +148,7 @@ pub enum Violation {
 }
 
 impl Violation {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         use Claim::*;
         match self {
             Violation::MissingToken => "MISSING_TOKEN",
@@ -232,12 +232,12 @@ fn by_name<S: serde::Serializer>(found: &[Violation], s: S) -> Result<S::Ok, S::
 
 impl JwtAudit {
     /// The violations' names, in order.
-    pub fn violations(&self) -> Vec<&'static str> {
+    pub(crate) fn violations(&self) -> Vec<&'static str> {
         self.found.iter().map(|v| v.name()).collect()
     }
 
     /// The first violation, which an enforcing proxy reports.
-    pub fn first_violation(&self) -> Option<Violation> {
+    pub(crate) fn first_violation(&self) -> Option<Violation> {
         self.found.first().copied()
     }
 

@@ -24,29 +24,29 @@ pub struct Permit {
 }
 
 impl Permit {
-    pub fn request(&self) -> &SspRequest {
+    pub(crate) fn request(&self) -> &SspRequest {
         &self.request
     }
 
-    pub fn target(&self) -> &Target {
+    pub(crate) fn target(&self) -> &Target {
         &self.request.target
     }
 
-    pub fn endpoint(&self) -> &Endpoint {
+    pub(crate) fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
 
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
 
     /// The certificate name (CN or DNS SAN, lower case) that check 5 matched.
-    pub fn fqdn(&self) -> &Arc<str> {
+    pub(crate) fn fqdn(&self) -> &Arc<str> {
         &self.fqdn
     }
 
     /// The keys the sender's token must be signed with, if it registered any.
-    pub fn jwt_keys(&self) -> Option<&[VerifyingKey]> {
+    pub(crate) fn jwt_keys(&self) -> Option<&[VerifyingKey]> {
         self.jwt_keys.as_deref()
     }
 }
@@ -72,7 +72,7 @@ pub enum Denial {
 
 impl Denial {
     /// The check number of DESIGN.md 1.4.
-    pub fn number(&self) -> u8 {
+    pub(crate) fn number(&self) -> u8 {
         match self {
             Denial::FqdnMismatch { .. } => 5,
             Denial::SenderNotAccredited { .. } => 6,
@@ -83,7 +83,7 @@ impl Denial {
     }
 
     /// A bounded label for logs and metrics (never an ASID or URL).
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Denial::FqdnMismatch { .. } => "fqdn_check_failed",
             Denial::SenderNotAccredited { .. } => "asid_check_failed",
@@ -94,7 +94,7 @@ impl Denial {
     }
 
     /// The consumer-facing text, exactly as the contract gives it.
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         match self {
             Denial::FqdnMismatch { from } => format!("FQDN_CHECK_FAILED_MESSAGESENDER_{from}"),
             Denial::SenderNotAccredited { from } => {

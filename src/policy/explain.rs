@@ -26,7 +26,7 @@ pub enum StepOutcome {
 }
 
 impl StepOutcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             StepOutcome::Pass => "pass",
             StepOutcome::Fail => "FAIL",
@@ -98,7 +98,12 @@ impl Policy {
     /// Explains checks 5 to 9 for a request, check by check, for `ssp policy check`. `fqdn` stands for the client
     /// certificate's name (absent: check 5 is skipped). The decision is the one [`Policy::check`] makes: the
     /// first failing check.
-    pub fn explain(&self, request: &SspRequest, fqdn: Option<&str>, now: SystemTime) -> Explained {
+    pub(crate) fn explain(
+        &self,
+        request: &SspRequest,
+        fqdn: Option<&str>,
+        now: SystemTime,
+    ) -> Explained {
         let h = &request.headers;
         let urn = h.interaction.as_str();
         let system = self.systems.get(&h.from);

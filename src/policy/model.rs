@@ -86,7 +86,7 @@ pub struct Policy {
 
 impl Policy {
     /// Whether some system or endpoint names this interaction (metric labels use it, or `other`).
-    pub fn knows(&self, interaction: &str) -> bool {
+    pub(crate) fn knows(&self, interaction: &str) -> bool {
         self.known.contains(interaction)
     }
 
@@ -95,14 +95,14 @@ impl Policy {
     }
 
     /// Every accredited system, in ASID order.
-    pub fn systems(&self) -> Vec<&System> {
+    pub(crate) fn systems(&self) -> Vec<&System> {
         let mut all: Vec<&System> = self.systems.values().collect();
         all.sort_by(|a, b| a.asid.as_str().cmp(b.asid.as_str()));
         all
     }
 
     /// Every provider endpoint, in ASID order.
-    pub fn endpoints(&self) -> Vec<&Endpoint> {
+    pub(crate) fn endpoints(&self) -> Vec<&Endpoint> {
         let mut all: Vec<&Endpoint> = self.endpoints.values().map(|e| &**e).collect();
         all.sort_by(|a, b| a.asid.as_str().cmp(b.asid.as_str()));
         all

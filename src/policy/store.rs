@@ -31,7 +31,7 @@ pub struct Generation {
 
 /// A line of `ssp policy history`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryEntry {
+pub(crate) struct HistoryEntry {
     pub number: u64,
     pub imported_at: String,
     pub sha256: String,
@@ -87,7 +87,7 @@ impl Store {
         }
     }
 
-    pub fn get(&self, number: u64) -> Result<Option<Generation>, String> {
+    pub(crate) fn get(&self, number: u64) -> Result<Option<Generation>, String> {
         match self
             .generations
             .get(number.to_be_bytes())
@@ -104,7 +104,7 @@ impl Store {
     }
 
     /// Every kept generation, oldest first.
-    pub fn history(&self) -> Result<Vec<HistoryEntry>, String> {
+    pub(crate) fn history(&self) -> Result<Vec<HistoryEntry>, String> {
         let current = self
             .db
             .get(CURRENT)

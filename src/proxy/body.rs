@@ -63,11 +63,11 @@ impl std::fmt::Debug for ProxyBody {
 }
 
 impl ProxyBody {
-    pub fn full(data: Bytes) -> Self {
+    pub(crate) fn full(data: Bytes) -> Self {
         ProxyBody::Full { data: Some(data) }
     }
 
-    pub fn stream(body: Streamed<Incoming>) -> Self {
+    pub(crate) fn stream(body: Streamed<Incoming>) -> Self {
         ProxyBody::Stream { body }
     }
 }

@@ -25,7 +25,7 @@ pub use refusal::{Refusal, X_RATE_LIMIT_LIMIT, X_RATE_LIMIT_REMAINING, X_RATE_LI
 
 /// What the server knows about a consumer connection; read once after the handshake and shared by its requests.
 #[derive(Debug)]
-pub struct ConnInfo {
+pub(crate) struct ConnInfo {
     /// Counts connections since start, for correlating log lines.
     pub id: u64,
     pub remote: SocketAddr,

@@ -45,7 +45,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(
+    pub(crate) fn new(
         methods: Vec<Method>,
         policy: Arc<Policy>,
         jwt: &JwtConfig,
@@ -84,13 +84,13 @@ impl Proxy {
     }
 
     /// Puts a new policy generation in force for every request that starts from now on.
-    pub fn set_policy(&self, policy: Arc<Policy>) {
+    pub(crate) fn set_policy(&self, policy: Arc<Policy>) {
         self.policy.store(policy);
     }
 
     /// Handles one consumer request. Never fails: every error becomes a response here, and every request leaves
     /// audit records (a refused one: a `request` record with the decision and a `response` record).
-    pub async fn handle(
+    pub(crate) async fn handle(
         &self,
         request: Request<Incoming>,
         conn: &ConnInfo,

@@ -42,7 +42,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// A bounded label for logs and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Refusal::HeadersTooLarge => "request_header_fields_too_large",
             Refusal::Method => "method_not_allowed",
@@ -60,7 +60,7 @@ impl Refusal {
     }
 
     /// The HTTP status of the failure (DESIGN.md 1.4): the only place a status is chosen for one.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::Method => StatusCode::METHOD_NOT_ALLOWED,
@@ -102,7 +102,7 @@ impl Refusal {
     }
 
     /// The consumer-facing text, exactly as DESIGN.md 1.4 lists it.
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         match self {
             Refusal::HeadersTooLarge => "REQUEST_HEADER_FIELDS_TOO_LARGE".into(),
             Refusal::Method => "405: Method Not Allowed".into(),
@@ -133,7 +133,7 @@ impl Refusal {
 
     /// The consumer-facing response: an OperationOutcome in the negotiated format, `Cache-Control: no-store`, and
     /// the request's `Ssp-TraceID` echoed when it had one.
-    pub fn respond(
+    pub(crate) fn respond(
         &self,
         format: Format,
         trace_id: Option<HeaderValue>,

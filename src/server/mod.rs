@@ -16,7 +16,6 @@ mod close;
 mod connection;
 mod idle;
 
-
 use connection::Connection;
 use idle::IdleTimeouts;
 

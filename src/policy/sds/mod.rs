@@ -27,27 +27,27 @@ pub use diff::diff;
 use serde::Deserialize;
 
 /// `identifier.system` of an ASID.
-pub const ASID_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsSpineASID";
+pub(crate) const ASID_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsSpineASID";
 /// `identifier.system` of a party key.
-pub const PARTY_KEY_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMhsPartyKey";
+pub(crate) const PARTY_KEY_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMhsPartyKey";
 /// `identifier.system` of an interaction id (queries, and the Endpoint's interaction extension).
-pub const INTERACTION_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsServiceInteractionId";
+pub(crate) const INTERACTION_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsServiceInteractionId";
 /// `identifier.system` under which a Device lists the interactions it is accredited for, one entry each.
-pub const DEVICE_INTERACTION_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsEndpointServiceId";
+pub(crate) const DEVICE_INTERACTION_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsEndpointServiceId";
 /// `identifier.system` of an ODS organisation code.
-pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+pub(crate) const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
 /// `identifier.system` of an MHS FQDN.
-pub const FQDN_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMhsFQDN";
+pub(crate) const FQDN_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMhsFQDN";
 /// `identifier.system` of a CPA id.
-pub const CPA_ID_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMhsCPAId";
+pub(crate) const CPA_ID_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMhsCPAId";
 /// `identifier.system` of an MHS id.
-pub const MHS_ID_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMHSId";
+pub(crate) const MHS_ID_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMHSId";
 /// The Endpoint extension that names the interaction it routes.
-pub const INTERACTION_EXTENSION: &str =
+pub(crate) const INTERACTION_EXTENSION: &str =
     "https://fhir.nhs.uk/StructureDefinition/Extension-SDS-NhsServiceInteractionId";
 
 /// Most entries read from all Bundles together.
-pub const MAX_ENTRIES: usize = 50_000;
+pub(crate) const MAX_ENTRIES: usize = 50_000;
 /// Longest text field kept from an answer (names, addresses, identifiers).
 const MAX_FIELD: usize = 2048;
 
@@ -86,7 +86,7 @@ pub struct Entry {
 
 impl Bundle {
     /// Parses one answer: a JSON `Bundle` of type `searchset`, or an error naming `origin`.
-    pub fn parse(origin: &str, bytes: &[u8]) -> Result<Self, String> {
+    pub(crate) fn parse(origin: &str, bytes: &[u8]) -> Result<Self, String> {
         let bundle: Bundle = serde_json::from_slice(bytes)
             .map_err(|e| format!("{origin}: not a FHIR JSON Bundle: {e}"))?;
         if bundle.resource_type != "Bundle" {
@@ -105,7 +105,7 @@ impl Bundle {
     }
 
     /// The `next` link, if the search has more pages.
-    pub fn next(&self) -> Option<&str> {
+    pub(crate) fn next(&self) -> Option<&str> {
         self.link
             .iter()
             .find(|l| l.relation == "next")
@@ -127,7 +127,7 @@ pub struct Directory {
 
 /// An Endpoint address as a policy `url`: https only; one or more trailing slashes are removed (SDS often
 /// registers the FHIR root with one; check 9 compares without it); no query or fragment.
-pub fn normalise_address(address: &str) -> Result<String, &'static str> {
+pub(crate) fn normalise_address(address: &str) -> Result<String, &'static str> {
     let Some(rest) = address.strip_prefix("https://") else {
         return Err("is not https");
     };
