@@ -167,8 +167,11 @@ async fn per_consumer_rate_gives_429_with_rate_limit_headers() {
     );
     assert_eq!(records[1]["status"], 429);
     assert_eq!(records[1]["outcome"], "denied");
-    // Half a second at 2/s gives one token back.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Half a second at 2/s gives one token back. The limiter reads tokio's clock, so the test moves that clock on
+    // instead of waiting.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_millis(600)).await;
+    tokio::time::resume();
     let c = within(
         "refilled",
         one.fetch(get_as(&w, FROM, "/fhir/metadata", &trace(5))),
@@ -341,14 +344,17 @@ async fn connections_over_the_limit_wait_and_are_then_served() {
     let consumer = w.consumer("consumer");
     let mut first = within("1", consumer.connect()).await.unwrap();
     let second = within("2", consumer.connect()).await.unwrap();
+    // The third connection's TCP handshake completes in the kernel's backlog; its TLS handshake waits for ssp.
+    let tcp = within("3: TCP", tokio::net::TcpStream::connect(w.proxy.addr))
+        .await
+        .unwrap();
     let waiting = tokio::spawn({
         let consumer = consumer.clone();
         let req = get_as(&w, FROM, "/fhir/metadata", &trace(3));
-        async move { consumer.fetch(req).await }
+        async move { consumer.connect_over(tcp).await?.send(req).await }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!waiting.is_finished(), "a third connection was served");
-    // The first two still work.
+    // The first two still work. A whole exchange on the first is time enough, on this one-thread runtime, for the
+    // accept loop to have taken the third had the limit let it: the proxy has accepted two connections.
     let r = within(
         "on 1",
         first.send(get_as(&w, FROM, "/fhir/metadata", &trace(1))),
@@ -356,9 +362,16 @@ async fn connections_over_the_limit_wait_and_are_then_served() {
     .await
     .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        w.metrics.connections_total.get(),
+        2,
+        "a third connection was accepted"
+    );
+    assert!(!waiting.is_finished(), "a third connection was served");
     drop((first, second));
     let third = within("3 after a close", waiting).await.unwrap().unwrap();
-    assert_eq!(third.status, StatusCode::OK);
+    assert_eq!(third.status(), StatusCode::OK);
+    assert_eq!(w.metrics.connections_total.get(), 3);
 }
 
 /// A slowloris consumer dribbling its request head is cut at `header_read_timeout`, and one that never starts
@@ -510,7 +523,21 @@ async fn provider_connections_are_bounded() {
         let req = get_as(&w, FROM, "/fhir/metadata", &trace(2));
         async move { consumer.fetch(req).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The third request is permitted and recorded before it is forwarded: once its record is written it is
+    // waiting for a provider connection. A whole refused exchange after that is time enough, on this one-thread
+    // runtime, for a third connection to have been opened had the bound let it.
+    let recorded = records_of(&w, &trace(2), 1).await;
+    assert_eq!(
+        recorded.first().map(|r| &r["decision"]),
+        Some(&"permit".into())
+    );
+    let refused = within(
+        "refused meanwhile",
+        consumer.fetch(get_as(&w, "200000000999", "/fhir/metadata", &trace(3))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
     assert!(
         !third.is_finished(),
         "a third provider connection was opened"

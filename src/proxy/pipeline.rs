@@ -211,7 +211,7 @@ impl Proxy {
         let h = &permit.request().headers;
         let admission = self
             .limits
-            .admit(&h.from, &h.to, std::time::Instant::now())
+            .admit(&h.from, &h.to, Instant::now())
             .map_err(|t| {
                 let named = match t {
                     Throttle::ProviderConcurrency { .. } => h.to.clone(),
