@@ -103,7 +103,7 @@ pub(crate) fn import_policy(config: &Config) -> Result<(Policy, bool), Problems>
     Ok((policy, new))
 }
 
-/// The policy to start on: the files, imported (see [`import_policy`]); when they are broken, the store's current
+/// The policy to start on: the files, imported (see `import_policy`); when they are broken, the store's current
 /// generation, the last good one, with a warning naming every problem. Fails only when there is neither.
 pub fn start_policy(config: &Config) -> Result<Policy, Problems> {
     let mut problems = match import_policy(config) {

@@ -1,54 +1,64 @@
 //! `ssp`: a Spine-Secure-Proxy-style forward HTTP proxy for GP Connect. Consumers reach providers through it with
 //! TLS mutual authentication on both legs; it checks every request against the directory and the data-sharing
-//! agreements and streams bodies through without buffering.
+//! agreements, records it in a tamper-evident transaction log, and streams bodies through without buffering.
 //!
-//! # Layout
+//! # Crate map
 //!
-//! - [`cli`]: argument parsing, exit codes, wiring of the commands (`main.rs` only calls it).
-//! - [`config`]: the TOML config, strictly parsed, validated once into typed values.
-//! - [`ids`]: identifier newtypes (`Asid`, `TraceId`, `InteractionId`, `OdsCode`) and the peer identity.
+//! A stage with several parts is a folder whose files name the parts. Modules marked (crate) are internal.
+//!
+//! - [`cli`] (`policy`, `audit`): argument parsing, exit codes, calling the library (`main.rs` only calls it).
+//! - [`app`]: the wiring, in one place: config, TLS, policy, audit log, metrics and the proxy into an
+//!   [`app::Instance`] whose `run` serves the consumer listener and the admin listener (its own task).
+//! - [`config`] (`raw`, `validate`): the TOML config, strictly parsed, validated once into typed values.
+//! - [`ids`]: identifier newtypes (`Asid`, `TraceId`, `InteractionId`, `OdsCode`), the peer identity, and small
+//!   shared helpers (hex, timestamps). A leaf: it imports nothing from the crate.
 //! - [`tls`]: certificates, keys and CRLs; the consumer-facing and upstream rustls configs; peer identity reading.
-//! - [`server`]: accept loop, connection limit, handshake timeout, serving h1/h2 connections, the idle rule,
-//!   staged closes, graceful drain.
-//! - [`proxy_header`]: the PROXY protocol header (v1 and v2) from a trusted layer-4 balancer.
+//! - `server` (crate; `connection`, `idle`, `close`): accept loop, connection limit, PROXY header, handshake
+//!   timeout, h1/h2 serving, the idle rule, staged closes, graceful drain. Knows nothing of request contents.
+//! - `proxy_header` (crate): the PROXY protocol header (v1 and v2) from a trusted layer-4 balancer.
 //! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
-//! - [`policy`]: policy files, the sled store of generations (`policy::store`), the directory built from SDS
-//!   answers (`policy::sds`; fetched live by [`sds_api`]), the in-memory snapshot,
-//!   `check() -> Decision` (checks 5 to 9), the `Permit`, and `explain` for `ssp policy check`.
-//! - [`jwt`]: the consumer's audit token: strict decoding, signatures, validation per GP Connect profile (check 10).
-//! - [`audit`]: the transaction log: record schema, hash chain, group commit, the fsync thread, recovery,
-//!   verify and query (check 12).
-//! - [`forward`]: upstream client and pool, header rules, timeouts, the streaming body wrapper.
-//! - [`proxy`]: the order of the steps for one request; the one place errors become responses.
-//! - [`outcome`]: OperationOutcome bodies, JSON and XML.
-//! - [`app`]: assembling config, TLS and policy into a bound server (shared by `serve`, `demo`, tests).
-//! - [`lifecycle`]: signals, systemd notification, SIGHUP policy reload orchestration.
-//! - [`metrics`], [`admin`]: metric names and handles; the admin listener (/metrics, /healthz, /readyz).
-//! - [`devcerts`]: the development PKI of `ssp dev-certs`.
-//! - [`demo`]: `ssp demo`, its dev provider and a small mTLS client.
+//! - [`policy`] (`model`, `compile`, `decide`, `explain`, [`policy::store`], [`policy::sds`]): the directory and
+//!   agreements, checks 5 to 9 (one function each, shared by the decision and `ssp policy check`), the `Permit`,
+//!   the sled store of generations, and the directory built from SDS answers (fetched live by `sds_api`).
+//! - [`jwt`] (`json`, `token`, `profile`): the consumer's audit token (check 10).
+//! - `limits` (crate): check 11, rates and concurrency, on tokio's clock.
+//! - [`audit`] ([`audit::record`], [`audit::writer`], `segment`, [`audit::verify`](mod@audit::verify), [`audit::query`](mod@audit::query)): the
+//!   typed transaction and record kinds, the `ssp-audit` writer thread, segments and recovery, verify and query
+//!   (check 12).
+//! - `forward` (crate; `connector`, `pool`, `headers`, `exchange`): the upstream client and pool, the
+//!   stale-connection retry, header rules, timeouts, exchange accounting and the streaming body wrapper.
+//! - [`proxy`] (`pipeline`, `refusal`, `body`): the order of the steps for one request; the one place failures
+//!   become statuses and responses.
+//! - [`outcome`]: OperationOutcome bodies, JSON and XML. A leaf.
+//! - [`lifecycle`]: signals, systemd notification, SIGHUP reload of TLS material and policy.
+//! - [`metrics`], `admin` (crate): metric names and handles (every bounded series present from the start); the
+//!   admin listener (/metrics, /healthz, /readyz).
+//! - [`devcerts`], [`demo`] (`provider`, `client`): the development PKI and the newcomer's tour.
 //!
 //! # Life of a request
 //!
 //! 1. `server` accepts a TCP connection (within `max_connections`), reads a PROXY header when the connection
-//!    comes from a trusted balancer (`proxy_header`: the consumer's address), and completes the TLS handshake
-//!    within `handshake_timeout`: the client certificate must chain to `client_ca`, be unexpired and unrevoked
-//!    (check 1).
-//! 2. `tls::peer_identity` reads the certificate's subject, CN, DNS SANs, serial and fingerprint, once per
-//!    connection; hyper serves HTTP/1.1 or HTTP/2 on it.
-//! 3. `proxy::Proxy::handle` takes each request, removes its hop-by-hop fields (so that the checks see what will
-//!    be forwarded), then: method (check 2), `ssp::Target` (3), `ssp::SspHeaders` (4).
-//! 4. `policy::Policy::check` runs checks 5 to 9 and returns `Decision::Permit(Permit)` or a `Denial`.
-//! 5. `jwt::Validator::check` decodes and validates the audit token (check 10) into a `JwtAudit`.
-//! 6. `audit::AuditLog::write` queues the `request` record, writes the queue unless a write is in progress, and
-//!    waits until its record is written (or fsynced, in strict mode) (check 12).
-//! 7. `forward::Upstream::send` takes the `Permit`, rewrites the headers, and sends the request over a pooled
-//!    TLS connection presenting the proxy's client certificate; the request body streams through `Streamed`.
-//! 8. The provider's response streams back through `Streamed`, which counts bytes and enforces the idle
-//!    timeout; when both bodies are done the shared `Exchange` fires once: the `response` record, the metrics
-//!    and a log line.
-//! 9. Any failure on the way is a `proxy::Refusal`, rendered by `outcome` as an OperationOutcome (in the format
-//!    `Accept` asks for, negotiated only then), counted, and recorded as a `deny` request record plus a `denied`
-//!    response record.
+//!    comes from a trusted balancer (the consumer's address), and completes the TLS handshake within
+//!    `handshake_timeout`: the client certificate must chain to `client_ca`, be unexpired and unrevoked (check 1).
+//!    The peer identity and the audit `Peer` are read once per connection; hyper serves HTTP/1.1 or HTTP/2.
+//! 2. `proxy::Proxy::handle` takes each request and removes its hop-by-hop fields first, so that the checks and
+//!    the record see exactly what will be forwarded; then the header limits, the method (check 2),
+//!    [`ssp::Target`] (3) and [`ssp::SspHeaders`] (4).
+//! 3. [`policy::Policy::check`] runs checks 5 to 9 on the `SspRequest` and returns `Decision::Permit` (the permit
+//!    owns the request) or a `Denial`.
+//! 4. [`jwt::Validator::check`] decodes and validates the audit token (check 10) into a `JwtAudit`; `limits`
+//!    admits the exchange (check 11).
+//! 5. The pipeline makes the [`audit::Transaction`] once (identifiers shared with the request) and hands
+//!    [`audit::Record::permitted`] to `audit::AuditLog::write`, which queues it for the `ssp-audit` thread and
+//!    waits until it is written (or fsynced, in strict mode) (check 12).
+//! 6. `forward` takes the `Permit`, rewrites `Host`, `Forwarded` and `X-Forwarded-For`, and sends the request over
+//!    a pooled TLS connection presenting the proxy's client certificate, retrying once on a new connection when a
+//!    pooled one turns out stale; the bodies stream through `Streamed`, which counts bytes and enforces the idle
+//!    timeout.
+//! 7. When both bodies are done the exchange ends once: `audit::Record::completed`, the metrics, a log line.
+//! 8. Any failure on the way is a [`proxy::Refusal`]: `proxy::Refusal::status` gives its status (the one
+//!    place), `outcome` renders the OperationOutcome in the format `Accept` asks for, and the refused request
+//!    leaves `audit::Record::refused` and a `denied` completion.
 
 #![warn(unreachable_pub)]
 

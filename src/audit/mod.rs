@@ -5,12 +5,12 @@
 //! record carries `prev`, the SHA-256 (hex) of the previous record's line; the very first record's `prev` is 64
 //! zeros, and a new segment's first record chains to the previous segment's last line. Every segment but the one
 //! being written ends with a `seal` record (rotation, clean shutdown, or recovery after a crash), so removing,
-//! reordering, editing or truncating records or whole segments is detected by [`verify`].
+//! reordering, editing or truncating records or whole segments is detected by [`verify()`].
 //!
 //! - [`record`]: the typed [`Transaction`] and the record kinds, and how a record becomes a line.
 //! - [`writer`]: the queue, the `ssp-audit` thread, group commit and fsync.
 //! - `segment`: segment files, rotation and crash recovery (the thread's only).
-//! - [`verify`] and [`query`]: the offline readers of `ssp audit verify` and `ssp audit query`.
+//! - [`verify`](mod@verify) and [`query`](mod@query): the offline readers of `ssp audit verify` and `ssp audit query`.
 //!
 //! Does not decide anything: `proxy` hands it records and waits for the acknowledgement before forwarding.
 

@@ -1,11 +1,11 @@
 //! The writer: one `ssp-audit` thread owns the segment files and does every write, fsync, rotation, reopen and
 //! recovery, so no file I/O runs on a runtime worker. Requests queue their records and wait on a notification.
 //!
-//! Group commit: the thread takes everything queued (up to [`MAX_BATCH`] records) and writes it with one `write`;
+//! Group commit: the thread takes everything queued (up to `MAX_BATCH` records) and writes it with one `write`;
 //! in strict mode one fsync follows each batch and acknowledges every record in it. In batched mode a record is
 //! acknowledged once written (to the page cache) and the thread fsyncs every `audit.fsync_interval` while there is
 //! something to sync. Nothing waits by sleeping: the thread waits on a condition variable that a queued record or
-//! `close` signals (with a timeout only when an fsync falls due); a request waits on its own [`Slot`]; a request
+//! `close` signals (with a timeout only when an fsync falls due); a request waits on its own `Slot`; a request
 //! that finds the queue full waits on a semaphore the thread releases as it takes records.
 
 use std::path::Path;

@@ -102,13 +102,13 @@ impl Claim {
     }
 }
 
-/// One rule a token broke. [`Violation::name`] is stable: it appears in `INVALID_JWT_<NAME>` and in the audit
+/// One rule a token broke. `Violation::name` is stable: it appears in `INVALID_JWT_<NAME>` and in the audit
 /// record, and operators may alert on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Violation {
     /// No `Authorization: Bearer` header.
     MissingToken,
-    /// Longer than [`MAX_TOKEN_BYTES`].
+    /// Longer than `MAX_TOKEN_BYTES`.
     TooLarge,
     /// Not three base64url parts (padding, `+`, `/`, raw JSON and the like) or not JSON objects.
     Malformed,

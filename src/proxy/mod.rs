@@ -3,10 +3,10 @@
 //!
 //! Each step consumes the previous step's output: `Request` -> `Target` + `SspHeaders` -> `Permit` ->
 //! `Transaction` -> upstream `Response` -> streamed body. Failures are small [`Refusal`] values with a bounded
-//! reason label; [`Refusal::respond`] turns them into OperationOutcomes. No sockets, no parsing details, no
+//! reason label; `Refusal::respond` turns them into OperationOutcomes. No sockets, no parsing details, no
 //! record fields.
 //!
-//! - `pipeline`: [`Proxy`] and [`Proxy::handle`], the steps in order.
+//! - `pipeline`: [`Proxy`] and `Proxy::handle`, the steps in order.
 //! - `refusal`: [`Refusal`]: status, text, OperationOutcome, log line.
 //! - `body`: [`ProxyBody`], and the bounded discard of a refused request's body.
 
