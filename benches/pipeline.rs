@@ -93,7 +93,7 @@ fn bench(c: &mut Criterion) {
     };
     c.bench_function("jwt decode + validate (typical 1.x token)", |b| {
         b.iter(|| {
-            let audit = validator.check(Some(black_box(token.as_bytes())), &expect);
+            let audit = validator.validate(Some(black_box(token.as_bytes())), &expect);
             assert!(audit.valid);
             black_box(audit)
         })
@@ -125,8 +125,10 @@ fn bench(c: &mut Criterion) {
             fqdn: std::sync::Arc::from("consumer.dev.localhost"),
         },
     });
-    let record =
-        ssp::audit::Record::permitted(&tx, Some(validator.check(Some(token.as_bytes()), &expect)));
+    let record = ssp::audit::Record::permitted(
+        &tx,
+        Some(validator.validate(Some(token.as_bytes()), &expect)),
+    );
     let prev = "0".repeat(64);
     let link = ssp::audit::Link {
         seq: 1_234_567,
@@ -142,7 +144,7 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-/// Measures `Policy::check` on a request it permits (the clone of the request, which `check` consumes, is setup).
+/// Measures `Policy::decide` on a request it permits (the clone of the request, which `decide` consumes, is setup).
 fn bench_permit(
     c: &mut Criterion,
     name: &str,
@@ -154,7 +156,7 @@ fn bench_permit(
     c.bench_function(name, |b| {
         b.iter_batched(
             || request.clone(),
-            |r| match policy.check(r, peer, now) {
+            |r| match policy.decide(r, peer, now) {
                 Decision::Permit(p) => black_box(p),
                 Decision::Deny(d) => panic!("{d:?}"),
             },

@@ -65,7 +65,7 @@ pub(crate) struct Checked {
 
 /// Everything `check-config` checks, without side effects (the policy store is not written): certificates, keys,
 /// CRLs and their expiry, policy files, the audit folder.
-pub(crate) fn check(config: &Config) -> Checked {
+pub(crate) fn inspect(config: &Config) -> Checked {
     let mut problems = Vec::new();
     if let Err(p) = tls::server_config(&config.server) {
         problems.extend(p.problems);
@@ -314,13 +314,19 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
     let crls = tls::crl_files(&config.server);
     metrics.crl_next_updates(&crls);
     tls::log_crl_report(&config.server);
-    let audit = AuditLog::start_with_metrics(
+    // Starting the log recovers the folder and opens a segment: file I/O, so not on a runtime worker.
+    let (audit_config, audit_metrics) = (
         config.audit.clone(),
-        Some(crate::audit::AuditMetrics {
+        crate::audit::AuditMetrics {
             records: metrics.audit_records.clone(),
             write_seconds: metrics.audit_write_seconds.clone(),
-        }),
+        },
     );
+    let audit = tokio::task::spawn_blocking(move || {
+        AuditLog::start_with_metrics(audit_config, Some(audit_metrics))
+    })
+    .await
+    .map_err(std::io::Error::other)?;
     let tls = Arc::new(tls::Reloadable::new(
         assembled.server_tls,
         assembled.client_tls,

@@ -44,9 +44,9 @@
 //! 2. `proxy::Proxy::handle` takes each request and removes its hop-by-hop fields first, so that the checks and
 //!    the record see exactly what will be forwarded; then the header limits, the method (check 2),
 //!    [`ssp::Target`] (3) and [`ssp::SspHeaders`] (4).
-//! 3. [`policy::Policy::check`] runs checks 5 to 9 on the `SspRequest` and returns `Decision::Permit` (the permit
+//! 3. [`policy::Policy::decide`] runs checks 5 to 9 on the `SspRequest` and returns `Decision::Permit` (the permit
 //!    owns the request) or a `Denial`.
-//! 4. [`jwt::Validator::check`] decodes and validates the audit token (check 10) into a `JwtAudit`; `limits`
+//! 4. [`jwt::Validator::validate`] decodes and validates the audit token (check 10) into a `JwtAudit`; `limits`
 //!    admits the exchange (check 11).
 //! 5. The pipeline makes the [`audit::Transaction`] once (identifiers shared with the request) and hands
 //!    [`audit::Record::permitted`] to `audit::AuditLog::write`, which queues it for the `ssp-audit` thread and

@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             now: 1_795_000_000,
             keys: None,
         };
-        let audit = validator.check(Some(data), &expect);
+        let audit = validator.validate(Some(data), &expect);
         assert_eq!(audit.valid, audit.first_violation().is_none());
     }
     if let Ok(token) = std::str::from_utf8(data) {

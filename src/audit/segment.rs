@@ -132,6 +132,16 @@ impl SegmentWriter {
         result
     }
 
+    /// The file being appended to, for the batched-mode syncer (which fsyncs it while writes go on).
+    pub(super) fn file(&self) -> Option<Arc<File>> {
+        self.segment.as_ref().map(|s| Arc::clone(&s.file))
+    }
+
+    /// The audit folder, for log lines.
+    pub(super) fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
     pub(super) fn sync_now(&mut self) -> io::Result<()> {
         if let Some(segment) = &self.segment {
             segment.file.sync_data()?;

@@ -3,15 +3,16 @@
 //!
 //! Group commit: the thread takes everything queued (up to `MAX_BATCH` records) and writes it with one `write`;
 //! in strict mode one fsync follows each batch and acknowledges every record in it. In batched mode a record is
-//! acknowledged once written (to the page cache) and the thread fsyncs every `audit.fsync_interval` while there is
-//! something to sync. Nothing waits by sleeping: the thread waits on a condition variable that a queued record or
-//! `close` signals (with a timeout only when an fsync falls due); a request waits on its own `Slot`; a request
-//! that finds the queue full waits on a semaphore the thread releases as it takes records.
+//! acknowledged once written (to the page cache), and a second thread, `ssp-audit-sync`, fsyncs the segment every
+//! `audit.fsync_interval` while there is something to sync, so that writes go on during an fsync. Nothing waits by
+//! sleeping: the writer waits on a condition variable that a queued record or `close` signals; the syncer waits on
+//! one with its interval as the timeout; a request waits on its own `Slot`; a request that finds the queue full
+//! waits on a semaphore the writer releases as it takes records.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -84,7 +85,8 @@ struct Job {
 /// The handle the request path holds.
 pub struct AuditLog {
     shared: Arc<Shared>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The writer, and in batched mode the syncer.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 struct Shared {
@@ -95,6 +97,17 @@ struct Shared {
     room: Arc<Semaphore>,
     /// False after a failed write, open or fsync, true again after a good write: feeds readiness.
     healthy: Arc<AtomicBool>,
+    /// Batched mode: what the syncer fsyncs, and whether anything was written since its last fsync.
+    sync: Mutex<SyncState>,
+    /// Wakes the syncer early: the log is closing.
+    sync_wake: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    file: Option<Arc<std::fs::File>>,
+    dirty: bool,
+    stop: bool,
 }
 
 #[derive(Default)]
@@ -131,33 +144,51 @@ impl Shared {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn sync_state(&self) -> MutexGuard<'_, SyncState> {
+        self.sync.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The batched-mode `ssp-audit-sync` thread: every `fsync_interval`, fsyncs the segment if anything was written
+    /// to it since the last time. Writes go on meanwhile; a failed fsync turns the log unhealthy.
+    fn run_syncer(&self, fsync_interval: Duration, dir: &Path) {
+        let mut state = self.sync_state();
+        loop {
+            state = self
+                .sync_wake
+                .wait_timeout(state, fsync_interval)
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+            if state.stop {
+                return;
+            }
+            if !std::mem::take(&mut state.dirty) {
+                continue;
+            }
+            let Some(file) = state.file.clone() else {
+                continue;
+            };
+            drop(state);
+            if let Err(e) = file.sync_data() {
+                tracing::error!(error = %e, "audit fsync failed");
+                set_healthy(&self.healthy, false, dir);
+            }
+            state = self.sync_state();
+        }
+    }
+
     /// The `ssp-audit` thread: writes what is queued, fsyncs per the durability, and on close writes the rest,
     /// seals the segment and fsyncs.
-    fn run(&self, mut writer: SegmentWriter, durability: Durability, fsync_interval: Duration) {
+    fn run(&self, mut writer: SegmentWriter, durability: Durability) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-        // Batched mode: written since the last fsync, and when that was.
-        let mut dirty = false;
-        let mut last_sync = Instant::now();
         loop {
             let mut queue = self.lock();
             while !queue.has_work() && !queue.closed {
                 queue.idle = true;
-                queue = if dirty {
-                    let due = fsync_interval.saturating_sub(last_sync.elapsed());
-                    if due.is_zero() {
-                        break;
-                    }
-                    self.wake
-                        .wait_timeout(queue, due)
-                        .map_or_else(|e| e.into_inner().0, |(g, _)| g)
-                } else {
-                    self.wake
-                        .wait(queue)
-                        .unwrap_or_else(PoisonError::into_inner)
-                };
+                queue = self
+                    .wake
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
                 queue.idle = false;
             }
-            queue.idle = false;
             let closing = queue.closed && !queue.has_work();
             let n = queue.jobs.len().min(MAX_BATCH);
             batch.extend(queue.jobs.drain(..n));
@@ -170,18 +201,17 @@ impl Shared {
                     Durability::Batched => written,
                     Durability::Strict => written && writer.sync(),
                 };
-                dirty |= written && durability == Durability::Batched;
+                if written && durability == Durability::Batched {
+                    let mut sync = self.sync_state();
+                    sync.file = writer.file();
+                    sync.dirty = true;
+                }
                 let state = if done { Slot::DONE } else { Slot::FAILED };
                 for job in batch.drain(..) {
                     if let Some(slot) = job.slot {
                         slot.set(state);
                     }
                 }
-            }
-            if dirty && (closing || last_sync.elapsed() >= fsync_interval) {
-                writer.sync();
-                dirty = false;
-                last_sync = Instant::now();
             }
             if closing {
                 writer.seal(SealReason::Shutdown);
@@ -214,23 +244,35 @@ impl AuditLog {
             wake: Condvar::new(),
             room: Arc::new(Semaphore::new(QUEUE_CAPACITY)),
             healthy,
+            sync: Mutex::new(SyncState::default()),
+            sync_wake: Condvar::new(),
         });
-        let for_thread = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
+        let mut threads = Vec::new();
+        let dir = writer.dir().to_path_buf();
+        let for_writer = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
             .name("ssp-audit".into())
-            .spawn(move || for_thread.run(writer, durability, fsync_interval));
-        let thread = match thread {
-            Ok(thread) => Some(thread),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the audit thread: requests are refused with 503");
-                shared.healthy.store(false, Ordering::Release);
-                shared.lock().closed = true;
-                None
-            }
-        };
+            .spawn(move || for_writer.run(writer, durability))
+            .and_then(|writer| {
+                threads.push(writer);
+                if durability != Durability::Batched {
+                    return Ok(());
+                }
+                let for_syncer = Arc::clone(&shared);
+                let syncer = std::thread::Builder::new()
+                    .name("ssp-audit-sync".into())
+                    .spawn(move || for_syncer.run_syncer(fsync_interval, &dir))?;
+                threads.push(syncer);
+                Ok(())
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the audit threads: requests are refused with 503");
+            shared.healthy.store(false, Ordering::Release);
+            shared.lock().closed = true;
+        }
         Arc::new(Self {
             shared,
-            thread: Mutex::new(thread),
+            threads: Mutex::new(threads),
         })
     }
 
@@ -305,8 +347,8 @@ impl AuditLog {
         }
     }
 
-    /// Writes what is queued, seals the current segment, fsyncs and stops the thread; waits for it. Later writes
-    /// are refused.
+    /// Writes what is queued, seals the current segment, fsyncs and stops the threads; waits for them. Later
+    /// writes are refused.
     pub(crate) fn close(&self) {
         {
             let mut queue = self.shared.lock();
@@ -314,14 +356,23 @@ impl AuditLog {
             self.shared.wake.notify_one();
         }
         self.shared.room.close();
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(thread) = thread {
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        // The writer first (it seals and fsyncs the segment), then the syncer.
+        let mut threads = threads.into_iter();
+        if let Some(writer) = threads.next()
+            && writer.join().is_err()
+        {
+            tracing::error!("the audit writer thread panicked");
+        }
+        {
+            let mut sync = self.shared.sync_state();
+            sync.stop = true;
+            self.shared.sync_wake.notify_one();
+        }
+        for thread in threads {
             if thread.join().is_err() {
-                tracing::error!("the audit thread panicked");
+                tracing::error!("the audit sync thread panicked");
             }
         }
     }

@@ -200,7 +200,7 @@ fn check_config(path: &Path) -> u8 {
         Ok(config) => config,
         Err(problems) => return print_problems(&problems),
     };
-    let checked = crate::app::check(&config);
+    let checked = crate::app::inspect(&config);
     for warning in &checked.warnings {
         eprintln!("warning: {warning}");
     }

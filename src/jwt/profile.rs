@@ -28,7 +28,7 @@ pub struct Expect<'a> {
 
 impl Validator {
     /// Decodes and validates the value of an `Authorization` header (or its absence).
-    pub fn check(&self, authorization: Option<&[u8]>, expect: &Expect<'_>) -> JwtAudit {
+    pub fn validate(&self, authorization: Option<&[u8]>, expect: &Expect<'_>) -> JwtAudit {
         let mut audit = JwtAudit::default();
         let token = match bearer_token(authorization) {
             Ok(token) => token,
@@ -39,8 +39,8 @@ impl Validator {
         };
         let checked = Parts::split(token).and_then(|parts| {
             let (header, claims) = (parts.header()?, parts.payload()?);
-            audit.alg = Some(parts.check(&header, expect.keys)?.to_owned());
-            self.validate(&claims, expect, &mut audit);
+            audit.alg = Some(parts.verify(&header, expect.keys)?.to_owned());
+            self.validate_claims(&claims, expect, &mut audit);
             Ok(())
         });
         if let Err(v) = checked {
@@ -50,7 +50,7 @@ impl Validator {
         audit
     }
 
-    fn validate(&self, claims: &Obj<'_>, expect: &Expect<'_>, audit: &mut JwtAudit) {
+    fn validate_claims(&self, claims: &Obj<'_>, expect: &Expect<'_>, audit: &mut JwtAudit) {
         let mut c = Claims { map: claims, audit };
         let iss = c.string(Claim::Iss);
         c.audit.iss = iss.map(str::to_owned);

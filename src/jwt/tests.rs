@@ -37,7 +37,7 @@ fn validator() -> Validator {
 fn check_token(token: &str, interaction: &str) -> JwtAudit {
     let interaction = InteractionId::parse(interaction).unwrap();
     let header = format!("Bearer {token}");
-    validator().check(
+    validator().validate(
         Some(header.as_bytes()),
         &Expect {
             endpoint_url: URL,
@@ -324,15 +324,15 @@ fn missing_or_other_scheme_is_missing_token() {
         keys: None,
     };
     assert_eq!(
-        names(&validator().check(None, &expect)),
+        names(&validator().validate(None, &expect)),
         vec!["MISSING_TOKEN"]
     );
     assert_eq!(
-        names(&validator().check(Some(b"Basic abc"), &expect)),
+        names(&validator().validate(Some(b"Basic abc"), &expect)),
         vec!["MISSING_TOKEN"]
     );
     let lower = format!("bearer {}", encode_unsigned(&claims()));
-    assert!(validator().check(Some(lower.as_bytes()), &expect).valid);
+    assert!(validator().validate(Some(lower.as_bytes()), &expect).valid);
 }
 
 #[test]
@@ -441,7 +441,7 @@ fn audience_by_profile() {
         keys: None,
     };
     let run = |c: &Value| {
-        dstu2.check(
+        dstu2.validate(
             Some(format!("Bearer {}", encode_unsigned(c)).as_bytes()),
             &expect,
         )

@@ -108,7 +108,7 @@ pub fn decode(
 ) -> Result<(String, Map<String, Value>), Violation> {
     let parts = Parts::split(token)?;
     let (header, claims) = (parts.header()?, parts.payload()?);
-    let alg = parts.check(&header, keys)?;
+    let alg = parts.verify(&header, keys)?;
     Ok((alg.to_owned(), claims.to_map()))
 }
 
@@ -148,7 +148,7 @@ impl<'t> Parts<'t> {
     }
 
     /// Checks the header (read by [`Parts::header`]) and the signature, or its absence; the header's `alg`.
-    pub(super) fn check<'h>(
+    pub(super) fn verify<'h>(
         &self,
         header: &'h Obj<'h>,
         keys: Option<&[VerifyingKey]>,

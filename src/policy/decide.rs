@@ -1,5 +1,5 @@
 //! The decision for one request: checks 5 to 9 of DESIGN.md 1.4, in order, first failure wins. Each check is one
-//! function here; [`Policy::check`] runs them to make a [`Permit`], and `explain` runs the same functions to say
+//! function here; [`Policy::decide`] runs them to make a [`Permit`], and `explain` runs the same functions to say
 //! why.
 
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use crate::ids::{Asid, PeerIdentity};
 use crate::jwt::VerifyingKey;
 use crate::ssp::{SspHeaders, SspRequest, Target};
 
-/// Permission to forward one request. Only [`Policy::check`] makes one, and it owns the request it checked, so
+/// Permission to forward one request. Only [`Policy::decide`] makes one, and it owns the request it checked, so
 /// what is forwarded is exactly what was permitted.
 #[derive(Debug)]
 pub struct Permit {
@@ -124,7 +124,7 @@ pub enum Decision {
 
 impl Policy {
     /// Checks 5 to 9 for a request from the consumer `peer`, at time `now`. Consumes the request: a permit owns it.
-    pub fn check(&self, request: SspRequest, peer: &PeerIdentity, now: SystemTime) -> Decision {
+    pub fn decide(&self, request: SspRequest, peer: &PeerIdentity, now: SystemTime) -> Decision {
         match self.evaluate(&request, peer, now) {
             Ok((endpoint, system)) => Decision::Permit(Permit {
                 endpoint: Arc::clone(endpoint),

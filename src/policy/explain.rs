@@ -96,7 +96,7 @@ impl Steps {
 
 impl Policy {
     /// Explains checks 5 to 9 for a request, check by check, for `ssp policy check`. `fqdn` stands for the client
-    /// certificate's name (absent: check 5 is skipped). The decision is the one [`Policy::check`] makes: the
+    /// certificate's name (absent: check 5 is skipped). The decision is the one [`Policy::decide`] makes: the
     /// first failing check.
     pub(crate) fn explain(
         &self,

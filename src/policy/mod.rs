@@ -8,7 +8,7 @@
 //!
 //! - `model`: systems, endpoints, agreements, the [`Policy`] snapshot.
 //! - `compile`: policy files (and the key files they name) to a snapshot, with every problem named.
-//! - `decide`: checks 5 to 9, one function each; [`Policy::check`], [`Permit`], [`Denial`].
+//! - `decide`: checks 5 to 9, one function each; [`Policy::decide`], [`Permit`], [`Denial`].
 //! - `explain`: the same checks, explained for `ssp policy check`.
 //! - [`store`]: the sled store of generations.
 //! - [`sds`]: a directory policy file built from Spine Directory Service answers.

@@ -86,7 +86,7 @@ fn decide(
     cn: &str,
     now: &str,
 ) -> Result<u64, Denial> {
-    match policy().check(request(from, to, interaction, target), &peer(cn), at(now)) {
+    match policy().decide(request(from, to, interaction, target), &peer(cn), at(now)) {
         Decision::Permit(p) => Ok(p.generation()),
         Decision::Deny(d) => Err(d),
     }
@@ -198,7 +198,7 @@ fn agreements_are_in_force_only_between_their_dates() {
     assert_eq!(d("2025-12-31T23:59:59Z").unwrap_err().number(), 8);
     assert_eq!(d("2028-01-01T00:00:00Z").unwrap_err().number(), 8);
     let later = at(NOW) + Duration::from_secs(3 * 365 * 86400);
-    let denied = policy().check(
+    let denied = policy().decide(
         request("200000000359", "918999198993", METADATA, URL),
         &peer(CN),
         later,
@@ -402,7 +402,7 @@ fn explain_matches_check_at_each_step() {
                 "{explained:?}"
             );
         }
-        let checked = match p.check(req, &peer(fqdn.unwrap_or(CN)), at(NOW)) {
+        let checked = match p.decide(req, &peer(fqdn.unwrap_or(CN)), at(NOW)) {
             Decision::Permit(_) => None,
             Decision::Deny(d) => Some(d.number()),
         };

@@ -111,7 +111,7 @@ impl Proxy {
         );
         // One snapshot decides the whole request, and is the generation its records name.
         let policy = self.policy.load_full();
-        let refusal = match self.check(&policy, &parts, conn) {
+        let refusal = match self.run_checks(&policy, &parts, conn) {
             Err(refusal) => refusal,
             Ok((permit, jwt, admission)) => {
                 // 12: the request record is written (per `audit.durability`) before anything is forwarded.
@@ -174,7 +174,7 @@ impl Proxy {
     }
 
     /// The header limits, then checks 2 to 11, in order; the first failure wins.
-    fn check(
+    fn run_checks(
         &self,
         policy: &Policy,
         parts: &http::request::Parts,
@@ -197,7 +197,7 @@ impl Proxy {
         // 4: Ssp-* headers.
         let headers = SspHeaders::parse(&parts.headers).map_err(Refusal::Header)?;
         // 5 to 9: directory and agreements.
-        let permit = match policy.check(
+        let permit = match policy.decide(
             SspRequest { target, headers },
             &conn.peer,
             SystemTime::now(),
@@ -375,7 +375,7 @@ impl Proxy {
             now,
             keys: permit.jwt_keys(),
         };
-        let audit = validator.check(
+        let audit = validator.validate(
             headers
                 .get(header::AUTHORIZATION)
                 .map(HeaderValue::as_bytes),
