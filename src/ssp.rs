@@ -11,10 +11,10 @@ use crate::ids::{Asid, InteractionId, TraceId};
 /// Longest target URL accepted (the request line itself is bounded by hyper's header limits).
 const MAX_TARGET_LEN: usize = 8 * 1024;
 
-pub(crate) const HEADER_TRACE_ID: HeaderName = HeaderName::from_static("ssp-traceid");
-pub(crate) const HEADER_FROM: HeaderName = HeaderName::from_static("ssp-from");
-pub(crate) const HEADER_TO: HeaderName = HeaderName::from_static("ssp-to");
-pub(crate) const HEADER_INTERACTION_ID: HeaderName = HeaderName::from_static("ssp-interactionid");
+pub const HEADER_TRACE_ID: HeaderName = HeaderName::from_static("ssp-traceid");
+pub const HEADER_FROM: HeaderName = HeaderName::from_static("ssp-from");
+pub const HEADER_TO: HeaderName = HeaderName::from_static("ssp-to");
+pub const HEADER_INTERACTION_ID: HeaderName = HeaderName::from_static("ssp-interactionid");
 
 /// The provider URL a consumer asked for, checked for shape but otherwise exactly as sent.
 #[derive(Clone, Debug)]
@@ -96,7 +96,7 @@ impl Target {
         })
     }
 
-    pub(crate) fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         &self.text
     }
 
@@ -105,18 +105,18 @@ impl Target {
         &self.text
     }
 
-    pub(crate) fn uri(&self) -> &Uri {
+    pub fn uri(&self) -> &Uri {
         &self.uri
     }
 
     /// `host[:port]` exactly as written, the value of the forwarded `Host` header.
-    pub(crate) fn authority(&self) -> &str {
+    pub fn authority(&self) -> &str {
         self.uri.authority().map_or("", |a| a.as_str())
     }
 
     /// True when this target is `endpoint_url` itself or continues it at a `/` or `?` (check 9: exact text,
     /// so an IP address for the host or an added `:443` does not match).
-    pub(crate) fn is_under(&self, endpoint_url: &str) -> bool {
+    pub fn is_under(&self, endpoint_url: &str) -> bool {
         match self.text.strip_prefix(endpoint_url) {
             Some("") => true,
             Some(rest) => rest.starts_with('/') || rest.starts_with('?'),

@@ -237,7 +237,7 @@ impl JwtAudit {
     }
 
     /// The first violation, which an enforcing proxy reports.
-    pub(crate) fn first_violation(&self) -> Option<Violation> {
+    pub fn first_violation(&self) -> Option<Violation> {
         self.found.first().copied()
     }
 

@@ -86,7 +86,7 @@ pub struct Policy {
 
 impl Policy {
     /// Whether some system or endpoint names this interaction (metric labels use it, or `other`).
-    pub(crate) fn knows(&self, interaction: &str) -> bool {
+    pub fn knows(&self, interaction: &str) -> bool {
         self.known.contains(interaction)
     }
 
