@@ -178,3 +178,20 @@ fn the_scanner_finds_braced_and_plain_imports() {
         BTreeSet::from(["a".to_owned(), "b".to_owned(), "c".to_owned()])
     );
 }
+
+#[test]
+fn the_audit_writer_never_waits_by_sleeping() {
+    let mut files = Vec::new();
+    rust_files(&src().join("audit"), &mut files);
+    assert!(files.len() > 3, "{files:?}");
+    for file in files {
+        let code = production_code(&file);
+        for pattern in ["thread::sleep", "time::sleep", "sleep("] {
+            assert!(
+                !code.contains(pattern),
+                "{}: `{pattern}`: the audit writer waits on notifications, never on a sleep",
+                file.display()
+            );
+        }
+    }
+}
