@@ -147,6 +147,77 @@ async fn sigterm_drains_in_flight_exchanges() {
     );
 }
 
+/// SIGTERM during a download that outlasts `shutdown_grace`: once the grace is over the exchange is ended, and its
+/// response record (`client_closed`) is written before the log is sealed: the transaction is whole in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_cut_at_the_end_of_the_grace_keeps_its_records() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let mut served = serve_setup(
+        &pki,
+        provider.addr,
+        &Setup {
+            extra_server: "shutdown_grace = \"1s\"".into(),
+            ..Setup::default()
+        },
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
+    let req = ssp_request(
+        Method::GET,
+        &format!("/{}/fhir/slow", endpoint_url(provider.addr)),
+        METADATA,
+    )
+    .body(empty())
+    .unwrap();
+    let trace_id = req.headers()["ssp-traceid"].to_str().unwrap().to_owned();
+    let response = within("slow", consumer.send(req)).await.unwrap();
+    let mut body = response.into_body();
+    within("first chunk", body.frame()).await.unwrap().unwrap();
+
+    // The provider never finishes: the process must end once the grace is over.
+    signal(served.child.id(), "TERM");
+    let deadline = Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "did not exit after its grace");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    let dir = pki.dir.path().join("data/audit");
+    let v = ssp::audit::verify(&dir).unwrap();
+    assert!(v.last_sealed, "a clean stop seals the log");
+    let records = ssp::audit::query(
+        &dir,
+        &ssp::audit::Filter {
+            trace_id: Some(trace_id),
+            ..ssp::audit::Filter::default()
+        },
+    )
+    .unwrap();
+    let kinds: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap_or("-"),
+                r["outcome"]
+                    .as_str()
+                    .or(r["decision"].as_str())
+                    .unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [("request", "permit"), ("response", "client_closed")],
+        "{records:#?}"
+    );
+}
+
 /// With `[log] format = "json"` every operational log line is a JSON object; refusals and exchanges carry the
 /// trace id and a bounded reason, and no line contains the token, a claim or the patient identifier in the URL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,9 +18,9 @@ use crate::proxy::{ConnInfo, Proxy};
 use crate::proxy_header::{ProxyHeader, ProxyHeaderError};
 use crate::tls;
 
-use super::ConnGuard;
 use super::close::{CLOSE_GRACE, ConsumerIo, LINGER_TIME, close_in_stages};
 use super::idle::{Activity, IdleTimeouts, Tracked};
+use super::{ConnGuard, Stop};
 
 /// The whole answer to plain HTTP on the TLS port.
 const PLAINTEXT_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 78\r\nConnection: close\r\n\r\nThis port speaks HTTPS with TLS mutual authentication; plain HTTP is refused.\n";
@@ -43,7 +43,7 @@ impl Connection {
         tcp: TcpStream,
         remote: SocketAddr,
         guard: ConnGuard,
-        mut stop: watch::Receiver<bool>,
+        mut stop: watch::Receiver<Stop>,
     ) {
         let _ = tcp.set_nodelay(true);
         let mut tcp = tcp;
@@ -177,9 +177,18 @@ impl Connection {
         let result = loop {
             tokio::select! {
                 result = connection.as_mut() => break Some(result),
-                _ = stop.changed(), if !closing => {
-                    closing = true;
-                    connection.as_mut().graceful_shutdown();
+                changed = stop.changed() => {
+                    let asked = *stop.borrow_and_update();
+                    match asked {
+                        // The listener is gone, or the grace period is over: in-flight exchanges end here.
+                        _ if changed.is_err() => break None,
+                        Stop::Drop => break None,
+                        Stop::Drain if !closing => {
+                            closing = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
+                        Stop::Serve | Stop::Drain => {}
+                    }
                 }
                 () = idle.as_mut(), if !closing => {
                     match activity.idle_until(idle_timeout) {

@@ -16,6 +16,7 @@ mod close;
 mod connection;
 mod idle;
 
+use close::CLOSE_GRACE;
 use connection::Connection;
 use idle::IdleTimeouts;
 
@@ -118,9 +119,9 @@ impl Server {
 
     /// Serves until `shutdown` completes, then stops accepting and lets open exchanges finish for up to `grace`.
     pub(crate) async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
-        // Every connection holds a receiver: `true` asks it to finish gracefully, and the sender's `closed()`
-        // resolves when the last connection has gone.
-        let (stop, stop_rx) = watch::channel(false);
+        // Every connection holds a receiver of what it is asked to do, and the sender's `closed()` resolves when
+        // the last connection has gone.
+        let (stop, stop_rx) = watch::channel(Stop::Serve);
         tokio::pin!(shutdown);
         let metrics = &self.metrics;
         self.serving.store(true, Ordering::Release);
@@ -167,14 +168,33 @@ impl Server {
         // Draining: a load balancer polling /readyz takes this instance out of rotation.
         self.serving.store(false, Ordering::Release);
         tracing::info!("listener closed; draining open connections");
-        let _ = stop.send(true);
+        let _ = stop.send(Stop::Drain);
         if tokio::time::timeout(grace, stop.closed()).await.is_err() {
             tracing::warn!(
                 grace_s = grace.as_secs(),
                 "grace period over; closing remaining connections"
             );
+            // Dropping an exchange ends it (`client_closed`) and queues its response record, so the records are
+            // queued before the caller closes the audit log rather than lost with the runtime.
+            let _ = stop.send(Stop::Drop);
+            if tokio::time::timeout(CLOSE_GRACE, stop.closed())
+                .await
+                .is_err()
+            {
+                tracing::warn!("connections still in their handshake at shutdown");
+            }
         }
     }
+}
+
+/// What the listener asks of its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stop {
+    Serve,
+    /// Finish the exchanges in flight, take no new requests, then close (HTTP/2: GOAWAY).
+    Drain,
+    /// The grace period is over: drop the connection and whatever is in flight on it.
+    Drop,
 }
 
 /// What a consumer connection holds for as long as it is open, including its staged close: its place under
