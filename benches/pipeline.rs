@@ -100,31 +100,21 @@ fn bench(c: &mut Criterion) {
     });
 
     // A permitted request's record as the proxy writes it: peer, headers, target, the token's claims.
-    let identity = PeerIdentity {
-        subject: "CN=consumer.dev.localhost, O=Example Hospital".into(),
-        common_name: Some("consumer.dev.localhost".into()),
-        dns_sans: Vec::new(),
-        serial: "1a2b3c4d5e6f7788".into(),
-        fingerprint_sha256: "ab".repeat(32),
+    let permit = match policy.decide(request.clone(), &peer, now) {
+        Decision::Permit(p) => p,
+        Decision::Deny(d) => panic!("{d:?}"),
     };
-    let tx = std::sync::Arc::new(ssp::audit::Transaction {
-        conn_id: 42,
-        peer: std::sync::Arc::new(ssp::audit::Peer::new(
-            "10.1.2.3:51234".parse().unwrap(),
-            None,
-            &identity,
-        )),
-        method: http::Method::GET,
-        policy_generation: 7,
-        names: ssp::audit::Names::Checked {
-            trace_id: ssp::ids::TraceId::parse("09a01679-2564-0fb4-5129-aecc81ea2706").unwrap(),
-            from: ssp::ids::Asid::parse("200000000359").unwrap(),
-            to: ssp::ids::Asid::parse("918999198993").unwrap(),
-            interaction: interaction.clone(),
-            target: std::sync::Arc::from(format!("{URL}/fhir/metadata")),
-            fqdn: std::sync::Arc::from("consumer.dev.localhost"),
+    let audit_peer = std::sync::Arc::new(ssp::audit::Peer::new(
+        "10.1.2.3:51234".parse().unwrap(),
+        None,
+        &PeerIdentity {
+            subject: "CN=consumer.dev.localhost, O=Example Hospital".into(),
+            serial: "1a2b3c4d5e6f7788".into(),
+            fingerprint_sha256: "ab".repeat(32),
+            ..peer.clone()
         },
-    });
+    ));
+    let tx = ssp::audit::Transaction::permitted(42, &audit_peer, &http::Method::GET, &permit);
     let record = ssp::audit::Record::permitted(
         &tx,
         Some(validator.validate(Some(token.as_bytes()), &expect)),

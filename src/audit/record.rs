@@ -13,6 +13,13 @@ use sha2::{Digest, Sha256};
 
 use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
 use crate::jwt::JwtAudit;
+use crate::policy::Permit;
+use crate::ssp;
+
+/// Longest raw `Ssp-*` header value kept in a refused request's records.
+const MAX_AUDITED_HEADER: usize = 256;
+/// Longest raw target kept in a refused request's records.
+const MAX_AUDITED_TARGET: usize = 8 * 1024;
 
 /// The consumer end of a connection, as the audit trail names it; built once per connection.
 #[derive(Debug, Clone, Serialize)]
@@ -41,7 +48,7 @@ impl Peer {
 
 /// The identifiers a transaction's records name.
 #[derive(Debug)]
-pub enum Names {
+pub(super) enum Names {
     /// A permitted request: the parsed identifiers, shared with the request itself (reference counts, no copies),
     /// and the certificate name check 5 matched.
     Checked {
@@ -65,15 +72,85 @@ pub enum Names {
 /// One exchange as the audit trail names it: made once per request, shared by its request and response records.
 #[derive(Debug)]
 pub struct Transaction {
-    pub conn_id: u64,
-    pub peer: Arc<Peer>,
-    pub method: http::Method,
+    pub(super) conn_id: u64,
+    pub(super) peer: Arc<Peer>,
+    pub(super) method: http::Method,
     /// The policy generation that decided the request.
-    pub policy_generation: u64,
-    pub names: Names,
+    pub(super) policy_generation: u64,
+    pub(super) names: Names,
 }
 
 impl Transaction {
+    /// A permitted request's transaction, on connection `conn_id` from `peer`: the permit's identifiers are shared
+    /// (reference counts), not copied, and it names the generation that permitted it.
+    pub fn permitted(
+        conn_id: u64,
+        peer: &Arc<Peer>,
+        method: &http::Method,
+        permit: &Permit,
+    ) -> Arc<Self> {
+        let h = &permit.request().headers;
+        Arc::new(Self {
+            conn_id,
+            peer: Arc::clone(peer),
+            method: method.clone(),
+            policy_generation: permit.generation(),
+            names: Names::Checked {
+                trace_id: h.trace_id.clone(),
+                from: h.from.clone(),
+                to: h.to.clone(),
+                interaction: h.interaction.clone(),
+                target: Arc::clone(permit.target().shared_text()),
+                fqdn: Arc::clone(permit.fqdn()),
+            },
+        })
+    }
+
+    /// A refused request's transaction: the `Ssp-*` values and target it carried, raw (lossy UTF-8) and bounded
+    /// (256 bytes a header, 8 KiB the target), since they may be what was refused; `generation` is the policy in
+    /// force when it was refused.
+    pub(crate) fn refused(
+        conn_id: u64,
+        peer: &Arc<Peer>,
+        parts: &http::request::Parts,
+        generation: u64,
+    ) -> Arc<Self> {
+        let raw = |name: &http::HeaderName| {
+            parts.headers.get(name).map(|v| {
+                let bytes = v.as_bytes();
+                Box::from(String::from_utf8_lossy(
+                    &bytes[..bytes.len().min(MAX_AUDITED_HEADER)],
+                ))
+            })
+        };
+        let target = parts.uri.path_and_query().map(|pq| {
+            let text = pq.as_str().strip_prefix('/').unwrap_or(pq.as_str());
+            let end = (0..=text.len().min(MAX_AUDITED_TARGET))
+                .rev()
+                .find(|i| text.is_char_boundary(*i))
+                .unwrap_or(0);
+            Box::from(&text[..end])
+        });
+        Arc::new(Self {
+            conn_id,
+            peer: Arc::clone(peer),
+            method: parts.method.clone(),
+            policy_generation: generation,
+            names: Names::Raw {
+                trace_id: raw(&ssp::HEADER_TRACE_ID),
+                from: raw(&ssp::HEADER_FROM),
+                to: raw(&ssp::HEADER_TO),
+                interaction: raw(&ssp::HEADER_INTERACTION_ID),
+                target,
+            },
+        })
+    }
+
+    /// The connection the request came on (for log lines).
+    pub(crate) fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+
     /// The trace id, checked or as sent.
     pub(crate) fn trace_id(&self) -> Option<&str> {
         match &self.names {
@@ -224,12 +301,29 @@ impl Record {
         })
     }
 
-    /// The `response` record that ends a transaction, forwarded or refused.
+    /// The `response` record that ends a forwarded exchange.
     pub(crate) fn completed(tx: &Arc<Transaction>, end: Completion) -> Self {
         Self::new(Entry::Completed {
             tx: Arc::clone(tx),
             end,
         })
+    }
+
+    /// The `response` record of a refused request: the refusal's status, nothing sent either way, `denied`, and
+    /// `total` from the start of the request.
+    pub(crate) fn denied(tx: &Arc<Transaction>, status: u16, total: Duration) -> Self {
+        Self::completed(
+            tx,
+            Completion {
+                status,
+                bytes_in: 0,
+                bytes_out: 0,
+                upstream: Duration::ZERO,
+                total,
+                retried: false,
+                outcome: Outcome::Denied,
+            },
+        )
     }
 
     /// The `seal` record that ends a segment.

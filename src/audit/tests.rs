@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::record::Names;
 use super::segment::{TAIL_WINDOW, list_segments};
 use super::writer::{QUEUE_CAPACITY, QUEUE_LIMIT};
 use super::*;

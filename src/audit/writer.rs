@@ -1,13 +1,17 @@
-//! The writer: one `ssp-audit` thread owns the segment files and does every write, fsync, rotation, reopen and
-//! recovery, so no file I/O runs on a runtime worker. Requests queue their records and wait on a notification.
+//! The writer: one `ssp-audit` thread owns the segment files while the proxy runs and does every write, rotation
+//! and reopen, and in strict mode every fsync; in batched mode a second thread, `ssp-audit-sync`, does the periodic
+//! fsyncs. Recovery and the first segment's open happen in `AuditLog::start_with_metrics`, which the proxy calls
+//! on a blocking thread. So no file I/O runs on a runtime worker. Requests queue their records and wait on a
+//! notification.
 //!
 //! Group commit: the thread takes everything queued (up to `MAX_BATCH` records) and writes it with one `write`;
 //! in strict mode one fsync follows each batch and acknowledges every record in it. In batched mode a record is
-//! acknowledged once written (to the page cache), and a second thread, `ssp-audit-sync`, fsyncs the segment every
-//! `audit.fsync_interval` while there is something to sync, so that writes go on during an fsync. Nothing waits by
-//! sleeping: the writer waits on a condition variable that a queued record or `close` signals; the syncer waits on
-//! one with its interval as the timeout; a request waits on its own `Slot`; a request that finds the queue full
-//! waits on a semaphore the writer releases as it takes records.
+//! acknowledged once written (to the page cache), and `ssp-audit-sync` fsyncs the segment `audit.fsync_interval`
+//! after the first write since its last fsync, so that writes go on during an fsync. Nothing waits by sleeping or
+//! wakes for nothing: the writer waits on a condition variable that a queued record or `close` signals; the syncer
+//! waits on one that the first write after an fsync signals, then lets its interval pass; a request waits on its own
+//! `Slot`; a request that finds the queue full waits on a semaphore whose places come back once the writer has
+//! written the records holding them.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -148,21 +152,35 @@ impl Shared {
         self.sync.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The batched-mode `ssp-audit-sync` thread: every `fsync_interval`, fsyncs the segment if anything was written
-    /// to it since the last time. Writes go on meanwhile; a failed fsync turns the log unhealthy.
+    /// The batched-mode `ssp-audit-sync` thread: sleeps on its condvar until something is written, then fsyncs
+    /// the segment `fsync_interval` after that write (a closing log wakes it early), so that a record reaches the
+    /// disk at most that long after it was written while writes go on. A failed fsync turns the log unhealthy.
     fn run_syncer(&self, fsync_interval: Duration, dir: &Path) {
         let mut state = self.sync_state();
         loop {
-            state = self
-                .sync_wake
-                .wait_timeout(state, fsync_interval)
-                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+            // Nothing written since the last fsync: wait, with no timeout, for the writer to say otherwise.
+            while !state.dirty && !state.stop {
+                state = self
+                    .sync_wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            // Written: let the interval pass (more writes join this fsync), unless the log is closing.
+            let due = std::time::Instant::now() + fsync_interval;
+            while !state.stop {
+                let left = due.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                state = self
+                    .sync_wake
+                    .wait_timeout(state, left)
+                    .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+            }
             if state.stop {
                 return;
             }
-            if !std::mem::take(&mut state.dirty) {
-                continue;
-            }
+            state.dirty = false;
             let Some(file) = state.file.clone() else {
                 continue;
             };
@@ -204,7 +222,10 @@ impl Shared {
                 if written && durability == Durability::Batched {
                     let mut sync = self.sync_state();
                     sync.file = writer.file();
-                    sync.dirty = true;
+                    // Wake the syncer only when this starts a new interval: it waits out the rest itself.
+                    if !std::mem::replace(&mut sync.dirty, true) {
+                        self.sync_wake.notify_one();
+                    }
                 }
                 let state = if done { Slot::DONE } else { Slot::FAILED };
                 for job in batch.drain(..) {
@@ -356,10 +377,10 @@ impl AuditLog {
             self.shared.wake.notify_one();
         }
         self.shared.room.close();
-        let threads =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        // Held while joining, so that a second `close` at the same time returns only once the log is sealed.
+        let mut held = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
         // The writer first (it seals and fsyncs the segment), then the syncer.
-        let mut threads = threads.into_iter();
+        let mut threads = std::mem::take(&mut *held).into_iter();
         if let Some(writer) = threads.next()
             && writer.join().is_err()
         {

@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::BoxError;
-use crate::audit::Outcome;
+use crate::audit::{Completion, Outcome};
 
 /// An exchange's outcome in its atomic cell: 0 while none is set (the consumer went away, if it stays so).
 fn outcome_code(outcome: Outcome) -> u8 {
@@ -55,23 +55,7 @@ pub struct Exchange {
 }
 
 /// What runs when an exchange ends.
-type EndHook = Box<dyn FnOnce(&ExchangeSummary) + Send + Sync>;
-
-/// What is known when an exchange ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExchangeSummary {
-    pub status: u16,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    /// From the start of the request to the provider's response head.
-    pub upstream: Duration,
-    /// From the start of the request to the end of the exchange.
-    pub total: Duration,
-    /// `client_closed` while no outcome is set.
-    pub outcome: Outcome,
-    /// Sent a second time on a new connection after a stale pooled one (the retry rule of [`Upstream::send`]).
-    pub retried: bool,
-}
+type EndHook = Box<dyn FnOnce(&Completion) + Send + Sync>;
 
 impl std::fmt::Debug for Exchange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,7 +68,7 @@ impl std::fmt::Debug for Exchange {
 impl Exchange {
     pub fn new(
         started: Instant,
-        on_end: impl FnOnce(&ExchangeSummary) + Send + Sync + 'static,
+        on_end: impl FnOnce(&Completion) + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Self {
             started,
@@ -120,8 +104,8 @@ impl Exchange {
         );
     }
 
-    pub fn summary(&self) -> ExchangeSummary {
-        ExchangeSummary {
+    pub fn summary(&self) -> Completion {
+        Completion {
             status: self.status.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
@@ -14,8 +14,8 @@ use tokio::time::Instant;
 
 use super::ConnInfo;
 use super::body::{ProxyBody, drain};
-use super::refusal::{Refusal, log_refusal, raw_transaction};
-use crate::audit::{AuditLog, Completion, Names, Outcome, Record, Transaction};
+use super::refusal::{Refusal, log_refusal};
+use crate::audit::{AuditLog, Outcome, Record, Transaction};
 use crate::config::JwtConfig;
 use crate::forward::{Direction, Exchange, ForwardError, Streamed, Upstream};
 use crate::jwt::{Expect, JwtAudit, Mode, Validator};
@@ -115,7 +115,7 @@ impl Proxy {
             Err(refusal) => refusal,
             Ok((permit, jwt, admission)) => {
                 // 12: the request record is written (per `audit.durability`) before anything is forwarded.
-                let tx = transaction(&permit, &parts, conn);
+                let tx = Transaction::permitted(conn.id, &conn.audit_peer, &parts.method, &permit);
                 match self.audit.write(Record::permitted(&tx, jwt)).await {
                     Err(_) => Refusal::AuditUnavailable,
                     Ok(()) => match self
@@ -240,16 +240,18 @@ impl Proxy {
         {
             Ok(response) => response,
             Err(error) => {
-                let (status, outcome) = match error {
-                    ForwardError::Timeout => (504, Outcome::Timeout),
-                    ForwardError::Unreachable(_) => (502, Outcome::UpstreamError),
+                let outcome = match error {
+                    ForwardError::Timeout => Outcome::Timeout,
+                    ForwardError::Unreachable(_) => Outcome::UpstreamError,
                 };
-                exchange.responded(status);
-                exchange.finish(outcome);
-                return Err(Refusal::Upstream {
+                let refusal = Refusal::Upstream {
                     error,
                     target: permit.target().as_str().to_owned(),
-                });
+                };
+                // The record names the status the consumer is answered with.
+                exchange.responded(refusal.status().as_u16());
+                exchange.finish(outcome);
+                return Err(refusal);
             }
         };
         exchange.responded(response.status().as_u16());
@@ -290,11 +292,11 @@ impl Proxy {
             macro_rules! exchange_line {
                 ($level:ident) => {
                     tracing::$level!(
-                        conn = tx.conn_id,
-                        trace_id = tx.trace_id().unwrap_or("-"),
-                        from,
-                        to,
-                        interaction,
+                        conn = tx.conn_id(),
+                        trace_id = %tx.trace_id().unwrap_or("-"),
+                        from = %from,
+                        to = %to,
+                        interaction = %interaction,
                         status = s.status,
                         bytes_in = s.bytes_in,
                         bytes_out = s.bytes_out,
@@ -311,18 +313,7 @@ impl Proxy {
             } else {
                 exchange_line!(info);
             }
-            audit.submit(Record::completed(
-                &tx,
-                Completion {
-                    status: s.status,
-                    bytes_in: s.bytes_in,
-                    bytes_out: s.bytes_out,
-                    upstream: s.upstream,
-                    total: s.total,
-                    retried: s.retried,
-                    outcome: s.outcome,
-                },
-            ));
+            audit.submit(Record::completed(&tx, *s));
         })
     }
 
@@ -336,25 +327,15 @@ impl Proxy {
         started: Instant,
         generation: u64,
     ) {
-        let tx = raw_transaction(parts, conn, generation);
+        let tx = Transaction::refused(conn.id, &conn.audit_peer, parts, generation);
         let status = refusal.status();
         let jwt = match refusal {
             Refusal::Jwt(_, audit) => Some(audit),
             _ => None,
         };
         self.audit.submit(Record::refused(&tx, text, jwt));
-        self.audit.submit(Record::completed(
-            &tx,
-            Completion {
-                status: status.as_u16(),
-                bytes_in: 0,
-                bytes_out: 0,
-                upstream: Duration::ZERO,
-                total: started.elapsed(),
-                retried: false,
-                outcome: Outcome::Denied,
-            },
-        ));
+        self.audit
+            .submit(Record::denied(&tx, status.as_u16(), started.elapsed()));
     }
 
     /// Check 10: decodes and validates the token when `jwt.mode` is not `off`. In enforce mode the first violation
@@ -395,25 +376,6 @@ impl Proxy {
         }
         Ok(Some(audit))
     }
-}
-
-/// The transaction of a permitted request: its identifiers shared from the parse, not copied.
-fn transaction(permit: &Permit, parts: &http::request::Parts, conn: &ConnInfo) -> Arc<Transaction> {
-    let h = &permit.request().headers;
-    Arc::new(Transaction {
-        conn_id: conn.id,
-        peer: Arc::clone(&conn.audit_peer),
-        method: parts.method.clone(),
-        policy_generation: permit.generation(),
-        names: Names::Checked {
-            trace_id: h.trace_id.clone(),
-            from: h.from.clone(),
-            to: h.to.clone(),
-            interaction: h.interaction.clone(),
-            target: Arc::clone(permit.target().shared_text()),
-            fqdn: Arc::clone(permit.fqdn()),
-        },
-    })
 }
 
 /// Bytes of header names and values, as `limits.max_header_bytes` counts them.

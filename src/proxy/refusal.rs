@@ -2,14 +2,11 @@
 //! or fails upstream before a response), its status, OperationOutcome and headers, its operational log line, and
 //! the raw, bounded names a refused request's audit records carry.
 
-use std::sync::Arc;
-
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
 use super::ConnInfo;
 use super::body::ProxyBody;
-use crate::audit::{Names, Transaction};
 use crate::forward::ForwardError;
 use crate::jwt::{JwtAudit, Violation};
 use crate::limits::Throttle;
@@ -179,48 +176,6 @@ pub const X_RATE_LIMIT_REMAINING: http::HeaderName =
     http::HeaderName::from_static("x-rate-limit-remaining");
 pub const X_RATE_LIMIT_RESET: http::HeaderName =
     http::HeaderName::from_static("x-rate-limit-reset");
-
-/// Longest raw `Ssp-*` header value kept in a refusal's audit record.
-const MAX_AUDITED_HEADER: usize = 256;
-/// Longest raw target kept in a refusal's audit record.
-const MAX_AUDITED_TARGET: usize = 8 * 1024;
-
-/// The transaction of a refused request: what it carried, raw and bounded, since it may be what was refused.
-pub(super) fn raw_transaction(
-    parts: &http::request::Parts,
-    conn: &ConnInfo,
-    generation: u64,
-) -> Arc<Transaction> {
-    let raw = |name: &http::HeaderName| {
-        parts.headers.get(name).map(|v| {
-            let bytes = v.as_bytes();
-            Box::from(String::from_utf8_lossy(
-                &bytes[..bytes.len().min(MAX_AUDITED_HEADER)],
-            ))
-        })
-    };
-    let target = parts.uri.path_and_query().map(|pq| {
-        let text = pq.as_str().strip_prefix('/').unwrap_or(pq.as_str());
-        let end = (0..=text.len().min(MAX_AUDITED_TARGET))
-            .rev()
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
-        Box::from(&text[..end])
-    });
-    Arc::new(Transaction {
-        conn_id: conn.id,
-        peer: Arc::clone(&conn.audit_peer),
-        method: parts.method.clone(),
-        policy_generation: generation,
-        names: Names::Raw {
-            trace_id: raw(&ssp::HEADER_TRACE_ID),
-            from: raw(&ssp::HEADER_FROM),
-            to: raw(&ssp::HEADER_TO),
-            interaction: raw(&ssp::HEADER_INTERACTION_ID),
-            target,
-        },
-    })
-}
 
 /// One operational log line per refusal: trace id, ASIDs and a bounded reason. Never the target URL (it can
 /// carry patient identifiers), never a token.
