@@ -1,4 +1,3 @@
-
 use super::*;
 use http::HeaderValue;
 use proptest::prelude::*;
