@@ -102,12 +102,14 @@ impl SegmentWriter {
         self.metrics = metrics;
     }
 
-    /// Writes one batch with one `write`, counts it, and moves to the next segment once this one has reached
-    /// `audit.segment_size` (after the batch, so a batch never spans two segments). A failure is logged and turns
-    /// the log unhealthy; a good write makes it healthy again.
+    /// Writes one batch with one `write` and, with `sync` (strict durability), fsyncs it; counts it and times both
+    /// (`ssp_audit_write_seconds`); then moves to the next segment once this one has reached `audit.segment_size`
+    /// (after the batch, so a batch never spans two segments). A failure is logged and turns the log unhealthy; a
+    /// good write makes it healthy again. `Ok` means written, and with `sync` also fsynced.
     pub(super) fn write_batch<'r>(
         &mut self,
         records: impl ExactSizeIterator<Item = &'r Record>,
+        sync: bool,
     ) -> io::Result<()> {
         let started = Instant::now();
         let n = records.len() as u64;
@@ -116,20 +118,22 @@ impl SegmentWriter {
             tracing::error!(error = %e, "audit write failed");
         }
         self.set_healthy(result.is_ok());
-        if result.is_ok() {
-            if let Some(m) = &self.metrics {
-                m.records.inc_by(n);
-                m.write_seconds.observe(started.elapsed().as_secs_f64());
-            }
-            if self
-                .segment
-                .as_ref()
-                .is_some_and(|s| s.len >= self.cfg.segment_size)
-            {
-                self.rotate();
-            }
+        result?;
+        if sync && !self.sync() {
+            return Err(io::Error::other("audit fsync failed"));
         }
-        result
+        if let Some(m) = &self.metrics {
+            m.records.inc_by(n);
+            m.write_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        if self
+            .segment
+            .as_ref()
+            .is_some_and(|s| s.len >= self.cfg.segment_size)
+        {
+            self.rotate();
+        }
+        Ok(())
     }
 
     /// The file being appended to, for the batched-mode syncer (which fsyncs it while writes go on).

@@ -212,14 +212,11 @@ impl Shared {
             batch.extend(queue.jobs.drain(..n));
             drop(queue);
             if !batch.is_empty() {
-                let written = writer
-                    .write_batch(batch.iter().map(|job| &job.record))
+                let strict = durability == Durability::Strict;
+                let done = writer
+                    .write_batch(batch.iter().map(|job| &job.record), strict)
                     .is_ok();
-                let done = match durability {
-                    Durability::Batched => written,
-                    Durability::Strict => written && writer.sync(),
-                };
-                if written && durability == Durability::Batched {
+                if done && !strict {
                     let mut sync = self.sync_state();
                     sync.file = writer.file();
                     // Wake the syncer only when this starts a new interval: it waits out the rest itself.
