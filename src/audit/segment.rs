@@ -383,7 +383,7 @@ fn recover_segment(path: &Path) -> io::Result<Recovered> {
         .iter()
         .rposition(|b| *b == b'\n')
         .map_or(body, |i| &body[i + 1..]);
-    let link: TailLink = serde_json::from_slice(last).map_err(|e| {
+    let link: ChainFields = serde_json::from_slice(last).map_err(|e| {
         io::Error::other(format!(
             "{}: the last record does not parse ({e}); run `ssp audit verify`",
             path.display()
@@ -397,9 +397,10 @@ fn recover_segment(path: &Path) -> io::Result<Recovered> {
     })
 }
 
-/// The chain fields of a line.
+/// The chain fields of a written line, as recovery and `verify` read them back.
 #[derive(serde::Deserialize)]
-struct TailLink {
-    seq: u64,
-    kind: String,
+pub(super) struct ChainFields {
+    pub(super) seq: u64,
+    pub(super) kind: String,
+    pub(super) prev: String,
 }

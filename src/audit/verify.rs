@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::GENESIS;
-use super::segment::list_segments;
+use super::segment::{ChainFields, list_segments};
 
 /// What an intact log holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +90,7 @@ pub fn verify(dir: &Path) -> Result<Verified, Broken> {
                     "record after the segment's seal".into(),
                 ));
             }
-            let link: Link = serde_json::from_slice(body)
+            let link: ChainFields = serde_json::from_slice(body)
                 .map_err(|e| broken(path, line_no, None, format!("not a record: {e}")))?;
             if link.seq != expect_seq {
                 return Err(broken(
@@ -137,12 +137,4 @@ pub fn verify(dir: &Path) -> Result<Verified, Broken> {
         last_seq: expect_seq - 1,
         last_sealed,
     })
-}
-
-/// The chain fields of a line.
-#[derive(serde::Deserialize)]
-struct Link {
-    seq: u64,
-    kind: String,
-    prev: String,
 }

@@ -35,16 +35,6 @@ pub enum ForwardError {
     Timeout,
 }
 
-impl ForwardError {
-    /// A bounded label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ForwardError::Unreachable(_) => "unreachable",
-            ForwardError::Timeout => "timeout",
-        }
-    }
-}
-
 impl std::fmt::Display for ForwardError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
