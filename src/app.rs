@@ -338,6 +338,7 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
         config.limits.per_provider_connections,
         Arc::clone(&tls),
     );
+    tokio::spawn(upstream.clone().sweep_idle());
     let proxy = Arc::new(Proxy::new(
         config.server.methods.clone(),
         assembled.policy,

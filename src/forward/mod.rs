@@ -6,10 +6,10 @@
 //! Takes only a [`Permit`](crate::policy::Permit): there is no way to forward a request the policy did not
 //! check. Does not parse consumer input or decide anything.
 //!
-//! - `connector`: static resolution, then DNS; TCP; TLS with the proxy's client certificate; responses counted
-//!   per connection (for the stale-connection retry).
-//! - `pool`: [`Upstream`], the pooled client, its timeouts and the retry of a request that met a stale pooled
-//!   connection.
+//! - `connector`: static resolution, then DNS; TCP; TLS with the proxy's client certificate.
+//! - `pool`: [`Upstream`], the client the proxy owns (hyper's `client::conn`): provider connections driven by the
+//!   exchange that uses them, the idle pool and connection limit per provider, the timeouts and the retry of a
+//!   request that met a stale pooled connection.
 //! - `headers`: hop-by-hop removal, cookie joining, `Host`, `Forwarded` and `X-Forwarded-For`.
 //! - `exchange`: [`Exchange`] accounting and the [`Streamed`] body wrapper.
 
@@ -21,7 +21,7 @@ mod pool;
 pub(crate) use connector::Connector;
 pub(crate) use exchange::{Direction, Exchange, IdleTimeout, Streamed};
 pub(crate) use headers::{normalize_request_headers, rewrite_request_headers, strip_hop_by_hop};
-pub(crate) use pool::Upstream;
+pub(crate) use pool::{ProviderBody, Upstream};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

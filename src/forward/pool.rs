@@ -1,37 +1,397 @@
-//! The pooled upstream client, its timeouts, and the retry of a request that met a stale pooled connection.
+//! The upstream client the proxy owns: provider connections on hyper's `client::conn::http1`, a pool of idle
+//! ones per provider, the connection limit per provider, the timeouts, and the retry of a request that met a
+//! stale pooled connection.
+//!
+//! A provider connection has no task of its own. Whoever uses it drives it: the request's task while it waits for
+//! the response head, then the response body as the consumer's connection reads it ([`ProviderBody`]). An exchange
+//! therefore runs on the thread that accepted the consumer's connection, with no channel hop to a connection task
+//! on another thread. An idle connection is driven by nobody; the next request to take it drives it until it is
+//! ready, and one that closed while idle is found then (or by the sweep) and dropped.
 
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, Version};
-use http_body::Body;
-use http_body_util::Empty;
+use http::{Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::connector::Responses;
+use super::connector::{ConnectError, ProviderStream};
 use super::{
-    Connector, Direction, Exchange, ForwardError, IdleTimeout, Streamed, rewrite_request_headers,
-    strip_hop_by_hop,
+    BoxError, Connector, Direction, Exchange, ForwardError, IdleTimeout, Streamed,
+    rewrite_request_headers, strip_hop_by_hop,
 };
 use crate::config::UpstreamConfig;
 use crate::policy::Permit;
 
-/// The request body sent upstream: the consumer's body, streamed.
-pub(crate) type UpstreamBody = Streamed<Incoming>;
+/// The request body sent upstream: the consumer's body, streamed; none for the retry of a bodiless request.
+#[derive(Debug)]
+pub(crate) struct RequestBody(Option<Streamed<Incoming>>);
 
-/// The pooled upstream client and its timeouts.
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.0.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+type Io = TokioIo<ProviderStream>;
+
+/// One TLS connection to a provider: the sending half and the HTTP/1.1 state machine that reads and writes it.
+struct Conn {
+    send: http1::SendRequest<RequestBody>,
+    driver: http1::Connection<Io, RequestBody>,
+    /// The state machine has finished: the connection closed or failed, and must not be polled again.
+    done: bool,
+    /// Response heads received on it: a failure on a connection that had delivered one is a stale reuse.
+    responses: u64,
+    /// The thread that opened it, whose runtime's reactor watches its socket: reused there first.
+    home: ThreadId,
+    /// Its place under `limits.per_provider_connections`, given back when it closes.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    /// Drives the state machine once (reading, writing, both bodies); false once the connection has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.done {
+            if let Poll::Ready(result) = Pin::new(&mut self.driver).poll(cx) {
+                self.done = true;
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "provider connection ended with an error");
+                }
+            }
+        }
+        !self.done
+    }
+
+    /// Drives the connection until it can take a request: `false` when it closed instead.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if !self.drive(cx) {
+            return Poll::Ready(false);
+        }
+        self.send.poll_ready(cx).map(|ready| ready.is_ok())
+    }
+}
+
+/// An idle connection and when it went idle.
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One provider (`host:port`): its connection limit and its idle connections.
+struct Host {
+    /// As in a URI: an IPv6 literal bracketed.
+    name: Box<str>,
+    port: u16,
+    /// Lower-case `host:port`: the pool's key and `upstream.resolve`'s.
+    key: Arc<str>,
+    /// Bounds the connections open to this provider, idle ones included.
+    slots: Arc<Semaphore>,
+    idle: Mutex<Vec<Idle>>,
+    /// Signalled when a connection goes idle, for a request waiting for a slot.
+    returned: Notify,
+}
+
+impl Host {
+    /// An idle connection that has not outlived `idle_timeout`, preferring one this thread opened; expired ones
+    /// are dropped on the way.
+    fn take_idle(&self, idle_timeout: Duration) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        idle.retain(|i| now.duration_since(i.since) < idle_timeout);
+        let me = std::thread::current().id();
+        let at = idle
+            .iter()
+            .rposition(|i| i.conn.home == me)
+            .or_else(|| idle.len().checked_sub(1))?;
+        Some(idle.swap_remove(at).conn)
+    }
+
+    fn has_idle(&self) -> bool {
+        !self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Keeps a connection whose exchange ended cleanly for the next request, within `max_idle`.
+    fn put_back(&self, conn: Conn, max_idle: usize) {
+        if conn.done || conn.send.is_closed() {
+            return;
+        }
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() >= max_idle {
+                return;
+            }
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+        self.returned.notify_one();
+    }
+
+    /// Drops idle connections that expired or that the provider closed (a look at each, without waiting).
+    fn sweep(&self, idle_timeout: Duration) {
+        let mut cx = Context::from_waker(Waker::noop());
+        let now = Instant::now();
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain_mut(|i| {
+                now.duration_since(i.since) < idle_timeout
+                    && !matches!(i.conn.poll_ready(&mut cx), Poll::Ready(false))
+            });
+    }
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("key", &self.key).finish()
+    }
+}
+
+/// The provider connections, by provider.
+#[derive(Debug)]
+struct Pool {
+    connector: Connector,
+    /// Only permitted targets' providers are ever added, so the map holds registered endpoints only.
+    hosts: Mutex<HashMap<Arc<str>, Arc<Host>>>,
+    per_provider_connections: usize,
+    max_idle_per_host: usize,
+    idle_timeout: Duration,
+    http1: http1::Builder,
+}
+
+/// How a request failed on a connection, and whether that connection had been used before.
+struct Failure {
+    error: BoxError,
+    /// The connection had delivered a response before this request.
+    reused: bool,
+}
+
+impl Pool {
+    /// The provider of `uri` (a permitted target's: absolute, with a host).
+    fn host(&self, uri: &Uri) -> Result<Arc<Host>, ForwardError> {
+        let Some(name) = uri.host() else {
+            return Err(ForwardError::Unreachable(Box::new(ConnectError(
+                "no host in target".into(),
+            ))));
+        };
+        let port = uri.port_u16().unwrap_or(443);
+        let key = format!("{}:{port}", name.to_ascii_lowercase());
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(host) = hosts.get(key.as_str()) {
+            return Ok(Arc::clone(host));
+        }
+        let key: Arc<str> = Arc::from(key);
+        let host = Arc::new(Host {
+            name: name.into(),
+            port,
+            key: Arc::clone(&key),
+            slots: Arc::new(Semaphore::new(self.per_provider_connections)),
+            idle: Mutex::default(),
+            returned: Notify::new(),
+        });
+        hosts.insert(key, Arc::clone(&host));
+        Ok(host)
+    }
+
+    /// A connection ready for a request: an idle one when `reuse`, else (or when there is none) a new one once a
+    /// slot is free. Waiting for a slot, an idle connection that comes back is taken instead. Bounded by
+    /// `upstream.connect_timeout`.
+    async fn checkout(&self, host: &Host, reuse: bool) -> Result<Conn, BoxError> {
+        let get = async {
+            loop {
+                while let Some(mut conn) =
+                    reuse.then(|| host.take_idle(self.idle_timeout)).flatten()
+                {
+                    if poll_fn(|cx| conn.poll_ready(cx)).await {
+                        return Ok(conn);
+                    }
+                    // Closed while idle: dropped here, which frees its slot.
+                }
+                let mut returned = pin!(host.returned.notified());
+                returned.as_mut().enable();
+                if reuse && host.has_idle() {
+                    continue;
+                }
+                tokio::select! {
+                    slot = Arc::clone(&host.slots).acquire_owned() => {
+                        let slot = slot.map_err(|_| io::Error::other("provider connection limit closed"))?;
+                        return self.open(host, slot).await;
+                    }
+                    () = returned => {}
+                }
+            }
+        };
+        match tokio::time::timeout(self.connector.connect_timeout, get).await {
+            Ok(result) => result,
+            Err(_) => Err(Box::new(ConnectError("connect timed out".into()))),
+        }
+    }
+
+    async fn open(&self, host: &Host, slot: OwnedSemaphorePermit) -> Result<Conn, BoxError> {
+        let stream = self
+            .connector
+            .dial(&host.name, host.port, &host.key)
+            .await?;
+        let (send, driver) = self.http1.handshake(TokioIo::new(stream)).await?;
+        Ok(Conn {
+            send,
+            driver,
+            done: false,
+            responses: 0,
+            home: std::thread::current().id(),
+            _slot: slot,
+        })
+    }
+
+    /// Sends `request` on a connection (a pooled one when `reuse`) and drives it until the response head.
+    async fn exchange(
+        &self,
+        host: &Host,
+        request: Request<RequestBody>,
+        reuse: bool,
+    ) -> Result<(Response<Incoming>, Conn), Failure> {
+        let mut conn = self.checkout(host, reuse).await.map_err(|error| Failure {
+            error,
+            reused: false,
+        })?;
+        let reused = conn.responses > 0;
+        let mut response = pin!(conn.send.send_request(request));
+        let result = poll_fn(|cx| {
+            let open = conn.drive(cx);
+            match response.as_mut().poll(cx) {
+                Poll::Pending if !open => Poll::Ready(Err(None)),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(result) => Poll::Ready(result.map_err(Some)),
+            }
+        })
+        .await;
+        match result {
+            Ok(response) => {
+                conn.responses += 1;
+                Ok((response, conn))
+            }
+            Err(error) => Err(Failure {
+                error: match error {
+                    Some(e) => Box::new(e),
+                    None => Box::new(ConnectError(
+                        "provider connection closed before the response".into(),
+                    )),
+                },
+                reused,
+            }),
+        }
+    }
+}
+
+/// A provider's response body, driving its connection as it is read; when it ends cleanly the connection goes
+/// back to the pool, and when it is dropped before its end the connection is closed.
+pub(crate) struct ProviderBody {
+    body: Incoming,
+    conn: Option<Conn>,
+    host: Arc<Host>,
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for ProviderBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderBody")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProviderBody {
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.host.put_back(conn, self.pool.max_idle_per_host);
+        }
+    }
+}
+
+impl Body for ProviderBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let mut frame = Pin::new(&mut this.body).poll_frame(cx);
+        if frame.is_pending() {
+            if let Some(conn) = this.conn.as_mut() {
+                conn.drive(cx);
+                frame = Pin::new(&mut this.body).poll_frame(cx);
+            }
+        }
+        match &frame {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.conn = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for ProviderBody {
+    fn drop(&mut self) {
+        // A body that is complete as it stands (204, `Content-Length: 0`, HEAD) is never polled.
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+/// The upstream client and its timeouts.
 #[derive(Debug, Clone)]
 pub(crate) struct Upstream {
-    client: Client<Connector, UpstreamBody>,
-    /// Never pools: the one retry of a request that failed on a stale pooled connection goes out on a new one.
-    fresh: Client<Connector, Empty<Bytes>>,
+    pool: Arc<Pool>,
     response_timeout: Duration,
     body_idle_timeout: Duration,
 }
@@ -42,27 +402,22 @@ impl Upstream {
         per_provider_connections: u32,
         tls: Arc<crate::tls::Reloadable>,
     ) -> Self {
-        let connector = Connector {
-            tls,
-            resolve: Arc::new(cfg.resolve.clone()),
-            connect_timeout: cfg.connect_timeout,
-            slots: Arc::default(),
+        let mut http1 = http1::Builder::new();
+        http1.preserve_header_case(true);
+        let pool = Pool {
+            connector: Connector {
+                tls,
+                resolve: Arc::new(cfg.resolve.clone()),
+                connect_timeout: cfg.connect_timeout,
+            },
+            hosts: Mutex::default(),
             per_provider_connections: per_provider_connections.max(1) as usize,
+            max_idle_per_host: cfg.pool_max_idle_per_host,
+            idle_timeout: cfg.pool_idle_timeout,
+            http1,
         };
-        let client = Client::builder(TokioExecutor::new())
-            // Without a timer the idle timeout silently does nothing.
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .http1_preserve_header_case(true)
-            .build(connector.clone());
-        let fresh = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .http1_preserve_header_case(true)
-            .build(connector);
         Self {
-            client,
-            fresh,
+            pool: Arc::new(pool),
             response_timeout: cfg.response_timeout,
             body_idle_timeout: cfg.body_idle_timeout,
         }
@@ -72,29 +427,61 @@ impl Upstream {
         self.body_idle_timeout
     }
 
+    /// Runs for ever: every half `upstream.pool_idle_timeout` (between 1 and 30 s), drops idle provider
+    /// connections that expired or that their provider closed, freeing their slots and descriptors.
+    pub(crate) async fn sweep_idle(self) {
+        let period =
+            (self.pool.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let hosts: Vec<Arc<Host>> = self
+                .pool
+                .hosts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .cloned()
+                .collect();
+            for host in hosts {
+                host.sweep(self.pool.idle_timeout);
+            }
+        }
+    }
+
     /// Sends a permitted request (its headers normalised by [`normalize_request_headers`], as the pipeline does
     /// before the checks) to its target and waits for the response headers, at most `response_timeout`
-    /// (retry included). Dropping the returned future (the consumer went away) cancels the upstream exchange.
+    /// (retry included). Dropping the returned future (the consumer went away) closes the provider connection.
+    ///
+    /// The request goes out in origin form (RFC 9112 section 3.2.1) with the target's authority as `Host`.
     ///
     /// The retry rule (RFC 9110 section 9.2.2): a request with an idempotent method and no body that fails on a
     /// reused pooled connection before its response head (the provider's keep-alive close raced it) is sent once
     /// more, on a new connection, and the exchange records `retried`. A request with a body, or with a method
     /// that is not idempotent, is never retried.
+    ///
+    /// [`normalize_request_headers`]: super::normalize_request_headers
     pub(crate) async fn send(
         &self,
         permit: &Permit,
         request: Request<Incoming>,
         client_addr: SocketAddr,
         exchange: &Arc<Exchange>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<ProviderBody>, ForwardError> {
         let (mut parts, body) = request.into_parts();
-        parts.uri = permit.target().uri().clone();
-        // The pool speaks HTTP/1.1 only; an h2 consumer's request must be re-versioned or hyper refuses it.
+        let target = permit.target();
+        let host = self.pool.host(target.uri())?;
+        parts.uri = target
+            .uri()
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        // The pool speaks HTTP/1.1 only; an h2 consumer's request is re-versioned.
         parts.version = Version::HTTP_11;
-        rewrite_request_headers(&mut parts.headers, permit.target().authority(), client_addr);
+        rewrite_request_headers(&mut parts.headers, target.authority(), client_addr);
         // Kept for a retry only when one is allowed; the header values share the request's buffers.
         let again = (parts.method.is_idempotent() && body.is_end_stream()).then(|| {
-            let mut again = Request::new(Empty::new());
+            let mut again = Request::new(RequestBody(None));
             *again.method_mut() = parts.method.clone();
             *again.uri_mut() = parts.uri.clone();
             *again.version_mut() = Version::HTTP_11;
@@ -107,53 +494,46 @@ impl Upstream {
             Arc::clone(exchange),
             Direction::Request,
         );
-        let request = Request::from_parts(parts, body);
+        let request = Request::from_parts(parts, RequestBody(Some(body)));
         let deadline = Instant::now() + self.response_timeout;
-        let mut result = tokio::time::timeout_at(deadline, self.client.request(request)).await;
-        if let (Ok(Err(e)), Some(again)) = (&result, again) {
-            if on_stale_connection(e) {
+        let mut result =
+            tokio::time::timeout_at(deadline, self.pool.exchange(&host, request, true)).await;
+        if let (Ok(Err(failure)), Some(again)) = (&result, again) {
+            if failure.reused && on_stale_connection(&*failure.error) {
                 tracing::info!(
-                    target_host = permit.target().authority(),
-                    error = %e,
+                    target_host = target.authority(),
+                    error = %failure.error,
                     "stale pooled provider connection: closed before the response head; retrying once on a new connection"
                 );
                 exchange.retried();
-                result = tokio::time::timeout_at(deadline, self.fresh.request(again)).await;
+                result = tokio::time::timeout_at(deadline, self.pool.exchange(&host, again, false))
+                    .await;
             }
         }
         match result {
-            Ok(Ok(mut response)) => {
-                if let Some(responses) = response.extensions().get::<Responses>() {
-                    responses.0.fetch_add(1, Ordering::Relaxed);
-                }
-                strip_hop_by_hop(response.headers_mut());
-                Ok(response)
+            Ok(Ok((response, conn))) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let body = ProviderBody {
+                    body,
+                    conn: Some(conn),
+                    host,
+                    pool: Arc::clone(&self.pool),
+                };
+                Ok(Response::from_parts(parts, body))
             }
             // The consumer's body went quiet: a timeout, as the exchange records it, not an unreachable provider.
-            Ok(Err(e)) if is_idle_timeout(&e) => Err(ForwardError::Timeout),
-            Ok(Err(e)) => Err(ForwardError::Unreachable(Box::new(e))),
+            Ok(Err(failure)) if is_idle_timeout(&*failure.error) => Err(ForwardError::Timeout),
+            Ok(Err(failure)) => Err(ForwardError::Unreachable(failure.error)),
             Err(_) => Err(ForwardError::Timeout),
         }
     }
 }
 
-/// True when `e` is a request that failed on a connection that had already delivered a response, because the
-/// connection closed or reset before this response's head: not a connect failure, not a timeout.
-fn on_stale_connection(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
-        return false;
-    }
-    let reused = e.connect_info().is_some_and(|info| {
-        let mut extras = http::Extensions::new();
-        info.get_extras(&mut extras);
-        extras
-            .get::<Responses>()
-            .is_some_and(|r| r.0.load(Ordering::Relaxed) > 0)
-    });
-    if !reused {
-        return false;
-    }
-    let mut next = std::error::Error::source(e);
+/// True when `e`, on a connection that had already delivered a response, is the connection closing or resetting
+/// before this response's head.
+fn on_stale_connection(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
     while let Some(source) = next {
         if let Some(h) = source.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
@@ -168,6 +548,9 @@ fn on_stale_connection(e: &hyper_util::client::legacy::Error) -> bool {
                     | io::ErrorKind::ConnectionAborted
                     | io::ErrorKind::UnexpectedEof
             );
+        }
+        if source.is::<ConnectError>() {
+            return true;
         }
         next = source.source();
     }

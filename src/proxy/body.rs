@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::forward::{BoxError, Streamed};
+use crate::forward::{BoxError, ProviderBody, Streamed};
 
 /// Largest refused request body read and discarded to keep its connection open.
 const MAX_DRAIN_BYTES: u64 = 64 * 1024;
@@ -46,7 +46,7 @@ pin_project_lite::pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         Full { data: Option<Bytes> },
-        Stream { #[pin] body: Streamed<Incoming> },
+        Stream { #[pin] body: Streamed<ProviderBody> },
     }
 }
 
@@ -67,7 +67,7 @@ impl ProxyBody {
         ProxyBody::Full { data: Some(data) }
     }
 
-    pub(crate) fn stream(body: Streamed<Incoming>) -> Self {
+    pub(crate) fn stream(body: Streamed<ProviderBody>) -> Self {
         ProxyBody::Stream { body }
     }
 }
