@@ -283,16 +283,28 @@ impl Instance {
         self.handles.clone()
     }
 
-    /// Serves the admin listener as its own task and the consumer listener until `shutdown` completes; then drains
-    /// for up to `grace`, stops the admin listener, and closes the audit log (the current segment sealed and
-    /// fsynced, off the runtime's workers).
-    pub async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
+    /// Serves consumer connections on the calling runtime instead of on `server.workers` threads of their own:
+    /// for tests that pause and advance tokio's clock, which is per runtime.
+    pub fn on_caller_runtime(mut self) -> Self {
+        self.server.on_caller_runtime();
+        self
+    }
+
+    /// Serves the admin listener as its own task and the consumer listener (on `server.workers` threads, see
+    /// README "Workers") until `shutdown` completes; then drains for up to `grace`, stops the admin listener, and
+    /// closes the audit log (the current segment sealed and fsynced, off the runtime's workers). Fails when a
+    /// worker thread cannot be started; the audit log is closed then too.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+    ) -> std::io::Result<()> {
         let admin = tokio::spawn(crate::admin::serve(
             self.admin,
             Arc::clone(&self.handles.metrics),
             self.health,
         ));
-        self.server.run(shutdown, grace).await;
+        let served = self.server.run(shutdown, grace).await;
         admin.abort();
         let audit = self.audit;
         if tokio::task::spawn_blocking(move || audit.close())
@@ -301,6 +313,7 @@ impl Instance {
         {
             tracing::error!("closing the audit log failed");
         }
+        served
     }
 }
 

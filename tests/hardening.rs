@@ -81,6 +81,8 @@ async fn per_consumer_rate_gives_429_with_rate_limit_headers() {
     let w = World::start_with(Setup {
         limits: "per_consumer_rps = 2\nper_consumer_burst = 2".into(),
         extra_policy: second_consumer_agreement(),
+        // The limiter reads the clock of the runtime the request runs on; this test moves it.
+        on_test_runtime: true,
         ..Setup::default()
     })
     .await;

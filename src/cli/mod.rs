@@ -145,8 +145,11 @@ fn init_logging(level: &str, json: bool) {
     };
 }
 
+/// The control runtime: signals, reloads, the admin listener, the provider pool's sweep. Consumer connections
+/// are served on `server.workers` threads of their own (see `server`), so one thread is enough here.
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| {
@@ -189,7 +192,10 @@ fn serve(path: &Path) -> u8 {
             crate::lifecycle::notify_stopping();
         };
         // Ends with the current audit segment sealed and fsynced: a clean stop leaves a verifiably complete log.
-        server.run(stop, config.server.shutdown_grace).await;
+        if let Err(e) = server.run(stop, config.server.shutdown_grace).await {
+            tracing::error!(error = %e, "cannot start the worker threads");
+            return exit::INTERNAL;
+        }
         tracing::info!("ssp stopped");
         exit::OK
     })

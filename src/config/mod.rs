@@ -173,6 +173,8 @@ pub struct ServerConfig {
     /// Sources whose connections must start with a PROXY protocol header.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
     pub max_connections: usize,
+    /// Threads serving consumer connections (`server.workers`, 0 resolved to the CPUs available): at least 1.
+    pub workers: usize,
     pub methods: Vec<Method>,
     pub shutdown_grace: Duration,
 }

@@ -87,6 +87,9 @@ pub(super) struct RawServer {
     pub(super) proxy_protocol_from: Vec<String>,
     /// Concurrent consumer connections; further ones wait in the listen backlog. Default 10000.
     pub(super) max_connections: Option<usize>,
+    /// Threads serving consumer connections, each with its own event loop, taking connections from the one
+    /// listening socket. Default 0: one per CPU this process may run on.
+    pub(super) workers: Option<usize>,
     /// Methods allowed (check 2). Default GET, POST, PUT, DELETE, PATCH.
     pub(super) methods: Option<Vec<String>>,
     /// How long open exchanges may run after SIGTERM before their connections are closed. Default `30s`.

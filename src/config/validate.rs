@@ -195,6 +195,14 @@ impl Validator<'_> {
             client_ca_hints: raw.client_ca_hints.unwrap_or(true),
             proxy_protocol_from,
             max_connections: max_connections.max(1),
+            workers: match raw.workers {
+                Some(n) if n > 1024 => {
+                    self.problem("server.workers", "must be at most 1024 (0 is one per CPU)");
+                    1
+                }
+                Some(n @ 1..) => n,
+                _ => std::thread::available_parallelism().map_or(1, usize::from),
+            },
             methods,
             shutdown_grace: self.duration(
                 "server.shutdown_grace",

@@ -37,9 +37,21 @@ use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 
-/// A bound consumer listener, ready to run.
+/// A bound consumer listener, ready to run on its workers.
 pub(crate) struct Server {
-    listener: TcpListener,
+    /// The one listening socket; every worker accepts from its own handle on it.
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    /// Worker threads, each running a single-threaded runtime (`server.workers`).
+    workers: usize,
+    /// Serve on the runtime that calls [`Server::run`] instead, as one worker (tests that drive tokio's clock).
+    on_caller_runtime: bool,
+    /// True while the listener accepts connections (`/readyz` reads it).
+    serving: Arc<AtomicBool>,
+}
+
+/// What every worker shares: the connection limit and counter, and what a connection needs to be served.
+struct Shared {
     /// Read once per accepted connection, so a reload applies to every new handshake.
     tls: Arc<crate::tls::Reloadable>,
     proxy: Arc<Proxy>,
@@ -49,19 +61,19 @@ pub(crate) struct Server {
     idle: IdleTimeouts,
     /// Balancers whose connections start with a PROXY protocol header (`server.proxy_protocol_from`).
     proxy_protocol_from: Arc<[ipnet::IpNet]>,
-    /// Bounds concurrent connections; when exhausted, further connections wait in the kernel's backlog.
+    /// Bounds concurrent connections across all workers; when exhausted, no worker accepts and further
+    /// connections wait in the kernel's backlog.
     connections: Arc<Semaphore>,
-    next_conn_id: Arc<AtomicU64>,
+    next_conn_id: AtomicU64,
     metrics: Arc<Metrics>,
-    /// True while the listener accepts connections (`/readyz` reads it).
-    serving: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("listener", &self.listener)
-            .field("handshake_timeout", &self.handshake_timeout)
+            .field("workers", &self.workers)
+            .field("handshake_timeout", &self.shared.handshake_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -77,7 +89,8 @@ impl Server {
         metrics: Arc<Metrics>,
         serving: Arc<AtomicBool>,
     ) -> io::Result<Self> {
-        let listener = TcpListener::bind(cfg.listen).await?;
+        // Bound here, registered with each worker's reactor there (non-blocking, as tokio leaves it).
+        let listener = TcpListener::bind(cfg.listen).await?.into_std()?;
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             // hyper's timeouts do nothing (or panic) without a timer.
@@ -97,18 +110,22 @@ impl Server {
         );
         Ok(Self {
             listener,
-            tls,
-            proxy,
-            http,
-            handshake_timeout: cfg.handshake_timeout,
-            idle: IdleTimeouts {
-                http1: cfg.header_read_timeout,
-                http2: cfg.http2_idle_timeout,
-            },
-            proxy_protocol_from: Arc::from(cfg.proxy_protocol_from.as_slice()),
-            connections: Arc::new(Semaphore::new(cfg.max_connections)),
-            next_conn_id: Arc::new(AtomicU64::new(1)),
-            metrics,
+            shared: Arc::new(Shared {
+                tls,
+                proxy,
+                http,
+                handshake_timeout: cfg.handshake_timeout,
+                idle: IdleTimeouts {
+                    http1: cfg.header_read_timeout,
+                    http2: cfg.http2_idle_timeout,
+                },
+                proxy_protocol_from: Arc::from(cfg.proxy_protocol_from.as_slice()),
+                connections: Arc::new(Semaphore::new(cfg.max_connections)),
+                next_conn_id: AtomicU64::new(1),
+                metrics,
+            }),
+            workers: cfg.workers.max(1),
+            on_caller_runtime: false,
             serving,
         })
     }
@@ -117,54 +134,66 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// Serves on the runtime that calls [`Server::run`], as a single worker, instead of on worker threads: for
+    /// tests that pause and advance tokio's clock, which is per runtime.
+    pub(crate) fn on_caller_runtime(&mut self) {
+        self.on_caller_runtime = true;
+    }
+
     /// Serves until `shutdown` completes, then stops accepting and lets open exchanges finish for up to `grace`.
-    pub(crate) async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
+    ///
+    /// Each worker is a thread running a single-threaded tokio runtime with its own handle on the listening
+    /// socket: a connection it accepts (its handshake, its requests, their provider exchanges) stays on that
+    /// thread to the end. Fails only when a worker cannot be started.
+    pub(crate) async fn run(
+        self,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+    ) -> io::Result<()> {
         // Every connection holds a receiver of what it is asked to do, and the sender's `closed()` resolves when
         // the last connection has gone.
         let (stop, stop_rx) = watch::channel(Stop::Serve);
-        tokio::pin!(shutdown);
-        let metrics = &self.metrics;
-        self.serving.store(true, Ordering::Release);
-        loop {
-            let permit = tokio::select! {
-                permit = Arc::clone(&self.connections).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-                () = &mut shutdown => break,
-            };
-            let (tcp, remote) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of descriptors and the like: back off rather than spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = &mut shutdown => break,
-            };
-            metrics.connections_total.inc();
-            let conn = Connection {
-                id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
-                acceptor: TlsAcceptor::from(self.tls.server()),
-                proxy: Arc::clone(&self.proxy),
-                metrics: Arc::clone(metrics),
-                http: self.http.clone(),
-                handshake_timeout: self.handshake_timeout,
-                idle: self.idle,
-                proxy_protocol_from: Arc::clone(&self.proxy_protocol_from),
-            };
-            let guard = ConnGuard {
-                _permit: permit,
-                _active: ActiveConnection::new(Arc::clone(metrics)),
-            };
-            let stop = stop_rx.clone();
-            tokio::spawn(conn.serve(tcp, remote, guard, stop));
+        // Ends the workers' runtimes once their connections are done (or the last grace is over).
+        let (exit, exit_rx) = watch::channel(false);
+        let mut threads = Vec::new();
+        if self.on_caller_runtime {
+            let listener = TcpListener::from_std(self.listener.try_clone()?)?;
+            tokio::spawn(worker(Arc::clone(&self.shared), listener, stop_rx.clone()));
+        } else {
+            for n in 0..self.workers {
+                let (shared, socket, stop_rx, mut exit_rx) = (
+                    Arc::clone(&self.shared),
+                    self.listener.try_clone()?,
+                    stop_rx.clone(),
+                    exit_rx.clone(),
+                );
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let thread = std::thread::Builder::new()
+                    .name(format!("ssp-worker-{n}"))
+                    .spawn(move || {
+                        runtime.block_on(async move {
+                            match TcpListener::from_std(socket) {
+                                Ok(listener) => {
+                                    tokio::spawn(worker(shared, listener, stop_rx));
+                                }
+                                Err(e) => tracing::error!(error = %e, "worker cannot listen"),
+                            }
+                            // The connections run on this runtime until the listener says they are done (or its
+                            // `run` is gone); dropping the runtime then drops whatever is left.
+                            let _ = exit_rx.wait_for(|exit| *exit).await;
+                        });
+                    })?;
+                threads.push(thread);
+            }
         }
-        drop(self.listener);
         drop(stop_rx);
+        // Only the workers' handles keep the socket open now: when they stop accepting it closes, and a balancer's
+        // next connection is refused at once instead of waiting in a backlog nobody reads.
+        drop(self.listener);
+        self.serving.store(true, Ordering::Release);
+        shutdown.await;
         // Draining: a load balancer polling /readyz takes this instance out of rotation.
         self.serving.store(false, Ordering::Release);
         tracing::info!("listener closed; draining open connections");
@@ -184,6 +213,69 @@ impl Server {
                 tracing::warn!("connections still in their handshake at shutdown");
             }
         }
+        let _ = exit.send(true);
+        if !threads.is_empty() {
+            let joined = tokio::task::spawn_blocking(move || {
+                threads.into_iter().all(|thread| thread.join().is_ok())
+            })
+            .await;
+            if !matches!(joined, Ok(true)) {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One worker's accept loop: takes a place under `server.max_connections`, then a connection from the listening
+/// socket, and serves it as a task on this worker's runtime; stops accepting when asked to stop.
+async fn worker(shared: Arc<Shared>, listener: TcpListener, stop: watch::Receiver<Stop>) {
+    let mut asked = stop.clone();
+    let stopping = async move {
+        while *asked.borrow_and_update() == Stop::Serve {
+            if asked.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::pin!(stopping);
+    let metrics = &shared.metrics;
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&shared.connections).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut stopping => break,
+        };
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stopping => break,
+        };
+        metrics.connections_total.inc();
+        let conn = Connection {
+            id: shared.next_conn_id.fetch_add(1, Ordering::Relaxed),
+            acceptor: TlsAcceptor::from(shared.tls.server()),
+            proxy: Arc::clone(&shared.proxy),
+            metrics: Arc::clone(metrics),
+            http: shared.http.clone(),
+            handshake_timeout: shared.handshake_timeout,
+            idle: shared.idle,
+            proxy_protocol_from: Arc::clone(&shared.proxy_protocol_from),
+        };
+        let guard = ConnGuard {
+            _permit: permit,
+            _active: ActiveConnection::new(Arc::clone(metrics)),
+        };
+        tokio::spawn(conn.serve(tcp, remote, guard, stop.clone()));
     }
 }
 

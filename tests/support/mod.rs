@@ -443,6 +443,8 @@ pub struct Setup {
     pub crl: &'static str,
     /// `admin.listen`.
     pub admin: String,
+    /// Serve on the test's runtime instead of on worker threads (for a test that moves tokio's clock).
+    pub on_test_runtime: bool,
 }
 
 impl Default for Setup {
@@ -463,6 +465,7 @@ impl Default for Setup {
             extra_server: String::new(),
             crl: "certs/ca.crl",
             admin: "127.0.0.1:0".into(),
+            on_test_runtime: false,
         }
     }
 }
@@ -671,7 +674,10 @@ impl World {
         );
         let config = ssp::config::Config::load(&path).unwrap();
         let assembled = ssp::app::assemble(&config).unwrap();
-        let server = ssp::app::bind(&config, assembled).await.unwrap();
+        let mut server = ssp::app::bind(&config, assembled).await.unwrap();
+        if setup.on_test_runtime {
+            server = server.on_caller_runtime();
+        }
         let addr = server.local_addr().unwrap();
         let handles = server.handles();
         let admin = server.admin_addr().unwrap();
