@@ -24,13 +24,13 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
@@ -39,7 +39,7 @@ use crate::proxy::Proxy;
 
 /// A bound consumer listener, ready to run on its workers.
 pub(crate) struct Server {
-    /// The one listening socket; every worker accepts from its own handle on it.
+    /// The listening socket, bound; the accept loop registers it on the runtime that runs it.
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
     /// Worker threads, each running a single-threaded runtime (`server.workers`).
@@ -61,7 +61,7 @@ struct Shared {
     idle: IdleTimeouts,
     /// Balancers whose connections start with a PROXY protocol header (`server.proxy_protocol_from`).
     proxy_protocol_from: Arc<[ipnet::IpNet]>,
-    /// Bounds concurrent connections across all workers; when exhausted, no worker accepts and further
+    /// Bounds concurrent connections across all workers; when exhausted, the accept loop waits and further
     /// connections wait in the kernel's backlog.
     connections: Arc<Semaphore>,
     next_conn_id: AtomicU64,
@@ -142,9 +142,10 @@ impl Server {
 
     /// Serves until `shutdown` completes, then stops accepting and lets open exchanges finish for up to `grace`.
     ///
-    /// Each worker is a thread running a single-threaded tokio runtime with its own handle on the listening
-    /// socket: a connection it accepts (its handshake, its requests, their provider exchanges) stays on that
-    /// thread to the end. Fails only when a worker cannot be started.
+    /// The accept loop runs here; each accepted connection is handed to the worker with the fewest open
+    /// connections. A worker is a thread running a single-threaded tokio runtime, and a connection handed to it
+    /// (its handshake, its requests, their provider exchanges) stays on that thread to the end. Fails only when a
+    /// worker cannot be started.
     pub(crate) async fn run(
         self,
         shutdown: impl Future<Output = ()>,
@@ -156,17 +157,11 @@ impl Server {
         // Ends the workers' runtimes once their connections are done (or the last grace is over).
         let (exit, exit_rx) = watch::channel(false);
         let mut threads = Vec::new();
-        if self.on_caller_runtime {
-            let listener = TcpListener::from_std(self.listener.try_clone()?)?;
-            tokio::spawn(worker(Arc::clone(&self.shared), listener, stop_rx.clone()));
-        } else {
+        let mut workers = Vec::new();
+        if !self.on_caller_runtime {
             for n in 0..self.workers {
-                let (shared, socket, stop_rx, mut exit_rx) = (
-                    Arc::clone(&self.shared),
-                    self.listener.try_clone()?,
-                    stop_rx.clone(),
-                    exit_rx.clone(),
-                );
+                let (handoff, mut accepted) = mpsc::unbounded_channel::<Accepted>();
+                let (shared, mut exit_rx) = (Arc::clone(&self.shared), exit_rx.clone());
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
@@ -174,26 +169,40 @@ impl Server {
                     .name(format!("ssp-worker-{n}"))
                     .spawn(move || {
                         runtime.block_on(async move {
-                            match TcpListener::from_std(socket) {
-                                Ok(listener) => {
-                                    tokio::spawn(worker(shared, listener, stop_rx));
+                            while let Some(conn) = accepted.recv().await {
+                                match TcpStream::from_std(conn.tcp) {
+                                    Ok(tcp) => {
+                                        tokio::spawn(Arc::clone(&shared).serve(
+                                            tcp,
+                                            conn.remote,
+                                            conn.guard,
+                                            conn.stop,
+                                        ));
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "accepted connection lost")
+                                    }
                                 }
-                                Err(e) => tracing::error!(error = %e, "worker cannot listen"),
                             }
-                            // The connections run on this runtime until the listener says they are done (or its
-                            // `run` is gone); dropping the runtime then drops whatever is left.
+                            // The listener has stopped. The connections run on this runtime until it says they are
+                            // done (or its `run` is gone); dropping the runtime then drops whatever is left.
                             let _ = exit_rx.wait_for(|exit| *exit).await;
                         });
                     })?;
                 threads.push(thread);
+                workers.push(Worker {
+                    handoff,
+                    load: Arc::default(),
+                });
             }
         }
-        drop(stop_rx);
-        // Only the workers' handles keep the socket open now: when they stop accepting it closes, and a balancer's
-        // next connection is refused at once instead of waiting in a backlog nobody reads.
-        drop(self.listener);
+        drop(exit_rx);
+        let listener = TcpListener::from_std(self.listener)?;
         self.serving.store(true, Ordering::Release);
-        shutdown.await;
+        accept_loop(&self.shared, &listener, &workers, stop_rx, shutdown).await;
+        // Closed at once, so that a balancer's next connection is refused instead of waiting in a backlog.
+        drop(listener);
+        drop(workers);
         // Draining: a load balancer polling /readyz takes this instance out of rotation.
         self.serving.store(false, Ordering::Release);
         tracing::info!("listener closed; draining open connections");
@@ -227,18 +236,31 @@ impl Server {
     }
 }
 
-/// One worker's accept loop: takes a place under `server.max_connections`, then a connection from the listening
-/// socket, and serves it as a task on this worker's runtime; stops accepting when asked to stop.
-async fn worker(shared: Arc<Shared>, listener: TcpListener, stop: watch::Receiver<Stop>) {
-    let mut asked = stop.clone();
-    let stopping = async move {
-        while *asked.borrow_and_update() == Stop::Serve {
-            if asked.changed().await.is_err() {
-                break;
-            }
-        }
-    };
-    tokio::pin!(stopping);
+/// A worker thread as the accept loop sees it.
+struct Worker {
+    handoff: mpsc::UnboundedSender<Accepted>,
+    /// Its open connections (counted from the handoff to the end of the connection's staged close).
+    load: Arc<AtomicUsize>,
+}
+
+/// An accepted connection on its way to a worker.
+struct Accepted {
+    tcp: std::net::TcpStream,
+    remote: SocketAddr,
+    guard: ConnGuard,
+    stop: watch::Receiver<Stop>,
+}
+
+/// Takes a place under `server.max_connections`, then a connection, and hands it to the least-loaded worker (or,
+/// with none, serves it on this runtime), until `shutdown` completes.
+async fn accept_loop(
+    shared: &Arc<Shared>,
+    listener: &TcpListener,
+    workers: &[Worker],
+    stop: watch::Receiver<Stop>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
     let metrics = &shared.metrics;
     loop {
         let permit = tokio::select! {
@@ -246,7 +268,7 @@ async fn worker(shared: Arc<Shared>, listener: TcpListener, stop: watch::Receive
                 Ok(permit) => permit,
                 Err(_) => break,
             },
-            () = &mut stopping => break,
+            () = &mut shutdown => break,
         };
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -258,24 +280,61 @@ async fn worker(shared: Arc<Shared>, listener: TcpListener, stop: watch::Receive
                     continue;
                 }
             },
-            () = &mut stopping => break,
+            () = &mut shutdown => break,
         };
         metrics.connections_total.inc();
-        let conn = Connection {
-            id: shared.next_conn_id.fetch_add(1, Ordering::Relaxed),
-            acceptor: TlsAcceptor::from(shared.tls.server()),
-            proxy: Arc::clone(&shared.proxy),
-            metrics: Arc::clone(metrics),
-            http: shared.http.clone(),
-            handshake_timeout: shared.handshake_timeout,
-            idle: shared.idle,
-            proxy_protocol_from: Arc::clone(&shared.proxy_protocol_from),
-        };
-        let guard = ConnGuard {
+        let mut guard = ConnGuard {
             _permit: permit,
             _active: ActiveConnection::new(Arc::clone(metrics)),
+            _load: None,
         };
-        tokio::spawn(conn.serve(tcp, remote, guard, stop.clone()));
+        let Some(worker) = workers
+            .iter()
+            .min_by_key(|w| w.load.load(Ordering::Relaxed))
+        else {
+            tokio::spawn(Arc::clone(shared).serve(tcp, remote, guard, stop.clone()));
+            continue;
+        };
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepted connection lost");
+                continue;
+            }
+        };
+        guard._load = Some(WorkerLoad::new(Arc::clone(&worker.load)));
+        let accepted = Accepted {
+            tcp,
+            remote,
+            guard,
+            stop: stop.clone(),
+        };
+        if worker.handoff.send(accepted).is_err() {
+            tracing::error!("a worker thread has stopped");
+        }
+    }
+}
+
+impl Shared {
+    /// Serves one accepted connection to its end.
+    async fn serve(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        guard: ConnGuard,
+        stop: watch::Receiver<Stop>,
+    ) {
+        let conn = Connection {
+            id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
+            acceptor: TlsAcceptor::from(self.tls.server()),
+            proxy: Arc::clone(&self.proxy),
+            metrics: Arc::clone(&self.metrics),
+            http: self.http.clone(),
+            handshake_timeout: self.handshake_timeout,
+            idle: self.idle,
+            proxy_protocol_from: Arc::clone(&self.proxy_protocol_from),
+        };
+        conn.serve(tcp, remote, guard, stop).await;
     }
 }
 
@@ -295,6 +354,25 @@ pub(super) enum Stop {
 pub(super) struct ConnGuard {
     _permit: OwnedSemaphorePermit,
     _active: ActiveConnection,
+    /// Its count in its worker's load, when it was handed to one.
+    _load: Option<WorkerLoad>,
+}
+
+/// Counts a connection in its worker's load for as long as it lives.
+#[derive(Debug)]
+pub(super) struct WorkerLoad(Arc<AtomicUsize>);
+
+impl WorkerLoad {
+    fn new(load: Arc<AtomicUsize>) -> Self {
+        load.fetch_add(1, Ordering::Relaxed);
+        Self(load)
+    }
+}
+
+impl Drop for WorkerLoad {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts a consumer connection in `ssp_connections_active` for as long as it lives.
