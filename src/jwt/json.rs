@@ -192,7 +192,8 @@ impl<'de> serde::de::Visitor<'de> for JsonVisitor {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'de>, A::Error> {
-        let mut items = Vec::new();
+        // Token arrays are short (identifiers, scopes): one allocation, not a doubling series.
+        let mut items = Vec::with_capacity(4);
         while let Some(item) = seq.next_element()? {
             items.push(item);
         }
@@ -200,7 +201,8 @@ impl<'de> serde::de::Visitor<'de> for JsonVisitor {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
-        let mut object = Obj::default();
+        // Token objects hold a handful of members (the claims set about a dozen): one allocation for most.
+        let mut object = Obj(Vec::with_capacity(8));
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             let value = map.next_value()?;
             object.0.push((key, value));

@@ -198,36 +198,89 @@ impl Violation {
     }
 }
 
-/// What the audit trail keeps of a token: the claims that answer who, where from, why, when and to whom, plus
-/// whether it was valid and why not. Never logged operationally.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct JwtAudit {
-    pub iss: Option<String>,
-    pub sub: Option<String>,
-    pub aud: Option<String>,
-    pub iat: Option<i64>,
-    pub exp: Option<i64>,
-    pub reason_for_request: Option<String>,
-    pub requested_scope: Option<String>,
-    pub organization_ods: Option<String>,
-    pub organization_name: Option<String>,
-    pub practitioner_id: Option<String>,
-    pub sds_user_id: Option<String>,
-    pub sds_role_profile_id: Option<String>,
-    /// `system|value` of the device's first identifier.
-    pub device_identifier: Option<String>,
-    pub device_model: Option<String>,
-    pub device_version: Option<String>,
-    /// The header's `alg` (`none` for GP Connect's unsigned tokens).
-    pub alg: Option<String>,
-    pub valid: bool,
-    /// Every violation, in the order found (the first is the error text); recorded by name as `violations`.
-    #[serde(rename = "violations", serialize_with = "by_name")]
-    pub found: Vec<Violation>,
+/// A string claim the audit trail keeps, in the order the `jwt` object of a request record lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    Iss,
+    Sub,
+    Aud,
+    ReasonForRequest,
+    RequestedScope,
+    OrganizationOds,
+    OrganizationName,
+    PractitionerId,
+    SdsUserId,
+    SdsRoleProfileId,
+    DeviceModel,
+    DeviceVersion,
 }
 
-fn by_name<S: serde::Serializer>(found: &[Violation], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(found.iter().map(|v| v.name()))
+impl Kept {
+    const ALL: [Kept; 12] = [
+        Kept::Iss,
+        Kept::Sub,
+        Kept::Aud,
+        Kept::ReasonForRequest,
+        Kept::RequestedScope,
+        Kept::OrganizationOds,
+        Kept::OrganizationName,
+        Kept::PractitionerId,
+        Kept::SdsUserId,
+        Kept::SdsRoleProfileId,
+        Kept::DeviceModel,
+        Kept::DeviceVersion,
+    ];
+
+    /// Its field name in the record.
+    pub fn field(self) -> &'static str {
+        match self {
+            Kept::Iss => "iss",
+            Kept::Sub => "sub",
+            Kept::Aud => "aud",
+            Kept::ReasonForRequest => "reason_for_request",
+            Kept::RequestedScope => "requested_scope",
+            Kept::OrganizationOds => "organization_ods",
+            Kept::OrganizationName => "organization_name",
+            Kept::PractitionerId => "practitioner_id",
+            Kept::SdsUserId => "sds_user_id",
+            Kept::SdsRoleProfileId => "sds_role_profile_id",
+            Kept::DeviceModel => "device_model",
+            Kept::DeviceVersion => "device_version",
+        }
+    }
+}
+
+/// Where a kept claim's text is: a byte range of the decoded claims set (a JSON string without escapes, the
+/// usual case, so nothing is copied), or the unescaped text of one with escapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Text {
+    At(u32, u32),
+    Unescaped(Box<str>),
+}
+
+/// What the audit trail keeps of a token: the claims that answer who, where from, why, when and to whom, plus
+/// whether it was valid and why not. Never logged operationally.
+///
+/// It holds the token's decoded claims set once, and the kept claims as places in it, so that validating a token
+/// copies none of its strings. Serialized (in a request record's `jwt`) as an object with, in this order:
+/// `iss`, `sub`, `aud`, `iat`, `exp`, `reason_for_request`, `requested_scope`, `organization_ods`,
+/// `organization_name`, `practitioner_id`, `sds_user_id`, `sds_role_profile_id`, `device_identifier`
+/// (`system|value` of the device's first identifier), `device_model`, `device_version`, `alg`, `valid` and
+/// `violations` (names); a claim that is absent or unusable is `null`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JwtAudit {
+    /// The decoded claims set (JSON text); empty when the token could not be read that far.
+    claims: Box<str>,
+    kept: [Option<Text>; 12],
+    /// `system` and `value` of the device's first identifier.
+    device_identifier: Option<(Text, Text)>,
+    pub iat: Option<i64>,
+    pub exp: Option<i64>,
+    /// The header's `alg` (`none` for GP Connect's unsigned tokens), one of the algorithms ssp accepts.
+    alg: Option<&'static str>,
+    pub valid: bool,
+    /// Every violation, in the order found (the first is the error text); recorded by name as `violations`.
+    pub found: Vec<Violation>,
 }
 
 impl JwtAudit {
@@ -241,10 +294,76 @@ impl JwtAudit {
         self.found.first().copied()
     }
 
+    /// A kept claim's text, when the token had it in a usable form.
+    pub fn claim(&self, which: Kept) -> Option<&str> {
+        self.text(self.kept[which as usize].as_ref()?)
+    }
+
+    /// `system|value` of the device's first identifier.
+    pub fn device_identifier(&self) -> Option<String> {
+        let (system, value) = self.device_identifier.as_ref()?;
+        Some(format!("{}|{}", self.text(system)?, self.text(value)?))
+    }
+
+    /// The header's `alg`.
+    pub fn alg(&self) -> Option<&'static str> {
+        self.alg
+    }
+
+    fn text<'a>(&'a self, text: &'a Text) -> Option<&'a str> {
+        match text {
+            Text::At(start, end) => self.claims.get(*start as usize..*end as usize),
+            Text::Unescaped(text) => Some(text),
+        }
+    }
+
     fn violate(&mut self, v: Violation) {
         if !self.found.contains(&v) {
             self.found.push(v);
         }
+    }
+}
+
+impl Serialize for JwtAudit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        /// `system|value`, written without building the string.
+        struct Joined<'a>(&'a str, &'a str);
+        impl Serialize for Joined<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(&format_args!("{}|{}", self.0, self.1))
+            }
+        }
+        let mut map = s.serialize_map(Some(18))?;
+        for kept in &Kept::ALL[..3] {
+            map.serialize_entry(kept.field(), &self.claim(*kept))?;
+        }
+        map.serialize_entry("iat", &self.iat)?;
+        map.serialize_entry("exp", &self.exp)?;
+        for kept in &Kept::ALL[3..10] {
+            map.serialize_entry(kept.field(), &self.claim(*kept))?;
+        }
+        let device = self
+            .device_identifier
+            .as_ref()
+            .and_then(|(system, value)| Some(Joined(self.text(system)?, self.text(value)?)));
+        map.serialize_entry("device_identifier", &device)?;
+        for kept in &Kept::ALL[10..] {
+            map.serialize_entry(kept.field(), &self.claim(*kept))?;
+        }
+        map.serialize_entry("alg", &self.alg)?;
+        map.serialize_entry("valid", &self.valid)?;
+        map.serialize_entry("violations", &Names(&self.found))?;
+        map.end()
+    }
+}
+
+/// Violations by name.
+struct Names<'a>(&'a [Violation]);
+
+impl Serialize for Names<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|v| v.name()))
     }
 }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::json::{Json, Obj};
 use super::token::{Parts, VerifyingKey, bearer_token};
-use super::{Claim, DSTU2_AUDIENCE, JwtAudit, Profile, Violation};
+use super::{Claim, DSTU2_AUDIENCE, JwtAudit, Kept, Profile, Text, Violation};
 use crate::ids::InteractionId;
 
 /// Validates tokens for one profile.
@@ -30,19 +30,8 @@ impl Validator {
     /// Decodes and validates the value of an `Authorization` header (or its absence).
     pub fn validate(&self, authorization: Option<&[u8]>, expect: &Expect<'_>) -> JwtAudit {
         let mut audit = JwtAudit::default();
-        let token = match bearer_token(authorization) {
-            Ok(token) => token,
-            Err(v) => {
-                audit.violate(v);
-                return audit;
-            }
-        };
-        let checked = Parts::split(token).and_then(|parts| {
-            let (header, claims) = (parts.header()?, parts.payload()?);
-            audit.alg = Some(parts.verify(&header, expect.keys)?.to_owned());
-            self.validate_claims(&claims, expect, &mut audit);
-            Ok(())
-        });
+        let checked =
+            bearer_token(authorization).and_then(|token| self.read(token, expect, &mut audit));
         if let Err(v) = checked {
             audit.violate(v);
         }
@@ -50,22 +39,47 @@ impl Validator {
         audit
     }
 
-    fn validate_claims(&self, claims: &Obj<'_>, expect: &Expect<'_>, audit: &mut JwtAudit) {
+    /// Decodes the token, checks its header and signature, then its claims; the audit keeps the decoded claims
+    /// set, which its kept claims point into.
+    fn read(
+        &self,
+        token: &str,
+        expect: &Expect<'_>,
+        audit: &mut JwtAudit,
+    ) -> Result<(), Violation> {
+        let parts = Parts::split(token)?;
+        {
+            let (header, claims) = (parts.header()?, parts.payload()?);
+            audit.alg = accepted_alg(parts.verify(&header, expect.keys)?);
+            let source = Source::of(parts.payload_bytes());
+            self.validate_claims(&claims, &source, expect, audit);
+        }
+        audit.claims = parts.into_payload_text();
+        Ok(())
+    }
+
+    fn validate_claims(
+        &self,
+        claims: &Obj<'_>,
+        source: &Source,
+        expect: &Expect<'_>,
+        audit: &mut JwtAudit,
+    ) {
         let mut c = Claims { map: claims, audit };
         let iss = c.string(Claim::Iss);
-        c.audit.iss = iss.map(str::to_owned);
+        c.keep(Kept::Iss, iss, source);
         let sub = c.string(Claim::Sub);
-        c.audit.sub = sub.map(str::to_owned);
+        c.keep(Kept::Sub, sub, source);
         let aud = c.string(Claim::Aud);
-        c.audit.aud = aud.map(str::to_owned);
+        c.keep(Kept::Aud, aud, source);
         let exp = c.integer(Claim::Exp);
         let iat = c.integer(Claim::Iat);
         c.audit.exp = exp;
         c.audit.iat = iat;
         let reason = c.string(Claim::ReasonForRequest);
-        c.audit.reason_for_request = reason.map(str::to_owned);
+        c.keep(Kept::ReasonForRequest, reason, source);
         let scope = c.string(Claim::RequestedScope);
-        c.audit.requested_scope = scope.map(str::to_owned);
+        c.keep(Kept::RequestedScope, scope, source);
         let device = c.resource(Claim::RequestingDevice, "Device");
         let organization = c.resource(Claim::RequestingOrganization, "Organization");
         let practitioner = c.resource(Claim::RequestingPractitioner, "Practitioner");
@@ -106,17 +120,18 @@ impl Validator {
                 (Some((system, value)), Some(model), Some(version))
                     if !model.is_empty() && !version.is_empty() =>
                 {
-                    c.audit.device_identifier = Some(format!("{system}|{value}"));
-                    c.audit.device_model = Some(model.to_owned());
-                    c.audit.device_version = Some(version.to_owned());
+                    c.audit.device_identifier = Some((source.text(system), source.text(value)));
+                    c.keep(Kept::DeviceModel, Some(model), source);
+                    c.keep(Kept::DeviceVersion, Some(version), source);
                 }
                 _ => c.audit.violate(Violation::Invalid(Claim::RequestingDevice)),
             }
         }
         if let Some(org) = organization {
-            c.audit.organization_name = org.get("name").and_then(Json::as_str).map(str::to_owned);
+            let name = org.get("name").and_then(Json::as_str);
+            c.keep(Kept::OrganizationName, name, source);
             match identifier_value(org, self.profile.ods_system()) {
-                Some(ods) => c.audit.organization_ods = Some(ods.to_owned()),
+                Some(ods) => c.keep(Kept::OrganizationOds, Some(ods), source),
                 None => c.audit.violate(Violation::OdsIdentifier),
             }
         }
@@ -125,7 +140,7 @@ impl Validator {
                 .get("id")
                 .and_then(Json::as_str)
                 .filter(|id| !id.is_empty());
-            c.audit.practitioner_id = id.map(str::to_owned);
+            c.keep(Kept::PractitionerId, id, source);
             if id.is_none() {
                 c.audit
                     .violate(Violation::Invalid(Claim::RequestingPractitioner));
@@ -135,11 +150,11 @@ impl Validator {
             }
             // `UNK` is the documented value for an unknown SDS id and is accepted.
             match identifier_value(practitioner, self.profile.sds_user_system()) {
-                Some(sds) => c.audit.sds_user_id = Some(sds.to_owned()),
+                Some(sds) => c.keep(Kept::SdsUserId, Some(sds), source),
                 None => c.audit.violate(Violation::SdsUserId),
             }
-            c.audit.sds_role_profile_id =
-                identifier_value(practitioner, self.profile.sds_role_system()).map(str::to_owned);
+            let role = identifier_value(practitioner, self.profile.sds_role_system());
+            c.keep(Kept::SdsRoleProfileId, role, source);
         }
         if let Some(aud) = aud {
             let want = match self.profile {
@@ -174,6 +189,11 @@ struct Claims<'a, 'b> {
 }
 
 impl<'a> Claims<'a, '_> {
+    /// Keeps a claim's text for the audit trail, as a place in the claims set.
+    fn keep(&mut self, which: Kept, text: Option<&str>, source: &Source) {
+        self.audit.kept[which as usize] = text.map(|t| source.text(t));
+    }
+
     fn get(&mut self, claim: Claim) -> Option<&'a Json<'a>> {
         let value = self.map.get(claim.key());
         if value.is_none() {
@@ -298,4 +318,38 @@ pub fn required_scope(interaction: &InteractionId) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// The decoded claims set the JSON was read from, to tell a string that borrows it (no escapes) from one that was
+/// unescaped into a copy.
+struct Source {
+    start: usize,
+    len: usize,
+}
+
+impl Source {
+    fn of(bytes: &[u8]) -> Self {
+        Self {
+            start: bytes.as_ptr() as usize,
+            len: bytes.len(),
+        }
+    }
+
+    /// Where `text` is in the claims set, or a copy when it is not there (it had escapes).
+    fn text(&self, text: &str) -> Text {
+        let at = (text.as_ptr() as usize).wrapping_sub(self.start);
+        match (u32::try_from(at), u32::try_from(at + text.len())) {
+            (Ok(start), Ok(end)) if at <= self.len && text.len() <= self.len - at => {
+                Text::At(start, end)
+            }
+            _ => Text::Unescaped(text.into()),
+        }
+    }
+}
+
+/// The accepted `alg` values, as static text: `none`, or a signing algorithm [`Parts::verify`] accepts.
+fn accepted_alg(alg: &str) -> Option<&'static str> {
+    ["none", "RS256", "RS512", "PS256", "ES256"]
+        .into_iter()
+        .find(|known| *known == alg)
 }

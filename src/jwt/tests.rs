@@ -66,17 +66,17 @@ fn with(f: impl FnOnce(&mut Value)) -> Vec<&'static str> {
 fn a_good_token_is_valid_and_its_claims_are_kept() {
     let a = check(&claims());
     assert!(a.valid, "{:?}", a.violations());
-    assert_eq!(a.organization_ods.as_deref(), Some("RXX01"));
-    assert_eq!(a.organization_name.as_deref(), Some("Example Hospital"));
-    assert_eq!(a.sds_user_id.as_deref(), Some("111222333444"));
-    assert_eq!(a.sds_role_profile_id.as_deref(), Some("444555666777"));
-    assert_eq!(a.practitioner_id.as_deref(), Some("1"));
+    assert_eq!(a.claim(Kept::OrganizationOds), Some("RXX01"));
+    assert_eq!(a.claim(Kept::OrganizationName), Some("Example Hospital"));
+    assert_eq!(a.claim(Kept::SdsUserId), Some("111222333444"));
+    assert_eq!(a.claim(Kept::SdsRoleProfileId), Some("444555666777"));
+    assert_eq!(a.claim(Kept::PractitionerId), Some("1"));
     assert_eq!(
-        a.device_identifier.as_deref(),
+        a.device_identifier().as_deref(),
         Some("https://consumer.dev.localhost/Id/device|demo-1")
     );
     assert_eq!((a.iat, a.exp), (Some(NOW), Some(NOW + 300)));
-    assert_eq!(a.alg.as_deref(), Some("none"));
+    assert_eq!(a.alg(), Some("none"));
 }
 
 #[test]
@@ -513,4 +513,64 @@ proptest! {
         prop_assert_eq!(alg, "none");
         prop_assert_eq!(Value::Object(decoded), c);
     }
+}
+
+/// Kept claims point into the decoded claims set, or hold the unescaped text of a JSON string with escapes; the
+/// record's `jwt` object lists every field in its documented order either way.
+#[test]
+fn kept_claims_with_and_without_escapes_serialize_in_order() {
+    let mut c = claims();
+    c["requesting_organization"]["name"] = json!("St \"Mary's\" \u{e9}\\ward");
+    let a = check(&c);
+    assert!(a.valid, "{:?}", a.violations());
+    assert_eq!(
+        a.claim(Kept::OrganizationName),
+        Some("St \"Mary's\" \u{e9}\\ward")
+    );
+    assert_eq!(a.claim(Kept::OrganizationOds), Some("RXX01"));
+    let text = serde_json::to_string(&a).unwrap();
+    let object: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
+    let keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    // serde_json's map sorts keys; the order is checked on the text.
+    let order = [
+        "iss",
+        "sub",
+        "aud",
+        "iat",
+        "exp",
+        "reason_for_request",
+        "requested_scope",
+        "organization_ods",
+        "organization_name",
+        "practitioner_id",
+        "sds_user_id",
+        "sds_role_profile_id",
+        "device_identifier",
+        "device_model",
+        "device_version",
+        "alg",
+        "valid",
+        "violations",
+    ];
+    assert_eq!(keys.len(), order.len(), "{text}");
+    let at: Vec<usize> = order
+        .iter()
+        .map(|k| text.find(&format!("\"{k}\":")).unwrap())
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
+    assert_eq!(
+        object["organization_name"],
+        c["requesting_organization"]["name"]
+    );
+    assert_eq!(
+        object["device_identifier"],
+        "https://consumer.dev.localhost/Id/device|demo-1"
+    );
+    // A token that never got as far as its claims keeps none, and says so with nulls.
+    let none = check_token("not-a-token", READ);
+    let text = serde_json::to_string(&none).unwrap();
+    assert!(
+        text.starts_with(r#"{"iss":null,"sub":null,"aud":null,"iat":null"#),
+        "{text}"
+    );
 }

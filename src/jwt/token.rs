@@ -139,6 +139,19 @@ impl<'t> Parts<'t> {
         })
     }
 
+    /// The decoded claims set, as bytes.
+    pub(super) fn payload_bytes(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// The decoded claims set as text, once [`Parts::payload`] has read it (JSON that reads is UTF-8); empty
+    /// otherwise.
+    pub(super) fn into_payload_text(self) -> Box<str> {
+        String::from_utf8(self.payload)
+            .map(String::into_boxed_str)
+            .unwrap_or_default()
+    }
+
     pub(super) fn header(&self) -> Result<Obj<'_>, Violation> {
         json_object(&self.header)
     }
@@ -205,9 +218,10 @@ fn is_base64url(part: &str) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// One base64url part (no padding, no `+` or `/`), decoded.
+/// One base64url part (RFC 4648 section 5, no padding: `=`, `+`, `/` and whitespace are refused by the
+/// engine, as are non-zero trailing bits), decoded.
 fn base64url(part: &str) -> Result<Vec<u8>, Violation> {
-    if part.is_empty() || !is_base64url(part) {
+    if part.is_empty() {
         return Err(Violation::Malformed);
     }
     URL_SAFE_NO_PAD
