@@ -13,8 +13,9 @@
 //! `Slot`; a request that finds the queue full waits on a semaphore whose places come back once the writer has
 //! written the records holding them.
 
+use std::cell::RefCell;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -55,10 +56,12 @@ pub struct AuditMetrics {
     pub write_seconds: prometheus::Histogram,
 }
 
-/// Where a request record stands; the request waiting for it is woken, and only it, when that changes.
+/// Where one or more request records stand; whoever waits for them is woken, and only it, when that changes.
 #[derive(Debug, Default)]
 struct Slot {
     state: AtomicU8,
+    /// Records still to be written before the slot is done (a staged group holds several).
+    pending: AtomicUsize,
     changed: Notify,
 }
 
@@ -66,6 +69,13 @@ impl Slot {
     // 0, the default: not written yet.
     const DONE: u8 = 1;
     const FAILED: u8 = 2;
+
+    fn for_records(n: usize) -> Self {
+        Self {
+            pending: AtomicUsize::new(n),
+            ..Self::default()
+        }
+    }
 
     fn get(&self) -> u8 {
         self.state.load(Ordering::Acquire)
@@ -75,6 +85,17 @@ impl Slot {
     fn set(&self, state: u8) {
         self.state.store(state, Ordering::Release);
         self.changed.notify_one();
+    }
+
+    /// One of its records was written (or failed to be): done when the last is, failed as soon as one fails.
+    fn record_done(&self, written: bool) {
+        if !written {
+            if self.get() != Slot::FAILED {
+                self.set(Slot::FAILED);
+            }
+        } else if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 && self.get() == 0 {
+            self.set(Slot::DONE);
+        }
     }
 }
 
@@ -144,6 +165,25 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl Shared {
+    /// Queues jobs and wakes the thread if it waits; gives back those that could not be queued (the log is closed
+    /// or [`QUEUE_LIMIT`] is reached).
+    fn push(&self, jobs: impl IntoIterator<Item = Job>) -> Vec<Job> {
+        let mut refused = Vec::new();
+        let mut queue = self.lock();
+        for job in jobs {
+            if queue.closed || queue.jobs.len() >= QUEUE_LIMIT {
+                refused.push(job);
+            } else {
+                queue.jobs.push(job);
+            }
+        }
+        if queue.idle && queue.has_work() {
+            queue.idle = false;
+            self.wake.notify_one();
+        }
+        refused
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -224,10 +264,9 @@ impl Shared {
                         self.sync_wake.notify_one();
                     }
                 }
-                let state = if done { Slot::DONE } else { Slot::FAILED };
                 for job in batch.drain(..) {
                     if let Some(slot) = job.slot {
-                        slot.set(state);
+                        slot.record_done(done);
                     }
                 }
             }
@@ -303,35 +342,28 @@ impl AuditLog {
         self.shared.lock().jobs.len() as u64
     }
 
-    /// Queues a job and wakes the thread if it waits; false when the log is closed or [`QUEUE_LIMIT`] is reached.
-    fn push(&self, job: Job) -> bool {
-        let mut queue = self.shared.lock();
-        if queue.closed || queue.jobs.len() >= QUEUE_LIMIT {
-            return false;
-        }
-        queue.jobs.push(job);
-        if queue.idle {
-            queue.idle = false;
-            self.shared.wake.notify_one();
-        }
-        true
-    }
-
     /// Queues a record and waits until it is written (batched) or fsynced (strict). A request may be forwarded
     /// only after this returns `Ok`. Waits at most 100 ms for room in the queue and 5 s for the write.
+    ///
+    /// On a single-threaded runtime (each `server.workers` thread runs one) the record is staged with the others
+    /// of the same turn of that runtime and handed to the writer with them (see [`Stage`]); a staged record holds
+    /// its place in the queue's capacity, so the bounds hold.
     pub(crate) async fn write(&self, record: Record) -> Result<(), Unavailable> {
         let room = tokio::time::timeout(SUBMIT_WAIT, Arc::clone(&self.shared.room).acquire_owned())
             .await
             .map_err(|_| Unavailable)?
             .map_err(|_| Unavailable)?;
-        let slot = Arc::new(Slot::default());
+        let slot = Arc::new(Slot::for_records(1));
         let job = Job {
             record,
-            slot: Some(Arc::clone(&slot)),
+            slot: None,
             _room: Some(room),
         };
-        if !self.push(job) {
-            return Err(Unavailable);
+        if let Err(mut job) = self.stage(job, &slot) {
+            job.slot = Some(Arc::clone(&slot));
+            if !self.shared.push([job]).is_empty() {
+                return Err(Unavailable);
+            }
         }
         let deadline = tokio::time::Instant::now() + ACK_WAIT;
         loop {
@@ -354,15 +386,48 @@ impl AuditLog {
     /// queue's capacity while there is one, and is queued anyway up to [`QUEUE_LIMIT`], so that an exchange's
     /// response record is not lost to a burst. A record that cannot be queued (the log is closed, or the disk has
     /// stalled that long) is reported in the operational log, never dropped silently.
+    ///
+    /// Queued at once, not staged: nothing bounds how many a thread could stage in one turn, and the queue's
+    /// bounds must hold.
     pub(crate) fn submit(&self, record: Record) {
         let job = Job {
             record,
             slot: None,
             _room: Arc::clone(&self.shared.room).try_acquire_owned().ok(),
         };
-        if !self.push(job) {
-            tracing::error!("audit log closed or its queue full: a record could not be queued");
+        report_refused(&self.shared.push([job]));
+    }
+
+    /// Stages a job on this thread when it runs a single-threaded runtime, with `waiter` (a request's slot) to
+    /// complete once it is written; gives the job back otherwise.
+    fn stage(&self, job: Job, waiter: &Arc<Slot>) -> Result<(), Job> {
+        let single = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        if !single {
+            return Err(job);
         }
+        let log = Arc::as_ptr(&self.shared) as usize;
+        STAGE.with(|stage| {
+            let mut stage = stage.borrow_mut();
+            if stage.jobs.is_empty() {
+                stage.log = log;
+            } else if stage.log != log {
+                // Another log's records are staged on this thread (tests run several proxies in one process).
+                return Err(job);
+            }
+            stage.jobs.push((job, Arc::clone(waiter)));
+            if !stage.scheduled {
+                stage.scheduled = true;
+                // Runs after the tasks already woken in this turn, which stage their records first.
+                tokio::spawn(
+                    Flush {
+                        shared: Some(Arc::clone(&self.shared)),
+                    }
+                    .run(),
+                );
+            }
+            Ok(())
+        })
     }
 
     /// Writes what is queued, seals the current segment, fsyncs and stops the threads; waits for them. Later
@@ -408,6 +473,104 @@ impl Drop for AuditLog {
     /// Dropping the log closes it, as a clean stop would.
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Request records staged on one thread (a worker's single-threaded runtime) during one turn of its runtime. A flush task,
+/// spawned by the first, hands them to the writer under one lock and one wake-up; the writer wakes that task once
+/// when all of them are written, and it wakes the requests waiting for them, on their own thread, without a
+/// system call. Per request, one thread hand-off each way is thereby shared by every request of the turn.
+#[derive(Default)]
+struct Stage {
+    /// The log (its shared state's address) the staged jobs are for.
+    log: usize,
+    /// Each job (a request record), with the slot of the request waiting for it.
+    jobs: Vec<(Job, Arc<Slot>)>,
+    /// A flush task is on its way.
+    scheduled: bool,
+}
+
+thread_local! {
+    static STAGE: RefCell<Stage> = RefCell::default();
+}
+
+/// The task that hands a thread's staged request records to the writer. Dropped before it ran (its runtime
+/// stopped), it still queues them, though their requests will not be forwarded.
+struct Flush {
+    shared: Option<Arc<Shared>>,
+}
+
+impl Flush {
+    async fn run(mut self) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        let staged = take_staged();
+        let group = Arc::new(Slot::for_records(staged.len()));
+        let mut waiters = Vec::with_capacity(staged.len());
+        let jobs = staged.into_iter().map(|(mut job, waiter)| {
+            job.slot = Some(Arc::clone(&group));
+            waiters.push(waiter);
+            job
+        });
+        let refused = shared.push(jobs.collect::<Vec<_>>());
+        if !refused.is_empty() {
+            // The requests whose records could not be queued are refused (503); they need no log line.
+            group.record_done(false);
+        }
+        drop(refused);
+        if waiters.is_empty() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + ACK_WAIT;
+        let state = loop {
+            match group.get() {
+                0 => {}
+                state => break state,
+            }
+            if tokio::time::timeout_at(deadline, group.changed.notified())
+                .await
+                .is_err()
+            {
+                break Slot::FAILED;
+            }
+        };
+        for waiter in waiters {
+            waiter.set(state);
+        }
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            let staged = STAGE.try_with(|_| take_staged()).unwrap_or_default();
+            // Their requests go away with the runtime; the records are queued all the same.
+            let (jobs, waiters): (Vec<Job>, Vec<_>) = staged.into_iter().unzip();
+            for waiter in waiters {
+                waiter.set(Slot::FAILED);
+            }
+            drop(shared.push(jobs));
+        }
+    }
+}
+
+/// Takes this thread's staged jobs, and lets the next one schedule a flush.
+fn take_staged() -> Vec<(Job, Arc<Slot>)> {
+    STAGE.with(|stage| {
+        let mut stage = stage.borrow_mut();
+        stage.scheduled = false;
+        std::mem::take(&mut stage.jobs)
+    })
+}
+
+/// Says that records could not be queued, never silently.
+fn report_refused(refused: &[Job]) {
+    if !refused.is_empty() {
+        tracing::error!(
+            records = refused.len(),
+            "audit log closed or its queue full: records could not be queued"
+        );
     }
 }
 

@@ -269,8 +269,8 @@ enum Text {
 /// `violations` (names); a claim that is absent or unusable is `null`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JwtAudit {
-    /// The decoded claims set (JSON text); empty when the token could not be read that far.
-    claims: Box<str>,
+    /// The decoded claims set (JSON text, so UTF-8); empty when the token could not be read that far.
+    claims: Vec<u8>,
     kept: [Option<Text>; 12],
     /// `system` and `value` of the device's first identifier.
     device_identifier: Option<(Text, Text)>,
@@ -312,7 +312,11 @@ impl JwtAudit {
 
     fn text<'a>(&'a self, text: &'a Text) -> Option<&'a str> {
         match text {
-            Text::At(start, end) => self.claims.get(*start as usize..*end as usize),
+            // A place the JSON reader found a string at: UTF-8, checked again here (a few bytes) rather than the
+            // whole claims set once per token.
+            Text::At(start, end) => {
+                std::str::from_utf8(self.claims.get(*start as usize..*end as usize)?).ok()
+            }
             Text::Unescaped(text) => Some(text),
         }
     }

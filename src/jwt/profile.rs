@@ -54,7 +54,7 @@ impl Validator {
             let source = Source::of(parts.payload_bytes());
             self.validate_claims(&claims, &source, expect, audit);
         }
-        audit.claims = parts.into_payload_text();
+        audit.claims = parts.into_payload();
         Ok(())
     }
 

@@ -144,12 +144,9 @@ impl<'t> Parts<'t> {
         &self.payload
     }
 
-    /// The decoded claims set as text, once [`Parts::payload`] has read it (JSON that reads is UTF-8); empty
-    /// otherwise.
-    pub(super) fn into_payload_text(self) -> Box<str> {
-        String::from_utf8(self.payload)
-            .map(String::into_boxed_str)
-            .unwrap_or_default()
+    /// The decoded claims set.
+    pub(super) fn into_payload(self) -> Vec<u8> {
+        self.payload
     }
 
     pub(super) fn header(&self) -> Result<Obj<'_>, Violation> {
