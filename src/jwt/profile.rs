@@ -50,9 +50,9 @@ impl Validator {
         let parts = Parts::split(token)?;
         {
             let (header, claims) = (parts.header()?, parts.payload()?);
-            audit.alg = accepted_alg(parts.verify(&header, expect.keys)?);
+            audit.alg = accepted_alg(parts.verify(header.root(), expect.keys)?);
             let source = Source::of(parts.payload_bytes());
-            self.validate_claims(&claims, &source, expect, audit);
+            self.validate_claims(claims.root(), &source, expect, audit);
         }
         audit.claims = parts.into_payload();
         Ok(())
@@ -60,7 +60,7 @@ impl Validator {
 
     fn validate_claims(
         &self,
-        claims: &Obj<'_>,
+        claims: Obj<'_>,
         source: &Source,
         expect: &Expect<'_>,
         audit: &mut JwtAudit,
@@ -184,7 +184,7 @@ impl Validator {
 
 /// Reads typed claims, recording missing and mistyped ones.
 struct Claims<'a, 'b> {
-    map: &'a Obj<'a>,
+    map: Obj<'a>,
     audit: &'b mut JwtAudit,
 }
 
@@ -194,7 +194,7 @@ impl<'a> Claims<'a, '_> {
         self.audit.kept[which as usize] = text.map(|t| source.text(t));
     }
 
-    fn get(&mut self, claim: Claim) -> Option<&'a Json<'a>> {
+    fn get(&mut self, claim: Claim) -> Option<Json<'a>> {
         let value = self.map.get(claim.key());
         if value.is_none() {
             self.audit.violate(Violation::Missing(claim));
@@ -222,7 +222,7 @@ impl<'a> Claims<'a, '_> {
     }
 
     /// A JSON object whose `resourceType` is `kind`.
-    fn resource(&mut self, claim: Claim, kind: &str) -> Option<&'a Obj<'a>> {
+    fn resource(&mut self, claim: Claim, kind: &str) -> Option<Obj<'a>> {
         let value = self.get(claim)?;
         let object = value
             .as_object()
@@ -234,7 +234,7 @@ impl<'a> Claims<'a, '_> {
     }
 }
 
-fn identifiers<'a>(resource: &'a Obj<'_>) -> impl Iterator<Item = (&'a str, &'a str)> {
+fn identifiers(resource: Obj<'_>) -> impl Iterator<Item = (&str, &str)> {
     resource
         .get("identifier")
         .and_then(Json::as_array)
@@ -243,13 +243,13 @@ fn identifiers<'a>(resource: &'a Obj<'_>) -> impl Iterator<Item = (&'a str, &'a 
         .filter_map(|i| Some((i.get("system")?.as_str()?, i.get("value")?.as_str()?)))
 }
 
-fn first_identifier<'a>(resource: &'a Obj<'_>) -> Option<(&'a str, &'a str)> {
+fn first_identifier(resource: Obj<'_>) -> Option<(&str, &str)> {
     identifiers(resource)
         .next()
         .filter(|(s, v)| !s.is_empty() && !v.is_empty())
 }
 
-fn identifier_value<'a>(resource: &'a Obj<'_>, system: &str) -> Option<&'a str> {
+fn identifier_value<'a>(resource: Obj<'a>, system: &str) -> Option<&'a str> {
     identifiers(resource)
         .find(|(s, _)| *s == system)
         .map(|(_, v)| v)

@@ -6,7 +6,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Map, Value};
 
-use super::json::{Json, Obj, json_object};
+use super::json::{Doc, Json, Obj, json_object};
 use super::{MAX_TOKEN_BYTES, Violation};
 
 /// A public key registered for a system's signed tokens.
@@ -108,8 +108,8 @@ pub fn decode(
 ) -> Result<(String, Map<String, Value>), Violation> {
     let parts = Parts::split(token)?;
     let (header, claims) = (parts.header()?, parts.payload()?);
-    let alg = parts.verify(&header, keys)?;
-    Ok((alg.to_owned(), claims.to_map()))
+    let alg = parts.verify(header.root(), keys)?;
+    Ok((alg.to_owned(), claims.root().to_map()))
 }
 
 /// A token cut into its three parts, the first two base64-decoded. The JSON read from them borrows these bytes.
@@ -149,18 +149,18 @@ impl<'t> Parts<'t> {
         self.payload
     }
 
-    pub(super) fn header(&self) -> Result<Obj<'_>, Violation> {
+    pub(super) fn header(&self) -> Result<Doc<'_>, Violation> {
         json_object(&self.header)
     }
 
-    pub(super) fn payload(&self) -> Result<Obj<'_>, Violation> {
+    pub(super) fn payload(&self) -> Result<Doc<'_>, Violation> {
         json_object(&self.payload)
     }
 
     /// Checks the header (read by [`Parts::header`]) and the signature, or its absence; the header's `alg`.
     pub(super) fn verify<'h>(
         &self,
-        header: &'h Obj<'h>,
+        header: Obj<'h>,
         keys: Option<&[VerifyingKey]>,
     ) -> Result<&'h str, Violation> {
         let (token, signature) = (self.token, self.signature);
