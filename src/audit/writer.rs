@@ -505,15 +505,19 @@ impl Flush {
         let Some(shared) = self.shared.take() else {
             return;
         };
-        let staged = take_staged();
-        let group = Arc::new(Slot::for_records(staged.len()));
-        let mut waiters = Vec::with_capacity(staged.len());
-        let jobs = staged.into_iter().map(|(mut job, waiter)| {
-            job.slot = Some(Arc::clone(&group));
-            waiters.push(waiter);
-            job
+        // Straight from this thread's stage into the queue, which keeps its capacity for the next turn.
+        let (group, waiters, refused) = STAGE.with_borrow_mut(|stage| {
+            stage.scheduled = false;
+            let group = Arc::new(Slot::for_records(stage.jobs.len()));
+            let mut waiters = Vec::with_capacity(stage.jobs.len());
+            let jobs = stage.jobs.drain(..).map(|(mut job, waiter)| {
+                job.slot = Some(Arc::clone(&group));
+                waiters.push(waiter);
+                job
+            });
+            let refused = shared.push(jobs);
+            (group, waiters, refused)
         });
-        let refused = shared.push(jobs.collect::<Vec<_>>());
         if !refused.is_empty() {
             // The requests whose records could not be queued are refused (503); they need no log line.
             group.record_done(false);

@@ -154,9 +154,9 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         // Armed at most once per idle period: frames only move `last_frame`, and the timer re-arms itself from
-        // it when it fires, so a busy stream costs no timer updates. Boxed so that the body stays `Unpin`, which
-        // hyper's pooled client requires of request bodies.
-        idle: Pin<Box<Sleep>>,
+        // it when it fires, so a busy stream costs no timer updates. Made the first time the body has to wait
+        // (a small body that arrives whole never does); boxed so that the body stays `Unpin`.
+        idle: Option<Pin<Box<Sleep>>>,
         idle_timeout: Duration,
         last_frame: Instant,
         exchange: Arc<Exchange>,
@@ -188,7 +188,7 @@ impl<B: Body> Streamed<B> {
         }
         Self {
             inner,
-            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            idle: None,
             idle_timeout,
             last_frame: now,
             exchange,
@@ -247,10 +247,13 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => loop {
-                ready!(this.idle.as_mut().poll(cx));
                 let deadline = *this.last_frame + *this.idle_timeout;
+                let idle = this
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                ready!(idle.as_mut().poll(cx));
                 if deadline > Instant::now() {
-                    this.idle.as_mut().reset(deadline);
+                    idle.as_mut().reset(deadline);
                     continue;
                 }
                 *this.done = true;

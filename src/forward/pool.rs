@@ -212,7 +212,25 @@ impl Pool {
             ))));
         };
         let port = uri.port_u16().unwrap_or(443);
-        let key = format!("{}:{port}", name.to_ascii_lowercase());
+        thread_local! {
+            /// The key of the provider being looked up, built here rather than allocated per request.
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let found = KEY.with_borrow_mut(|key| {
+            use std::fmt::Write;
+            key.clear();
+            key.extend(name.chars().map(|c| c.to_ascii_lowercase()));
+            let _ = write!(key, ":{port}");
+            let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+            hosts
+                .get(key.as_str())
+                .map(Arc::clone)
+                .ok_or_else(|| key.clone())
+        });
+        let key = match found {
+            Ok(host) => return Ok(host),
+            Err(key) => key,
+        };
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(host) = hosts.get(key.as_str()) {
             return Ok(Arc::clone(host));
