@@ -359,13 +359,18 @@ impl AuditLog {
             slot: None,
             _room: Some(room),
         };
-        if let Err(mut job) = self.stage(job, &slot) {
-            job.slot = Some(Arc::clone(&slot));
-            if !self.shared.push([job]).is_empty() {
-                return Err(Unavailable);
+        // A staged record's wait is bounded by its flush task, which sets the slot within ACK_WAIT: no timer of
+        // its own, so a request does not arm one (and, on a busy worker, wake its event loop for it).
+        let deadline = match self.stage(job, &slot) {
+            Ok(()) => None,
+            Err(mut job) => {
+                job.slot = Some(Arc::clone(&slot));
+                if !self.shared.push([job]).is_empty() {
+                    return Err(Unavailable);
+                }
+                Some(tokio::time::Instant::now() + ACK_WAIT)
             }
-        }
-        let deadline = tokio::time::Instant::now() + ACK_WAIT;
+        };
         loop {
             // A change between reading the slot and waiting leaves a permit, so it is not missed.
             match slot.get() {
@@ -373,11 +378,16 @@ impl AuditLog {
                 Slot::FAILED => return Err(Unavailable),
                 _ => {}
             }
-            if tokio::time::timeout_at(deadline, slot.changed.notified())
-                .await
-                .is_err()
-            {
-                return Err(Unavailable);
+            match deadline {
+                None => slot.changed.notified().await,
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, slot.changed.notified())
+                        .await
+                        .is_err()
+                    {
+                        return Err(Unavailable);
+                    }
+                }
             }
         }
     }
