@@ -407,3 +407,72 @@ async fn kill_9_under_load_loses_no_record() {
     assert_eq!(seal["sealed"], "recovered");
     eprintln!("{} answered before the kill; {v:?}", answered.len());
 }
+
+/// `server.workers = 3`: the binary runs three worker threads, and three connections open at once are served one
+/// per worker (the accept loop hands each to the worker with the fewest connections). A worker that serves
+/// nothing stays parked in its event loop, so each one's context switches show it served one.
+#[tokio::test]
+async fn connections_are_spread_over_the_configured_workers() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve_setup(
+        &pki,
+        provider.addr,
+        &Setup {
+            extra_server: "workers = 3".into(),
+            ..Setup::default()
+        },
+        &[],
+        std::process::Stdio::inherit(),
+    )
+    .await;
+    let pid = served.child.id();
+    // The start-up probe (a TCP connect and close) went to a worker; wait until it is gone.
+    let workers = |pid: u32| -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let comm = comm.trim().to_owned();
+            if comm.starts_with("ssp-worker-") {
+                let status =
+                    std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+                let switches = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0);
+                out.push((comm, switches));
+            }
+        }
+        out.sort();
+        out
+    };
+    let before = workers(pid);
+    let names: Vec<&str> = before.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["ssp-worker-0", "ssp-worker-1", "ssp-worker-2"]);
+    let url = endpoint_url(provider.addr);
+    let mut senders = Vec::new();
+    for _ in 0..3 {
+        let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
+        senders.push(within("connect", consumer.connect()).await.unwrap());
+    }
+    // All three are open before any request, so each went to a different worker.
+    for sender in &mut senders {
+        let req = ssp_request(Method::GET, &format!("/{url}/fhir/metadata"), METADATA)
+            .body(empty())
+            .unwrap();
+        let response = within("request", sender.send(req)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        drain(response.into_body()).await.unwrap();
+    }
+    let after = workers(pid);
+    for ((name, was), (_, now)) in before.iter().zip(&after) {
+        assert!(
+            now > was,
+            "{name} served nothing: {before:?} then {after:?}"
+        );
+    }
+}

@@ -114,3 +114,18 @@ fn line_col_counts_from_one() {
     assert_eq!(line_col("ab\ncd", 0), (1, 1));
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
 }
+
+/// `server.workers`: 0 (the default) is one per CPU available, a number is taken as it is, past 1024 is refused.
+#[test]
+fn workers_default_to_the_cpus_available() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let c = Config::parse(MINIMAL, Path::new("ssp.toml")).unwrap();
+    assert_eq!(c.server.workers, cpus);
+    let with = |n: &str| MINIMAL.replace("[upstream]", &format!("workers = {n}\n[upstream]"));
+    let c = Config::parse(&with("0"), Path::new("ssp.toml")).unwrap();
+    assert_eq!(c.server.workers, cpus);
+    let c = Config::parse(&with("3"), Path::new("ssp.toml")).unwrap();
+    assert_eq!(c.server.workers, 3);
+    let err = Config::parse(&with("5000"), Path::new("ssp.toml")).unwrap_err();
+    assert!(err.to_string().contains("server.workers"), "{err}");
+}
