@@ -50,6 +50,8 @@ pub struct Exchange {
     upstream_us: AtomicU64,
     /// The request was sent a second time after a stale pooled connection.
     retried: std::sync::atomic::AtomicBool,
+    /// The whole request body has been handed to the provider connection.
+    request_sent: std::sync::atomic::AtomicBool,
     /// Taken by `Drop`, which has `&mut self`, so no lock is needed to run it once.
     on_end: Option<EndHook>,
 }
@@ -78,6 +80,7 @@ impl Exchange {
             outcome: AtomicU8::new(0),
             upstream_us: AtomicU64::new(0),
             retried: std::sync::atomic::AtomicBool::new(false),
+            request_sent: std::sync::atomic::AtomicBool::new(false),
             on_end: Some(Box::new(on_end)),
         })
     }
@@ -90,6 +93,16 @@ impl Exchange {
     }
 
     /// Records that the request went out a second time (see [`Upstream::send`]).
+    /// Whether the whole request body has gone to the provider connection: until it has, that connection cannot
+    /// carry another request.
+    pub(crate) fn request_sent(&self) -> bool {
+        self.request_sent.load(Ordering::Acquire)
+    }
+
+    fn mark_request_sent(&self) {
+        self.request_sent.store(true, Ordering::Release);
+    }
+
     pub fn retried(&self) {
         self.retried.store(true, Ordering::Relaxed);
     }
@@ -186,6 +199,9 @@ impl<B: Body> Streamed<B> {
         if direction == Direction::Response && inner.is_end_stream() {
             exchange.finish(Outcome::Ok);
         }
+        if direction == Direction::Request && inner.is_end_stream() {
+            exchange.mark_request_sent();
+        }
         Self {
             inner,
             idle: None,
@@ -226,8 +242,11 @@ where
                 *this.last_frame = Instant::now();
                 // hyper stops polling once a sized body reports its end, so the final `None` may never come:
                 // the last frame is where a complete response is known to be complete.
-                if *this.direction == Direction::Response && this.inner.is_end_stream() {
-                    this.exchange.finish(Outcome::Ok);
+                if this.inner.is_end_stream() {
+                    match this.direction {
+                        Direction::Response => this.exchange.finish(Outcome::Ok),
+                        Direction::Request => this.exchange.mark_request_sent(),
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -241,8 +260,9 @@ where
             }
             Poll::Ready(None) => {
                 *this.done = true;
-                if *this.direction == Direction::Response {
-                    this.exchange.finish(Outcome::Ok);
+                match this.direction {
+                    Direction::Response => this.exchange.finish(Outcome::Ok),
+                    Direction::Request => this.exchange.mark_request_sent(),
                 }
                 Poll::Ready(None)
             }

@@ -345,6 +345,9 @@ pub(crate) struct ProviderBody {
     conn: Option<Conn>,
     host: Arc<Host>,
     pool: Arc<Pool>,
+    /// Says whether the request body has all gone out: a provider that answered before reading all of it leaves
+    /// a connection that cannot carry another request, and it is closed instead of pooled.
+    exchange: Arc<Exchange>,
 }
 
 impl std::fmt::Debug for ProviderBody {
@@ -357,7 +360,9 @@ impl std::fmt::Debug for ProviderBody {
 
 impl ProviderBody {
     fn release(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.conn.take()
+            && self.exchange.request_sent()
+        {
             self.host.put_back(conn, self.pool.max_idle_per_host);
         }
     }
@@ -537,6 +542,7 @@ impl Upstream {
                     conn: Some(conn),
                     host,
                     pool: Arc::clone(&self.pool),
+                    exchange: Arc::clone(exchange),
                 };
                 Ok(Response::from_parts(parts, body))
             }
