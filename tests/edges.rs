@@ -1202,3 +1202,121 @@ async fn rustls_warnings_a_consumer_triggers_are_not_logged() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// 11. A provider that answers before it has read the request body.
+
+/// A TLS MA provider that answers every request at once from its head: 413 (keep-alive) to one with a body, which
+/// it never reads, and 200 to one without. Counts connections.
+async fn early_provider(pki: &Pki) -> (SocketAddr, Arc<AtomicUsize>) {
+    let tls = ssp::demo::provider_tls(
+        &pki.path("provider.crt"),
+        &pki.path("provider.key"),
+        &pki.ca(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let answer: &[u8] = if text.contains("content-length")
+                        || text.contains("transfer-encoding")
+                    {
+                        b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}"
+                    };
+                    if tls.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    let _ = tls.flush().await;
+                    if answer.starts_with(b"HTTP/1.1 413") {
+                        // The body is never read: the connection stays open, its unread bytes pile up.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// A provider answers an upload before reading it: the consumer gets that answer, and the provider connection,
+/// which cannot carry another request, is not pooled: the next request is answered on a new connection.
+#[tokio::test]
+async fn a_connection_left_with_an_unsent_body_is_not_reused() {
+    const TO_EARLY: &str = "918999198996";
+    let pki = Pki::generate();
+    let (addr, connections) = early_provider(&pki).await;
+    let port = addr.port();
+    let url = format!("https://localhost:{port}/gp");
+    let w = World::start_in(
+        pki,
+        Setup {
+            extra_resolve: format!("\"localhost:{port}\" = \"{addr}\"\n"),
+            extra_policy: format!(
+                "\n[[endpoint]]\nasid = \"{TO_EARLY}\"\nparty_key = \"E-1\"\ncpa_id = \"E1\"\nods = \"E1\"\n\
+                 url = \"{url}\"\ninteractions = [\"{METADATA}\"]\n\n[[agreement]]\nid = \"DSA-E\"\nfrom = \"{FROM}\"\n\
+                 to = \"{TO_EARLY}\"\ninteractions = [\"*\"]\n"
+            ),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let request = |method: Method, body: TestBody, trace: usize| {
+        let mut req = ssp_request(method, &format!("/{url}/fhir/metadata"), METADATA)
+            .body(body)
+            .unwrap();
+        req.headers_mut()
+            .insert("ssp-to", TO_EARLY.parse().unwrap());
+        req.headers_mut().insert(
+            "ssp-traceid",
+            format!("00000000-0000-4000-8000-{trace:012}")
+                .parse()
+                .unwrap(),
+        );
+        req
+    };
+    // 8 MiB: more than the socket buffers between ssp and the provider hold.
+    let mut sender = w.consumer("consumer").connect().await.unwrap();
+    let upload = within(
+        "upload answered early",
+        sender.send(request(Method::POST, full(vec![b'x'; 8 << 20]), 1)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(upload.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The uploading consumer stays connected, its client still sending: a connection left to the pool would keep
+    // pulling its body into a provider that does not read, and the next request taking it would wait until
+    // `upstream.connect_timeout` and get 502.
+    let _uploading = sender;
+    let mut next = w.consumer("consumer").connect().await.unwrap();
+    let get = within("next request", next.send(request(Method::GET, empty(), 2)))
+        .await
+        .unwrap();
+    assert_eq!(get.status(), StatusCode::OK);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "one connection per exchange"
+    );
+}
