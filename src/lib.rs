@@ -13,8 +13,9 @@
 //! - [`ids`]: identifier newtypes (`Asid`, `TraceId`, `InteractionId`, `OdsCode`), the peer identity, and small
 //!   shared helpers (hex, timestamps). A leaf: it imports nothing from the crate.
 //! - [`tls`]: certificates, keys and CRLs; the consumer-facing and upstream rustls configs; peer identity reading.
-//! - `server` (crate; `connection`, `idle`, `close`): accept loop, connection limit, PROXY header, handshake
-//!   timeout, h1/h2 serving, the idle rule, staged closes, graceful drain. Knows nothing of request contents.
+//! - `server` (crate; `connection`, `idle`, `close`): the worker threads (one single-threaded runtime each) and
+//!   the accept loop that hands them connections, connection limit, PROXY header, handshake timeout, h1/h2
+//!   serving, the idle rule, staged closes, graceful drain. Knows nothing of request contents.
 //! - `proxy_header` (crate): the PROXY protocol header (v1 and v2) from a trusted layer-4 balancer.
 //! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
 //! - [`policy`] (`model`, `compile`, `decide`, `explain`, [`policy::store`], [`policy::sds`]): the directory and
@@ -37,7 +38,8 @@
 //!
 //! # Life of a request
 //!
-//! 1. `server` accepts a TCP connection (within `max_connections`), reads a PROXY header when the connection
+//! 1. `server` accepts a TCP connection (within `max_connections`) and hands it to the least-loaded worker thread,
+//!    where it stays to the end with every exchange on it. The worker reads a PROXY header when the connection
 //!    comes from a trusted balancer (the consumer's address), and completes the TLS handshake within
 //!    `handshake_timeout`: the client certificate must chain to `client_ca`, be unexpired and unrevoked (check 1).
 //!    The peer identity and the audit `Peer` are read once per connection; hyper serves HTTP/1.1 or HTTP/2.
@@ -49,12 +51,14 @@
 //! 4. [`jwt::Validator::validate`] decodes and validates the audit token (check 10) into a `JwtAudit`; `limits`
 //!    admits the exchange (check 11).
 //! 5. The pipeline makes the [`audit::Transaction`] once (identifiers shared with the request) and hands
-//!    [`audit::Record::permitted`] to `audit::AuditLog::write`, which queues it for the `ssp-audit` thread and
-//!    waits until it is written (or fsynced, in strict mode) (check 12).
+//!    [`audit::Record::permitted`] to `audit::AuditLog::write`, which stages it with the other records of this
+//!    turn of the worker's event loop, hands them to the `ssp-audit` thread together, and waits until it is
+//!    written (or fsynced, in strict mode) (check 12).
 //! 6. `forward` takes the `Permit`, rewrites `Host`, `Forwarded` and `X-Forwarded-For`, and sends the request over
-//!    a pooled TLS connection presenting the proxy's client certificate, retrying once on a new connection when a
-//!    pooled one turns out stale; the bodies stream through `Streamed`, which counts bytes and enforces the idle
-//!    timeout.
+//!    a pooled TLS connection presenting the proxy's client certificate (ssp's own client on hyper's
+//!    `client::conn`: the exchange drives the connection, on the worker's thread), retrying once on a new
+//!    connection when a pooled one turns out stale; the bodies stream through `Streamed`, which counts bytes and
+//!    enforces the idle timeout.
 //! 7. When both bodies are done the exchange ends once: `audit::Record::completed`, the metrics, a log line.
 //! 8. Any failure on the way is a [`proxy::Refusal`]: `proxy::Refusal::status` gives its status (the one
 //!    place), `outcome` renders the OperationOutcome in the format `Accept` asks for, and the refused request

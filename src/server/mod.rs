@@ -1,4 +1,6 @@
-//! The consumer-facing listener: accept loop, connection limit, TLS handshake with its timeout, the peer identity
+//! The consumer-facing listener: the worker threads, each running a single-threaded tokio runtime, and the accept
+//! loop that hands each connection to the one with the fewest (so that a connection and its exchanges stay on one
+//! thread); the connection limit, TLS handshake with its timeout, the peer identity
 //! read once per connection, HTTP/1.1 and HTTP/2 (by ALPN) with hyper's header-read timeout, the idle rule, a
 //! graceful drain on shutdown, and the staged close of every connection ssp ends (RFC 9112 section 9.6). Knows
 //! nothing of request contents: each request goes to [`Proxy::handle`].
