@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use rustls_pki_types::pem::PemObject;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1319,4 +1320,97 @@ async fn a_connection_left_with_an_unsent_body_is_not_reused() {
         2,
         "one connection per exchange"
     );
+}
+
+/// A TLS MA provider that answers every request with 200, `Connection: close` and a body delimited by the end of
+/// the connection (5,000 bytes), then drops the TCP connection without a TLS close_notify.
+async fn truncating_provider(pki: &Pki) -> SocketAddr {
+    let tls = ssp::demo::provider_tls(
+        &pki.path("provider.crt"),
+        &pki.path("provider.key"),
+        &pki.ca(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 8192];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n".to_vec();
+                answer.extend(std::iter::repeat_n(b'z', 5000));
+                let _ = tls.write_all(&answer).await;
+                let _ = tls.flush().await;
+                // No close_notify: the TCP connection just ends.
+                let (tcp, _) = tls.into_inner();
+                drop(tcp);
+            });
+        }
+    });
+    addr
+}
+
+/// A response delimited by the end of its connection, which ends without TLS close_notify: the consumer gets the
+/// head and every byte that arrived, then a broken stream (it cannot know the body was complete), over HTTP/1.1
+/// and HTTP/2; the record says `upstream_error` with the bytes passed on.
+#[tokio::test]
+async fn a_body_cut_without_close_notify_arrives_whole_then_breaks() {
+    const TO_CUT: &str = "918999198995";
+    let pki = Pki::generate();
+    let addr = truncating_provider(&pki).await;
+    let port = addr.port();
+    let url = format!("https://localhost:{port}/gp");
+    let w = World::start_in(
+        pki,
+        Setup {
+            extra_resolve: format!("\"localhost:{port}\" = \"{addr}\"\n"),
+            extra_policy: format!(
+                "\n[[endpoint]]\nasid = \"{TO_CUT}\"\nparty_key = \"C-1\"\ncpa_id = \"C1\"\nods = \"C1\"\n\
+                 url = \"{url}\"\ninteractions = [\"{METADATA}\"]\n\n[[agreement]]\nid = \"DSA-C\"\nfrom = \"{FROM}\"\n\
+                 to = \"{TO_CUT}\"\ninteractions = [\"*\"]\n"
+            ),
+            ..Setup::default()
+        },
+    )
+    .await;
+    for (round, h2) in [(0usize, false), (1, true), (2, false), (3, true)] {
+        let consumer = Consumer::new(&w.pki, Some("consumer"), w.proxy.addr, h2);
+        let mut sender = consumer.connect().await.unwrap();
+        let mut req = ssp_request(Method::GET, &format!("/{url}/fhir/metadata"), METADATA)
+            .body(empty())
+            .unwrap();
+        req.headers_mut().insert("ssp-to", TO_CUT.parse().unwrap());
+        req.headers_mut().insert(
+            "ssp-traceid",
+            format!("00000000-0000-4000-8000-{round:012}")
+                .parse()
+                .unwrap(),
+        );
+        let response = within("cut response", sender.send(req)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "round {round}");
+        let mut body = response.into_body();
+        let (mut got, mut broken) = (0usize, false);
+        while let Some(frame) = within("frame", body.frame()).await {
+            match frame {
+                Ok(frame) => got += frame.data_ref().map_or(0, |d| d.len()),
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        assert_eq!((got, broken), (5000, true), "round {round} (h2: {h2})");
+    }
 }

@@ -348,6 +348,8 @@ pub(crate) struct ProviderBody {
     /// Says whether the request body has all gone out: a provider that answered before reading all of it leaves
     /// a connection that cannot carry another request, and it is closed instead of pooled.
     exchange: Arc<Exchange>,
+    /// An error held back for one turn (see `poll_frame`).
+    failed: Option<hyper::Error>,
 }
 
 impl std::fmt::Debug for ProviderBody {
@@ -377,6 +379,9 @@ impl Body for ProviderBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         let mut frame = Pin::new(&mut this.body).poll_frame(cx);
         if frame.is_pending() {
             if let Some(conn) = this.conn.as_mut() {
@@ -384,10 +389,18 @@ impl Body for ProviderBody {
                 frame = Pin::new(&mut this.body).poll_frame(cx);
             }
         }
+        if let Poll::Ready(Some(Err(e))) = frame {
+            // Driving the connection here can hand over the last data and the failure (a provider that closed
+            // without TLS close_notify) in one turn; the consumer's connection gives up unflushed bytes on a body
+            // error, so the error waits one turn and the bytes that arrived reach the consumer first.
+            this.conn = None;
+            this.failed = Some(e);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         match &frame {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.conn = None,
             _ => {}
         }
         frame
@@ -543,6 +556,7 @@ impl Upstream {
                     host,
                     pool: Arc::clone(&self.pool),
                     exchange: Arc::clone(exchange),
+                    failed: None,
                 };
                 Ok(Response::from_parts(parts, body))
             }
