@@ -674,3 +674,33 @@ async fn upload_streams_through() {
     assert_eq!(a.body, len.to_string());
     assert_eq!(w.provider.state.uploaded.load(Ordering::SeqCst), len);
 }
+
+/// A refused HEAD gets the refusal's status and header fields, `Content-Length` of the OperationOutcome included,
+/// and no content (RFC 9110 section 9.3.2): over HTTP/2, where content on a HEAD response is a protocol error, and
+/// over HTTP/1.1.
+#[tokio::test]
+async fn a_refused_head_has_no_content() {
+    let w = World::start().await;
+    for h2 in [true, false] {
+        let consumer = Consumer::new(&w.pki, Some("consumer"), w.proxy.addr, h2);
+        let mut sender = within("connect", consumer.connect()).await.unwrap();
+        let req = ssp_request(Method::HEAD, &format!("/{}/fhir/metadata", w.url), METADATA)
+            .body(empty())
+            .unwrap();
+        let response = within("head", sender.send(req)).await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "h2: {h2}"
+        );
+        assert_eq!(response.headers()["allow"], "GET, POST, PUT, DELETE, PATCH");
+        let length: usize = response.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(length > 100, "the OperationOutcome's length: {length}");
+        let body = within("body", drain(response.into_body())).await;
+        assert_eq!(body.unwrap(), 0, "h2: {h2}");
+    }
+}

@@ -67,6 +67,11 @@ impl ProxyBody {
         ProxyBody::Full { data: Some(data) }
     }
 
+    /// No body: a response to HEAD.
+    pub(crate) fn empty() -> Self {
+        ProxyBody::Full { data: None }
+    }
+
     pub(crate) fn stream(body: Streamed<ProviderBody>) -> Self {
         ProxyBody::Stream { body }
     }

@@ -109,6 +109,7 @@ impl Proxy {
             parts.headers.get(ssp::HEADER_FROM).cloned(),
             parts.headers.get(ssp::HEADER_TO).cloned(),
         );
+        let head = parts.method == Method::HEAD;
         // One snapshot decides the whole request, and is the generation its records name.
         let policy = self.policy.load_full();
         let refusal = match self.run_checks(&policy, &parts, conn) {
@@ -132,9 +133,13 @@ impl Proxy {
                         Ok(response) => return Ok(response),
                         Err(refusal) => {
                             log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
-                            return Ok(refusal
-                                .respond(Format::negotiate(accept.as_ref()), trace_id, &self.allow)
-                                .0);
+                            let (mut response, _) = refusal.respond(
+                                Format::negotiate(accept.as_ref()),
+                                trace_id,
+                                &self.allow,
+                            );
+                            head_has_no_body(head, &mut response);
+                            return Ok(response);
                         }
                     },
                 }
@@ -143,6 +148,7 @@ impl Proxy {
         log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
         let (mut response, text) =
             refusal.respond(Format::negotiate(accept.as_ref()), trace_id, &self.allow);
+        head_has_no_body(parts.method == Method::HEAD, &mut response);
         // An HTTP/1.1 connection can carry the consumer's next request only once this one's body has been read:
         // a small body is read and discarded. Past the bound hyper closes the connection after the answer, and
         // the answer says so, so that the client does not send its next request into a closing connection.
@@ -375,6 +381,19 @@ impl Proxy {
             );
         }
         Ok(Some(audit))
+    }
+}
+
+/// A response to HEAD has the header fields a GET would get, `Content-Length` included, and no content (RFC 9110
+/// section 9.3.2); HTTP/2 treats content on it as a protocol error.
+fn head_has_no_body(head: bool, response: &mut Response<ProxyBody>) {
+    if head {
+        if let Some(len) = http_body::Body::size_hint(response.body()).exact() {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        *response.body_mut() = ProxyBody::empty();
     }
 }
 
