@@ -12,6 +12,7 @@
 mod support;
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
@@ -339,4 +340,49 @@ async fn audit_commands_on_a_real_log() {
         out.contains("line 4 (seq 4)"),
         "the record after the edited one no longer chains: {out}"
     );
+}
+
+/// HTTP/2 streams reset as soon as they are sent: every request that got a `request` record gets its `response`
+/// record too (`client_closed` when the consumer had gone), however early the reset came.
+#[tokio::test]
+async fn streams_reset_at_once_leave_both_records() {
+    let w = World::start().await;
+    let consumer = Consumer::new(&w.pki, Some("consumer"), w.proxy.addr, true);
+    let mut sender = within("connect", consumer.connect()).await.unwrap();
+    for i in 0..60u64 {
+        let mut req = ssp_request(Method::GET, &format!("/{}/fhir/metadata", w.url), METADATA)
+            .body(empty())
+            .unwrap();
+        req.headers_mut().insert(
+            "ssp-traceid",
+            format!("00000000-0000-4000-8000-{i:012}").parse().unwrap(),
+        );
+        // Dropped after a few microseconds to a millisecond: the stream is reset at every stage of its exchange.
+        let _ = tokio::time::timeout(Duration::from_micros(20 * (i % 50)), sender.send(req)).await;
+    }
+    // A last, whole exchange: once its response record is there, so are those of every stream before it.
+    let last = w.get("/fhir/metadata").await;
+    assert_eq!(last.status(), StatusCode::OK);
+    drain(last.into_body()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = ssp::audit::query(&w.audit_dir(), &ssp::audit::Filter::default()).unwrap();
+        let traces = |kind: &str| -> std::collections::BTreeSet<String> {
+            records
+                .iter()
+                .filter(|r| r["kind"] == kind)
+                .filter_map(|r| r["trace_id"].as_str().map(str::to_owned))
+                .collect()
+        };
+        let (requests, responses) = (traces("request"), traces("response"));
+        let missing: Vec<_> = requests.difference(&responses).collect();
+        if missing.is_empty() && requests.len() > 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "request records without a response record: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

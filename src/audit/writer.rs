@@ -107,6 +107,42 @@ struct Job {
     _room: Option<OwnedSemaphorePermit>,
 }
 
+/// A reserved place in the queue's capacity ([`AuditLog::reserve`]).
+#[derive(Debug)]
+pub(crate) struct Room(OwnedSemaphorePermit);
+
+/// A queued request record ([`AuditLog::queue`]): waits until it is written (batched) or fsynced (strict).
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    slot: Arc<Slot>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Ticket {
+    /// Ok once the record is written (or fsynced); `Unavailable` when that failed or took longer than 5 s.
+    pub(crate) async fn written(self) -> Result<(), Unavailable> {
+        loop {
+            // A change between reading the slot and waiting leaves a permit, so it is not missed.
+            match self.slot.get() {
+                Slot::DONE => return Ok(()),
+                Slot::FAILED => return Err(Unavailable),
+                _ => {}
+            }
+            match self.deadline {
+                None => self.slot.changed.notified().await,
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, self.slot.changed.notified())
+                        .await
+                        .is_err()
+                    {
+                        return Err(Unavailable);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The handle the request path holds.
 pub struct AuditLog {
     shared: Arc<Shared>,
@@ -343,21 +379,36 @@ impl AuditLog {
     }
 
     /// Queues a record and waits until it is written (batched) or fsynced (strict). A request may be forwarded
-    /// only after this returns `Ok`. Waits at most 100 ms for room in the queue and 5 s for the write.
+    /// only after this returns `Ok`. Waits at most 100 ms for room in the queue and 5 s for the write. The request
+    /// path takes the same three steps itself ([`AuditLog::reserve`], [`AuditLog::queue`], [`Ticket::written`]),
+    /// so that its exchange exists from the moment the record is queued.
     ///
     /// On a single-threaded runtime (each `server.workers` thread runs one) the record is staged with the others
     /// of the same turn of that runtime and handed to the writer with them (see [`Stage`]); a staged record holds
     /// its place in the queue's capacity, so the bounds hold.
+    #[cfg(test)]
     pub(crate) async fn write(&self, record: Record) -> Result<(), Unavailable> {
-        let room = tokio::time::timeout(SUBMIT_WAIT, Arc::clone(&self.shared.room).acquire_owned())
+        let room = self.reserve().await?;
+        self.queue(record, room)?.written().await
+    }
+
+    /// A place in the queue's capacity for a request record, waiting at most 100 ms for one.
+    pub(crate) async fn reserve(&self) -> Result<Room, Unavailable> {
+        tokio::time::timeout(SUBMIT_WAIT, Arc::clone(&self.shared.room).acquire_owned())
             .await
             .map_err(|_| Unavailable)?
-            .map_err(|_| Unavailable)?;
+            .map(Room)
+            .map_err(|_| Unavailable)
+    }
+
+    /// Queues (or stages) a request record in its reserved place, at once: from here on it will be written
+    /// whatever becomes of the request. The ticket says when it is.
+    pub(crate) fn queue(&self, record: Record, room: Room) -> Result<Ticket, Unavailable> {
         let slot = Arc::new(Slot::for_records(1));
         let job = Job {
             record,
             slot: None,
-            _room: Some(room),
+            _room: Some(room.0),
         };
         // A staged record's wait is bounded by its flush task, which sets the slot within ACK_WAIT: no timer of
         // its own, so a request does not arm one (and, on a busy worker, wake its event loop for it).
@@ -371,25 +422,7 @@ impl AuditLog {
                 Some(tokio::time::Instant::now() + ACK_WAIT)
             }
         };
-        loop {
-            // A change between reading the slot and waiting leaves a permit, so it is not missed.
-            match slot.get() {
-                Slot::DONE => return Ok(()),
-                Slot::FAILED => return Err(Unavailable),
-                _ => {}
-            }
-            match deadline {
-                None => slot.changed.notified().await,
-                Some(deadline) => {
-                    if tokio::time::timeout_at(deadline, slot.changed.notified())
-                        .await
-                        .is_err()
-                    {
-                        return Err(Unavailable);
-                    }
-                }
-            }
-        }
+        Ok(Ticket { slot, deadline })
     }
 
     /// Queues a record without waiting for it to be written (response records, refusals). It takes a place in the

@@ -54,6 +54,8 @@ pub struct Exchange {
     request_sent: std::sync::atomic::AtomicBool,
     /// Taken by `Drop`, which has `&mut self`, so no lock is needed to run it once.
     on_end: Option<EndHook>,
+    /// The exchange never happened (its request record was not written): the hook is dropped unrun.
+    cancelled: std::sync::atomic::AtomicBool,
 }
 
 /// What runs when an exchange ends.
@@ -82,6 +84,7 @@ impl Exchange {
             retried: std::sync::atomic::AtomicBool::new(false),
             request_sent: std::sync::atomic::AtomicBool::new(false),
             on_end: Some(Box::new(on_end)),
+            cancelled: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -90,6 +93,12 @@ impl Exchange {
         self.status.store(status, Ordering::Relaxed);
         self.upstream_us
             .store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The exchange never happened: when it is dropped, its end hook is dropped without running (what the hook
+    /// holds, such as the exchange's limits, is freed all the same).
+    pub(crate) fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
     }
 
     /// Records that the request went out a second time (see [`Upstream::send`]).
@@ -132,9 +141,12 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        let summary = self.summary();
-        if let Some(hook) = self.on_end.take() {
-            hook(&summary);
+        let hook = self.on_end.take();
+        if self.cancelled.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(hook) = hook {
+            hook(&self.summary());
         }
     }
 }

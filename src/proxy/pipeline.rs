@@ -117,31 +117,41 @@ impl Proxy {
             Ok((permit, jwt, admission)) => {
                 // 12: the request record is written (per `audit.durability`) before anything is forwarded.
                 let tx = Transaction::permitted(conn.id, &conn.audit_peer, &parts.method, &permit);
-                match self.audit.write(Record::permitted(&tx, jwt)).await {
+                let queued = self
+                    .audit
+                    .reserve()
+                    .await
+                    .and_then(|room| self.audit.queue(Record::permitted(&tx, jwt), room));
+                match queued {
                     Err(_) => Refusal::AuditUnavailable,
-                    Ok(()) => match self
-                        .forward(
-                            permit,
-                            tx,
-                            admission,
-                            Request::from_parts(parts, body),
-                            conn,
-                            started,
-                        )
-                        .await
-                    {
-                        Ok(response) => return Ok(response),
-                        Err(refusal) => {
-                            log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
-                            let (mut response, _) = refusal.respond(
-                                Format::negotiate(accept.as_ref()),
-                                trace_id,
-                                &self.allow,
-                            );
-                            head_has_no_body(head, &mut response);
-                            return Ok(response);
+                    // From the moment its request record is queued, the exchange exists: if the consumer goes
+                    // away while the record is being written (an HTTP/2 stream reset), the exchange still ends
+                    // with its response record (`client_closed`).
+                    Ok(ticket) => {
+                        let exchange = self.exchange(Arc::clone(&tx), admission, started);
+                        if ticket.written().await.is_err() {
+                            // Not written: no exchange happened, and it gets no record.
+                            exchange.cancel();
+                            Refusal::AuditUnavailable
+                        } else {
+                            match self
+                                .forward(permit, exchange, Request::from_parts(parts, body), conn)
+                                .await
+                            {
+                                Ok(response) => return Ok(response),
+                                Err(refusal) => {
+                                    log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
+                                    let (mut response, _) = refusal.respond(
+                                        Format::negotiate(accept.as_ref()),
+                                        trace_id,
+                                        &self.allow,
+                                    );
+                                    head_has_no_body(head, &mut response);
+                                    return Ok(response);
+                                }
+                            }
                         }
-                    },
+                    }
                 }
             }
         };
@@ -232,13 +242,10 @@ impl Proxy {
     async fn forward(
         &self,
         permit: Permit,
-        tx: Arc<Transaction>,
-        admission: Admission,
+        exchange: Arc<Exchange>,
         request: Request<Incoming>,
         conn: &ConnInfo,
-        started: Instant,
     ) -> Result<Response<ProxyBody>, Refusal> {
-        let exchange = self.exchange(tx, admission, started);
         let response = match self
             .upstream
             .send(&permit, request, conn.remote, &exchange)
