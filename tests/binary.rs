@@ -427,7 +427,8 @@ async fn connections_are_spread_over_the_configured_workers() {
     )
     .await;
     let pid = served.child.id();
-    // The start-up probe (a TCP connect and close) went to a worker; wait until it is gone.
+    // The start-up probe (a TCP connect and close) went to worker 0 and may not be closed yet: then the three
+    // connections below go to workers 1, 2 and 0, else to 0, 1 and 2. Each worker serves one either way.
     let workers = |pid: u32| -> Vec<(String, u64)> {
         let mut out = Vec::new();
         for task in std::fs::read_dir(format!("/proc/{pid}/task"))

@@ -673,12 +673,13 @@ enum Stale {
     CloseOnNextRequest,
 }
 
-/// A TLS MA provider that answers one request per connection with 200 and a keep-alive response, then closes
-/// per `mode`. Counts connections and answered requests.
-async fn stale_provider(
-    pki: &Pki,
-    mode: Stale,
-) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+/// A TLS MA provider on loopback that serves each connection, once its handshake is done, with `serve`; counts
+/// connections. What the provider does is the test's; the listening, accepting and handshakes are the same.
+async fn raw_provider<F, Fut>(pki: &Pki, serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let tls = ssp::demo::provider_tls(
         &pki.path("provider.crt"),
         &pki.path("provider.key"),
@@ -688,55 +689,45 @@ async fn stale_provider(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (connections, answered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (c, a) = (Arc::clone(&connections), Arc::clone(&answered));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (c, serve) = (Arc::clone(&connections), Arc::new(serve));
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             c.fetch_add(1, Ordering::SeqCst);
-            let (acceptor, a) = (acceptor.clone(), Arc::clone(&a));
+            let (acceptor, serve) = (acceptor.clone(), Arc::clone(&serve));
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut head = Vec::new();
-                let mut buf = [0u8; 8192];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(tls).await;
                 }
-                let body = b"{\"resourceType\":\"CapabilityStatement\"}";
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                );
-                if tls.write_all(answer.as_bytes()).await.is_err()
-                    || tls.write_all(body).await.is_err()
-                {
-                    return;
-                }
-                let _ = tls.flush().await;
-                a.fetch_add(1, Ordering::SeqCst);
-                match mode {
-                    Stale::CloseAfter3ms => tokio::time::sleep(Duration::from_millis(3)).await,
-                    Stale::CloseOnNextRequest => {
-                        let _ = tls.get_mut().0.readable().await;
-                    }
-                }
-                // Unread bytes make this close a reset, as a real server's idle close racing a request can.
-                drop(tls);
             });
         }
     });
-    (addr, connections, answered)
+    (addr, connections)
 }
 
-/// The World with one more endpoint, `TO_STALE`, served by a stale provider.
-async fn stale_world(mode: Stale) -> (World, String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-    const TO_STALE: &str = "918999198997";
-    let pki = Pki::generate();
-    let (addr, connections, answered) = stale_provider(&pki, mode).await;
+/// Reads a request head (through its blank line) from a raw provider's connection; `None` when it closes first.
+async fn read_head(
+    tls: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 8192];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tls.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
+/// The World with one more endpoint, ASID `to`, at `https://localhost:<port of addr>/gp`, served by a raw provider
+/// at `addr`, and an agreement from `FROM` to it; returns the World and the endpoint's URL.
+async fn world_with_raw_provider(
+    pki: Pki,
+    addr: SocketAddr,
+    to: &str,
+    tag: &str,
+) -> (World, String) {
     let port = addr.port();
     let url = format!("https://localhost:{port}/gp");
     let w = World::start_in(
@@ -744,14 +735,84 @@ async fn stale_world(mode: Stale) -> (World, String, Arc<AtomicUsize>, Arc<Atomi
         Setup {
             extra_resolve: format!("\"localhost:{port}\" = \"{addr}\"\n"),
             extra_policy: format!(
-                "\n[[endpoint]]\nasid = \"{TO_STALE}\"\nparty_key = \"S-1\"\ncpa_id = \"S1\"\nods = \"S1\"\n\
-                 url = \"{url}\"\ninteractions = [\"{METADATA}\"]\n\n[[agreement]]\nid = \"DSA-S\"\nfrom = \"{FROM}\"\n\
-                 to = \"{TO_STALE}\"\ninteractions = [\"*\"]\n"
+                "\n[[endpoint]]\nasid = \"{to}\"\nparty_key = \"{tag}-1\"\ncpa_id = \"{tag}1\"\nods = \"{tag}1\"\n\
+                 url = \"{url}\"\ninteractions = [\"{METADATA}\"]\n\n[[agreement]]\nid = \"DSA-{tag}\"\nfrom = \"{FROM}\"\n\
+                 to = \"{to}\"\ninteractions = [\"*\"]\n"
             ),
             ..Setup::default()
         },
     )
     .await;
+    (w, url)
+}
+
+/// A metadata request to the raw provider's endpoint `url` (ASID `to`), its trace id ending in `trace`.
+fn request_to(
+    url: &str,
+    to: &str,
+    method: Method,
+    body: TestBody,
+    trace: usize,
+) -> http::Request<TestBody> {
+    let mut req = ssp_request(method, &format!("/{url}/fhir/metadata"), METADATA)
+        .body(body)
+        .unwrap();
+    req.headers_mut().insert("ssp-to", to.parse().unwrap());
+    req.headers_mut().insert(
+        "ssp-traceid",
+        format!("00000000-0000-4000-8000-{trace:012}")
+            .parse()
+            .unwrap(),
+    );
+    req
+}
+
+/// A TLS MA provider that answers one request per connection with 200 and a keep-alive response, then closes
+/// per `mode`. Counts connections and answered requests.
+async fn stale_provider(
+    pki: &Pki,
+    mode: Stale,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let answered = Arc::new(AtomicUsize::new(0));
+    let a = Arc::clone(&answered);
+    let (addr, connections) = raw_provider(pki, move |mut tls| {
+        let a = Arc::clone(&a);
+        async move {
+            if read_head(&mut tls).await.is_none() {
+                return;
+            }
+            let body = b"{\"resourceType\":\"CapabilityStatement\"}";
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            if tls.write_all(answer.as_bytes()).await.is_err() || tls.write_all(body).await.is_err() {
+                return;
+            }
+            let _ = tls.flush().await;
+            a.fetch_add(1, Ordering::SeqCst);
+            match mode {
+                Stale::CloseAfter3ms => tokio::time::sleep(Duration::from_millis(3)).await,
+                Stale::CloseOnNextRequest => {
+                    let _ = tls.get_mut().0.readable().await;
+                }
+            }
+            // Unread bytes make this close a reset, as a real server's idle close racing a request can.
+            drop(tls);
+        }
+    })
+    .await;
+    (addr, connections, answered)
+}
+
+/// The stale provider's endpoint ASID.
+const TO_STALE: &str = "918999198997";
+
+/// The World with one more endpoint, `TO_STALE`, served by a stale provider.
+async fn stale_world(mode: Stale) -> (World, String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let pki = Pki::generate();
+    let (addr, connections, answered) = stale_provider(&pki, mode).await;
+    let (w, url) = world_with_raw_provider(pki, addr, TO_STALE, "S").await;
     (w, url, connections, answered)
 }
 
@@ -761,18 +822,7 @@ fn stale_request(
     body: TestBody,
     trace: usize,
 ) -> http::Request<TestBody> {
-    let mut req = ssp_request(method, &format!("/{url}/fhir/metadata"), METADATA)
-        .body(body)
-        .unwrap();
-    req.headers_mut()
-        .insert("ssp-to", "918999198997".parse().unwrap());
-    req.headers_mut().insert(
-        "ssp-traceid",
-        format!("00000000-0000-4000-8000-{trace:012}")
-            .parse()
-            .unwrap(),
-    );
-    req
+    request_to(url, TO_STALE, method, body, trace)
 }
 
 /// Twenty GETs back to back on one consumer connection, against a provider that closes each keep-alive
@@ -1210,55 +1260,26 @@ async fn rustls_warnings_a_consumer_triggers_are_not_logged() {
 /// A TLS MA provider that answers every request at once from its head: 413 (keep-alive) to one with a body, which
 /// it never reads, and 200 to one without. Counts connections.
 async fn early_provider(pki: &Pki) -> (SocketAddr, Arc<AtomicUsize>) {
-    let tls = ssp::demo::provider_tls(
-        &pki.path("provider.crt"),
-        &pki.path("provider.key"),
-        &pki.ca(),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let c = Arc::clone(&connections);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            c.fetch_add(1, Ordering::SeqCst);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let mut head = Vec::new();
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tls.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                    let answer: &[u8] = if text.contains("content-length")
-                        || text.contains("transfer-encoding")
-                    {
-                        b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}"
-                    };
-                    if tls.write_all(answer).await.is_err() {
-                        return;
-                    }
-                    let _ = tls.flush().await;
-                    if answer.starts_with(b"HTTP/1.1 413") {
-                        // The body is never read: the connection stays open, its unread bytes pile up.
-                        std::future::pending::<()>().await;
-                    }
-                }
-            });
+    raw_provider(pki, |mut tls| async move {
+        while let Some(head) = read_head(&mut tls).await {
+            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let with_body = text.contains("content-length") || text.contains("transfer-encoding");
+            let answer: &[u8] = if with_body {
+                b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}"
+            };
+            if tls.write_all(answer).await.is_err() {
+                return;
+            }
+            let _ = tls.flush().await;
+            if with_body {
+                // The body is never read: the connection stays open, its unread bytes pile up.
+                std::future::pending::<()>().await;
+            }
         }
-    });
-    (addr, connections)
+    })
+    .await
 }
 
 /// A provider answers an upload before reading it: the consumer gets that answer, and the provider connection,
@@ -1268,35 +1289,8 @@ async fn a_connection_left_with_an_unsent_body_is_not_reused() {
     const TO_EARLY: &str = "918999198996";
     let pki = Pki::generate();
     let (addr, connections) = early_provider(&pki).await;
-    let port = addr.port();
-    let url = format!("https://localhost:{port}/gp");
-    let w = World::start_in(
-        pki,
-        Setup {
-            extra_resolve: format!("\"localhost:{port}\" = \"{addr}\"\n"),
-            extra_policy: format!(
-                "\n[[endpoint]]\nasid = \"{TO_EARLY}\"\nparty_key = \"E-1\"\ncpa_id = \"E1\"\nods = \"E1\"\n\
-                 url = \"{url}\"\ninteractions = [\"{METADATA}\"]\n\n[[agreement]]\nid = \"DSA-E\"\nfrom = \"{FROM}\"\n\
-                 to = \"{TO_EARLY}\"\ninteractions = [\"*\"]\n"
-            ),
-            ..Setup::default()
-        },
-    )
-    .await;
-    let request = |method: Method, body: TestBody, trace: usize| {
-        let mut req = ssp_request(method, &format!("/{url}/fhir/metadata"), METADATA)
-            .body(body)
-            .unwrap();
-        req.headers_mut()
-            .insert("ssp-to", TO_EARLY.parse().unwrap());
-        req.headers_mut().insert(
-            "ssp-traceid",
-            format!("00000000-0000-4000-8000-{trace:012}")
-                .parse()
-                .unwrap(),
-        );
-        req
-    };
+    let (w, url) = world_with_raw_provider(pki, addr, TO_EARLY, "E").await;
+    let request = |method, body, trace| request_to(&url, TO_EARLY, method, body, trace);
     // 8 MiB: more than the socket buffers between ssp and the provider hold.
     let mut sender = w.consumer("consumer").connect().await.unwrap();
     let upload = within(
@@ -1325,40 +1319,20 @@ async fn a_connection_left_with_an_unsent_body_is_not_reused() {
 /// A TLS MA provider that answers every request with 200, `Connection: close` and a body delimited by the end of
 /// the connection (5,000 bytes), then drops the TCP connection without a TLS close_notify.
 async fn truncating_provider(pki: &Pki) -> SocketAddr {
-    let tls = ssp::demo::provider_tls(
-        &pki.path("provider.crt"),
-        &pki.path("provider.key"),
-        &pki.ca(),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut head = Vec::new();
-                let mut buf = [0u8; 8192];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let mut answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n".to_vec();
-                answer.extend(std::iter::repeat_n(b'z', 5000));
-                let _ = tls.write_all(&answer).await;
-                let _ = tls.flush().await;
-                // No close_notify: the TCP connection just ends.
-                let (tcp, _) = tls.into_inner();
-                drop(tcp);
-            });
+    let (addr, _) = raw_provider(pki, |mut tls| async move {
+        if read_head(&mut tls).await.is_none() {
+            return;
         }
-    });
+        let mut answer =
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n".to_vec();
+        answer.extend(std::iter::repeat_n(b'z', 5000));
+        let _ = tls.write_all(&answer).await;
+        let _ = tls.flush().await;
+        // No close_notify: the TCP connection just ends.
+        let (tcp, _) = tls.into_inner();
+        drop(tcp);
+    })
+    .await;
     addr
 }
 
@@ -1370,34 +1344,11 @@ async fn a_body_cut_without_close_notify_arrives_whole_then_breaks() {
     const TO_CUT: &str = "918999198995";
     let pki = Pki::generate();
     let addr = truncating_provider(&pki).await;
-    let port = addr.port();
-    let url = format!("https://localhost:{port}/gp");
-    let w = World::start_in(
-        pki,
-        Setup {
-            extra_resolve: format!("\"localhost:{port}\" = \"{addr}\"\n"),
-            extra_policy: format!(
-                "\n[[endpoint]]\nasid = \"{TO_CUT}\"\nparty_key = \"C-1\"\ncpa_id = \"C1\"\nods = \"C1\"\n\
-                 url = \"{url}\"\ninteractions = [\"{METADATA}\"]\n\n[[agreement]]\nid = \"DSA-C\"\nfrom = \"{FROM}\"\n\
-                 to = \"{TO_CUT}\"\ninteractions = [\"*\"]\n"
-            ),
-            ..Setup::default()
-        },
-    )
-    .await;
+    let (w, url) = world_with_raw_provider(pki, addr, TO_CUT, "C").await;
     for (round, h2) in [(0usize, false), (1, true), (2, false), (3, true)] {
         let consumer = Consumer::new(&w.pki, Some("consumer"), w.proxy.addr, h2);
         let mut sender = consumer.connect().await.unwrap();
-        let mut req = ssp_request(Method::GET, &format!("/{url}/fhir/metadata"), METADATA)
-            .body(empty())
-            .unwrap();
-        req.headers_mut().insert("ssp-to", TO_CUT.parse().unwrap());
-        req.headers_mut().insert(
-            "ssp-traceid",
-            format!("00000000-0000-4000-8000-{round:012}")
-                .parse()
-                .unwrap(),
-        );
+        let req = request_to(&url, TO_CUT, Method::GET, empty(), round);
         let response = within("cut response", sender.send(req)).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "round {round}");
         let mut body = response.into_body();
