@@ -328,9 +328,7 @@ impl Pool {
             Err(error) => Err(Failure {
                 error: match error {
                     Some(e) => Box::new(e),
-                    None => Box::new(ConnectError(
-                        "provider connection closed before the response".into(),
-                    )),
+                    None => Box::new(ClosedBeforeResponse),
                 },
                 reused,
             }),
@@ -568,6 +566,18 @@ impl Upstream {
     }
 }
 
+/// A provider connection that ended before the response head, without an error of its own.
+#[derive(Debug)]
+struct ClosedBeforeResponse;
+
+impl std::fmt::Display for ClosedBeforeResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("provider connection closed before the response")
+    }
+}
+
+impl std::error::Error for ClosedBeforeResponse {}
+
 /// True when `e`, on a connection that had already delivered a response, is the connection closing or resetting
 /// before this response's head.
 fn on_stale_connection(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -587,7 +597,7 @@ fn on_stale_connection(e: &(dyn std::error::Error + 'static)) -> bool {
                     | io::ErrorKind::UnexpectedEof
             );
         }
-        if source.is::<ConnectError>() {
+        if source.is::<ClosedBeforeResponse>() {
             return true;
         }
         next = source.source();
