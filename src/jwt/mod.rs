@@ -85,20 +85,25 @@ pub enum Claim {
 }
 
 impl Claim {
-    fn key(self) -> &'static str {
-        match self {
-            Claim::Iss => "iss",
-            Claim::Sub => "sub",
-            Claim::Aud => "aud",
-            Claim::Exp => "exp",
-            Claim::Iat => "iat",
-            Claim::ReasonForRequest => "reason_for_request",
-            Claim::RequestedScope => "requested_scope",
-            Claim::RequestingDevice => "requesting_device",
-            Claim::RequestingOrganization => "requesting_organization",
-            Claim::RequestingPractitioner => "requesting_practitioner",
-            Claim::RequestedRecord => "requested_record",
-        }
+    const COUNT: usize = 11;
+
+    /// The claim a claims-set key names.
+    fn named(key: &[u8]) -> Option<Claim> {
+        use Claim::*;
+        Some(match key {
+            b"iss" => Iss,
+            b"sub" => Sub,
+            b"aud" => Aud,
+            b"exp" => Exp,
+            b"iat" => Iat,
+            b"reason_for_request" => ReasonForRequest,
+            b"requested_scope" => RequestedScope,
+            b"requesting_device" => RequestingDevice,
+            b"requesting_organization" => RequestingOrganization,
+            b"requesting_practitioner" => RequestingPractitioner,
+            b"requested_record" => RequestedRecord,
+            _ => return None,
+        })
     }
 }
 

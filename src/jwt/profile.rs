@@ -65,7 +65,10 @@ impl Validator {
         expect: &Expect<'_>,
         audit: &mut JwtAudit,
     ) {
-        let mut c = Claims { map: claims, audit };
+        let mut c = Claims {
+            found: Claims::index(claims),
+            audit,
+        };
         let iss = c.string(Claim::Iss);
         c.keep(Kept::Iss, iss, source);
         let sub = c.string(Claim::Sub);
@@ -97,8 +100,8 @@ impl Validator {
             }
         }
         if let Some(reason) = reason {
-            let migrating = expect.interaction.as_str().contains("migrate");
-            if !(reason == "directcare" || (reason == "migration" && migrating)) {
+            let migrating = || expect.interaction.as_str().contains("migrate");
+            if !(reason == "directcare" || (reason == "migration" && migrating())) {
                 c.audit.violate(Violation::Invalid(Claim::ReasonForRequest));
             }
         }
@@ -165,7 +168,7 @@ impl Validator {
                 c.audit.violate(Violation::Audience);
             }
         }
-        let record = claims.get(Claim::RequestedRecord.key());
+        let record = c.found[Claim::RequestedRecord as usize];
         match (self.profile, record) {
             (Profile::GpConnect1, Some(_)) => c.audit.violate(Violation::UnexpectedRequestedRecord),
             (Profile::GpConnect07, None) => {
@@ -184,18 +187,29 @@ impl Validator {
 
 /// Reads typed claims, recording missing and mistyped ones.
 struct Claims<'a, 'b> {
-    map: Obj<'a>,
+    /// The claims GP Connect names, by [`Claim`], found in one pass over the claims set.
+    found: [Option<Json<'a>>; Claim::COUNT],
     audit: &'b mut JwtAudit,
 }
 
 impl<'a> Claims<'a, '_> {
+    fn index(claims: Obj<'a>) -> [Option<Json<'a>>; Claim::COUNT] {
+        let mut found = [None; Claim::COUNT];
+        for (key, value) in claims.entries() {
+            if let Some(claim) = Claim::named(key) {
+                found[claim as usize] = Some(value);
+            }
+        }
+        found
+    }
+
     /// Keeps a claim's text for the audit trail, as a place in the claims set.
     fn keep(&mut self, which: Kept, text: Option<&str>, source: &Source) {
         self.audit.kept[which as usize] = text.map(|t| source.text(t));
     }
 
     fn get(&mut self, claim: Claim) -> Option<Json<'a>> {
-        let value = self.map.get(claim.key());
+        let value = self.found[claim as usize];
         if value.is_none() {
             self.audit.violate(Violation::Missing(claim));
         }
@@ -278,9 +292,8 @@ pub fn required_scope(interaction: &InteractionId) -> Option<&'static str> {
         .as_str()
         .strip_prefix("urn:nhs:names:services:gpconnect:")?;
     // `structured:` and `documents:` prefixes share the rules of the plain forms.
-    let op = urn
-        .trim_start_matches("structured:")
-        .trim_start_matches("documents:");
+    let op = urn.strip_prefix("structured:").unwrap_or(urn);
+    let op = op.strip_prefix("documents:").unwrap_or(op);
     let op = op.strip_suffix("-1").unwrap_or(op);
     let organization_read = [
         "fhir:rest:read:metadata",

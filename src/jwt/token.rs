@@ -125,17 +125,15 @@ impl<'t> Parts<'t> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Violation::TooLarge);
         }
-        let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(signature), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let mut dots = memchr::memchr_iter(b'.', token.as_bytes());
+        let (Some(first), Some(second), None) = (dots.next(), dots.next(), dots.next()) else {
             return Err(Violation::Malformed);
         };
         Ok(Self {
             token,
-            header: base64url(header)?,
-            payload: base64url(payload)?,
-            signature,
+            header: base64url(&token[..first])?,
+            payload: base64url(&token[first + 1..second])?,
+            signature: &token[second + 1..],
         })
     }
 
