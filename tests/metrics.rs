@@ -202,13 +202,22 @@ async fn tls_failures_are_counted_by_reason() {
             .await
             .is_err()
     );
-    let after = scrape(&w).await;
+    // The client sees the proxy's alert before the proxy has necessarily counted the failure: wait for the count.
     let series = r#"ssp_tls_handshake_failures_total{reason="certificate_revoked"}"#;
-    assert_eq!(
-        after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0),
-        1.0,
-        "{after:?}"
-    );
+    let counted = |m: &HashMap<String, f64>| {
+        m.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
+    };
+    let after = within("the handshake failure to be counted", async {
+        loop {
+            let after = scrape(&w).await;
+            if counted(&after) != 0.0 {
+                break after;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(counted(&after), 1.0, "{after:?}");
 }
 
 /// `/healthz` answers while the process runs; `/readyz` is 200 when serving with a writable audit log and 503 when
