@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::record::Names;
 use super::segment::{TAIL_WINDOW, list_segments};
-use super::writer::{QUEUE_CAPACITY, QUEUE_LIMIT};
+use super::writer::{QUEUE_CAPACITY, QUEUE_LIMIT, STAGE_LIMIT};
 use super::*;
 use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
 
@@ -199,8 +199,9 @@ async fn concurrent_requests_share_writes() {
 
 /// While nothing can be written (here: the writer held, as by a write stuck on a stalled disk), a request
 /// record is refused once the queue holds `QUEUE_CAPACITY`, and other records are kept up to `QUEUE_LIMIT`,
-/// then dropped; everything queued is written once the writer is back.
-#[tokio::test]
+/// then dropped; everything queued is written once the writer is back. (On a multi-threaded runtime, where
+/// records go straight to the queue; staging is tested below.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn the_queue_is_bounded_while_the_disk_stalls() {
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
@@ -410,6 +411,40 @@ async fn records_staged_in_one_turn_are_written_together_and_each_acknowledged()
         results.iter().all(|r| *r == Err(Unavailable)),
         "{results:?}"
     );
+}
+
+/// On a worker's (single-threaded) runtime, records nobody waits for are staged with the turn's request records,
+/// up to `STAGE_LIMIT` per turn; past that they are queued at once. Each is written either way, and a runtime that
+/// stops before its flush task runs still hands its staged records over.
+#[test]
+fn records_nobody_waits_for_are_staged_per_turn_and_bounded() {
+    const N: u64 = 1500;
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
+    log.hold(true);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for i in 0..N {
+            log.submit(request(i));
+        }
+        // In this turn: the first STAGE_LIMIT are staged, the rest queued.
+        assert_eq!(log.queue_depth(), N - STAGE_LIMIT as u64);
+        tokio::task::yield_now().await;
+        assert_eq!(log.queue_depth(), N);
+    });
+    // Staged, then the runtime dropped before the flush task ran: queued all the same.
+    rt.block_on(async {
+        log.submit(request(N));
+        assert_eq!(log.queue_depth(), N);
+    });
+    drop(rt);
+    assert_eq!(log.queue_depth(), N + 1);
+    log.hold(false);
+    log.close();
+    assert_eq!(verify(dir.path()).unwrap().records, N + 1 + 1);
 }
 
 /// Polls every future on this task until all are done (a join of our own: no futures crate in the build).

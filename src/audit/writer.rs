@@ -13,7 +13,6 @@
 //! `Slot`; a request that finds the queue full waits on a semaphore whose places come back once the writer has
 //! written the records holding them.
 
-use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -24,6 +23,11 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::record::{Record, SealReason};
 use super::segment::SegmentWriter;
 use crate::config::{AuditConfig, Durability};
+
+mod stage;
+
+#[cfg(test)]
+pub(super) use stage::STAGE_LIMIT;
 
 /// Records written in one batch at most.
 const MAX_BATCH: usize = 1024;
@@ -412,7 +416,7 @@ impl AuditLog {
         };
         // A staged record's wait is bounded by its flush task, which sets the slot within ACK_WAIT: no timer of
         // its own, so a request does not arm one (and, on a busy worker, wake its event loop for it).
-        let deadline = match self.stage(job, &slot) {
+        let deadline = match self.stage(job, Some(&slot)) {
             Ok(()) => None,
             Err(mut job) => {
                 job.slot = Some(Arc::clone(&slot));
@@ -430,47 +434,16 @@ impl AuditLog {
     /// response record is not lost to a burst. A record that cannot be queued (the log is closed, or the disk has
     /// stalled that long) is reported in the operational log, never dropped silently.
     ///
-    /// Queued at once, not staged: nothing bounds how many a thread could stage in one turn, and the queue's
-    /// bounds must hold.
+    /// On a worker's runtime it is staged with the turn's other records, up to [`STAGE_LIMIT`] of its kind.
     pub(crate) fn submit(&self, record: Record) {
         let job = Job {
             record,
             slot: None,
             _room: Arc::clone(&self.shared.room).try_acquire_owned().ok(),
         };
-        report_refused(&self.shared.push([job]));
-    }
-
-    /// Stages a job on this thread when it runs a single-threaded runtime, with `waiter` (a request's slot) to
-    /// complete once it is written; gives the job back otherwise.
-    fn stage(&self, job: Job, waiter: &Arc<Slot>) -> Result<(), Job> {
-        let single = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
-        if !single {
-            return Err(job);
+        if let Err(job) = self.stage(job, None) {
+            report_refused(self.shared.push([job]).len());
         }
-        let log = Arc::as_ptr(&self.shared) as usize;
-        STAGE.with(|stage| {
-            let mut stage = stage.borrow_mut();
-            if stage.jobs.is_empty() {
-                stage.log = log;
-            } else if stage.log != log {
-                // Another log's records are staged on this thread (tests run several proxies in one process).
-                return Err(job);
-            }
-            stage.jobs.push((job, Arc::clone(waiter)));
-            if !stage.scheduled {
-                stage.scheduled = true;
-                // Runs after the tasks already woken in this turn, which stage their records first.
-                tokio::spawn(
-                    Flush {
-                        shared: Some(Arc::clone(&self.shared)),
-                    }
-                    .run(),
-                );
-            }
-            Ok(())
-        })
     }
 
     /// Writes what is queued, seals the current segment, fsyncs and stops the threads; waits for them. Later
@@ -519,103 +492,11 @@ impl Drop for AuditLog {
     }
 }
 
-/// Request records staged on one thread (a worker's single-threaded runtime) during one turn of its runtime. A flush task,
-/// spawned by the first, hands them to the writer under one lock and one wake-up; the writer wakes that task once
-/// when all of them are written, and it wakes the requests waiting for them, on their own thread, without a
-/// system call. Per request, one thread hand-off each way is thereby shared by every request of the turn.
-#[derive(Default)]
-struct Stage {
-    /// The log (its shared state's address) the staged jobs are for.
-    log: usize,
-    /// Each job (a request record), with the slot of the request waiting for it.
-    jobs: Vec<(Job, Arc<Slot>)>,
-    /// A flush task is on its way.
-    scheduled: bool,
-}
-
-thread_local! {
-    static STAGE: RefCell<Stage> = RefCell::default();
-}
-
-/// The task that hands a thread's staged request records to the writer. Dropped before it ran (its runtime
-/// stopped), it still queues them, though their requests will not be forwarded.
-struct Flush {
-    shared: Option<Arc<Shared>>,
-}
-
-impl Flush {
-    async fn run(mut self) {
-        let Some(shared) = self.shared.take() else {
-            return;
-        };
-        // Straight from this thread's stage into the queue, which keeps its capacity for the next turn.
-        let (group, waiters, refused) = STAGE.with_borrow_mut(|stage| {
-            stage.scheduled = false;
-            let group = Arc::new(Slot::for_records(stage.jobs.len()));
-            let mut waiters = Vec::with_capacity(stage.jobs.len());
-            let jobs = stage.jobs.drain(..).map(|(mut job, waiter)| {
-                job.slot = Some(Arc::clone(&group));
-                waiters.push(waiter);
-                job
-            });
-            let refused = shared.push(jobs);
-            (group, waiters, refused)
-        });
-        if !refused.is_empty() {
-            // The requests whose records could not be queued are refused (503); they need no log line.
-            group.record_done(false);
-        }
-        drop(refused);
-        if waiters.is_empty() {
-            return;
-        }
-        let deadline = tokio::time::Instant::now() + ACK_WAIT;
-        let state = loop {
-            match group.get() {
-                0 => {}
-                state => break state,
-            }
-            if tokio::time::timeout_at(deadline, group.changed.notified())
-                .await
-                .is_err()
-            {
-                break Slot::FAILED;
-            }
-        };
-        for waiter in waiters {
-            waiter.set(state);
-        }
-    }
-}
-
-impl Drop for Flush {
-    fn drop(&mut self) {
-        if let Some(shared) = self.shared.take() {
-            let staged = STAGE.try_with(|_| take_staged()).unwrap_or_default();
-            // Their requests go away with the runtime; the records are queued all the same.
-            let (jobs, waiters): (Vec<Job>, Vec<_>) = staged.into_iter().unzip();
-            for waiter in waiters {
-                waiter.set(Slot::FAILED);
-            }
-            drop(shared.push(jobs));
-        }
-    }
-}
-
-/// Takes this thread's staged jobs, and lets the next one schedule a flush.
-fn take_staged() -> Vec<(Job, Arc<Slot>)> {
-    STAGE.with(|stage| {
-        let mut stage = stage.borrow_mut();
-        stage.scheduled = false;
-        std::mem::take(&mut stage.jobs)
-    })
-}
-
 /// Says that records could not be queued, never silently.
-fn report_refused(refused: &[Job]) {
-    if !refused.is_empty() {
+fn report_refused(records: usize) {
+    if records > 0 {
         tracing::error!(
-            records = refused.len(),
+            records,
             "audit log closed or its queue full: records could not be queued"
         );
     }
