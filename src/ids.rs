@@ -172,43 +172,110 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// A SHA-256 digest as 64 lower-case hexadecimal digits, held inline: the audit chain makes one per record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HexDigest([u8; 64]);
+
+impl HexDigest {
+    /// All zeros: the `prev` of the first record of a log.
+    pub const GENESIS: HexDigest = HexDigest([b'0'; 64]);
+
+    /// The SHA-256 digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(bytes);
+        let mut out = [0; 64];
+        for (pair, b) in out.chunks_exact_mut(2).zip(digest) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
+        }
+        Self(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Hexadecimal digits only, so always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for HexDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for HexDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The current time as RFC 3339 with microseconds, UTC.
 pub(crate) fn now_rfc3339() -> String {
     rfc3339(time::OffsetDateTime::now_utc())
 }
 
-/// `t` (UTC) as `YYYY-MM-DDTHH:MM:SS.ffffffZ`, digit by digit: every record is stamped, and the general formatter
-/// cost a microsecond a record.
+/// `t` (UTC) as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
 pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
-    fn digits(out: &mut String, n: u32, width: u32) {
-        for place in (0..width).rev() {
-            let d = (n / 10u32.pow(place)) % 10;
-            out.push(char::from(b'0' + d as u8));
-        }
+    Timestamp::of(t).as_str().to_owned()
+}
+
+/// A time (UTC) as RFC 3339 with microseconds, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, held inline and written digit by
+/// digit: every audit record is stamped, and the general formatter cost a microsecond a record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timestamp([u8; 27]);
+
+impl Timestamp {
+    pub(crate) fn now() -> Self {
+        Self::of(time::OffsetDateTime::now_utc())
     }
-    let (h, m, sec, micro) = t.to_hms_micro();
-    let mut out = String::with_capacity(27);
-    digits(&mut out, t.year().clamp(0, 9999) as u32, 4);
-    out.push('-');
-    digits(&mut out, u32::from(u8::from(t.month())), 2);
-    out.push('-');
-    digits(&mut out, u32::from(t.day()), 2);
-    out.push('T');
-    digits(&mut out, u32::from(h), 2);
-    out.push(':');
-    digits(&mut out, u32::from(m), 2);
-    out.push(':');
-    digits(&mut out, u32::from(sec), 2);
-    out.push('.');
-    digits(&mut out, micro, 6);
-    out.push('Z');
-    out
+
+    pub(crate) fn of(t: time::OffsetDateTime) -> Self {
+        fn digits(out: &mut [u8], n: u32) {
+            let mut n = n;
+            for place in out.iter_mut().rev() {
+                *place = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        }
+        let (h, m, sec, micro) = t.to_hms_micro();
+        let mut out = *b"0000-00-00T00:00:00.000000Z";
+        digits(&mut out[0..4], t.year().clamp(0, 9999) as u32);
+        digits(&mut out[5..7], u32::from(u8::from(t.month())));
+        digits(&mut out[8..10], u32::from(t.day()));
+        digits(&mut out[11..13], u32::from(h));
+        digits(&mut out[14..16], u32::from(m));
+        digits(&mut out[17..19], u32::from(sec));
+        digits(&mut out[20..26], micro);
+        Self(out)
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Digits and ASCII separators only, so always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn hex_digest_is_sha256_in_lower_case_hex() {
+        // FIPS 180-2, appendix B.1.
+        assert_eq!(
+            HexDigest::of(b"abc").to_string(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(HexDigest::GENESIS.as_str(), "0".repeat(64));
+    }
 
     #[test]
     fn hex_is_lower_case() {

@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
-use sha2::{Digest, Sha256};
 
-use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
+use crate::ids::{Asid, HexDigest, InteractionId, PeerIdentity, TraceId};
 use crate::jwt::JwtAudit;
 use crate::policy::Permit;
 use crate::ssp;
@@ -268,14 +267,14 @@ enum Entry {
 /// One audit record, stamped when made. `seq`, `instance` and `prev` are the writer's.
 #[derive(Debug)]
 pub struct Record {
-    ts: String,
+    ts: crate::ids::Timestamp,
     entry: Entry,
 }
 
 impl Record {
     fn new(entry: Entry) -> Self {
         Self {
-            ts: crate::ids::now_rfc3339(),
+            ts: crate::ids::Timestamp::now(),
             entry,
         }
     }
@@ -348,13 +347,13 @@ pub struct Link<'a> {
 
 /// Appends `record` to `buf` as one JSON line at `link` and returns the SHA-256 (hex) of the line, the next
 /// record's `prev`: the whole cost of a record on the writer, but for the `write`.
-pub fn encode(record: &Record, link: Link<'_>, buf: &mut Vec<u8>) -> io::Result<String> {
+pub fn encode(record: &Record, link: Link<'_>, buf: &mut Vec<u8>) -> io::Result<HexDigest> {
     let start = buf.len();
     let mut serializer = serde_json::Serializer::new(&mut *buf);
     Line { record, link }
         .serialize(&mut serializer)
         .map_err(io::Error::other)?;
-    let hash = crate::ids::hex(&Sha256::digest(&buf[start..]));
+    let hash = HexDigest::of(&buf[start..]);
     buf.push(b'\n');
     Ok(hash)
 }
@@ -369,7 +368,7 @@ impl Serialize for Line<'_> {
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("seq", &self.link.seq)?;
         map.serialize_entry("instance", self.link.instance)?;
-        map.serialize_entry("ts", &self.record.ts)?;
+        map.serialize_entry("ts", self.record.ts.as_str())?;
         match &self.record.entry {
             Entry::Permitted { tx, jwt } => request(&mut map, tx, "permit", None, jwt.as_deref())?,
             Entry::Refused { tx, reason, jwt } => {

@@ -10,9 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
+use crate::ids::HexDigest;
 
-use super::GENESIS;
 use super::record::{Link as ChainLink, Record, SealReason, encode};
 use super::writer::{AuditMetrics, set_healthy};
 use crate::config::AuditConfig;
@@ -34,7 +33,7 @@ pub(super) struct SegmentWriter {
     /// Sequence number of the last record written.
     seq: u64,
     /// SHA-256 (hex) of the last line written.
-    prev: String,
+    prev: HexDigest,
     /// Reused for each batch.
     buf: Vec<u8>,
     metrics: Option<AuditMetrics>,
@@ -47,7 +46,7 @@ impl SegmentWriter {
             healthy,
             segment: None,
             seq: 0,
-            prev: GENESIS.to_owned(),
+            prev: HexDigest::GENESIS,
             buf: Vec::with_capacity(64 * 1024),
             metrics: None,
         }
@@ -63,13 +62,13 @@ impl SegmentWriter {
             return Err(io::Error::other("no writable audit segment"));
         }
         self.buf.clear();
-        let (mut seq, mut prev) = (self.seq, self.prev.clone());
+        let (mut seq, mut prev) = (self.seq, self.prev);
         for record in records {
             seq += 1;
             let link = ChainLink {
                 seq,
                 instance: &self.cfg.instance,
-                prev: &prev,
+                prev: prev.as_str(),
             };
             prev = encode(record, link, &mut self.buf)?;
         }
@@ -319,7 +318,7 @@ enum Recovered {
     Empty,
     Tail {
         seq: u64,
-        hash: String,
+        hash: HexDigest,
         sealed: bool,
         /// Bytes of a torn last line and the file they were set aside in.
         torn: Option<(u64, String)>,
@@ -391,7 +390,7 @@ fn recover_segment(path: &Path) -> io::Result<Recovered> {
     })?;
     Ok(Recovered::Tail {
         seq: link.seq,
-        hash: crate::ids::hex(&Sha256::digest(last)),
+        hash: HexDigest::of(last),
         sealed: link.kind == "seal",
         torn,
     })

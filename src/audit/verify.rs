@@ -4,10 +4,8 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
-use super::GENESIS;
 use super::segment::{ChainFields, list_segments};
+use crate::ids::HexDigest;
 
 /// What an intact log holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +52,7 @@ pub fn verify(dir: &Path) -> Result<Verified, Broken> {
         return Err(broken(dir, 0, None, "no audit segments".into()));
     }
     let mut expect_seq = 1u64;
-    let mut expect_prev = GENESIS.to_owned();
+    let mut expect_prev = HexDigest::GENESIS;
     let mut records = 0u64;
     let mut last_sealed = false;
     for (n, (_, path)) in segments.iter().enumerate() {
@@ -103,7 +101,7 @@ pub fn verify(dir: &Path) -> Result<Verified, Broken> {
                     ),
                 ));
             }
-            if link.prev != expect_prev {
+            if link.prev != expect_prev.as_str() {
                 return Err(broken(
                     path,
                     line_no,
@@ -115,7 +113,7 @@ pub fn verify(dir: &Path) -> Result<Verified, Broken> {
                     ),
                 ));
             }
-            expect_prev = crate::ids::hex(&Sha256::digest(body));
+            expect_prev = HexDigest::of(body);
             expect_seq += 1;
             records += 1;
             sealed = link.kind == "seal";
