@@ -50,7 +50,7 @@ impl Validator {
         let parts = Parts::split(token)?;
         {
             let (header, claims) = (parts.header()?, parts.payload()?);
-            audit.alg = accepted_alg(parts.verify(header.root(), expect.keys)?);
+            audit.alg = accepted_alg(parts.verify(&header, expect.keys)?);
             let source = Source::of(parts.payload_bytes());
             self.validate_claims(claims.root(), &source, expect, audit);
         }

@@ -136,6 +136,25 @@ fn expired_and_future_tokens() {
     );
 }
 
+/// The usual unsigned header is recognised by its encoding; the same header spelt otherwise is read, and judged
+/// the same, and one that differs by a byte is refused.
+#[test]
+fn unsigned_headers_are_judged_alike_however_spelt() {
+    let claims = URL_SAFE_NO_PAD.encode(claims().to_string());
+    for (header, valid) in [
+        (r#"{"alg":"none","typ":"JWT"}"#, true),
+        (r#"{"typ":"JWT","alg":"none"}"#, true),
+        (r#" {"alg" : "none", "typ":"JWT"}"#, true),
+        (r#"{"alg":"none","typ":"JWS"}"#, false),
+        (r#"{"alg":"None","typ":"JWT"}"#, false),
+    ] {
+        let token = format!("{}.{claims}.", URL_SAFE_NO_PAD.encode(header));
+        let audit = check_token(&token, READ);
+        assert_eq!(audit.valid, valid, "{header}: {:?}", names(&audit));
+        assert_eq!(audit.alg(), valid.then_some("none"), "{header}");
+    }
+}
+
 #[test]
 fn hostile_tokens_are_refused_by_name() {
     let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);

@@ -108,14 +108,25 @@ pub fn decode(
 ) -> Result<(String, Map<String, Value>), Violation> {
     let parts = Parts::split(token)?;
     let (header, claims) = (parts.header()?, parts.payload()?);
-    let alg = parts.verify(header.root(), keys)?;
+    let alg = parts.verify(&header, keys)?;
     Ok((alg.to_owned(), claims.root().to_map()))
+}
+
+/// The base64url encoding of GP Connect's unsigned header, `{"alg":"none","typ":"JWT"}`, as nearly every token
+/// carries it: recognised as it is, it needs neither decoding nor reading.
+const UNSIGNED_HEADER: &str = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
+
+/// A token's header: the usual unsigned one, recognised by its encoding, or read.
+pub(super) enum Header<'h> {
+    Unsigned,
+    Read(Doc<'h>),
 }
 
 /// A token cut into its three parts, the first two base64-decoded. The JSON read from them borrows these bytes.
 pub(super) struct Parts<'t> {
     token: &'t str,
-    header: Vec<u8>,
+    /// The decoded header; none for [`UNSIGNED_HEADER`].
+    header: Option<Vec<u8>>,
     payload: Vec<u8>,
     signature: &'t str,
 }
@@ -131,7 +142,10 @@ impl<'t> Parts<'t> {
         };
         Ok(Self {
             token,
-            header: base64url(&token[..first])?,
+            header: match &token[..first] {
+                UNSIGNED_HEADER => None,
+                other => Some(base64url(other)?),
+            },
             payload: base64url(&token[first + 1..second])?,
             signature: &token[second + 1..],
         })
@@ -147,8 +161,11 @@ impl<'t> Parts<'t> {
         self.payload
     }
 
-    pub(super) fn header(&self) -> Result<Doc<'_>, Violation> {
-        json_object(&self.header)
+    pub(super) fn header(&self) -> Result<Header<'_>, Violation> {
+        match &self.header {
+            None => Ok(Header::Unsigned),
+            Some(bytes) => json_object(bytes).map(Header::Read),
+        }
     }
 
     pub(super) fn payload(&self) -> Result<Doc<'_>, Violation> {
@@ -158,16 +175,25 @@ impl<'t> Parts<'t> {
     /// Checks the header (read by [`Parts::header`]) and the signature, or its absence; the header's `alg`.
     pub(super) fn verify<'h>(
         &self,
-        header: Obj<'h>,
+        header: &'h Header<'h>,
         keys: Option<&[VerifyingKey]>,
     ) -> Result<&'h str, Violation> {
         let (token, signature) = (self.token, self.signature);
-        let alg = header.get("alg").and_then(Json::as_str).unwrap_or_default();
-        let typ_ok = header.get("typ").and_then(Json::as_str) == Some("JWT");
+        let (alg, typ_ok, members) = match header {
+            Header::Unsigned => ("none", true, 2),
+            Header::Read(doc) => {
+                let header: Obj<'h> = doc.root();
+                (
+                    header.get("alg").and_then(Json::as_str).unwrap_or_default(),
+                    header.get("typ").and_then(Json::as_str) == Some("JWT"),
+                    header.len(),
+                )
+            }
+        };
         match keys {
             None => {
                 // Exactly {"alg":"none","typ":"JWT"}, in any key order, nothing more.
-                if alg != "none" || !typ_ok || header.len() != 2 {
+                if alg != "none" || !typ_ok || members != 2 {
                     return Err(Violation::Header);
                 }
                 if !signature.is_empty() {
