@@ -59,53 +59,69 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// The `Forwarded` and `X-Forwarded-For` elements that name one consumer connection's client, made once per
+/// connection (its requests share them).
+#[derive(Debug, Clone)]
+pub(crate) struct ClientFields {
+    /// RFC 7239 section 4: `for=192.0.2.1;proto=https`; an IPv6 node bracketed and the value quoted.
+    forwarded: HeaderValue,
+    /// The address alone.
+    forwarded_for: HeaderValue,
+}
+
+impl ClientFields {
+    pub(crate) fn of(client: SocketAddr) -> Self {
+        let ip = client.ip().to_canonical();
+        let forwarded = match ip {
+            IpAddr::V4(v4) => format!("for={v4};proto=https"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
+        };
+        // An address and these separators are always a valid field value.
+        let value = |text: String| {
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        };
+        Self {
+            forwarded: value(forwarded),
+            forwarded_for: value(ip.to_string()),
+        }
+    }
+}
+
 /// Applies the rest of DESIGN.md 1.5 to headers already normalised by [`normalize_request_headers`] (which the
 /// pipeline does before the checks, so hop-by-hop fields are not looked for twice): `Host` set to the target
 /// authority, `Forwarded` and `X-Forwarded-For` appended; every other header (the `Ssp-*` ones, `Authorization`)
-/// unchanged. Every request passes here: the two values are written into one reused buffer.
+/// unchanged. Every request passes here: the client's elements are the connection's, shared.
 pub(crate) fn rewrite_request_headers(
     headers: &mut HeaderMap,
     authority: &str,
-    client_addr: SocketAddr,
+    client: &ClientFields,
 ) {
-    use std::fmt::Write;
     if let Ok(host) = HeaderValue::from_str(authority) {
         headers.insert(header::HOST, host);
     }
-    let ip = client_addr.ip().to_canonical();
-    let mut value = String::with_capacity(64);
-    // RFC 7239: an IPv6 node is bracketed and the value quoted.
-    let _ = match ip {
-        IpAddr::V4(v4) => write!(value, "for={v4};proto=https"),
-        IpAddr::V6(v6) => write!(value, "for=\"[{v6}]\";proto=https"),
-    };
-    append_list(headers, header::FORWARDED, &mut value);
-    value.clear();
-    let _ = write!(value, "{ip}");
+    append_list(headers, header::FORWARDED, &client.forwarded);
     append_list(
         headers,
         HeaderName::from_static("x-forwarded-for"),
-        &mut value,
+        &client.forwarded_for,
     );
 }
 
-/// Appends `value` to a comma-separated list header, joining existing lines into one (`value` is used as the
-/// buffer).
-fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &mut String) {
-    let existing: Vec<&str> = headers
-        .get_all(&name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    if !existing.is_empty() {
-        let mine = std::mem::take(value);
-        for line in existing {
-            value.push_str(line);
-            value.push_str(", ");
-        }
-        value.push_str(&mine);
+/// Appends `value` to a comma-separated list header, joining existing lines into one.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
+    let mut existing = headers.get_all(&name).iter().peekable();
+    if existing.peek().is_none() {
+        headers.insert(name, value.clone());
+        return;
     }
-    if let Ok(v) = HeaderValue::from_str(value) {
+    let mut joined = Vec::new();
+    for line in existing {
+        joined.extend_from_slice(line.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(value.as_bytes());
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
         headers.insert(name, v);
     }
 }

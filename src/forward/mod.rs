@@ -20,7 +20,9 @@ mod pool;
 
 pub(crate) use connector::Connector;
 pub(crate) use exchange::{Direction, Exchange, IdleTimeout, Streamed};
-pub(crate) use headers::{normalize_request_headers, rewrite_request_headers, strip_hop_by_hop};
+pub(crate) use headers::{
+    ClientFields, normalize_request_headers, rewrite_request_headers, strip_hop_by_hop,
+};
 pub(crate) use pool::{ProviderBody, Upstream};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::io;
-use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -29,7 +28,7 @@ use tokio::time::Instant;
 
 use super::connector::{ConnectError, ProviderStream};
 use super::{
-    BoxError, Connector, Direction, Exchange, ForwardError, IdleTimeout, Streamed,
+    BoxError, ClientFields, Connector, Direction, Exchange, ForwardError, IdleTimeout, Streamed,
     rewrite_request_headers, strip_hop_by_hop,
 };
 use crate::config::UpstreamConfig;
@@ -436,8 +435,7 @@ impl Upstream {
         per_provider_connections: u32,
         tls: Arc<crate::tls::Reloadable>,
     ) -> Self {
-        let mut http1 = http1::Builder::new();
-        http1.preserve_header_case(true);
+        let http1 = http1::Builder::new();
         let pool = Pool {
             connector: Connector {
                 tls,
@@ -500,7 +498,7 @@ impl Upstream {
         &self,
         permit: &Permit,
         request: Request<Incoming>,
-        client_addr: SocketAddr,
+        client: &ClientFields,
         exchange: &Arc<Exchange>,
     ) -> Result<Response<ProviderBody>, ForwardError> {
         let (mut parts, body) = request.into_parts();
@@ -512,7 +510,7 @@ impl Upstream {
             .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
         // The pool speaks HTTP/1.1 only; an h2 consumer's request is re-versioned.
         parts.version = Version::HTTP_11;
-        rewrite_request_headers(&mut parts.headers, target.authority(), client_addr);
+        rewrite_request_headers(&mut parts.headers, target.authority(), client);
         // Kept for a retry only when one is allowed; the header values share the request's buffers.
         let again = (parts.method.is_idempotent() && body.is_end_stream()).then(|| {
             let mut again = Request::new(RequestBody(None));

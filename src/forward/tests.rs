@@ -42,7 +42,7 @@ fn request_headers_follow_the_forwarding_rules() {
     rewrite_request_headers(
         &mut h,
         "provider.example:9443",
-        "127.0.0.9:5555".parse().unwrap(),
+        &ClientFields::of("127.0.0.9:5555".parse().unwrap()),
     );
     assert_eq!(h[header::HOST], "provider.example:9443");
     for gone in [
@@ -97,7 +97,11 @@ fn http2_cookies_are_joined_in_order() {
 #[test]
 fn ipv6_clients_are_quoted_in_forwarded() {
     let mut h = HeaderMap::new();
-    rewrite_request_headers(&mut h, "p:1", "[::1]:5555".parse().unwrap());
+    rewrite_request_headers(
+        &mut h,
+        "p:1",
+        &ClientFields::of("[::1]:5555".parse().unwrap()),
+    );
     assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=https");
     assert_eq!(h["x-forwarded-for"], "::1");
 }

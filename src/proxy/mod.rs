@@ -14,7 +14,6 @@ mod body;
 mod pipeline;
 mod refusal;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::ids::PeerIdentity;
@@ -28,8 +27,9 @@ pub use refusal::{Refusal, X_RATE_LIMIT_LIMIT, X_RATE_LIMIT_REMAINING, X_RATE_LI
 pub(crate) struct ConnInfo {
     /// Counts connections since start, for correlating log lines.
     pub id: u64,
-    pub remote: SocketAddr,
     pub peer: PeerIdentity,
     /// The peer as every audit record of this connection names it, built once.
     pub audit_peer: Arc<crate::audit::Peer>,
+    /// The `Forwarded` and `X-Forwarded-For` elements its requests carry to the provider.
+    pub client: crate::forward::ClientFields,
 }

@@ -248,7 +248,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Refusal> {
         let response = match self
             .upstream
-            .send(&permit, request, conn.remote, &exchange)
+            .send(&permit, request, &conn.client, &exchange)
             .await
         {
             Ok(response) => response,

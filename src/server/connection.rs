@@ -142,9 +142,9 @@ impl Connection {
         let audit_peer = Arc::new(crate::audit::Peer::new(remote, via, &peer));
         let info = Arc::new(ConnInfo {
             id: self.id,
-            remote,
             peer,
             audit_peer,
+            client: crate::forward::ClientFields::of(remote),
         });
         let activity = Arc::new(Activity::new());
         let proxy = self.proxy;

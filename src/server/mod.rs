@@ -99,7 +99,6 @@ impl Server {
             .timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
             .keep_alive(true)
-            .preserve_header_case(true)
             // hyper's own limits sit above ours, so that a request just over ours reaches the proxy and gets a
             // documented 431 with its audit records; beyond hyper's, hyper answers a bare 431 and closes.
             .max_headers(limits.max_header_count * 2)
