@@ -5,7 +5,10 @@
 //! the crate.
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+
+use http::HeaderValue;
 
 /// Longest ASID accepted. Real ASIDs are 12 digits; the limit only bounds hostile input.
 const MAX_ASID_LEN: usize = 20;
@@ -14,76 +17,136 @@ const MAX_URN_LEN: usize = 256;
 /// Longest ODS code accepted (ODS codes are 3 to 10 characters in practice).
 const MAX_ODS_LEN: usize = 16;
 
+/// The text of an identifier read from a header field: it shares the field's bytes (a reference count, not a
+/// copy), so that a request's identifiers go from the parsed head to the checks and the audit record without being
+/// copied. Identifiers from policy text hold a copy. Always ASCII: every identifier is checked before one is made.
+/// Hashes, compares and orders as its text.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Text(HeaderValue);
+
+impl Text {
+    fn copy(text: &str) -> Option<Self> {
+        HeaderValue::from_str(text).ok().map(Self)
+    }
+
+    fn as_str(&self) -> &str {
+        // ASCII by construction, so this never fails; std's check is word-at-a-time for ASCII.
+        std::str::from_utf8(self.0.as_bytes()).unwrap_or_default()
+    }
+}
+
+impl Hash for Text {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+/// The text of a header field value, when it is visible ASCII.
+fn field_text(value: &HeaderValue) -> Option<&str> {
+    value.to_str().ok()
+}
+
 /// An Accredited System ID: the directory's identifier for a consumer or provider system (`Ssp-From`, `Ssp-To`).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Asid(Arc<str>);
+pub struct Asid(Text);
 
 impl Asid {
     /// Parses an ASID: ASCII digits only, 1 to 20 of them.
     pub fn parse(text: &str) -> Option<Self> {
-        let ok = !text.is_empty()
-            && text.len() <= MAX_ASID_LEN
-            && text.bytes().all(|b| b.is_ascii_digit());
-        ok.then(|| Self(Arc::from(text)))
+        Self::valid(text).then(|| Text::copy(text).map(Self))?
+    }
+
+    /// An ASID from a header field, sharing its bytes.
+    pub(crate) fn from_field(value: &HeaderValue) -> Option<Self> {
+        field_text(value)
+            .is_some_and(Self::valid)
+            .then(|| Self(Text(value.clone())))
+    }
+
+    fn valid(text: &str) -> bool {
+        !text.is_empty() && text.len() <= MAX_ASID_LEN && text.bytes().all(|b| b.is_ascii_digit())
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 }
 
 /// A GUID as carried by `Ssp-TraceID`, kept in the text form the consumer sent (hyphenated, either case).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct TraceId(Arc<str>);
+pub struct TraceId(Text);
 
 impl TraceId {
     /// Parses the 8-4-4-4-12 hexadecimal GUID form, nothing else (no braces, no URN prefix).
     pub fn parse(text: &str) -> Option<Self> {
+        Self::valid(text).then(|| Text::copy(text).map(Self))?
+    }
+
+    /// A trace id from a header field, sharing its bytes.
+    pub(crate) fn from_field(value: &HeaderValue) -> Option<Self> {
+        field_text(value)
+            .is_some_and(Self::valid)
+            .then(|| Self(Text(value.clone())))
+    }
+
+    fn valid(text: &str) -> bool {
         let bytes = text.as_bytes();
-        if bytes.len() != 36 {
-            return None;
-        }
-        let ok = bytes.iter().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => *b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        });
-        ok.then(|| Self(Arc::from(text)))
+        bytes.len() == 36
+            && bytes.iter().enumerate().all(|(i, b)| match i {
+                8 | 13 | 18 | 23 => *b == b'-',
+                _ => b.is_ascii_hexdigit(),
+            })
     }
 
     /// A fresh random (version 4) GUID.
     pub fn new_random() -> Self {
-        Self(Arc::from(uuid::Uuid::new_v4().hyphenated().to_string()))
+        let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+        let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+        Self(Text(HeaderValue::from_str(text).unwrap_or_else(|_| {
+            HeaderValue::from_static("00000000-0000-0000-0000-000000000000")
+        })))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 }
 
 /// A business interaction URN (`Ssp-InteractionID`), e.g.
 /// `urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct InteractionId(Arc<str>);
+pub struct InteractionId(Text);
 
 impl InteractionId {
     /// Parses a URN: the `urn:` prefix (lower case, as every NHS interaction is written), then at most 256
     /// characters from the RFC 8141 URN character set.
     pub fn parse(text: &str) -> Option<Self> {
-        let rest = text.strip_prefix("urn:")?;
-        let ok = !rest.is_empty()
-            && text.len() <= MAX_URN_LEN
-            && rest.bytes().all(|b| {
-                b.is_ascii_alphanumeric()
-                    || matches!(
-                        b,
-                        b':' | b'.' | b'-' | b'_' | b'+' | b'$' | b'%' | b'/' | b'(' | b')'
-                    )
-            });
-        ok.then(|| Self(Arc::from(text)))
+        Self::valid(text).then(|| Text::copy(text).map(Self))?
+    }
+
+    /// An interaction from a header field, sharing its bytes.
+    pub(crate) fn from_field(value: &HeaderValue) -> Option<Self> {
+        field_text(value)
+            .is_some_and(Self::valid)
+            .then(|| Self(Text(value.clone())))
+    }
+
+    fn valid(text: &str) -> bool {
+        text.strip_prefix("urn:").is_some_and(|rest| {
+            !rest.is_empty()
+                && text.len() <= MAX_URN_LEN
+                && rest.bytes().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(
+                            b,
+                            b':' | b'.' | b'-' | b'_' | b'+' | b'$' | b'%' | b'/' | b'(' | b')'
+                        )
+                })
+        })
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 }
 
@@ -108,12 +171,12 @@ macro_rules! text_newtype_fmt {
     ($($ty:ty),*) => {$(
         impl fmt::Display for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.write_str(self.as_str())
             }
         }
         impl fmt::Debug for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({:?})", stringify!($ty), &*self.0)
+                write!(f, "{}({:?})", stringify!($ty), self.as_str())
             }
         }
     )*};
@@ -124,7 +187,7 @@ text_newtype_fmt!(Asid, TraceId, InteractionId, OdsCode);
 /// hashing and equality are those of the text either way.
 impl std::borrow::Borrow<str> for InteractionId {
     fn borrow(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
@@ -266,6 +329,31 @@ impl fmt::Debug for Timestamp {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Identifiers read from header fields share the fields' bytes; they hash, compare and print as their text
+    /// whichever way they were made.
+    #[test]
+    fn identifiers_from_fields_share_their_bytes() {
+        let urn = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1";
+        let field = HeaderValue::from_static(urn);
+        let interaction = InteractionId::from_field(&field).unwrap();
+        assert_eq!(interaction.as_str().as_ptr(), field.as_bytes().as_ptr());
+        assert_eq!(interaction, InteractionId::parse(urn).unwrap());
+        let set = std::collections::HashSet::from([InteractionId::parse(urn).unwrap()]);
+        assert!(set.contains(urn) && set.contains(&interaction));
+        let asid = HeaderValue::from_static("200000000359");
+        assert_eq!(
+            Asid::from_field(&asid).unwrap().as_str().as_ptr(),
+            asid.as_bytes().as_ptr()
+        );
+        assert!(Asid::from_field(&HeaderValue::from_static("20000000035x")).is_none());
+        assert!(TraceId::from_field(&HeaderValue::from_bytes(b"\xff").unwrap()).is_none());
+        let trace = TraceId::new_random();
+        assert_eq!(
+            format!("{trace:?}"),
+            format!("TraceId({:?})", trace.as_str())
+        );
+    }
 
     #[test]
     fn hex_digest_is_sha256_in_lower_case_hex() {

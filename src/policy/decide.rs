@@ -117,6 +117,10 @@ impl Denial {
 
 /// The outcome of a policy check.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "made and matched once per request; boxing the permit would cost an allocation per request"
+)]
 pub enum Decision {
     Permit(Permit),
     Deny(Denial),

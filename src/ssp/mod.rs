@@ -4,7 +4,7 @@
 //! Everything here is untrusted input, parsed strictly and without normalisation: the path and query go to the
 //! provider byte for byte. No policy, no network.
 
-use http::{HeaderMap, HeaderName, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
 use crate::ids::{Asid, InteractionId, TraceId};
 
@@ -221,16 +221,16 @@ impl SspHeaders {
     /// Reads the four headers in the documented order; the first missing or invalid one is the error.
     pub fn parse(headers: &HeaderMap) -> Result<Self, HeaderError> {
         let trace_id = single(headers, &HEADER_TRACE_ID)
-            .and_then(TraceId::parse)
+            .and_then(TraceId::from_field)
             .ok_or(HeaderError("Ssp-TraceID"))?;
         let from = single(headers, &HEADER_FROM)
-            .and_then(Asid::parse)
+            .and_then(Asid::from_field)
             .ok_or(HeaderError("Ssp-From"))?;
         let to = single(headers, &HEADER_TO)
-            .and_then(Asid::parse)
+            .and_then(Asid::from_field)
             .ok_or(HeaderError("Ssp-To"))?;
         let interaction = single(headers, &HEADER_INTERACTION_ID)
-            .and_then(InteractionId::parse)
+            .and_then(InteractionId::from_field)
             .ok_or(HeaderError("Ssp-InteractionID"))?;
         Ok(Self {
             trace_id,
@@ -241,15 +241,15 @@ impl SspHeaders {
     }
 }
 
-/// The header's value when it appears exactly once and is visible ASCII. A repeated `Ssp-*` header is
-/// ambiguous, so it counts as invalid rather than taking either value.
-fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+/// The header's value when it appears exactly once (each identifier then requires visible ASCII). A repeated
+/// `Ssp-*` header is ambiguous, so it counts as invalid rather than taking either value.
+fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?;
     if values.next().is_some() {
         return None;
     }
-    first.to_str().ok()
+    Some(first)
 }
 
 /// A request that passed checks 3 and 4: where it goes and who says it is sending what.
