@@ -47,6 +47,10 @@ impl Peer {
 
 /// The identifiers a transaction's records name.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "held once per transaction, inside its Arc; boxing would cost an allocation per request"
+)]
 pub(super) enum Names {
     /// A permitted request: the parsed identifiers, shared with the request itself (reference counts, no copies),
     /// and the certificate name check 5 matched.
@@ -55,7 +59,8 @@ pub(super) enum Names {
         from: Asid,
         to: Asid,
         interaction: InteractionId,
-        target: Arc<str>,
+        /// A clone of the parsed target (reference counts).
+        target: crate::ssp::Target,
         fqdn: Arc<str>,
     },
     /// A refused request: what it carried, raw and bounded (it may be what was refused).
@@ -99,7 +104,7 @@ impl Transaction {
                 from: h.from.clone(),
                 to: h.to.clone(),
                 interaction: h.interaction.clone(),
-                target: Arc::clone(permit.target().shared_text()),
+                target: permit.target().clone(),
                 fqdn: Arc::clone(permit.fqdn()),
             },
         })
@@ -418,7 +423,7 @@ fn request<M: SerializeMap>(
     let target = match &tx.names {
         Names::Checked { fqdn, target, .. } => {
             map.serialize_entry("fqdn", &**fqdn)?;
-            Some(&**target)
+            Some(target.as_str())
         }
         Names::Raw { target, .. } => target.as_deref(),
     };

@@ -46,7 +46,10 @@ fn transaction(n: u64) -> Arc<Transaction> {
                 "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1",
             )
             .unwrap(),
-            target: Arc::from("https://provider.dev.localhost/B82617/STU3/1/gpconnect/metadata"),
+            target: crate::ssp::Target::parse(
+                "https://provider.dev.localhost/B82617/STU3/1/gpconnect/metadata",
+            )
+            .unwrap(),
             fqdn: Arc::from("consumer.dev.localhost"),
         },
     })

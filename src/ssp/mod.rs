@@ -19,9 +19,10 @@ pub const HEADER_INTERACTION_ID: HeaderName = HeaderName::from_static("ssp-inter
 /// The provider URL a consumer asked for, checked for shape but otherwise exactly as sent.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// The URL as the consumer wrote it (without the proxy's leading `/`); check 9 compares this text.
-    text: std::sync::Arc<str>,
-    /// The same URL as an absolute URI for the upstream client.
+    /// The URL as the consumer wrote it (without the proxy's leading `/`); check 9 compares this text. Printable
+    /// ASCII (checked first), so always a `str`.
+    text: bytes::Bytes,
+    /// The same URL as an absolute URI for the upstream client, sharing `text`'s bytes.
     uri: Uri,
 }
 
@@ -85,24 +86,17 @@ impl Target {
         if has_encoded_separator(path) {
             return Err(TargetError::EncodedSeparator);
         }
-        let uri = Uri::try_from(text).map_err(|_| TargetError::Unparseable)?;
+        let bytes = bytes::Bytes::copy_from_slice(text.as_bytes());
+        let uri = Uri::from_maybe_shared(bytes.clone()).map_err(|_| TargetError::Unparseable)?;
         // http::Uri agrees with our split, or the text is too odd to forward.
         if uri.authority().map(|a| a.as_str()) != Some(authority) {
             return Err(TargetError::Unparseable);
         }
-        Ok(Self {
-            text: text.into(),
-            uri,
-        })
+        Ok(Self { text: bytes, uri })
     }
 
     pub fn as_str(&self) -> &str {
-        &self.text
-    }
-
-    /// The URL text, shared: the audit record names the target without copying it.
-    pub(crate) fn shared_text(&self) -> &std::sync::Arc<str> {
-        &self.text
+        std::str::from_utf8(&self.text).unwrap_or_default()
     }
 
     pub fn uri(&self) -> &Uri {
@@ -117,7 +111,7 @@ impl Target {
     /// True when this target is `endpoint_url` itself or continues it at a `/` or `?` (check 9: exact text,
     /// so an IP address for the host or an added `:443` does not match).
     pub fn is_under(&self, endpoint_url: &str) -> bool {
-        match self.text.strip_prefix(endpoint_url) {
+        match self.as_str().strip_prefix(endpoint_url) {
             Some("") => true,
             Some(rest) => rest.starts_with('/') || rest.starts_with('?'),
             None => false,

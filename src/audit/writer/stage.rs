@@ -68,6 +68,8 @@ struct Stage {
     unwaited: usize,
     /// A flush task is on its way.
     scheduled: bool,
+    /// The list of waiting requests a finished flush task left, for the next one to reuse.
+    spare: Vec<Arc<Slot>>,
 }
 
 thread_local! {
@@ -86,11 +88,11 @@ impl Flush {
             return;
         };
         // Straight from this thread's stage into the queue, which keeps its capacity for the next turn.
-        let (group, waiters, refused) = STAGE.with_borrow_mut(|stage| {
+        let (group, mut waiters, refused) = STAGE.with_borrow_mut(|stage| {
             stage.scheduled = false;
             let waited = stage.jobs.len() - std::mem::take(&mut stage.unwaited);
             let group = Arc::new(Slot::for_records(waited));
-            let mut waiters = Vec::with_capacity(waited);
+            let mut waiters = std::mem::take(&mut stage.spare);
             let jobs = stage.jobs.drain(..).map(|(mut job, waiter)| {
                 if let Some(waiter) = waiter {
                     job.slot = Some(Arc::clone(&group));
@@ -127,9 +129,15 @@ impl Flush {
                 break Slot::FAILED;
             }
         };
-        for waiter in waiters {
+        for waiter in waiters.drain(..) {
             waiter.set(state);
         }
+        let _ = STAGE.try_with(|stage| {
+            let mut stage = stage.borrow_mut();
+            if stage.spare.capacity() < waiters.capacity() {
+                stage.spare = waiters;
+            }
+        });
     }
 }
 
