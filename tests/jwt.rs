@@ -110,6 +110,33 @@ async fn bearer_takes_one_or_more_spaces() {
     assert_eq!(w.provider.seen().len(), 1);
 }
 
+/// `Authorization` is a singleton field: a second line, before or after a good one, is a malformed token, so that
+/// the provider cannot read a token ssp did not check.
+#[tokio::test]
+async fn a_repeated_authorization_field_is_malformed() {
+    let w = World::start().await;
+    let good = bearer(&claims(&w.url, METADATA));
+    for lines in [
+        [good.as_str(), "Bearer garbage"],
+        ["Bearer garbage", good.as_str()],
+        [good.as_str(), good.as_str()],
+    ] {
+        let mut req = metadata_request(&w, FROM, None);
+        for line in lines {
+            req.headers_mut()
+                .append("authorization", line.parse().unwrap());
+        }
+        within("repeated", w.consumer("consumer").fetch(req))
+            .await
+            .unwrap()
+            .assert_outcome(400, "invalid", "INVALID_JWT_MALFORMED");
+    }
+    assert!(
+        w.provider.seen().is_empty(),
+        "a repeated token reached the provider"
+    );
+}
+
 /// Audit mode: a bad token is forwarded, unchanged.
 #[tokio::test]
 async fn audit_mode_forwards_bad_tokens() {

@@ -27,6 +27,23 @@ pub struct Expect<'a> {
 }
 
 impl Validator {
+    /// Decodes and validates a request's `Authorization` field lines: none, one, or more than one, which is
+    /// `Malformed`. `Authorization` is a singleton field (RFC 9110 section 11.6.2): a second line could carry a
+    /// token that the provider reads and ssp did not check.
+    pub fn validate_lines<'a>(
+        &self,
+        mut lines: impl Iterator<Item = &'a [u8]>,
+        expect: &Expect<'_>,
+    ) -> JwtAudit {
+        let first = lines.next();
+        if lines.next().is_some() {
+            let mut audit = JwtAudit::default();
+            audit.violate(Violation::Malformed);
+            return audit;
+        }
+        self.validate(first, expect)
+    }
+
     /// Decodes and validates the value of an `Authorization` header (or its absence).
     pub fn validate(&self, authorization: Option<&[u8]>, expect: &Expect<'_>) -> JwtAudit {
         let mut audit = JwtAudit::default();

@@ -369,9 +369,10 @@ impl Proxy {
             now,
             keys: permit.jwt_keys(),
         };
-        let audit = validator.validate(
+        let audit = validator.validate_lines(
             headers
-                .get(header::AUTHORIZATION)
+                .get_all(header::AUTHORIZATION)
+                .iter()
                 .map(HeaderValue::as_bytes),
             &expect,
         );
