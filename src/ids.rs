@@ -25,8 +25,17 @@ const MAX_ODS_LEN: usize = 16;
 struct Text(HeaderValue);
 
 impl Text {
-    fn copy(text: &str) -> Option<Self> {
+    /// A copy of `text`, when `valid` accepts it.
+    fn copy(text: &str, valid: fn(&str) -> bool) -> Option<Self> {
+        if !valid(text) {
+            return None;
+        }
         HeaderValue::from_str(text).ok().map(Self)
+    }
+
+    /// A header field's value, sharing its bytes, when it is visible ASCII and `valid` accepts it.
+    fn shared(value: &HeaderValue, valid: fn(&str) -> bool) -> Option<Self> {
+        value.to_str().is_ok_and(valid).then(|| Self(value.clone()))
     }
 
     fn as_str(&self) -> &str {
@@ -41,11 +50,6 @@ impl Hash for Text {
     }
 }
 
-/// The text of a header field value, when it is visible ASCII.
-fn field_text(value: &HeaderValue) -> Option<&str> {
-    value.to_str().ok()
-}
-
 /// An Accredited System ID: the directory's identifier for a consumer or provider system (`Ssp-From`, `Ssp-To`).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Asid(Text);
@@ -53,14 +57,12 @@ pub struct Asid(Text);
 impl Asid {
     /// Parses an ASID: ASCII digits only, 1 to 20 of them.
     pub fn parse(text: &str) -> Option<Self> {
-        Self::valid(text).then(|| Text::copy(text).map(Self))?
+        Text::copy(text, Self::valid).map(Self)
     }
 
     /// An ASID from a header field, sharing its bytes.
     pub(crate) fn from_field(value: &HeaderValue) -> Option<Self> {
-        field_text(value)
-            .is_some_and(Self::valid)
-            .then(|| Self(Text(value.clone())))
+        Text::shared(value, Self::valid).map(Self)
     }
 
     fn valid(text: &str) -> bool {
@@ -79,14 +81,12 @@ pub struct TraceId(Text);
 impl TraceId {
     /// Parses the 8-4-4-4-12 hexadecimal GUID form, nothing else (no braces, no URN prefix).
     pub fn parse(text: &str) -> Option<Self> {
-        Self::valid(text).then(|| Text::copy(text).map(Self))?
+        Text::copy(text, Self::valid).map(Self)
     }
 
     /// A trace id from a header field, sharing its bytes.
     pub(crate) fn from_field(value: &HeaderValue) -> Option<Self> {
-        field_text(value)
-            .is_some_and(Self::valid)
-            .then(|| Self(Text(value.clone())))
+        Text::shared(value, Self::valid).map(Self)
     }
 
     fn valid(text: &str) -> bool {
@@ -121,14 +121,12 @@ impl InteractionId {
     /// Parses a URN: the `urn:` prefix (lower case, as every NHS interaction is written), then at most 256
     /// characters from the RFC 8141 URN character set.
     pub fn parse(text: &str) -> Option<Self> {
-        Self::valid(text).then(|| Text::copy(text).map(Self))?
+        Text::copy(text, Self::valid).map(Self)
     }
 
     /// An interaction from a header field, sharing its bytes.
     pub(crate) fn from_field(value: &HeaderValue) -> Option<Self> {
-        field_text(value)
-            .is_some_and(Self::valid)
-            .then(|| Self(Text(value.clone())))
+        Text::shared(value, Self::valid).map(Self)
     }
 
     fn valid(text: &str) -> bool {

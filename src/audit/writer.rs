@@ -2,7 +2,7 @@
 //! and reopen, and in strict mode every fsync; in batched mode a second thread, `ssp-audit-sync`, does the periodic
 //! fsyncs. Recovery and the first segment's open happen in `AuditLog::start_with_metrics`, which the proxy calls
 //! on a blocking thread. So no file I/O runs on a runtime worker. Requests queue their records and wait on a
-//! notification.
+//! notification; on a worker's runtime every record of one turn is staged and queued together (`stage`).
 //!
 //! Group commit: the thread takes everything queued (up to `MAX_BATCH` records) and writes it with one `write`;
 //! in strict mode one fsync follows each batch and acknowledges every record in it. In batched mode a record is
