@@ -75,6 +75,7 @@ pub mod demo;
 pub mod devcerts;
 pub(crate) mod forward;
 pub mod ids;
+pub mod json_text;
 pub mod jwt;
 pub mod lifecycle;
 pub(crate) mod limits;

@@ -7,10 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-use serde::ser::{SerializeMap, Serializer};
-
 use crate::ids::{Asid, HexDigest, InteractionId, PeerIdentity, TraceId};
+use crate::json_text::Obj;
 use crate::jwt::JwtAudit;
 use crate::policy::Permit;
 use crate::ssp;
@@ -20,28 +18,37 @@ const MAX_AUDITED_HEADER: usize = 256;
 /// Longest raw target kept in a refused request's records.
 const MAX_AUDITED_TARGET: usize = 8 * 1024;
 
-/// The consumer end of a connection, as the audit trail names it; built once per connection.
-#[derive(Debug, Clone, Serialize)]
+/// The consumer end of a connection, as the audit trail names it: built once per connection, and kept as the
+/// JSON object every record of the connection's requests writes (`addr`, `subject`, `serial`,
+/// `fingerprint_sha256`, and `via` when a balancer relayed the connection).
+#[derive(Debug, Clone)]
 pub struct Peer {
-    addr: String,
-    subject: String,
-    serial: String,
-    fingerprint_sha256: String,
-    /// The layer-4 balancer that relayed the connection with a PROXY protocol header, when `addr` came from one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    via: Option<String>,
+    json: Box<str>,
 }
 
 impl Peer {
-    /// The consumer at `addr` (relayed by the balancer at `via`, if any) with the certificate read as `identity`.
+    /// The consumer at `addr` (relayed by the layer-4 balancer at `via`, with a PROXY protocol header, if any)
+    /// with the certificate read as `identity`.
     pub fn new(addr: SocketAddr, via: Option<SocketAddr>, identity: &PeerIdentity) -> Self {
-        Self {
-            addr: addr.to_string(),
-            subject: identity.subject.clone(),
-            serial: identity.serial.clone(),
-            fingerprint_sha256: identity.fingerprint_sha256.clone(),
-            via: via.map(|v| v.to_string()),
+        let mut out = Vec::with_capacity(256);
+        let mut peer = Obj::open(&mut out);
+        peer.str("addr", &addr.to_string());
+        peer.str("subject", &identity.subject);
+        peer.str("serial", &identity.serial);
+        peer.str("fingerprint_sha256", &identity.fingerprint_sha256);
+        if let Some(via) = via {
+            peer.str("via", &via.to_string());
         }
+        peer.close();
+        Self {
+            // Written from `&str`s with ASCII punctuation between them, so UTF-8.
+            json: String::from_utf8_lossy(&out).into(),
+        }
+    }
+
+    /// The JSON object.
+    pub fn as_json(&self) -> &str {
+        &self.json
     }
 }
 
@@ -354,101 +361,82 @@ pub struct Link<'a> {
 /// record's `prev`: the whole cost of a record on the writer, but for the `write`.
 pub fn encode(record: &Record, link: Link<'_>, buf: &mut Vec<u8>) -> io::Result<HexDigest> {
     let start = buf.len();
-    let mut serializer = serde_json::Serializer::new(&mut *buf);
-    Line { record, link }
-        .serialize(&mut serializer)
-        .map_err(io::Error::other)?;
+    let mut line = Obj::open(buf);
+    line.u64("seq", link.seq);
+    line.str("instance", link.instance);
+    line.str("ts", record.ts.as_str());
+    match &record.entry {
+        Entry::Permitted { tx, jwt } => request(&mut line, tx, "permit", None, jwt.as_deref()),
+        Entry::Refused { tx, reason, jwt } => {
+            request(&mut line, tx, "deny", Some(reason), jwt.as_deref());
+        }
+        Entry::Completed { tx, end } => {
+            line.str("kind", "response");
+            line.str_if("trace_id", tx.trace_id());
+            line.u64("conn_id", tx.conn_id);
+            parties(&mut line, tx);
+            line.u64("status", u64::from(end.status));
+            line.u64("bytes_in", end.bytes_in);
+            line.u64("bytes_out", end.bytes_out);
+            line.f64("upstream_ms", millis(end.upstream));
+            line.f64("total_ms", millis(end.total));
+            if end.retried {
+                line.bool("retried", true);
+            }
+            line.str("outcome", end.outcome.as_str());
+        }
+        Entry::Sealed { why, torn } => {
+            line.str("kind", "seal");
+            line.str("sealed", why.as_str());
+            if let Some((bytes, file)) = torn {
+                line.u64("torn_bytes", *bytes);
+                line.str("torn_file", file);
+            }
+        }
+    }
+    line.str("prev", link.prev);
+    line.close();
     let hash = HexDigest::of(&buf[start..]);
     buf.push(b'\n');
     Ok(hash)
 }
 
-struct Line<'a> {
-    record: &'a Record,
-    link: Link<'a>,
-}
-
-impl Serialize for Line<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(None)?;
-        map.serialize_entry("seq", &self.link.seq)?;
-        map.serialize_entry("instance", self.link.instance)?;
-        map.serialize_entry("ts", self.record.ts.as_str())?;
-        match &self.record.entry {
-            Entry::Permitted { tx, jwt } => request(&mut map, tx, "permit", None, jwt.as_deref())?,
-            Entry::Refused { tx, reason, jwt } => {
-                request(&mut map, tx, "deny", Some(reason), jwt.as_deref())?;
-            }
-            Entry::Completed { tx, end } => {
-                map.serialize_entry("kind", "response")?;
-                optional(&mut map, "trace_id", tx.trace_id())?;
-                map.serialize_entry("conn_id", &tx.conn_id)?;
-                parties(&mut map, tx)?;
-                map.serialize_entry("status", &end.status)?;
-                map.serialize_entry("bytes_in", &end.bytes_in)?;
-                map.serialize_entry("bytes_out", &end.bytes_out)?;
-                map.serialize_entry("upstream_ms", &millis(end.upstream))?;
-                map.serialize_entry("total_ms", &millis(end.total))?;
-                if end.retried {
-                    map.serialize_entry("retried", &true)?;
-                }
-                map.serialize_entry("outcome", end.outcome.as_str())?;
-            }
-            Entry::Sealed { why, torn } => {
-                map.serialize_entry("kind", "seal")?;
-                map.serialize_entry("sealed", why.as_str())?;
-                if let Some((bytes, file)) = torn {
-                    map.serialize_entry("torn_bytes", bytes)?;
-                    map.serialize_entry("torn_file", file)?;
-                }
-            }
-        }
-        map.serialize_entry("prev", self.link.prev)?;
-        map.end()
-    }
-}
-
 /// The fields of a `request` record, after `ts`.
-fn request<M: SerializeMap>(
-    map: &mut M,
+fn request(
+    line: &mut Obj<'_>,
     tx: &Transaction,
     decision: &str,
     reason: Option<&str>,
     jwt: Option<&JwtAudit>,
-) -> Result<(), M::Error> {
-    map.serialize_entry("kind", "request")?;
-    optional(map, "trace_id", tx.trace_id())?;
-    map.serialize_entry("conn_id", &tx.conn_id)?;
-    map.serialize_entry("peer", &*tx.peer)?;
+) {
+    line.str("kind", "request");
+    line.str_if("trace_id", tx.trace_id());
+    line.u64("conn_id", tx.conn_id);
+    line.raw("peer", tx.peer.as_json());
     let target = match &tx.names {
         Names::Checked { fqdn, target, .. } => {
-            map.serialize_entry("fqdn", &**fqdn)?;
+            line.str("fqdn", fqdn);
             Some(target.as_str())
         }
         Names::Raw { target, .. } => target.as_deref(),
     };
-    parties(map, tx)?;
-    map.serialize_entry("method", tx.method.as_str())?;
-    optional(map, "target", target)?;
-    map.serialize_entry("decision", decision)?;
-    optional(map, "reason", reason)?;
-    map.serialize_entry("policy_generation", &tx.policy_generation)?;
+    parties(line, tx);
+    line.str("method", tx.method.as_str());
+    line.str_if("target", target);
+    line.str("decision", decision);
+    line.str_if("reason", reason);
+    line.u64("policy_generation", tx.policy_generation);
     if let Some(jwt) = jwt {
-        map.serialize_entry("jwt", jwt)?;
+        line.obj("jwt", |o| jwt.write_json(o));
     }
-    Ok(())
 }
 
-fn parties<M: SerializeMap>(map: &mut M, tx: &Transaction) -> Result<(), M::Error> {
+fn parties(line: &mut Obj<'_>, tx: &Transaction) {
     let [from, to, interaction] = tx.parties();
-    optional(map, "from", from)?;
-    optional(map, "to", to)?;
-    optional(map, "interaction", interaction)
+    line.str_if("from", from);
+    line.str_if("to", to);
+    line.str_if("interaction", interaction);
 }
 
-fn optional<M: SerializeMap>(map: &mut M, key: &str, value: Option<&str>) -> Result<(), M::Error> {
-    match value {
-        Some(value) => map.serialize_entry(key, value),
-        None => Ok(()),
-    }
-}
+#[cfg(test)]
+mod tests;

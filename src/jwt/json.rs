@@ -15,6 +15,7 @@
 use serde_json::{Map, Value};
 
 use super::Violation;
+use crate::json_text::special;
 
 /// Nodes reserved up front: a GP Connect claims set has about sixty.
 const TYPICAL_NODES: usize = 96;
@@ -385,31 +386,6 @@ impl Reader<'_> {
         }
         Ok(())
     }
-}
-
-/// Where the first byte of `bytes` that ends a run of plain string text is: a quote, a backslash or a control
-/// character (below 0x20). Eight bytes at a time: a byte of a word is flagged when it equals a quote or a
-/// backslash (their XOR is zero) or is below 0x20. A borrow can flag a byte above a flagged one, never below it,
-/// so the lowest flag is exact (the zero-byte test of Hacker's Delight, section 6-1).
-pub(super) fn special(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
-    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
-    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH;
-    let mut at = 0;
-    while let Some(chunk) = bytes.get(at..).and_then(<[u8]>::first_chunk::<8>) {
-        let word = u64::from_le_bytes(*chunk);
-        let flags = below(word ^ (ONES * u64::from(b'"')), 1)
-            | below(word ^ (ONES * u64::from(b'\\')), 1)
-            | below(word, 0x20);
-        if flags != 0 {
-            return Some(at + (flags.trailing_zeros() / 8) as usize);
-        }
-        at += 8;
-    }
-    let tail = bytes.get(at..)?;
-    tail.iter()
-        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-        .map(|n| at + n)
 }
 
 /// A value in a document: a place on its tape.

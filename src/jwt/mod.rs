@@ -17,7 +17,7 @@ mod token;
 pub use profile::{Expect, Validator, required_scope};
 pub use token::{VerifyingKey, bearer_token, decode, encode_unsigned, load_keys, parse_keys};
 
-use serde::Serialize;
+use crate::json_text::Obj;
 
 /// Largest token read (a typical GP Connect token is about 1.5 KiB).
 pub(crate) const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -306,8 +306,14 @@ impl JwtAudit {
 
     /// `system|value` of the device's first identifier.
     pub fn device_identifier(&self) -> Option<String> {
+        let (system, value) = self.device_identifier_parts()?;
+        Some(format!("{system}|{value}"))
+    }
+
+    /// `system` and `value` of the device's first identifier.
+    pub fn device_identifier_parts(&self) -> Option<(&str, &str)> {
         let (system, value) = self.device_identifier.as_ref()?;
-        Some(format!("{}|{}", self.text(system)?, self.text(value)?))
+        Some((self.text(system)?, self.text(value)?))
     }
 
     /// The header's `alg`.
@@ -333,46 +339,27 @@ impl JwtAudit {
     }
 }
 
-impl Serialize for JwtAudit {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        /// `system|value`, written without building the string.
-        struct Joined<'a>(&'a str, &'a str);
-        impl Serialize for Joined<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(&format_args!("{}|{}", self.0, self.1))
-            }
-        }
-        let mut map = s.serialize_map(Some(18))?;
+impl JwtAudit {
+    /// Writes the fields of the request record's `jwt` object, in the order the type's documentation gives.
+    pub fn write_json(&self, o: &mut Obj<'_>) {
         for kept in &Kept::ALL[..3] {
-            map.serialize_entry(kept.field(), &self.claim(*kept))?;
+            o.str_or_null(kept.field(), self.claim(*kept));
         }
-        map.serialize_entry("iat", &self.iat)?;
-        map.serialize_entry("exp", &self.exp)?;
+        o.i64_or_null("iat", self.iat);
+        o.i64_or_null("exp", self.exp);
         for kept in &Kept::ALL[3..10] {
-            map.serialize_entry(kept.field(), &self.claim(*kept))?;
+            o.str_or_null(kept.field(), self.claim(*kept));
         }
-        let device = self
-            .device_identifier
-            .as_ref()
-            .and_then(|(system, value)| Some(Joined(self.text(system)?, self.text(value)?)));
-        map.serialize_entry("device_identifier", &device)?;
+        match self.device_identifier_parts() {
+            Some((system, value)) => o.str_parts("device_identifier", &[system, "|", value]),
+            None => o.null("device_identifier"),
+        }
         for kept in &Kept::ALL[10..] {
-            map.serialize_entry(kept.field(), &self.claim(*kept))?;
+            o.str_or_null(kept.field(), self.claim(*kept));
         }
-        map.serialize_entry("alg", &self.alg)?;
-        map.serialize_entry("valid", &self.valid)?;
-        map.serialize_entry("violations", &Names(&self.found))?;
-        map.end()
-    }
-}
-
-/// Violations by name.
-struct Names<'a>(&'a [Violation]);
-
-impl Serialize for Names<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(|v| v.name()))
+        o.str_or_null("alg", self.alg);
+        o.bool("valid", self.valid);
+        o.strs("violations", self.found.iter().map(|v| v.name()));
     }
 }
 

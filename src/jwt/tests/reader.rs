@@ -4,8 +4,9 @@
 use proptest::prelude::*;
 use serde_json::Value;
 
+use crate::json_text::special;
 use crate::jwt::Violation;
-use crate::jwt::json::{json_object, special};
+use crate::jwt::json::json_object;
 
 /// The reference the strict JSON reader is held to: serde_json, with each object's keys checked for repeats
 /// when the object closes (where the reader checks them too, so that both report the first fault alike).
