@@ -7,7 +7,8 @@
 //! Environment: `SSP_BENCH_SECS` (default 5) per phase, `SSP_BENCH_ROUNDS` (default 3; the median round is
 //! reported), `SSP_BENCH_ONLY` (a comma-separated list of scenario names), `SSP_BENCH_PEERS=0` to skip nginx and
 //! HAProxy even when installed; `SSP_BENCH_SSP_BIN` to measure another build of ssp (one with frame pointers for
-//! `perf record -g`, say).
+//! `perf record -g`, say); `SSP_BENCH_COMPARE` to measure a second build beside it in the same run, as `ssp B`
+//! (batched; the way to compare two builds on this noisy machine).
 //!
 //! Processes: this one (the driver and the load generator, on hyper + rustls), the provider (this same binary,
 //! re-executed with `SSP_BENCH_ROLE=provider`), two ssp instances (`durability = "batched"` and `"strict"`),
@@ -760,8 +761,14 @@ fn start_ssp(
     let config = ssp_config(port, name, provider, durability);
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
-    // `SSP_BENCH_SSP_BIN` runs another build of ssp, such as one with frame pointers for perf.
-    let bin = std::env::var_os("SSP_BENCH_SSP_BIN")
+    // `SSP_BENCH_SSP_BIN` runs another build of ssp, such as one with frame pointers for perf; the `compare`
+    // instance runs `SSP_BENCH_COMPARE`.
+    let var = if name == "compare" {
+        "SSP_BENCH_COMPARE"
+    } else {
+        "SSP_BENCH_SSP_BIN"
+    };
+    let bin = std::env::var_os(var)
         .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ssp")), PathBuf::from);
     let pid = launch(
         Command::new(bin).args(["serve", "--config"]).arg(&path),
@@ -1135,6 +1142,11 @@ fn main() {
     targets.push(proxy_target("ssp", Kind::Ssp, port, pid, false));
     let (port, pid) = start_ssp(dir.path(), "strict", provider, "strict", &mut children);
     targets.push(proxy_target("ssp strict", Kind::Ssp, port, pid, true));
+    // Another build beside this one, batched, in the same run: `ssp B` in the tables (not in the goals).
+    if std::env::var_os("SSP_BENCH_COMPARE").is_some() {
+        let (port, pid) = start_ssp(dir.path(), "compare", provider, "batched", &mut children);
+        targets.push(proxy_target("ssp B", Kind::Ssp, port, pid, false));
+    }
     let mut missing = Vec::new();
     if peers {
         match installed("nginx") {

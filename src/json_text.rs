@@ -4,7 +4,7 @@
 //! Why the audit trail does not write its lines with serde_json, which it did: a `perf` profile of the proxy at 32
 //! connections put serde's per-field calls and its byte-at-a-time string escaping at about 5% of the proxy's CPU,
 //! most of the audit thread's time. [`Obj`] writes what serde_json's compact serializer writes for the same
-//! values, byte for byte (`src/audit/tests/line.rs` holds it to that), with the same integer and float
+//! values, byte for byte (`src/audit/record/tests.rs` holds it to that), with the same integer and float
 //! formatting crates (itoa, zmij), and copies runs of plain string text whole.
 
 /// Where the first byte of `bytes` that ends a run of plain string text is: a quote, a backslash or a control

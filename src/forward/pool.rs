@@ -68,7 +68,9 @@ type Io = TokioIo<ProviderStream>;
 /// One TLS connection to a provider: the sending half and the HTTP/1.1 state machine that reads and writes it.
 struct Conn {
     send: http1::SendRequest<RequestBody>,
-    driver: http1::Connection<Io, RequestBody>,
+    /// Boxed (one allocation per connection): the state machine with its TLS session and buffers is about
+    /// 1.7 KiB, and a `Conn` moves in and out of the pool, and through the futures of each exchange, per request.
+    driver: Box<http1::Connection<Io, RequestBody>>,
     /// The state machine has finished: the connection closed or failed, and must not be polled again.
     done: bool,
     /// Response heads received on it: a failure on a connection that had delivered one is a stale reuse.
@@ -269,7 +271,10 @@ impl Pool {
                 tokio::select! {
                     slot = Arc::clone(&host.slots).acquire_owned() => {
                         let slot = slot.map_err(|_| io::Error::other("provider connection limit closed"))?;
-                        return self.open(host, slot).await;
+                        // Boxed: dialling (TCP, TLS, HTTP/1 handshakes) is the largest state of this future by
+                        // far, and only a new connection needs it; unboxed, every exchange's future (and every
+                        // future that holds one) would carry, and move, its size.
+                        return Box::pin(self.open(host, slot)).await;
                     }
                     () = returned => {}
                 }
@@ -289,7 +294,7 @@ impl Pool {
         let (send, driver) = self.http1.handshake(TokioIo::new(stream)).await?;
         Ok(Conn {
             send,
-            driver,
+            driver: Box::new(driver),
             done: false,
             responses: 0,
             home: std::thread::current().id(),
