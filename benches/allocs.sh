@@ -5,12 +5,19 @@
 # FEW and then MANY requests; the difference in allocations divided by the difference in requests leaves out
 # start-up, the handshakes and the first upstream connection. Usage: benches/allocs.sh [FEW MANY]
 # SSP_DHAT_OUT=FILE keeps the DHAT profile of the second run (open it in DHAT's viewer, dh_view.html).
+# SSP_COUNT=instructions counts instructions executed instead (valgrind's callgrind, every thread of ssp): per
+# request a figure that, unlike CPU time, hardly moves with what else the machine is doing, for comparing two
+# builds (runs of one build agreed within 0.1%, but for one outlier). Under valgrind SHA-256 takes its software
+# path (valgrind has no SHA extensions): about a third of the count is the audit chain's hashing, which costs a
+# tenth of that natively. SSP_BIN=PATH measures another build of ssp (default: the release build made here).
 set -eu
 cd "$(dirname "$0")/.."
 few=${1:-20}
 many=${2:-220}
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
 cargo build --release --locked --bin ssp >&2
+ssp_bin=${SSP_BIN:-target/release/ssp}
+what=${SSP_COUNT:-allocations}
 bench=$(cargo bench --locked --bench load --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 work=$(mktemp -d)
 provider=""
@@ -27,10 +34,15 @@ listen=127.0.0.1:18443
 SSP_BENCH_ROLE=ssp-config SSP_BENCH_PORT=18443 SSP_BENCH_PROVIDER="127.0.0.1:$port" "$bench" >"$work/ssp.toml"
 endpoint=https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect
 
-# Runs ssp under DHAT for $1 requests, its profile to $2; prints the allocation count.
+# Runs ssp under valgrind for $1 requests (DHAT's profile to $2); prints the count.
 count() {
-    valgrind --tool=dhat --dhat-out-file="$2" target/release/ssp serve --config "$work/ssp.toml" \
-        2>"$work/dhat.txt" &
+    if [ "$what" = instructions ]; then
+        valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/callgrind.%p" "$ssp_bin" serve \
+            --config "$work/ssp.toml" 2>"$work/valgrind.txt" &
+    else
+        valgrind --tool=dhat --dhat-out-file="$2" "$ssp_bin" serve --config "$work/ssp.toml" \
+            2>"$work/valgrind.txt" &
+    fi
     ssp=$!
     until curl -s -o /dev/null --max-time 1 "https://$listen/" --cacert "$work/certs/ca.crt" \
         --cert "$work/certs/consumer.crt" --key "$work/certs/consumer.key" 2>/dev/null; do
@@ -54,9 +66,20 @@ count() {
     wait "$ssp" || true
     ok=$(grep -c '^200$' "$work/codes" || true)
     [ "$ok" = "$1" ] || { echo "expected $1 answers of 200, got $ok:" >&2; sort "$work/codes" | uniq -c >&2; exit 1; }
-    sed -n 's/^==[0-9]*== Total:.* in \([0-9,]*\) blocks.*/\1/p' "$work/dhat.txt" | tr -d ,
+    if [ "$what" = instructions ]; then
+        # Every thread's instructions but those whose count depends on time, not on the requests: the entropy
+        # source's CPU-jitter sampling (aws-lc seeds each thread's generator so) and a background thread of sled
+        # that spins on a lazily made value.
+        for f in "$work"/callgrind.*-*; do
+            callgrind_annotate --threshold=100 "$f" | grep -E '^ *[0-9,]+ \(' | grep -v 'PROGRAM TOTALS'
+        done | grep -Ev 'jent_|rol64|uint32rotl|ptr_to_le|xoshiro|sled::lazy' \
+            | awk '{ gsub(",", "", $1); n += $1 } END { printf "%d\n", n }'
+        rm -f "$work"/callgrind.*
+    else
+        sed -n 's/^==[0-9]*== Total:.* in \([0-9,]*\) blocks.*/\1/p' "$work/valgrind.txt" | tr -d ,
+    fi
 }
 a=$(count "$few" /dev/null)
 b=$(count "$many" "${SSP_DHAT_OUT:-/dev/null}")
-echo "ssp serve: $a allocations with $few requests, $b with $many"
-echo "allocations per proxied request: $(( (b - a) / (many - few) ))"
+echo "ssp serve: $a $what with $few requests, $b with $many"
+echo "$what per proxied request: $(( (b - a) / (many - few) ))"
