@@ -148,6 +148,58 @@ async fn keep_alive_on_both_legs() {
 // -------------------------------------------------------------------------------------------------------------
 // Check 1: the TLS handshake.
 
+/// A provider's response head must fit in 64 KiB, the provider connection's read buffer: one of 60 KiB is
+/// forwarded whole, one of 70 KiB is a 502 naming the target, with its response record, and the next request on
+/// the same consumer connection is answered.
+#[tokio::test]
+async fn provider_response_heads_up_to_64_kib_are_forwarded() {
+    let w = World::start().await;
+    let request = |bytes: usize| {
+        ssp_request(
+            Method::GET,
+            &format!("/{}/fhir/headers?bytes={bytes}", w.url),
+            METADATA,
+        )
+        .body(empty())
+        .unwrap()
+    };
+    let mut sender = w.consumer("consumer").connect().await.unwrap();
+    for (bytes, fits) in [(60 * 1024, true), (70 * 1024, false), (100, true)] {
+        let response = within("headers", sender.send(request(bytes)))
+            .await
+            .unwrap();
+        let answer = Answer::read(response).await.unwrap();
+        if fits {
+            assert_eq!(answer.status, StatusCode::OK, "{bytes}");
+            assert_eq!(answer.headers["x-fill"].len(), bytes);
+            assert_eq!(answer.body, "filled");
+        } else {
+            answer.assert_outcome(
+                502,
+                "transient",
+                &format!(
+                    "ERROR_COMMUNICATING_TO_ENDPOINT_URL_{}/fhir/headers?bytes={bytes}",
+                    w.url
+                ),
+            );
+        }
+    }
+    let records = w.records(6).await;
+    let statuses: Vec<_> = records
+        .iter()
+        .filter(|r| r["kind"] == "response")
+        .map(|r| (r["status"].as_u64(), r["outcome"].as_str()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (Some(200), Some("ok")),
+            (Some(502), Some("upstream_error")),
+            (Some(200), Some("ok"))
+        ]
+    );
+}
+
 async fn assert_refused(w: &World, consumer: Consumer, why: &str) {
     let req = ssp_request(Method::GET, &format!("/{}/fhir/metadata", w.url), METADATA)
         .body(empty())

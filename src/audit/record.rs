@@ -2,7 +2,6 @@
 //! [`Record`] kinds, each made by one constructor. A record is written as one JSON line whose fields come in a
 //! fixed order: `seq`, `instance`, `ts`, `kind`, the kind's fields, `prev`.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -359,7 +358,7 @@ pub struct Link<'a> {
 
 /// Appends `record` to `buf` as one JSON line at `link` and returns the SHA-256 (hex) of the line, the next
 /// record's `prev`: the whole cost of a record on the writer, but for the `write`.
-pub fn encode(record: &Record, link: Link<'_>, buf: &mut Vec<u8>) -> io::Result<HexDigest> {
+pub fn encode(record: &Record, link: Link<'_>, buf: &mut Vec<u8>) -> HexDigest {
     let start = buf.len();
     let mut line = Obj::open(buf);
     line.u64("seq", link.seq);
@@ -398,7 +397,7 @@ pub fn encode(record: &Record, link: Link<'_>, buf: &mut Vec<u8>) -> io::Result<
     line.close();
     let hash = HexDigest::of(&buf[start..]);
     buf.push(b'\n');
-    Ok(hash)
+    hash
 }
 
 /// The fields of a `request` record, after `ts`.

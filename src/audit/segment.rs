@@ -70,7 +70,7 @@ impl SegmentWriter {
                 instance: &self.cfg.instance,
                 prev: prev.as_str(),
             };
-            prev = encode(record, link, &mut self.buf)?;
+            prev = encode(record, link, &mut self.buf);
         }
         let Some(segment) = self.segment.as_mut() else {
             return Err(io::Error::other("no writable audit segment"));

@@ -65,6 +65,13 @@ impl Body for RequestBody {
 
 type Io = TokioIo<ProviderStream>;
 
+/// The most a provider connection's read buffer grows to, in bytes: a response head must fit in it (a larger one
+/// is a 502, as nginx's 4 to 8 KiB `proxy_buffer_size` and HAProxy's 16 KiB `tune.bufsize` refuse one), and a
+/// body streams through it. hyper's default, about 400 KiB, is what each connection's buffer reached while
+/// streaming large bodies, and it stays allocated as long as the connection is pooled: peak RSS in the load
+/// benchmark's body phases was above HAProxy's because of it.
+const MAX_READ_BUFFER: usize = 64 * 1024;
+
 /// One TLS connection to a provider: the sending half and the HTTP/1.1 state machine that reads and writes it.
 struct Conn {
     send: http1::SendRequest<RequestBody>,
@@ -440,7 +447,8 @@ impl Upstream {
         per_provider_connections: u32,
         tls: Arc<crate::tls::Reloadable>,
     ) -> Self {
-        let http1 = http1::Builder::new();
+        let mut http1 = http1::Builder::new();
+        http1.max_buf_size(MAX_READ_BUFFER);
         let pool = Pool {
             connector: Connector {
                 tls,

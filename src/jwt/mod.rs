@@ -267,11 +267,11 @@ enum Text {
 /// whether it was valid and why not. Never logged operationally.
 ///
 /// It holds the token's decoded claims set once, and the kept claims as places in it, so that validating a token
-/// copies none of its strings. Serialized (in a request record's `jwt`) as an object with, in this order:
-/// `iss`, `sub`, `aud`, `iat`, `exp`, `reason_for_request`, `requested_scope`, `organization_ods`,
-/// `organization_name`, `practitioner_id`, `sds_user_id`, `sds_role_profile_id`, `device_identifier`
-/// (`system|value` of the device's first identifier), `device_model`, `device_version`, `alg`, `valid` and
-/// `violations` (names); a claim that is absent or unusable is `null`.
+/// copies none of its strings. Written (in a request record's `jwt`, by [`JwtAudit::write_json`]) as an object
+/// with, in this order: `iss`, `sub`, `aud`, `iat`, `exp`, `reason_for_request`, `requested_scope`,
+/// `organization_ods`, `organization_name`, `practitioner_id`, `sds_user_id`, `sds_role_profile_id`,
+/// `device_identifier` (`system|value` of the device's first identifier), `device_model`, `device_version`, `alg`,
+/// `valid` and `violations` (names); a claim that is absent or unusable is `null`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JwtAudit {
     /// The decoded claims set (JSON text, so UTF-8); empty when the token could not be read that far.
@@ -337,9 +337,7 @@ impl JwtAudit {
             self.found.push(v);
         }
     }
-}
 
-impl JwtAudit {
     /// Writes the fields of the request record's `jwt` object, in the order the type's documentation gives.
     pub fn write_json(&self, o: &mut Obj<'_>) {
         for kept in &Kept::ALL[..3] {

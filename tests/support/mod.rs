@@ -224,6 +224,20 @@ async fn provider_route(
             .unwrap_or(0);
         return Response::new(RepeatBody::new(n, false).boxed());
     }
+    if path.ends_with("/headers") {
+        // A response head of about `bytes=N` bytes: one `x-fill` field of N letters.
+        let n: usize = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("bytes="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let mut response = text(StatusCode::OK, "filled".into());
+        response
+            .headers_mut()
+            .insert("x-fill", "f".repeat(n).parse().unwrap());
+        return response;
+    }
     if path.ends_with("/slow") {
         let (tx, body) = ChannelBody::new();
         tokio::spawn(async move {
