@@ -2,8 +2,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Version};
 
 /// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded in either direction.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -16,6 +16,60 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+/// The largest provider response head ssp forwards, in bytes, as [`response_head_len`] counts it; a larger one
+/// is a 502. It is below the provider connection's read buffer (64 KiB, `pool`), so that hyper never refuses a
+/// head this rule lets through: hyper checks its own bound only when a read fills the buffer, which depends on how
+/// the head arrived, so that heads between 64 and about 96 KiB passed or failed by chance (found with a Python
+/// provider). For comparison, nginx refuses past its `proxy_buffer_size` (4 or 8 KiB), HAProxy past `tune.bufsize`
+/// (16 KiB).
+pub(crate) const MAX_RESPONSE_HEAD: usize = 60 * 1024;
+
+/// The most fields a provider response head may have (hyper's default; HAProxy's `tune.http.maxhdr` is 101); a
+/// head with more is a 502.
+pub(crate) const MAX_RESPONSE_FIELDS: usize = 100;
+
+/// A response head's size as sent: the status line (`HTTP/1.1`, the code, the standard reason phrase, CRLF), each
+/// field as `name: value` and CRLF, and the closing CRLF. Padding a provider put around values is not counted.
+pub(crate) fn response_head_len(status: StatusCode, headers: &HeaderMap) -> usize {
+    let status_line = "HTTP/1.1 200 ".len() + status.canonical_reason().map_or(0, str::len) + 2;
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    status_line + fields + 2
+}
+
+/// A provider response head over [`MAX_RESPONSE_HEAD`] or [`MAX_RESPONSE_FIELDS`]: not forwarded (502).
+#[derive(Debug)]
+pub(crate) struct ResponseHeadTooLarge;
+
+impl std::fmt::Display for ResponseHeadTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the provider's response head is over {} KiB or {MAX_RESPONSE_FIELDS} fields",
+            MAX_RESPONSE_HEAD / 1024
+        )
+    }
+}
+
+impl std::error::Error for ResponseHeadTooLarge {}
+
+/// Whether `e` (or one of its sources) is hyper refusing a head as too large: over the read buffer, or over
+/// [`MAX_RESPONSE_FIELDS`].
+pub(crate) fn is_head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -32,6 +32,8 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ForwardError {
     /// No connection: name resolution, TCP, TLS, or the connection broke before a response (502).
     Unreachable(BoxError),
+    /// The provider answered with a response head ssp does not forward: over 60 KiB or 100 fields (502).
+    BadResponse(BoxError),
     /// No response headers within `response_timeout`, or the request body went idle past `body_idle_timeout`
     /// before they came (504).
     Timeout,
@@ -49,6 +51,7 @@ impl std::fmt::Display for ForwardError {
                 }
                 Ok(())
             }
+            ForwardError::BadResponse(e) => write!(f, "provider response refused: {e}"),
             ForwardError::Timeout => {
                 f.write_str("timed out before the provider's response headers")
             }

@@ -27,6 +27,10 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::connector::{ConnectError, ProviderStream};
+use super::headers::{
+    MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD, ResponseHeadTooLarge, is_head_too_large,
+    response_head_len,
+};
 use super::{
     BoxError, ClientFields, Connector, Direction, Exchange, ForwardError, IdleTimeout, Streamed,
     rewrite_request_headers, strip_hop_by_hop,
@@ -65,11 +69,10 @@ impl Body for RequestBody {
 
 type Io = TokioIo<ProviderStream>;
 
-/// The most a provider connection's read buffer grows to, in bytes: a response head must fit in it (a larger one
-/// is a 502, as nginx's 4 to 8 KiB `proxy_buffer_size` and HAProxy's 16 KiB `tune.bufsize` refuse one), and a
-/// body streams through it. hyper's default, about 400 KiB, is what each connection's buffer reached while
-/// streaming large bodies, and it stays allocated as long as the connection is pooled: peak RSS in the load
-/// benchmark's body phases was above HAProxy's because of it.
+/// The most a provider connection's read buffer grows to, in bytes (a response head must fit in it, see
+/// [`MAX_RESPONSE_HEAD`], and bodies stream through it). hyper's default, about 400 KiB, is what each connection's
+/// buffer reached while streaming a large body, and kept while the connection was pooled: the load benchmark's
+/// body phases peaked 4 MiB above its 256-connection phase.
 const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// One TLS connection to a provider: the sending half and the HTTP/1.1 state machine that reads and writes it.
@@ -448,7 +451,9 @@ impl Upstream {
         tls: Arc<crate::tls::Reloadable>,
     ) -> Self {
         let mut http1 = http1::Builder::new();
-        http1.max_buf_size(MAX_READ_BUFFER);
+        http1
+            .max_buf_size(MAX_READ_BUFFER)
+            .max_headers(MAX_RESPONSE_FIELDS);
         let pool = Pool {
             connector: Connector {
                 tls,
@@ -556,6 +561,12 @@ impl Upstream {
             }
         }
         match result {
+            Ok(Ok((response, _)))
+                if response_head_len(response.status(), response.headers()) > MAX_RESPONSE_HEAD =>
+            {
+                // Not forwarded; the connection, its response unread, is dropped (closed), not pooled.
+                Err(ForwardError::BadResponse(Box::new(ResponseHeadTooLarge)))
+            }
             Ok(Ok((response, conn))) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -571,6 +582,9 @@ impl Upstream {
             }
             // The consumer's body went quiet: a timeout, as the exchange records it, not an unreachable provider.
             Ok(Err(failure)) if is_idle_timeout(&*failure.error) => Err(ForwardError::Timeout),
+            Ok(Err(failure)) if is_head_too_large(&*failure.error) => {
+                Err(ForwardError::BadResponse(Box::new(ResponseHeadTooLarge)))
+            }
             Ok(Err(failure)) => Err(ForwardError::Unreachable(failure.error)),
             Err(_) => Err(ForwardError::Timeout),
         }

@@ -255,7 +255,9 @@ impl Proxy {
             Err(error) => {
                 let outcome = match error {
                     ForwardError::Timeout => Outcome::Timeout,
-                    ForwardError::Unreachable(_) => Outcome::UpstreamError,
+                    ForwardError::Unreachable(_) | ForwardError::BadResponse(_) => {
+                        Outcome::UpstreamError
+                    }
                 };
                 let refusal = Refusal::Upstream {
                     error,

@@ -50,7 +50,9 @@ impl Refusal {
             Refusal::Throttled(t, _) => t.reason(),
             Refusal::AuditUnavailable => "audit_unavailable",
             Refusal::Upstream { error, .. } => match error {
-                ForwardError::Unreachable(_) => "error_communicating_to_endpoint",
+                ForwardError::Unreachable(_) | ForwardError::BadResponse(_) => {
+                    "error_communicating_to_endpoint"
+                }
                 ForwardError::Timeout => "timeout_communicating_to_endpoint",
             },
         }
@@ -71,7 +73,7 @@ impl Refusal {
             Refusal::Throttled(..) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Upstream {
-                error: ForwardError::Unreachable(_),
+                error: ForwardError::Unreachable(_) | ForwardError::BadResponse(_),
                 ..
             } => StatusCode::BAD_GATEWAY,
             Refusal::Upstream {
@@ -118,7 +120,7 @@ impl Refusal {
             }
             Refusal::AuditUnavailable => "AUDIT_UNAVAILABLE".into(),
             Refusal::Upstream {
-                error: ForwardError::Unreachable(_),
+                error: ForwardError::Unreachable(_) | ForwardError::BadResponse(_),
                 target,
             } => format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
             Refusal::Upstream {

@@ -225,17 +225,26 @@ async fn provider_route(
         return Response::new(RepeatBody::new(n, false).boxed());
     }
     if path.ends_with("/headers") {
-        // A response head of about `bytes=N` bytes: one `x-fill` field of N letters.
-        let n: usize = req
-            .uri()
-            .query()
-            .and_then(|q| q.strip_prefix("bytes="))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+        // A large response head: `bytes=N` adds one `x-fill` field of N letters, `fields=N` adds N small fields.
+        let query = req.uri().query().unwrap_or_default();
+        let number = |key: &str| -> usize {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
         let mut response = text(StatusCode::OK, "filled".into());
-        response
-            .headers_mut()
-            .insert("x-fill", "f".repeat(n).parse().unwrap());
+        let headers = response.headers_mut();
+        if number("bytes") > 0 {
+            headers.insert("x-fill", "f".repeat(number("bytes")).parse().unwrap());
+        }
+        for i in 0..number("fields") {
+            headers.insert(
+                http::HeaderName::from_bytes(format!("x-f{i}").as_bytes()).unwrap(),
+                http::HeaderValue::from_static("v"),
+            );
+        }
         return response;
     }
     if path.ends_with("/slow") {
