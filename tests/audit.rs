@@ -118,11 +118,23 @@ async fn denied_request_leaves_deny_records() {
         .await
         .unwrap();
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    // A request target in absolute form (the provider's URL itself, not `/` and the URL) is refused, and recorded
+    // as sent, host included.
+    let absolute = format!("{}/fhir/metadata?x=1", w.url);
+    let req = ssp_request(Method::GET, &absolute, METADATA)
+        .body(empty())
+        .unwrap();
+    let answer = within("absolute form", w.consumer("consumer").fetch(req))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
 
-    let records = w.records(4).await;
+    let records = w.records(6).await;
     let requests = only(&records, "request");
     let responses = only(&records, "response");
-    assert_eq!((requests.len(), responses.len()), (2, 2), "{records:#?}");
+    assert_eq!((requests.len(), responses.len()), (3, 3), "{records:#?}");
+    assert_eq!(requests[2]["target"], absolute);
+    assert_eq!(requests[2]["reason"], "INVALID_TARGET_URL");
     assert_eq!(requests[0]["decision"], "deny");
     assert_eq!(
         requests[0]["reason"],

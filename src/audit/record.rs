@@ -133,8 +133,17 @@ impl Transaction {
                 ))
             })
         };
-        let target = parts.uri.path_and_query().map(|pq| {
-            let text = pq.as_str().strip_prefix('/').unwrap_or(pq.as_str());
+        // An HTTP/1.1 request target in absolute form (RFC 9112 section 3.2.2) is recorded whole, as sent: its path
+        // alone would lose the host the consumer named. (An HTTP/2 request's URI is always absolute, built from
+        // `:scheme`, `:authority` and `:path`; only its path is the target.)
+        let absolute = (parts.version <= http::Version::HTTP_11 && parts.uri.scheme().is_some())
+            .then(|| parts.uri.to_string());
+        let target = match &absolute {
+            Some(uri) => Some(uri.as_str()),
+            None => parts.uri.path_and_query().map(|pq| pq.as_str()),
+        };
+        let target = target.map(|sent| {
+            let text = sent.strip_prefix('/').unwrap_or(sent);
             let end = (0..=text.len().min(MAX_AUDITED_TARGET))
                 .rev()
                 .find(|i| text.is_char_boundary(*i))
