@@ -79,14 +79,18 @@ fn for_each_record(dir: &Path, mut f: impl FnMut(serde_json::Value)) -> io::Resu
 
 /// One line of the table view.
 pub fn table_row(v: &serde_json::Value) -> String {
-    let s = |k: &str| v[k].as_str().unwrap_or("-").to_owned();
+    let s = |k: &str| cell(v[k].as_str().unwrap_or("-"));
     let interaction = s("interaction");
     let interaction = interaction
         .strip_prefix("urn:nhs:names:services:gpconnect:")
         .unwrap_or(&interaction)
         .to_owned();
     let result = match v["kind"].as_str() {
-        Some("request") => format!("{} {}", s("decision"), v["reason"].as_str().unwrap_or("")),
+        Some("request") => format!(
+            "{} {}",
+            s("decision"),
+            cell(v["reason"].as_str().unwrap_or(""))
+        ),
         _ => format!(
             "{} {} {}B in {}B out {}ms",
             v["status"],
@@ -108,6 +112,23 @@ pub fn table_row(v: &serde_json::Value) -> String {
         s("method"),
         result.trim_end()
     )
+}
+
+/// A record's text as a table cell for a terminal: control characters (C0, DEL, C1) and Unicode's bidirectional
+/// controls are shown as `\u{..}` escapes. A refused request's values are recorded as the consumer sent them, and
+/// shown raw they could move the cursor or reorder the operator's line (the "Trojan Source" attack, CVE-2021-42574).
+/// `--json` output is JSON, escaped by its rules.
+fn cell(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub const TABLE_HEADER: &str = "ts                             seq kind     trace_id                             from         to           interaction                                   method result";

@@ -478,3 +478,39 @@ async fn futures_join_all<F: std::future::Future>(
     .await;
     out.into_iter().flatten().collect()
 }
+
+/// Text a consumer sent cannot drive the operator's terminal through `ssp audit query`'s table.
+#[test]
+fn the_table_escapes_control_and_bidirectional_characters() {
+    let record = serde_json::json!({
+        "ts": "2026-12-01T00:00:00.000000Z",
+        "seq": 7,
+        "kind": "request",
+        "trace_id": "\u{1b}[2J\u{9b}31m",
+        "from": "abc\u{202e}fed",
+        "to": "\u{2066}x\u{2069}",
+        "interaction": "urn:nhs:names:services:gpconnect:\u{7}",
+        "method": "GET",
+        "decision": "deny",
+        "reason": "MISSING_OR_INVALID_HEADER_Ssp-TraceID\r\n",
+    });
+    let row = table_row(&record);
+    assert!(
+        !row.chars()
+            .any(|c| c.is_control() || ('\u{2066}'..='\u{2069}').contains(&c) || c == '\u{202e}'),
+        "{row:?}"
+    );
+    for escaped in [
+        r"\u{1b}[2J\u{9b}31m",
+        r"abc\u{202e}fed",
+        r"\u{2066}x\u{2069}",
+        r"\u{7}",
+        r"\u{d}\u{a}",
+    ] {
+        assert!(row.contains(escaped), "{escaped} in {row:?}");
+    }
+    // Plain text, non-ASCII included, is shown as it is.
+    let plain =
+        table_row(&serde_json::json!({ "kind": "request", "from": "Caf\u{e9} 200000000359" }));
+    assert!(plain.contains("Caf\u{e9} 200000000359"), "{plain}");
+}
