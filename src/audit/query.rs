@@ -120,9 +120,15 @@ pub fn table_row(v: &serde_json::Value) -> String {
 /// `--json` output is JSON, escaped by its rules.
 fn cell(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
+    // The bidirectional formatting characters of Unicode Standard Annex #9, section 2: marks, embeddings,
+    // overrides and isolates.
+    let bidi = |c: char| {
+        matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}')
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    };
     for c in text.chars() {
-        let bidi = matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if c.is_control() || bidi {
+        if c.is_control() || bidi(c) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);

@@ -185,11 +185,13 @@ fn checked(peer: &Arc<Peer>, conn_id: u64, fqdn: &str) -> Arc<Transaction> {
     })
 }
 
+/// The endpoint the tokens are for.
+const URL: &str = "https://provider.dev.localhost/B82617/STU3/1/gpconnect";
+
 /// The demo's token with `name` as the requesting organisation's name, validated.
 fn token_with_name(name: &str) -> JwtAudit {
-    let url = "https://provider.dev.localhost/B82617/STU3/1/gpconnect";
     let (_, mut claims) =
-        crate::jwt::decode(&crate::demo::dev_jwt(url, "patient/*.read"), None).unwrap();
+        crate::jwt::decode(&crate::demo::dev_jwt(URL, "patient/*.read"), None).unwrap();
     claims.insert(
         "requesting_organization".into(),
         serde_json::json!({
@@ -204,7 +206,6 @@ fn token_with_name(name: &str) -> JwtAudit {
 
 /// An `Authorization` value validated for the demo's endpoint.
 fn validated(authorization: &str) -> JwtAudit {
-    const URL: &str = "https://provider.dev.localhost/B82617/STU3/1/gpconnect";
     const READ: &str = "urn:nhs:names:services:gpconnect:fhir:operation:gpc.getstructuredrecord-1";
     let interaction = InteractionId::parse(READ).unwrap();
     let now = std::time::SystemTime::now()
