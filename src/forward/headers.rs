@@ -40,35 +40,13 @@ pub(crate) fn response_head_len(status: StatusCode, headers: &HeaderMap) -> usiz
     status_line + fields + 2
 }
 
-/// A provider response head over [`MAX_RESPONSE_HEAD`] or [`MAX_RESPONSE_FIELDS`]: not forwarded (502).
-#[derive(Debug)]
-pub(crate) struct ResponseHeadTooLarge;
-
-impl std::fmt::Display for ResponseHeadTooLarge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the provider's response head is over {} KiB or {MAX_RESPONSE_FIELDS} fields",
-            MAX_RESPONSE_HEAD / 1024
-        )
-    }
-}
-
-impl std::error::Error for ResponseHeadTooLarge {}
-
 /// Whether `e` (or one of its sources) is hyper refusing a head as too large: over the read buffer, or over
 /// [`MAX_RESPONSE_FIELDS`].
 pub(crate) fn is_head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(e);
-    while let Some(e) = next {
-        if e.downcast_ref::<hyper::Error>()
+    super::in_source_chain(e, |e| {
+        e.downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_parse_too_large)
-        {
-            return true;
-        }
-        next = e.source();
-    }
-    false
+    })
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.

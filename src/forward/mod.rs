@@ -23,17 +23,27 @@ pub(crate) use exchange::{Direction, Exchange, IdleTimeout, Streamed};
 pub(crate) use headers::{
     ClientFields, normalize_request_headers, rewrite_request_headers, strip_hop_by_hop,
 };
+use headers::{MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD};
 pub(crate) use pool::{ProviderBody, Upstream};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether `e` or one of its sources (`Error::source`, followed to the end) satisfies `pred`.
+fn in_source_chain(
+    e: &(dyn std::error::Error + 'static),
+    pred: impl Fn(&(dyn std::error::Error + 'static)) -> bool,
+) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(pred)
+}
 
 /// Why the upstream exchange failed before a response arrived.
 #[derive(Debug)]
 pub enum ForwardError {
     /// No connection: name resolution, TCP, TLS, or the connection broke before a response (502).
     Unreachable(BoxError),
-    /// The provider answered with a response head ssp does not forward: over 60 KiB or 100 fields (502).
-    BadResponse(BoxError),
+    /// The provider answered with a response head ssp does not forward: over `MAX_RESPONSE_HEAD` bytes or
+    /// `MAX_RESPONSE_FIELDS` fields (502).
+    HeadTooLarge,
     /// No response headers within `response_timeout`, or the request body went idle past `body_idle_timeout`
     /// before they came (504).
     Timeout,
@@ -51,7 +61,11 @@ impl std::fmt::Display for ForwardError {
                 }
                 Ok(())
             }
-            ForwardError::BadResponse(e) => write!(f, "provider response refused: {e}"),
+            ForwardError::HeadTooLarge => write!(
+                f,
+                "provider response refused: its head is over {} KiB or {MAX_RESPONSE_FIELDS} fields",
+                MAX_RESPONSE_HEAD / 1024
+            ),
             ForwardError::Timeout => {
                 f.write_str("timed out before the provider's response headers")
             }

@@ -28,8 +28,7 @@ use tokio::time::Instant;
 
 use super::connector::{ConnectError, ProviderStream};
 use super::headers::{
-    MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD, ResponseHeadTooLarge, is_head_too_large,
-    response_head_len,
+    MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD, is_head_too_large, response_head_len,
 };
 use super::{
     BoxError, ClientFields, Connector, Direction, Exchange, ForwardError, IdleTimeout, Streamed,
@@ -565,7 +564,7 @@ impl Upstream {
                 if response_head_len(response.status(), response.headers()) > MAX_RESPONSE_HEAD =>
             {
                 // Not forwarded; the connection, its response unread, is dropped (closed), not pooled.
-                Err(ForwardError::BadResponse(Box::new(ResponseHeadTooLarge)))
+                Err(ForwardError::HeadTooLarge)
             }
             Ok(Ok((response, conn))) => {
                 let (mut parts, body) = response.into_parts();
@@ -583,7 +582,7 @@ impl Upstream {
             // The consumer's body went quiet: a timeout, as the exchange records it, not an unreachable provider.
             Ok(Err(failure)) if is_idle_timeout(&*failure.error) => Err(ForwardError::Timeout),
             Ok(Err(failure)) if is_head_too_large(&*failure.error) => {
-                Err(ForwardError::BadResponse(Box::new(ResponseHeadTooLarge)))
+                Err(ForwardError::HeadTooLarge)
             }
             Ok(Err(failure)) => Err(ForwardError::Unreachable(failure.error)),
             Err(_) => Err(ForwardError::Timeout),
@@ -632,12 +631,5 @@ fn on_stale_connection(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// True when [`IdleTimeout`] is somewhere in the error's source chain.
 fn is_idle_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(e);
-    while let Some(e) = next {
-        if e.is::<IdleTimeout>() {
-            return true;
-        }
-        next = e.source();
-    }
-    false
+    super::in_source_chain(e, |e| e.is::<IdleTimeout>())
 }

@@ -255,7 +255,7 @@ impl Proxy {
             Err(error) => {
                 let outcome = match error {
                     ForwardError::Timeout => Outcome::Timeout,
-                    ForwardError::Unreachable(_) | ForwardError::BadResponse(_) => {
+                    ForwardError::Unreachable(_) | ForwardError::HeadTooLarge => {
                         Outcome::UpstreamError
                     }
                 };

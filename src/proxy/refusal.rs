@@ -50,7 +50,7 @@ impl Refusal {
             Refusal::Throttled(t, _) => t.reason(),
             Refusal::AuditUnavailable => "audit_unavailable",
             Refusal::Upstream { error, .. } => match error {
-                ForwardError::Unreachable(_) | ForwardError::BadResponse(_) => {
+                ForwardError::Unreachable(_) | ForwardError::HeadTooLarge => {
                     "error_communicating_to_endpoint"
                 }
                 ForwardError::Timeout => "timeout_communicating_to_endpoint",
@@ -73,7 +73,7 @@ impl Refusal {
             Refusal::Throttled(..) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Upstream {
-                error: ForwardError::Unreachable(_) | ForwardError::BadResponse(_),
+                error: ForwardError::Unreachable(_) | ForwardError::HeadTooLarge,
                 ..
             } => StatusCode::BAD_GATEWAY,
             Refusal::Upstream {
@@ -120,7 +120,7 @@ impl Refusal {
             }
             Refusal::AuditUnavailable => "AUDIT_UNAVAILABLE".into(),
             Refusal::Upstream {
-                error: ForwardError::Unreachable(_) | ForwardError::BadResponse(_),
+                error: ForwardError::Unreachable(_) | ForwardError::HeadTooLarge,
                 target,
             } => format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
             Refusal::Upstream {
