@@ -222,13 +222,20 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Lower-case hexadecimal of `bytes`: certificate serials and fingerprints, record and policy hashes.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+/// `byte` as two lower-case hexadecimal digits.
+pub fn hex_pair(byte: u8) -> [u8; 2] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    [
+        DIGITS[usize::from(byte >> 4)],
+        DIGITS[usize::from(byte & 0xf)],
+    ]
+}
+
+/// Lower-case hexadecimal of `bytes`: certificate serials and fingerprints, policy hashes.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        out.extend(hex_pair(*b).map(char::from));
     }
     out
 }
@@ -243,12 +250,10 @@ impl HexDigest {
 
     /// The SHA-256 digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let digest = <sha2::Sha256 as sha2::Digest>::digest(bytes);
         let mut out = [0; 64];
         for (pair, b) in out.chunks_exact_mut(2).zip(digest) {
-            pair[0] = DIGITS[usize::from(b >> 4)];
-            pair[1] = DIGITS[usize::from(b & 0xf)];
+            pair.copy_from_slice(&hex_pair(b));
         }
         Self(out)
     }

@@ -43,7 +43,6 @@ pub fn string(out: &mut Vec<u8>, text: &str) {
 
 /// Appends `text` escaped as the inside of a JSON string.
 fn escaped(out: &mut Vec<u8>, text: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut rest = text.as_bytes();
     while let Some(at) = special(rest) {
         out.extend_from_slice(&rest[..at]);
@@ -60,14 +59,10 @@ fn escaped(out: &mut Vec<u8>, text: &str) {
         };
         match short {
             Some(c) => out.extend_from_slice(&[b'\\', c]),
-            None => out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(byte >> 4)],
-                HEX[usize::from(byte & 0xf)],
-            ]),
+            None => {
+                out.extend_from_slice(b"\\u00");
+                out.extend_from_slice(&crate::ids::hex_pair(byte));
+            }
         }
         rest = &rest[at + 1..];
     }
