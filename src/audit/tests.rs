@@ -38,21 +38,27 @@ fn transaction(n: u64) -> Arc<Transaction> {
         )),
         method: http::Method::GET,
         policy_generation: 1,
-        names: Names::Checked {
-            trace_id: TraceId::parse(&format!("00000000-0000-4000-8000-{n:012}")).unwrap(),
-            from: Asid::parse("200000000359").unwrap(),
-            to: Asid::parse("918999198993").unwrap(),
-            interaction: InteractionId::parse(
-                "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1",
-            )
-            .unwrap(),
-            target: crate::ssp::Target::parse(
-                "https://provider.dev.localhost/B82617/STU3/1/gpconnect/metadata",
-            )
-            .unwrap(),
-            fqdn: Arc::from("consumer.dev.localhost"),
-        },
+        names: checked_names(n, "consumer.dev.localhost"),
     })
+}
+
+/// The identifiers of a permitted request for the metadata interaction, its trace id ending in `n` (below
+/// 10^12), its certificate name `fqdn`.
+pub(super) fn checked_names(n: u64, fqdn: &str) -> Names {
+    Names::Checked {
+        trace_id: TraceId::parse(&format!("00000000-0000-4000-8000-{n:012}")).unwrap(),
+        from: Asid::parse("200000000359").unwrap(),
+        to: Asid::parse("918999198993").unwrap(),
+        interaction: InteractionId::parse(
+            "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1",
+        )
+        .unwrap(),
+        target: crate::ssp::Target::parse(
+            "https://provider.dev.localhost/B82617/STU3/1/gpconnect/metadata",
+        )
+        .unwrap(),
+        fqdn: Arc::from(fqdn),
+    }
 }
 
 fn request(n: u64) -> Record {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
 use super::*;
-use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
+use crate::ids::{InteractionId, PeerIdentity};
 use crate::jwt::{Expect, Kept, Profile, Validator};
 
 /// The peer object as serde derived it.
@@ -168,20 +168,7 @@ fn checked(peer: &Arc<Peer>, conn_id: u64, fqdn: &str) -> Arc<Transaction> {
         peer: Arc::clone(peer),
         method: http::Method::POST,
         policy_generation: conn_id / 3,
-        names: Names::Checked {
-            trace_id: TraceId::parse("7b1c51f8-1b9c-4a0e-9b4e-2f5a3c1d0e9f").unwrap(),
-            from: Asid::parse("200000000359").unwrap(),
-            to: Asid::parse("918999198993").unwrap(),
-            interaction: InteractionId::parse(
-                "urn:nhs:names:services:gpconnect:fhir:operation:gpc.getstructuredrecord-1",
-            )
-            .unwrap(),
-            target: crate::ssp::Target::parse(
-                "https://provider.dev.localhost/B82617/STU3/1/gpconnect/Patient/$gpc.getstructuredrecord?a=%22b",
-            )
-            .unwrap(),
-            fqdn: Arc::from(fqdn),
-        },
+        names: crate::audit::tests::checked_names(conn_id % 1_000_000, fqdn),
     })
 }
 
