@@ -8,7 +8,7 @@
 //! reported), `SSP_BENCH_ONLY` (a comma-separated list of scenario names), `SSP_BENCH_PEERS=0` to skip nginx and
 //! HAProxy even when installed; `SSP_BENCH_SSP_BIN` to measure another build of ssp (one with frame pointers for
 //! `perf record -g`, say); `SSP_BENCH_COMPARE` to measure a second build beside it in the same run, as `ssp B`
-//! (batched; the way to compare two builds on this noisy machine).
+//! and `ssp B strict` (the way to compare two builds on this noisy machine).
 //!
 //! Processes: this one (the driver and the load generator, on hyper + rustls), the provider (this same binary,
 //! re-executed with `SSP_BENCH_ROLE=provider`), two ssp instances (`durability = "batched"` and `"strict"`),
@@ -762,8 +762,8 @@ fn start_ssp(
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
     // `SSP_BENCH_SSP_BIN` runs another build of ssp, such as one with frame pointers for perf; the `compare`
-    // instance runs `SSP_BENCH_COMPARE`.
-    let var = if name == "compare" {
+    // instances run `SSP_BENCH_COMPARE`.
+    let var = if name.starts_with("compare") {
         "SSP_BENCH_COMPARE"
     } else {
         "SSP_BENCH_SSP_BIN"
@@ -1066,6 +1066,12 @@ fn print_goals(results: &[(&Scenario, Vec<(&Target, Phase)>)]) {
                 rows[strict].1.rps() / ssp.rps()
             ));
         }
+        if let (Some(b), Some(strict)) = (find(rows, "ssp B"), find(rows, "ssp B strict")) {
+            lines.push(format!(
+                "B: strict {:.2}x batched",
+                rows[strict].1.rps() / rows[b].1.rps()
+            ));
+        }
         println!("  {:<8} {}", scenario.name, lines.join("; "));
     }
 }
@@ -1146,6 +1152,14 @@ fn main() {
     if std::env::var_os("SSP_BENCH_COMPARE").is_some() {
         let (port, pid) = start_ssp(dir.path(), "compare", provider, "batched", &mut children);
         targets.push(proxy_target("ssp B", Kind::Ssp, port, pid, false));
+        let (port, pid) = start_ssp(
+            dir.path(),
+            "compare-strict",
+            provider,
+            "strict",
+            &mut children,
+        );
+        targets.push(proxy_target("ssp B strict", Kind::Ssp, port, pid, true));
     }
     let mut missing = Vec::new();
     if peers {

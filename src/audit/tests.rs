@@ -165,13 +165,7 @@ async fn a_torn_tail_is_set_aside_and_recorded() {
 async fn concurrent_requests_share_writes() {
     for durability in [Durability::Batched, Durability::Strict] {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = AuditMetrics {
-            records: prometheus::IntCounter::new("r", "r").unwrap(),
-            write_seconds: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new(
-                "w", "w",
-            ))
-            .unwrap(),
-        };
+        let metrics = writer_metrics();
         let log = AuditLog::start_with_metrics(
             config(dir.path(), durability, 256 << 10),
             Some(metrics.clone()),
@@ -204,6 +198,65 @@ async fn concurrent_requests_share_writes() {
             metrics.records.get()
         );
     }
+}
+
+/// The writer's metric handles, unregistered: records written and batches (`write`s) made.
+fn writer_metrics() -> AuditMetrics {
+    AuditMetrics {
+        records: prometheus::IntCounter::new("r", "r").unwrap(),
+        write_seconds: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("w", "w"))
+            .unwrap(),
+    }
+}
+
+/// After a write the writer lingers: a record nobody waits for (a response record) stays queued until the next
+/// request record and goes out in its `write` (in strict mode, its fsync) rather than in one of its own; with no
+/// request record to come, it goes out when the linger ends. On a multi-threaded runtime, where records go
+/// straight to the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn records_nobody_waits_for_go_out_with_the_next_request_record() {
+    for durability in [Durability::Batched, Durability::Strict] {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = writer_metrics();
+        let log = AuditLog::start_lingering(
+            config(dir.path(), durability, 64 << 20),
+            Some(metrics.clone()),
+            Duration::from_secs(3600),
+        );
+        log.write(request(1)).await.unwrap();
+        log.submit(response(1, 200, Outcome::Ok));
+        // Time enough for a writer that does not linger to write the response record alone, which the count of
+        // writes below would show.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log.write(request(2)).await.unwrap();
+        assert_eq!(metrics.records.get(), 3, "{durability:?}");
+        assert_eq!(
+            metrics.write_seconds.get_sample_count(),
+            2,
+            "{durability:?}: the response record had a write of its own"
+        );
+        log.close();
+        assert_eq!(verify(dir.path()).unwrap().records, 4, "{durability:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = writer_metrics();
+    let log = AuditLog::start_lingering(
+        config(dir.path(), Durability::Batched, 64 << 20),
+        Some(metrics.clone()),
+        Duration::from_millis(50),
+    );
+    log.write(request(1)).await.unwrap();
+    log.submit(response(1, 200, Outcome::Ok));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metrics.records.get() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the response record was not written once the linger ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metrics.write_seconds.get_sample_count(), 2);
+    log.close();
 }
 
 /// While nothing can be written (here: the writer held, as by a write stuck on a stalled disk), a request

@@ -7,11 +7,14 @@
 //! Group commit: the thread takes everything queued (up to `MAX_BATCH` records) and writes it with one `write`;
 //! in strict mode one fsync follows each batch and acknowledges every record in it. In batched mode a record is
 //! acknowledged once written (to the page cache), and `ssp-audit-sync` fsyncs the segment `audit.fsync_interval`
-//! after the first write since its last fsync, so that writes go on during an fsync. Nothing waits by sleeping or
-//! wakes for nothing: the writer waits on a condition variable that a queued record or `close` signals; the syncer
-//! waits on one that the first write after an fsync signals, then lets its interval pass; a request waits on its own
-//! `Slot`; a request that finds the queue full waits on a semaphore whose places come back once the writer has
-//! written the records holding them.
+//! after the first write since its last fsync, so that writes go on during an fsync. Nothing polls: the writer waits
+//! on a condition variable that a queued record or `close` signals, except that for [`LINGER`] after a write only
+//! a record some request waits for (or a full batch) signals it, so that records nobody waits for (response
+//! records, refusals) go out with the next request record's write instead of waking the thread for one of their
+//! own; when the linger ends they are written, and with nothing queued the thread sleeps with no deadline. The
+//! syncer waits on a condition variable that the first write after an fsync signals, then lets its interval pass;
+//! a request waits on its own `Slot`; a request that finds the queue full waits on a semaphore whose places come
+//! back once the writer has written the records holding them.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -40,6 +43,10 @@ pub(super) const QUEUE_LIMIT: usize = 8 * QUEUE_CAPACITY;
 const SUBMIT_WAIT: Duration = Duration::from_millis(100);
 /// How long a request waits for its record to be written (and, in strict mode, fsynced).
 const ACK_WAIT: Duration = Duration::from_secs(5);
+/// After a write, how long records nobody waits for (response records, refusals) may wait in the queue for the
+/// next request record, so that they share its wake-up and its `write` (and in strict mode its fsync) instead of
+/// costing one of each.
+pub(super) const LINGER: Duration = Duration::from_millis(2);
 
 /// The audit log could not take a record in time: the request must not go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,12 +185,26 @@ struct SyncState {
 #[derive(Default)]
 struct Queue {
     jobs: Vec<Job>,
-    /// The thread waits with nothing to do: a queued record must wake it.
-    idle: bool,
+    /// Jobs among them that a request waits for.
+    waited: usize,
+    /// What the thread is doing, which says which queued records must wake it.
+    idle: Idle,
     closed: bool,
     /// Tests only: the thread takes nothing, as when a write is stuck on a stalled disk.
     #[cfg(test)]
     held: bool,
+}
+
+/// The writer thread's state, as the queue sees it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// Taking or writing records: it looks at the queue again before it waits.
+    #[default]
+    Busy,
+    /// Waiting, at most [`LINGER`] after its last write: only a record a request waits for (or a full batch) wakes it.
+    Lingering,
+    /// Waiting with no deadline: any record wakes it.
+    Asleep,
 }
 
 impl Queue {
@@ -193,6 +214,11 @@ impl Queue {
             return false;
         }
         !self.jobs.is_empty()
+    }
+
+    /// Work that must not wait: a record a request waits for, a full batch, or a closing log.
+    fn has_urgent_work(&self) -> bool {
+        self.closed || (self.has_work() && (self.waited > 0 || self.jobs.len() >= MAX_BATCH))
     }
 }
 
@@ -214,11 +240,17 @@ impl Shared {
             if queue.closed || queue.jobs.len() >= QUEUE_LIMIT {
                 refused.push(job);
             } else {
+                queue.waited += usize::from(job.slot.is_some());
                 queue.jobs.push(job);
             }
         }
-        if queue.idle && queue.has_work() {
-            queue.idle = false;
+        let wake = match queue.idle {
+            Idle::Busy => false,
+            Idle::Lingering => queue.has_urgent_work(),
+            Idle::Asleep => queue.has_work(),
+        };
+        if wake {
+            queue.idle = Idle::Busy;
             self.wake.notify_one();
         }
         refused
@@ -274,24 +306,47 @@ impl Shared {
     }
 
     /// The `ssp-audit` thread: writes what is queued, fsyncs per the durability, and on close writes the rest,
-    /// seals the segment and fsyncs.
-    fn run(&self, mut writer: SegmentWriter, durability: Durability) {
+    /// seals the segment and fsyncs. After a write it lingers (`linger`, [`LINGER`] outside tests): records nobody
+    /// waits for stay queued until a request record comes or the linger ends, then go out with it.
+    fn run(&self, mut writer: SegmentWriter, durability: Durability, linger: Duration) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        let mut wrote = false;
         loop {
             let mut queue = self.lock();
-            while !queue.has_work() && !queue.closed {
-                queue.idle = true;
-                queue = self
-                    .wake
-                    .wait(queue)
-                    .unwrap_or_else(PoisonError::into_inner);
-                queue.idle = false;
+            let lingering = wrote.then(|| std::time::Instant::now() + linger);
+            while !queue.has_urgent_work() {
+                if let Some(until) = lingering {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    queue.idle = Idle::Lingering;
+                    queue = self
+                        .wake
+                        .wait_timeout(queue, left)
+                        .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+                } else if queue.has_work() {
+                    break;
+                } else {
+                    queue.idle = Idle::Asleep;
+                    queue = self
+                        .wake
+                        .wait(queue)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                queue.idle = Idle::Busy;
             }
             let closing = queue.closed && !queue.has_work();
-            let n = queue.jobs.len().min(MAX_BATCH);
+            let n = if queue.has_work() {
+                queue.jobs.len().min(MAX_BATCH)
+            } else {
+                0
+            };
             batch.extend(queue.jobs.drain(..n));
+            queue.waited -= batch.iter().filter(|job| job.slot.is_some()).count();
             drop(queue);
-            if !batch.is_empty() {
+            wrote = !batch.is_empty();
+            if wrote {
                 let strict = durability == Durability::Strict;
                 let done = writer
                     .write_batch(batch.iter().map(|job| &job.record), strict)
@@ -329,6 +384,15 @@ impl AuditLog {
 
     /// As [`AuditLog::start`], counting records written and timing each batch.
     pub(crate) fn start_with_metrics(cfg: AuditConfig, metrics: Option<AuditMetrics>) -> Arc<Self> {
+        Self::start_lingering(cfg, metrics, LINGER)
+    }
+
+    /// As [`AuditLog::start_with_metrics`], with the writer lingering `linger` after each write (tests set it).
+    pub(super) fn start_lingering(
+        cfg: AuditConfig,
+        metrics: Option<AuditMetrics>,
+        linger: Duration,
+    ) -> Arc<Self> {
         let healthy = Arc::new(AtomicBool::new(false));
         let (durability, fsync_interval) = (cfg.durability, cfg.fsync_interval);
         let mut writer = SegmentWriter::new(cfg, Arc::clone(&healthy));
@@ -349,7 +413,7 @@ impl AuditLog {
         let for_writer = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .name("ssp-audit".into())
-            .spawn(move || for_writer.run(writer, durability))
+            .spawn(move || for_writer.run(writer, durability, linger))
             .and_then(|writer| {
                 threads.push(writer);
                 if durability != Durability::Batched {
