@@ -209,10 +209,10 @@ fn writer_metrics() -> AuditMetrics {
     }
 }
 
-/// After a write the writer lingers: a record nobody waits for (a response record) stays queued until the next
-/// request record and goes out in its `write` (in strict mode, its fsync) rather than in one of its own; with no
-/// request record to come, it goes out when the linger ends. On a multi-threaded runtime, where records go
-/// straight to the queue.
+/// After a write that came within the linger of the one before, the writer lingers: a record nobody waits for (a
+/// response record) stays queued until the next request record and goes out in its `write` (in strict mode, its
+/// fsync) rather than in one of its own; with no request record to come, it goes out when the linger ends. A lone
+/// write is not followed by a linger. On a multi-threaded runtime, where records go straight to the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn records_nobody_waits_for_go_out_with_the_next_request_record() {
     for durability in [Durability::Batched, Durability::Strict] {
@@ -223,20 +223,26 @@ async fn records_nobody_waits_for_go_out_with_the_next_request_record() {
             Some(metrics.clone()),
             Duration::from_secs(3600),
         );
+        // The first write alone: the response record after it is written at once, in a write of its own.
+        log.write(request(0)).await.unwrap();
+        log.submit(response(0, 200, Outcome::Ok));
+        wait_for_records(&metrics, 2).await;
+        assert_eq!(metrics.write_seconds.get_sample_count(), 2);
+        // A second request record within the linger: the writer lingers after it.
         log.write(request(1)).await.unwrap();
         log.submit(response(1, 200, Outcome::Ok));
         // Time enough for a writer that does not linger to write the response record alone, which the count of
         // writes below would show.
         tokio::time::sleep(Duration::from_millis(100)).await;
         log.write(request(2)).await.unwrap();
-        assert_eq!(metrics.records.get(), 3, "{durability:?}");
+        assert_eq!(metrics.records.get(), 5, "{durability:?}");
         assert_eq!(
             metrics.write_seconds.get_sample_count(),
-            2,
+            4,
             "{durability:?}: the response record had a write of its own"
         );
         log.close();
-        assert_eq!(verify(dir.path()).unwrap().records, 4, "{durability:?}");
+        assert_eq!(verify(dir.path()).unwrap().records, 6, "{durability:?}");
     }
     let dir = tempfile::tempdir().unwrap();
     let metrics = writer_metrics();
@@ -245,18 +251,25 @@ async fn records_nobody_waits_for_go_out_with_the_next_request_record() {
         Some(metrics.clone()),
         Duration::from_millis(50),
     );
+    log.write(request(0)).await.unwrap();
     log.write(request(1)).await.unwrap();
     log.submit(response(1, 200, Outcome::Ok));
+    wait_for_records(&metrics, 3).await;
+    assert_eq!(metrics.write_seconds.get_sample_count(), 3);
+    log.close();
+}
+
+/// Waits (up to 10 s) until the writer has written `n` records.
+async fn wait_for_records(metrics: &AuditMetrics, n: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while metrics.records.get() < 2 {
+    while metrics.records.get() < n {
         assert!(
             std::time::Instant::now() < deadline,
-            "the response record was not written once the linger ended"
+            "{} of {n} records written",
+            metrics.records.get()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(metrics.write_seconds.get_sample_count(), 2);
-    log.close();
 }
 
 /// While nothing can be written (here: the writer held, as by a write stuck on a stalled disk), a request

@@ -8,10 +8,11 @@
 //! in strict mode one fsync follows each batch and acknowledges every record in it. In batched mode a record is
 //! acknowledged once written (to the page cache), and `ssp-audit-sync` fsyncs the segment `audit.fsync_interval`
 //! after the first write since its last fsync, so that writes go on during an fsync. Nothing polls: the writer waits
-//! on a condition variable that a queued record or `close` signals, except that for [`LINGER`] after a write only
-//! a record some request waits for (or a full batch) signals it, so that records nobody waits for (response
-//! records, refusals) go out with the next request record's write instead of waking the thread for one of their
-//! own; when the linger ends they are written, and with nothing queued the thread sleeps with no deadline. The
+//! on a condition variable that a queued record or `close` signals, except that for [`LINGER`] after a write that
+//! came within [`LINGER`] of the one before (records are streaming in), only a record some request waits for (or a
+//! full batch) signals it, so that records nobody waits for (response records, refusals) go out with the next
+//! request record's write instead of waking the thread for one of their own; when the linger ends they are
+//! written, and with nothing queued the thread sleeps with no deadline. The
 //! syncer waits on a condition variable that the first write after an fsync signals, then lets its interval pass;
 //! a request waits on its own `Slot`; a request that finds the queue full waits on a semaphore whose places come
 //! back once the writer has written the records holding them.
@@ -306,14 +307,17 @@ impl Shared {
     }
 
     /// The `ssp-audit` thread: writes what is queued, fsyncs per the durability, and on close writes the rest,
-    /// seals the segment and fsyncs. After a write it lingers (`linger`, [`LINGER`] outside tests): records nobody
-    /// waits for stay queued until a request record comes or the linger ends, then go out with it.
+    /// seals the segment and fsyncs. After a write that came within `linger` ([`LINGER`] outside tests) of the one
+    /// before, it lingers: records nobody waits for stay queued until a request record comes or the linger ends.
     fn run(&self, mut writer: SegmentWriter, durability: Durability, linger: Duration) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-        let mut wrote = false;
+        // When the last batch was written; whether to linger after it: only when it came within `linger` of the
+        // one before, so that a stream of requests shares wake-ups and an occasional request costs no timer.
+        let mut last_write: Option<std::time::Instant> = None;
+        let mut linger_now = false;
         loop {
             let mut queue = self.lock();
-            let lingering = wrote.then(|| std::time::Instant::now() + linger);
+            let lingering = linger_now.then(|| std::time::Instant::now() + linger);
             while !queue.has_urgent_work() {
                 if let Some(until) = lingering {
                     let left = until.saturating_duration_since(std::time::Instant::now());
@@ -345,8 +349,11 @@ impl Shared {
             batch.extend(queue.jobs.drain(..n));
             queue.waited -= batch.iter().filter(|job| job.slot.is_some()).count();
             drop(queue);
-            wrote = !batch.is_empty();
-            if wrote {
+            linger_now = false;
+            if !batch.is_empty() {
+                let now = std::time::Instant::now();
+                linger_now = last_write.is_some_and(|then| now.duration_since(then) < linger);
+                last_write = Some(now);
                 let strict = durability == Durability::Strict;
                 let done = writer
                     .write_batch(batch.iter().map(|job| &job.record), strict)
