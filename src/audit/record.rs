@@ -320,6 +320,11 @@ impl Record {
         })
     }
 
+    /// A `request` record (of a permitted or a refused request), which the writer never holds back.
+    pub(crate) fn is_request(&self) -> bool {
+        matches!(self.entry, Entry::Permitted { .. } | Entry::Refused { .. })
+    }
+
     /// The `response` record that ends a forwarded exchange.
     pub(crate) fn completed(tx: &Arc<Transaction>, end: Completion) -> Self {
         Self::new(Entry::Completed {

@@ -212,7 +212,8 @@ fn writer_metrics() -> AuditMetrics {
 /// After a write that came within the linger of the one before, the writer lingers: a record nobody waits for (a
 /// response record) stays queued until the next request record and goes out in its `write` (in strict mode, its
 /// fsync) rather than in one of its own; with no request record to come, it goes out when the linger ends. A lone
-/// write is not followed by a linger. On a multi-threaded runtime, where records go straight to the queue.
+/// write is not followed by a linger, and a refused request's record does not linger. On a multi-threaded runtime,
+/// where records go straight to the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn records_nobody_waits_for_go_out_with_the_next_request_record() {
     for durability in [Durability::Batched, Durability::Strict] {
@@ -241,8 +242,11 @@ async fn records_nobody_waits_for_go_out_with_the_next_request_record() {
             4,
             "{durability:?}: the response record had a write of its own"
         );
+        // A refused request's `request` record, which nobody waits for, ends the linger: it goes out at once.
+        log.submit(Record::refused(&transaction(3), "refused".into(), None));
+        wait_for_records(&metrics, 6).await;
         log.close();
-        assert_eq!(verify(dir.path()).unwrap().records, 6, "{durability:?}");
+        assert_eq!(verify(dir.path()).unwrap().records, 7, "{durability:?}");
     }
     let dir = tempfile::tempdir().unwrap();
     let metrics = writer_metrics();

@@ -9,10 +9,10 @@
 //! acknowledged once written (to the page cache), and `ssp-audit-sync` fsyncs the segment `audit.fsync_interval`
 //! after the first write since its last fsync, so that writes go on during an fsync. Nothing polls: the writer waits
 //! on a condition variable that a queued record or `close` signals, except that for [`LINGER`] after a write that
-//! came within [`LINGER`] of the one before (records are streaming in), only a record some request waits for (or a
-//! full batch) signals it, so that records nobody waits for (response records, refusals) go out with the next
-//! request record's write instead of waking the thread for one of their own; when the linger ends they are
-//! written, and with nothing queued the thread sleeps with no deadline. The
+//! came within [`LINGER`] of the one before (records are streaming in), only a `request` record (or a full batch)
+//! signals it, so that `response` records go out with the next request record's write instead of waking the thread
+//! for one of their own; when the linger ends they are written, and with nothing queued the thread sleeps with no
+//! deadline. The
 //! syncer waits on a condition variable that the first write after an fsync signals, then lets its interval pass;
 //! a request waits on its own `Slot`; a request that finds the queue full waits on a semaphore whose places come
 //! back once the writer has written the records holding them.
@@ -44,9 +44,9 @@ pub(super) const QUEUE_LIMIT: usize = 8 * QUEUE_CAPACITY;
 const SUBMIT_WAIT: Duration = Duration::from_millis(100);
 /// How long a request waits for its record to be written (and, in strict mode, fsynced).
 const ACK_WAIT: Duration = Duration::from_secs(5);
-/// After a write, how long records nobody waits for (response records, refusals) may wait in the queue for the
-/// next request record, so that they share its wake-up and its `write` (and in strict mode its fsync) instead of
-/// costing one of each.
+/// After a write, how long `response` records may wait in the queue for the next `request` record, so that they
+/// share its wake-up and its `write` (and in strict mode its fsync) instead of costing one of each. Request records
+/// never wait: a permitted request waits for its own, and a refused one is answered without waiting.
 pub(super) const LINGER: Duration = Duration::from_millis(2);
 
 /// The audit log could not take a record in time: the request must not go on.
@@ -119,6 +119,13 @@ struct Job {
     _room: Option<OwnedSemaphorePermit>,
 }
 
+impl Job {
+    /// A request record, or one a request waits for: it ends the writer's linger.
+    fn is_urgent(&self) -> bool {
+        self.slot.is_some() || self.record.is_request()
+    }
+}
+
 /// A reserved place in the queue's capacity ([`AuditLog::reserve`]).
 #[derive(Debug)]
 pub(crate) struct Room(OwnedSemaphorePermit);
@@ -186,8 +193,9 @@ struct SyncState {
 #[derive(Default)]
 struct Queue {
     jobs: Vec<Job>,
-    /// Jobs among them that a request waits for.
-    waited: usize,
+    /// Jobs among them that must not linger: request records, whether a request waits for them (a permitted
+    /// request) or not (a refused one, answered at once).
+    urgent: usize,
     /// What the thread is doing, which says which queued records must wake it.
     idle: Idle,
     closed: bool,
@@ -202,7 +210,7 @@ enum Idle {
     /// Taking or writing records: it looks at the queue again before it waits.
     #[default]
     Busy,
-    /// Waiting, at most [`LINGER`] after its last write: only a record a request waits for (or a full batch) wakes it.
+    /// Waiting, at most [`LINGER`] after its last write: only a request record (or a full batch) wakes it.
     Lingering,
     /// Waiting with no deadline: any record wakes it.
     Asleep,
@@ -217,9 +225,9 @@ impl Queue {
         !self.jobs.is_empty()
     }
 
-    /// Work that must not wait: a record a request waits for, a full batch, or a closing log.
+    /// Work that must not wait: a request record, a full batch, or a closing log.
     fn has_urgent_work(&self) -> bool {
-        self.closed || (self.has_work() && (self.waited > 0 || self.jobs.len() >= MAX_BATCH))
+        self.closed || (self.has_work() && (self.urgent > 0 || self.jobs.len() >= MAX_BATCH))
     }
 }
 
@@ -241,7 +249,7 @@ impl Shared {
             if queue.closed || queue.jobs.len() >= QUEUE_LIMIT {
                 refused.push(job);
             } else {
-                queue.waited += usize::from(job.slot.is_some());
+                queue.urgent += usize::from(job.is_urgent());
                 queue.jobs.push(job);
             }
         }
@@ -308,7 +316,7 @@ impl Shared {
 
     /// The `ssp-audit` thread: writes what is queued, fsyncs per the durability, and on close writes the rest,
     /// seals the segment and fsyncs. After a write that came within `linger` ([`LINGER`] outside tests) of the one
-    /// before, it lingers: records nobody waits for stay queued until a request record comes or the linger ends.
+    /// before, it lingers: response records stay queued until a request record comes or the linger ends.
     fn run(&self, mut writer: SegmentWriter, durability: Durability, linger: Duration) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
         // When the last batch was written; whether to linger after it: only when it came within `linger` of the
@@ -347,7 +355,7 @@ impl Shared {
                 0
             };
             batch.extend(queue.jobs.drain(..n));
-            queue.waited -= batch.iter().filter(|job| job.slot.is_some()).count();
+            queue.urgent -= batch.iter().filter(|job| job.is_urgent()).count();
             drop(queue);
             linger_now = false;
             if !batch.is_empty() {
