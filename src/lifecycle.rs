@@ -49,17 +49,28 @@ pub(crate) async fn watchdog() {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub(crate) async fn shutdown_signal() {
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// Takes over SIGTERM and SIGINT at once, so that from the return on neither kills the process, and gives the
+/// future that completes on the first of them. Call it before saying the process is ready (systemd's `READY=1`,
+/// the demo's "serving until Ctrl-C"): a signal sent right after that must stop it cleanly, sealing the audit log.
+/// Must run inside the runtime.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    if term.is_err() || int.is_err() {
+        tracing::error!(
+            "cannot listen for SIGTERM or SIGINT: either may end the process without a clean stop"
+        );
+    }
+    async move {
+        let recv = |s: Option<tokio::signal::unix::Signal>| async move {
+            match s {
+                Some(mut s) => s.recv().await,
+                None => std::future::pending().await,
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        };
+        tokio::select! {
+            _ = recv(term.ok()) => {}
+            _ = recv(int.ok()) => {}
         }
     }
 }
@@ -113,17 +124,31 @@ pub async fn reload_tls(
     }
 }
 
-/// Reloads TLS material and policies on every SIGHUP until the process ends.
-pub(crate) async fn reload_on_sighup(config: Config, handles: Handles) {
+/// Takes over SIGHUP at once (from the return on it no longer ends the process) and gives the task that reloads TLS
+/// material and policies on every SIGHUP until the process ends. Call it before saying the process is ready. Must
+/// run inside the runtime.
+pub(crate) fn reload_on_sighup(
+    config: Config,
+    handles: Handles,
+) -> impl std::future::Future<Output = ()> {
+    let hup = signal(SignalKind::hangup());
+    if hup.is_err() {
+        tracing::error!("cannot listen for SIGHUP: reload is unavailable");
+    }
+    async move {
+        if let Ok(hup) = hup {
+            reload_each(hup, config, handles).await;
+        }
+    }
+}
+
+/// The body of [`reload_on_sighup`].
+async fn reload_each(mut hup: tokio::signal::unix::Signal, config: Config, handles: Handles) {
     let Handles {
         proxy,
         tls,
         metrics,
     } = handles;
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP: reload is unavailable");
-        return;
-    };
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading policies");
         match NotifyState::monotonic_usec_now() {

@@ -184,11 +184,13 @@ fn serve(path: &Path) -> u8 {
         };
         let addr = server.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
         tracing::info!(listen = %addr, systems, endpoints, agreements, config = %path.display(), "ssp serving");
+        // The signals are taken over before systemd hears READY=1: one sent right after must not kill the process.
+        let signalled = crate::lifecycle::shutdown_signal();
         tokio::spawn(crate::lifecycle::reload_on_sighup(config.clone(), server.handles()));
         tokio::spawn(crate::lifecycle::watchdog());
         crate::lifecycle::notify_ready();
         let stop = async {
-            crate::lifecycle::shutdown_signal().await;
+            signalled.await;
             crate::lifecycle::notify_stopping();
         };
         // Ends with the current audit segment sealed and fsynced: a clean stop leaves a verifiably complete log.

@@ -216,8 +216,10 @@ pub(crate) async fn run(config: Config) -> Result<(), DemoError> {
     print_audit(&config.audit.dir, demo_started).await;
     print_curl(proxy_addr, &certs);
 
+    // Taken over before saying so: a Ctrl-C right after the line must stop the demo cleanly.
+    let signalled = crate::lifecycle::shutdown_signal();
     println!("\nserving until Ctrl-C ...");
-    crate::lifecycle::shutdown_signal().await;
+    signalled.await;
     let _ = stop_tx.send(true);
     let _ = proxy.await;
     let _ = provider.await;
