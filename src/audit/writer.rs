@@ -7,15 +7,15 @@
 //! Group commit: the thread takes everything queued (up to `MAX_BATCH` records) and writes it with one `write`;
 //! in strict mode one fsync follows each batch and acknowledges every record in it. In batched mode a record is
 //! acknowledged once written (to the page cache), and `ssp-audit-sync` fsyncs the segment `audit.fsync_interval`
-//! after the first write since its last fsync, so that writes go on during an fsync. Nothing polls: the writer waits
-//! on a condition variable that a queued record or `close` signals, except that for [`LINGER`] after a write that
-//! came within [`LINGER`] of the one before (records are streaming in), only a `request` record (or a full batch)
-//! signals it, so that `response` records go out with the next request record's write instead of waking the thread
-//! for one of their own; when the linger ends they are written, and with nothing queued the thread sleeps with no
-//! deadline. The
-//! syncer waits on a condition variable that the first write after an fsync signals, then lets its interval pass;
-//! a request waits on its own `Slot`; a request that finds the queue full waits on a semaphore whose places come
-//! back once the writer has written the records holding them.
+//! after the first write since its last fsync, so that writes go on during an fsync.
+//!
+//! Nothing polls. The writer waits on a condition variable that a queued record or `close` signals, except that
+//! for `LINGER` (2 ms) after a write that came within `LINGER` of the one before (records are streaming in), only a
+//! `request` record (or a full batch) signals it: `response` records then go out with the next request record's
+//! write instead of waking the thread for one of their own. When the linger ends they are written, and with nothing
+//! queued the thread sleeps with no deadline. The syncer waits on a condition variable that the first write after
+//! an fsync signals, then lets its interval pass; a request waits on its own `Slot`; a request that finds the queue
+//! full waits on a semaphore whose places come back once the writer has written the records holding them.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -397,12 +397,12 @@ impl AuditLog {
         Self::start_with_metrics(cfg, None)
     }
 
-    /// As [`AuditLog::start`], counting records written and timing each batch.
+    /// As `AuditLog::start` (tests), counting records written and timing each batch.
     pub(crate) fn start_with_metrics(cfg: AuditConfig, metrics: Option<AuditMetrics>) -> Arc<Self> {
         Self::start_lingering(cfg, metrics, LINGER)
     }
 
-    /// As [`AuditLog::start_with_metrics`], with the writer lingering `linger` after each write (tests set it).
+    /// As [`AuditLog::start_with_metrics`], with `linger` in place of [`LINGER`] (tests set it).
     pub(super) fn start_lingering(
         cfg: AuditConfig,
         metrics: Option<AuditMetrics>,
@@ -513,7 +513,7 @@ impl AuditLog {
     /// response record is not lost to a burst. A record that cannot be queued (the log is closed, or the disk has
     /// stalled that long) is reported in the operational log, never dropped silently.
     ///
-    /// On a worker's runtime it is staged with the turn's other records, up to [`STAGE_LIMIT`] of its kind.
+    /// On a worker's runtime it is staged with the turn's other records, up to [`STAGE_LIMIT`](stage::STAGE_LIMIT) of its kind.
     pub(crate) fn submit(&self, record: Record) {
         let job = Job {
             record,

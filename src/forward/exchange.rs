@@ -101,7 +101,7 @@ impl Exchange {
         self.cancelled.store(true, Ordering::Release);
     }
 
-    /// Records that the request went out a second time (see [`Upstream::send`]).
+    /// Records that the request went out a second time (see [`Upstream::send`](super::pool::Upstream::send)).
     /// Whether the whole request body has gone to the provider connection: until it has, that connection cannot
     /// carry another request.
     pub(crate) fn request_sent(&self) -> bool {
