@@ -179,3 +179,26 @@ async fn reload_each(mut hup: tokio::signal::unix::Signal, config: Config, handl
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// Once `shutdown_signal` has returned, SIGTERM and SIGINT no longer kill the process, even before its future
+    /// is first polled (as right after READY=1): each completes the future instead. (Without that, the signal's
+    /// default action ends this test's process.)
+    #[tokio::test]
+    async fn signals_are_taken_over_before_the_future_is_polled() {
+        for name in ["TERM", "INT"] {
+            let signalled = super::shutdown_signal();
+            let sent = std::process::Command::new("sh")
+                .args(["-c", &format!("kill -{name} {}", std::process::id())])
+                .status()
+                .unwrap();
+            assert!(sent.success(), "kill -{name}");
+            tokio::time::timeout(Duration::from_secs(10), signalled)
+                .await
+                .unwrap_or_else(|_| panic!("SIG{name} did not complete the future"));
+        }
+    }
+}
