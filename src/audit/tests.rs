@@ -492,6 +492,26 @@ async fn records_staged_in_one_turn_are_written_together_and_each_acknowledged()
     );
 }
 
+/// A staged request record the writer does not answer (here: held, as on a stalled disk) is refused after 5 s by
+/// its thread's watch, with no timer of its own. In between, with nothing waiting, the watch waits for a first
+/// flush with no deadline, and the second refusal below needs the flush to wake it.
+#[tokio::test]
+async fn a_staged_request_record_left_unanswered_is_refused_after_5_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
+    for n in [1, 3] {
+        log.hold(true);
+        let started = tokio::time::Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(30), log.write(request(n))).await;
+        assert_eq!(result, Ok(Err(Unavailable)), "record {n}");
+        assert!(started.elapsed() >= Duration::from_secs(5), "record {n}");
+        log.hold(false);
+        log.write(request(n + 1)).await.unwrap();
+    }
+    log.close();
+    assert_eq!(verify(dir.path()).unwrap().records, 5);
+}
+
 /// On a worker's (single-threaded) runtime, records nobody waits for are staged with the turn's request records,
 /// up to `STAGE_LIMIT` per turn; past that they are queued at once. Each is written either way, and a runtime that
 /// stops before its flush task runs still hands its staged records over.

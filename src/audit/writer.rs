@@ -493,8 +493,8 @@ impl AuditLog {
             slot: None,
             _room: Some(room.0),
         };
-        // A staged record's wait is bounded by its flush task, which sets the slot within ACK_WAIT: no timer of
-        // its own, so a request does not arm one (and, on a busy worker, wake its event loop for it).
+        // A staged record's wait is bounded by its flush task, which its thread's watch fails after ACK_WAIT: no
+        // timer per request or per flush (setting one wakes the worker's event loop through a system call).
         let deadline = match self.stage(job, Some(&slot)) {
             Ok(()) => None,
             Err(mut job) => {

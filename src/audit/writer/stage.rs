@@ -1,7 +1,10 @@
 //! Staging: the records of one turn of a worker's event loop go to the writer together (see [`Stage`]).
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use super::{ACK_WAIT, AuditLog, Job, Shared, Slot, report_refused};
 
@@ -116,18 +119,14 @@ impl Flush {
         if waiters.is_empty() {
             return;
         }
-        let deadline = tokio::time::Instant::now() + ACK_WAIT;
+        // No timer of its own: this thread's watch fails the group if the writer has not answered by the deadline.
+        watch(&group);
         let state = loop {
             match group.get() {
                 0 => {}
                 state => break state,
             }
-            if tokio::time::timeout_at(deadline, group.changed.notified())
-                .await
-                .is_err()
-            {
-                break Slot::FAILED;
-            }
+            group.changed.notified().await;
         };
         for waiter in waiters.drain(..) {
             waiter.set(state);
@@ -163,4 +162,100 @@ fn take_staged() -> Vec<(Job, Option<Arc<Slot>>)> {
         stage.unwaited = 0;
         std::mem::take(&mut stage.jobs)
     })
+}
+
+/// One thread's flushes still waiting for the writer, oldest first, each with its deadline ([`ACK_WAIT`] after it
+/// was queued), and how to wake the thread's [`Watch`] task, while one runs.
+///
+/// A timer per flush would cost a system call per flush: tokio wakes its driver through an eventfd whenever a timer
+/// is set earlier than any other, and a flush's 5 s is usually the earliest. One task per thread watches the
+/// oldest deadline instead, and sets a timer only when the first flush comes after a quiet spell and when the
+/// deadline it waited for has passed: about once per `ACK_WAIT` under load.
+#[derive(Default)]
+struct Waiting {
+    groups: VecDeque<(tokio::time::Instant, Arc<Slot>)>,
+    watch: Option<Arc<Notify>>,
+}
+
+thread_local! {
+    static WAITING: RefCell<Waiting> = RefCell::default();
+}
+
+/// Puts `group` under this thread's watch: starts the watch task if none runs, and wakes it if it was waiting for
+/// a first group, with no deadline.
+fn watch(group: &Arc<Slot>) {
+    let (start, wake) = WAITING.with_borrow_mut(|waiting| {
+        waiting.take_done();
+        let first = waiting.groups.is_empty();
+        waiting
+            .groups
+            .push_back((tokio::time::Instant::now() + ACK_WAIT, Arc::clone(group)));
+        match &waiting.watch {
+            Some(watch) => (None, first.then(|| Arc::clone(watch))),
+            None => {
+                let watch = Arc::new(Notify::new());
+                waiting.watch = Some(Arc::clone(&watch));
+                (Some(watch), None)
+            }
+        }
+    });
+    if let Some(wake) = wake {
+        wake.notify_one();
+    }
+    if let Some(wake) = start {
+        tokio::spawn(Watch.run(wake));
+    }
+}
+
+impl Waiting {
+    /// Drops the groups at the front that the writer has answered.
+    fn take_done(&mut self) {
+        while self
+            .groups
+            .front()
+            .is_some_and(|(_, group)| group.get() != 0)
+        {
+            self.groups.pop_front();
+        }
+    }
+
+    /// Fails the groups whose deadline has passed (the writer is stuck, as on a stalled disk), so that their
+    /// requests are refused with 503 rather than wait on; gives the next deadline.
+    fn expire(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        loop {
+            self.take_done();
+            let (deadline, group) = self.groups.front()?;
+            if *deadline > now {
+                return Some(*deadline);
+            }
+            group.set(Slot::FAILED);
+            self.groups.pop_front();
+        }
+    }
+}
+
+/// The task that watches one thread's waiting flushes ([`Waiting`]). It waits for the oldest deadline, or with
+/// nothing waiting for a first flush to wake it. Dropped (its runtime stopped), it lets the next flush on the thread
+/// start another.
+struct Watch;
+
+impl Watch {
+    async fn run(self, wake: Arc<Notify>) {
+        loop {
+            let next =
+                WAITING.with_borrow_mut(|waiting| waiting.expire(tokio::time::Instant::now()));
+            match next {
+                Some(deadline) => {
+                    let _ = tokio::time::timeout_at(deadline, wake.notified()).await;
+                }
+                None => wake.notified().await,
+            }
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = WAITING.try_with(|waiting| waiting.borrow_mut().watch = None);
+    }
 }
