@@ -304,8 +304,10 @@ impl JwtAudit {
         self.text(self.kept[which as usize].as_ref()?)
     }
 
-    /// `system|value` of the device's first identifier.
-    pub fn device_identifier(&self) -> Option<String> {
+    /// `system|value` of the device's first identifier, as the record's `device_identifier` reads (tests; the
+    /// record writes the two parts without joining them, [`JwtAudit::write_json`]).
+    #[cfg(test)]
+    pub(crate) fn device_identifier(&self) -> Option<String> {
         let (system, value) = self.device_identifier_parts()?;
         Some(format!("{system}|{value}"))
     }
