@@ -74,16 +74,17 @@ impl Doc<'_> {
 /// key is `DuplicateKey` (the first of the two faults met, reading from the start).
 pub(super) fn json_object(bytes: &[u8]) -> Result<Doc<'_>, Violation> {
     match std::str::from_utf8(bytes) {
-        Ok(text) => read(text),
+        Ok(text) => json_text(text),
         // The text up to the first byte that is not UTF-8 may hold an earlier fault (a repeated key).
         Err(e) => Err(std::str::from_utf8(&bytes[..e.valid_up_to()])
             .map_or(Violation::Malformed, |text| {
-                read(text).err().unwrap_or(Violation::Malformed)
+                json_text(text).err().unwrap_or(Violation::Malformed)
             })),
     }
 }
 
-fn read(text: &str) -> Result<Doc<'_>, Violation> {
+/// [`json_object`] for text already known to be UTF-8.
+pub(super) fn json_text(text: &str) -> Result<Doc<'_>, Violation> {
     let bytes = text.as_bytes();
     let mut reader = Reader {
         doc: Doc {

@@ -274,8 +274,9 @@ enum Text {
 /// `valid` and `violations` (names); a claim that is absent or unusable is `null`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JwtAudit {
-    /// The decoded claims set (JSON text, so UTF-8); empty when the token could not be read that far.
-    claims: Vec<u8>,
+    /// The decoded claims set (JSON text, checked as UTF-8 once, when decoded); empty when the token could not be
+    /// read that far.
+    claims: String,
     kept: [Option<Text>; 12],
     /// `system` and `value` of the device's first identifier.
     device_identifier: Option<(Text, Text)>,
@@ -325,11 +326,8 @@ impl JwtAudit {
 
     fn text<'a>(&'a self, text: &'a Text) -> Option<&'a str> {
         match text {
-            // A place the JSON reader found a string at: UTF-8, checked again here (a few bytes) rather than the
-            // whole claims set once per token.
-            Text::At(start, end) => {
-                std::str::from_utf8(self.claims.get(*start as usize..*end as usize)?).ok()
-            }
+            // A place the JSON reader found a string at, so on character boundaries; `get` checks that anyway.
+            Text::At(start, end) => self.claims.get(*start as usize..*end as usize),
             Text::Unescaped(text) => Some(text),
         }
     }

@@ -6,7 +6,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Map, Value};
 
-use super::json::{Doc, Json, Obj, json_object};
+use super::json::{Doc, Json, Obj, json_object, json_text};
 use super::{MAX_TOKEN_BYTES, Violation};
 
 /// A public key registered for a system's signed tokens.
@@ -127,7 +127,9 @@ pub(super) struct Parts<'t> {
     token: &'t str,
     /// The decoded header; none for [`UNSIGNED_HEADER`].
     header: Option<Vec<u8>>,
-    payload: Vec<u8>,
+    /// The decoded claims set: text when it is UTF-8, checked once here, or else its bytes, for
+    /// [`json_object`] to name the first fault in.
+    payload: Result<String, Vec<u8>>,
     signature: &'t str,
 }
 
@@ -146,19 +148,23 @@ impl<'t> Parts<'t> {
                 UNSIGNED_HEADER => None,
                 other => Some(base64url(other)?),
             },
-            payload: base64url(&token[first + 1..second])?,
+            payload: String::from_utf8(base64url(&token[first + 1..second])?)
+                .map_err(std::string::FromUtf8Error::into_bytes),
             signature: &token[second + 1..],
         })
     }
 
     /// The decoded claims set, as bytes.
     pub(super) fn payload_bytes(&self) -> &[u8] {
-        &self.payload
+        match &self.payload {
+            Ok(text) => text.as_bytes(),
+            Err(bytes) => bytes,
+        }
     }
 
-    /// The decoded claims set.
-    pub(super) fn into_payload(self) -> Vec<u8> {
-        self.payload
+    /// The decoded claims set, when it is text ([`Parts::payload`] has read it); empty otherwise.
+    pub(super) fn into_payload(self) -> String {
+        self.payload.unwrap_or_default()
     }
 
     pub(super) fn header(&self) -> Result<Header<'_>, Violation> {
@@ -169,7 +175,10 @@ impl<'t> Parts<'t> {
     }
 
     pub(super) fn payload(&self) -> Result<Doc<'_>, Violation> {
-        json_object(&self.payload)
+        match &self.payload {
+            Ok(text) => json_text(text),
+            Err(bytes) => json_object(bytes),
+        }
     }
 
     /// Checks the header (read by [`Parts::header`]) and the signature, or its absence; the header's `alg`.
