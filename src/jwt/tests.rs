@@ -243,6 +243,36 @@ fn hostile_tokens_are_refused_by_name() {
     );
 }
 
+/// A claims set that is not UTF-8 is malformed; a repeated key in an object that closes before the first byte that
+/// is not UTF-8 is still named, as the reader meets it first. Both go through the whole token path, which keeps the decoded bytes for
+/// this case and text otherwise.
+#[test]
+fn claims_that_are_not_utf8_are_malformed_and_an_earlier_repeated_key_is_still_named() {
+    let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    let token = |payload: &[u8]| format!("{h}.{}.", URL_SAFE_NO_PAD.encode(payload));
+    let good = claims().to_string();
+    // The same claims with one byte (in the ODS code) that is not UTF-8.
+    let mut bytes = good.clone().into_bytes();
+    let at = good.find("RXX01").unwrap() + 4;
+    bytes[at] = 0xff;
+    assert_eq!(names(&check_token(&token(&bytes), READ)), vec!["MALFORMED"]);
+    // A resource with a repeated key, closed before a byte that is not UTF-8 at the very end.
+    let nested = good.replacen(
+        r#""resourceType":"Practitioner""#,
+        r#""resourceType":"Practitioner","resourceType":"Patient""#,
+        1,
+    );
+    assert_ne!(nested, good);
+    let mut repeated = nested.into_bytes();
+    repeated.insert(repeated.len() - 1, 0xc3);
+    assert_eq!(
+        names(&check_token(&token(&repeated), READ)),
+        vec!["DUPLICATE_KEY"]
+    );
+    // And the unchanged claims are valid, so neither verdict comes from something else.
+    assert!(check_token(&token(good.as_bytes()), READ).valid);
+}
+
 #[test]
 fn token_shape_is_strict() {
     let good = encode_unsigned(&claims());
