@@ -244,8 +244,8 @@ fn hostile_tokens_are_refused_by_name() {
 }
 
 /// A claims set that is not UTF-8 is malformed; a repeated key in an object that closes before the first byte that
-/// is not UTF-8 is still named, as the reader meets it first. Both go through the whole token path, which keeps the decoded bytes for
-/// this case and text otherwise.
+/// is not UTF-8 is still named, as the reader meets it first. Both go through the whole token path, which keeps
+/// the decoded bytes for this case and text otherwise.
 #[test]
 fn claims_that_are_not_utf8_are_malformed_and_an_earlier_repeated_key_is_still_named() {
     let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
