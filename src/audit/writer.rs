@@ -513,7 +513,8 @@ impl AuditLog {
     /// response record is not lost to a burst. A record that cannot be queued (the log is closed, or the disk has
     /// stalled that long) is reported in the operational log, never dropped silently.
     ///
-    /// On a worker's runtime it is staged with the turn's other records, up to [`STAGE_LIMIT`](stage::STAGE_LIMIT) of its kind.
+    /// On a worker's runtime it is staged with the turn's other records, up to
+    /// [`STAGE_LIMIT`](stage::STAGE_LIMIT) of its kind.
     pub(crate) fn submit(&self, record: Record) {
         let job = Job {
             record,
