@@ -101,17 +101,19 @@ impl Exchange {
         self.cancelled.store(true, Ordering::Release);
     }
 
-    /// Records that the request went out a second time (see [`Upstream::send`](super::pool::Upstream::send)).
     /// Whether the whole request body has gone to the provider connection: until it has, that connection cannot
     /// carry another request.
     pub(crate) fn request_sent(&self) -> bool {
         self.request_sent.load(Ordering::Acquire)
     }
 
-    fn mark_request_sent(&self) {
+    /// Records that the whole request body has gone to the provider connection (at once for a request without
+    /// one).
+    pub(crate) fn mark_request_sent(&self) {
         self.request_sent.store(true, Ordering::Release);
     }
 
+    /// Records that the request went out a second time (see [`Upstream::send`](super::pool::Upstream::send)).
     pub fn retried(&self) {
         self.retried.store(true, Ordering::Relaxed);
     }

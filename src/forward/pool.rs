@@ -37,9 +37,14 @@ use super::{
 use crate::config::UpstreamConfig;
 use crate::policy::Permit;
 
-/// The request body sent upstream: the consumer's body, streamed; none for the retry of a bodiless request.
+/// The request body sent upstream: the consumer's body, streamed; none for a request without one (a `GET`) and
+/// for the retry of such a request.
+///
+/// Boxed because every request crosses hyper's dispatch channel to its provider connection inside a `Request`
+/// of this body, and each provider connection keeps two 32-slot blocks of that channel: the box takes a slot from
+/// 344 to 256 bytes (some 5.6 KiB a connection), and only a request that has a body pays for it.
 #[derive(Debug)]
-pub(crate) struct RequestBody(Option<Streamed<Incoming>>);
+pub(crate) struct RequestBody(Option<Box<Streamed<Incoming>>>);
 
 impl Body for RequestBody {
     type Data = Bytes;
@@ -537,13 +542,19 @@ impl Upstream {
             *again.headers_mut() = parts.headers.clone();
             again
         });
-        let body = Streamed::new(
-            body,
-            self.body_idle_timeout,
-            Arc::clone(exchange),
-            Direction::Request,
-        );
-        let request = Request::from_parts(parts, RequestBody(Some(body)));
+        let body = if body.is_end_stream() {
+            // Nothing to stream: the request is sent once its head is.
+            exchange.mark_request_sent();
+            RequestBody(None)
+        } else {
+            RequestBody(Some(Box::new(Streamed::new(
+                body,
+                self.body_idle_timeout,
+                Arc::clone(exchange),
+                Direction::Request,
+            ))))
+        };
+        let request = Request::from_parts(parts, body);
         let deadline = Instant::now() + self.response_timeout;
         let mut result =
             tokio::time::timeout_at(deadline, self.pool.exchange(&host, request, true)).await;

@@ -175,3 +175,14 @@ mod futures_core_stream {
         PollFn(f)
     }
 }
+
+/// Every request crosses hyper's dispatch channel to its provider connection as a `Request<RequestBody>`, and each
+/// provider connection keeps two 32-slot blocks of that channel. A body held inline made every slot 88 bytes
+/// larger: some 5.6 KiB a provider connection, 1.4 MiB at 256 connections.
+#[test]
+fn the_upstream_request_body_is_one_pointer_wide() {
+    assert_eq!(
+        std::mem::size_of::<super::pool::RequestBody>(),
+        std::mem::size_of::<usize>()
+    );
+}
