@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -42,6 +43,9 @@ pub fn provider_tls(
     Ok(Arc::new(config))
 }
 
+/// The most of a request body the dev provider reads before it answers, in bytes.
+const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
+
 /// Serves canned GP Connect answers until `shutdown`. Like a real provider, it answers only the proxy: a client
 /// whose certificate CN is not `allowed_client` gets 403.
 pub async fn serve_provider(
@@ -73,7 +77,12 @@ pub async fn serve_provider(
                 .and_then(|p| p.common_name);
             let is_proxy = client_cn.as_deref() == Some(&*allowed);
             let service = service_fn(move |request: Request<Incoming>| async move {
-                Ok::<_, std::convert::Infallible>(provider_response(&request, is_proxy))
+                let (parts, body) = request.into_parts();
+                // The whole body is read before the answer, as a server should: one that answers and closes
+                // with request bytes unread makes the kernel reset the connection, and the reset can destroy the
+                // answer before the proxy has read it (RFC 9112 section 9.6). Past the limit it answers anyway.
+                let _ = Limited::new(body, MAX_REQUEST_BODY).collect().await;
+                Ok::<_, std::convert::Infallible>(provider_response(&parts, is_proxy))
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -83,14 +92,14 @@ pub async fn serve_provider(
 }
 
 /// The canned answer for a GP Connect request, chosen by the end of the path.
-fn provider_response(request: &Request<Incoming>, is_proxy: bool) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
+fn provider_response(request: &Parts, is_proxy: bool) -> Response<Full<Bytes>> {
+    let path = request.uri.path();
     let (status, body) = if !is_proxy {
         (
             StatusCode::FORBIDDEN,
             provider_outcome("forbidden", "client is not the SSP"),
         )
-    } else if path.ends_with("/fhir/metadata") && request.method() == Method::GET {
+    } else if path.ends_with("/fhir/metadata") && request.method == Method::GET {
         (
             StatusCode::OK,
             serde_json::json!({
@@ -106,7 +115,7 @@ fn provider_response(request: &Request<Incoming>, is_proxy: bool) -> Response<Fu
                 "rest": [{ "mode": "server" }]
             }),
         )
-    } else if path.ends_with("/fhir/Patient") && request.method() == Method::GET {
+    } else if path.ends_with("/fhir/Patient") && request.method == Method::GET {
         (
             StatusCode::OK,
             serde_json::json!({
@@ -121,7 +130,7 @@ fn provider_response(request: &Request<Incoming>, is_proxy: bool) -> Response<Fu
             }),
         )
     } else if path.ends_with("/fhir/Patient/$gpc.getstructuredrecord")
-        && request.method() == Method::POST
+        && request.method == Method::POST
     {
         (
             StatusCode::OK,
@@ -133,7 +142,7 @@ fn provider_response(request: &Request<Incoming>, is_proxy: bool) -> Response<Fu
                           { "resource": { "resourceType": "AllergyIntolerance", "id": "1", "clinicalStatus": "active" } }]
             }),
         )
-    } else if path.contains("/fhir/Practitioner/") && request.method() == Method::GET {
+    } else if path.contains("/fhir/Practitioner/") && request.method == Method::GET {
         (
             StatusCode::OK,
             serde_json::json!({
@@ -159,7 +168,7 @@ fn provider_response(request: &Request<Incoming>, is_proxy: bool) -> Response<Fu
         http::header::CACHE_CONTROL,
         HeaderValue::from_static("no-store"),
     );
-    if let Some(trace) = request.headers().get("ssp-traceid") {
+    if let Some(trace) = request.headers.get("ssp-traceid") {
         headers.insert("ssp-traceid", trace.clone());
     }
     response
