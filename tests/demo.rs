@@ -149,7 +149,8 @@ async fn the_dev_provider_reads_the_whole_body_before_it_answers() {
     // curl asks for `100 Continue` before a large body; `Expect:` (empty) makes it send the body at once.
     for expect in ["", "Expect:"] {
         let mut curl = Command::new("curl");
-        curl.args(["--http1.1", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}"])
+        curl.args(["--http1.1", "-s", "--max-time", "15", "-o", "/dev/null"])
+            .args(["-w", "%{http_code} %{size_upload}"])
             .args(["-H", expect])
             .arg("--cert")
             .arg(pki.path("proxy-client.crt"))

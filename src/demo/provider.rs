@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -78,16 +78,26 @@ pub async fn serve_provider(
             let is_proxy = client_cn.as_deref() == Some(&*allowed);
             let service = service_fn(move |request: Request<Incoming>| async move {
                 let (parts, body) = request.into_parts();
-                // The whole body is read before the answer, as a server should: one that answers and closes
-                // with request bytes unread makes the kernel reset the connection, and the reset can destroy the
-                // answer before the proxy has read it (RFC 9112 section 9.6). Past the limit it answers anyway.
-                let _ = Limited::new(body, MAX_REQUEST_BODY).collect().await;
+                discard_body(body).await;
                 Ok::<_, std::convert::Infallible>(provider_response(&parts, is_proxy))
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// Reads a request's body to its end, or to [`MAX_REQUEST_BODY`] bytes, keeping none of it. The whole body is read
+/// before the answer, as a server should: one that answers and closes with request bytes unread makes its kernel
+/// reset the connection, and the reset can destroy the answer before the proxy has read it (RFC 9112 section 9.6).
+async fn discard_body(mut body: Incoming) {
+    let mut seen = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen += frame.data_ref().map_or(0, Bytes::len);
+        if seen > MAX_REQUEST_BODY {
+            return;
+        }
     }
 }
 
