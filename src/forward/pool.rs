@@ -30,6 +30,7 @@ use super::connector::{ConnectError, ProviderStream};
 use super::headers::{
     MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD, is_head_too_large, response_head_len,
 };
+use super::idle::IdleConns;
 use super::{
     BoxError, ClientFields, Connector, Direction, Exchange, ForwardError, IdleTimeout, Streamed,
     rewrite_request_headers, strip_hop_by_hop,
@@ -118,12 +119,6 @@ impl Conn {
     }
 }
 
-/// An idle connection and when it went idle.
-struct Idle {
-    conn: Conn,
-    since: Instant,
-}
-
 /// One provider (`host:port`): its connection limit and its idle connections.
 struct Host {
     /// As in a URI: an IPv6 literal bracketed.
@@ -133,32 +128,27 @@ struct Host {
     key: Arc<str>,
     /// Bounds the connections open to this provider, idle ones included.
     slots: Arc<Semaphore>,
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<IdleConns<Conn>>,
     /// Signalled when a connection goes idle, for a request waiting for a slot.
     returned: Notify,
 }
 
 impl Host {
-    /// An idle connection that has not outlived `idle_timeout`, preferring one this thread opened; expired ones
-    /// are dropped on the way.
+    /// An idle connection that has not outlived `idle_timeout`, preferring one this thread opened (see
+    /// [`IdleConns::take`]).
     fn take_idle(&self, idle_timeout: Duration) -> Option<Conn> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        idle.retain(|i| now.duration_since(i.since) < idle_timeout);
-        let me = std::thread::current().id();
-        let at = idle
-            .iter()
-            .rposition(|i| i.conn.home == me)
-            .or_else(|| idle.len().checked_sub(1))?;
-        Some(idle.swap_remove(at).conn)
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(std::thread::current().id(), Instant::now(), idle_timeout)
     }
 
     fn has_idle(&self) -> bool {
-        !self
-            .idle
+        self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
+            .len()
+            > 0
     }
 
     /// Keeps a connection whose exchange ended cleanly for the next request, within `max_idle`.
@@ -171,10 +161,7 @@ impl Host {
             if idle.len() >= max_idle {
                 return;
             }
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push(conn.home, conn, Instant::now());
         }
         self.returned.notify_one();
     }
@@ -186,9 +173,9 @@ impl Host {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain_mut(|i| {
-                now.duration_since(i.since) < idle_timeout
-                    && !matches!(i.conn.poll_ready(&mut cx), Poll::Ready(false))
+            .retain(|since, conn| {
+                now.duration_since(since) < idle_timeout
+                    && !matches!(conn.poll_ready(&mut cx), Poll::Ready(false))
             });
     }
 }
