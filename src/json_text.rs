@@ -84,6 +84,19 @@ impl<'b> Obj<'b> {
         Self { out, empty: true }
     }
 
+    /// Continues an object whose `{` and first fields are written elsewhere, later: every field written through
+    /// it starts with a comma, and nothing closes it (the fields are spliced into the object by [`Obj::fields`]).
+    pub fn continued(out: &'b mut Vec<u8>) -> Self {
+        Self { out, empty: false }
+    }
+
+    /// Fields a [`Obj::continued`] wrote (each `,"key":value`), added as they are. The caller vouches for them.
+    pub fn fields(&mut self, fields: &[u8]) {
+        debug_assert!(fields.is_empty() || fields[0] == b',');
+        self.out.extend_from_slice(fields);
+        self.empty &= fields.is_empty();
+    }
+
     fn key(&mut self, key: &'static str) -> &mut Vec<u8> {
         debug_assert!(special(key.as_bytes()).is_none(), "{key}");
         if !std::mem::replace(&mut self.empty, false) {

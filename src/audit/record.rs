@@ -263,10 +263,15 @@ impl SealReason {
 }
 
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a record lives only until it is encoded, on the thread that made it; boxing the token's claims \
+              would cost an allocation per request"
+)]
 enum Entry {
     Permitted {
         tx: Arc<Transaction>,
-        jwt: Option<Box<JwtAudit>>,
+        jwt: Option<JwtAudit>,
     },
     Refused {
         tx: Arc<Transaction>,
@@ -303,7 +308,7 @@ impl Record {
     pub fn permitted(tx: &Arc<Transaction>, jwt: Option<JwtAudit>) -> Self {
         Self::new(Entry::Permitted {
             tx: Arc::clone(tx),
-            jwt: jwt.map(Box::new),
+            jwt,
         })
     }
 
@@ -371,47 +376,89 @@ pub struct Link<'a> {
 }
 
 /// Appends `record` to `buf` as one JSON line at `link` and returns the SHA-256 (hex) of the line, the next
-/// record's `prev`: the whole cost of a record on the writer, but for the `write`.
+/// record's `prev`: [`Encoded::new`] and [`Encoded::write`] in one.
 pub fn encode(record: &Record, link: Link<'_>, buf: &mut Vec<u8>) -> HexDigest {
-    let start = buf.len();
-    let mut line = Obj::open(buf);
-    line.u64("seq", link.seq);
-    line.str("instance", link.instance);
-    line.str("ts", record.ts.as_str());
-    match &record.entry {
-        Entry::Permitted { tx, jwt } => request(&mut line, tx, "permit", None, jwt.as_deref()),
-        Entry::Refused { tx, reason, jwt } => {
-            request(&mut line, tx, "deny", Some(reason), jwt.as_deref());
-        }
-        Entry::Completed { tx, end } => {
-            line.str("kind", "response");
-            line.str_if("trace_id", tx.trace_id());
-            line.u64("conn_id", tx.conn_id);
-            parties(&mut line, tx);
-            line.u64("status", u64::from(end.status));
-            line.u64("bytes_in", end.bytes_in);
-            line.u64("bytes_out", end.bytes_out);
-            line.f64("upstream_ms", millis(end.upstream));
-            line.f64("total_ms", millis(end.total));
-            if end.retried {
-                line.bool("retried", true);
+    Encoded::new(record, Vec::new()).write(link, buf)
+}
+
+/// A record as JSON text, made on the thread that made the record, while what it names is still in that thread's
+/// cache; the writer adds the chain's fields (`seq`, `instance`, `prev`) with [`Encoded::write`]. So the writer
+/// thread reads no request's data and frees none of it, and only the text crosses threads, in a buffer the writer
+/// hands back for a later record (`AuditLog`'s spare buffers).
+#[derive(Debug)]
+pub struct Encoded {
+    /// The fields from `ts` to the last one before `prev`, each as `,"key":value`.
+    fields: Vec<u8>,
+    request: bool,
+}
+
+impl Encoded {
+    /// Writes `record`'s fields into `buf` (emptied first: a spare buffer of an earlier record, so that encoding
+    /// allocates nothing once the buffers are in circulation).
+    pub fn new(record: &Record, mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        let mut line = Obj::continued(&mut buf);
+        line.str("ts", record.ts.as_str());
+        match &record.entry {
+            Entry::Permitted { tx, jwt } => request(&mut line, tx, "permit", None, jwt.as_ref()),
+            Entry::Refused { tx, reason, jwt } => {
+                request(&mut line, tx, "deny", Some(reason), jwt.as_deref());
             }
-            line.str("outcome", end.outcome.as_str());
-        }
-        Entry::Sealed { why, torn } => {
-            line.str("kind", "seal");
-            line.str("sealed", why.as_str());
-            if let Some((bytes, file)) = torn {
-                line.u64("torn_bytes", *bytes);
-                line.str("torn_file", file);
+            Entry::Completed { tx, end } => {
+                line.str("kind", "response");
+                line.str_if("trace_id", tx.trace_id());
+                line.u64("conn_id", tx.conn_id);
+                parties(&mut line, tx);
+                line.u64("status", u64::from(end.status));
+                line.u64("bytes_in", end.bytes_in);
+                line.u64("bytes_out", end.bytes_out);
+                line.f64("upstream_ms", millis(end.upstream));
+                line.f64("total_ms", millis(end.total));
+                if end.retried {
+                    line.bool("retried", true);
+                }
+                line.str("outcome", end.outcome.as_str());
             }
+            Entry::Sealed { why, torn } => {
+                line.str("kind", "seal");
+                line.str("sealed", why.as_str());
+                if let Some((bytes, file)) = torn {
+                    line.u64("torn_bytes", *bytes);
+                    line.str("torn_file", file);
+                }
+            }
+        }
+        Self {
+            fields: buf,
+            request: record.is_request(),
         }
     }
-    line.str("prev", link.prev);
-    line.close();
-    let hash = HexDigest::of(&buf[start..]);
-    buf.push(b'\n');
-    hash
+
+    /// A `request` record (of a permitted or a refused request), which the writer never holds back.
+    pub(crate) fn is_request(&self) -> bool {
+        self.request
+    }
+
+    /// The buffer, for a later record.
+    pub(crate) fn into_buffer(self) -> Vec<u8> {
+        self.fields
+    }
+
+    /// Appends the record to `buf` as one JSON line at `link` (fields in the order of the module's header) and
+    /// returns the SHA-256 (hex) of the line, the next record's `prev`: the whole cost of a record on the writer,
+    /// but for the `write`.
+    pub fn write(&self, link: Link<'_>, buf: &mut Vec<u8>) -> HexDigest {
+        let start = buf.len();
+        let mut line = Obj::open(buf);
+        line.u64("seq", link.seq);
+        line.str("instance", link.instance);
+        line.fields(&self.fields);
+        line.str("prev", link.prev);
+        line.close();
+        let hash = HexDigest::of(&buf[start..]);
+        buf.push(b'\n');
+        hash
+    }
 }
 
 /// The fields of a `request` record, after `ts`.

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use crate::ids::HexDigest;
 
-use super::record::{Link as ChainLink, Record, SealReason, encode};
+use super::record::{Encoded, Link as ChainLink, Record, SealReason};
 use super::writer::{AuditMetrics, set_healthy};
 use crate::config::AuditConfig;
 
@@ -55,9 +55,9 @@ impl SegmentWriter {
     fn set_healthy(&self, healthy: bool) {
         set_healthy(&self.healthy, healthy, &self.cfg.dir);
     }
-    /// Serialises, chains and writes records in one write; on failure rolls the segment back and leaves the chain
+    /// Chains and writes encoded records in one write; on failure rolls the segment back and leaves the chain
     /// where it was.
-    fn append<'r>(&mut self, records: impl Iterator<Item = &'r Record>) -> io::Result<()> {
+    fn append<'r>(&mut self, records: impl Iterator<Item = &'r Encoded>) -> io::Result<()> {
         if !self.ensure_open() {
             return Err(io::Error::other("no writable audit segment"));
         }
@@ -70,7 +70,7 @@ impl SegmentWriter {
                 instance: &self.cfg.instance,
                 prev: prev.as_str(),
             };
-            prev = encode(record, link, &mut self.buf);
+            prev = record.write(link, &mut self.buf);
         }
         let Some(segment) = self.segment.as_mut() else {
             return Err(io::Error::other("no writable audit segment"));
@@ -107,7 +107,7 @@ impl SegmentWriter {
     /// good write makes it healthy again. `Ok` means written, and with `sync` also fsynced.
     pub(super) fn write_batch<'r>(
         &mut self,
-        records: impl ExactSizeIterator<Item = &'r Record>,
+        records: impl ExactSizeIterator<Item = &'r Encoded>,
         sync: bool,
     ) -> io::Result<()> {
         let started = Instant::now();
@@ -169,7 +169,7 @@ impl SegmentWriter {
         if self.segment.is_none() {
             return;
         }
-        let record = Record::sealed(why, None);
+        let record = Encoded::new(&Record::sealed(why, None), Vec::new());
         if let Err(e) = self.append(std::iter::once(&record)) {
             tracing::error!(error = %e, "audit seal failed");
         }
@@ -233,7 +233,8 @@ impl SegmentWriter {
                             index,
                             len,
                         });
-                        let record = Record::sealed(SealReason::Recovered, torn);
+                        let record =
+                            Encoded::new(&Record::sealed(SealReason::Recovered, torn), Vec::new());
                         let sealed = self
                             .append(std::iter::once(&record))
                             .and_then(|()| self.sync_now());

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::record::{Record, SealReason};
+use super::record::{Encoded, Record, SealReason};
 use super::segment::SegmentWriter;
 use crate::config::{AuditConfig, Durability};
 
@@ -35,6 +35,11 @@ pub(super) use stage::STAGE_LIMIT;
 
 /// Records written in one batch at most.
 const MAX_BATCH: usize = 1024;
+/// Spare record buffers the writer keeps for the workers at most, and the largest one it keeps (a larger one, from
+/// a refusal with a long target, is freed): the buffers of written records go back to the threads that encode
+/// records, so that a record's text costs no allocation, and none is freed on another thread than made it.
+const SPARE_BUFFERS: usize = 1024;
+const SPARE_BUFFER_MAX: usize = 4096;
 /// Records waiting for the writer at most; past this, request records wait up to [`SUBMIT_WAIT`].
 pub(super) const QUEUE_CAPACITY: usize = 8192;
 /// Records queued at most in all, counting those that do not wait (response records, refusals): a bound on memory
@@ -114,7 +119,7 @@ impl Slot {
 /// A record waiting to be written; the slot of the request waiting for it (none for records nobody waits for);
 /// its place in the queue's capacity, given back when the thread takes it.
 struct Job {
-    record: Record,
+    record: Encoded,
     slot: Option<Arc<Slot>>,
     _room: Option<OwnedSemaphorePermit>,
 }
@@ -198,6 +203,8 @@ struct Queue {
     urgent: usize,
     /// What the thread is doing, which says which queued records must wake it.
     idle: Idle,
+    /// Buffers of written records, for the next records ([`SPARE_BUFFERS`]).
+    spare: Vec<Vec<u8>>,
     closed: bool,
     /// Tests only: the thread takes nothing, as when a write is stuck on a stalled disk.
     #[cfg(test)]
@@ -243,8 +250,20 @@ impl Shared {
     /// Queues jobs and wakes the thread if it waits; gives back those that could not be queued (the log is closed
     /// or [`QUEUE_LIMIT`] is reached).
     fn push(&self, jobs: impl IntoIterator<Item = Job>) -> Vec<Job> {
+        self.push_and_refill(jobs, &mut Vec::new(), 0)
+    }
+
+    /// As [`Shared::push`], and moves up to `want` spare buffers into `buffers`.
+    fn push_and_refill(
+        &self,
+        jobs: impl IntoIterator<Item = Job>,
+        buffers: &mut Vec<Vec<u8>>,
+        want: usize,
+    ) -> Vec<Job> {
         let mut refused = Vec::new();
         let mut queue = self.lock();
+        let spare = queue.spare.len();
+        buffers.extend(queue.spare.drain(spare - want.min(spare)..));
         for job in jobs {
             if queue.closed || queue.jobs.len() >= QUEUE_LIMIT {
                 refused.push(job);
@@ -319,12 +338,17 @@ impl Shared {
     /// before, it lingers: response records stay queued until a request record comes or the linger ends.
     fn run(&self, mut writer: SegmentWriter, durability: Durability, linger: Duration) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        // The written records' buffers, given back with the next look at the queue.
+        let mut spent: Vec<Vec<u8>> = Vec::with_capacity(MAX_BATCH);
         // When the last batch was written; whether to linger after it: only when it came within `linger` of the
         // one before, so that a stream of requests shares wake-ups and an occasional request costs no timer.
         let mut last_write: Option<std::time::Instant> = None;
         let mut linger_now = false;
         loop {
             let mut queue = self.lock();
+            let room = SPARE_BUFFERS.saturating_sub(queue.spare.len());
+            queue.spare.extend(spent.drain(..).take(room));
+            spent.clear();
             let lingering = linger_now.then(|| std::time::Instant::now() + linger);
             while !queue.has_urgent_work() {
                 if let Some(until) = lingering {
@@ -377,6 +401,10 @@ impl Shared {
                 for job in batch.drain(..) {
                     if let Some(slot) = job.slot {
                         slot.record_done(done);
+                    }
+                    let buffer = job.record.into_buffer();
+                    if buffer.capacity() <= SPARE_BUFFER_MAX {
+                        spent.push(buffer);
                     }
                 }
             }
@@ -489,7 +517,7 @@ impl AuditLog {
     pub(crate) fn queue(&self, record: Record, room: Room) -> Result<Ticket, Unavailable> {
         let slot = Arc::new(Slot::for_records(1));
         let job = Job {
-            record,
+            record: Encoded::new(&record, stage::spare_buffer()),
             slot: None,
             _room: Some(room.0),
         };
@@ -517,7 +545,7 @@ impl AuditLog {
     /// [`STAGE_LIMIT`](stage::STAGE_LIMIT) of its kind.
     pub(crate) fn submit(&self, record: Record) {
         let job = Job {
-            record,
+            record: Encoded::new(&record, stage::spare_buffer()),
             slot: None,
             _room: Arc::clone(&self.shared.room).try_acquire_owned().ok(),
         };

@@ -81,10 +81,13 @@ fn reference(record: &Record, link: Link<'_>, peer: &RefPeer<'_>) -> String {
         optional(map, "interaction", interaction);
     };
     match &record.entry {
-        Entry::Permitted { tx, jwt } | Entry::Refused { tx, jwt, .. } => {
-            let (decision, reason) = match &record.entry {
-                Entry::Refused { reason, .. } => ("deny", Some(reason.as_str())),
-                _ => ("permit", None),
+        Entry::Permitted { tx, .. } | Entry::Refused { tx, .. } => {
+            let (decision, reason, jwt) = match &record.entry {
+                Entry::Refused { reason, jwt, .. } => {
+                    ("deny", Some(reason.as_str()), jwt.as_deref())
+                }
+                Entry::Permitted { jwt, .. } => ("permit", None, jwt.as_ref()),
+                _ => unreachable!(),
             };
             map.serialize_entry("kind", "request").unwrap();
             optional(&mut map, "trace_id", tx.trace_id());
@@ -149,7 +152,8 @@ fn identity(subject: &str, serial: &str) -> PeerIdentity {
     }
 }
 
-/// Writes `record` and checks it against the reference: the same bytes, a newline, and the SHA-256 of the line.
+/// Writes `record` and checks it against the reference: the same bytes, a newline, and the SHA-256 of the line;
+/// the same again when encoded into a used buffer.
 fn agrees(record: &Record, link: Link<'_>, peer: &RefPeer<'_>) -> Result<(), TestCaseError> {
     let mut buf = b"earlier line\n".to_vec();
     let hash = encode(record, link, &mut buf);
@@ -157,6 +161,12 @@ fn agrees(record: &Record, link: Link<'_>, peer: &RefPeer<'_>) -> Result<(), Tes
     let expected = reference(record, link, peer);
     prop_assert_eq!(line.strip_suffix('\n'), Some(expected.as_str()));
     prop_assert_eq!(hash, HexDigest::of(expected.as_bytes()));
+    // Encoded into a buffer an earlier record left (as the writer hands buffers back): the same line.
+    let used = b",\"stale\":\"an earlier record's text\"".repeat(40);
+    let mut again = Vec::new();
+    let hash_again = Encoded::new(record, used).write(link, &mut again);
+    prop_assert_eq!(&again[..], &buf[13..]);
+    prop_assert_eq!(hash_again, hash);
     serde_json::from_str::<serde_json::Value>(&expected).unwrap();
     Ok(())
 }

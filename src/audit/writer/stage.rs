@@ -11,6 +11,19 @@ use super::{ACK_WAIT, AuditLog, Job, Shared, Slot, report_refused};
 /// Records nobody waits for (response records, refusals) staged on one thread in one turn at most; past this they
 /// are queued at once. Request records need no such bound: each holds a place in the queue's capacity.
 pub(in crate::audit) const STAGE_LIMIT: usize = 1024;
+/// Spare record buffers one thread keeps at most, taken from the writer's as its flushes hand records over.
+const CACHED_BUFFERS: usize = 256;
+/// The capacity of a new record buffer: a request record with its token's claims is about a kilobyte.
+const NEW_BUFFER: usize = 1024;
+
+/// A buffer to encode a record into: a spare one of this thread's, else a new one.
+pub(super) fn spare_buffer() -> Vec<u8> {
+    STAGE
+        .try_with(|stage| stage.borrow_mut().buffers.pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Vec::with_capacity(NEW_BUFFER))
+}
 
 impl AuditLog {
     /// Stages a job on this thread when it runs a single-threaded runtime, with `waiter` (a request's slot, if
@@ -73,6 +86,8 @@ struct Stage {
     scheduled: bool,
     /// The list of waiting requests a finished flush task left, for the next one to reuse.
     spare: Vec<Arc<Slot>>,
+    /// Spare record buffers ([`spare_buffer`]), at most [`CACHED_BUFFERS`].
+    buffers: Vec<Vec<u8>>,
 }
 
 thread_local! {
@@ -93,7 +108,8 @@ impl Flush {
         // Straight from this thread's stage into the queue, which keeps its capacity for the next turn.
         let (group, mut waiters, refused) = STAGE.with_borrow_mut(|stage| {
             stage.scheduled = false;
-            let waited = stage.jobs.len() - std::mem::take(&mut stage.unwaited);
+            let staged = stage.jobs.len();
+            let waited = staged - std::mem::take(&mut stage.unwaited);
             let group = Arc::new(Slot::for_records(waited));
             let mut waiters = std::mem::take(&mut stage.spare);
             let jobs = stage.jobs.drain(..).map(|(mut job, waiter)| {
@@ -103,7 +119,11 @@ impl Flush {
                 }
                 job
             });
-            let refused = shared.push(jobs);
+            // As many buffers back as this turn's records used, up to the thread's bound.
+            let mut buffers = std::mem::take(&mut stage.buffers);
+            let want = staged.min(CACHED_BUFFERS.saturating_sub(buffers.len()));
+            let refused = shared.push_and_refill(jobs, &mut buffers, want);
+            stage.buffers = buffers;
             (group, waiters, refused)
         });
         // The requests whose records could not be queued are refused (503) and need no log line; the other
