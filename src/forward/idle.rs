@@ -10,8 +10,10 @@ use tokio::time::Instant;
 /// Idle connections of one provider, kept per home thread (the thread that opened them, whose runtime's reactor
 /// watches their sockets), each list oldest first.
 ///
-/// A checkout takes the newest connection of its own thread's list, else the newest of another thread's: the one
-/// most likely still open and warm in the caches, while the oldest ones are left to expire. Since each list is in
+/// A checkout takes the newest connection of its own thread's list, the one most likely still open and warm in the
+/// caches, while the oldest ones are left to expire; another thread's newest only when the caller says so (when no
+/// new connection may be opened: a connection's socket stays with the reactor of the thread that opened it, so
+/// driving it from another thread costs a cross-thread wake-up per event). Since each list is in
 /// the order its connections went idle, the expired ones are at its front: a checkout drops them from there and
 /// never looks at the rest. (The list it replaces was scanned whole per checkout: 1.1% of ssp's CPU at 256
 /// connections, about 1.5 µs per request, `benches/RESULTS.md`.) Lists are made once per thread and kept while empty, so that a connection
@@ -39,6 +41,13 @@ impl<C> IdleConns<C> {
         self.len
     }
 
+    /// Whether [`IdleConns::take`] with the same `me` and `foreign` would find a connection, expired or not.
+    pub(super) fn has(&self, me: ThreadId, foreign: bool) -> bool {
+        self.homes
+            .iter()
+            .any(|(home, list)| !list.is_empty() && (foreign || *home == me))
+    }
+
     /// Adds `conn`, opened on `home`, which went idle `now` (no earlier than the connections already held).
     pub(super) fn push(&mut self, home: ThreadId, conn: C, now: Instant) {
         let at = match self.homes.iter().position(|(h, _)| *h == home) {
@@ -52,13 +61,18 @@ impl<C> IdleConns<C> {
         self.len += 1;
     }
 
-    /// The newest connection idle for less than `timeout` at `now`, from `me`'s list first, else from another
-    /// thread's. Expired connections at the front of the lists it looks at are dropped.
-    pub(super) fn take(&mut self, me: ThreadId, now: Instant, timeout: Duration) -> Option<C> {
+    /// The newest connection idle for less than `timeout` at `now` from `me`'s list, else, when `foreign`, from
+    /// another thread's. Expired connections at the front of the lists it looks at are dropped.
+    pub(super) fn take(
+        &mut self,
+        me: ThreadId,
+        now: Instant,
+        timeout: Duration,
+        foreign: bool,
+    ) -> Option<C> {
         let mine = self.homes.iter().position(|(h, _)| *h == me);
-        let order = mine
-            .into_iter()
-            .chain((0..self.homes.len()).filter(|at| Some(*at) != mine));
+        let others = (0..self.homes.len()).filter(|at| foreign && Some(*at) != mine);
+        let order = mine.into_iter().chain(others);
         for at in order {
             let list = &mut self.homes[at].1;
             let before = list.len();
@@ -111,11 +125,14 @@ mod tests {
         idle.push(me, "mine, new", t0 + Duration::from_secs(1));
         assert_eq!(idle.len(), 3);
         let now = t0 + Duration::from_secs(3);
-        assert_eq!(idle.take(me, now, TIMEOUT), Some("mine, new"));
-        assert_eq!(idle.take(me, now, TIMEOUT), Some("mine, old"));
+        assert_eq!(idle.take(me, now, TIMEOUT, true), Some("mine, new"));
+        assert_eq!(idle.take(me, now, TIMEOUT, true), Some("mine, old"));
+        // Its own list empty, it takes another thread's only when allowed.
+        assert!(!idle.has(me, false) && idle.has(me, true));
+        assert_eq!(idle.take(me, now, TIMEOUT, false), None);
         // Its own list empty, it takes another thread's.
-        assert_eq!(idle.take(me, now, TIMEOUT), Some("other's, newest"));
-        assert_eq!(idle.take(me, now, TIMEOUT), None);
+        assert_eq!(idle.take(me, now, TIMEOUT, true), Some("other's, newest"));
+        assert_eq!(idle.take(me, now, TIMEOUT, true), None);
         assert_eq!(idle.len(), 0);
     }
 
@@ -131,11 +148,11 @@ mod tests {
         idle.push(other, 101, t0 + Duration::from_secs(60));
         // At 93 s, the connections idle since 0, 1, 2 and 3 s have reached the 90 s timeout.
         let now = t0 + Duration::from_secs(93);
-        assert_eq!(idle.take(me, now, TIMEOUT), Some(4));
+        assert_eq!(idle.take(me, now, TIMEOUT, true), Some(4));
         assert_eq!(idle.len(), 2, "the expired ones were dropped on the way");
-        assert_eq!(idle.take(me, now, TIMEOUT), Some(101));
+        assert_eq!(idle.take(me, now, TIMEOUT, true), Some(101));
         assert_eq!(idle.len(), 0, "the other thread's expired one too");
-        assert_eq!(idle.take(me, now, TIMEOUT), None);
+        assert_eq!(idle.take(me, now, TIMEOUT, true), None);
     }
 
     #[test]
@@ -154,8 +171,8 @@ mod tests {
             1,
             "the other thread's emptied list is gone"
         );
-        assert_eq!(idle.take(other, t0, TIMEOUT), Some(2));
-        assert_eq!(idle.take(other, t0, TIMEOUT), Some(0));
-        assert_eq!(idle.take(other, t0, TIMEOUT), None);
+        assert_eq!(idle.take(other, t0, TIMEOUT, true), Some(2));
+        assert_eq!(idle.take(other, t0, TIMEOUT, true), Some(0));
+        assert_eq!(idle.take(other, t0, TIMEOUT, true), None);
     }
 }

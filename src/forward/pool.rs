@@ -134,21 +134,28 @@ struct Host {
 }
 
 impl Host {
-    /// An idle connection that has not outlived `idle_timeout`, preferring one this thread opened (see
-    /// [`IdleConns::take`]).
+    /// An idle connection that has not outlived `idle_timeout`: one this thread opened, or another thread's when
+    /// no new connection may be opened (see [`IdleConns::take`]).
     fn take_idle(&self, idle_timeout: Duration) -> Option<Conn> {
+        let foreign = self.slots.available_permits() == 0;
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take(std::thread::current().id(), Instant::now(), idle_timeout)
+            .take(
+                std::thread::current().id(),
+                Instant::now(),
+                idle_timeout,
+                foreign,
+            )
     }
 
+    /// Whether [`Host::take_idle`] would find a connection.
     fn has_idle(&self) -> bool {
+        let foreign = self.slots.available_permits() == 0;
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .len()
-            > 0
+            .has(std::thread::current().id(), foreign)
     }
 
     /// Keeps a connection whose exchange ended cleanly for the next request, within `max_idle`.
