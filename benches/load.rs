@@ -1215,9 +1215,10 @@ fn main() {
                 .collect();
             let mut rounds_of: Vec<Vec<Phase>> = applicable.iter().map(|_| Vec::new()).collect();
             // Rounds interleave the targets, so that a slow moment of the machine does not land on one of them.
-            // Each round starts with the direct phase, then the proxies, starting one further on each round: the
-            // proxy measured right after the direct phase cost 9 to 14% more CPU per request than the same build
-            // measured later in the round (RESULTS, seventh session), so that place goes to each in turn.
+            // Each round starts with the direct phase, then the proxies, starting one further on each round, so
+            // that no proxy always runs right after the direct phase. (Which place costs more was not settled:
+            // two instances of one build differed by up to 16% of CPU per request in one run, RESULTS, seventh
+            // session.)
             let n = applicable.len();
             for round in 0..rounds as usize {
                 let proxies = (0..n - 1).map(|k| 1 + (k + round) % (n - 1));
