@@ -92,9 +92,9 @@ impl<'b> Obj<'b> {
 
     /// Fields a [`Obj::continued`] wrote (each `,"key":value`), added as they are. The caller vouches for them.
     pub fn fields(&mut self, fields: &[u8]) {
-        debug_assert!(fields.is_empty() || fields[0] == b',');
+        // Each begins with its comma, so they can only follow a field.
+        debug_assert!(fields.is_empty() || (!self.empty && fields[0] == b','));
         self.out.extend_from_slice(fields);
-        self.empty &= fields.is_empty();
     }
 
     fn key(&mut self, key: &'static str) -> &mut Vec<u8> {

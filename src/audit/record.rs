@@ -325,11 +325,6 @@ impl Record {
         })
     }
 
-    /// A `request` record (of a permitted or a refused request), which the writer never holds back.
-    pub(crate) fn is_request(&self) -> bool {
-        matches!(self.entry, Entry::Permitted { .. } | Entry::Refused { .. })
-    }
-
     /// The `response` record that ends a forwarded exchange.
     pub(crate) fn completed(tx: &Arc<Transaction>, end: Completion) -> Self {
         Self::new(Entry::Completed {
@@ -430,7 +425,10 @@ impl Encoded {
         }
         Self {
             fields: buf,
-            request: record.is_request(),
+            request: matches!(
+                record.entry,
+                Entry::Permitted { .. } | Entry::Refused { .. }
+            ),
         }
     }
 

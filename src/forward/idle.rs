@@ -130,7 +130,6 @@ mod tests {
         // Its own list empty, it takes another thread's only when allowed.
         assert!(!idle.has(me, false) && idle.has(me, true));
         assert_eq!(idle.take(me, now, TIMEOUT, false), None);
-        // Its own list empty, it takes another thread's.
         assert_eq!(idle.take(me, now, TIMEOUT, true), Some("other's, newest"));
         assert_eq!(idle.take(me, now, TIMEOUT, true), None);
         assert_eq!(idle.len(), 0);
