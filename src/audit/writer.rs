@@ -279,6 +279,11 @@ impl Shared {
         };
         if wake {
             queue.idle = Idle::Busy;
+        }
+        // Woken after the lock is let go: woken under it, the writer would run (often on this core, at once) only
+        // to block on the lock this thread still holds, and each side would sleep and wake once more.
+        drop(queue);
+        if wake {
             self.wake.notify_one();
         }
         refused
@@ -393,8 +398,11 @@ impl Shared {
                 if done && !strict {
                     let mut sync = self.sync_state();
                     sync.file = writer.file();
-                    // Wake the syncer only when this starts a new interval: it waits out the rest itself.
-                    if !std::mem::replace(&mut sync.dirty, true) {
+                    // Wake the syncer only when this starts a new interval (it waits out the rest itself), and
+                    // once the lock is let go, as in `push_and_refill`.
+                    let starts = !std::mem::replace(&mut sync.dirty, true);
+                    drop(sync);
+                    if starts {
                         self.sync_wake.notify_one();
                     }
                 }
