@@ -33,3 +33,25 @@ pub(crate) struct ConnInfo {
     /// The `Forwarded` and `X-Forwarded-For` elements its requests carry to the provider.
     pub client: crate::forward::ClientFields,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{ConnInfo, Proxy};
+
+    /// The size of the future an `async fn` of this shape returns, read from its type without calling it.
+    fn future_size<'a, F, Fut>(_: F) -> usize
+    where
+        F: Fn(&'a Proxy, http::Request<hyper::body::Incoming>, &'a ConnInfo) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// hyper keeps each consumer connection's in-flight request future in a box sized for it, and every future on
+    /// the request path is moved at its full size when first awaited. `Proxy::handle` once kept the checks' whole
+    /// `Result` (some 850 bytes, the scrutinee of a `match`) across its awaits; this fails if it comes back.
+    #[test]
+    fn the_request_future_does_not_keep_the_checks_result() {
+        let size = future_size(Proxy::handle);
+        assert!(size <= 4_864, "Proxy::handle's future is {size} bytes");
+    }
+}

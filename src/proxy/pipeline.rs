@@ -112,46 +112,43 @@ impl Proxy {
         let head = parts.method == Method::HEAD;
         // One snapshot decides the whole request, and is the generation its records name.
         let policy = self.policy.load_full();
-        let refusal = match self.run_checks(&policy, &parts, conn) {
-            Err(refusal) => refusal,
-            Ok((permit, jwt, admission)) => {
-                // 12: the request record is written (per `audit.durability`) before anything is forwarded.
-                let tx = Transaction::permitted(conn.id, &conn.audit_peer, &parts.method, &permit);
-                let queued = self
-                    .audit
-                    .reserve()
-                    .await
-                    .and_then(|room| self.audit.queue(Record::permitted(&tx, jwt), room));
-                match queued {
-                    Err(_) => Refusal::AuditUnavailable,
-                    // From the moment its request record is queued, the exchange exists: if the consumer goes
-                    // away while the record is being written (an HTTP/2 stream reset), the exchange still ends
-                    // with its response record (`client_closed`).
-                    Ok(ticket) => {
-                        let exchange = self.exchange(Arc::clone(&tx), admission, started);
-                        if ticket.written().await.is_err() {
-                            // Not written: no exchange happened, and it gets no record.
-                            exchange.cancel();
-                            Refusal::AuditUnavailable
-                        } else {
-                            match self
-                                .forward(permit, exchange, Request::from_parts(parts, body), conn)
-                                .await
-                            {
-                                Ok(response) => return Ok(response),
-                                Err(refusal) => {
-                                    log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
-                                    let (mut response, _) = refusal.respond(
-                                        Format::negotiate(accept.as_ref()),
-                                        trace_id,
-                                        &self.allow,
-                                    );
-                                    head_has_no_body(head, &mut response);
-                                    return Ok(response);
-                                }
-                            }
-                        }
-                    }
+        let refusal = 'refused: {
+            // Taken apart in its own statement: a `match` on the checks' result would keep the whole `Result`
+            // (some 850 bytes) in this future across every await below, and in each future that holds this one.
+            let (permit, jwt, admission) = match self.run_checks(&policy, &parts, conn) {
+                Ok(checked) => checked,
+                Err(refusal) => break 'refused refusal,
+            };
+            // 12: the request record is written (per `audit.durability`) before anything is forwarded.
+            let tx = Transaction::permitted(conn.id, &conn.audit_peer, &parts.method, &permit);
+            let queued = self
+                .audit
+                .reserve()
+                .await
+                .and_then(|room| self.audit.queue(Record::permitted(&tx, jwt), room));
+            let Ok(ticket) = queued else {
+                break 'refused Refusal::AuditUnavailable;
+            };
+            // From the moment its request record is queued, the exchange exists: if the consumer goes away while
+            // the record is being written (an HTTP/2 stream reset), the exchange still ends with its response
+            // record (`client_closed`).
+            let exchange = self.exchange(Arc::clone(&tx), admission, started);
+            if ticket.written().await.is_err() {
+                // Not written: no exchange happened, and it gets no record.
+                exchange.cancel();
+                break 'refused Refusal::AuditUnavailable;
+            }
+            match self
+                .forward(permit, exchange, Request::from_parts(parts, body), conn)
+                .await
+            {
+                Ok(response) => return Ok(response),
+                Err(refusal) => {
+                    log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
+                    let (mut response, _) =
+                        refusal.respond(Format::negotiate(accept.as_ref()), trace_id, &self.allow);
+                    head_has_no_body(head, &mut response);
+                    return Ok(response);
                 }
             }
         };
