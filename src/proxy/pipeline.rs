@@ -139,7 +139,7 @@ impl Proxy {
                 break 'refused Refusal::AuditUnavailable;
             }
             match self
-                .forward(permit, exchange, Request::from_parts(parts, body), conn)
+                .forward(&permit, exchange, Request::from_parts(parts, body), conn)
                 .await
             {
                 Ok(response) => return Ok(response),
@@ -238,14 +238,14 @@ impl Proxy {
     /// Forwards a permitted request, streaming both ways. The response record is written when the exchange ends.
     async fn forward(
         &self,
-        permit: Permit,
+        permit: &Permit,
         exchange: Arc<Exchange>,
         request: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Refusal> {
         let response = match self
             .upstream
-            .send(&permit, request, &conn.client, &exchange)
+            .send(permit, request, &conn.client, &exchange)
             .await
         {
             Ok(response) => response,
