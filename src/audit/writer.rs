@@ -37,7 +37,7 @@ pub(super) use stage::STAGE_LIMIT;
 const MAX_BATCH: usize = 1024;
 /// Spare record buffers the writer keeps for the workers at most, and the largest one it keeps (a larger one, from
 /// a refusal with a long target, is freed): the buffers of written records go back to the threads that encode
-/// records, so that a record's text costs no allocation, and none is freed on another thread than made it.
+/// records, so that once they circulate a record's text costs no allocation. Those it cannot keep, it frees.
 const SPARE_BUFFERS: usize = 1024;
 const SPARE_BUFFER_MAX: usize = 4096;
 /// Records waiting for the writer at most; past this, request records wait up to [`SUBMIT_WAIT`].
@@ -352,8 +352,8 @@ impl Shared {
         loop {
             let mut queue = self.lock();
             let room = SPARE_BUFFERS.saturating_sub(queue.spare.len());
+            // Those past the bound are freed as the drain ends; `spent` is empty either way.
             queue.spare.extend(spent.drain(..).take(room));
-            spent.clear();
             let lingering = linger_now.then(|| std::time::Instant::now() + linger);
             while !queue.has_urgent_work() {
                 if let Some(until) = lingering {
