@@ -18,17 +18,21 @@
 //! full waits on a semaphore whose places come back once the writer has written the records holding them.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::record::{Encoded, Record, SealReason};
 use super::segment::SegmentWriter;
 use crate::config::{AuditConfig, Durability};
 
+mod slot;
 mod stage;
+
+use slot::Slot;
+pub(crate) use slot::{InFlight, NotWritten, Ticket};
 
 #[cfg(test)]
 pub(super) use stage::STAGE_LIMIT;
@@ -73,54 +77,13 @@ pub struct AuditMetrics {
     pub write_seconds: prometheus::Histogram,
 }
 
-/// Where one or more request records stand; whoever waits for them is woken, and only it, when that changes.
-#[derive(Debug, Default)]
-struct Slot {
-    state: AtomicU8,
-    /// Records still to be written before the slot is done (a staged group holds several).
-    pending: AtomicUsize,
-    changed: Notify,
-}
-
-impl Slot {
-    // 0, the default: not written yet.
-    const DONE: u8 = 1;
-    const FAILED: u8 = 2;
-
-    fn for_records(n: usize) -> Self {
-        Self {
-            pending: AtomicUsize::new(n),
-            ..Self::default()
-        }
-    }
-
-    fn get(&self) -> u8 {
-        self.state.load(Ordering::Acquire)
-    }
-
-    /// Sets the state and wakes the waiting request (or leaves it a permit, if it is not waiting yet).
-    fn set(&self, state: u8) {
-        self.state.store(state, Ordering::Release);
-        self.changed.notify_one();
-    }
-
-    /// One of its records was written (or failed to be): done when the last is, failed as soon as one fails.
-    fn record_done(&self, written: bool) {
-        if !written {
-            if self.get() != Slot::FAILED {
-                self.set(Slot::FAILED);
-            }
-        } else if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 && self.get() == 0 {
-            self.set(Slot::DONE);
-        }
-    }
-}
-
 /// A record waiting to be written; the slot of the request waiting for it (none for records nobody waits for);
-/// its place in the queue's capacity, given back when the thread takes it.
+/// the slot of an earlier request record it must follow into the log (see [`InFlight`]); its place in the queue's
+/// capacity, given back when the thread takes it.
 struct Job {
     record: Encoded,
     slot: Option<Arc<Slot>>,
+    after: Option<Arc<Slot>>,
     _room: Option<OwnedSemaphorePermit>,
 }
 
@@ -129,43 +92,18 @@ impl Job {
     fn is_urgent(&self) -> bool {
         self.slot.is_some() || self.record.is_request()
     }
+
+    /// The writer takes the job: false if its record must not be written (its request gave up on it before, or
+    /// the request record it follows was not written).
+    fn take(&self) -> bool {
+        self.slot.as_ref().is_none_or(|slot| slot.take())
+            && self.after.as_ref().is_none_or(|slot| slot.written())
+    }
 }
 
 /// A reserved place in the queue's capacity ([`AuditLog::reserve`]).
 #[derive(Debug)]
 pub(crate) struct Room(OwnedSemaphorePermit);
-
-/// A queued request record ([`AuditLog::queue`]): waits until it is written (batched) or fsynced (strict).
-#[derive(Debug)]
-pub(crate) struct Ticket {
-    slot: Arc<Slot>,
-    deadline: Option<tokio::time::Instant>,
-}
-
-impl Ticket {
-    /// Ok once the record is written (or fsynced); `Unavailable` when that failed or took longer than 5 s.
-    pub(crate) async fn written(self) -> Result<(), Unavailable> {
-        loop {
-            // A change between reading the slot and waiting leaves a permit, so it is not missed.
-            match self.slot.get() {
-                Slot::DONE => return Ok(()),
-                Slot::FAILED => return Err(Unavailable),
-                _ => {}
-            }
-            match self.deadline {
-                None => self.slot.changed.notified().await,
-                Some(deadline) => {
-                    if tokio::time::timeout_at(deadline, self.slot.changed.notified())
-                        .await
-                        .is_err()
-                    {
-                        return Err(Unavailable);
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// The handle the request path holds.
 pub struct AuditLog {
@@ -209,6 +147,9 @@ struct Queue {
     /// Tests only: the thread takes nothing, as when a write is stuck on a stalled disk.
     #[cfg(test)]
     held: bool,
+    /// Tests only: the thread waits between taking a batch and writing it ([`AuditLog::stall`]).
+    #[cfg(test)]
+    stalled: bool,
 }
 
 /// The writer thread's state, as the queue sees it.
@@ -287,6 +228,18 @@ impl Shared {
             self.wake.notify_one();
         }
         refused
+    }
+
+    /// Tests: waits while [`AuditLog::stall`] holds the thread (or until the log closes).
+    #[cfg(test)]
+    fn wait_while_stalled(&self) {
+        let mut queue = self.lock();
+        while queue.stalled && !queue.closed {
+            queue = self
+                .wake
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -383,9 +336,21 @@ impl Shared {
             } else {
                 0
             };
+            // A record that follows a request record whose write has not ended (a staged group longer than a batch)
+            // waits for the next batch, when it has.
+            let n = queue.jobs[..n]
+                .iter()
+                .position(|job| job.after.as_ref().is_some_and(|slot| !slot.is_final()))
+                .filter(|&first| first > 0)
+                .unwrap_or(n);
             batch.extend(queue.jobs.drain(..n));
             queue.urgent -= batch.iter().filter(|job| job.is_urgent()).count();
             drop(queue);
+            // Taken from here on; a record its request withdrew, or one following a request record that was not
+            // written, is not.
+            batch.retain(Job::take);
+            #[cfg(test)]
+            self.wait_while_stalled();
             linger_now = false;
             if !batch.is_empty() {
                 let now = std::time::Instant::now();
@@ -508,7 +473,10 @@ impl AuditLog {
     #[cfg(test)]
     pub(crate) async fn write(&self, record: Record) -> Result<(), Unavailable> {
         let room = self.reserve().await?;
-        self.queue(record, room)?.written().await
+        self.queue(record, room)?
+            .written()
+            .await
+            .map_err(|_| Unavailable)
     }
 
     /// A place in the queue's capacity for a request record, waiting at most 100 ms for one.
@@ -527,6 +495,7 @@ impl AuditLog {
         let job = Job {
             record: Encoded::new(&record, stage::spare_buffer()),
             slot: None,
+            after: None,
             _room: Some(room.0),
         };
         // A staged record's wait is bounded by its flush task, which its thread's watch fails after ACK_WAIT: no
@@ -552,9 +521,21 @@ impl AuditLog {
     /// On a worker's runtime it is staged with the turn's other records, up to
     /// [`STAGE_LIMIT`](stage::STAGE_LIMIT) of its kind.
     pub(crate) fn submit(&self, record: Record) {
+        self.submit_job(record, None);
+    }
+
+    /// As [`AuditLog::submit`], for the `response` record of a request that stopped waiting for its request record
+    /// while that record was being written ([`NotWritten::InFlight`]): it follows that record into the log if,
+    /// and only if, its write ends well.
+    pub(crate) fn submit_after(&self, record: Record, request: InFlight) {
+        self.submit_job(record, Some(request.0));
+    }
+
+    fn submit_job(&self, record: Record, after: Option<Arc<Slot>>) {
         let job = Job {
             record: Encoded::new(&record, stage::spare_buffer()),
             slot: None,
+            after,
             _room: Arc::clone(&self.shared.room).try_acquire_owned().ok(),
         };
         if let Err(job) = self.stage(job, None) {
@@ -598,6 +579,15 @@ impl AuditLog {
         let mut queue = self.shared.lock();
         queue.held = held;
         self.shared.wake.notify_one();
+    }
+
+    /// Tests: stalls the writer after it takes its next batch and before it writes it, as a `write` stuck on a
+    /// frozen file system would, until called with `false`.
+    #[cfg(test)]
+    pub(super) fn stall(&self, stalled: bool) {
+        let mut queue = self.shared.lock();
+        queue.stalled = stalled;
+        self.shared.wake.notify_all();
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::ConnInfo;
 use super::body::{ProxyBody, drain};
 use super::refusal::{Refusal, log_refusal};
+use crate::audit::writer::NotWritten;
 use crate::audit::{AuditLog, Outcome, Record, Transaction};
 use crate::config::JwtConfig;
 use crate::forward::{Direction, Exchange, ForwardError, Streamed, Upstream};
@@ -133,9 +134,17 @@ impl Proxy {
             // the record is being written (an HTTP/2 stream reset), the exchange still ends with its response
             // record (`client_closed`).
             let exchange = self.exchange(Arc::clone(&tx), admission, started);
-            if ticket.written().await.is_err() {
-                // Not written: no exchange happened, and it gets no record.
+            if let Err(unwritten) = ticket.written().await {
+                // No exchange happened: its end (metrics, response record) does not run; the refusal is counted
+                // below.
                 exchange.cancel();
+                // Given up while its write was stuck (5 s), the request record may still reach the log: a
+                // response record saying the request was refused then follows it.
+                if let NotWritten::InFlight(request) = unwritten {
+                    let status = Refusal::AuditUnavailable.status().as_u16();
+                    let record = Record::denied(&tx, status, started.elapsed());
+                    self.audit.submit_after(record, request);
+                }
                 break 'refused Refusal::AuditUnavailable;
             }
             match self

@@ -139,17 +139,12 @@ impl Flush {
         if waiters.is_empty() {
             return;
         }
-        // No timer of its own: this thread's watch fails the group if the writer has not answered by the deadline.
+        // No timer of its own: this thread's watch gives the group up if the writer has not answered by the
+        // deadline.
         watch(&group);
-        let state = loop {
-            match group.get() {
-                0 => {}
-                state => break state,
-            }
-            group.changed.notified().await;
-        };
+        let state = super::slot::settled(&group).await;
         for waiter in waiters.drain(..) {
-            waiter.set(state);
+            waiter.settle_from(&group, state);
         }
         let _ = STAGE.try_with(|stage| {
             let mut stage = stage.borrow_mut();
@@ -228,19 +223,19 @@ fn watch(group: &Arc<Slot>) {
 }
 
 impl Waiting {
-    /// Drops the groups at the front that the writer has answered.
+    /// Drops the groups at the front that are settled (see [`Slot::settled`]).
     fn take_done(&mut self) {
         while self
             .groups
             .front()
-            .is_some_and(|(_, group)| group.get() != 0)
+            .is_some_and(|(_, group)| Slot::settled(group.get()))
         {
             self.groups.pop_front();
         }
     }
 
-    /// Fails the groups whose deadline has passed (the writer is stuck, as on a stalled disk), so that their
-    /// requests are refused with 503 rather than wait on; gives the next deadline.
+    /// Gives up the groups whose deadline has passed (the writer is stuck, as on a stalled disk), so that their
+    /// requests are refused with 503 rather than wait on ([`Slot::give_up`]); gives the next deadline.
     fn expire(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
         loop {
             self.take_done();
@@ -248,7 +243,7 @@ impl Waiting {
             if *deadline > now {
                 return Some(*deadline);
             }
-            group.set(Slot::FAILED);
+            group.give_up();
             self.groups.pop_front();
         }
     }

@@ -1,0 +1,140 @@
+//! A request that stops waiting for its request record (5 s, as on a stalled disk) leaves no `request` record
+//! without its `response` record: withdrawn if the writer had not taken it, followed by its response record if the
+//! writer was writing it. On a worker's runtime (staged records) and on a multi-threaded one (queued at once).
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::super::writer::NotWritten;
+use super::{config, request, response};
+use crate::audit::{AuditLog, Durability, Outcome, verify};
+
+/// The trace-id numbers (see `checked_names`) of the records in the log, in order, with the kind and, for a
+/// response record, its status and outcome.
+fn records(dir: &Path) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    for (_, path) in super::list_segments(dir).unwrap() {
+        for line in std::fs::read_to_string(path).unwrap().lines() {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            let Some(trace_id) = record["trace_id"].as_str() else {
+                continue;
+            };
+            let n = trace_id.rsplit('-').next().unwrap().parse().unwrap();
+            let kind = match record["kind"].as_str().unwrap() {
+                "response" => format!("response {} {}", record["status"], record["outcome"]),
+                kind => kind.to_owned(),
+            };
+            out.push((n, kind));
+        }
+    }
+    out
+}
+
+/// The trace-id numbers of the log's request records, in order.
+pub(super) fn trace_ids(dir: &Path) -> Vec<u64> {
+    records(dir)
+        .into_iter()
+        .filter(|(_, kind)| kind == "request")
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// Held before the writer takes it, record 1 is given up after 5 s and withdrawn; record 2, after the writer is
+/// back, is written alone.
+async fn withdrawn(durability: Durability) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), durability, 64 << 20));
+    log.hold(true);
+    let started = tokio::time::Instant::now();
+    let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(30), ticket.written()).await;
+    assert!(matches!(waited, Ok(Err(NotWritten::Never))), "{waited:?}");
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    log.hold(false);
+    log.write(request(2)).await.unwrap();
+    log.close();
+    assert_eq!(verify(dir.path()).unwrap().records, 2);
+    assert_eq!(records(dir.path()), [(2, "request".to_owned())]);
+}
+
+/// Stalled after the writer took it, record 1 is given up after 5 s while in flight; the response record queued
+/// after it follows it into the log once the write goes through, before record 2.
+async fn in_flight(durability: Durability) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), durability, 64 << 20));
+    log.stall(true);
+    let started = tokio::time::Instant::now();
+    let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(30), ticket.written()).await;
+    let Ok(Err(NotWritten::InFlight(request_1))) = waited else {
+        panic!("{waited:?}");
+    };
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    log.submit_after(response(1, 503, Outcome::Denied), request_1);
+    log.stall(false);
+    log.write(request(2)).await.unwrap();
+    log.close();
+    assert_eq!(verify(dir.path()).unwrap().records, 4);
+    assert_eq!(
+        records(dir.path()),
+        [
+            (1, "request".to_owned()),
+            (1, "response 503 \"denied\"".to_owned()),
+            (2, "request".to_owned()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_staged_record_given_up_before_it_is_taken_is_withdrawn() {
+    withdrawn(Durability::Batched).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_queued_record_given_up_before_it_is_taken_is_withdrawn() {
+    withdrawn(Durability::Strict).await;
+}
+
+#[tokio::test]
+async fn a_staged_record_given_up_during_its_write_is_followed_by_its_response() {
+    in_flight(Durability::Strict).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_queued_record_given_up_during_its_write_is_followed_by_its_response() {
+    in_flight(Durability::Batched).await;
+}
+
+/// A response record that follows a request record whose write failed is not written either, even once writes
+/// succeed again. The request record is given up during its write, which then fails: the audit folder's parent
+/// is a file, until it is a folder again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_record_following_one_that_failed_is_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("parent");
+    std::fs::write(&parent, b"not a directory").unwrap();
+    let log = AuditLog::start(config(&parent.join("audit"), Durability::Batched, 64 << 20));
+    log.stall(true);
+    let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
+    let Err(NotWritten::InFlight(request_1)) = ticket.written().await else {
+        panic!("not in flight");
+    };
+    // The writer goes on and fails record 1, then takes nothing more until the folder can be written again.
+    log.hold(true);
+    log.stall(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !request_1.ended() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "record 1's write never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    log.submit_after(response(1, 503, Outcome::Denied), request_1);
+    std::fs::remove_file(&parent).unwrap();
+    std::fs::create_dir(&parent).unwrap();
+    log.hold(false);
+    log.write(request(2)).await.unwrap();
+    log.close();
+    assert_eq!(records(&parent.join("audit")), [(2, "request".to_owned())]);
+}
