@@ -32,7 +32,7 @@ mod slot;
 mod stage;
 
 use slot::Slot;
-pub(crate) use slot::{InFlight, NotWritten, Ticket};
+pub(crate) use slot::{InFlight, NotWritten, Queued, Ticket};
 
 #[cfg(test)]
 pub(super) use stage::STAGE_LIMIT;
@@ -77,12 +77,13 @@ pub struct AuditMetrics {
     pub write_seconds: prometheus::Histogram,
 }
 
-/// A record waiting to be written; the slot of the request waiting for it (none for records nobody waits for);
-/// the slot of an earlier request record it must follow into the log (see [`InFlight`]); its place in the queue's
-/// capacity, given back when the thread takes it.
+/// A record waiting to be written; its slot, if a request waits for it (none for records nobody waits for); the
+/// group slot of its worker's turn, if it was staged; the slot of an earlier request record it must follow into the
+/// log (see [`InFlight`]); its place in the queue's capacity, given back when the thread takes it.
 struct Job {
     record: Encoded,
     slot: Option<Arc<Slot>>,
+    group: Option<Arc<Slot>>,
     after: Option<Arc<Slot>>,
     _room: Option<OwnedSemaphorePermit>,
 }
@@ -93,11 +94,25 @@ impl Job {
         self.slot.is_some() || self.record.is_request()
     }
 
-    /// The writer takes the job: false if its record must not be written (its request gave up on it before, or
-    /// the request record it follows was not written).
+    /// The writer takes the job: false if its record must not be written (its request withdrew it, or the
+    /// request record it follows was not written). A withdrawn record counts as handled in its group.
     fn take(&self) -> bool {
-        self.slot.as_ref().is_none_or(|slot| slot.take())
-            && self.after.as_ref().is_none_or(|slot| slot.written())
+        let take = self.slot.as_ref().is_none_or(|slot| slot.take())
+            && self.after.as_ref().is_none_or(|slot| slot.written());
+        if !take && let Some(group) = &self.group {
+            group.group_record_done(true);
+        }
+        take
+    }
+
+    /// The writer is through with the job's record: its request, or its group's flush task, learns the result.
+    fn done(&self, written: bool) {
+        if let Some(slot) = &self.slot {
+            slot.record_done(written, self.group.is_none());
+        }
+        if let Some(group) = &self.group {
+            group.group_record_done(written);
+        }
     }
 }
 
@@ -336,18 +351,13 @@ impl Shared {
             } else {
                 0
             };
-            // A record that follows a request record whose write has not ended (a staged group longer than a batch)
-            // waits for the next batch, when it has.
-            let n = queue.jobs[..n]
-                .iter()
-                .position(|job| job.after.as_ref().is_some_and(|slot| !slot.is_final()))
-                .filter(|&first| first > 0)
-                .unwrap_or(n);
             batch.extend(queue.jobs.drain(..n));
             queue.urgent -= batch.iter().filter(|job| job.is_urgent()).count();
             drop(queue);
-            // Taken from here on; a record its request withdrew, or one following a request record that was not
-            // written, is not.
+            // Taken from here on (a request that stops waiting now finds its record in flight); a record its
+            // request withdrew, or one following a request record that was not written, is not. A record that
+            // follows another is queued only once that one is taken (or withdrawn), so the other's write has
+            // ended by the time the thread takes this one.
             batch.retain(Job::take);
             #[cfg(test)]
             self.wait_while_stalled();
@@ -372,9 +382,7 @@ impl Shared {
                     }
                 }
                 for job in batch.drain(..) {
-                    if let Some(slot) = job.slot {
-                        slot.record_done(done);
-                    }
+                    job.done(done);
                     let buffer = job.record.into_buffer();
                     if buffer.capacity() <= SPARE_BUFFER_MAX {
                         spent.push(buffer);
@@ -494,16 +502,16 @@ impl AuditLog {
         let slot = Arc::new(Slot::for_records(1));
         let job = Job {
             record: Encoded::new(&record, stage::spare_buffer()),
-            slot: None,
+            slot: Some(Arc::clone(&slot)),
+            group: None,
             after: None,
             _room: Some(room.0),
         };
         // A staged record's wait is bounded by its flush task, which its thread's watch fails after ACK_WAIT: no
         // timer per request or per flush (setting one wakes the worker's event loop through a system call).
-        let deadline = match self.stage(job, Some(&slot)) {
+        let deadline = match self.stage(job) {
             Ok(()) => None,
-            Err(mut job) => {
-                job.slot = Some(Arc::clone(&slot));
+            Err(job) => {
                 if !self.shared.push([job]).is_empty() {
                     return Err(Unavailable);
                 }
@@ -531,14 +539,27 @@ impl AuditLog {
         self.submit_job(record, Some(request.0));
     }
 
+    /// Queues an exchange's `response` record after its `request` record: at once once that is written. If the
+    /// request stopped waiting before (its consumer went away while the record was queued), the request record
+    /// is withdrawn if the writer has not taken it, and then neither is written; if the writer was writing it,
+    /// the response record follows it only if that write ends well.
+    pub(crate) fn submit_response(&self, record: Record, request: &Queued) {
+        match request.stop_waiting() {
+            Ok(()) => self.submit(record),
+            Err(NotWritten::InFlight(request)) => self.submit_after(record, request),
+            Err(NotWritten::Never) => {}
+        }
+    }
+
     fn submit_job(&self, record: Record, after: Option<Arc<Slot>>) {
         let job = Job {
             record: Encoded::new(&record, stage::spare_buffer()),
             slot: None,
+            group: None,
             after,
             _room: Arc::clone(&self.shared.room).try_acquire_owned().ok(),
         };
-        if let Err(job) = self.stage(job, None) {
+        if let Err(job) = self.stage(job) {
             report_refused(self.shared.push([job]).len());
         }
     }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::ConnInfo;
 use super::body::{ProxyBody, drain};
 use super::refusal::{Refusal, log_refusal};
-use crate::audit::writer::NotWritten;
+use crate::audit::writer::{NotWritten, Queued};
 use crate::audit::{AuditLog, Outcome, Record, Transaction};
 use crate::config::JwtConfig;
 use crate::forward::{Direction, Exchange, ForwardError, Streamed, Upstream};
@@ -132,8 +132,8 @@ impl Proxy {
             };
             // From the moment its request record is queued, the exchange exists: if the consumer goes away while
             // the record is being written (an HTTP/2 stream reset), the exchange still ends with its response
-            // record (`client_closed`).
-            let exchange = self.exchange(Arc::clone(&tx), admission, started);
+            // record (`client_closed`), unless the record was withdrawn (`AuditLog::submit_response`).
+            let exchange = self.exchange(Arc::clone(&tx), ticket.request(), admission, started);
             if let Err(unwritten) = ticket.written().await {
                 // No exchange happened: its end (metrics, response record) does not run; the refusal is counted
                 // below.
@@ -291,6 +291,7 @@ impl Proxy {
     fn exchange(
         &self,
         tx: Arc<Transaction>,
+        request: Queued,
         admission: Admission,
         started: Instant,
     ) -> Arc<Exchange> {
@@ -334,7 +335,7 @@ impl Proxy {
             } else {
                 exchange_line!(info);
             }
-            audit.submit(Record::completed(&tx, *s));
+            audit.submit_response(Record::completed(&tx, *s), &request);
         })
     }
 

@@ -85,6 +85,25 @@ async fn in_flight(durability: Durability) {
     );
 }
 
+/// A request dropped while it waits for its record (its consumer went away; here on a worker's runtime, whose
+/// records are staged and whose watch would give the record up after 5 s): its exchange's `response` record is
+/// queued through `submit_response`, which gives the untaken record up, so that neither is written. Before, the
+/// response record was written alone.
+#[tokio::test]
+async fn a_request_that_goes_away_before_its_record_is_taken_leaves_no_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
+    log.hold(true);
+    let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
+    let queued = ticket.request();
+    drop(ticket);
+    log.submit_response(response(1, 0, Outcome::ClientClosed), &queued);
+    log.hold(false);
+    log.write(request(2)).await.unwrap();
+    log.close();
+    assert_eq!(records(dir.path()), [(2, "request".to_owned())]);
+}
+
 #[tokio::test]
 async fn a_staged_record_given_up_before_it_is_taken_is_withdrawn() {
     withdrawn(Durability::Batched).await;

@@ -26,9 +26,9 @@ pub(super) fn spare_buffer() -> Vec<u8> {
 }
 
 impl AuditLog {
-    /// Stages a job on this thread when it runs a single-threaded runtime, with `waiter` (a request's slot, if
-    /// one waits for it) to complete once it is written; gives the job back otherwise.
-    pub(super) fn stage(&self, job: Job, waiter: Option<&Arc<Slot>>) -> Result<(), Job> {
+    /// Stages a job on this thread when it runs a single-threaded runtime (a request waiting for its record is
+    /// woken by the flush task once it is written); gives the job back otherwise.
+    pub(super) fn stage(&self, job: Job) -> Result<(), Job> {
         let single = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         if !single {
@@ -44,13 +44,13 @@ impl AuditLog {
                     // Another log's records are staged on this thread (tests run several proxies in one process).
                     return Err(job);
                 }
-                if waiter.is_none() {
+                if job.slot.is_none() {
                     if stage.unwaited == STAGE_LIMIT {
                         return Err(job);
                     }
                     stage.unwaited += 1;
                 }
-                stage.jobs.push((job, waiter.cloned()));
+                stage.jobs.push(job);
                 Ok(!std::mem::replace(&mut stage.scheduled, true))
             })
             .map(|first| {
@@ -78,8 +78,8 @@ impl AuditLog {
 struct Stage {
     /// The log (its shared state's address) the staged jobs are for.
     log: usize,
-    /// Each job, with the slot of the request waiting for it (none for response records and refusals).
-    jobs: Vec<(Job, Option<Arc<Slot>>)>,
+    /// Each job; a request record's carries the slot of the request waiting for it.
+    jobs: Vec<Job>,
     /// Jobs nobody waits for, among them.
     unwaited: usize,
     /// A flush task is on its way.
@@ -94,8 +94,8 @@ thread_local! {
     static STAGE: RefCell<Stage> = RefCell::default();
 }
 
-/// The task that hands a thread's staged request records to the writer. Dropped before it ran (its runtime
-/// stopped), it still queues them, though their requests will not be forwarded.
+/// The task that hands a thread's staged records to the writer. Dropped before it ran (its runtime stopped), it
+/// withdraws the request records, whose requests will not be forwarded, and still queues the others.
 struct Flush {
     shared: Option<Arc<Shared>>,
 }
@@ -112,10 +112,10 @@ impl Flush {
             let waited = staged - std::mem::take(&mut stage.unwaited);
             let group = Arc::new(Slot::for_records(waited));
             let mut waiters = std::mem::take(&mut stage.spare);
-            let jobs = stage.jobs.drain(..).map(|(mut job, waiter)| {
-                if let Some(waiter) = waiter {
-                    job.slot = Some(Arc::clone(&group));
-                    waiters.push(waiter);
+            let jobs = stage.jobs.drain(..).map(|mut job| {
+                if let Some(waiter) = &job.slot {
+                    waiters.push(Arc::clone(waiter));
+                    job.group = Some(Arc::clone(&group));
                 }
                 job
             });
@@ -132,7 +132,7 @@ impl Flush {
             .iter()
             .partition::<Vec<&Job>, _>(|j| j.slot.is_some());
         if !requests.is_empty() {
-            group.record_done(false);
+            group.group_record_done(false);
         }
         report_refused(others.len());
         drop(refused);
@@ -142,9 +142,9 @@ impl Flush {
         // No timer of its own: this thread's watch gives the group up if the writer has not answered by the
         // deadline.
         watch(&group);
-        let state = super::slot::settled(&group).await;
+        super::slot::settled(&group).await;
         for waiter in waiters.drain(..) {
-            waiter.settle_from(&group, state);
+            super::slot::settle(&waiter);
         }
         let _ = STAGE.try_with(|stage| {
             let mut stage = stage.borrow_mut();
@@ -159,18 +159,18 @@ impl Drop for Flush {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
             let staged = STAGE.try_with(|_| take_staged()).unwrap_or_default();
-            // Their requests go away with the runtime; the records are queued all the same.
-            let (jobs, waiters): (Vec<Job>, Vec<_>) = staged.into_iter().unzip();
-            for waiter in waiters.into_iter().flatten() {
-                waiter.set(Slot::FAILED);
+            // Their requests go away with the runtime, unforwarded: their request records are withdrawn (and
+            // their exchanges, if any, write no response records). The other records are queued all the same.
+            for waiter in staged.iter().filter_map(|job| job.slot.as_ref()) {
+                waiter.give_up();
             }
-            report_refused(shared.push(jobs).len());
+            report_refused(shared.push(staged).len());
         }
     }
 }
 
 /// Takes this thread's staged jobs, and lets the next one schedule a flush.
-fn take_staged() -> Vec<(Job, Option<Arc<Slot>>)> {
+fn take_staged() -> Vec<Job> {
     STAGE.with(|stage| {
         let mut stage = stage.borrow_mut();
         stage.scheduled = false;
@@ -223,12 +223,12 @@ fn watch(group: &Arc<Slot>) {
 }
 
 impl Waiting {
-    /// Drops the groups at the front that are settled (see [`Slot::settled`]).
+    /// Drops the groups at the front that are settled: the writer has handled every record, or a write failed.
     fn take_done(&mut self) {
         while self
             .groups
             .front()
-            .is_some_and(|(_, group)| Slot::settled(group.get()))
+            .is_some_and(|(_, group)| group.is_final())
         {
             self.groups.pop_front();
         }
