@@ -39,7 +39,11 @@ fn module_of(path: &Path) -> String {
 /// The file's code without its unit tests: test code may use any module (a test builds its input with the
 /// development tools), so it is not part of the dependency graph.
 fn production_code(path: &Path) -> String {
-    if path.file_name().is_some_and(|n| n == "tests.rs") {
+    // A `tests.rs` module, and the modules under a `tests/` folder of `src/`, are tests.
+    let in_tests = path
+        .strip_prefix(src())
+        .is_ok_and(|p| p.components().any(|c| c.as_os_str() == "tests"));
+    if in_tests || path.file_name().is_some_and(|n| n == "tests.rs") {
         return String::new();
     }
     let text = std::fs::read_to_string(path).unwrap();
