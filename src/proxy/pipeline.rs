@@ -90,7 +90,9 @@ impl Proxy {
     }
 
     /// Handles one consumer request. Never fails: every error becomes a response here, and every request leaves
-    /// audit records (a refused one: a `request` record with the decision and a `response` record).
+    /// audit records (a refused one: a `request` record with the decision and a `response` record), or, refused
+    /// because the audit log cannot take them (503 `AUDIT_UNAVAILABLE`), none, or a complete pair (see
+    /// `audit::writer::slot`).
     pub(crate) async fn handle(
         &self,
         request: Request<Incoming>,
