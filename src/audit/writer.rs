@@ -535,14 +535,14 @@ impl AuditLog {
     /// As [`AuditLog::submit`], for the `response` record of a request that stopped waiting for its request record
     /// while that record was being written ([`NotWritten::InFlight`]): it follows that record into the log if,
     /// and only if, its write ends well.
-    pub(crate) fn submit_after(&self, record: Record, request: InFlight) {
+    pub(super) fn submit_after(&self, record: Record, request: InFlight) {
         self.submit_job(record, Some(request.0));
     }
 
-    /// Queues an exchange's `response` record after its `request` record: at once once that is written. If the
-    /// request stopped waiting before (its consumer went away while the record was queued), the request record
-    /// is withdrawn if the writer has not taken it, and then neither is written; if the writer was writing it,
-    /// the response record follows it only if that write ends well.
+    /// Queues a permitted request's `response` record after its `request` record: at once once that is written.
+    /// If the request stopped waiting before (5 s passed, or its consumer went away while the record was queued),
+    /// the request record is withdrawn if the writer has not taken it, and then neither is written; if the writer
+    /// was writing it, the response record follows it only if that write ends well.
     pub(crate) fn submit_response(&self, record: Record, request: &Queued) {
         match request.stop_waiting() {
             Ok(()) => self.submit(record),

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::ConnInfo;
 use super::body::{ProxyBody, drain};
 use super::refusal::{Refusal, log_refusal};
-use crate::audit::writer::{NotWritten, Queued};
+use crate::audit::writer::Queued;
 use crate::audit::{AuditLog, Outcome, Record, Transaction};
 use crate::config::JwtConfig;
 use crate::forward::{Direction, Exchange, ForwardError, Streamed, Upstream};
@@ -136,17 +136,14 @@ impl Proxy {
             // the record is being written (an HTTP/2 stream reset), the exchange still ends with its response
             // record (`client_closed`), unless the record was withdrawn (`AuditLog::submit_response`).
             let exchange = self.exchange(Arc::clone(&tx), ticket.request(), admission, started);
-            if let Err(unwritten) = ticket.written().await {
+            if ticket.written().await.is_err() {
                 // No exchange happened: its end (metrics, response record) does not run; the refusal is counted
-                // below.
+                // below. Given up while its write was stuck (5 s), the request record may still reach the log: a
+                // response record saying the request was refused then follows it (none if it was withdrawn).
                 exchange.cancel();
-                // Given up while its write was stuck (5 s), the request record may still reach the log: a
-                // response record saying the request was refused then follows it.
-                if let NotWritten::InFlight(request) = unwritten {
-                    let status = Refusal::AuditUnavailable.status().as_u16();
-                    let record = Record::denied(&tx, status, started.elapsed());
-                    self.audit.submit_after(record, request);
-                }
+                let status = Refusal::AuditUnavailable.status().as_u16();
+                let record = Record::denied(&tx, status, started.elapsed());
+                self.audit.submit_response(record, &ticket.request());
                 break 'refused Refusal::AuditUnavailable;
             }
             match self

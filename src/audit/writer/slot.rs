@@ -185,7 +185,7 @@ pub(crate) struct Ticket {
 
 impl Ticket {
     /// Ok once the record is written (or fsynced); [`NotWritten`] when that failed or took longer than 5 s.
-    pub(crate) async fn written(self) -> Result<(), NotWritten> {
+    pub(crate) async fn written(&self) -> Result<(), NotWritten> {
         loop {
             // A change between reading the slot and waiting leaves a permit, so it is not missed.
             if let Some(outcome) = self.slot.outcome(self.slot.get()) {
@@ -217,11 +217,9 @@ impl Ticket {
 pub(crate) struct Queued(Arc<Slot>);
 
 impl Queued {
-    /// The request stops waiting, if it still was (its consumer went away), and learns where its record stands.
+    /// The request stops waiting, if it still was (its consumer went away), and learns where its record stands
+    /// (for a record already settled, one atomic load).
     pub(super) fn stop_waiting(&self) -> Result<(), NotWritten> {
-        if self.0.written() {
-            return Ok(());
-        }
         self.0.stop_waiting()
     }
 }
