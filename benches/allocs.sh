@@ -34,13 +34,16 @@ listen=127.0.0.1:18443
 SSP_BENCH_ROLE=ssp-config SSP_BENCH_PORT=18443 SSP_BENCH_PROVIDER="127.0.0.1:$port" "$bench" >"$work/ssp.toml"
 endpoint=https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect
 
-# Runs ssp under valgrind for $1 requests (DHAT's profile to $2); prints the count.
+# Runs ssp under valgrind for $1 requests (DHAT's profile to $2); prints the count. valgrind runs one thread at a
+# time; with its default scheduling, sled's `sled-io` threads, which spin at start-up, held it for over 20 minutes
+# before ssp listened (twice on the 2-core machine). `--fair-sched=yes` hands it round in turn.
 count() {
     if [ "$what" = instructions ]; then
-        valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/callgrind.%p" "$ssp_bin" serve \
-            --config "$work/ssp.toml" 2>"$work/valgrind.txt" &
+        valgrind --fair-sched=yes --tool=callgrind --separate-threads=yes \
+            --callgrind-out-file="$work/callgrind.%p" "$ssp_bin" serve --config "$work/ssp.toml" \
+            2>"$work/valgrind.txt" &
     else
-        valgrind --tool=dhat --dhat-out-file="$2" "$ssp_bin" serve --config "$work/ssp.toml" \
+        valgrind --fair-sched=yes --tool=dhat --dhat-out-file="$2" "$ssp_bin" serve --config "$work/ssp.toml" \
             2>"$work/valgrind.txt" &
     fi
     ssp=$!
