@@ -47,7 +47,9 @@ count() {
             2>"$work/valgrind.txt" &
     fi
     ssp=$!
-    until curl -s -o /dev/null --max-time 1 "https://$listen/" --cacert "$work/certs/ca.crt" \
+    # Until ssp listens, curl fails at once (refused); from then on one probe completes, in each run alike. A short
+    # --max-time gave up mid-handshake under valgrind, and each retry's handshake was counted.
+    until curl -s -o /dev/null --max-time 60 "https://$listen/" --cacert "$work/certs/ca.crt" \
         --cert "$work/certs/consumer.crt" --key "$work/certs/consumer.key" 2>/dev/null; do
         sleep 0.5
     done
