@@ -59,7 +59,7 @@ impl Target {
     }
 
     /// Parses an absolute https URL: `https://host[:port][/path][?query]`, no userinfo, no fragment, no dot
-    /// segments (also percent-encoded ones), no backslash, a DNS name or IP literal as host.
+    /// segments (also percent-encoded ones), no backslash in the path, a DNS name or IP literal as host.
     pub fn parse(text: &str) -> Result<Self, TargetError> {
         if text.len() > MAX_TARGET_LEN {
             return Err(TargetError::TooLong);
