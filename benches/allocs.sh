@@ -16,12 +16,14 @@ few=${1:-20}
 many=${2:-220}
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
 cargo build --release --locked --bin ssp >&2
-ssp_bin=${SSP_BIN:-target/release/ssp}
-what=${SSP_COUNT:-allocations}
-bench=$(cargo bench --locked --bench load --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 work=$(mktemp -d)
 provider=""
 trap '[ -n "$provider" ] && kill "$provider" 2>/dev/null; rm -rf "$work"' EXIT
+# `cargo bench` below builds ssp again, in its own profile, to the same path: keep the release build aside.
+cp target/release/ssp "$work/ssp-release"
+ssp_bin=${SSP_BIN:-$work/ssp-release}
+what=${SSP_COUNT:-allocations}
+bench=$(cargo bench --locked --bench load --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 target/release/ssp dev-certs --out "$work/certs" >/dev/null
 mkdir "$work/policies"
 cp policies/dev.toml "$work/policies/"
