@@ -41,6 +41,10 @@ pub(crate) const DENIAL_REASONS: &[&str] = &[
     "consumer_concurrency_limit",
     "provider_concurrency_limit",
     "audit_unavailable",
+    "invalid_host",
+    "invalid_transfer_encoding",
+    "transfer_coding_not_implemented",
+    "malformed_request_body",
     "error_communicating_to_endpoint",
     "timeout_communicating_to_endpoint",
 ];
@@ -67,6 +71,10 @@ pub(crate) const TLS_FAILURE_REASONS: &[&str] = &[
 /// Every `kind` of `ssp_upstream_errors_total`.
 pub(crate) const UPSTREAM_ERROR_KINDS: &[&str] = &["upstream_error", "timeout"];
 
+/// Every `reason` of `ssp_connections_cut_total`: a consumer that accepted no response bytes for
+/// `upstream.body_idle_timeout`; an HTTP/2 consumer that cancelled too many of its streams before their answers.
+pub(crate) const CUT_REASONS: &[&str] = &["send_timeout", "premature_resets"];
+
 /// Every `result` of the reload counters.
 const RELOAD_RESULTS: &[&str] = &["ok", "refused"];
 
@@ -83,6 +91,7 @@ pub struct Metrics {
     bytes_in: IntCounter,
     bytes_out: IntCounter,
     upstream_errors: IntCounterVec,
+    connections_cut: IntCounterVec,
     pub audit_records: IntCounter,
     pub audit_write_seconds: Histogram,
     pub audit_queue_depth: IntGauge,
@@ -180,6 +189,12 @@ impl Metrics {
             "Failed exchanges with providers, by kind",
             &["kind"],
         )?;
+        let connections_cut = counter_vec(
+            &r,
+            "ssp_connections_cut_total",
+            "Consumer connections ended by the proxy for the consumer's conduct, by reason",
+            &["reason"],
+        )?;
         let audit_records = counter(&r, "ssp_audit_records_total", "Audit records written")?;
         let audit_write_seconds = Histogram::with_opts(
             HistogramOpts::new(
@@ -241,6 +256,7 @@ impl Metrics {
             (&denials, DENIAL_REASONS),
             (&tls_failures, TLS_FAILURE_REASONS),
             (&upstream_errors, UPSTREAM_ERROR_KINDS),
+            (&connections_cut, CUT_REASONS),
             (&policy_reloads, RELOAD_RESULTS),
             (&tls_reloads, RELOAD_RESULTS),
         ] {
@@ -260,6 +276,7 @@ impl Metrics {
             connections_active,
             connections_total,
             upstream_errors,
+            connections_cut,
             audit_records,
             audit_write_seconds,
             audit_queue_depth,
@@ -307,6 +324,11 @@ impl Metrics {
 
     pub(crate) fn upstream_error(&self, kind: &'static str) {
         self.upstream_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// A consumer connection the proxy ended for the consumer's conduct; `reason` is one of [`CUT_REASONS`].
+    pub(crate) fn connection_cut(&self, reason: &'static str) {
+        self.connections_cut.with_label_values(&[reason]).inc();
     }
 
     pub(crate) fn tls_failure(&self, reason: &'static str) {

@@ -23,6 +23,8 @@ pub enum IssueCode {
     Throttled,
     /// The request is too large to read (431).
     TooLong,
+    /// The request uses something ssp does not implement (501: a transfer coding it does not decode).
+    NotSupported,
 }
 
 impl IssueCode {
@@ -33,6 +35,7 @@ impl IssueCode {
             IssueCode::Transient => "transient",
             IssueCode::Throttled => "throttled",
             IssueCode::TooLong => "too-long",
+            IssueCode::NotSupported => "not-supported",
         }
     }
 }

@@ -180,7 +180,9 @@ pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Pr
                 cfg.cert.display()
             ))
         })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // `http/1.0` too: curl's `--http1.0` offers only it, and a server that knows none of the client's protocols
+    // must refuse the handshake (RFC 7301 section 3.2).
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     config.ignore_client_order = true;
     Ok(Arc::new(config))
 }

@@ -209,6 +209,8 @@ pub enum Outcome {
     Denied,
     /// The consumer went away before the exchange ended.
     ClientClosed,
+    /// The consumer's request body was malformed (answered 400 after the request record was written).
+    ClientError,
     UpstreamError,
     Timeout,
 }
@@ -220,6 +222,7 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Denied => "denied",
             Outcome::ClientClosed => "client_closed",
+            Outcome::ClientError => "client_error",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Timeout => "timeout",
         }
@@ -241,6 +244,9 @@ pub struct Completion {
     /// Sent a second time on a new connection after a stale pooled one.
     pub retried: bool,
     pub outcome: Outcome,
+    /// Cut because the consumer accepted no response bytes for `upstream.body_idle_timeout` (the outcome is then
+    /// `timeout`; this says whose silence it was). Not a record field: the log line and the metrics use it.
+    pub consumer_stalled: bool,
 }
 
 /// Why a segment was sealed.
@@ -345,6 +351,7 @@ impl Record {
                 upstream: Duration::ZERO,
                 total,
                 retried: false,
+                consumer_stalled: false,
                 outcome: Outcome::Denied,
             },
         )

@@ -77,6 +77,7 @@ fn response(n: u64, status: u16, outcome: Outcome) -> Record {
             upstream: Duration::from_millis(1),
             total: Duration::from_millis(2),
             retried: false,
+            consumer_stalled: false,
             outcome,
         },
     )

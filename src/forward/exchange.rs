@@ -22,6 +22,7 @@ fn outcome_code(outcome: Outcome) -> u8 {
         Outcome::UpstreamError => 3,
         Outcome::Timeout => 4,
         Outcome::Denied => 5,
+        Outcome::ClientError => 6,
     }
 }
 
@@ -31,6 +32,7 @@ fn outcome_of(code: u8) -> Outcome {
         3 => Outcome::UpstreamError,
         4 => Outcome::Timeout,
         5 => Outcome::Denied,
+        6 => Outcome::ClientError,
         _ => Outcome::ClientClosed,
     }
 }
@@ -56,6 +58,16 @@ pub struct Exchange {
     on_end: Option<EndHook>,
     /// The exchange never happened (its request record was not written): the hook is dropped unrun.
     cancelled: std::sync::atomic::AtomicBool,
+    /// The consumer's request body failed to parse (not merely ended early): see
+    /// [`Exchange::request_body_malformed`].
+    request_malformed: std::sync::atomic::AtomicBool,
+    /// Since when the response body has had a frame taken and has not been asked for the next one: microseconds
+    /// from `started`, plus one; 0 while it is not waiting for the consumer (see [`Exchange::consumer_waiting_since`]).
+    awaiting_consumer: AtomicU64,
+    /// The exchange was cut because its consumer accepted no bytes for `body_idle_timeout`.
+    stalled: std::sync::atomic::AtomicBool,
+    /// The task that watches for a consumer that stops reading, stopped when the exchange ends.
+    watch: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// What runs when an exchange ends.
@@ -85,6 +97,10 @@ impl Exchange {
             request_sent: std::sync::atomic::AtomicBool::new(false),
             on_end: Some(Box::new(on_end)),
             cancelled: std::sync::atomic::AtomicBool::new(false),
+            request_malformed: std::sync::atomic::AtomicBool::new(false),
+            awaiting_consumer: AtomicU64::new(0),
+            stalled: std::sync::atomic::AtomicBool::new(false),
+            watch: std::sync::Mutex::new(None),
         })
     }
 
@@ -118,6 +134,36 @@ impl Exchange {
         self.retried.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the consumer's request body failed as malformed: its HTTP/1.1 chunked framing did not parse
+    /// (hyper reports `InvalidInput` or `InvalidData`), as opposed to the consumer going away mid-body.
+    pub(crate) fn request_body_malformed(&self) -> bool {
+        self.request_malformed.load(Ordering::Acquire)
+    }
+
+    /// When the consumer's side last took a response frame and has not asked for the next one since: `None`
+    /// while the response body is being asked (it may be waiting for the provider) or has not started.
+    pub(crate) fn consumer_waiting_since(&self) -> Option<Instant> {
+        match self.awaiting_consumer.load(Ordering::Acquire) {
+            0 => None,
+            us => Some(self.started + Duration::from_micros(us - 1)),
+        }
+    }
+
+    /// Ends the exchange as a `timeout` because the consumer accepted no bytes for the idle bound: the
+    /// consumer's connection is cut by the caller, which drops both bodies.
+    pub(crate) fn consumer_stalled(&self) {
+        self.stalled.store(true, Ordering::Release);
+        self.finish(Outcome::Timeout);
+    }
+
+    /// Keeps the task watching this exchange's consumer, to stop it when the exchange ends.
+    pub(crate) fn set_watch(&self, watch: tokio::task::AbortHandle) {
+        *self
+            .watch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(watch);
+    }
+
     /// Sets the outcome unless one is already set.
     pub fn finish(&self, outcome: Outcome) {
         let _ = self.outcome.compare_exchange(
@@ -137,12 +183,21 @@ impl Exchange {
             total: self.started.elapsed(),
             outcome: outcome_of(self.outcome.load(Ordering::Acquire)),
             retried: self.retried.load(Ordering::Relaxed),
+            consumer_stalled: self.stalled.load(Ordering::Acquire),
         }
     }
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
+        if let Some(watch) = self
+            .watch
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            watch.abort();
+        }
         let hook = self.on_end.take();
         if self.cancelled.load(Ordering::Acquire) {
             return;
@@ -151,6 +206,20 @@ impl Drop for Exchange {
             hook(&self.summary());
         }
     }
+}
+
+/// Whether a request body error is the body's framing failing to parse: hyper's HTTP/1.1 decoder reports a bad
+/// chunk size, a missing CRLF, a bare LF or chunk extensions over its bound as `InvalidInput` or `InvalidData`,
+/// and a body cut short as `UnexpectedEof`.
+fn is_malformed(e: &(dyn std::error::Error + 'static)) -> bool {
+    super::in_source_chain(e, |e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            )
+        })
+    })
 }
 
 /// Which way a body flows.
@@ -244,6 +313,10 @@ where
         if *this.done {
             return Poll::Ready(None);
         }
+        if *this.direction == Direction::Response {
+            // Asked for the next frame: whatever wait follows is the provider's, not the consumer's.
+            this.exchange.awaiting_consumer.store(0, Ordering::Release);
+        }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -261,16 +334,30 @@ where
                         Direction::Response => this.exchange.finish(Outcome::Ok),
                         Direction::Request => this.exchange.mark_request_sent(),
                     }
+                } else if *this.direction == Direction::Response {
+                    // More is to come: until the consumer's side asks for it, the wait is the consumer's.
+                    let since = this.exchange.started.elapsed().as_micros() as u64 + 1;
+                    this.exchange
+                        .awaiting_consumer
+                        .store(since, Ordering::Release);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
                 *this.done = true;
-                this.exchange.finish(match this.direction {
+                let e: BoxError = e.into();
+                let outcome = match this.direction {
+                    Direction::Request if is_malformed(&*e) => {
+                        this.exchange
+                            .request_malformed
+                            .store(true, Ordering::Release);
+                        Outcome::ClientError
+                    }
                     Direction::Request => Outcome::ClientClosed,
                     Direction::Response => Outcome::UpstreamError,
-                });
-                Poll::Ready(Some(Err(e.into())))
+                };
+                this.exchange.finish(outcome);
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 *this.done = true;

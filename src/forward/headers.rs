@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Version};
 
+use super::BadResponse;
+
 /// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded in either direction.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -156,4 +158,45 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
         headers.insert(name, v);
     }
+}
+
+/// Whether a provider's response head can be forwarded as it stands, and its framing fields made what the
+/// consumer's leg will carry: not a `101` (ssp never asks for an upgrade), a final status from 200 to 599, and
+/// no transfer coding but a single `chunked`, which hyper has decoded. With both framings, Transfer-Encoding wins
+/// and the `Content-Length` (of the coded message, not the content) is removed before forwarding (RFC 9112
+/// section 6.3). The statuses 204 and 304 and a response to HEAD need no check of their body: hyper reads none.
+pub(crate) fn response_framing(parts: &mut http::response::Parts) -> Result<(), BadResponse> {
+    let status = parts.status.as_u16();
+    if status == 101 {
+        return Err(BadResponse::UnsolicitedSwitch);
+    }
+    if !(200..=599).contains(&status) {
+        return Err(BadResponse::InvalidStatus(status));
+    }
+    if !parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    let chunked_once = {
+        let mut codings = transfer_codings(&parts.headers);
+        matches!(
+            (codings.next(), codings.next()),
+            (Some(only), None) if only.eq_ignore_ascii_case(b"chunked")
+        )
+    };
+    if !chunked_once {
+        return Err(BadResponse::TransferCoding);
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Ok(())
+}
+
+/// The transfer codings a message's `Transfer-Encoding` fields list, in order, across every field line
+/// (RFC 9112 section 6.1: a comma-separated list; empty elements are ignored, RFC 9110 section 5.6.1).
+pub(crate) fn transfer_codings(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty())
 }

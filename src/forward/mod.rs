@@ -24,6 +24,7 @@ pub(crate) use connector::Connector;
 pub(crate) use exchange::{Direction, Exchange, IdleTimeout, Streamed};
 pub(crate) use headers::{
     ClientFields, normalize_request_headers, rewrite_request_headers, strip_hop_by_hop,
+    transfer_codings,
 };
 use headers::{MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD};
 pub(crate) use pool::{ProviderBody, Upstream};
@@ -46,9 +47,45 @@ pub enum ForwardError {
     /// The provider answered with a response head ssp does not forward: over `MAX_RESPONSE_HEAD` bytes or
     /// `MAX_RESPONSE_FIELDS` fields (502).
     HeadTooLarge,
+    /// The provider's response cannot be forwarded as it stands (502): see [`BadResponse`].
+    BadResponse(BadResponse),
     /// No response headers within `response_timeout`, or the request body went idle past `body_idle_timeout`
     /// before they came (504).
     Timeout,
+    /// The consumer's request body is malformed (an HTTP/1.1 chunked body that does not parse, RFC 9112
+    /// section 7.1): the consumer's fault, answered 400; the provider is not blamed.
+    MalformedRequestBody,
+}
+
+/// A provider response head that ssp refuses to forward rather than pass on something the consumer's protocol
+/// cannot carry or would read wrongly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadResponse {
+    /// `101 Switching Protocols` to a request that asked for no upgrade (ssp never forwards `Upgrade`, RFC 9110
+    /// section 15.2.2: a server must not switch unasked); HTTP/2 cannot carry 101 at all (RFC 9113 section 8.6).
+    UnsolicitedSwitch,
+    /// A status outside 200 to 599 as the final answer (RFC 9110 section 15: values outside 100 to 599 are
+    /// invalid; 1xx other than 101 are interim and never final).
+    InvalidStatus(u16),
+    /// A `Transfer-Encoding` other than a single `chunked`: a coding ssp does not decode (`gzip, chunked`), or
+    /// chunked applied twice. Its bytes would reach the consumer as if they were the content (RFC 9112 section 6.1).
+    TransferCoding,
+}
+
+impl std::fmt::Display for BadResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadResponse::UnsolicitedSwitch => {
+                f.write_str("101 Switching Protocols to a request that asked for no upgrade")
+            }
+            BadResponse::InvalidStatus(status) => {
+                write!(f, "status {status} is not a final status (200 to 599)")
+            }
+            BadResponse::TransferCoding => f.write_str(
+                "a Transfer-Encoding other than chunked, once (a coding ssp does not decode)",
+            ),
+        }
+    }
 }
 
 impl std::fmt::Display for ForwardError {
@@ -68,8 +105,12 @@ impl std::fmt::Display for ForwardError {
                 "provider response refused: its head is over {} KiB or {MAX_RESPONSE_FIELDS} fields",
                 MAX_RESPONSE_HEAD / 1024
             ),
+            ForwardError::BadResponse(bad) => write!(f, "provider response refused: {bad}"),
             ForwardError::Timeout => {
                 f.write_str("timed out before the provider's response headers")
+            }
+            ForwardError::MalformedRequestBody => {
+                f.write_str("the consumer's request body is malformed")
             }
         }
     }

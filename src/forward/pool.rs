@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use super::connector::{ConnectError, ProviderStream};
 use super::headers::{
-    MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD, is_head_too_large, response_head_len,
+    MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD, is_head_too_large, response_framing, response_head_len,
 };
 use super::idle::IdleConns;
 use super::{
@@ -573,6 +573,9 @@ impl Upstream {
             }
             Ok(Ok((response, conn))) => {
                 let (mut parts, body) = response.into_parts();
+                // Not forwarded when refused: the connection (switched, or mid-way through a body it cannot
+                // frame) is dropped with the response, which closes it.
+                response_framing(&mut parts).map_err(ForwardError::BadResponse)?;
                 strip_hop_by_hop(&mut parts.headers);
                 let body = ProviderBody {
                     body,
@@ -585,6 +588,9 @@ impl Upstream {
                 Ok(Response::from_parts(parts, body))
             }
             // The consumer's body went quiet: a timeout, as the exchange records it, not an unreachable provider.
+            Ok(Err(_)) if exchange.request_body_malformed() => {
+                Err(ForwardError::MalformedRequestBody)
+            }
             Ok(Err(failure)) if is_idle_timeout(&*failure.error) => Err(ForwardError::Timeout),
             Ok(Err(failure)) if is_head_too_large(&*failure.error) => {
                 Err(ForwardError::HeadTooLarge)

@@ -15,12 +15,15 @@ mod pipeline;
 mod refusal;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use crate::ids::PeerIdentity;
 
 pub use body::ProxyBody;
 pub use pipeline::Proxy;
-pub use refusal::{Refusal, X_RATE_LIMIT_LIMIT, X_RATE_LIMIT_REMAINING, X_RATE_LIMIT_RESET};
+pub use refusal::{
+    Refusal, TransferEncodingError, X_RATE_LIMIT_LIMIT, X_RATE_LIMIT_REMAINING, X_RATE_LIMIT_RESET,
+};
 
 /// What the server knows about a consumer connection; read once after the handshake and shared by its requests.
 #[derive(Debug)]
@@ -32,6 +35,77 @@ pub(crate) struct ConnInfo {
     pub audit_peer: Arc<crate::audit::Peer>,
     /// The `Forwarded` and `X-Forwarded-For` elements its requests carry to the provider.
     pub client: crate::forward::ClientFields,
+    /// How the proxy asks the server to end this connection for the consumer's conduct.
+    pub control: Arc<ConnControl>,
+}
+
+/// How a consumer connection is to be ended for its consumer's conduct; the stronger asked for wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(crate) enum Cut {
+    /// Stop taking new requests (HTTP/2 GOAWAY), finish those in flight within the close grace.
+    GoAway = 1,
+    /// End it now, without TLS close_notify, so that a response cut short cannot look complete (RFC 9112
+    /// section 9.8): every exchange on it ends and frees its provider connection.
+    Abort = 2,
+}
+
+/// Premature resets tolerated on one connection before it is closed, and then only while they are at most half
+/// of its exchanges (Envoy's rule for HTTP/2 rapid reset, CVE-2023-44487, has the same shape).
+pub(crate) const MAX_PREMATURE_RESETS: u32 = 10;
+
+/// The proxy's side of one consumer connection's control: the server loop waits on [`ConnControl::cut`]'s
+/// signal; the exchanges report how they ended.
+#[derive(Debug, Default)]
+pub(crate) struct ConnControl {
+    /// 0, or the strongest [`Cut`] asked for.
+    cut: AtomicU8,
+    wake: tokio::sync::Notify,
+    /// Exchanges (forwarded requests) that ended on this connection.
+    exchanges: AtomicU32,
+    /// Of those, the ones the consumer cancelled before their response head: each closed a provider connection
+    /// mid-request.
+    premature: AtomicU32,
+}
+
+impl ConnControl {
+    /// Asks the server to end the connection as `how` says.
+    pub(crate) fn cut(&self, how: Cut) {
+        self.cut.fetch_max(how as u8, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    /// The strongest cut asked for so far.
+    pub(crate) fn asked(&self) -> Option<Cut> {
+        match self.cut.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(Cut::GoAway),
+            _ => Some(Cut::Abort),
+        }
+    }
+
+    /// Waits until a cut stronger than `seen` is asked for (cancel-safe: one asked while nobody waited is seen
+    /// at the next call).
+    pub(crate) async fn wait_beyond(&self, seen: Option<Cut>) -> Cut {
+        loop {
+            let notified = self.wake.notified();
+            if let Some(cut) = self.asked().filter(|&cut| Some(cut) > seen) {
+                return cut;
+            }
+            notified.await;
+        }
+    }
+
+    /// Counts an exchange's end; true when it was premature and pushes the connection over the bound (the
+    /// caller then closes it with [`Cut::GoAway`]).
+    pub(crate) fn exchange_ended(&self, premature: bool) -> bool {
+        let exchanges = self.exchanges.fetch_add(1, Ordering::Relaxed) + 1;
+        if !premature {
+            return false;
+        }
+        let resets = self.premature.fetch_add(1, Ordering::Relaxed) + 1;
+        resets > MAX_PREMATURE_RESETS && resets * 2 > exchanges && self.asked().is_none()
+    }
 }
 
 #[cfg(test)]

@@ -12,13 +12,13 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::ConnInfo;
 use super::body::{ProxyBody, drain};
-use super::refusal::{Refusal, log_refusal};
+use super::refusal::{Refusal, TransferEncodingError, log_refusal};
+use super::{ConnControl, ConnInfo, Cut};
 use crate::audit::writer::Queued;
 use crate::audit::{AuditLog, Outcome, Record, Transaction};
 use crate::config::JwtConfig;
-use crate::forward::{Direction, Exchange, ForwardError, Streamed, Upstream};
+use crate::forward::{Direction, Exchange, ForwardError, ProviderBody, Streamed, Upstream};
 use crate::jwt::{Expect, JwtAudit, Mode, Validator};
 use crate::limits::{Admission, Limits, Throttle};
 use crate::metrics::{Metrics, OTHER};
@@ -100,6 +100,8 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         let (mut parts, body) = request.into_parts();
+        // Read before the hop-by-hop removal takes the field away; refused after the size check (`run_checks`).
+        let coding = transfer_coding(&parts.headers);
         // Hop-by-hop fields go first (RFC 9110 7.6.1), so that the checks and the audit record see exactly the
         // header fields the provider will get: a field the consumer names in `Connection` is not forwarded, so it
         // is not checked either.
@@ -118,7 +120,7 @@ impl Proxy {
         let refusal = 'refused: {
             // Taken apart in its own statement: a `match` on the checks' result would keep the whole `Result`
             // (some 850 bytes) in this future across every await below, and in each future that holds this one.
-            let (permit, jwt, admission) = match self.run_checks(&policy, &parts, conn) {
+            let (permit, jwt, admission) = match self.run_checks(&policy, &parts, coding, conn) {
                 Ok(checked) => checked,
                 Err(refusal) => break 'refused refusal,
             };
@@ -135,7 +137,13 @@ impl Proxy {
             // From the moment its request record is queued, the exchange exists: if the consumer goes away while
             // the record is being written (an HTTP/2 stream reset), the exchange still ends with its response
             // record (`client_closed`), unless the record was withdrawn (`AuditLog::submit_response`).
-            let exchange = self.exchange(Arc::clone(&tx), ticket.request(), admission, started);
+            let exchange = self.exchange(
+                Arc::clone(&tx),
+                ticket.request(),
+                admission,
+                started,
+                Arc::clone(&conn.control),
+            );
             if ticket.written().await.is_err() {
                 // No exchange happened: its end (metrics, response record) does not run; the refusal is counted
                 // below. Given up while its write was stuck (5 s), the request record may still reach the log: a
@@ -156,6 +164,11 @@ impl Proxy {
                     let (mut response, _) =
                         refusal.respond(Format::negotiate(accept.as_ref()), trace_id, &self.allow);
                     head_has_no_body(head, &mut response);
+                    if matches!(refusal, Refusal::MalformedBody) {
+                        response
+                            .headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
                     return Ok(response);
                 }
             }
@@ -199,6 +212,7 @@ impl Proxy {
         &self,
         policy: &Policy,
         parts: &http::request::Parts,
+        coding: Result<(), TransferEncodingError>,
         conn: &ConnInfo,
     ) -> Result<(Permit, Option<JwtAudit>, Admission), Refusal> {
         // Size first: nothing else reads a request that is too large to be one.
@@ -207,6 +221,11 @@ impl Proxy {
             || header_bytes(&parts.headers) > limits.max_header_bytes
         {
             return Err(Refusal::HeadersTooLarge);
+        }
+        // The message's own framing (RFC 9112 sections 3.2 and 6.1), before anything reads what it carries.
+        coding.map_err(Refusal::TransferEncoding)?;
+        if !valid_host_fields(&parts.headers, parts.version) {
+            return Err(Refusal::Host);
         }
         // 2: method.
         if !self.methods.contains(&parts.method) {
@@ -257,12 +276,22 @@ impl Proxy {
             .await
         {
             Ok(response) => response,
+            Err(ForwardError::MalformedRequestBody) => {
+                // The consumer's fault, not the provider's: no upstream error is counted or logged, and the
+                // connection closes after the answer (its framing is lost).
+                let refusal = Refusal::MalformedBody;
+                self.metrics.denied(refusal.reason());
+                exchange.responded(refusal.status().as_u16());
+                exchange.finish(Outcome::ClientError);
+                return Err(refusal);
+            }
             Err(error) => {
                 let outcome = match error {
                     ForwardError::Timeout => Outcome::Timeout,
-                    ForwardError::Unreachable(_) | ForwardError::HeadTooLarge => {
-                        Outcome::UpstreamError
-                    }
+                    ForwardError::Unreachable(_)
+                    | ForwardError::HeadTooLarge
+                    | ForwardError::BadResponse(_)
+                    | ForwardError::MalformedRequestBody => Outcome::UpstreamError,
                 };
                 let refusal = Refusal::Upstream {
                     error,
@@ -275,13 +304,22 @@ impl Proxy {
             }
         };
         exchange.responded(response.status().as_u16());
-        let (parts, body) = response.into_parts();
-        let body = Streamed::new(
-            body,
-            self.upstream.body_idle_timeout(),
-            exchange,
-            Direction::Response,
-        );
+        let (mut parts, body) = response.into_parts();
+        // The consumer is answered in its own protocol (RFC 9110 section 6.2), not the provider's: an HTTP/1.1
+        // consumer of an HTTP/1.0 provider gets HTTP/1.1, chunked where the length is unknown, so that a body cut
+        // short is seen as cut. hyper lowers it again for an HTTP/1.0 consumer; HTTP/2 has no version line.
+        parts.version = http::Version::HTTP_11;
+        let bound = self.upstream.body_idle_timeout();
+        if may_stall(&body) {
+            let watch = tokio::spawn(watch_consumer(
+                Arc::downgrade(&exchange),
+                bound,
+                Arc::clone(&conn.control),
+                Arc::clone(&self.metrics),
+            ));
+            exchange.set_watch(watch.abort_handle());
+        }
+        let body = Streamed::new(body, bound, exchange, Direction::Response);
         Ok(Response::from_parts(parts, ProxyBody::stream(body)))
     }
 
@@ -293,6 +331,7 @@ impl Proxy {
         request: Queued,
         admission: Admission,
         started: Instant,
+        control: Arc<ConnControl>,
     ) -> Arc<Exchange> {
         let audit = Arc::clone(&self.audit);
         let metrics = Arc::clone(&self.metrics);
@@ -305,8 +344,18 @@ impl Proxy {
             metrics.upstream(s.upstream, s.bytes_in, s.bytes_out);
             match s.outcome {
                 Outcome::UpstreamError => metrics.upstream_error("upstream_error"),
-                Outcome::Timeout => metrics.upstream_error("timeout"),
+                Outcome::Timeout if !s.consumer_stalled => metrics.upstream_error("timeout"),
                 _ => {}
+            }
+            // Cancelled before its response head: the provider connection it was on is closed mid-request.
+            let premature = s.outcome == Outcome::ClientClosed && s.status == 0;
+            if control.exchange_ended(premature) {
+                tracing::info!(
+                    conn = tx.conn_id(),
+                    "consumer cancelled too many requests before their answers; closing its connection"
+                );
+                metrics.connection_cut("premature_resets");
+                control.cut(Cut::GoAway);
             }
             // A completed exchange is a debug line: the audit trail is its record, and a line per request at
             // national volumes would be rate-limited by the journal anyway. One that failed is an event.
@@ -324,6 +373,7 @@ impl Proxy {
                         upstream_ms = crate::audit::millis(s.upstream),
                         total_ms = crate::audit::millis(s.total),
                         outcome = s.outcome.as_str(),
+                        consumer_stalled = s.consumer_stalled,
                         retried = s.retried,
                         "exchange"
                     )
@@ -419,4 +469,116 @@ fn header_bytes(headers: &http::HeaderMap) -> usize {
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum()
+}
+
+/// A request's `Transfer-Encoding` as ssp can forward it: none, or `chunked` once (which hyper has decoded).
+/// Any other coding is 501 (RFC 9112 section 6.1: ssp does not decode it, and its bytes must not reach the
+/// provider as if they were the content); `chunked` twice is 400.
+fn transfer_coding(headers: &http::HeaderMap) -> Result<(), TransferEncodingError> {
+    let mut chunked = 0;
+    let mut other = false;
+    for coding in crate::forward::transfer_codings(headers) {
+        if coding.eq_ignore_ascii_case(b"chunked") {
+            chunked += 1;
+        } else {
+            other = true;
+        }
+    }
+    match (other, chunked) {
+        (true, _) => Err(TransferEncodingError::NotImplemented),
+        (false, 0 | 1) => Ok(()),
+        (false, _) => Err(TransferEncodingError::ChunkedTwice),
+    }
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request has exactly one `Host`; no request has more than one, or one whose
+/// value is not `uri-host [ ":" port ]` (RFC 3986 section 3.2.2; empty is allowed). An HTTP/2 request names its
+/// authority in `:authority` and may leave `Host` out.
+fn valid_host_fields(headers: &http::HeaderMap, version: http::Version) -> bool {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) => version != http::Version::HTTP_11,
+        (Some(_), Some(_)) => false,
+        (Some(host), None) => valid_host(host.as_bytes()),
+    }
+}
+
+/// `uri-host [ ":" port ]`: an IP literal in brackets, or a reg-name of unreserved, percent-encoded and sub-delim
+/// characters (which covers IPv4), then an optional port of digits.
+fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = if let Some(rest) = value.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = std::str::from_utf8(&rest[..end]).unwrap_or("");
+        if literal.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match &rest[end + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&[][..], port),
+            _ => return false,
+        }
+    } else {
+        match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon + 1..]),
+            None => (value, &[][..]),
+        }
+    };
+    let reg_name = host.iter().enumerate().all(|(i, &b)| {
+        b.is_ascii_alphanumeric()
+            || b"-._~!$&'()*+,;=".contains(&b)
+            || (b == b'%'
+                && host
+                    .get(i + 1..i + 3)
+                    .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)))
+            || (i >= 1 && host[i - 1] == b'%' && b.is_ascii_hexdigit())
+            || (i >= 2 && host[i - 2] == b'%' && b.is_ascii_hexdigit())
+    });
+    reg_name && port.iter().all(u8::is_ascii_digit)
+}
+
+/// A provider body the consumer could stop reading part-way through while it still holds the provider
+/// connection: more than fits in the consumer's socket and HTTP/2 stream window at once, or of unknown length.
+/// A body known to fit is polled to its end by the consumer's connection whatever the consumer reads.
+fn may_stall(body: &ProviderBody) -> bool {
+    use http_body::Body;
+    const FITS: u64 = 16 * 1024;
+    !body.is_end_stream() && body.size_hint().exact().is_none_or(|len| len > FITS)
+}
+
+/// Cuts the consumer's connection when the consumer takes no response bytes for `bound`
+/// (`upstream.body_idle_timeout`, the counterpart of nginx's `send_timeout`): the exchange ends as `timeout`,
+/// and every body on the connection is dropped, which closes and frees the provider connection. A wait for the
+/// provider is not the consumer's: the response body's own idle timer bounds that. Ends with the exchange
+/// (aborted by it) or when it cuts.
+async fn watch_consumer(
+    exchange: std::sync::Weak<Exchange>,
+    bound: std::time::Duration,
+    control: Arc<ConnControl>,
+    metrics: Arc<Metrics>,
+) {
+    let mut deadline = Instant::now() + bound;
+    loop {
+        tokio::time::sleep_until(deadline).await;
+        let Some(exchange) = exchange.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        match exchange.consumer_waiting_since() {
+            Some(since) if since + bound <= now => {
+                exchange.consumer_stalled();
+                drop(exchange);
+                tracing::info!(
+                    bound_s = bound.as_secs_f64(),
+                    "consumer took no response bytes within upstream.body_idle_timeout; cutting its connection"
+                );
+                metrics.connection_cut("send_timeout");
+                control.cut(Cut::Abort);
+                return;
+            }
+            Some(since) => deadline = since + bound,
+            None => deadline = now + bound,
+        }
+    }
 }

@@ -19,6 +19,11 @@ use crate::ssp::{self, HeaderError, TargetError};
 pub enum Refusal {
     /// Before check 2: more header bytes or fields than `limits.max_header_bytes` / `max_header_count`.
     HeadersTooLarge,
+    /// Before check 2: `Host` missing from an HTTP/1.1 request, repeated, or not a valid `uri-host [":" port]`
+    /// (RFC 9112 section 3.2: 400).
+    Host,
+    /// Before check 2: a `Transfer-Encoding` other than a single `chunked` (RFC 9112 section 6.1).
+    TransferEncoding(TransferEncodingError),
     /// Check 2.
     Method,
     /// Check 3.
@@ -35,6 +40,19 @@ pub enum Refusal {
     AuditUnavailable,
     /// The provider could not be reached or stayed silent; carries the target text for the error.
     Upstream { error: ForwardError, target: String },
+    /// After the request record: the consumer's request body did not parse as its framing says (a malformed
+    /// chunked body, RFC 9112 section 7.1). The consumer's fault: 400 and the connection closed.
+    MalformedBody,
+}
+
+/// What is wrong with a request's `Transfer-Encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferEncodingError {
+    /// A coding other than `chunked` (`gzip, chunked`): ssp does not decode it, and forwarding its bytes as the
+    /// content would change the request (501, RFC 9112 section 6.1).
+    NotImplemented,
+    /// `chunked` more than once (RFC 9112 section 6.1: a sender must not apply it more than once; 400).
+    ChunkedTwice,
 }
 
 impl Refusal {
@@ -42,6 +60,14 @@ impl Refusal {
     pub(crate) fn reason(&self) -> &'static str {
         match self {
             Refusal::HeadersTooLarge => "request_header_fields_too_large",
+            Refusal::Host => "invalid_host",
+            Refusal::TransferEncoding(TransferEncodingError::NotImplemented) => {
+                "transfer_coding_not_implemented"
+            }
+            Refusal::TransferEncoding(TransferEncodingError::ChunkedTwice) => {
+                "invalid_transfer_encoding"
+            }
+            Refusal::MalformedBody => "malformed_request_body",
             Refusal::Method => "method_not_allowed",
             Refusal::Target(_) => "invalid_target_url",
             Refusal::Header(_) => "missing_or_invalid_header",
@@ -50,9 +76,10 @@ impl Refusal {
             Refusal::Throttled(t, _) => t.reason(),
             Refusal::AuditUnavailable => "audit_unavailable",
             Refusal::Upstream { error, .. } => match error {
-                ForwardError::Unreachable(_) | ForwardError::HeadTooLarge => {
-                    "error_communicating_to_endpoint"
-                }
+                ForwardError::Unreachable(_)
+                | ForwardError::HeadTooLarge
+                | ForwardError::BadResponse(_)
+                | ForwardError::MalformedRequestBody => "error_communicating_to_endpoint",
                 ForwardError::Timeout => "timeout_communicating_to_endpoint",
             },
         }
@@ -62,6 +89,12 @@ impl Refusal {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::Host
+            | Refusal::TransferEncoding(TransferEncodingError::ChunkedTwice)
+            | Refusal::MalformedBody => StatusCode::BAD_REQUEST,
+            Refusal::TransferEncoding(TransferEncodingError::NotImplemented) => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             Refusal::Method => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::Target(_) | Refusal::Header(_) | Refusal::Jwt(..) => StatusCode::BAD_REQUEST,
             // Check 9 says the request itself is wrong; 5 to 8 that it is not allowed.
@@ -73,7 +106,11 @@ impl Refusal {
             Refusal::Throttled(..) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Upstream {
-                error: ForwardError::Unreachable(_) | ForwardError::HeadTooLarge,
+                error:
+                    ForwardError::Unreachable(_)
+                    | ForwardError::HeadTooLarge
+                    | ForwardError::BadResponse(_)
+                    | ForwardError::MalformedRequestBody,
                 ..
             } => StatusCode::BAD_GATEWAY,
             Refusal::Upstream {
@@ -87,6 +124,12 @@ impl Refusal {
     fn issue(&self) -> (IssueCode, Severity) {
         match self {
             Refusal::HeadersTooLarge => (IssueCode::TooLong, Severity::Error),
+            Refusal::Host
+            | Refusal::TransferEncoding(TransferEncodingError::ChunkedTwice)
+            | Refusal::MalformedBody => (IssueCode::Invalid, Severity::Error),
+            Refusal::TransferEncoding(TransferEncodingError::NotImplemented) => {
+                (IssueCode::NotSupported, Severity::Error)
+            }
             Refusal::Method => (IssueCode::Forbidden, Severity::Fatal),
             Refusal::Target(_) | Refusal::Header(_) | Refusal::Jwt(..) => {
                 (IssueCode::Invalid, Severity::Error)
@@ -104,6 +147,14 @@ impl Refusal {
     pub(crate) fn text(&self) -> String {
         match self {
             Refusal::HeadersTooLarge => "REQUEST_HEADER_FIELDS_TOO_LARGE".into(),
+            Refusal::Host => "MISSING_OR_INVALID_HEADER_Host".into(),
+            Refusal::TransferEncoding(TransferEncodingError::NotImplemented) => {
+                "TRANSFER_CODING_NOT_IMPLEMENTED".into()
+            }
+            Refusal::TransferEncoding(TransferEncodingError::ChunkedTwice) => {
+                "INVALID_TRANSFER_ENCODING".into()
+            }
+            Refusal::MalformedBody => "MALFORMED_REQUEST_BODY".into(),
             Refusal::Method => "405: Method Not Allowed".into(),
             Refusal::Target(_) => "INVALID_TARGET_URL".into(),
             Refusal::Header(HeaderError(name)) => format!("MISSING_OR_INVALID_HEADER_{name}"),
@@ -120,7 +171,11 @@ impl Refusal {
             }
             Refusal::AuditUnavailable => "AUDIT_UNAVAILABLE".into(),
             Refusal::Upstream {
-                error: ForwardError::Unreachable(_) | ForwardError::HeadTooLarge,
+                error:
+                    ForwardError::Unreachable(_)
+                    | ForwardError::HeadTooLarge
+                    | ForwardError::BadResponse(_)
+                    | ForwardError::MalformedRequestBody,
                 target,
             } => format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
             Refusal::Upstream {

@@ -13,6 +13,8 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
 use super::ConnGuard;
+use crate::proxy::{ConnControl, Cut};
+use std::sync::Arc;
 
 // The staged close (RFC 9112 section 9.6).
 
@@ -76,6 +78,8 @@ pub(super) struct ConsumerIo {
     /// hyper shut the write side down (close_notify sent, TCP FIN).
     write_closed: bool,
     guard: Option<ConnGuard>,
+    /// Says whether the connection was cut ([`Cut::Abort`]): then it closes without close_notify.
+    control: Arc<ConnControl>,
 }
 
 impl std::fmt::Debug for ConsumerIo {
@@ -88,12 +92,17 @@ impl std::fmt::Debug for ConsumerIo {
 }
 
 impl ConsumerIo {
-    pub(super) fn new(tls: TlsStream<TcpStream>, guard: ConnGuard) -> Self {
+    pub(super) fn new(
+        tls: TlsStream<TcpStream>,
+        guard: ConnGuard,
+        control: Arc<ConnControl>,
+    ) -> Self {
         Self {
             tls: Some(tls),
             peer_closed: false,
             write_closed: false,
             guard: Some(guard),
+            control,
         }
     }
 
@@ -118,11 +127,12 @@ impl Drop for ConsumerIo {
         if self.peer_closed {
             return;
         }
+        let cut = self.control.asked() == Some(Cut::Abort);
         // Outside a runtime (the process is ending) there is no one left to answer.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if self.write_closed {
+        if self.write_closed || cut {
             // close_notify is out: what follows is raw TCP.
             let (tcp, _) = tls.into_inner();
             runtime.spawn(close_in_stages(tcp, guard, Instant::now() + LINGER_TIME));

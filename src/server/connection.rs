@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::Metrics;
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::{ConnControl, ConnInfo, Cut, Proxy};
 use crate::proxy_header::{ProxyHeader, ProxyHeaderError};
 use crate::tls;
 
@@ -140,11 +140,13 @@ impl Connection {
         };
         tracing::debug!(conn = self.id, %remote, ?via, subject = %peer.subject, "connection accepted");
         let audit_peer = Arc::new(crate::audit::Peer::new(remote, via, &peer));
+        let control = Arc::new(ConnControl::default());
         let info = Arc::new(ConnInfo {
             id: self.id,
             peer,
             audit_peer,
             client: crate::forward::ClientFields::of(remote),
+            control: Arc::clone(&control),
         });
         let activity = Arc::new(Activity::new());
         let proxy = self.proxy;
@@ -163,7 +165,7 @@ impl Connection {
                 }
             })
         };
-        let io = ConsumerIo::new(tls, guard);
+        let io = ConsumerIo::new(tls, guard, Arc::clone(&control));
         let connection = self.http.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
         let idle = tokio::time::sleep(idle_timeout);
@@ -174,9 +176,23 @@ impl Connection {
         let mut idle_closing = false;
         let hard_close = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(hard_close);
+        let mut cut_seen = None;
         let result = loop {
             tokio::select! {
                 result = connection.as_mut() => break Some(result),
+                cut = control.wait_beyond(cut_seen) => {
+                    cut_seen = Some(cut);
+                    match cut {
+                        // `ConsumerIo` sees the cut when it is dropped below, and closes without close_notify.
+                        Cut::Abort => break None,
+                        Cut::GoAway => {
+                            closing = true;
+                            idle_closing = true;
+                            hard_close.as_mut().reset(Instant::now() + CLOSE_GRACE);
+                            connection.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
                 changed = stop.changed() => {
                     let asked = *stop.borrow_and_update();
                     match asked {
@@ -214,7 +230,23 @@ impl Connection {
             }
         };
         if let Some(Err(e)) = result {
+            // A response body that failed (the provider's body broke or went idle) leaves a response the
+            // consumer may not be able to tell from a complete one: a body delimited by the close, for one. The
+            // connection then ends without close_notify, which tells the consumer it was cut (RFC 9112 section
+            // 9.8); a clean close would say the body was complete.
+            if response_body_failed(&*e) {
+                control.cut(Cut::Abort);
+            }
             tracing::debug!(conn = self.id, error = %e, "connection ended with an error");
         }
     }
+}
+
+/// Whether hyper ended an HTTP/1 connection because the response body it was sending failed (hyper's "user body"
+/// error, whose source is the body's own error).
+fn response_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+    })
 }

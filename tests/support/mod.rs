@@ -337,6 +337,23 @@ impl FaultProvider {
                             .await;
                         let _ = tls.flush().await;
                         tokio::time::sleep(Duration::from_millis(200)).await;
+                    } else if let Some(answer) = raw_answer(path) {
+                        let _ = tls.write_all(answer).await;
+                        let _ = tls.flush().await;
+                        // Held open until the proxy closes: the answer says where it ends, or not at all.
+                        let _ = tls.read(&mut buf).await;
+                    } else if path.ends_with("/http10-cut") {
+                        // Close-delimited (HTTP/1.0, no length), 1000 bytes, then a reset: only the reset says the
+                        // body is incomplete.
+                        let _ = tls
+                            .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+                            .await;
+                        let _ = tls.write_all(&[b'c'; 1000]).await;
+                        let _ = tls.flush().await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let (tcp, _) = tls.into_inner();
+                        let _ = tcp.set_zero_linger();
+                        drop(tcp);
                     } else if path.ends_with("/reset") {
                         let _ = tls
                             .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 100000\r\n\r\n")
@@ -355,6 +372,25 @@ impl FaultProvider {
         });
         Self { addr, requests }
     }
+}
+
+/// The [`FaultProvider`]'s whole answers by the request path's last segment: framing a proxy must not pass on
+/// as it stands.
+fn raw_answer(path: &str) -> Option<&'static [u8]> {
+    let last = path.rsplit('/').next().unwrap_or("");
+    Some(match last {
+        // Both framings (RFC 9112 section 6.3: Transfer-Encoding wins); the length counts the coded bytes.
+        "cl-chunked" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        // A switch the request never asked for.
+        "switch" => b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        // A status outside 100 to 599.
+        "status-600" => b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok",
+        // A coding under the chunks that nobody on the way decodes.
+        "gzip-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        // Chunked applied twice.
+        "chunked-twice" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        _ => return None,
+    })
 }
 
 pub fn text(status: StatusCode, body: String) -> Response<TestBody> {

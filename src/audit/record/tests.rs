@@ -272,6 +272,7 @@ fn the_kinds_of_record_agree_with_serde_json() {
                 total: Duration::from_secs(86_400 * 365),
                 retried: true,
                 outcome: Outcome::Ok,
+                consumer_stalled: false,
             },
         ),
         Record::denied(&tx, 403, Duration::ZERO),
@@ -342,6 +343,7 @@ proptest! {
             total: Duration::from_micros(micros),
             retried: status % 2 == 0,
             outcome: Outcome::ClientClosed,
+            consumer_stalled: false,
         };
         let jwt = Box::new(token_with_name(&org));
         for record in [

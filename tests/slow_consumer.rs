@@ -1,0 +1,221 @@
+//! A consumer cannot hold the proxy's provider connections: one that stops reading its answer (HTTP/1.1, or an
+//! HTTP/2 stream whose window runs out) is cut after `upstream.body_idle_timeout`, and one that cancels its HTTP/2
+//! streams right after opening them has its connection closed after a bounded number. The real binary, real
+//! sockets on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The real binary in front of the test provider, with `[limits]` and `body_idle_timeout` of the test's own.
+async fn start(
+    limits: &str,
+    body_idle_timeout: &'static str,
+) -> (Pki, Provider, Served, std::net::SocketAddr) {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let admin = closed_port().await;
+    let setup = Setup {
+        body_idle_timeout,
+        response_timeout: "60s",
+        limits: limits.to_owned(),
+        admin: admin.to_string(),
+        ..Setup::default()
+    };
+    let served = serve_setup(
+        &pki,
+        provider.addr,
+        &setup,
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    (pki, provider, served, admin)
+}
+
+fn trace(n: u32) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+fn get(url: &str, tail: &str, trace_id: &str) -> http::Request<TestBody> {
+    let mut r = ssp_request(Method::GET, &format!("/{url}{tail}"), METADATA)
+        .body(empty())
+        .unwrap();
+    r.headers_mut()
+        .insert("ssp-traceid", trace_id.parse().unwrap());
+    r
+}
+
+/// One sample of a counter from `/metrics` (0 when absent).
+async fn metric(admin: std::net::SocketAddr, series: &str) -> u64 {
+    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+/// The response record of `trace_id`, once written.
+async fn response_record(pki: &Pki, trace_id: &str) -> serde_json::Value {
+    let dir = pki.dir.path().join("data/audit");
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        let found = audit_records(&dir, 0)
+            .await
+            .into_iter()
+            .find(|r| r["trace_id"] == trace_id && r["kind"] == "response");
+        if let Some(record) = found {
+            return record;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no response record for {trace_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Three consumers that stop reading an endless answer (two over HTTP/1.1 after 1 KiB, one over HTTP/2 that never
+/// reads its stream) hold every provider connection the limit allows (3). Each is cut after
+/// `body_idle_timeout` (2 s): recorded `timeout`, counted as a send timeout and not as a provider error, its
+/// provider connection closed (the provider sees its stream break); then the next consumer is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection() {
+    let (pki, provider, served, admin) = start("per_provider_connections = 3", "2s").await;
+    let url = endpoint_url(provider.addr);
+
+    // HTTP/1.1, by hand: the request, 1 KiB of the answer, then nothing more is read.
+    let h1 = Consumer::new(&pki, Some("consumer"), served.addr, false);
+    let mut held = Vec::new();
+    for n in [1, 2] {
+        let mut tls = h1.tls().await;
+        let req = get(&url, "/infinite", &trace(n));
+        let mut head = format!("GET {} HTTP/1.1\r\n", req.uri());
+        for (name, value) in req.headers() {
+            head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+        }
+        head.push_str("\r\n");
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let mut first = vec![0u8; 1024];
+        within("the first KiB", tls.read_exact(&mut first))
+            .await
+            .unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 200"));
+        held.push(tls);
+    }
+    // HTTP/2: the response head, and the body never read (hyper's client gives back window only as it is read).
+    let mut h2 = Consumer::new(&pki, Some("consumer"), served.addr, true)
+        .connect()
+        .await
+        .unwrap();
+    let response = within("the h2 head", h2.send(get(&url, "/infinite", &trace(3))))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    for n in 1..=3 {
+        let record = response_record(&pki, &trace(n)).await;
+        assert_eq!(record["outcome"], "timeout", "consumer {n}");
+        assert_eq!(record["status"], 200, "consumer {n}");
+    }
+    // Every provider stream broke: the proxy closed each provider connection.
+    let deadline = std::time::Instant::now() + STEP;
+    while provider.state.broken.load(Ordering::SeqCst) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "provider streams still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric(admin, "ssp_connections_cut_total{reason=\"send_timeout\"}").await,
+        3
+    );
+    assert_eq!(
+        metric(admin, "ssp_upstream_errors_total{kind=\"timeout\"}").await,
+        0
+    );
+    // The limit's connections are free again: another consumer is served at once.
+    let answer = within(
+        "a request after the cuts",
+        h1.fetch(get(&url, "/metadata", &trace(4))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    drop((held, response));
+}
+
+/// An HTTP/2 consumer that cancels every stream right after opening it (each cancel closes the provider connection
+/// its request was sent on) has its connection closed once it has cancelled more than 10 of them before their
+/// answers (and more than half of its exchanges): the provider sees at most a dozen connections, not one per
+/// cancel, and the cut is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn premature_http2_resets_are_bounded_per_connection() {
+    let (pki, provider, served, admin) = start("", "10s").await;
+    let url = endpoint_url(provider.addr);
+    let mut h2 = Consumer::new(&pki, Some("consumer"), served.addr, true)
+        .connect()
+        .await
+        .unwrap();
+    let mut refused_at = None;
+    for n in 0..40u32 {
+        let before = provider.state.connections.load(Ordering::SeqCst);
+        let send = h2.send(get(&url, "/silent", &trace(100 + n)));
+        tokio::pin!(send);
+        // Cancel once the request has reached the provider (a new provider connection was opened for it).
+        let reached = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                tokio::select! {
+                    result = &mut send => return Some(result),
+                    () = tokio::time::sleep(Duration::from_millis(10)) => {
+                        if provider.state.connections.load(Ordering::SeqCst) > before {
+                            return None;
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .expect("neither an answer nor the request at the provider");
+        if let Some(result) = reached {
+            // The connection is going away: the proxy stopped taking streams.
+            assert!(
+                result.is_err(),
+                "stream {n} answered: {:?}",
+                result.map(|r| r.status())
+            );
+            refused_at = Some(n);
+            break;
+        }
+        // Dropping the response future resets the stream (RST_STREAM CANCEL).
+    }
+    let refused_at = refused_at.expect("the connection was never closed");
+    assert!(
+        (11..=13).contains(&refused_at),
+        "closed after {refused_at} cancelled streams"
+    );
+    assert!(provider.state.connections.load(Ordering::SeqCst) <= 13);
+    assert_eq!(
+        metric(
+            admin,
+            "ssp_connections_cut_total{reason=\"premature_resets\"}"
+        )
+        .await,
+        1
+    );
+    // Each cancelled exchange has its pair of records, `client_closed`.
+    let record = response_record(&pki, &trace(100)).await;
+    assert_eq!(record["outcome"], "client_closed");
+}
