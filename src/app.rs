@@ -76,7 +76,7 @@ pub(crate) fn inspect(config: &Config) -> Checked {
     let policy = Policy::load_dir(&config.policy.dir, 0)
         .map_err(|p| problems.extend(p.problems))
         .ok();
-    problems.extend(audit_dir_problem(config));
+    problems.extend(state_dir_problems(config));
     let (expired, mut warnings) = expiry_report(config);
     problems.extend(expired);
     let crls = tls::crl_report(&config.server, crate::ids::unix_now());
@@ -144,9 +144,17 @@ pub(crate) fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
     for cert in certificate_files(config) {
         if cert.not_after < now {
             expired.push(format!(
-                "{}: {}: certificate expired",
+                "{}: {}: certificate expired (notAfter {})",
                 cert.key,
-                cert.path.display()
+                cert.path.display(),
+                crate::ids::rfc3339_seconds(cert.not_after)
+            ));
+        } else if cert.not_before > now {
+            expired.push(format!(
+                "{}: {}: certificate not yet valid (notBefore {})",
+                cert.key,
+                cert.path.display(),
+                crate::ids::rfc3339_seconds(cert.not_before)
             ));
         } else if cert.not_after < now + 30 * 86_400 {
             soon.push(format!(
@@ -160,20 +168,54 @@ pub(crate) fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
     (expired, soon)
 }
 
-/// Whether `audit.dir` is, or can become, a folder (it is created on start when missing).
-pub(crate) fn audit_dir_problem(config: &Config) -> Option<String> {
-    let dir = &config.audit.dir;
-    let mut existing = dir.as_path();
-    while !existing.exists() {
-        existing = existing.parent()?;
-    }
-    (!existing.is_dir()).then(|| {
-        format!(
-            "audit.dir: {}: {} is not a folder",
-            dir.display(),
-            existing.display()
-        )
+/// Whether each folder the service writes (`audit.dir`, `policy.store`) is, or can become, a folder that the
+/// running user can write: where it exists, a probe file is created and removed in it; where it does not, its
+/// nearest existing ancestor must be a folder the user may create entries in (`access(2)` with `W_OK | X_OK`,
+/// through rustix). Run by `check-config` as the service's own user, this finds at `ExecStartPre` what would
+/// otherwise fail after start. One line per folder: the key, the path and the OS error.
+pub(crate) fn state_dir_problems(config: &Config) -> Vec<String> {
+    [
+        ("audit.dir", config.audit.dir.as_path()),
+        ("policy.store", config.policy.store.as_path()),
+    ]
+    .into_iter()
+    .filter_map(|(key, dir)| {
+        writable_dir(dir)
+            .err()
+            .map(|why| format!("{key}: {}: {why}", dir.display()))
     })
+    .collect()
+}
+
+/// `Ok` when `dir` is, or can be created as, a folder the running user can write; else why not.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    let mut existing = dir;
+    while !existing.exists() {
+        existing = match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+    }
+    if !existing.is_dir() {
+        return Err(format!("{} is not a folder", existing.display()));
+    }
+    if existing != dir {
+        use rustix::fs::Access;
+        return rustix::fs::access(existing, Access::WRITE_OK | Access::EXEC_OK).map_err(|e| {
+            format!(
+                "cannot be created in {}: {}",
+                existing.display(),
+                std::io::Error::from(e)
+            )
+        });
+    }
+    let probe = dir.join(format!(".ssp-write-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| format!("cannot write in it: {e}"))?;
+    std::fs::remove_file(&probe).map_err(|e| format!("cannot remove a file in it: {e}"))
 }
 
 /// A certificate file the config names.
@@ -187,6 +229,8 @@ pub(crate) struct CertificateFile {
     pub path: PathBuf,
     /// The earliest `notAfter` of the certificates in it (Unix seconds): when the file stops being usable.
     pub not_after: i64,
+    /// The latest `notBefore` of the certificates in it (Unix seconds): when the file starts being usable.
+    pub not_before: i64,
 }
 
 /// Every certificate file the config names that can be read, with its earliest `notAfter`.
@@ -222,11 +266,13 @@ pub(crate) fn certificate_files(config: &Config) -> Vec<CertificateFile> {
         .filter_map(|(key, label, path)| {
             let certs = tls::load_certs(key, path).ok()?;
             let not_after = certs.iter().filter_map(tls::not_after).min()?;
+            let not_before = certs.iter().filter_map(tls::not_before).max()?;
             Some(CertificateFile {
                 key,
                 label,
                 path: path.to_path_buf(),
                 not_after,
+                not_before,
             })
         })
         .collect()
@@ -340,6 +386,14 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
     })
     .await
     .map_err(std::io::Error::other)?;
+    // A log that cannot be opened at start is a start failure, before systemd hears READY=1; one that fails
+    // later turns the proxy away with 503 AUDIT_UNAVAILABLE until it recovers.
+    if !audit.healthy() {
+        return Err(std::io::Error::other(format!(
+            "audit.dir: {}: cannot open the audit log (the reason is logged above)",
+            config.audit.dir.display()
+        )));
+    }
     let tls = Arc::new(tls::Reloadable::new(
         assembled.server_tls,
         assembled.client_tls,
@@ -362,6 +416,15 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
         Arc::clone(&metrics),
     ));
     let serving = Arc::new(AtomicBool::new(false));
+    let listen_error = |e: std::io::Error| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "server.listen: cannot listen on {}: {e}",
+                config.server.listen
+            ),
+        )
+    };
     let server = Server::bind(
         &config.server,
         &config.limits,
@@ -370,8 +433,19 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
         Arc::clone(&metrics),
         Arc::clone(&serving),
     )
-    .await?;
-    let admin = tokio::net::TcpListener::bind(config.admin_listen).await?;
+    .await
+    .map_err(listen_error)?;
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "admin.listen: cannot listen on {}: {e}",
+                    config.admin_listen
+                ),
+            )
+        })?;
     let health = Arc::new(crate::admin::Health {
         serving,
         audit: Arc::clone(&audit),

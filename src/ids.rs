@@ -281,6 +281,18 @@ pub(crate) fn now_rfc3339() -> String {
     rfc3339(time::OffsetDateTime::now_utc())
 }
 
+/// Unix seconds as RFC 3339 (`2026-12-07T05:30:00Z`), or the number itself when out of range: for messages
+/// that name a certificate's or CRL's dates.
+pub(crate) fn rfc3339_seconds(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
 /// `t` (UTC) as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
 pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
     Timestamp::of(t).as_str().to_owned()

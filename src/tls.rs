@@ -175,9 +175,10 @@ pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Pr
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| {
-            Problems::one(format!(
-                "server.cert / server.key: {}: {e}",
-                cfg.cert.display()
+            Problems::one(pair_problem(
+                ("server.cert", &cfg.cert),
+                ("server.key", &cfg.key),
+                &e,
             ))
         })?;
     // `http/1.0` too: curl's `--http1.0` offers only it, and a server that knows none of the client's protocols
@@ -244,13 +245,7 @@ pub(crate) fn crl_report(cfg: &ServerConfig, now: i64) -> CrlReport {
         let Some(next) = crl.next_update else {
             continue;
         };
-        let when = time::OffsetDateTime::from_unix_timestamp(next)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_else(|| next.to_string());
+        let when = crate::ids::rfc3339_seconds(next);
         let path = crl.path.display();
         if next <= now {
             match cfg.crl_expired {
@@ -342,9 +337,10 @@ pub(crate) fn client_config(cfg: &UpstreamConfig) -> Result<Arc<rustls::ClientCo
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| {
-            Problems::one(format!(
-                "upstream.cert / upstream.key: {}: {e}",
-                cfg.cert.display()
+            Problems::one(pair_problem(
+                ("upstream.cert", &cfg.cert),
+                ("upstream.key", &cfg.key),
+                &e,
             ))
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -451,6 +447,29 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
 pub(crate) fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
     Some(x509.validity().not_after.timestamp())
+}
+
+/// A certificate's `notBefore`, in Unix seconds.
+pub(crate) fn not_before(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(x509.validity().not_before.timestamp())
+}
+
+/// The text of a certificate and key pair that cannot be used together: a key that is not the certificate's
+/// names both files; any other error is rustls' own.
+fn pair_problem(
+    (cert_key, cert): (&str, &Path),
+    (key_key, key): (&str, &Path),
+    e: &rustls::Error,
+) -> String {
+    match e {
+        rustls::Error::InconsistentKeys(_) => format!(
+            "{key_key} {} is not the private key of {cert_key} {}",
+            key.display(),
+            cert.display()
+        ),
+        e => format!("{cert_key} / {key_key}: {}: {e}", cert.display()),
+    }
 }
 
 #[cfg(test)]

@@ -477,3 +477,213 @@ async fn connections_are_spread_over_the_configured_workers() {
         );
     }
 }
+
+/// `check-config` reports every problem of one config in one run (a wrong type, a bad listen address, a bad
+/// duration, a missing certificate and an unknown policy key together), each config value with its line; a key
+/// that is not its certificate's names both files; an expired and a not-yet-valid certificate name their dates.
+#[tokio::test]
+async fn check_config_reports_every_problem_in_one_run() {
+    let pki = Pki::generate();
+    let config_arg = offline_config(&pki).await;
+    let config = std::path::PathBuf::from(&config_arg);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let line_of =
+        |text: &str, needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+    let broken = text
+        .replace("max_connections = 10000", "max_connections = \"many\"")
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"")
+        .replace(
+            "handshake_timeout = \"5s\"",
+            "handshake_timeout = \"5 seconds\"",
+        )
+        .replace("certs/proxy-client.crt", "certs/missing.crt");
+    std::fs::write(&config, &broken).unwrap();
+    let policy = pki.dir.path().join("policies/test.toml");
+    let policy_text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(
+        &policy,
+        policy_text.replacen(
+            "name = \"Hospital\"",
+            "name = \"Hospital\"\ncolour = \"red\"",
+            1,
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = ssp(&["check-config", "--config", &config_arg]);
+    assert_eq!(code, 64, "{err}");
+    let wanted = [
+        format!(
+            "line {}, column 19: server.max_connections: invalid type",
+            line_of(&broken, "max_connections")
+        ),
+        format!("line {}: server.listen", line_of(&broken, "listen =")),
+        format!(
+            "line {}: server.handshake_timeout",
+            line_of(&broken, "handshake_timeout")
+        ),
+        "upstream.cert".to_owned(),
+        "missing.crt".to_owned(),
+        "colour".to_owned(),
+    ];
+    for want in &wanted {
+        assert!(err.contains(want.as_str()), "{want:?} missing from:\n{err}");
+    }
+
+    // A key that is not the certificate's; an expired certificate; a CA file not valid yet.
+    let future = {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["future.dev.localhost".into()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.not_before = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(400);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap()
+    };
+    std::fs::write(pki.path("future-ca.crt"), future.pem()).unwrap();
+    let mixed = text
+        .replace(
+            "key = \"certs/proxy-server.key\"",
+            "key = \"certs/proxy-client.key\"",
+        )
+        .replace(
+            "cert = \"certs/proxy-client.crt\"",
+            "cert = \"certs/consumer-expired.crt\"",
+        )
+        .replace(
+            "key = \"certs/proxy-client.key\"\nca",
+            "key = \"certs/consumer-expired.key\"\nca",
+        )
+        .replacen(
+            "ca = [\"certs/ca.crt\"]\nconnect",
+            "ca = [\"certs/future-ca.crt\"]\nconnect",
+            1,
+        );
+    std::fs::write(&config, &mixed).unwrap();
+    std::fs::write(&policy, &policy_text).unwrap();
+    let (code, _, err) = ssp(&["check-config", "--config", &config_arg]);
+    assert_eq!(code, 64, "{mixed}\n{err}");
+    assert!(
+        err.lines().any(|l| l.starts_with("server.key ")
+            && l.contains("proxy-client.key is not the private key of server.cert")
+            && l.contains("proxy-server.crt")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("consumer-expired.crt: certificate expired (notAfter 20")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("future-ca.crt: certificate not yet valid (notBefore 20")),
+        "{err}"
+    );
+}
+
+/// `check-config`, run as the service's user, finds the state folders it cannot create or write (`audit.dir`
+/// in a folder it may not write, `policy.store` under one it may not create in), and names the key, the path and
+/// the OS error; as root the test runs it as `nobody`, as systemd's `User=` would.
+#[tokio::test]
+async fn check_config_finds_state_folders_the_service_user_cannot_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::generate();
+    let config_arg = offline_config(&pki).await;
+    let root = pki.dir.path();
+    let locked = root.join("locked");
+    std::fs::create_dir_all(locked.join("audit")).unwrap();
+    let text = std::fs::read_to_string(&config_arg).unwrap();
+    std::fs::write(
+        &config_arg,
+        text.replace("dir = \"data/audit\"", "dir = \"locked/audit\"")
+            .replace(
+                "dir = \"policies\"",
+                "dir = \"policies\"\nstore = \"locked/policy\"",
+            ),
+    )
+    .unwrap();
+    let uid = Command::new("id").arg("-u").output().unwrap().stdout;
+    let as_root = String::from_utf8_lossy(&uid).trim() == "0";
+    // Everything readable by the unprivileged user; the locked folders writable by their owner alone.
+    let mut walk = vec![root.to_path_buf()];
+    while let Some(path) = walk.pop() {
+        let mode = if path.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        if path.is_dir() {
+            walk.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    if !as_root {
+        for dir in [&locked, &locked.join("audit")] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+    }
+    let mut command = if as_root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(ssp_bin());
+        c
+    } else {
+        Command::new(ssp_bin())
+    };
+    let out = command
+        .args(["check-config", "--config", &config_arg])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    let audit_dir = locked.join("audit");
+    assert!(
+        err.lines().any(|l| l.starts_with(&format!(
+            "audit.dir: {}: cannot write in it: ",
+            audit_dir.display()
+        )) && l.contains("os error 13")),
+        "{err}"
+    );
+    assert!(
+        err.lines().any(|l| l.starts_with(&format!(
+            "policy.store: {}: cannot be created in {}: ",
+            locked.join("policy").display(),
+            locked.display()
+        )) && l.contains("os error 13")),
+        "{err}"
+    );
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// An audit log that cannot be opened at start stops `ssp serve` before it tells systemd READY=1: it exits
+/// non-zero naming `audit.dir`, and the notification socket holds no READY=1.
+#[tokio::test]
+async fn serve_does_not_start_without_its_audit_log() {
+    let pki = Pki::generate();
+    let setup = Setup {
+        // Under a regular file: the folder can never be made.
+        audit_dir: "ssp.toml/audit",
+        ..Setup::default()
+    };
+    let config = write_config(
+        &pki,
+        closed_port().await,
+        closed_port().await,
+        "127.0.0.1:0".parse().unwrap(),
+        &setup,
+    );
+    let socket_path = pki.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    let out = Command::new(ssp_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("audit.dir"), "{err}");
+    // The process has ended: whatever it sent is queued on the socket by now.
+    socket.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut sent = String::new();
+    while let Ok(n) = socket.recv(&mut buf) {
+        sent.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(!sent.contains("READY=1"), "{sent}");
+}

@@ -180,7 +180,7 @@ fn serve(path: &Path) -> u8 {
         let server = match crate::app::bind(&config, assembled).await {
             Ok(server) => server,
             Err(e) => {
-                eprintln!("{}: server.listen: cannot listen on {}: {e}", path.display(), config.server.listen);
+                eprintln!("{}: {e}", path.display());
                 return exit::INTERNAL;
             }
         };
@@ -205,15 +205,24 @@ fn serve(path: &Path) -> u8 {
     })
 }
 
+/// Every problem one run can find: the config's own (each bad value, wrong type and unknown key), then, when its
+/// required keys could be read, the files and folders it names (with the defaults in place of refused values).
 fn check_config(path: &Path) -> u8 {
-    let config = match Config::load(path) {
-        Ok(config) => config,
-        Err(problems) => return print_problems(&problems),
+    let read = Config::load_checked(path);
+    let Some(config) = read.config else {
+        let mut problems = read.problems;
+        problems.push(format!(
+            "{}: skipped: the checks of the certificates, keys, CRLs, policy files and state folders it names, \
+             until the problems above let its required keys be read",
+            path.display()
+        ));
+        return print_problems(&Problems { problems });
     };
-    let checked = crate::app::inspect(&config);
+    let mut checked = crate::app::inspect(&config);
     for warning in &checked.warnings {
         eprintln!("warning: {warning}");
     }
+    checked.problems.splice(0..0, read.problems);
     match checked.policy {
         Some(policy) if checked.problems.is_empty() => {
             let (systems, endpoints, agreements) = policy.counts();

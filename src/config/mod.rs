@@ -226,13 +226,45 @@ impl Config {
 
     /// Validates config text as if read from `path`.
     pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, Problems> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| Problems::one(toml_error_line(path, text, &e)))?;
+        let checked = Self::check(text, path);
+        match checked.config {
+            Some(config) if checked.problems.is_empty() => Ok(config),
+            _ => Err(Problems {
+                problems: checked.problems,
+            }),
+        }
+    }
+
+    /// Reads the file at `path` as [`Config::check`] does.
+    pub(crate) fn load_checked(path: &Path) -> Checked {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::check(&text, path),
+            Err(e) => Checked {
+                config: None,
+                problems: vec![format!("{}: cannot read: {e}", path.display())],
+            },
+        }
+    }
+
+    /// Reads and validates config text, reporting every problem one run can find (`check-config`): a value of
+    /// the wrong type or an unknown key is reported with its line and left out, and the rest is read on; each
+    /// value that does not validate is named with its key and line. The config comes back, with the defaults
+    /// in place of the values left out, when its required keys could be read, so that the checks of the files
+    /// it names can run too.
+    pub(crate) fn check(text: &str, path: &Path) -> Checked {
+        let mut problems = Vec::new();
+        let Some(raw) = read_raw(text, path, &mut problems) else {
+            return Checked {
+                config: None,
+                problems,
+            };
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         let mut v = Validator {
             base,
-            problems: Vec::new(),
+            problems,
             file: path.display().to_string(),
+            lines: validate::KeyLines::new(text),
         };
         let server = v.server(raw.server);
         let upstream = v.upstream(raw.upstream);
@@ -262,24 +294,64 @@ impl Config {
             );
             SocketAddr::from(([127, 0, 0, 1], 9090))
         });
-        if !v.problems.is_empty() {
-            return Err(Problems {
-                problems: v.problems,
-            });
+        Checked {
+            config: Some(Self {
+                source: path.to_path_buf(),
+                server,
+                upstream,
+                policy,
+                jwt,
+                audit,
+                log,
+                admin_listen,
+                limits,
+                sds,
+            }),
+            problems: v.problems,
         }
-        Ok(Self {
-            source: path.to_path_buf(),
-            server,
-            upstream,
-            policy,
-            jwt,
-            audit,
-            log,
-            admin_listen,
-            limits,
-            sds,
-        })
     }
+}
+
+/// A config as `check-config` reads it: every problem found, and the config when its required keys could be read
+/// (with defaults in place of the values refused).
+#[derive(Debug)]
+pub(crate) struct Checked {
+    pub config: Option<Config>,
+    pub problems: Vec<String>,
+}
+
+/// The raw config, with each value of the wrong type and each unknown key reported (with its line) and left out,
+/// at most 64 of them. `None` when the text is not TOML, or a required key is missing or was left out.
+fn read_raw(text: &str, path: &Path, problems: &mut Vec<String>) -> Option<RawConfig> {
+    use serde::Deserialize;
+    let mut table = match toml::de::DeTable::parse(text) {
+        Ok(table) => table,
+        Err(e) => {
+            problems.push(toml_error_line(path, text, &e, None));
+            return None;
+        }
+    };
+    for left_out in 0..64 {
+        let error = match RawConfig::deserialize(toml::de::Deserializer::from(table.clone())) {
+            Ok(raw) => return Some(raw),
+            Err(error) => error,
+        };
+        // A required key missing is reported unless it was missing because its value was refused above.
+        let missing = error.message().starts_with("missing field");
+        let removed = error
+            .span()
+            .filter(|_| !missing)
+            .and_then(|span| validate::remove_key_at(table.get_mut(), &span));
+        match &removed {
+            Some(key) => problems.push(toml_error_line(path, text, &error, Some(key))),
+            None if missing && left_out > 0 => {}
+            None => problems.push(toml_error_line(path, text, &error, None)),
+        }
+        if removed.is_none() {
+            break;
+        }
+    }
+    None
 }
 
 /// Parses `"64KiB"`, `"64MiB"`, `"1GiB"`, `"512B"` into bytes.

@@ -129,3 +129,42 @@ fn workers_default_to_the_cpus_available() {
     let err = Config::parse(&with("5000"), Path::new("ssp.toml")).unwrap_err();
     assert!(err.to_string().contains("server.workers"), "{err}");
 }
+
+#[test]
+fn wrong_types_and_unknown_keys_are_all_reported_and_the_rest_is_read() {
+    let text = MINIMAL.replace(
+        "client_ca = [\"ca.crt\"]",
+        "client_ca = [\"ca.crt\"]\nmax_connections = \"many\"\nworkers = -1\ncolour = \"red\"\nlisten = \"nowhere\"",
+    ) + "[limits]\nmax_header_count = true\n";
+    let checked = Config::check(&text, Path::new("ssp.toml"));
+    let all = checked.problems.join("\n");
+    for want in [
+        "ssp.toml: line 6, column 19: server.max_connections: invalid type",
+        "ssp.toml: line 7, column 11: server.workers: invalid value",
+        "ssp.toml: line 8, column 1: server.colour: unknown field",
+        "ssp.toml: line 9: server.listen: \"nowhere\" is not an ip:port",
+        "ssp.toml: line 15, column 20: limits.max_header_count: invalid type",
+    ] {
+        assert!(all.contains(want), "{want:?} not in:\n{all}");
+    }
+    assert_eq!(checked.problems.len(), 5, "{all}");
+    // The rest was read, the refused values left at their defaults.
+    let config = checked.config.unwrap();
+    assert_eq!(config.server.cert, PathBuf::from("c.crt"));
+    assert_eq!(
+        config.limits.max_header_count,
+        LimitsConfig::default().max_header_count
+    );
+    assert!(Config::parse(&text, Path::new("ssp.toml")).is_err());
+
+    // A required key refused: no config, the refusal said once, not again as missing.
+    let text = MINIMAL.replace("cert = \"c.crt\"", "cert = 5");
+    let checked = Config::check(&text, Path::new("ssp.toml"));
+    assert!(checked.config.is_none());
+    assert_eq!(checked.problems.len(), 1, "{:?}", checked.problems);
+    assert!(
+        checked.problems[0].contains("server.cert: invalid type"),
+        "{:?}",
+        checked.problems
+    );
+}

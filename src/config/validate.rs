@@ -16,12 +16,19 @@ pub(super) struct Validator<'a> {
     pub(super) base: &'a Path,
     pub(super) file: String,
     pub(super) problems: Vec<String>,
+    /// Where each key is written, to name its line.
+    pub(super) lines: KeyLines<'a>,
 }
 
 impl Validator<'_> {
+    /// `file: line L: key: message`, or without the line when the key is not written (a default, or a
+    /// composite key such as `sds.systems / sds.endpoints`).
     pub(super) fn problem(&mut self, key: &str, message: impl fmt::Display) {
-        self.problems
-            .push(format!("{}: {key}: {message}", self.file));
+        let problem = match self.lines.line_of(key) {
+            Some(line) => format!("{}: line {line}: {key}: {message}", self.file),
+            None => format!("{}: {key}: {message}", self.file),
+        };
+        self.problems.push(problem);
     }
 
     pub(super) fn sds(&mut self, raw: RawSds) -> SdsConfig {
@@ -424,15 +431,24 @@ impl Validator<'_> {
     }
 }
 
-/// `"path: message at line L, column C"` for a TOML syntax or type error, on one line.
-pub(super) fn toml_error_line(path: &Path, text: &str, err: &toml::de::Error) -> String {
+/// `"path: line L, column C: [key: ]message"` for a TOML syntax or type error, on one line.
+pub(super) fn toml_error_line(
+    path: &Path,
+    text: &str,
+    err: &toml::de::Error,
+    key: Option<&str>,
+) -> String {
     let message = err.message().trim().replace('\n', " ");
+    let key = key.map(|k| format!("{k}: ")).unwrap_or_default();
     match err.span() {
         Some(span) => {
             let (line, col) = line_col(text, span.start);
-            format!("{}: line {line}, column {col}: {message}", path.display())
+            format!(
+                "{}: line {line}, column {col}: {key}{message}",
+                path.display()
+            )
         }
-        None => format!("{}: {message}", path.display()),
+        None => format!("{}: {key}{message}", path.display()),
     }
 }
 
@@ -443,4 +459,61 @@ pub(super) fn host_name() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "ssp".to_owned())
+}
+
+/// The line each dotted key of a config text is written on, from the TOML parser's spans.
+pub(super) struct KeyLines<'a> {
+    text: &'a str,
+    table: Option<toml::Spanned<toml::de::DeTable<'a>>>,
+}
+
+impl<'a> KeyLines<'a> {
+    pub(super) fn new(text: &'a str) -> Self {
+        Self {
+            text,
+            table: toml::de::DeTable::parse(text).ok(),
+        }
+    }
+
+    /// The 1-based line of `key` (`server.listen`), if the text writes it.
+    pub(super) fn line_of(&self, key: &str) -> Option<usize> {
+        let mut table = self.table.as_ref()?.get_ref();
+        let mut parts = key.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (name, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+            if parts.peek().is_none() {
+                return Some(line_col(self.text, name.span().start).0);
+            }
+            match value.get_ref() {
+                toml::de::DeValue::Table(inner) => table = inner,
+                _ => return None,
+            }
+        }
+        None
+    }
+}
+
+/// Removes from `table` the key whose name or value the error `span` points into, innermost first, and returns
+/// its dotted name; `None` when no key holds the span (the error is about a whole table, such as a missing key).
+pub(super) fn remove_key_at(
+    table: &mut toml::de::DeTable<'_>,
+    span: &std::ops::Range<usize>,
+) -> Option<String> {
+    let within = |outer: std::ops::Range<usize>| outer.start <= span.start && span.end <= outer.end;
+    let mut found = None;
+    for (name, value) in table.iter_mut() {
+        if let toml::de::DeValue::Table(inner) = value.get_mut()
+            && let Some(inner_key) = remove_key_at(inner, span)
+        {
+            return Some(format!("{}.{inner_key}", name.get_ref()));
+        }
+        let is_table = matches!(value.get_ref(), toml::de::DeValue::Table(_));
+        if within(name.span()) || (within(value.span()) && !is_table) {
+            found = Some(name.clone());
+            break;
+        }
+    }
+    let name = found?;
+    table.remove(&name)?;
+    Some(name.get_ref().to_string())
 }
