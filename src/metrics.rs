@@ -54,6 +54,7 @@ pub(crate) const TLS_FAILURE_REASONS: &[&str] = &[
     "no_certificate",
     "certificate_revoked",
     "certificate_expired",
+    "certificate_not_yet_valid",
     "crl_expired",
     "unknown_issuer",
     "certificate_invalid",
@@ -387,6 +388,16 @@ pub(crate) fn tls_failure_reason(error: &std::io::Error) -> &'static str {
         return "io";
     };
     match tls {
+        Error::InvalidCertificate(CertificateError::Other(other))
+            if other.0.is::<crate::tls::NotYetValid>() =>
+        {
+            "certificate_not_yet_valid"
+        }
+        Error::InvalidCertificate(CertificateError::Other(other))
+            if other.0.is::<crate::tls::StaleCrl>() =>
+        {
+            "crl_expired"
+        }
         Error::NoCertificatesPresented => "no_certificate",
         Error::InvalidCertificate(CertificateError::Revoked) => "certificate_revoked",
         Error::InvalidCertificate(

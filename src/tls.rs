@@ -169,6 +169,7 @@ pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Pr
     let verifier = verifier
         .build()
         .map_err(|e| Problems::one(format!("server.client_ca / server.crl: {e}")))?;
+    let verifier = Arc::new(PlainAlerts(verifier));
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&versions(&cfg.tls_versions))
         .map_err(|e| Problems::one(format!("server.tls_versions: {e}")))?
@@ -447,6 +448,98 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
 pub(crate) fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
     Some(x509.validity().not_after.timestamp())
+}
+
+/// WebPKI's client certificate verifier, with two of its refusals sent to the consumer as `certificate_unknown`
+/// rather than the alerts rustls chooses (RFC 8446 section 6.2): a certificate that is not valid yet would be
+/// `certificate_expired`, and one whose revocation status rests on a CRL past its nextUpdate `unknown_ca` (as
+/// OpenSSL does). Both send a consumer's support staff after the wrong cause; the proxy's log and
+/// `ssp_tls_handshake_failures_total` name the real one ([`NotYetValid`], [`StaleCrl`]).
+#[derive(Debug)]
+struct PlainAlerts(Arc<dyn rustls::server::danger::ClientCertVerifier>);
+
+/// A client certificate whose notBefore is still to come.
+#[derive(Debug)]
+pub(crate) struct NotYetValid;
+
+impl std::fmt::Display for NotYetValid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("client certificate not valid yet (its notBefore is in the future)")
+    }
+}
+
+impl std::error::Error for NotYetValid {}
+
+/// A client certificate whose revocation status rests on a CRL past its nextUpdate (`server.crl_expired =
+/// "refuse"`).
+#[derive(Debug)]
+pub(crate) struct StaleCrl;
+
+impl std::fmt::Display for StaleCrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("revocation status unknown: the CRL is past its nextUpdate")
+    }
+}
+
+impl std::error::Error for StaleCrl {}
+
+impl rustls::server::danger::ClientCertVerifier for PlainAlerts {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        use rustls::CertificateError as E;
+        let other = |e: Arc<dyn std::error::Error + Send + Sync>| {
+            rustls::Error::InvalidCertificate(E::Other(rustls::OtherError(e)))
+        };
+        self.0
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(
+                    E::NotValidYet | E::NotValidYetContext { .. },
+                ) => other(Arc::new(NotYetValid)),
+                rustls::Error::InvalidCertificate(
+                    E::ExpiredRevocationList | E::ExpiredRevocationListContext { .. },
+                ) => other(Arc::new(StaleCrl)),
+                e => e,
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// A certificate's `notBefore`, in Unix seconds.

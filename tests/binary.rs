@@ -66,20 +66,22 @@ async fn streams_200_mib_each_way_in_bounded_memory() {
     );
 }
 
-/// curl, a real client, gets the provider's answer through the running binary, byte for byte.
+/// curl, a real client, gets the provider's answer through the running binary, byte for byte, over HTTP/1.1
+/// and with `--http1.0` (which offers ALPN `http/1.0` alone).
 #[tokio::test]
 async fn curl_through_the_binary() {
     let pki = Pki::generate();
     let provider = Provider::start(&pki).await;
     let served = serve(&pki, provider.addr).await;
     let url = endpoint_url(provider.addr);
-    let out = tokio::task::spawn_blocking({
+    for version in ["--http1.1", "--http1.0"] {
+        let out = tokio::task::spawn_blocking({
         let (cert, key, ca) = (pki.path("consumer.crt"), pki.path("consumer.key"), pki.path("ca.crt"));
         let token = bearer(&claims(&url, METADATA));
         let target = format!("https://{}/{url}/fhir/Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9690937286", served.addr);
         move || {
             Command::new("curl")
-                .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+                .args(["-sS", version, "--max-time", "20", "-w", "\n%{http_code}"])
                 .arg("--cert").arg(cert)
                 .arg("--key").arg(key)
                 .arg("--cacert").arg(ca)
@@ -95,18 +97,23 @@ async fn curl_through_the_binary() {
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "curl failed: {stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let expected_path =
-        "/gp/fhir/Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9690937286";
-    assert_eq!(stdout, format!("provider saw {expected_path}\n200"));
-    let seen = provider.seen();
-    assert_eq!(seen[0].path_and_query, expected_path);
-    assert_eq!(seen[0].headers["ssp-interactionid"], METADATA);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "curl failed: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let expected_path =
+            "/gp/fhir/Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9690937286";
+        assert_eq!(
+            stdout,
+            format!("provider saw {expected_path}\n200"),
+            "{version}"
+        );
+        let seen = provider.seen();
+        assert_eq!(seen.last().unwrap().path_and_query, expected_path);
+        assert_eq!(seen.last().unwrap().headers["ssp-interactionid"], METADATA);
+    }
 
     // SIGTERM stops it cleanly.
     let mut served = served;

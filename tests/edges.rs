@@ -427,7 +427,8 @@ async fn an_expired_crl_is_named_and_refuses_handshakes() {
     );
 }
 
-/// `server.crl_expired = "allow"`: check-config passes with a warning, the proxy serves and says so at error.
+/// `server.crl_expired = "allow"`: check-config passes with a warning, the proxy serves and says so at error, in
+/// a log without colour codes (stderr is not a terminal).
 #[tokio::test]
 async fn crl_expired_allow_keeps_serving_loudly() {
     let pki = Pki::generate();
@@ -452,6 +453,8 @@ async fn crl_expired_allow_keeps_serving_loudly() {
     let ssp = Logged::start(&pki, provider.addr, setup).await;
     let log = ssp.wait_for_log("stale CRL trusted").await;
     assert!(log.contains("ERROR"), "{log}");
+    // Not a terminal (a file here, the journal under systemd): no colour codes.
+    assert!(!log.contains('\u{1b}'), "{log:?}");
     handshake(&pki, "consumer", ssp.served.addr).await.unwrap();
 }
 
@@ -658,6 +661,76 @@ async fn curl_names_the_alert_of_a_refused_handshake() {
             assert!(!out.status.success());
             assert!(stderr.contains(alert), "{stem:?} round {round}: {stderr}");
         }
+    }
+}
+
+/// The alerts that would mislead a consumer's support staff are plain: a client certificate not valid yet and a
+/// handshake refused for a stale CRL both get `certificate_unknown` (not `certificate_expired`, not `unknown_ca`),
+/// while the metrics name the real cause.
+#[tokio::test]
+async fn not_yet_valid_and_stale_crl_refusals_send_certificate_unknown() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.path("ca.key")).unwrap()).unwrap();
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(pki.path("ca.crt")).unwrap(), key)
+            .unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![CONSUMER_NAME.to_owned()]).unwrap();
+    params.not_before = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(400);
+    params.use_authority_key_identifier_extension = true;
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
+    std::fs::write(pki.path("consumer-future.crt"), leaf.pem()).unwrap();
+    std::fs::write(pki.path("consumer-future.key"), leaf_key.serialize_pem()).unwrap();
+    write_crl(
+        &pki,
+        "stale.crl",
+        time::macros::datetime!(2020-02-01 00:00 UTC),
+        &[],
+    );
+    let ssp = Logged::start(
+        &pki,
+        provider.addr,
+        Setup {
+            crl: "certs/stale.crl",
+            ..Setup::default()
+        },
+    )
+    .await;
+    let url = format!("https://127.0.0.1:{}/", ssp.served.addr.port());
+    for (stem, misleading) in [
+        ("consumer-future", "certificate expired"),
+        ("consumer", "unknown ca"),
+    ] {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--tlsv1.3", "--max-time", "10", "--cacert"])
+            .arg(pki.path("ca.crt"))
+            .arg("--cert")
+            .arg(pki.path(&format!("{stem}.crt")))
+            .arg("--key")
+            .arg(pki.path(&format!("{stem}.key")))
+            .arg(&url)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_ascii_lowercase();
+        assert!(!out.status.success());
+        assert!(stderr.contains("certificate unknown"), "{stem}: {stderr}");
+        assert!(!stderr.contains(misleading), "{stem}: {stderr}");
+    }
+    // The client may see the alert before the proxy has counted the failure: wait for the count.
+    let deadline = Instant::now() + STEP;
+    loop {
+        let metrics = ssp.metrics().await;
+        let counted = metrics
+            .contains("ssp_tls_handshake_failures_total{reason=\"certificate_not_yet_valid\"} 1")
+            && metrics.contains("ssp_tls_handshake_failures_total{reason=\"crl_expired\"} 1");
+        if counted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
