@@ -694,3 +694,21 @@ async fn serve_does_not_start_without_its_audit_log() {
     }
     assert!(!sent.contains("READY=1"), "{sent}");
 }
+
+/// The unit's `Documentation=` names a file that README's install steps put there.
+#[test]
+fn the_units_documentation_is_installed_by_the_readme_steps() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("systemd/ssp.service")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let documentation = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("Documentation=file://"))
+        .expect("Documentation=file://...");
+    assert!(
+        readme
+            .lines()
+            .any(|l| l.starts_with("sudo install ") && l.contains(&format!(" {documentation}"))),
+        "no install step puts {documentation} in place"
+    );
+}

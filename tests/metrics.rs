@@ -34,6 +34,13 @@ async fn admin_get(addr: SocketAddr, path: &str) -> (StatusCode, String) {
         .unwrap();
     let response = sender.send_request(req).await.unwrap();
     let status = response.status();
+    if path == "/metrics" {
+        // Prometheus' text format names its version (exposition formats, text format 0.0.4).
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+    }
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8(body.to_vec()).unwrap())
 }
