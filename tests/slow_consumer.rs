@@ -86,13 +86,14 @@ async fn response_record(pki: &Pki, trace_id: &str) -> serde_json::Value {
     }
 }
 
-/// Three consumers that stop reading an endless answer (two over HTTP/1.1 after 1 KiB, one over HTTP/2 that never
-/// reads its stream) hold every provider connection the limit allows (3). Each is cut after
+/// Four consumers that stop reading an endless answer (two over HTTP/1.1 after 1 KiB, one over HTTP/2 that never
+/// reads its stream, one over HTTP/2 whose stream window is zero from the start) hold every provider connection the
+/// limit allows (4). Each is cut after
 /// `body_idle_timeout` (2 s): recorded `timeout`, counted as a send timeout and not as a provider error, its
 /// provider connection closed (the provider sees its stream break); then the next consumer is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection() {
-    let (pki, provider, served, admin) = start("per_provider_connections = 3", "2s").await;
+    let (pki, provider, served, admin) = start("per_provider_connections = 4", "2s").await;
     let url = endpoint_url(provider.addr);
 
     // HTTP/1.1, by hand: the request, 1 KiB of the answer, then nothing more is read.
@@ -123,15 +124,35 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
+    // HTTP/2 with a zero initial stream window: the head arrives, no body byte ever may.
+    let tls = Consumer::new(&pki, Some("consumer"), served.addr, true)
+        .tls_h2()
+        .await;
+    let (mut zero, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = get(&url, "/infinite", &trace(5));
+    *req.uri_mut() = format!("https://ssp.dev.localhost{}", req.uri())
+        .parse()
+        .unwrap();
+    req.headers_mut().remove("host");
+    let zero_window = within("the zero-window head", zero.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(zero_window.status(), StatusCode::OK);
 
-    for n in 1..=3 {
+    for n in [1, 2, 3, 5] {
         let record = response_record(&pki, &trace(n)).await;
         assert_eq!(record["outcome"], "timeout", "consumer {n}");
         assert_eq!(record["status"], 200, "consumer {n}");
     }
     // Every provider stream broke: the proxy closed each provider connection.
     let deadline = std::time::Instant::now() + STEP;
-    while provider.state.broken.load(Ordering::SeqCst) < 3 {
+    while provider.state.broken.load(Ordering::SeqCst) < 4 {
         assert!(
             std::time::Instant::now() < deadline,
             "provider streams still open"
@@ -140,7 +161,7 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
     }
     assert_eq!(
         metric(admin, "ssp_connections_cut_total{reason=\"send_timeout\"}").await,
-        3
+        4
     );
     assert_eq!(
         metric(admin, "ssp_upstream_errors_total{kind=\"timeout\"}").await,
@@ -154,7 +175,7 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
     .await
     .unwrap();
     assert_eq!(answer.status, StatusCode::OK);
-    drop((held, response));
+    drop((held, response, zero_window));
 }
 
 /// An HTTP/2 consumer that cancels every stream right after opening it (each cancel closes the provider connection

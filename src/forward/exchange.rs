@@ -281,6 +281,11 @@ impl<B: Body> Streamed<B> {
         // An empty body (204, `Content-Length: 0`) is never polled: it is complete as it stands.
         if direction == Direction::Response && inner.is_end_stream() {
             exchange.finish(Outcome::Ok);
+        } else if direction == Direction::Response {
+            // Until the consumer's side first asks for a frame, the wait is the consumer's: an HTTP/2 stream
+            // opened with a zero window is never asked at all.
+            let since = exchange.started.elapsed().as_micros() as u64 + 1;
+            exchange.awaiting_consumer.store(since, Ordering::Release);
         }
         if direction == Direction::Request && inner.is_end_stream() {
             exchange.mark_request_sent();

@@ -835,6 +835,13 @@ impl Consumer {
         self.connector.connect(name, tcp).await.unwrap()
     }
 
+    /// A raw TLS connection offering ALPN `h2` only, for tests that set up their own HTTP/2 client.
+    pub async fn tls_h2(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tls = self.tls().await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        tls
+    }
+
     /// Connects and returns a request sender on one connection.
     pub async fn connect(&self) -> Result<Sender, String> {
         let tcp = TcpStream::connect(self.addr)
