@@ -227,7 +227,7 @@ async fn tls_failures_are_counted_by_reason() {
     assert_eq!(counted(&after), 1.0, "{after:?}");
 }
 
-/// `/healthz` answers while the process runs; `/readyz` is 200 when serving with a writable audit log and 503 when
+/// `/healthz` answers while the process runs; `/readyz` is 200 when serving with a writable audit log and 503 once
 /// the log cannot be written.
 #[tokio::test]
 async fn health_and_readiness() {
@@ -243,10 +243,11 @@ async fn health_and_readiness() {
     );
 
     let broken = World::start_with(Setup {
-        audit_dir: "ssp.toml/audit",
+        extra_audit: "segment_size = \"4KiB\"".into(),
         ..Setup::default()
     })
     .await;
+    broken.break_audit_log().await;
     assert_eq!(admin_get(broken.admin, "/healthz").await.0, StatusCode::OK);
     let (status, text) = admin_get(broken.admin, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);

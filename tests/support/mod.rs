@@ -504,6 +504,8 @@ pub struct Setup {
     pub admin: String,
     /// Serve on the test's runtime instead of on worker threads (for a test that moves tokio's clock).
     pub on_test_runtime: bool,
+    /// More `[audit]` lines (`segment_size = "4KiB"`, ...).
+    pub extra_audit: String,
 }
 
 impl Default for Setup {
@@ -525,6 +527,7 @@ impl Default for Setup {
             crl: "certs/ca.crl",
             admin: "127.0.0.1:0".into(),
             on_test_runtime: false,
+            extra_audit: String::new(),
         }
     }
 }
@@ -584,6 +587,7 @@ listen = "{admin}"
 dir = "{audit_dir}"
 durability = "{durability}"
 instance = "test-instance"
+{extra_audit}
 
 [limits]
 {limits}
@@ -594,6 +598,7 @@ instance = "test-instance"
         crl = setup.crl,
         limits = setup.limits,
         audit_dir = setup.audit_dir,
+        extra_audit = setup.extra_audit,
         durability = setup.durability,
         jwt_mode = setup.jwt_mode,
         tls = setup.tls_versions,
@@ -780,6 +785,32 @@ impl World {
         within(tail, self.consumer("consumer").send(req))
             .await
             .unwrap()
+    }
+
+    /// Makes the running audit log fail, as a disk that goes bad does: the folder is moved away and a regular file
+    /// put in its place, and requests are sent until the log's next segment cannot be made (start the world with a
+    /// small `audit.segment_size`) and a request is refused with 503. Returns the requests the provider had seen
+    /// by then.
+    pub async fn break_audit_log(&self) -> usize {
+        let dir = self.audit_dir();
+        std::fs::rename(&dir, dir.with_extension("moved")).unwrap();
+        std::fs::write(&dir, "not a folder").unwrap();
+        for _ in 0..100 {
+            let req = ssp_request(
+                Method::GET,
+                &format!("/{}/fhir/metadata", self.url),
+                METADATA,
+            )
+            .body(empty())
+            .unwrap();
+            let answer = within("a request", self.consumer("consumer").fetch(req))
+                .await
+                .unwrap();
+            if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+                return self.provider.seen().len();
+            }
+        }
+        panic!("the audit log never failed");
     }
 
     /// A consumer presenting the PKI's certificate `stem` (e.g. `consumer`).
