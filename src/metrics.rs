@@ -388,15 +388,13 @@ pub(crate) fn tls_failure_reason(error: &std::io::Error) -> &'static str {
         return "io";
     };
     match tls {
-        Error::InvalidCertificate(CertificateError::Other(other))
-            if other.0.is::<crate::tls::NotYetValid>() =>
-        {
-            "certificate_not_yet_valid"
-        }
-        Error::InvalidCertificate(CertificateError::Other(other))
-            if other.0.is::<crate::tls::StaleCrl>() =>
-        {
-            "crl_expired"
+        Error::InvalidCertificate(CertificateError::Other(other)) => {
+            use crate::tls::UnknownToConsumer;
+            match other.0.downcast_ref::<UnknownToConsumer>() {
+                Some(UnknownToConsumer::NotYetValid) => "certificate_not_yet_valid",
+                Some(UnknownToConsumer::StaleCrl) => "crl_expired",
+                None => "certificate_invalid",
+            }
         }
         Error::NoCertificatesPresented => "no_certificate",
         Error::InvalidCertificate(CertificateError::Revoked) => "certificate_revoked",

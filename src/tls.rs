@@ -454,34 +454,34 @@ pub(crate) fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
 /// rather than the alerts rustls chooses (RFC 8446 section 6.2): a certificate that is not valid yet would be
 /// `certificate_expired`, and one whose revocation status rests on a CRL past its nextUpdate `unknown_ca` (as
 /// OpenSSL does). Both send a consumer's support staff after the wrong cause; the proxy's log and
-/// `ssp_tls_handshake_failures_total` name the real one ([`NotYetValid`], [`StaleCrl`]).
+/// `ssp_tls_handshake_failures_total` name the real one ([`UnknownToConsumer`]).
 #[derive(Debug)]
 struct PlainAlerts(Arc<dyn rustls::server::danger::ClientCertVerifier>);
 
-/// A client certificate whose notBefore is still to come.
-#[derive(Debug)]
-pub(crate) struct NotYetValid;
+/// The client certificate refusals [`PlainAlerts`] sends as `certificate_unknown`, kept as the error's cause so
+/// that the log and the metrics name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnknownToConsumer {
+    /// The certificate's notBefore is still to come.
+    NotYetValid,
+    /// Its revocation status rests on a CRL past its nextUpdate (`server.crl_expired = "refuse"`).
+    StaleCrl,
+}
 
-impl std::fmt::Display for NotYetValid {
+impl std::fmt::Display for UnknownToConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("client certificate not valid yet (its notBefore is in the future)")
+        f.write_str(match self {
+            UnknownToConsumer::NotYetValid => {
+                "client certificate not valid yet (its notBefore is in the future)"
+            }
+            UnknownToConsumer::StaleCrl => {
+                "revocation status unknown: the CRL is past its nextUpdate"
+            }
+        })
     }
 }
 
-impl std::error::Error for NotYetValid {}
-
-/// A client certificate whose revocation status rests on a CRL past its nextUpdate (`server.crl_expired =
-/// "refuse"`).
-#[derive(Debug)]
-pub(crate) struct StaleCrl;
-
-impl std::fmt::Display for StaleCrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("revocation status unknown: the CRL is past its nextUpdate")
-    }
-}
-
-impl std::error::Error for StaleCrl {}
+impl std::error::Error for UnknownToConsumer {}
 
 impl rustls::server::danger::ClientCertVerifier for PlainAlerts {
     fn offer_client_auth(&self) -> bool {
@@ -511,10 +511,10 @@ impl rustls::server::danger::ClientCertVerifier for PlainAlerts {
             .map_err(|e| match e {
                 rustls::Error::InvalidCertificate(
                     E::NotValidYet | E::NotValidYetContext { .. },
-                ) => other(Arc::new(NotYetValid)),
+                ) => other(Arc::new(UnknownToConsumer::NotYetValid)),
                 rustls::Error::InvalidCertificate(
                     E::ExpiredRevocationList | E::ExpiredRevocationListContext { .. },
-                ) => other(Arc::new(StaleCrl)),
+                ) => other(Arc::new(UnknownToConsumer::StaleCrl)),
                 e => e,
             })
     }

@@ -93,15 +93,7 @@ impl Logged {
     }
 
     async fn metrics(&self) -> String {
-        let mut tcp = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut text = String::new();
-        within("metrics", tcp.read_to_string(&mut text))
-            .await
-            .unwrap();
-        text
+        metrics_text(self.admin).await
     }
 }
 

@@ -8,7 +8,6 @@
 mod support;
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
@@ -46,84 +45,62 @@ impl Proxied {
 
     /// The response record of `trace_id`, once written.
     async fn response_record(&self, trace_id: &str) -> serde_json::Value {
-        let dir = self.pki.dir.path().join("data/audit");
-        let deadline = std::time::Instant::now() + STEP;
-        loop {
-            let found = audit_records(&dir, 0)
-                .await
-                .into_iter()
-                .find(|r| r["trace_id"] == trace_id && r["kind"] == "response");
-            if let Some(record) = found {
-                return record;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no response record for {trace_id}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        response_record(&self.pki.dir.path().join("data/audit"), trace_id).await
     }
 
     /// One sample of a counter from `/metrics` (0 when absent).
     async fn metric(&self, series: &str) -> u64 {
-        let mut tcp = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut text = String::new();
-        tcp.read_to_string(&mut text).await.unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+        metric_value(self.admin, series).await
     }
 }
 
-fn trace(n: u32) -> String {
-    format!("00000000-0000-4000-8000-{n:012}")
+/// A request written by hand on its own TLS connection: `method` and `tail` under the endpoint, `version` on the
+/// request line, the `Ssp-*` fields and a valid token, `Host` only when given, then `extra` lines (each ending in
+/// CRLF), the blank line and `body`.
+struct Raw<'a> {
+    method: &'a str,
+    tail: &'a str,
+    version: &'a str,
+    host: Option<&'a str>,
+    extra: &'a str,
+    body: &'a [u8],
 }
 
-/// A GET of `tail` under the endpoint with its own trace id.
-fn get(url: &str, tail: &str, trace_id: &str) -> http::Request<TestBody> {
-    let mut r = ssp_request(Method::GET, &format!("/{url}{tail}"), METADATA)
-        .body(empty())
-        .unwrap();
-    r.headers_mut()
-        .insert("ssp-traceid", trace_id.parse().unwrap());
-    r
-}
-
-/// The request line and header block of a GET or POST of `tail`, as a consumer would write them by hand:
-/// `version` on the request line, the `Ssp-*` fields and a valid token, `Host` only when given, then `extra`
-/// lines (each ending in CRLF) and the blank line.
-fn raw_head(
-    method: &str,
-    url: &str,
-    tail: &str,
-    version: &str,
-    host: Option<&str>,
-    trace_id: &str,
-    extra: &str,
-) -> String {
-    let path = format!("/{url}{tail}");
-    let template = ssp_request(Method::GET, &path, METADATA).body(()).unwrap();
-    let mut head = format!("{method} {path} {version}\r\n");
-    if let Some(host) = host {
-        head.push_str(&format!("Host: {host}\r\n"));
-    }
-    for (name, value) in template.headers() {
-        if name == "host" {
-            continue;
+impl<'a> Raw<'a> {
+    fn get(tail: &'a str, version: &'a str) -> Self {
+        Raw {
+            method: "GET",
+            tail,
+            version,
+            host: None,
+            extra: "",
+            body: b"",
         }
-        let value = if name == "ssp-traceid" {
-            trace_id
-        } else {
-            value.to_str().unwrap()
-        };
-        head.push_str(&format!("{name}: {value}\r\n"));
     }
-    head.push_str(extra);
-    head.push_str("\r\n");
-    head
+
+    /// Sends it with `trace_id` and reads until the proxy ends the connection (see [`read_to_end`]).
+    async fn send(&self, p: &Proxied, trace_id: &str) -> (Vec<u8>, std::io::Result<()>) {
+        let path = format!("/{}{}", p.url, self.tail);
+        let template = ssp_request(Method::GET, &path, METADATA).body(()).unwrap();
+        let mut head = format!("{} {path} {}\r\n", self.method, self.version);
+        if let Some(host) = self.host {
+            head.push_str(&format!("Host: {host}\r\n"));
+        }
+        for (name, value) in template.headers() {
+            let value = match name.as_str() {
+                "host" => continue,
+                "ssp-traceid" => trace_id,
+                _ => value.to_str().unwrap(),
+            };
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(self.extra);
+        head.push_str("\r\n");
+        let mut tls = p.consumer(false).tls().await;
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.write_all(self.body).await.unwrap();
+        read_to_end(&mut tls).await
+    }
 }
 
 /// Reads until the proxy ends the connection: what arrived, and how it ended (`Ok` for a TLS close_notify,
@@ -160,21 +137,13 @@ fn status_of(answer: &[u8]) -> u16 {
 #[tokio::test]
 async fn a_provider_length_beside_chunked_is_dropped() {
     let pki = Pki::generate();
-    let fault = FaultProvider::start(
-        ssp::demo::provider_tls(
-            &pki.path("provider.crt"),
-            &pki.path("provider.key"),
-            &pki.ca(),
-        )
-        .unwrap(),
-    )
-    .await;
+    let fault = FaultProvider::for_pki(&pki).await;
     let p = Proxied::start(pki, fault.addr).await;
     for (n, h2) in [(1, false), (2, true)] {
-        let id = trace(n);
+        let id = trace_id(n);
         let response = within(
             "answer",
-            p.consumer(h2).send(get(&p.url, "/cl-chunked", &id)),
+            p.consumer(h2).send(traced_get(&p.url, "/cl-chunked", &id)),
         )
         .await
         .unwrap();
@@ -201,22 +170,14 @@ async fn a_provider_length_beside_chunked_is_dropped() {
 #[tokio::test]
 async fn provider_framing_the_consumer_cannot_carry_is_a_502() {
     let pki = Pki::generate();
-    let fault = FaultProvider::start(
-        ssp::demo::provider_tls(
-            &pki.path("provider.crt"),
-            &pki.path("provider.key"),
-            &pki.ca(),
-        )
-        .unwrap(),
-    )
-    .await;
+    let fault = FaultProvider::for_pki(&pki).await;
     let p = Proxied::start(pki, fault.addr).await;
     let mut n = 10;
     for tail in ["/switch", "/status-600", "/gzip-chunked", "/chunked-twice"] {
         for h2 in [false, true] {
             n += 1;
-            let id = trace(n);
-            let answer = within(tail, p.consumer(h2).fetch(get(&p.url, tail, &id)))
+            let id = trace_id(n);
+            let answer = within(tail, p.consumer(h2).fetch(traced_get(&p.url, tail, &id)))
                 .await
                 .unwrap();
             answer.assert_outcome(
@@ -238,24 +199,13 @@ async fn provider_framing_the_consumer_cannot_carry_is_a_502() {
 #[tokio::test]
 async fn a_cut_provider_body_never_looks_complete() {
     let pki = Pki::generate();
-    let fault = FaultProvider::start(
-        ssp::demo::provider_tls(
-            &pki.path("provider.crt"),
-            &pki.path("provider.key"),
-            &pki.ca(),
-        )
-        .unwrap(),
-    )
-    .await;
+    let fault = FaultProvider::for_pki(&pki).await;
     let p = Proxied::start(pki, fault.addr).await;
     let consumer = p.consumer(false);
 
     // HTTP/1.0, complete: the close ends the body, and close_notify says it is the whole of it.
-    let id = trace(21);
-    let mut tls = consumer.tls().await;
-    let head = raw_head("GET", &p.url, "/cl-chunked", "HTTP/1.0", None, &id, "");
-    tls.write_all(head.as_bytes()).await.unwrap();
-    let (answer, ended) = read_to_end(&mut tls).await;
+    let id = trace_id(21);
+    let (answer, ended) = Raw::get("/cl-chunked", "HTTP/1.0").send(&p, &id).await;
     assert_eq!(status_of(&answer), 200);
     assert!(
         answer.ends_with(b"\r\n\r\nhello"),
@@ -268,21 +218,21 @@ async fn a_cut_provider_body_never_looks_complete() {
     );
 
     // HTTP/1.0, cut: no close_notify.
-    let id = trace(22);
-    let mut tls = consumer.tls().await;
-    let head = raw_head("GET", &p.url, "/http10-cut", "HTTP/1.0", None, &id, "");
-    tls.write_all(head.as_bytes()).await.unwrap();
-    let (answer, ended) = read_to_end(&mut tls).await;
+    let id = trace_id(22);
+    let (answer, ended) = Raw::get("/http10-cut", "HTTP/1.0").send(&p, &id).await;
     assert_eq!(status_of(&answer), 200);
     let err = ended.expect_err("a cut body must not end with close_notify");
     assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
     assert_eq!(p.response_record(&id).await["outcome"], "upstream_error");
 
     // HTTP/1.1 consumer of the same HTTP/1.0 provider: answered as HTTP/1.1, chunked; the body fails.
-    let id = trace(23);
-    let response = within("answer", consumer.send(get(&p.url, "/http10-cut", &id)))
-        .await
-        .unwrap();
+    let id = trace_id(23);
+    let response = within(
+        "answer",
+        consumer.send(traced_get(&p.url, "/http10-cut", &id)),
+    )
+    .await
+    .unwrap();
     assert_eq!(response.version(), http::Version::HTTP_11);
     assert_eq!(response.headers()["transfer-encoding"], "chunked");
     let read = within("body", response.into_body().collect()).await;
@@ -295,38 +245,24 @@ async fn a_cut_provider_body_never_looks_complete() {
 #[tokio::test]
 async fn request_transfer_codings_other_than_chunked_are_refused() {
     let pki = Pki::generate();
-    let fault = FaultProvider::start(
-        ssp::demo::provider_tls(
-            &pki.path("provider.crt"),
-            &pki.path("provider.key"),
-            &pki.ca(),
-        )
-        .unwrap(),
-    )
-    .await;
+    let fault = FaultProvider::for_pki(&pki).await;
     let p = Proxied::start(pki, fault.addr).await;
-    let consumer = p.consumer(false);
     let cases = [
         ("gzip, chunked", 501, "TRANSFER_CODING_NOT_IMPLEMENTED"),
         ("foo, chunked", 501, "TRANSFER_CODING_NOT_IMPLEMENTED"),
         ("chunked, chunked", 400, "INVALID_TRANSFER_ENCODING"),
     ];
     for (n, (coding, status, text)) in (31..).zip(cases) {
-        let id = trace(n);
-        let mut tls = consumer.tls().await;
+        let id = trace_id(n);
         let extra = format!("Transfer-Encoding: {coding}\r\nConnection: close\r\n");
-        let head = raw_head(
-            "POST",
-            &p.url,
-            "/upload",
-            "HTTP/1.1",
-            Some("ssp"),
-            &id,
-            &extra,
-        );
-        tls.write_all(head.as_bytes()).await.unwrap();
-        tls.write_all(b"5\r\nhello\r\n0\r\n\r\n").await.unwrap();
-        let (answer, _) = read_to_end(&mut tls).await;
+        let raw = Raw {
+            method: "POST",
+            host: Some("ssp"),
+            extra: &extra,
+            body: b"5\r\nhello\r\n0\r\n\r\n",
+            ..Raw::get("/upload", "HTTP/1.1")
+        };
+        let (answer, _) = raw.send(&p, &id).await;
         assert_eq!(status_of(&answer), status, "{coding}");
         assert!(
             String::from_utf8_lossy(&answer).contains(text),
@@ -347,7 +283,6 @@ async fn host_is_required_once_and_well_formed() {
     let pki = Pki::generate();
     let provider = Provider::start(&pki).await;
     let p = Proxied::start(pki, provider.addr).await;
-    let consumer = p.consumer(false);
     let cases: [(&str, Option<&str>, &str, u16); 6] = [
         ("HTTP/1.1", None, "", 400),
         ("HTTP/1.1", Some("ssp"), "Host: ssp\r\n", 400),
@@ -357,12 +292,14 @@ async fn host_is_required_once_and_well_formed() {
         ("HTTP/1.0", None, "", 200),
     ];
     for (n, (version, host, extra, status)) in (41..).zip(cases) {
-        let id = trace(n);
-        let mut tls = consumer.tls().await;
+        let id = trace_id(n);
         let extra = format!("{extra}Connection: close\r\n");
-        let head = raw_head("GET", &p.url, "/metadata", version, host, &id, &extra);
-        tls.write_all(head.as_bytes()).await.unwrap();
-        let (answer, _) = read_to_end(&mut tls).await;
+        let raw = Raw {
+            host,
+            extra: &extra,
+            ..Raw::get("/metadata", version)
+        };
+        let (answer, _) = raw.send(&p, &id).await;
         let case = format!("{version} host {host:?} extra {extra:?}");
         assert_eq!(status_of(&answer), status, "{case}");
         if status == 400 {
@@ -387,7 +324,6 @@ async fn a_malformed_chunked_request_body_is_a_400() {
     let pki = Pki::generate();
     let provider = Provider::start(&pki).await;
     let p = Proxied::start(pki, provider.addr).await;
-    let consumer = p.consumer(false);
     let long_extension = format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(20_000));
     let bodies: [(&str, &[u8]); 4] = [
         ("0x5 size", b"0x5\r\nhello\r\n0\r\n\r\n"),
@@ -396,22 +332,16 @@ async fn a_malformed_chunked_request_body_is_a_400() {
         ("20 KB extension", long_extension.as_bytes()),
     ];
     for (n, (case, body)) in (51..).zip(bodies) {
-        let id = trace(n);
-        let mut tls = consumer.tls().await;
-        let extra = "Transfer-Encoding: chunked\r\n";
-        let head = raw_head(
-            "POST",
-            &p.url,
-            "/upload",
-            "HTTP/1.1",
-            Some("ssp"),
-            &id,
-            extra,
-        );
-        tls.write_all(head.as_bytes()).await.unwrap();
-        tls.write_all(body).await.unwrap();
+        let id = trace_id(n);
+        let raw = Raw {
+            method: "POST",
+            host: Some("ssp"),
+            extra: "Transfer-Encoding: chunked\r\n",
+            body,
+            ..Raw::get("/upload", "HTTP/1.1")
+        };
         // The proxy answers and closes, without waiting for more of the body.
-        let (answer, _) = read_to_end(&mut tls).await;
+        let (answer, _) = raw.send(&p, &id).await;
         let text = String::from_utf8_lossy(&answer);
         assert_eq!(status_of(&answer), 400, "{case}: {text}");
         assert!(text.contains("MALFORMED_REQUEST_BODY"), "{case}: {text}");

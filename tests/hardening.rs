@@ -593,23 +593,9 @@ struct Faults {
 /// certificate no configured CA signed, and a name the raw provider's certificate does not carry.
 async fn faults() -> Faults {
     let pki = Pki::generate();
-    let good = ssp::demo::provider_tls(
-        &pki.path("provider.crt"),
-        &pki.path("provider.key"),
-        &pki.ca(),
-    )
-    .unwrap();
-    let raw = FaultProvider::start(good).await;
+    let raw = FaultProvider::for_pki(&pki).await;
     let stranger = Pki::generate();
-    let untrusted = FaultProvider::start(
-        ssp::demo::provider_tls(
-            &stranger.path("provider.crt"),
-            &stranger.path("provider.key"),
-            &stranger.ca(),
-        )
-        .unwrap(),
-    )
-    .await;
+    let untrusted = FaultProvider::for_pki(&stranger).await;
     let (rp, up) = (raw.addr.port(), untrusted.addr.port());
     let w = World::start_in(
         pki,

@@ -10,7 +10,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -40,52 +40,6 @@ async fn start(
     (pki, provider, served, admin)
 }
 
-fn trace(n: u32) -> String {
-    format!("00000000-0000-4000-8000-{n:012}")
-}
-
-fn get(url: &str, tail: &str, trace_id: &str) -> http::Request<TestBody> {
-    let mut r = ssp_request(Method::GET, &format!("/{url}{tail}"), METADATA)
-        .body(empty())
-        .unwrap();
-    r.headers_mut()
-        .insert("ssp-traceid", trace_id.parse().unwrap());
-    r
-}
-
-/// One sample of a counter from `/metrics` (0 when absent).
-async fn metric(admin: std::net::SocketAddr, series: &str) -> u64 {
-    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-}
-
-/// The response record of `trace_id`, once written.
-async fn response_record(pki: &Pki, trace_id: &str) -> serde_json::Value {
-    let dir = pki.dir.path().join("data/audit");
-    let deadline = std::time::Instant::now() + STEP;
-    loop {
-        let found = audit_records(&dir, 0)
-            .await
-            .into_iter()
-            .find(|r| r["trace_id"] == trace_id && r["kind"] == "response");
-        if let Some(record) = found {
-            return record;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no response record for {trace_id}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Four consumers that stop reading an endless answer (two over HTTP/1.1 after 1 KiB, one over HTTP/2 that never
 /// reads its stream, one over HTTP/2 whose stream window is zero from the start) hold every provider connection the
 /// limit allows (4). Each is cut after
@@ -101,7 +55,7 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
     let mut held = Vec::new();
     for n in [1, 2] {
         let mut tls = h1.tls().await;
-        let req = get(&url, "/infinite", &trace(n));
+        let req = traced_get(&url, "/infinite", &trace_id(n));
         let mut head = format!("GET {} HTTP/1.1\r\n", req.uri());
         for (name, value) in req.headers() {
             head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
@@ -120,9 +74,12 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
         .connect()
         .await
         .unwrap();
-    let response = within("the h2 head", h2.send(get(&url, "/infinite", &trace(3))))
-        .await
-        .unwrap();
+    let response = within(
+        "the h2 head",
+        h2.send(traced_get(&url, "/infinite", &trace_id(3))),
+    )
+    .await
+    .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     // HTTP/2 with a zero initial stream window: the head arrives, no body byte ever may.
     let tls = Consumer::new(&pki, Some("consumer"), served.addr, true)
@@ -135,7 +92,7 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
             .await
             .unwrap();
     tokio::spawn(conn);
-    let mut req = get(&url, "/infinite", &trace(5));
+    let mut req = traced_get(&url, "/infinite", &trace_id(5));
     *req.uri_mut() = format!("https://ssp.dev.localhost{}", req.uri())
         .parse()
         .unwrap();
@@ -146,7 +103,7 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
     assert_eq!(zero_window.status(), StatusCode::OK);
 
     for n in [1, 2, 3, 5] {
-        let record = response_record(&pki, &trace(n)).await;
+        let record = response_record(&pki.dir.path().join("data/audit"), &trace_id(n)).await;
         assert_eq!(record["outcome"], "timeout", "consumer {n}");
         assert_eq!(record["status"], 200, "consumer {n}");
     }
@@ -160,17 +117,17 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        metric(admin, "ssp_connections_cut_total{reason=\"send_timeout\"}").await,
+        metric_value(admin, "ssp_connections_cut_total{reason=\"send_timeout\"}").await,
         4
     );
     assert_eq!(
-        metric(admin, "ssp_upstream_errors_total{kind=\"timeout\"}").await,
+        metric_value(admin, "ssp_upstream_errors_total{kind=\"timeout\"}").await,
         0
     );
     // The limit's connections are free again: another consumer is served at once.
     let answer = within(
         "a request after the cuts",
-        h1.fetch(get(&url, "/metadata", &trace(4))),
+        h1.fetch(traced_get(&url, "/metadata", &trace_id(4))),
     )
     .await
     .unwrap();
@@ -193,7 +150,7 @@ async fn premature_http2_resets_are_bounded_per_connection() {
     let mut refused_at = None;
     for n in 0..40u32 {
         let before = provider.state.connections.load(Ordering::SeqCst);
-        let send = h2.send(get(&url, "/silent", &trace(100 + n)));
+        let send = h2.send(traced_get(&url, "/silent", &trace_id(100 + n)));
         tokio::pin!(send);
         // Cancel once the request has reached the provider (a new provider connection was opened for it).
         let reached = tokio::time::timeout(Duration::from_secs(5), async {
@@ -229,7 +186,7 @@ async fn premature_http2_resets_are_bounded_per_connection() {
     );
     assert!(provider.state.connections.load(Ordering::SeqCst) <= 13);
     assert_eq!(
-        metric(
+        metric_value(
             admin,
             "ssp_connections_cut_total{reason=\"premature_resets\"}"
         )
@@ -237,6 +194,6 @@ async fn premature_http2_resets_are_bounded_per_connection() {
         1
     );
     // Each cancelled exchange has its pair of records, `client_closed`.
-    let record = response_record(&pki, &trace(100)).await;
+    let record = response_record(&pki.dir.path().join("data/audit"), &trace_id(100)).await;
     assert_eq!(record["outcome"], "client_closed");
 }

@@ -299,6 +299,19 @@ pub struct FaultProvider {
 }
 
 impl FaultProvider {
+    /// A fault provider with the PKI's provider certificate (the registered name `provider.dev.localhost`).
+    pub async fn for_pki(pki: &Pki) -> Self {
+        Self::start(
+            ssp::demo::provider_tls(
+                &pki.path("provider.crt"),
+                &pki.path("provider.key"),
+                &pki.ca(),
+            )
+            .unwrap(),
+        )
+        .await
+    }
+
     pub async fn start(tls: Arc<rustls::ServerConfig>) -> Self {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1046,6 +1059,21 @@ pub fn ssp_request(method: Method, path: &str, interaction: &str) -> http::reque
         )
 }
 
+/// The `n`th trace id of a test: a GUID whose last group is `n`.
+pub fn trace_id(n: u32) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+/// A GET of `tail` under the endpoint `url` for the metadata interaction, with its own trace id.
+pub fn traced_get(url: &str, tail: &str, trace_id: &str) -> Request<TestBody> {
+    let mut r = ssp_request(Method::GET, &format!("/{url}{tail}"), METADATA)
+        .body(empty())
+        .unwrap();
+    r.headers_mut()
+        .insert("ssp-traceid", trace_id.parse().unwrap());
+    r
+}
+
 pub fn empty() -> TestBody {
     Empty::new().map_err(|e: Infallible| match e {}).boxed()
 }
@@ -1099,6 +1127,48 @@ pub async fn audit_records(dir: &Path, n: usize) -> Vec<serde_json::Value> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The `response` record of `trace_id` in the audit log in `dir`, once written (bounded by [`STEP`]).
+pub async fn response_record(dir: &Path, trace_id: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        let found = audit_records(dir, 0)
+            .await
+            .into_iter()
+            .find(|r| r["trace_id"] == trace_id && r["kind"] == "response");
+        if let Some(record) = found {
+            return record;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no response record for {trace_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The admin listener's whole `/metrics` answer (status line and headers included), over a raw connection.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(admin).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    within("metrics", tcp.read_to_string(&mut text))
+        .await
+        .unwrap();
+    text
+}
+
+/// One sample of a counter or gauge (`name{labels}`) from the admin listener's `/metrics`; 0 when absent.
+pub async fn metric_value(admin: SocketAddr, series: &str) -> u64 {
+    metrics_text(admin)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
 }
 
 /// Sends a signal (`TERM`, `INT`) to a child process through the shell's `kill` builtin.
