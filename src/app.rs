@@ -215,7 +215,29 @@ fn writable_dir(dir: &Path) -> Result<(), String> {
         .create_new(true)
         .open(&probe)
         .map_err(|e| format!("cannot write in it: {e}"))?;
-    std::fs::remove_file(&probe).map_err(|e| format!("cannot remove a file in it: {e}"))
+    std::fs::remove_file(&probe).map_err(|e| format!("cannot remove a file in it: {e}"))?;
+    files_writable(dir, 2)
+}
+
+/// Every regular file under `dir` (to `depth` folders down, at most 10,000 entries) opens for reading and writing
+/// without being changed: a segment or store file left by a run as another user (root) would stop the service.
+fn files_writable(dir: &Path, depth: u32) -> Result<(), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot list it: {e}"))?;
+    for entry in entries.take(10_000).flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(kind) if kind.is_file() => {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| format!("{} cannot be opened for writing: {e}", path.display()))?;
+            }
+            Ok(kind) if kind.is_dir() && depth > 0 => files_writable(&path, depth - 1)?,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A certificate file the config names.
@@ -363,7 +385,25 @@ impl Instance {
     }
 }
 
-/// Builds the pipeline (metrics, audit writer, upstream client) and binds the consumer and admin listeners.
+/// The transaction log could not be opened at start: a problem of the state folder `audit.dir` (its owner or
+/// mode, a file in it left by another user, a full disk), which `ssp serve` reports with exit 64 like a bad config.
+#[derive(Debug)]
+pub struct AuditUnopenable(pub PathBuf);
+
+impl std::fmt::Display for AuditUnopenable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "audit.dir: {}: cannot open the transaction log (the reason is logged above)",
+            self.0.display()
+        )
+    }
+}
+
+impl std::error::Error for AuditUnopenable {}
+
+/// Builds the pipeline (metrics, audit writer, upstream client) and binds the consumer and admin listeners. Fails
+/// on a listener's socket, or with [`AuditUnopenable`] inside the `io::Error`.
 pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Instance> {
     let metrics = Arc::new(Metrics::new().map_err(std::io::Error::other)?);
     metrics
@@ -389,9 +429,8 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
     // A log that cannot be opened at start is a start failure, before systemd hears READY=1; one that fails
     // later turns the proxy away with 503 AUDIT_UNAVAILABLE until it recovers.
     if !audit.healthy() {
-        return Err(std::io::Error::other(format!(
-            "audit.dir: {}: cannot open the audit log (the reason is logged above)",
-            config.audit.dir.display()
+        return Err(std::io::Error::other(AuditUnopenable(
+            config.audit.dir.clone(),
         )));
     }
     let tls = Arc::new(tls::Reloadable::new(

@@ -234,10 +234,10 @@ async fn check_config_exit_codes() {
     assert_eq!(code, 64);
     assert!(
         err.lines()
-            .any(|l| l.starts_with("upstream.key:") && l.contains("missing.key")),
+            .any(|l| l.contains(": upstream.key: ") && l.contains("missing.key")),
         "{err}"
     );
-    assert!(err.lines().any(|l| l.starts_with("server.crl:")), "{err}");
+    assert!(err.lines().any(|l| l.contains(": server.crl: ")), "{err}");
 
     std::fs::write(&config, &text).unwrap();
     std::fs::write(
@@ -528,7 +528,10 @@ async fn check_config_reports_every_problem_in_one_run() {
             "line {}: server.handshake_timeout",
             line_of(&broken, "handshake_timeout")
         ),
-        "upstream.cert".to_owned(),
+        format!(
+            "line {}: upstream.cert: ",
+            line_of(&broken, "cert = \"certs/missing.crt\"")
+        ),
         "missing.crt".to_owned(),
         "colour".to_owned(),
     ];
@@ -570,7 +573,7 @@ async fn check_config_reports_every_problem_in_one_run() {
     let (code, _, err) = ssp(&["check-config", "--config", &config_arg]);
     assert_eq!(code, 64, "{mixed}\n{err}");
     assert!(
-        err.lines().any(|l| l.starts_with("server.key ")
+        err.lines().any(|l| l.contains(": server.key ")
             && l.contains("proxy-client.key is not the private key of server.cert")
             && l.contains("proxy-server.crt")),
         "{err}"
@@ -587,9 +590,50 @@ async fn check_config_reports_every_problem_in_one_run() {
     );
 }
 
-/// `check-config`, run as the service's user, finds the state folders it cannot create or write (`audit.dir`
-/// in a folder it may not write, `policy.store` under one it may not create in), and names the key, the path and
-/// the OS error; as root the test runs it as `nobody`, as systemd's `User=` would.
+/// Makes everything under `root` readable (and its folders searchable) by an unprivileged user.
+fn make_readable(root: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut walk = vec![root.to_path_buf()];
+    while let Some(path) = walk.pop() {
+        let mode = if path.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        if path.is_dir() {
+            walk.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+}
+
+fn running_as_root() -> bool {
+    let uid = Command::new("id").arg("-u").output().unwrap().stdout;
+    String::from_utf8_lossy(&uid).trim() == "0"
+}
+
+/// Runs `ssp check-config --config CONFIG` as the service's user would: as `nobody` through `setpriv` when the
+/// test runs as root (as CI does, and as systemd's `User=` would), else as the test's own user. Returns the exit
+/// code and stderr.
+fn check_config_as_service_user(config: &str) -> (Option<i32>, String) {
+    let mut command = if running_as_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(ssp_bin());
+        c
+    } else {
+        Command::new(ssp_bin())
+    };
+    let out = command
+        .args(["check-config", "--config", config])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `check-config`, run as the service's user, finds the state folders it cannot create or write: `audit.dir` in a
+/// folder it may not write, `policy.store` under one it may not create in, and a segment left in a writable
+/// `audit.dir` by a run as another user that it cannot append to; each line names the key, the path and the OS
+/// error.
 #[tokio::test]
 async fn check_config_finds_state_folders_the_service_user_cannot_write() {
     use std::os::unix::fs::PermissionsExt;
@@ -599,66 +643,69 @@ async fn check_config_finds_state_folders_the_service_user_cannot_write() {
     let locked = root.join("locked");
     std::fs::create_dir_all(locked.join("audit")).unwrap();
     let text = std::fs::read_to_string(&config_arg).unwrap();
-    std::fs::write(
-        &config_arg,
-        text.replace("dir = \"data/audit\"", "dir = \"locked/audit\"")
+    let with_state = |audit: &str, store: &str| {
+        text.replace("dir = \"data/audit\"", &format!("dir = \"{audit}\""))
             .replace(
                 "dir = \"policies\"",
-                "dir = \"policies\"\nstore = \"locked/policy\"",
-            ),
-    )
-    .unwrap();
-    let uid = Command::new("id").arg("-u").output().unwrap().stdout;
-    let as_root = String::from_utf8_lossy(&uid).trim() == "0";
-    // Everything readable by the unprivileged user; the locked folders writable by their owner alone.
-    let mut walk = vec![root.to_path_buf()];
-    while let Some(path) = walk.pop() {
-        let mode = if path.is_dir() { 0o755 } else { 0o644 };
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-        if path.is_dir() {
-            walk.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
-        }
-    }
-    if !as_root {
+                &format!("dir = \"policies\"\nstore = \"{store}\""),
+            )
+    };
+    std::fs::write(&config_arg, with_state("locked/audit", "locked/policy")).unwrap();
+    make_readable(root);
+    // As root the folders stay root's (0755), which `nobody` cannot write; otherwise the write bit goes.
+    if !running_as_root() {
         for dir in [&locked, &locked.join("audit")] {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
         }
     }
-    let mut command = if as_root {
-        let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(ssp_bin());
-        c
-    } else {
-        Command::new(ssp_bin())
-    };
-    let out = command
-        .args(["check-config", "--config", &config_arg])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{err}");
-    let audit_dir = locked.join("audit");
+    let (code, err) = check_config_as_service_user(&config_arg);
+    assert_eq!(code, Some(64), "{err}");
     assert!(
-        err.lines().any(|l| l.starts_with(&format!(
-            "audit.dir: {}: cannot write in it: ",
-            audit_dir.display()
+        err.lines().any(|l| l.contains(&format!(
+            ": audit.dir: {}: cannot write in it: ",
+            locked.join("audit").display()
         )) && l.contains("os error 13")),
         "{err}"
     );
     assert!(
-        err.lines().any(|l| l.starts_with(&format!(
-            "policy.store: {}: cannot be created in {}: ",
+        err.lines().any(|l| l.contains(&format!(
+            ": policy.store: {}: cannot be created in {}: ",
             locked.join("policy").display(),
             locked.display()
         )) && l.contains("os error 13")),
         "{err}"
     );
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // A writable audit folder holding a segment the service user cannot append to (left by a run as root).
+    let owned = root.join("owned");
+    std::fs::create_dir_all(owned.join("audit")).unwrap();
+    std::fs::create_dir_all(owned.join("policy")).unwrap();
+    std::fs::write(&config_arg, with_state("owned/audit", "owned/policy")).unwrap();
+    let segment = owned.join("audit/audit-00000001.jsonl");
+    std::fs::write(&segment, "").unwrap();
+    make_readable(root);
+    if running_as_root() {
+        for dir in ["audit", "policy"] {
+            std::os::unix::fs::chown(owned.join(dir), Some(65534), Some(65534)).unwrap();
+        }
+    }
+    std::fs::set_permissions(&segment, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let (code, err) = check_config_as_service_user(&config_arg);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.lines().any(|l| l.contains(&format!(
+            ": audit.dir: {}: {} cannot be opened for writing: ",
+            owned.join("audit").display(),
+            segment.display()
+        )) && l.contains("os error 13")),
+        "{err}"
+    );
+    assert!(!err.contains("policy.store"), "{err}");
 }
 
-/// An audit log that cannot be opened at start stops `ssp serve` before it tells systemd READY=1: it exits
-/// non-zero naming `audit.dir`, and the notification socket holds no READY=1.
+/// An audit log that cannot be opened at start stops `ssp serve` before it tells systemd READY=1: it exits 64
+/// (a state-folder problem, as a bad config) naming `audit.dir`, and the notification socket holds no READY=1.
 #[tokio::test]
 async fn serve_does_not_start_without_its_audit_log() {
     let pki = Pki::generate();
@@ -683,7 +730,7 @@ async fn serve_does_not_start_without_its_audit_log() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("audit.dir"), "{err}");
     // The process has ended: whatever it sent is queued on the socket by now.
     socket.set_nonblocking(true).unwrap();

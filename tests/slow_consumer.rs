@@ -135,65 +135,125 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
     drop((held, response, zero_window));
 }
 
-/// An HTTP/2 consumer that cancels every stream right after opening it (each cancel closes the provider connection
-/// its request was sent on) has its connection closed once it has cancelled more than 10 of them before their
-/// answers (and more than half of its exchanges): the provider sees at most a dozen connections, not one per
-/// cancel, and the cut is counted.
+/// An HTTP/2 consumer that cancels each stream as soon as its request has reached the provider (before the answer)
+/// or as soon as the answer's head arrives (each cancel closes the provider connection the exchange was on) has
+/// its connection closed once it has cancelled more than 10 streams within a second of their start (and more than
+/// half of its exchanges): the provider sees at most a dozen connections per consumer connection, not one per
+/// cancel, and each cut is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn premature_http2_resets_are_bounded_per_connection() {
     let (pki, provider, served, admin) = start("", "10s").await;
     let url = endpoint_url(provider.addr);
-    let mut h2 = Consumer::new(&pki, Some("consumer"), served.addr, true)
-        .connect()
-        .await
-        .unwrap();
-    let mut refused_at = None;
-    for n in 0..40u32 {
-        let before = provider.state.connections.load(Ordering::SeqCst);
-        let send = h2.send(traced_get(&url, "/silent", &trace_id(100 + n)));
-        tokio::pin!(send);
-        // Cancel once the request has reached the provider (a new provider connection was opened for it).
-        let reached = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                tokio::select! {
-                    result = &mut send => return Some(result),
-                    () = tokio::time::sleep(Duration::from_millis(10)) => {
-                        if provider.state.connections.load(Ordering::SeqCst) > before {
-                            return None;
+    for (round, (tail, after_head)) in [("/silent", false), ("/infinite", true)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut h2 = Consumer::new(&pki, Some("consumer"), served.addr, true)
+            .connect()
+            .await
+            .unwrap();
+        let dialled = provider.state.connections.load(Ordering::SeqCst);
+        let first = 100 + 100 * round as u32;
+        let mut refused_at = None;
+        for n in 0..40u32 {
+            let before = provider.state.connections.load(Ordering::SeqCst);
+            let send = h2.send(traced_get(&url, tail, &trace_id(first + n)));
+            tokio::pin!(send);
+            // Cancel once the request has reached the provider (a new provider connection was opened for it),
+            // or once the answer's head has come.
+            let reached = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    tokio::select! {
+                        result = &mut send => return Some(result),
+                        () = tokio::time::sleep(Duration::from_millis(10)), if !after_head => {
+                            if provider.state.connections.load(Ordering::SeqCst) > before {
+                                return None;
+                            }
                         }
                     }
                 }
+            })
+            .await
+            .expect("neither an answer nor the request at the provider");
+            match reached {
+                // The head came: dropping the response resets the stream mid-body.
+                Some(Ok(response)) if after_head => drop(response),
+                // The connection is going away: the proxy stopped taking streams.
+                Some(result) => {
+                    assert!(
+                        result.is_err(),
+                        "{tail}: stream {n} answered: {:?}",
+                        result.map(|r| r.status())
+                    );
+                    refused_at = Some(n);
+                    break;
+                }
+                // Dropping the response future resets the stream (RST_STREAM CANCEL).
+                None => {}
             }
-        })
-        .await
-        .expect("neither an answer nor the request at the provider");
-        if let Some(result) = reached {
-            // The connection is going away: the proxy stopped taking streams.
-            assert!(
-                result.is_err(),
-                "stream {n} answered: {:?}",
-                result.map(|r| r.status())
-            );
-            refused_at = Some(n);
-            break;
         }
-        // Dropping the response future resets the stream (RST_STREAM CANCEL).
+        let refused_at =
+            refused_at.unwrap_or_else(|| panic!("{tail}: the connection was never closed"));
+        assert!(
+            (11..=13).contains(&refused_at),
+            "{tail}: closed after {refused_at} cancelled streams"
+        );
+        let opened = provider.state.connections.load(Ordering::SeqCst) - dialled;
+        assert!(opened <= 13, "{tail}: {opened} provider connections");
+        assert_eq!(
+            metric_value(
+                admin,
+                "ssp_connections_cut_total{reason=\"premature_resets\"}"
+            )
+            .await,
+            round as u64 + 1
+        );
+        // Each cancelled exchange has its pair of records, `client_closed`.
+        let record = response_record(&pki.dir.path().join("data/audit"), &trace_id(first)).await;
+        assert_eq!(record["outcome"], "client_closed", "{tail}");
     }
-    let refused_at = refused_at.expect("the connection was never closed");
-    assert!(
-        (11..=13).contains(&refused_at),
-        "closed after {refused_at} cancelled streams"
-    );
-    assert!(provider.state.connections.load(Ordering::SeqCst) <= 13);
+}
+
+/// A zero stream window on a small answer (a few bytes with `Content-Length`) cannot hold the provider's slots
+/// either: with `per_provider_concurrency = 1`, the stalled HTTP/2 exchange is cut after `body_idle_timeout`,
+/// recorded `timeout`, and the next consumer is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_window_on_a_small_answer_does_not_hold_the_providers_slots() {
+    let (pki, provider, served, admin) = start("per_provider_concurrency = 1", "2s").await;
+    let url = endpoint_url(provider.addr);
+    let tls = Consumer::new(&pki, Some("consumer"), served.addr, true)
+        .tls_h2()
+        .await;
+    let (mut zero, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = traced_get(&url, "/metadata", &trace_id(1));
+    *req.uri_mut() = format!("https://ssp.dev.localhost{}", req.uri())
+        .parse()
+        .unwrap();
+    req.headers_mut().remove("host");
+    let held = within("the zero-window head", zero.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+    assert!(held.headers().contains_key("content-length"));
+    let record = response_record(&pki.dir.path().join("data/audit"), &trace_id(1)).await;
+    assert_eq!(record["outcome"], "timeout");
     assert_eq!(
-        metric_value(
-            admin,
-            "ssp_connections_cut_total{reason=\"premature_resets\"}"
-        )
-        .await,
+        metric_value(admin, "ssp_connections_cut_total{reason=\"send_timeout\"}").await,
         1
     );
-    // Each cancelled exchange has its pair of records, `client_closed`.
-    let record = response_record(&pki.dir.path().join("data/audit"), &trace_id(100)).await;
-    assert_eq!(record["outcome"], "client_closed");
+    let h1 = Consumer::new(&pki, Some("consumer"), served.addr, false);
+    let answer = within(
+        "a request after the cut",
+        h1.fetch(traced_get(&url, "/metadata", &trace_id(2))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    drop(held);
 }

@@ -209,7 +209,7 @@ impl SegmentWriter {
         // Recover from the newest segment backwards until one holds a record.
         let mut last_index = segments.last().map_or(0, |(i, _)| *i);
         while let Some((index, path)) = segments.pop() {
-            let recovered = recover_segment(&path)?;
+            let recovered = recover_segment(&path).map_err(|e| naming(&path, e))?;
             match recovered {
                 Recovered::Empty => {
                     tracing::warn!(segment = %path.display(), "removing an audit segment with no record");
@@ -225,7 +225,10 @@ impl SegmentWriter {
                     self.prev = hash;
                     if !sealed {
                         // The process that wrote it did not stop cleanly: seal it now, saying what was found.
-                        let file = OpenOptions::new().append(true).open(&path)?;
+                        let file = OpenOptions::new()
+                            .append(true)
+                            .open(&path)
+                            .map_err(|e| naming(&path, e))?;
                         let len = file.metadata()?.len();
                         self.segment = Some(Segment {
                             file: Arc::new(file),
@@ -286,6 +289,11 @@ impl SegmentWriter {
             }
         }
     }
+}
+
+/// `e` with the file it is about, for the operational log and the start failure.
+fn naming(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 fn segment_name(index: u64) -> String {

@@ -181,7 +181,8 @@ fn serve(path: &Path) -> u8 {
             Ok(server) => server,
             Err(e) => {
                 eprintln!("{}: {e}", path.display());
-                return exit::INTERNAL;
+                let state = e.get_ref().is_some_and(|e| e.is::<crate::app::AuditUnopenable>());
+                return if state { exit::USAGE } else { exit::INTERNAL };
             }
         };
         let addr = server.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
@@ -208,12 +209,12 @@ fn serve(path: &Path) -> u8 {
 /// Every problem one run can find: the config's own (each bad value, wrong type and unknown key), then, when its
 /// required keys could be read, the files and folders it names (with the defaults in place of refused values).
 fn check_config(path: &Path) -> u8 {
-    let read = Config::load_checked(path);
-    let Some(config) = read.config else {
+    let mut read = Config::load_checked(path);
+    let Some(config) = read.config.take() else {
         let mut problems = read.problems;
         problems.push(format!(
             "{}: skipped: the checks of the certificates, keys, CRLs, policy files and state folders it names, \
-             until the problems above let its required keys be read",
+             because the problems above leave no config to read",
             path.display()
         ));
         return print_problems(&Problems { problems });
@@ -222,7 +223,11 @@ fn check_config(path: &Path) -> u8 {
     for warning in &checked.warnings {
         eprintln!("warning: {warning}");
     }
-    checked.problems.splice(0..0, read.problems);
+    let found = std::mem::take(&mut checked.problems);
+    checked.problems = std::mem::take(&mut read.problems);
+    checked
+        .problems
+        .extend(found.into_iter().filter_map(|p| read.place(path, p)));
     match checked.policy {
         Some(policy) if checked.problems.is_empty() => {
             let (systems, endpoints, agreements) = policy.counts();

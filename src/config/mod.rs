@@ -242,6 +242,8 @@ impl Config {
             Err(e) => Checked {
                 config: None,
                 problems: vec![format!("{}: cannot read: {e}", path.display())],
+                unusable: Vec::new(),
+                lines: Default::default(),
             },
         }
     }
@@ -253,10 +255,14 @@ impl Config {
     /// it names can run too.
     pub(crate) fn check(text: &str, path: &Path) -> Checked {
         let mut problems = Vec::new();
-        let Some(raw) = read_raw(text, path, &mut problems) else {
+        let mut unusable = Vec::new();
+        let lines = validate::KeyLines::new(text);
+        let Some(raw) = read_raw(text, path, &lines, &mut problems, &mut unusable) else {
             return Checked {
                 config: None,
                 problems,
+                unusable,
+                lines: lines.all(),
             };
         };
         let base = path.parent().unwrap_or(Path::new("."));
@@ -264,7 +270,8 @@ impl Config {
             base,
             problems,
             file: path.display().to_string(),
-            lines: validate::KeyLines::new(text),
+            lines,
+            unusable: &unusable,
         };
         let server = v.server(raw.server);
         let upstream = v.upstream(raw.upstream);
@@ -294,7 +301,12 @@ impl Config {
             );
             SocketAddr::from(([127, 0, 0, 1], 9090))
         });
+        let lines = v.lines.all();
+        let problems = v.problems;
         Checked {
+            unusable,
+            lines,
+            problems,
             config: Some(Self {
                 source: path.to_path_buf(),
                 server,
@@ -307,7 +319,6 @@ impl Config {
                 limits,
                 sds,
             }),
-            problems: v.problems,
         }
     }
 }
@@ -318,11 +329,49 @@ impl Config {
 pub(crate) struct Checked {
     pub config: Option<Config>,
     pub problems: Vec<String>,
+    /// Required keys that are missing or were refused: the config holds placeholders for them, and the checks
+    /// of what they name are not run (their problems are already said).
+    pub unusable: Vec<String>,
+    /// The line of every key the file writes (`server.cert` -> 7), to place the problems found in what it names.
+    pub lines: std::collections::BTreeMap<String, usize>,
 }
 
+impl Checked {
+    /// A problem found in what the config names (`server.cert: certs/x.crt: ...`), placed at its key's line
+    /// (`ssp.toml: line 7: server.cert: ...`); `None` for one about an unusable key, already reported.
+    pub(crate) fn place(&self, file: &Path, problem: String) -> Option<String> {
+        let key_end = problem.find([':', ' ']).unwrap_or(problem.len());
+        let key = &problem[..key_end];
+        if self.unusable.iter().any(|k| k == key) {
+            return None;
+        }
+        Some(match self.lines.get(key) {
+            Some(line) => format!("{}: line {line}: {problem}", file.display()),
+            None => problem,
+        })
+    }
+}
+
+/// The keys without which there is no config, and whether each holds a list (of paths) or one path.
+const REQUIRED: [(&str, bool); 6] = [
+    ("server.cert", false),
+    ("server.key", false),
+    ("server.client_ca", true),
+    ("upstream.cert", false),
+    ("upstream.key", false),
+    ("upstream.ca", true),
+];
+
 /// The raw config, with each value of the wrong type and each unknown key reported (with its line) and left out,
-/// at most 64 of them. `None` when the text is not TOML, or a required key is missing or was left out.
-fn read_raw(text: &str, path: &Path, problems: &mut Vec<String>) -> Option<RawConfig> {
+/// at most 64 of them, and each required key that is missing or was left out reported and replaced by a
+/// placeholder (named in `unusable`), so that the rest is still read and checked. `None` when the text is not TOML.
+fn read_raw(
+    text: &str,
+    path: &Path,
+    lines: &validate::KeyLines<'_>,
+    problems: &mut Vec<String>,
+    unusable: &mut Vec<String>,
+) -> Option<RawConfig> {
     use serde::Deserialize;
     let mut table = match toml::de::DeTable::parse(text) {
         Ok(table) => table,
@@ -331,27 +380,53 @@ fn read_raw(text: &str, path: &Path, problems: &mut Vec<String>) -> Option<RawCo
             return None;
         }
     };
-    for left_out in 0..64 {
+    fill_required(table.get_mut(), None, path, lines, problems, unusable);
+    for _ in 0..64 {
         let error = match RawConfig::deserialize(toml::de::Deserializer::from(table.clone())) {
             Ok(raw) => return Some(raw),
             Err(error) => error,
         };
-        // A required key missing is reported unless it was missing because its value was refused above.
-        let missing = error.message().starts_with("missing field");
         let removed = error
             .span()
-            .filter(|_| !missing)
             .and_then(|span| validate::remove_key_at(table.get_mut(), &span));
-        match &removed {
-            Some(key) => problems.push(toml_error_line(path, text, &error, Some(key))),
-            None if missing && left_out > 0 => {}
-            None => problems.push(toml_error_line(path, text, &error, None)),
-        }
-        if removed.is_none() {
-            break;
-        }
+        let problem = toml_error_line(path, text, &error, removed.as_deref());
+        let Some(key) = removed else {
+            problems.push(problem);
+            return None;
+        };
+        problems.push(problem);
+        fill_required(table.get_mut(), Some(&key), path, lines, problems, unusable);
     }
     None
+}
+
+/// Puts a placeholder at each required key `table` lacks (named in `unusable`), and reports it as missing unless
+/// its value, or its table, was the key `refused` just now (already reported).
+fn fill_required(
+    table: &mut toml::de::DeTable<'_>,
+    refused: Option<&str>,
+    path: &Path,
+    lines: &validate::KeyLines<'_>,
+    problems: &mut Vec<String>,
+    unusable: &mut Vec<String>,
+) {
+    for (key, list) in REQUIRED {
+        // Present, or under a key of another type (`server = 5`) whose refusal comes from the deserializer.
+        let parent = key.split('.').next().unwrap_or(key);
+        if validate::has_key(table, key) || validate::is_non_table(table, parent) {
+            continue;
+        }
+        let under_refused = refused
+            .is_some_and(|r| key == r || key.strip_prefix(r).is_some_and(|k| k.starts_with('.')));
+        if !under_refused {
+            problems.push(match lines.line_of(parent) {
+                Some(line) => format!("{}: line {line}: {key}: missing (required)", path.display()),
+                None => format!("{}: {key}: missing (required)", path.display()),
+            });
+        }
+        validate::insert_placeholder(table, key, list);
+        unusable.push(key.to_owned());
+    }
 }
 
 /// Parses `"64KiB"`, `"64MiB"`, `"1GiB"`, `"512B"` into bytes.

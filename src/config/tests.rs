@@ -157,13 +157,65 @@ fn wrong_types_and_unknown_keys_are_all_reported_and_the_rest_is_read() {
     );
     assert!(Config::parse(&text, Path::new("ssp.toml")).is_err());
 
-    // A required key refused: no config, the refusal said once, not again as missing.
+    // A required key refused: said once, not again as missing; the rest is read with a placeholder for it, and
+    // what it names is not checked.
     let text = MINIMAL.replace("cert = \"c.crt\"", "cert = 5");
-    let checked = Config::check(&text, Path::new("ssp.toml"));
-    assert!(checked.config.is_none());
+    let file = Path::new("ssp.toml");
+    let checked = Config::check(&text, file);
     assert_eq!(checked.problems.len(), 1, "{:?}", checked.problems);
     assert!(
         checked.problems[0].contains("server.cert: invalid type"),
+        "{:?}",
+        checked.problems
+    );
+    assert_eq!(checked.unusable, ["server.cert"]);
+    assert_eq!(checked.lines["server.key"], 4);
+    assert_eq!(
+        checked.place(file, "server.cert: : cannot read".into()),
+        None
+    );
+    assert_eq!(
+        checked
+            .place(file, "server.key: c.key: cannot read".into())
+            .as_deref(),
+        Some("ssp.toml: line 4: server.key: c.key: cannot read")
+    );
+    assert_eq!(
+        checked.config.unwrap().upstream.cert,
+        PathBuf::from("u.crt")
+    );
+}
+
+#[test]
+fn every_missing_required_key_is_reported_at_once() {
+    let text = "[server]\nlisten = \"127.0.0.1:1\"\n";
+    let checked = Config::check(text, Path::new("d.toml"));
+    assert_eq!(
+        checked.problems,
+        [
+            "d.toml: line 1: server.cert: missing (required)",
+            "d.toml: line 1: server.key: missing (required)",
+            "d.toml: line 1: server.client_ca: missing (required)",
+            "d.toml: upstream.cert: missing (required)",
+            "d.toml: upstream.key: missing (required)",
+            "d.toml: upstream.ca: missing (required)",
+        ]
+    );
+    assert_eq!(checked.unusable.len(), 6);
+    // The rest of the config was read.
+    assert_eq!(
+        checked.config.unwrap().server.listen,
+        "127.0.0.1:1".parse().unwrap()
+    );
+    // A required table given as another type is refused once, not reported as missing keys.
+    let text = format!(
+        "server = 5\n{}",
+        &MINIMAL[MINIMAL.find("[upstream]").unwrap()..]
+    );
+    let checked = Config::check(&text, Path::new("e.toml"));
+    assert_eq!(checked.problems.len(), 1, "{:?}", checked.problems);
+    assert!(
+        checked.problems[0].contains("server: invalid type"),
         "{:?}",
         checked.problems
     );

@@ -18,12 +18,17 @@ pub(super) struct Validator<'a> {
     pub(super) problems: Vec<String>,
     /// Where each key is written, to name its line.
     pub(super) lines: KeyLines<'a>,
+    /// Required keys already reported missing or refused (their placeholders are not reported again).
+    pub(super) unusable: &'a [String],
 }
 
 impl Validator<'_> {
     /// `file: line L: key: message`, or without the line when the key is not written (a default, or a
     /// composite key such as `sds.systems / sds.endpoints`).
     pub(super) fn problem(&mut self, key: &str, message: impl fmt::Display) {
+        if self.unusable.iter().any(|k| k == key) {
+            return;
+        }
         let problem = match self.lines.line_of(key) {
             Some(line) => format!("{}: line {line}: {key}: {message}", self.file),
             None => format!("{}: {key}: {message}", self.file),
@@ -475,6 +480,33 @@ impl<'a> KeyLines<'a> {
         }
     }
 
+    /// The line of every key the text writes, by dotted name.
+    pub(super) fn all(&self) -> std::collections::BTreeMap<String, usize> {
+        fn walk(
+            text: &str,
+            table: &toml::de::DeTable<'_>,
+            prefix: &str,
+            out: &mut std::collections::BTreeMap<String, usize>,
+        ) {
+            for (name, value) in table.iter() {
+                let key = if prefix.is_empty() {
+                    name.get_ref().to_string()
+                } else {
+                    format!("{prefix}.{}", name.get_ref())
+                };
+                if let toml::de::DeValue::Table(inner) = value.get_ref() {
+                    walk(text, inner, &key, out);
+                }
+                out.insert(key, line_col(text, name.span().start).0);
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        if let Some(table) = &self.table {
+            walk(self.text, table.get_ref(), "", &mut out);
+        }
+        out
+    }
+
     /// The 1-based line of `key` (`server.listen`), if the text writes it.
     pub(super) fn line_of(&self, key: &str) -> Option<usize> {
         let mut table = self.table.as_ref()?.get_ref();
@@ -516,4 +548,69 @@ pub(super) fn remove_key_at(
     let name = found?;
     table.remove(&name)?;
     Some(name.get_ref().to_string())
+}
+
+/// Whether `table` holds `name` with a value that is not a table.
+pub(super) fn is_non_table(table: &toml::de::DeTable<'_>, name: &str) -> bool {
+    table.iter().any(|(k, v)| {
+        k.get_ref().as_ref() == name && !matches!(v.get_ref(), toml::de::DeValue::Table(_))
+    })
+}
+
+/// Whether `table` holds the dotted `key`.
+pub(super) fn has_key(table: &toml::de::DeTable<'_>, key: &str) -> bool {
+    let mut table = table;
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let Some((_, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part) else {
+            return false;
+        };
+        if parts.peek().is_none() {
+            return true;
+        }
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) => table = inner,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Puts an empty placeholder (`""`, or `[]` when `list`) at the dotted `key`, making the tables on the way, so
+/// that a config missing a required key can still be read for everything else.
+pub(super) fn insert_placeholder(table: &mut toml::de::DeTable<'_>, key: &str, list: bool) {
+    use std::borrow::Cow;
+    use toml::Spanned;
+    use toml::de::{DeArray, DeTable, DeValue};
+    let (parents, last) = key.rsplit_once('.').map_or(("", key), |(p, l)| (p, l));
+    let mut at = table;
+    for part in parents.split('.').filter(|p| !p.is_empty()) {
+        let exists = at.iter().any(|(k, _)| k.get_ref().as_ref() == part);
+        if !exists {
+            at.insert(
+                Spanned::new(0..0, Cow::Owned(part.to_owned())),
+                Spanned::new(0..0, DeValue::Table(DeTable::new())),
+            );
+        }
+        let Some(next) = at
+            .iter_mut()
+            .find(|(k, _)| k.get_ref().as_ref() == part)
+            .and_then(|(_, v)| match v.get_mut() {
+                DeValue::Table(inner) => Some(inner),
+                _ => None,
+            })
+        else {
+            return;
+        };
+        at = next;
+    }
+    let value = if list {
+        DeValue::Array(DeArray::new())
+    } else {
+        DeValue::String(Cow::Borrowed(""))
+    };
+    at.insert(
+        Spanned::new(0..0, Cow::Owned(last.to_owned())),
+        Spanned::new(0..0, value),
+    );
 }

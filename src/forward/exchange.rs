@@ -149,11 +149,13 @@ impl Exchange {
         }
     }
 
-    /// Ends the exchange as a `timeout` because the consumer accepted no bytes for the idle bound: the
-    /// consumer's connection is cut by the caller, which drops both bodies.
+    /// Ends the exchange as a `timeout` (whatever outcome was set) because the consumer took no response frame
+    /// for the idle bound: the consumer's connection is cut by the caller, which drops both bodies.
     pub(crate) fn consumer_stalled(&self) {
         self.stalled.store(true, Ordering::Release);
-        self.finish(Outcome::Timeout);
+        // Over `ok` too: a body whose last frame the consumer never took did not reach it.
+        self.outcome
+            .store(outcome_code(Outcome::Timeout), Ordering::Release);
     }
 
     /// Keeps the task watching this exchange's consumer, to stop it when the exchange ends.
@@ -339,8 +341,11 @@ where
                         Direction::Response => this.exchange.finish(Outcome::Ok),
                         Direction::Request => this.exchange.mark_request_sent(),
                     }
-                } else if *this.direction == Direction::Response {
-                    // More is to come: until the consumer's side asks for it, the wait is the consumer's.
+                }
+                if *this.direction == Direction::Response {
+                    // Until the consumer's side asks for the next frame, or lets go of the body once it has taken
+                    // the last one (HTTP/2 holds a frame until the consumer's window admits it), the wait is the
+                    // consumer's.
                     let since = this.exchange.started.elapsed().as_micros() as u64 + 1;
                     this.exchange
                         .awaiting_consumer

@@ -50,8 +50,9 @@ pub(crate) enum Cut {
     Abort = 2,
 }
 
-/// Premature resets tolerated on one connection before it is closed, and then only while they are at most half
-/// of its exchanges (Envoy's rule for HTTP/2 rapid reset, CVE-2023-44487, has the same shape).
+/// Premature resets (exchanges the consumer cancels within a second of their start) tolerated on one connection
+/// before it is closed, and then only while they are at most half of its exchanges (Envoy's rule for HTTP/2 rapid
+/// reset, CVE-2023-44487, has the same shape).
 pub(crate) const MAX_PREMATURE_RESETS: u32 = 10;
 
 /// The proxy's side of one consumer connection's control: the server loop waits on [`ConnControl::cut`]'s
@@ -63,8 +64,8 @@ pub(crate) struct ConnControl {
     wake: tokio::sync::Notify,
     /// Exchanges (forwarded requests) that ended on this connection.
     exchanges: AtomicU32,
-    /// Of those, the ones the consumer cancelled before their response head: each closed a provider connection
-    /// mid-request.
+    /// Of those, the ones the consumer cancelled within a second of their start: each closed a provider
+    /// connection mid-exchange.
     premature: AtomicU32,
 }
 

@@ -270,6 +270,7 @@ impl Proxy {
         request: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Refusal> {
+        let http2 = request.version() == http::Version::HTTP_2;
         let response = match self
             .upstream
             .send(permit, request, &conn.client, &exchange)
@@ -310,7 +311,7 @@ impl Proxy {
         // short is seen as cut. hyper lowers it again for an HTTP/1.0 consumer; HTTP/2 has no version line.
         parts.version = http::Version::HTTP_11;
         let bound = self.upstream.body_idle_timeout();
-        if may_stall(&body) {
+        if may_stall(&body, http2) {
             let watch = tokio::spawn(watch_consumer(
                 Arc::downgrade(&exchange),
                 bound,
@@ -347,8 +348,10 @@ impl Proxy {
                 Outcome::Timeout if !s.consumer_stalled => metrics.upstream_error("timeout"),
                 _ => {}
             }
-            // Cancelled before its response head: the provider connection it was on is closed mid-request.
-            let premature = s.outcome == Outcome::ClientClosed && s.status == 0;
+            // Cancelled by the consumer within a second of its start (Envoy's premature reset): the provider
+            // connection it was on is closed mid-request or mid-response, and a new one is dialled for the next.
+            let premature =
+                s.outcome == Outcome::ClientClosed && s.total < PREMATURE_RESET_LIFETIME;
             if control.exchange_ended(premature) {
                 tracing::info!(
                     conn = tx.conn_id(),
@@ -538,13 +541,20 @@ fn valid_host(value: &[u8]) -> bool {
     reg_name && port.iter().all(u8::is_ascii_digit)
 }
 
-/// A provider body the consumer could stop reading part-way through while it still holds the provider
-/// connection: more than fits in the consumer's socket and HTTP/2 stream window at once, or of unknown length.
-/// A body known to fit is polled to its end by the consumer's connection whatever the consumer reads.
-fn may_stall(body: &ProviderBody) -> bool {
+/// An exchange the consumer cancels sooner than this after its start counts as a premature reset (Envoy's
+/// `premature_reset_min_stream_lifetime_seconds`, 1 s by default): counted whether or not its response head had
+/// come, since either way its provider connection is closed.
+const PREMATURE_RESET_LIFETIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A provider body the consumer could stop taking part-way through while its exchange holds a provider
+/// connection or the limits' slots. Over HTTP/2 any body can: a stream or connection window the consumer keeps
+/// shut (even at zero from the start) stops the first frame. Over HTTP/1.x a body of known length that fits in
+/// hyper's write buffer (16 KiB here, well under it) is taken whole whatever the consumer reads, and its exchange
+/// ends with it; a longer one, or one of unknown length, can be held.
+fn may_stall(body: &ProviderBody, http2: bool) -> bool {
     use http_body::Body;
     const FITS: u64 = 16 * 1024;
-    !body.is_end_stream() && body.size_hint().exact().is_none_or(|len| len > FITS)
+    !body.is_end_stream() && (http2 || body.size_hint().exact().is_none_or(|len| len > FITS))
 }
 
 /// Cuts the consumer's connection when the consumer takes no response bytes for `bound`
