@@ -588,6 +588,32 @@ async fn check_config_reports_every_problem_in_one_run() {
             .any(|l| l.contains("future-ca.crt: certificate not yet valid (notBefore 20")),
         "{err}"
     );
+
+    // A required key of the wrong type does not hide the files other keys name; what needs it is named skipped.
+    let refused = text
+        .replace(
+            "client_ca = [\"certs/ca.crt\"]",
+            "client_ca = \"certs/ca.crt\"",
+        )
+        .replace("certs/proxy-client.key", "certs/missing.key");
+    std::fs::write(&config, &refused).unwrap();
+    let (code, _, err) = ssp(&["check-config", "--config", &config_arg]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("server.client_ca: invalid type"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "line {}: upstream.key: {}",
+            line_of(&refused, "key = \"certs/missing.key\""),
+            pki.path("missing.key").display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.lines().last().is_some_and(|l| l.ends_with(
+            "skipped: the checks that need server.client_ca (missing or refused above); everything else was checked"
+        )),
+        "{err}"
+    );
 }
 
 /// Makes everything under `root` readable (and its folders searchable) by an unprivileged user.

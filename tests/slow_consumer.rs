@@ -214,35 +214,43 @@ async fn premature_http2_resets_are_bounded_per_connection() {
     }
 }
 
-/// A zero stream window on a small answer (a few bytes with `Content-Length`) cannot hold the provider's slots
-/// either: with `per_provider_concurrency = 1`, the stalled HTTP/2 exchange is cut after `body_idle_timeout`,
-/// recorded `timeout`, and the next consumer is served.
+/// A zero stream window on small answers (a few bytes with `Content-Length`) cannot hold the provider's slots
+/// either: with `per_provider_concurrency = 3`, three such HTTP/2 streams on one connection are cut after
+/// `body_idle_timeout`, each recorded `timeout` (none of them delivered a byte), the connection counted once, and
+/// the next consumer is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_window_on_a_small_answer_does_not_hold_the_providers_slots() {
-    let (pki, provider, served, admin) = start("per_provider_concurrency = 1", "2s").await;
+    let (pki, provider, served, admin) = start("per_provider_concurrency = 3", "2s").await;
     let url = endpoint_url(provider.addr);
     let tls = Consumer::new(&pki, Some("consumer"), served.addr, true)
         .tls_h2()
         .await;
-    let (mut zero, conn) =
+    let (zero, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .initial_stream_window_size(0)
             .handshake(hyper_util::rt::TokioIo::new(tls))
             .await
             .unwrap();
     tokio::spawn(conn);
-    let mut req = traced_get(&url, "/metadata", &trace_id(1));
-    *req.uri_mut() = format!("https://ssp.dev.localhost{}", req.uri())
-        .parse()
-        .unwrap();
-    req.headers_mut().remove("host");
-    let held = within("the zero-window head", zero.send_request(req))
-        .await
-        .unwrap();
-    assert_eq!(held.status(), StatusCode::OK);
-    assert!(held.headers().contains_key("content-length"));
-    let record = response_record(&pki.dir.path().join("data/audit"), &trace_id(1)).await;
-    assert_eq!(record["outcome"], "timeout");
+    let mut held = Vec::new();
+    for n in 1..=3 {
+        let mut req = traced_get(&url, "/metadata", &trace_id(n));
+        *req.uri_mut() = format!("https://ssp.dev.localhost{}", req.uri())
+            .parse()
+            .unwrap();
+        req.headers_mut().remove("host");
+        let mut sender = zero.clone();
+        let response = within("a zero-window head", sender.send_request(req))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers().contains_key("content-length"));
+        held.push(response);
+    }
+    for n in 1..=3 {
+        let record = response_record(&pki.dir.path().join("data/audit"), &trace_id(n)).await;
+        assert_eq!(record["outcome"], "timeout", "stream {n}");
+    }
     assert_eq!(
         metric_value(admin, "ssp_connections_cut_total{reason=\"send_timeout\"}").await,
         1
@@ -250,7 +258,7 @@ async fn a_zero_window_on_a_small_answer_does_not_hold_the_providers_slots() {
     let h1 = Consumer::new(&pki, Some("consumer"), served.addr, false);
     let answer = within(
         "a request after the cut",
-        h1.fetch(traced_get(&url, "/metadata", &trace_id(2))),
+        h1.fetch(traced_get(&url, "/metadata", &trace_id(4))),
     )
     .await
     .unwrap();

@@ -228,6 +228,13 @@ fn check_config(path: &Path) -> u8 {
     checked
         .problems
         .extend(found.into_iter().filter_map(|p| read.place(path, p)));
+    if !read.unusable.is_empty() {
+        checked.problems.push(format!(
+            "{}: skipped: the checks that need {} (missing or refused above); everything else was checked",
+            path.display(),
+            read.unusable.join(", ")
+        ));
+    }
     match checked.policy {
         Some(policy) if checked.problems.is_empty() => {
             let (systems, endpoints, agreements) = policy.counts();

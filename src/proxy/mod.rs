@@ -67,6 +67,10 @@ pub(crate) struct ConnControl {
     /// Of those, the ones the consumer cancelled within a second of their start: each closed a provider
     /// connection mid-exchange.
     premature: AtomicU32,
+    /// The exchanges whose consumer is watched for taking no response bytes (see `pipeline::watch_consumer`):
+    /// when the connection is cut for one of them, each that is still waiting on the consumer ends as `timeout`
+    /// too (its body, handed over whole, may otherwise say `ok` though none of it was delivered).
+    watched: std::sync::Mutex<Vec<std::sync::Weak<crate::forward::Exchange>>>,
 }
 
 impl ConnControl {
@@ -74,6 +78,38 @@ impl ConnControl {
     pub(crate) fn cut(&self, how: Cut) {
         self.cut.fetch_max(how as u8, Ordering::AcqRel);
         self.wake.notify_one();
+    }
+
+    /// Keeps `exchange` to be ended as `timeout` if the connection is cut while it waits on the consumer.
+    pub(crate) fn watch(&self, exchange: &Arc<crate::forward::Exchange>) {
+        let mut watched = self
+            .watched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if watched.len() >= 16 {
+            watched.retain(|e| e.strong_count() > 0);
+        }
+        watched.push(Arc::downgrade(exchange));
+    }
+
+    /// Cuts the connection ([`Cut::Abort`]) because a consumer took no response bytes within the bound: every
+    /// watched exchange still waiting on the consumer ends as `timeout`. True for the call that cut it (to count
+    /// the connection once, whichever of its exchanges' watchers comes first).
+    pub(crate) fn cut_for_send_timeout(&self) -> bool {
+        let watched = std::mem::take(
+            &mut *self
+                .watched
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for exchange in watched.iter().filter_map(std::sync::Weak::upgrade) {
+            if exchange.consumer_waiting_since().is_some() {
+                exchange.consumer_stalled();
+            }
+        }
+        let before = self.cut.fetch_max(Cut::Abort as u8, Ordering::AcqRel);
+        self.wake.notify_one();
+        before < Cut::Abort as u8
     }
 
     /// The strongest cut asked for so far.

@@ -319,6 +319,7 @@ impl Proxy {
                 Arc::clone(&self.metrics),
             ));
             exchange.set_watch(watch.abort_handle());
+            conn.control.watch(&exchange);
         }
         let body = Streamed::new(body, bound, exchange, Direction::Response);
         Ok(Response::from_parts(parts, ProxyBody::stream(body)))
@@ -355,7 +356,7 @@ impl Proxy {
             if control.exchange_ended(premature) {
                 tracing::info!(
                     conn = tx.conn_id(),
-                    "consumer cancelled too many requests before their answers; closing its connection"
+                    "consumer cancelled too many requests within a second of their start; closing its connection"
                 );
                 metrics.connection_cut("premature_resets");
                 control.cut(Cut::GoAway);
@@ -579,12 +580,13 @@ async fn watch_consumer(
             Some(since) if since + bound <= now => {
                 exchange.consumer_stalled();
                 drop(exchange);
-                tracing::info!(
-                    bound_s = bound.as_secs_f64(),
-                    "consumer took no response bytes within upstream.body_idle_timeout; cutting its connection"
-                );
-                metrics.connection_cut("send_timeout");
-                control.cut(Cut::Abort);
+                if control.cut_for_send_timeout() {
+                    tracing::info!(
+                        bound_s = bound.as_secs_f64(),
+                        "consumer took no response bytes within upstream.body_idle_timeout; cutting its connection"
+                    );
+                    metrics.connection_cut("send_timeout");
+                }
                 return;
             }
             Some(since) => deadline = since + bound,
