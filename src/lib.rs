@@ -13,10 +13,9 @@
 //! - [`ids`]: identifier newtypes (`Asid`, `TraceId`, `InteractionId`, `OdsCode`), the peer identity, and small
 //!   shared helpers (hex, timestamps). A leaf: it imports nothing from the crate.
 //! - [`tls`]: certificates, keys and CRLs; the consumer-facing and upstream rustls configs; peer identity reading.
-//! - `server` (crate; `connection`, `idle`, `close`): the worker threads (one single-threaded runtime each) and
+//! - `server` (crate; `connection`, `idle`, `close`, `proxy_protocol`): the worker threads (one single-threaded runtime each) and
 //!   the accept loop that hands them connections, connection limit, PROXY header, handshake timeout, h1/h2
 //!   serving, the idle rule, staged closes, graceful drain. Knows nothing of request contents.
-//! - `proxy_header` (crate): the PROXY protocol header (v1 and v2) from a trusted layer-4 balancer.
 //! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
 //! - [`policy`] (`model`, `compile`, `decide`, `explain`, [`policy::store`], [`policy::sds`]): the directory and
 //!   agreements, checks 5 to 9 (one function each, shared by the decision and `ssp policy check`), the `Permit`,
@@ -28,9 +27,8 @@
 //!   (check 12).
 //! - `forward` (crate; `connector`, `pool`, `headers`, `exchange`): the upstream client and pool, the
 //!   stale-connection retry, header rules, timeouts, exchange accounting and the streaming body wrapper.
-//! - [`proxy`] (`pipeline`, `refusal`, `body`): the order of the steps for one request; the one place failures
-//!   become statuses and responses.
-//! - [`outcome`]: OperationOutcome bodies, JSON and XML. A leaf.
+//! - [`proxy`] (`pipeline`, `refusal`, `body`, [`proxy::operation_outcome`]): the order of the steps for one
+//!   request; the one place failures become statuses and responses, as OperationOutcome bodies (JSON and XML).
 //! - [`lifecycle`]: signals, systemd notification, SIGHUP reload of TLS material and policy.
 //! - [`metrics`], `admin` (crate): metric names and handles (every bounded series present from the start); the
 //!   admin listener (/metrics, /healthz, /readyz).
@@ -61,7 +59,7 @@
 //!    enforces the idle timeout.
 //! 7. When both bodies are done the exchange ends once: `audit::Record::completed`, the metrics, a log line.
 //! 8. Any failure on the way is a [`proxy::Refusal`]: `proxy::Refusal::status` gives its status (the one
-//!    place), `outcome` renders the OperationOutcome in the format `Accept` asks for, and the refused request
+//!    place), `operation_outcome` renders the OperationOutcome in the format `Accept` asks for, and the refused request
 //!    leaves `audit::Record::refused` and a `denied` completion.
 
 #![warn(unreachable_pub)]
@@ -80,10 +78,8 @@ pub mod jwt;
 pub mod lifecycle;
 pub(crate) mod limits;
 pub mod metrics;
-pub mod outcome;
 pub mod policy;
 pub mod proxy;
-pub(crate) mod proxy_header;
 pub(crate) mod sds_api;
 pub(crate) mod server;
 pub mod ssp;

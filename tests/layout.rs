@@ -1,5 +1,6 @@
 //! The layout rules of DESIGN.md section 2, checked on the source tree: the top-level modules import each other
-//! without a circle, and no file in `src/` grows much past 600 lines.
+//! without a circle, and so do the files of each folder; the leaves stay leaves; and no file in `src/` grows much
+//! past 600 lines.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -145,14 +146,172 @@ fn the_modules_import_each_other_without_a_circle() {
 #[test]
 fn the_leaves_stay_leaves() {
     let graph = graph();
-    // `ids` and `outcome` depend on nothing in the crate; `ssp` parses with `ids` only.
+    // `ids` depends on nothing in the crate; `ssp` parses with `ids` only.
     assert!(graph["ids"].is_empty(), "ids imports {:?}", graph["ids"]);
-    assert!(
-        graph["outcome"].is_empty(),
-        "outcome imports {:?}",
-        graph["outcome"]
-    );
     assert_eq!(graph["ssp"], BTreeSet::from(["ids".to_owned()]));
+    // The OperationOutcome bodies use nothing of the crate, not even their own folder.
+    let outcome = production_code(&src().join("proxy/operation_outcome.rs"));
+    assert!(
+        !outcome.contains("crate::") && !outcome.contains("super::"),
+        "proxy/operation_outcome.rs imports from the crate"
+    );
+}
+
+/// A file's module path: `src/audit/writer/slot.rs` is `audit::writer::slot`, `src/audit/mod.rs` is `audit`.
+fn module_path(path: &Path) -> Vec<String> {
+    let rel = path.strip_prefix(src()).unwrap().with_extension("");
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if parts
+        .last()
+        .is_some_and(|p| p == "mod" || p == "lib" || p == "main")
+    {
+        parts.pop();
+    }
+    parts
+}
+
+/// The module paths a file's code names, through `crate::a::b` and `super::super::c` (braced lists included),
+/// resolved against the file's own path.
+fn named_paths(code: &str, own: &[String]) -> Vec<Vec<String>> {
+    let ident = |text: &str| -> String {
+        text.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut found = Vec::new();
+    let bytes = code.as_bytes();
+    let mut at = 0;
+    while at < code.len() {
+        let rest = &code[at..];
+        let (base, after): (Vec<String>, &str) = if let Some(r) = rest.strip_prefix("crate::") {
+            (Vec::new(), r)
+        } else if rest.starts_with("super::")
+            && (at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b':'))
+        {
+            let mut r = rest;
+            let mut up = 0;
+            while let Some(next) = r.strip_prefix("super::") {
+                r = next;
+                up += 1;
+            }
+            (own[..own.len().saturating_sub(up)].to_vec(), r)
+        } else {
+            at += rest.chars().next().map_or(1, char::len_utf8);
+            continue;
+        };
+        let heads: Vec<String> = match after.strip_prefix('{') {
+            Some(list) => list[..list.find('}').unwrap_or(list.len())]
+                .split(',')
+                .map(|item| ident(item.trim()))
+                .collect(),
+            None => vec![ident(after)],
+        };
+        for head in heads.into_iter().filter(|h| !h.is_empty()) {
+            let mut path = base.clone();
+            path.push(head);
+            found.push(path);
+        }
+        at += rest.len() - after.len();
+    }
+    found
+}
+
+/// The code without its comment lines: a doc link (`[x](super::y)`) names a module without using it.
+fn without_comments(code: &str) -> String {
+    code.lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// For one folder of `src/`, which of its children (files and subfolders) name which others.
+fn folder_graph(folder: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let prefix = module_path(&folder.join("mod.rs"));
+    let mut files = Vec::new();
+    rust_files(folder, &mut files);
+    let children: BTreeSet<String> = files
+        .iter()
+        .filter_map(|f| module_path(f).get(prefix.len()).cloned())
+        .collect();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in &files {
+        let own = module_path(file);
+        let Some(child) = own.get(prefix.len()) else {
+            continue;
+        };
+        for path in named_paths(&without_comments(&production_code(file)), &own) {
+            if path.len() > prefix.len()
+                && path[..prefix.len()] == prefix[..]
+                && children.contains(&path[prefix.len()])
+                && path[prefix.len()] != *child
+            {
+                graph
+                    .entry(child.clone())
+                    .or_default()
+                    .insert(path[prefix.len()].clone());
+            }
+        }
+        graph.entry(child.clone()).or_default();
+    }
+    graph
+}
+
+#[test]
+fn the_files_of_each_folder_import_each_other_without_a_circle() {
+    let mut folders = Vec::new();
+    let mut walk = vec![src()];
+    while let Some(dir) = walk.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() && path.file_name().is_some_and(|n| n != "tests") {
+                walk.push(path.clone());
+                folders.push(path);
+            }
+        }
+    }
+    // The scan must see known edges inside a folder, or it would pass on anything.
+    let proxy = folder_graph(&src().join("proxy"));
+    assert!(proxy["pipeline"].contains("refusal"), "{proxy:?}");
+    let audit = folder_graph(&src().join("audit"));
+    assert!(audit["writer"].contains("segment"), "{audit:?}");
+    let mut circles = Vec::new();
+    for folder in &folders {
+        let graph = folder_graph(folder);
+        for child in graph.keys() {
+            if let Some(path) = circle_through(&graph, child) {
+                circles.push(format!("{}: {}", folder.display(), path.join(" -> ")));
+            }
+        }
+    }
+    assert!(
+        circles.is_empty(),
+        "import circles between files of one folder:\n{}",
+        circles.join("\n")
+    );
+}
+
+#[test]
+fn the_path_scanner_resolves_super_and_crate() {
+    let own: Vec<String> = ["audit", "writer", "slot"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let code =
+        "use super::stage::X;\nuse super::super::{segment, record::Y};\nlet a = crate::ids::hex();";
+    let found = named_paths(code, &own);
+    let want: Vec<Vec<String>> = [
+        vec!["audit", "writer", "stage"],
+        vec!["audit", "segment"],
+        vec!["audit", "record"],
+        vec!["ids"],
+    ]
+    .iter()
+    .map(|p| p.iter().map(|s| s.to_string()).collect())
+    .collect();
+    assert_eq!(found, want);
 }
 
 #[test]

@@ -25,8 +25,9 @@ pub use query::{Filter, TABLE_HEADER, query, table_row};
 pub use record::{
     Completion, Encoded, Link, Outcome, Peer, Record, SealReason, Transaction, encode, millis,
 };
+pub use segment::AuditMetrics;
 pub use verify::{Broken, Verified, verify};
-pub use writer::{AuditLog, AuditMetrics, Unavailable};
+pub use writer::{AuditLog, Unavailable};
 
 /// `prev` of the very first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -7,13 +7,12 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::ids::HexDigest;
 
 use super::record::{Encoded, Link as ChainLink, Record, SealReason};
-use super::writer::{AuditMetrics, set_healthy};
 use crate::config::AuditConfig;
 
 /// The segment being appended to.
@@ -287,6 +286,24 @@ impl SegmentWriter {
                 tracing::error!(error = %e, "cannot create the next audit segment");
                 self.ensure_open();
             }
+        }
+    }
+}
+
+/// The writer's metric handles: `ssp_audit_records_total` and `ssp_audit_write_seconds`.
+#[derive(Debug, Clone)]
+pub struct AuditMetrics {
+    pub records: prometheus::IntCounter,
+    pub write_seconds: prometheus::Histogram,
+}
+
+/// Sets the health flag that feeds readiness, and says so when it changes.
+pub(super) fn set_healthy(flag: &AtomicBool, healthy: bool, dir: &Path) {
+    if flag.swap(healthy, Ordering::AcqRel) != healthy {
+        if healthy {
+            tracing::info!(dir = %dir.display(), "audit log writable");
+        } else {
+            tracing::error!(dir = %dir.display(), "audit log NOT writable: requests are refused with 503");
         }
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::record::{Encoded, Record, SealReason};
-use super::segment::SegmentWriter;
+use super::segment::{AuditMetrics, SegmentWriter, set_healthy};
 use crate::config::{AuditConfig, Durability};
 
 mod slot;
@@ -69,13 +69,6 @@ impl std::fmt::Display for Unavailable {
 }
 
 impl std::error::Error for Unavailable {}
-
-/// The writer's metric handles: `ssp_audit_records_total` and `ssp_audit_write_seconds`.
-#[derive(Debug, Clone)]
-pub struct AuditMetrics {
-    pub records: prometheus::IntCounter,
-    pub write_seconds: prometheus::Histogram,
-}
 
 /// A record waiting to be written; its slot, if a request waits for it (none for records nobody waits for); the
 /// group slot of its worker's turn, if it was staged; the slot of an earlier request record it must follow into the
@@ -626,16 +619,5 @@ fn report_refused(records: usize) {
             records,
             "audit log closed or its queue full: records could not be queued"
         );
-    }
-}
-
-/// Sets the health flag that feeds readiness, and says so when it changes.
-pub(super) fn set_healthy(flag: &AtomicBool, healthy: bool, dir: &Path) {
-    if flag.swap(healthy, Ordering::AcqRel) != healthy {
-        if healthy {
-            tracing::info!(dir = %dir.display(), "audit log writable");
-        } else {
-            tracing::error!(dir = %dir.display(), "audit log NOT writable: requests are refused with 503");
-        }
     }
 }

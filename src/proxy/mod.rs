@@ -9,8 +9,10 @@
 //! - `pipeline`: [`Proxy`] and `Proxy::handle`, the steps in order.
 //! - `refusal`: [`Refusal`]: status, text, OperationOutcome, log line.
 //! - `body`: [`ProxyBody`], and the bounded discard of a refused request's body.
+//! - [`operation_outcome`]: the OperationOutcome body of a refusal, JSON and XML. A leaf.
 
 mod body;
+pub mod operation_outcome;
 mod pipeline;
 mod refusal;
 

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::body::{ProxyBody, drain};
+use super::operation_outcome::Format;
 use super::refusal::{Refusal, TransferEncodingError, log_refusal};
 use super::{ConnControl, ConnInfo, Cut};
 use crate::audit::writer::Queued;
@@ -22,7 +23,6 @@ use crate::forward::{Direction, Exchange, ForwardError, ProviderBody, Streamed, 
 use crate::jwt::{Expect, JwtAudit, Mode, Validator};
 use crate::limits::{Admission, Limits, Throttle};
 use crate::metrics::{Metrics, OTHER};
-use crate::outcome::Format;
 use crate::policy::{Decision, Permit, Policy};
 use crate::ssp::{self, SspHeaders, SspRequest, Target};
 

@@ -7,10 +7,10 @@ use http::{Response, StatusCode};
 
 use super::ConnInfo;
 use super::body::ProxyBody;
+use super::operation_outcome::{Format, IssueCode, OperationOutcome, Severity};
 use crate::forward::ForwardError;
 use crate::jwt::{JwtAudit, Violation};
 use crate::limits::Throttle;
-use crate::outcome::{Format, IssueCode, Outcome as OperationOutcome, Severity};
 use crate::policy::Denial;
 use crate::ssp::{self, HeaderError, TargetError};
 

@@ -13,9 +13,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::proxy_protocol::{self, ProxyHeader, ProxyHeaderError};
 use crate::metrics::Metrics;
 use crate::proxy::{ConnControl, ConnInfo, Cut, Proxy};
-use crate::proxy_header::{ProxyHeader, ProxyHeaderError};
 use crate::tls;
 
 use super::close::{CLOSE_GRACE, ConsumerIo, LINGER_TIME, close_in_stages};
@@ -56,7 +56,7 @@ impl Connection {
             .iter()
             .any(|n| n.contains(&balancer))
         {
-            match tokio::time::timeout_at(deadline, crate::proxy_header::read(&mut tcp)).await {
+            match tokio::time::timeout_at(deadline, proxy_protocol::read(&mut tcp)).await {
                 Ok(Ok(ProxyHeader::Relayed(consumer))) => (consumer, Some(remote)),
                 Ok(Ok(ProxyHeader::Local)) => (remote, None),
                 Ok(Err(ProxyHeaderError::Closed)) => return,
@@ -80,7 +80,7 @@ impl Connection {
         // header from a source not in `server.proxy_protocol_from` is refused: it could name any address.
         let mut first = [0u8; 12];
         match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
-            Ok(Ok(n @ 1..)) if crate::proxy_header::looks_like_proxy_header(&first[..n]) => {
+            Ok(Ok(n @ 1..)) if proxy_protocol::looks_like_proxy_header(&first[..n]) => {
                 self.metrics.tls_failure("proxy_header_untrusted");
                 tracing::warn!(
                     conn = self.id,

@@ -13,10 +13,12 @@
 //! - `connection`: one accepted connection: PROXY header, handshake, serving, and how it ends.
 //! - `idle`: the idle rule's bookkeeping: requests in flight and since when there have been none.
 //! - `close`: the staged close of a connection ssp ends (RFC 9112 section 9.6).
+//! - `proxy_protocol`: the PROXY protocol header (v1 and v2) a trusted layer-4 balancer sends first.
 
 mod close;
 mod connection;
 mod idle;
+mod proxy_protocol;
 
 use close::CLOSE_GRACE;
 use connection::Connection;

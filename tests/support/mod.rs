@@ -1003,7 +1003,10 @@ impl Answer {
         let issue = &v["issue"][0];
         assert_eq!(issue["code"], code);
         let coding = &issue["details"]["coding"][0];
-        assert_eq!(coding["system"], ssp::outcome::CODING_SYSTEM);
+        assert_eq!(
+            coding["system"],
+            ssp::proxy::operation_outcome::CODING_SYSTEM
+        );
         assert_eq!(coding["code"], status.to_string());
         assert_eq!(coding["display"], text);
         assert_eq!(issue["diagnostics"], text);

@@ -121,7 +121,7 @@ fn parse_qvalue(text: &str) -> Option<u16> {
 
 /// One refusal, ready to render.
 #[derive(Clone, Copy, Debug)]
-pub struct Outcome<'a> {
+pub struct OperationOutcome<'a> {
     /// The HTTP status, repeated as the coding's `code`.
     pub status: u16,
     pub code: IssueCode,
@@ -130,7 +130,7 @@ pub struct Outcome<'a> {
     pub text: &'a str,
 }
 
-impl Outcome<'_> {
+impl OperationOutcome<'_> {
     /// Renders the body with a fresh GUID `id`.
     pub(crate) fn render(&self, format: Format) -> Bytes {
         let id = uuid::Uuid::new_v4();
@@ -261,7 +261,7 @@ mod tests {
 
     #[test]
     fn json_body_has_the_ssp_shape() {
-        let outcome = Outcome {
+        let outcome = OperationOutcome {
             status: 403,
             code: IssueCode::Forbidden,
             severity: Severity::Error,
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn xml_body_escapes_the_text() {
-        let outcome = Outcome {
+        let outcome = OperationOutcome {
             status: 400,
             code: IssueCode::Invalid,
             severity: Severity::Error,
