@@ -19,7 +19,7 @@
 //! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
 //! - [`policy`] (`model`, `compile`, `decide`, `explain`, [`policy::store`], [`policy::sds`]): the directory and
 //!   agreements, checks 5 to 9 (one function each, shared by the decision and `ssp policy check`), the `Permit`,
-//!   the sled store of generations, and the directory built from SDS answers (fetched live by `sds_api`).
+//!   the sled store of generations, and the directory built from SDS answers (fetched live by `policy::sds::fetch`).
 //! - [`jwt`] (`json`, `token`, `profile`): the consumer's audit token (check 10).
 //! - `limits` (crate): check 11, rates and concurrency, on tokio's clock.
 //! - [`audit`] ([`audit::record`], [`audit::writer`], `segment`, [`audit::verify`](mod@audit::verify), [`audit::query`](mod@audit::query)): the
@@ -80,7 +80,6 @@ pub(crate) mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
-pub(crate) mod sds_api;
 pub(crate) mod server;
 pub mod ssp;
 pub mod tls;

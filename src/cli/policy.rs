@@ -191,8 +191,8 @@ pub(super) fn policy(command: PolicyCommand) -> u8 {
     }
 }
 
-/// `ssp policy sds`: reads or fetches the answers, builds the directory, compiles it with the normal policy
-/// compiler, then reports, diffs and writes.
+/// `ssp policy sds`: runs `policy::sds::refresh` and prints what it returns: the bad entries, the diff, the
+/// directory or where it was written.
 fn policy_sds(
     config: &Config,
     bundles: &[PathBuf],
@@ -200,7 +200,7 @@ fn policy_sds(
     diff: bool,
     partial: bool,
 ) -> u8 {
-    use crate::policy::sds;
+    use crate::policy::sds::refresh::{self, RefreshError};
     let Some(cfg) = &config.sds else {
         eprintln!(
             "{}: no [sds] section (see README, \"Directory from SDS\")",
@@ -208,90 +208,26 @@ fn policy_sds(
         );
         return exit::USAGE;
     };
-    let (pages, note, fetched) = if bundles.is_empty() {
+    let stopped = |e: RefreshError| {
+        eprintln!("{e}");
+        match e {
+            RefreshError::Usage(_) | RefreshError::InForceDoesNotCompile(_) => exit::USAGE,
+            RefreshError::Refused(_) | RefreshError::BuiltDoesNotCompile(_) => exit::NEGATIVE,
+        }
+    };
+    let answers = if bundles.is_empty() {
         init_logging(&config.log.level, false);
-        let client = match crate::sds_api::Client::new(cfg) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("{e}");
-                return exit::USAGE;
-            }
-        };
         let rt = match runtime() {
             Ok(rt) => rt,
             Err(code) => return code,
         };
-        let ods: Vec<String> = cfg
-            .roles
-            .systems
-            .union(&cfg.roles.endpoints)
-            .cloned()
-            .collect();
-        let interactions: Vec<String> = cfg.roles.interactions.iter().cloned().collect();
-        let fetched_at = crate::ids::now_rfc3339();
-        match rt.block_on(client.fetch_all(&ods, &interactions)) {
-            Ok(pages) => {
-                let base = cfg.base_url.as_deref().unwrap_or("");
-                (
-                    pages,
-                    format!("Source: SDS FHIR API {base}, fetched {fetched_at}."),
-                    Some(fetched_at),
-                )
-            }
-            Err(e) => {
-                eprintln!("ssp policy sds: {e}");
-                return exit::NEGATIVE;
-            }
-        }
+        rt.block_on(refresh::fetch_answers(cfg))
     } else {
-        let mut pages = Vec::new();
-        let mut names = Vec::new();
-        for path in bundles {
-            let bytes = match read_limited(path, crate::sds_api::MAX_ANSWER_BYTES) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("{}: {e}", path.display());
-                    return exit::USAGE;
-                }
-            };
-            let name = path.file_name().map_or_else(
-                || path.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            );
-            match sds::Bundle::parse(&name, &bytes) {
-                Ok(bundle) => pages.push(sds::Page {
-                    origin: name.clone(),
-                    bundle,
-                }),
-                Err(e) => {
-                    eprintln!("{e}");
-                    return exit::NEGATIVE;
-                }
-            }
-            names.push(name);
-        }
-        (
-            pages,
-            format!("Source: saved SDS answers {}.", names.join(", ")),
-            None,
-        )
+        refresh::read_answers(bundles)
     };
-    let directory = sds::build(&pages, &cfg.roles, &note, fetched.as_deref());
-    // The normal compiler is the judge of what was built.
-    let built = match crate::policy::Policy::compile(
-        &crate::policy::Source::from_files(vec![("sds.toml".into(), directory.text.clone())]),
-        0,
-    ) {
-        // Only systems and endpoints come from SDS: anything else in the text is a bug or an injection.
-        Ok(p) if p.counts().2 != 0 => {
-            eprintln!("the directory built from SDS holds agreements; refused");
-            return exit::NEGATIVE;
-        }
-        Ok(p) => p,
-        Err(problems) => {
-            eprintln!("the directory built from SDS does not compile as a policy:");
-            return print_problems(&problems).min(exit::NEGATIVE);
-        }
+    let (directory, built) = match answers.and_then(|a| refresh::compile(&a, &cfg.roles)) {
+        Ok(compiled) => compiled,
+        Err(e) => return stopped(e),
     };
     for problem in &directory.problems {
         eprintln!("{problem}");
@@ -306,28 +242,18 @@ fn policy_sds(
         return exit::NEGATIVE;
     }
     if diff {
-        match crate::policy::Policy::load_dir(&config.policy.dir, 0) {
-            Ok(current) => {
-                let lines = sds::diff(&current, &built, &cfg.roles);
-                if lines.is_empty() {
-                    println!(
-                        "no change against the policy in force ({})",
-                        config.policy.dir.display()
-                    );
-                }
-                for line in lines {
-                    println!("{line}");
-                }
-            }
-            Err(problems) => {
-                eprintln!("the policy in force does not compile; no diff:");
-                return print_problems(&problems);
-            }
+        match refresh::diff_against(&config.policy.dir, &built, &cfg.roles) {
+            Ok(lines) if lines.is_empty() => println!(
+                "no change against the policy in force ({})",
+                config.policy.dir.display()
+            ),
+            Ok(lines) => lines.iter().for_each(|line| println!("{line}")),
+            Err(e) => return stopped(e),
         }
     }
     match out {
         Some(path) => {
-            if let Err(e) = write_atomically(path, directory.text.as_bytes()) {
+            if let Err(e) = refresh::write_atomically(path, directory.text.as_bytes()) {
                 eprintln!("{}: {e}", path.display());
                 return exit::INTERNAL;
             }
@@ -351,38 +277,6 @@ fn policy_sds(
     } else {
         exit::NEGATIVE
     }
-}
-
-/// A file's bytes, refused past `limit`.
-fn read_limited(path: &Path, limit: usize) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(limit as u64 + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() > limit {
-        return Err(std::io::Error::other(format!("larger than {limit} bytes")));
-    }
-    Ok(bytes)
-}
-
-/// Writes `path` through a temporary file in the same folder, fsynced, then renamed over it.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map_or_else(|| "sds".into(), |n| n.to_string_lossy())
-    ));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 fn policy_check(

@@ -16,9 +16,13 @@
 //! - `resource`: reading `Device` and `Endpoint` resources strictly.
 //! - `build`: joining them by party key and rendering the policy file.
 //! - `diff`: what changes against the policy in force.
+//! - `fetch`: the live search of the SDS FHIR API (the one part of `policy` that opens sockets).
+//! - `refresh`: `ssp policy sds` from start to end: answers, build, compile, diff, write.
 
 mod build;
 mod diff;
+pub(crate) mod fetch;
+pub(crate) mod refresh;
 mod resource;
 
 pub use build::build;

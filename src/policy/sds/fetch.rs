@@ -4,7 +4,7 @@
 //! `Retry-After` a bounded number of times.
 //!
 //! Everything an answer carries is untrusted: the status, the content type (FHIR JSON, and when it names a FHIR
-//! version, 4.0), the size (at most [`MAX_ANSWER_BYTES`]), the Bundle's shape (see [`crate::policy::sds`]) and every
+//! version, 4.0), the size (at most [`MAX_ANSWER_BYTES`]), the Bundle's shape (see [`super`]) and every
 //! `next` link (it must stay under the configured base URL: an answer cannot send the API key elsewhere). The API
 //! key is read from its file and never printed.
 
@@ -19,8 +19,8 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::{Bundle, INTERACTION_SYSTEM, ODS_SYSTEM, Page};
 use crate::config::SdsConfig;
-use crate::policy::sds::{Bundle, INTERACTION_SYSTEM, ODS_SYSTEM, Page};
 
 /// Largest answer read.
 pub(crate) const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
