@@ -1108,7 +1108,7 @@ fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
-    ssp::devcerts::generate_with(&certs, ssp::devcerts::KeyKind::Rsa2048).unwrap();
+    ssp::demo::devcerts::generate_with(&certs, ssp::demo::devcerts::KeyKind::Rsa2048).unwrap();
     std::fs::create_dir_all(dir.path().join("policies")).unwrap();
     std::fs::copy(
         concat!(env!("CARGO_MANIFEST_DIR"), "/policies/dev.toml"),

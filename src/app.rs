@@ -79,7 +79,7 @@ pub(crate) fn inspect(config: &Config) -> Checked {
     problems.extend(state_dir_problems(config));
     let (expired, mut warnings) = expiry_report(config);
     problems.extend(expired);
-    let crls = tls::crl_report(&config.server, crate::ids::unix_now());
+    let crls = tls::crl_report(&config.server, crate::clock::unix_now());
     problems.extend(crls.refused);
     warnings.extend(crls.trusted_stale);
     warnings.extend(crls.expiring);
@@ -138,7 +138,7 @@ pub fn start_policy(config: &Config) -> Result<Policy, Problems> {
 
 /// Certificates named by the config that have expired (a problem) or expire within 30 days (a warning).
 pub(crate) fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
-    let now = crate::ids::unix_now();
+    let now = crate::clock::unix_now();
     let mut expired = Vec::new();
     let mut soon = Vec::new();
     for cert in certificate_files(config) {
@@ -147,14 +147,14 @@ pub(crate) fn expiry_report(config: &Config) -> (Vec<String>, Vec<String>) {
                 "{}: {}: certificate expired (notAfter {})",
                 cert.key,
                 cert.path.display(),
-                crate::ids::rfc3339_seconds(cert.not_after)
+                crate::clock::rfc3339_seconds(cert.not_after)
             ));
         } else if cert.not_before > now {
             expired.push(format!(
                 "{}: {}: certificate not yet valid (notBefore {})",
                 cert.key,
                 cert.path.display(),
-                crate::ids::rfc3339_seconds(cert.not_before)
+                crate::clock::rfc3339_seconds(cert.not_before)
             ));
         } else if cert.not_after < now + 30 * 86_400 {
             soon.push(format!(

@@ -215,131 +215,6 @@ impl PeerIdentity {
     }
 }
 
-/// Unix seconds now (0 if the clock is before 1970).
-pub(crate) fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// `byte` as two lower-case hexadecimal digits.
-pub fn hex_pair(byte: u8) -> [u8; 2] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    [
-        DIGITS[usize::from(byte >> 4)],
-        DIGITS[usize::from(byte & 0xf)],
-    ]
-}
-
-/// Lower-case hexadecimal of `bytes`: certificate serials and fingerprints, policy hashes.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.extend(hex_pair(*b).map(char::from));
-    }
-    out
-}
-
-/// A SHA-256 digest as 64 lower-case hexadecimal digits, held inline: the audit chain makes one per record.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct HexDigest([u8; 64]);
-
-impl HexDigest {
-    /// All zeros: the `prev` of the first record of a log.
-    pub const GENESIS: HexDigest = HexDigest([b'0'; 64]);
-
-    /// The SHA-256 digest of `bytes`.
-    pub fn of(bytes: &[u8]) -> Self {
-        let digest = <sha2::Sha256 as sha2::Digest>::digest(bytes);
-        let mut out = [0; 64];
-        for (pair, b) in out.chunks_exact_mut(2).zip(digest) {
-            pair.copy_from_slice(&hex_pair(b));
-        }
-        Self(out)
-    }
-
-    pub fn as_str(&self) -> &str {
-        // Hexadecimal digits only, so always UTF-8.
-        std::str::from_utf8(&self.0).unwrap_or_default()
-    }
-}
-
-impl fmt::Debug for HexDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl fmt::Display for HexDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The current time as RFC 3339 with microseconds, UTC.
-pub(crate) fn now_rfc3339() -> String {
-    rfc3339(time::OffsetDateTime::now_utc())
-}
-
-/// Unix seconds as RFC 3339 (`2026-12-07T05:30:00Z`), or the number itself when out of range: for messages
-/// that name a certificate's or CRL's dates.
-pub(crate) fn rfc3339_seconds(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
-}
-
-/// `t` (UTC) as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
-pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
-    Timestamp::of(t).as_str().to_owned()
-}
-
-/// A time (UTC) as RFC 3339 with microseconds, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, held inline and written digit by
-/// digit: every audit record is stamped, and the general formatter cost a microsecond a record.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Timestamp([u8; 27]);
-
-impl Timestamp {
-    pub(crate) fn now() -> Self {
-        Self::of(time::OffsetDateTime::now_utc())
-    }
-
-    pub(crate) fn of(t: time::OffsetDateTime) -> Self {
-        fn digits(out: &mut [u8], n: u32) {
-            let mut n = n;
-            for place in out.iter_mut().rev() {
-                *place = b'0' + (n % 10) as u8;
-                n /= 10;
-            }
-        }
-        let (h, m, sec, micro) = t.to_hms_micro();
-        let mut out = *b"0000-00-00T00:00:00.000000Z";
-        digits(&mut out[0..4], t.year().clamp(0, 9999) as u32);
-        digits(&mut out[5..7], u32::from(u8::from(t.month())));
-        digits(&mut out[8..10], u32::from(t.day()));
-        digits(&mut out[11..13], u32::from(h));
-        digits(&mut out[14..16], u32::from(m));
-        digits(&mut out[17..19], u32::from(sec));
-        digits(&mut out[20..26], micro);
-        Self(out)
-    }
-
-    pub(crate) fn as_str(&self) -> &str {
-        // Digits and ASCII separators only, so always UTF-8.
-        std::str::from_utf8(&self.0).unwrap_or_default()
-    }
-}
-
-impl fmt::Debug for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,21 +243,6 @@ mod tests {
             format!("{trace:?}"),
             format!("TraceId({:?})", trace.as_str())
         );
-    }
-
-    #[test]
-    fn hex_digest_is_sha256_in_lower_case_hex() {
-        // FIPS 180-2, appendix B.1.
-        assert_eq!(
-            HexDigest::of(b"abc").to_string(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        assert_eq!(HexDigest::GENESIS.as_str(), "0".repeat(64));
-    }
-
-    #[test]
-    fn hex_is_lower_case() {
-        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
     }
 
     #[test]
@@ -443,21 +303,5 @@ mod tests {
             if let Some(t) = TraceId::parse(&s) { prop_assert_eq!(t.as_str(), s.as_str()); }
             if let Some(i) = InteractionId::parse(&s) { prop_assert_eq!(i.as_str(), s.as_str()); }
         }
-    }
-
-    /// The hand-written stamp is what the general formatter writes, for any instant of these years.
-    #[test]
-    fn timestamps_match_the_formatter() {
-        let format = time::macros::format_description!(
-            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-        );
-        let mut t = time::OffsetDateTime::from_unix_timestamp(0).unwrap();
-        let step = time::Duration::seconds(86_399) + time::Duration::microseconds(987_654);
-        while t.year() < 2100 {
-            assert_eq!(rfc3339(t), t.format(&format).unwrap());
-            t += step;
-        }
-        let now = now_rfc3339();
-        assert_eq!(now.len(), 27, "{now}");
     }
 }

@@ -61,7 +61,7 @@ fn escaped(out: &mut Vec<u8>, text: &str) {
             Some(c) => out.extend_from_slice(&[b'\\', c]),
             None => {
                 out.extend_from_slice(b"\\u00");
-                out.extend_from_slice(&crate::ids::hex_pair(byte));
+                out.extend_from_slice(&crate::hex::hex_pair(byte));
             }
         }
         rest = &rest[at + 1..];

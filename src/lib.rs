@@ -10,8 +10,9 @@
 //! - [`app`]: the wiring, in one place: config, TLS, policy, audit log, metrics and the proxy into an
 //!   [`app::Instance`] whose `run` serves the consumer listener and the admin listener (its own task).
 //! - [`config`] (`raw`, `validate`): the TOML config, strictly parsed, validated once into typed values.
-//! - [`ids`]: identifier newtypes (`Asid`, `TraceId`, `InteractionId`, `OdsCode`), the peer identity, and small
-//!   shared helpers (hex, timestamps). A leaf: it imports nothing from the crate.
+//! - [`ids`]: identifier newtypes (`Asid`, `TraceId`, `InteractionId`, `OdsCode`) and the peer identity. A leaf.
+//! - `clock` (crate): Unix seconds and the RFC 3339 timestamps the crate writes. A leaf.
+//! - [`hex`]: lower-case hexadecimal and the SHA-256 digests that chain the audit log. A leaf.
 //! - [`tls`]: certificates, keys and CRLs; the consumer-facing and upstream rustls configs; peer identity reading.
 //! - `server` (crate; `connection`, `idle`, `close`, `proxy_protocol`): the worker threads (one single-threaded runtime each) and
 //!   the accept loop that hands them connections, connection limit, PROXY header, handshake timeout, h1/h2
@@ -32,7 +33,8 @@
 //! - [`lifecycle`]: signals, systemd notification, SIGHUP reload of TLS material and policy.
 //! - [`metrics`], `admin` (crate): metric names and handles (every bounded series present from the start); the
 //!   admin listener (/metrics, /healthz, /readyz).
-//! - [`devcerts`], [`demo`] (`provider`, `client`): the development PKI and the newcomer's tour.
+//! - [`demo`] (`provider`, `client`, [`demo::devcerts`]): the newcomer's tour, and the development PKI it and
+//!   `ssp dev-certs` make (test and benchmark PKIs too).
 //!
 //! # Life of a request
 //!
@@ -68,10 +70,11 @@ pub(crate) mod admin;
 pub mod app;
 pub mod audit;
 pub mod cli;
+pub(crate) mod clock;
 pub mod config;
 pub mod demo;
-pub mod devcerts;
 pub(crate) mod forward;
+pub mod hex;
 pub mod ids;
 pub mod json_text;
 pub mod jwt;

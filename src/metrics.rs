@@ -49,7 +49,7 @@ pub(crate) const DENIAL_REASONS: &[&str] = &[
     "timeout_communicating_to_endpoint",
 ];
 
-/// Every `reason` of `ssp_tls_handshake_failures_total` ([`tls_failure_reason`], plus the listener's own).
+/// Every `reason` of `ssp_tls_handshake_failures_total` ([`crate::tls::failure_reason`], plus the listener's own).
 pub(crate) const TLS_FAILURE_REASONS: &[&str] = &[
     "no_certificate",
     "certificate_revoked",
@@ -378,40 +378,6 @@ impl Metrics {
             tracing::error!(error = %e, "cannot render metrics");
         }
         out
-    }
-}
-
-/// A bounded reason label for a refused TLS handshake.
-pub(crate) fn tls_failure_reason(error: &std::io::Error) -> &'static str {
-    use rustls::{CertificateError, Error};
-    let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
-        return "io";
-    };
-    match tls {
-        Error::InvalidCertificate(CertificateError::Other(other)) => {
-            use crate::tls::UnknownToConsumer;
-            match other.0.downcast_ref::<UnknownToConsumer>() {
-                Some(UnknownToConsumer::NotYetValid) => "certificate_not_yet_valid",
-                Some(UnknownToConsumer::StaleCrl) => "crl_expired",
-                None => "certificate_invalid",
-            }
-        }
-        Error::NoCertificatesPresented => "no_certificate",
-        Error::InvalidCertificate(CertificateError::Revoked) => "certificate_revoked",
-        Error::InvalidCertificate(
-            CertificateError::ExpiredRevocationList
-            | CertificateError::ExpiredRevocationListContext { .. },
-        ) => "crl_expired",
-        Error::InvalidCertificate(
-            CertificateError::Expired | CertificateError::ExpiredContext { .. },
-        ) => "certificate_expired",
-        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
-        Error::InvalidCertificate(_) => "certificate_invalid",
-        Error::PeerIncompatible(_) => "incompatible",
-        Error::InappropriateHandshakeMessage { .. } | Error::InappropriateMessage { .. } => {
-            "protocol"
-        }
-        _ => "other",
     }
 }
 

@@ -17,7 +17,8 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use sha2::{Digest, Sha256};
 
 use crate::config::{CrlExpired, Problems, ServerConfig, TlsVersion, UpstreamConfig};
-use crate::ids::{PeerIdentity, hex};
+use crate::hex::hex;
+use crate::ids::PeerIdentity;
 
 /// The one crypto provider, aws-lc-rs with its default suites: in TLS 1.2 only ECDHE with AES-GCM or ChaCha20
 /// (the GP Connect list's DHE and CBC suites are deliberately not offered).
@@ -246,7 +247,7 @@ pub(crate) fn crl_report(cfg: &ServerConfig, now: i64) -> CrlReport {
         let Some(next) = crl.next_update else {
             continue;
         };
-        let when = crate::ids::rfc3339_seconds(next);
+        let when = crate::clock::rfc3339_seconds(next);
         let path = crl.path.display();
         if next <= now {
             match cfg.crl_expired {
@@ -270,7 +271,7 @@ pub(crate) fn crl_report(cfg: &ServerConfig, now: i64) -> CrlReport {
 
 /// Logs [`crl_report`] for now: an expired CRL at error, one close to expiry at warn.
 pub(crate) fn log_crl_report(cfg: &ServerConfig) {
-    let report = crl_report(cfg, crate::ids::unix_now());
+    let report = crl_report(cfg, crate::clock::unix_now());
     for line in report.refused {
         tracing::error!(problem = %line, "stale CRL");
     }
@@ -288,7 +289,7 @@ pub(crate) async fn watch_crl_expiry(
     mode: CrlExpired,
 ) {
     loop {
-        let now = crate::ids::unix_now();
+        let now = crate::clock::unix_now();
         let next = crls
             .borrow_and_update()
             .iter()
@@ -562,6 +563,40 @@ fn pair_problem(
             cert.display()
         ),
         e => format!("{cert_key} / {key_key}: {}: {e}", cert.display()),
+    }
+}
+
+/// A bounded reason label for a refused TLS handshake (one of `metrics::TLS_FAILURE_REASONS`), from the rustls
+/// error inside the handshake's I/O error.
+pub(crate) fn failure_reason(error: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+        return "io";
+    };
+    match tls {
+        Error::InvalidCertificate(CertificateError::Other(other)) => {
+            match other.0.downcast_ref::<UnknownToConsumer>() {
+                Some(UnknownToConsumer::NotYetValid) => "certificate_not_yet_valid",
+                Some(UnknownToConsumer::StaleCrl) => "crl_expired",
+                None => "certificate_invalid",
+            }
+        }
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::InvalidCertificate(CertificateError::Revoked) => "certificate_revoked",
+        Error::InvalidCertificate(
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. },
+        ) => "crl_expired",
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "certificate_expired",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        Error::InvalidCertificate(_) => "certificate_invalid",
+        Error::PeerIncompatible(_) => "incompatible",
+        Error::InappropriateHandshakeMessage { .. } | Error::InappropriateMessage { .. } => {
+            "protocol"
+        }
+        _ => "other",
     }
 }
 

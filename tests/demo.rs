@@ -139,7 +139,7 @@ async fn the_dev_provider_reads_the_whole_body_before_it_answers() {
     let provider = tokio::spawn(ssp::demo::serve_provider(
         listener,
         tls,
-        ssp::devcerts::PROXY_CLIENT_NAME.to_owned(),
+        ssp::demo::devcerts::PROXY_CLIENT_NAME.to_owned(),
         async {
             let _ = stopped.await;
         },

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ids::{Asid, HexDigest, InteractionId, PeerIdentity, TraceId};
+use crate::hex::HexDigest;
+use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
 use crate::json_text::Obj;
 use crate::jwt::JwtAudit;
 use crate::policy::Permit;
@@ -298,14 +299,14 @@ enum Entry {
 /// One audit record, stamped when made. `seq`, `instance` and `prev` are the writer's.
 #[derive(Debug)]
 pub struct Record {
-    ts: crate::ids::Timestamp,
+    ts: crate::clock::Timestamp,
     entry: Entry,
 }
 
 impl Record {
     fn new(entry: Entry) -> Self {
         Self {
-            ts: crate::ids::Timestamp::now(),
+            ts: crate::clock::Timestamp::now(),
             entry,
         }
     }

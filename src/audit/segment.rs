@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::ids::HexDigest;
+use crate::hex::HexDigest;
 
 use super::record::{Encoded, Link as ChainLink, Record, SealReason};
 use crate::config::AuditConfig;

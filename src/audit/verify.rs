@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use super::segment::{ChainFields, list_segments};
-use crate::ids::HexDigest;
+use crate::hex::HexDigest;
 
 /// What an intact log holds.
 #[derive(Debug, Clone, PartialEq, Eq)]

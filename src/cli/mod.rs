@@ -284,9 +284,9 @@ fn load_config(path: Option<PathBuf>) -> Result<Config, u8> {
 }
 
 fn dev_certs(out: &Path) -> u8 {
-    match crate::devcerts::generate(out) {
+    match crate::demo::devcerts::generate(out) {
         Ok(files) => {
-            println!("{}", crate::devcerts::WARNING);
+            println!("{}", crate::demo::devcerts::WARNING);
             for file in files {
                 println!("wrote {}", file.display());
             }

@@ -7,8 +7,10 @@
 //!
 //! - `provider`: the dev provider.
 //! - `client`: the small mTLS client and the dev audit token.
+//! - [`devcerts`]: the development PKI (also `ssp dev-certs`, and the tests' and benchmarks' PKIs).
 
 mod client;
+pub mod devcerts;
 mod provider;
 
 pub use client::{Answer, Client, dev_jwt};
@@ -23,7 +25,6 @@ use http_body_util::Full;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::devcerts;
 use crate::ids::TraceId;
 
 pub(crate) type DemoError = Box<dyn std::error::Error + Send + Sync>;

@@ -104,7 +104,7 @@ impl Source {
                 sha2::Digest::update(&mut h, part);
             }
         }
-        crate::ids::hex(&sha2::Digest::finalize(h))
+        crate::hex::hex(&sha2::Digest::finalize(h))
     }
 }
 

@@ -141,7 +141,7 @@ impl Store {
             .map_or(0, |(k, _)| u64_of(&k));
         let generation = Generation {
             number: last + 1,
-            imported_at: crate::ids::now_rfc3339(),
+            imported_at: crate::clock::now_rfc3339(),
             sha256,
             source,
         };

@@ -424,7 +424,7 @@ impl Proxy {
         let Some((mode, validator)) = &self.jwt else {
             return Ok(None);
         };
-        let now = crate::ids::unix_now();
+        let now = crate::clock::unix_now();
         let expect = Expect {
             endpoint_url: &permit.endpoint().url,
             interaction: &permit.request().headers.interaction,

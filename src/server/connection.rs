@@ -113,8 +113,7 @@ impl Connection {
         let tls = match tokio::time::timeout_at(deadline, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err((e, tcp))) => {
-                self.metrics
-                    .tls_failure(crate::metrics::tls_failure_reason(&e));
+                self.metrics.tls_failure(crate::tls::failure_reason(&e));
                 tracing::info!(conn = self.id, %remote, error = %e, "TLS handshake refused");
                 close_in_stages(tcp, guard, Instant::now() + LINGER_TIME).await;
                 return;

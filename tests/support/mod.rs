@@ -37,7 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-pub use ssp::devcerts::{CONSUMER_NAME, CONSUMER2_NAME, PROXY_CLIENT_NAME};
+pub use ssp::demo::devcerts::{CONSUMER_NAME, CONSUMER2_NAME, PROXY_CLIENT_NAME};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestBody = BoxBody<Bytes, BoxError>;
@@ -75,7 +75,7 @@ pub struct Pki {
 impl Pki {
     pub fn generate() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        ssp::devcerts::generate(&dir.path().join("certs")).unwrap();
+        ssp::demo::devcerts::generate(&dir.path().join("certs")).unwrap();
         Self { dir }
     }
 

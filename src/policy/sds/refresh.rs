@@ -84,7 +84,7 @@ pub(crate) async fn fetch_answers(cfg: &SdsConfig) -> Result<Answers, RefreshErr
         .cloned()
         .collect();
     let interactions: Vec<String> = cfg.roles.interactions.iter().cloned().collect();
-    let fetched_at = crate::ids::now_rfc3339();
+    let fetched_at = crate::clock::now_rfc3339();
     let pages = client
         .fetch_all(&ods, &interactions)
         .await
