@@ -1217,8 +1217,7 @@ fn main() {
             // Rounds interleave the targets, so that a slow moment of the machine does not land on one of them.
             // Each round starts with the direct phase, then the proxies, starting one further on each round, so
             // that no proxy always runs right after the direct phase. (Which place costs more was not settled:
-            // two instances of one build differed by up to 16% of CPU per request in one run, RESULTS, seventh
-            // session.)
+            // two instances of one build differed by up to 16% of CPU per request in one run; benches/RESULTS.md.)
             let n = applicable.len();
             for round in 0..rounds as usize {
                 let proxies = (0..n - 1).map(|k| 1 + (k + round) % (n - 1));

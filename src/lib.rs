@@ -13,8 +13,10 @@
 //! - [`ids`]: identifier newtypes (`Asid`, `TraceId`, `InteractionId`, `OdsCode`) and the peer identity. A leaf.
 //! - `clock` (crate): Unix seconds and the RFC 3339 timestamps the crate writes. A leaf.
 //! - [`hex`]: lower-case hexadecimal and the SHA-256 digests that chain the audit log. A leaf.
+//! - [`json_writer`]: JSON text: the plain-run scanner the token reader uses, and the field-at-a-time writer of
+//!   audit lines (byte for byte what serde_json writes).
 //! - [`tls`]: certificates, keys and CRLs; the consumer-facing and upstream rustls configs; peer identity reading.
-//! - `server` (crate; `connection`, `idle`, `close`, `proxy_protocol`): the worker threads (one single-threaded runtime each) and
+//! - `server` (crate; `connection`, `idle_rule`, `close`, `proxy_protocol`): the worker threads (one single-threaded runtime each) and
 //!   the accept loop that hands them connections, connection limit, PROXY header, handshake timeout, h1/h2
 //!   serving, the idle rule, staged closes, graceful drain. Knows nothing of request contents.
 //! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
@@ -26,7 +28,7 @@
 //! - [`audit`] ([`audit::record`], [`audit::writer`], `segment`, [`audit::verify`](mod@audit::verify), [`audit::query`](mod@audit::query)): the
 //!   typed transaction and record kinds, the `ssp-audit` writer thread, segments and recovery, verify and query
 //!   (check 12).
-//! - `forward` (crate; `connector`, `pool`, `headers`, `exchange`): the upstream client and pool, the
+//! - `forward` (crate; `connector`, `pool`, `idle_conns`, `headers`, `exchange`): the upstream client and pool, the
 //!   stale-connection retry, header rules, timeouts, exchange accounting and the streaming body wrapper.
 //! - [`proxy`] (`pipeline`, `refusal`, `body`, [`proxy::operation_outcome`]): the order of the steps for one
 //!   request; the one place failures become statuses and responses, as OperationOutcome bodies (JSON and XML).
@@ -76,7 +78,7 @@ pub mod demo;
 pub(crate) mod forward;
 pub mod hex;
 pub mod ids;
-pub mod json_text;
+pub mod json_writer;
 pub mod jwt;
 pub mod lifecycle;
 pub(crate) mod limits;

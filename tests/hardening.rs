@@ -1,4 +1,4 @@
-//! Issue 7: limits and throttling, upstream faults, and hostile input, each against the real proxy on loopback:
+//! Limits and throttling, upstream faults, and hostile input, each against the real proxy on loopback:
 //! the consumer's answer, what the provider saw, and the audit records.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -1,4 +1,4 @@
-//! The soak run of issue 7: the real `ssp serve` binary under a bounded mixed load (good requests over HTTP/1.1 and
+//! The soak run: the real `ssp serve` binary under a bounded mixed load (good requests over HTTP/1.1 and
 //! HTTP/2, uploads, denied and malformed requests, throttled consumers, consumers that hang up mid-download,
 //! a provider that is down and one that stalls mid-body). Not in the default run:
 //!

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::hex::HexDigest;
 use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
-use crate::json_text::Obj;
+use crate::json_writer::Obj;
 use crate::jwt::JwtAudit;
 use crate::policy::Permit;
 use crate::ssp;
@@ -58,10 +58,10 @@ impl Peer {
     clippy::large_enum_variant,
     reason = "held once per transaction, inside its Arc; boxing would cost an allocation per request"
 )]
-pub(super) enum Names {
+pub(super) enum Addressing {
     /// A permitted request: the parsed identifiers, shared with the request itself (reference counts, no copies),
     /// and the certificate name check 5 matched.
-    Checked {
+    Validated {
         trace_id: TraceId,
         from: Asid,
         to: Asid,
@@ -71,7 +71,7 @@ pub(super) enum Names {
         fqdn: Arc<str>,
     },
     /// A refused request: what it carried, raw and bounded (it may be what was refused).
-    Raw {
+    AsReceived {
         trace_id: Option<Box<str>>,
         from: Option<Box<str>>,
         to: Option<Box<str>>,
@@ -88,7 +88,7 @@ pub struct Transaction {
     pub(super) method: http::Method,
     /// The policy generation that decided the request.
     pub(super) policy_generation: u64,
-    pub(super) names: Names,
+    pub(super) addressing: Addressing,
 }
 
 impl Transaction {
@@ -106,7 +106,7 @@ impl Transaction {
             peer: Arc::clone(peer),
             method: method.clone(),
             policy_generation: permit.generation(),
-            names: Names::Checked {
+            addressing: Addressing::Validated {
                 trace_id: h.trace_id.clone(),
                 from: h.from.clone(),
                 to: h.to.clone(),
@@ -156,7 +156,7 @@ impl Transaction {
             peer: Arc::clone(peer),
             method: parts.method.clone(),
             policy_generation: generation,
-            names: Names::Raw {
+            addressing: Addressing::AsReceived {
                 trace_id: raw(&ssp::HEADER_TRACE_ID),
                 from: raw(&ssp::HEADER_FROM),
                 to: raw(&ssp::HEADER_TO),
@@ -173,16 +173,16 @@ impl Transaction {
 
     /// The trace id, checked or as sent.
     pub(crate) fn trace_id(&self) -> Option<&str> {
-        match &self.names {
-            Names::Checked { trace_id, .. } => Some(trace_id.as_str()),
-            Names::Raw { trace_id, .. } => trace_id.as_deref(),
+        match &self.addressing {
+            Addressing::Validated { trace_id, .. } => Some(trace_id.as_str()),
+            Addressing::AsReceived { trace_id, .. } => trace_id.as_deref(),
         }
     }
 
     /// `from`, `to`, `interaction`.
     pub(crate) fn parties(&self) -> [Option<&str>; 3] {
-        match &self.names {
-            Names::Checked {
+        match &self.addressing {
+            Addressing::Validated {
                 from,
                 to,
                 interaction,
@@ -192,7 +192,7 @@ impl Transaction {
                 Some(to.as_str()),
                 Some(interaction.as_str()),
             ],
-            Names::Raw {
+            Addressing::AsReceived {
                 from,
                 to,
                 interaction,
@@ -275,7 +275,7 @@ impl SealReason {
     reason = "a record lives only until it is encoded, on the thread that made it; boxing the token's claims \
               would cost an allocation per request"
 )]
-enum Entry {
+enum Event {
     Permitted {
         tx: Arc<Transaction>,
         jwt: Option<JwtAudit>,
@@ -300,11 +300,11 @@ enum Entry {
 #[derive(Debug)]
 pub struct Record {
     ts: crate::clock::Timestamp,
-    entry: Entry,
+    entry: Event,
 }
 
 impl Record {
-    fn new(entry: Entry) -> Self {
+    fn new(entry: Event) -> Self {
         Self {
             ts: crate::clock::Timestamp::now(),
             entry,
@@ -313,7 +313,7 @@ impl Record {
 
     /// The `request` record of a permitted request: `decision: permit`, and the token's claims when check 10 ran.
     pub fn permitted(tx: &Arc<Transaction>, jwt: Option<JwtAudit>) -> Self {
-        Self::new(Entry::Permitted {
+        Self::new(Event::Permitted {
             tx: Arc::clone(tx),
             jwt,
         })
@@ -325,7 +325,7 @@ impl Record {
         reason: String,
         jwt: Option<Box<JwtAudit>>,
     ) -> Self {
-        Self::new(Entry::Refused {
+        Self::new(Event::Refused {
             tx: Arc::clone(tx),
             reason,
             jwt,
@@ -334,7 +334,7 @@ impl Record {
 
     /// The `response` record that ends a forwarded exchange.
     pub(crate) fn completed(tx: &Arc<Transaction>, end: Completion) -> Self {
-        Self::new(Entry::Completed {
+        Self::new(Event::Completed {
             tx: Arc::clone(tx),
             end,
         })
@@ -360,7 +360,7 @@ impl Record {
 
     /// The `seal` record that ends a segment.
     pub(crate) fn sealed(why: SealReason, torn: Option<(u64, String)>) -> Self {
-        Self::new(Entry::Sealed { why, torn })
+        Self::new(Event::Sealed { why, torn })
     }
 }
 
@@ -403,11 +403,11 @@ impl Encoded {
         let mut line = Obj::continued(&mut buf);
         line.str("ts", record.ts.as_str());
         match &record.entry {
-            Entry::Permitted { tx, jwt } => request(&mut line, tx, "permit", None, jwt.as_ref()),
-            Entry::Refused { tx, reason, jwt } => {
+            Event::Permitted { tx, jwt } => request(&mut line, tx, "permit", None, jwt.as_ref()),
+            Event::Refused { tx, reason, jwt } => {
                 request(&mut line, tx, "deny", Some(reason), jwt.as_deref());
             }
-            Entry::Completed { tx, end } => {
+            Event::Completed { tx, end } => {
                 line.str("kind", "response");
                 line.str_if("trace_id", tx.trace_id());
                 line.u64("conn_id", tx.conn_id);
@@ -422,7 +422,7 @@ impl Encoded {
                 }
                 line.str("outcome", end.outcome.as_str());
             }
-            Entry::Sealed { why, torn } => {
+            Event::Sealed { why, torn } => {
                 line.str("kind", "seal");
                 line.str("sealed", why.as_str());
                 if let Some((bytes, file)) = torn {
@@ -435,7 +435,7 @@ impl Encoded {
             fields: buf,
             request: matches!(
                 record.entry,
-                Entry::Permitted { .. } | Entry::Refused { .. }
+                Event::Permitted { .. } | Event::Refused { .. }
             ),
         }
     }
@@ -479,12 +479,12 @@ fn request(
     line.str_if("trace_id", tx.trace_id());
     line.u64("conn_id", tx.conn_id);
     line.raw("peer", tx.peer.as_json());
-    let target = match &tx.names {
-        Names::Checked { fqdn, target, .. } => {
+    let target = match &tx.addressing {
+        Addressing::Validated { fqdn, target, .. } => {
             line.str("fqdn", fqdn);
             Some(target.as_str())
         }
-        Names::Raw { target, .. } => target.as_deref(),
+        Addressing::AsReceived { target, .. } => target.as_deref(),
     };
     parties(line, tx);
     line.str("method", tx.method.as_str());

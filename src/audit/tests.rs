@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::record::Names;
+use super::record::Addressing;
 use super::segment::{TAIL_WINDOW, list_segments};
 use super::writer::{QUEUE_CAPACITY, QUEUE_LIMIT, STAGE_LIMIT};
 use super::*;
@@ -40,14 +40,14 @@ fn transaction(n: u64) -> Arc<Transaction> {
         )),
         method: http::Method::GET,
         policy_generation: 1,
-        names: checked_names(n, "consumer.dev.localhost"),
+        addressing: checked_addressing(n, "consumer.dev.localhost"),
     })
 }
 
 /// The identifiers of a permitted request for the metadata interaction, its trace id ending in `n` (below
 /// 10^12), its certificate name `fqdn`.
-pub(super) fn checked_names(n: u64, fqdn: &str) -> Names {
-    Names::Checked {
+pub(super) fn checked_addressing(n: u64, fqdn: &str) -> Addressing {
+    Addressing::Validated {
         trace_id: TraceId::parse(&format!("00000000-0000-4000-8000-{n:012}")).unwrap(),
         from: Asid::parse("200000000359").unwrap(),
         to: Asid::parse("918999198993").unwrap(),

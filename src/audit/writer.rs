@@ -115,12 +115,12 @@ pub(crate) struct Room(OwnedSemaphorePermit);
 
 /// The handle the request path holds.
 pub struct AuditLog {
-    shared: Arc<Shared>,
+    shared: Arc<WriterState>,
     /// The writer, and in batched mode the syncer.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
-struct Shared {
+struct WriterState {
     queue: Mutex<Queue>,
     /// Wakes the thread: a record was queued while it waited, or the log is closing.
     wake: Condvar,
@@ -195,14 +195,14 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
-impl Shared {
+impl WriterState {
     /// Queues jobs and wakes the thread if it waits; gives back those that could not be queued (the log is closed
     /// or [`QUEUE_LIMIT`] is reached).
     fn push(&self, jobs: impl IntoIterator<Item = Job>) -> Vec<Job> {
         self.push_and_refill(jobs, &mut Vec::new(), 0)
     }
 
-    /// As [`Shared::push`], and moves up to `want` spare buffers into `buffers`.
+    /// As [`WriterState::push`], and moves up to `want` spare buffers into `buffers`.
     fn push_and_refill(
         &self,
         jobs: impl IntoIterator<Item = Job>,
@@ -417,7 +417,7 @@ impl AuditLog {
         // Open before returning (the one piece of file I/O on the caller's thread, at start), so that a healthy
         // log is healthy from the first request.
         writer.ensure_open();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(WriterState {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             room: Arc::new(Semaphore::new(QUEUE_CAPACITY)),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use http::Method;
 
 use raw::RawConfig;
-use validate::{Validator, toml_error_line};
+use validate::{Converter, toml_error_line};
 
 /// Where `serve` looks when no `--config` is given: the first that exists.
 pub(crate) const DEFAULT_PATHS: [&str; 2] = ["ssp.toml", "/etc/ssp/ssp.toml"];
@@ -266,7 +266,7 @@ impl Config {
             };
         };
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut v = Validator {
+        let mut v = Converter {
             base,
             problems,
             file: path.display().to_string(),

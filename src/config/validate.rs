@@ -12,7 +12,7 @@ use super::raw::*;
 use super::*;
 
 /// Collects problems while converting raw values, so that one run reports all of them.
-pub(super) struct Validator<'a> {
+pub(super) struct Converter<'a> {
     pub(super) base: &'a Path,
     pub(super) file: String,
     pub(super) problems: Vec<String>,
@@ -22,7 +22,7 @@ pub(super) struct Validator<'a> {
     pub(super) unusable: &'a [String],
 }
 
-impl Validator<'_> {
+impl Converter<'_> {
     /// `file: line L: key: message`, or without the line when the key is not written (a default, or a
     /// composite key such as `sds.systems / sds.endpoints`).
     pub(super) fn problem(&mut self, key: &str, message: impl fmt::Display) {

@@ -10,14 +10,14 @@
 //! - `pool`: [`Upstream`], the client the proxy owns (hyper's `client::conn`): provider connections driven by the
 //!   exchange that uses them, the idle pool and connection limit per provider, the timeouts and the retry of a
 //!   request that met a stale pooled connection.
-//! - `idle`: a provider's idle connections, per thread that opened them, taken newest first.
+//! - `idle_conns`: a provider's idle connections, per thread that opened them, taken newest first.
 //! - `headers`: hop-by-hop removal, cookie joining, `Host`, `Forwarded` and `X-Forwarded-For`.
 //! - `exchange`: [`Exchange`] accounting and the [`Streamed`] body wrapper.
 
 mod connector;
 mod exchange;
 mod headers;
-mod idle;
+mod idle_conns;
 mod pool;
 
 pub(crate) use connector::Connector;

@@ -30,7 +30,7 @@ use super::connector::{ConnectError, ProviderStream};
 use super::headers::{
     MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD, is_head_too_large, response_framing, response_head_len,
 };
-use super::idle::IdleConns;
+use super::idle_conns::IdleConns;
 use super::{
     BoxError, ClientFields, Connector, Direction, Exchange, ForwardError, IdleTimeout, Streamed,
     rewrite_request_headers, strip_hop_by_hop,
@@ -119,8 +119,9 @@ impl Conn {
     }
 }
 
-/// One provider (`host:port`): its connection limit and its idle connections.
-struct Host {
+/// One provider origin (RFC 9110 section 4.3.1: scheme `https`, `host:port`): its connection limit and its idle
+/// connections.
+struct Origin {
     /// As in a URI: an IPv6 literal bracketed.
     name: Box<str>,
     port: u16,
@@ -133,7 +134,7 @@ struct Host {
     returned: Notify,
 }
 
-impl Host {
+impl Origin {
     /// An idle connection that has not outlived `idle_timeout`: one this thread opened, or another thread's when
     /// no new connection may be opened (see [`IdleConns::take`]).
     fn take_idle(&self, idle_timeout: Duration) -> Option<Conn> {
@@ -149,7 +150,7 @@ impl Host {
             )
     }
 
-    /// Whether [`Host::take_idle`] would find a connection.
+    /// Whether [`Origin::take_idle`] would find a connection.
     fn has_idle(&self) -> bool {
         let foreign = self.slots.available_permits() == 0;
         self.idle
@@ -187,9 +188,9 @@ impl Host {
     }
 }
 
-impl std::fmt::Debug for Host {
+impl std::fmt::Debug for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Host").field("key", &self.key).finish()
+        f.debug_struct("Origin").field("key", &self.key).finish()
     }
 }
 
@@ -198,7 +199,7 @@ impl std::fmt::Debug for Host {
 struct Pool {
     connector: Connector,
     /// Only permitted targets' providers are ever added, so the map holds registered endpoints only.
-    hosts: Mutex<HashMap<Arc<str>, Arc<Host>>>,
+    hosts: Mutex<HashMap<Arc<str>, Arc<Origin>>>,
     per_provider_connections: usize,
     max_idle_per_host: usize,
     idle_timeout: Duration,
@@ -214,7 +215,7 @@ struct Failure {
 
 impl Pool {
     /// The provider of `uri` (a permitted target's: absolute, with a host).
-    fn host(&self, uri: &Uri) -> Result<Arc<Host>, ForwardError> {
+    fn host(&self, uri: &Uri) -> Result<Arc<Origin>, ForwardError> {
         let Some(name) = uri.host() else {
             return Err(ForwardError::Unreachable(Box::new(ConnectError(
                 "no host in target".into(),
@@ -245,7 +246,7 @@ impl Pool {
             return Ok(Arc::clone(host));
         }
         let key: Arc<str> = Arc::from(key);
-        let host = Arc::new(Host {
+        let host = Arc::new(Origin {
             name: name.into(),
             port,
             key: Arc::clone(&key),
@@ -260,7 +261,7 @@ impl Pool {
     /// A connection ready for a request: an idle one when `reuse`, else (or when there is none) a new one once a
     /// slot is free. Waiting for a slot, an idle connection that comes back is taken instead. Bounded by
     /// `upstream.connect_timeout`.
-    async fn checkout(&self, host: &Host, reuse: bool) -> Result<Conn, BoxError> {
+    async fn checkout(&self, host: &Origin, reuse: bool) -> Result<Conn, BoxError> {
         let get = async {
             loop {
                 while let Some(mut conn) =
@@ -294,7 +295,7 @@ impl Pool {
         }
     }
 
-    async fn open(&self, host: &Host, slot: OwnedSemaphorePermit) -> Result<Conn, BoxError> {
+    async fn open(&self, host: &Origin, slot: OwnedSemaphorePermit) -> Result<Conn, BoxError> {
         let stream = self
             .connector
             .dial(&host.name, host.port, &host.key)
@@ -313,7 +314,7 @@ impl Pool {
     /// Sends `request` on a connection (a pooled one when `reuse`) and drives it until the response head.
     async fn exchange(
         &self,
-        host: &Host,
+        host: &Origin,
         request: Request<RequestBody>,
         reuse: bool,
     ) -> Result<(Response<Incoming>, Conn), Failure> {
@@ -353,7 +354,7 @@ impl Pool {
 pub(crate) struct ProviderBody {
     body: Incoming,
     conn: Option<Conn>,
-    host: Arc<Host>,
+    host: Arc<Origin>,
     pool: Arc<Pool>,
     /// Says whether the request body has all gone out: a provider that answered before reading all of it leaves
     /// a connection that cannot carry another request, and it is closed instead of pooled.
@@ -484,7 +485,7 @@ impl Upstream {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let hosts: Vec<Arc<Host>> = self
+            let hosts: Vec<Arc<Origin>> = self
                 .pool
                 .hosts
                 .lock()

@@ -15,7 +15,7 @@
 use serde_json::{Map, Value};
 
 use super::Violation;
-use crate::json_text::special;
+use crate::json_writer::special;
 
 /// Nodes reserved up front: a GP Connect claims set has about sixty.
 const TYPICAL_NODES: usize = 96;

@@ -17,7 +17,7 @@ mod token;
 pub use profile::{Expect, Validator, required_scope};
 pub use token::{VerifyingKey, bearer_token, decode, encode_unsigned, load_keys, parse_keys};
 
-use crate::json_text::Obj;
+use crate::json_writer::Obj;
 
 /// Largest token read (a typical GP Connect token is about 1.5 KiB).
 pub(crate) const MAX_TOKEN_BYTES: usize = 16 * 1024;

@@ -159,11 +159,12 @@ mod tests {
         std::mem::size_of::<Fut>()
     }
 
-    /// hyper keeps each consumer connection's in-flight request future in a box sized for it, and every future on
-    /// the request path is moved at its full size when first awaited. `Proxy::handle` once kept the checks' whole
-    /// `Result` across its awaits (some 850 bytes, the scrutinee of a `match`), and `Proxy::forward` took the
-    /// permit by value, so that its future held two copies (some 650 bytes): 5,280 bytes in all, 3,792 without.
-    /// This fails if either comes back.
+    /// The request future's budget: 4 KiB. hyper keeps each consumer connection's in-flight request future in a
+    /// box sized for it, and every future on the request path is moved at its full size when first awaited, so
+    /// its size is paid per request. What breaks it (see the note at `Proxy::handle`): a value kept across an
+    /// `.await` that only a step before it needs (a `match` on the checks' whole `Result` holds some 850 bytes), or
+    /// a large value taken by value into an awaited call (a `Permit` moved into `Proxy::forward` is a second copy,
+    /// some 650 bytes).
     #[test]
     fn the_request_future_stays_under_4_kib() {
         let size = future_size(Proxy::handle);

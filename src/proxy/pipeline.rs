@@ -93,6 +93,11 @@ impl Proxy {
     /// audit records (a refused one: a `request` record with the decision and a `response` record), or, refused
     /// because the audit log cannot take them (503 `AUDIT_UNAVAILABLE`), none, or a complete pair (see
     /// `audit::writer::slot`).
+    ///
+    /// Its future has a size budget of 4 KiB, held by `proxy::tests::the_request_future_stays_under_4_kib`: hyper
+    /// boxes one per request and moves it whole when first awaited. Keep across an `.await` only what a later step
+    /// needs (take a checks' `Result` apart in its own statement rather than `match` on it), and pass large values
+    /// such as the `Permit` by reference into awaited calls.
     pub(crate) async fn handle(
         &self,
         request: Request<Incoming>,
@@ -248,14 +253,14 @@ impl Proxy {
         // 10: the audit token.
         let jwt = self.check_jwt(&parts.headers, &permit, conn)?;
         // 11: limits, counted from here until the exchange ends.
-        let h = &permit.request().headers;
+        let ssp_headers = &permit.request().headers;
         let admission = self
             .limits
-            .admit(&h.from, &h.to, Instant::now())
+            .admit(&ssp_headers.from, &ssp_headers.to, Instant::now())
             .map_err(|t| {
                 let named = match t {
-                    Throttle::ProviderConcurrency { .. } => h.to.clone(),
-                    _ => h.from.clone(),
+                    Throttle::ProviderConcurrency { .. } => ssp_headers.to.clone(),
+                    _ => ssp_headers.from.clone(),
                 };
                 Refusal::Throttled(t, named)
             })?;
@@ -337,22 +342,22 @@ impl Proxy {
     ) -> Arc<Exchange> {
         let audit = Arc::clone(&self.audit);
         let metrics = Arc::clone(&self.metrics);
-        Exchange::new(started, move |s| {
+        Exchange::new(started, move |end| {
             // The exchange is over: its consumer and provider limits are free again.
             drop(admission);
             let [from, to, interaction] = tx.parties().map(|p| p.unwrap_or(OTHER));
             // A permitted interaction is one the policy names, so it is a bounded label.
-            metrics.request_done(interaction, s.outcome.as_str(), s.status, s.total);
-            metrics.upstream(s.upstream, s.bytes_in, s.bytes_out);
-            match s.outcome {
+            metrics.request_done(interaction, end.outcome.as_str(), end.status, end.total);
+            metrics.upstream(end.upstream, end.bytes_in, end.bytes_out);
+            match end.outcome {
                 Outcome::UpstreamError => metrics.upstream_error("upstream_error"),
-                Outcome::Timeout if !s.consumer_stalled => metrics.upstream_error("timeout"),
+                Outcome::Timeout if !end.consumer_stalled => metrics.upstream_error("timeout"),
                 _ => {}
             }
             // Cancelled by the consumer within a second of its start (Envoy's premature reset): the provider
             // connection it was on is closed mid-request or mid-response, and a new one is dialled for the next.
             let premature =
-                s.outcome == Outcome::ClientClosed && s.total < PREMATURE_RESET_LIFETIME;
+                end.outcome == Outcome::ClientClosed && end.total < PREMATURE_RESET_LIFETIME;
             if control.exchange_ended(premature) {
                 tracing::info!(
                     conn = tx.conn_id(),
@@ -371,24 +376,24 @@ impl Proxy {
                         from = %from,
                         to = %to,
                         interaction = %interaction,
-                        status = s.status,
-                        bytes_in = s.bytes_in,
-                        bytes_out = s.bytes_out,
-                        upstream_ms = crate::audit::millis(s.upstream),
-                        total_ms = crate::audit::millis(s.total),
-                        outcome = s.outcome.as_str(),
-                        consumer_stalled = s.consumer_stalled,
-                        retried = s.retried,
+                        status = end.status,
+                        bytes_in = end.bytes_in,
+                        bytes_out = end.bytes_out,
+                        upstream_ms = crate::audit::millis(end.upstream),
+                        total_ms = crate::audit::millis(end.total),
+                        outcome = end.outcome.as_str(),
+                        consumer_stalled = end.consumer_stalled,
+                        retried = end.retried,
                         "exchange"
                     )
                 };
             }
-            if s.outcome == Outcome::Ok {
+            if end.outcome == Outcome::Ok {
                 exchange_line!(debug);
             } else {
                 exchange_line!(info);
             }
-            audit.submit_response(Record::completed(&tx, *s), &request);
+            audit.submit_response(Record::completed(&tx, *end), &request);
         })
     }
 

@@ -19,7 +19,7 @@ use crate::proxy::{ConnControl, ConnInfo, Cut, Proxy};
 use crate::tls;
 
 use super::close::{CLOSE_GRACE, ConsumerIo, LINGER_TIME, close_in_stages};
-use super::idle::{Activity, IdleTimeouts, Tracked};
+use super::idle_rule::{Activity, IdleTimeouts, Tracked};
 use super::{ConnGuard, Stop};
 
 /// The whole answer to plain HTTP on the TLS port.

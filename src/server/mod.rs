@@ -11,18 +11,18 @@
 
 //!
 //! - `connection`: one accepted connection: PROXY header, handshake, serving, and how it ends.
-//! - `idle`: the idle rule's bookkeeping: requests in flight and since when there have been none.
+//! - `idle_rule`: the idle rule's bookkeeping: requests in flight and since when there have been none.
 //! - `close`: the staged close of a connection ssp ends (RFC 9112 section 9.6).
 //! - `proxy_protocol`: the PROXY protocol header (v1 and v2) a trusted layer-4 balancer sends first.
 
 mod close;
 mod connection;
-mod idle;
+mod idle_rule;
 mod proxy_protocol;
 
 use close::CLOSE_GRACE;
 use connection::Connection;
-use idle::IdleTimeouts;
+use idle_rule::IdleTimeouts;
 
 use std::future::Future;
 use std::io;
@@ -45,7 +45,7 @@ use crate::proxy::Proxy;
 pub(crate) struct Server {
     /// The listening socket, bound; the accept loop registers it on the runtime that runs it.
     listener: std::net::TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Listening>,
     /// Worker threads, each running a single-threaded runtime (`server.workers`).
     workers: usize,
     /// Serve on the runtime that calls [`Server::run`] instead, as one worker (tests that drive tokio's clock).
@@ -55,7 +55,7 @@ pub(crate) struct Server {
 }
 
 /// What every worker shares: the connection limit and counter, and what a connection needs to be served.
-struct Shared {
+struct Listening {
     /// Read once per accepted connection, so a reload applies to every new handshake.
     tls: Arc<crate::tls::Reloadable>,
     proxy: Arc<Proxy>,
@@ -113,7 +113,7 @@ impl Server {
         );
         Ok(Self {
             listener,
-            shared: Arc::new(Shared {
+            shared: Arc::new(Listening {
                 tls,
                 proxy,
                 http,
@@ -257,7 +257,7 @@ struct Accepted {
 /// Takes a place under `server.max_connections`, then a connection, and hands it to the least-loaded worker (or,
 /// with none, serves it on this runtime), until `shutdown` completes.
 async fn accept_loop(
-    shared: &Arc<Shared>,
+    shared: &Arc<Listening>,
     listener: &TcpListener,
     workers: &[Worker],
     stop: watch::Receiver<Stop>,
@@ -318,7 +318,7 @@ async fn accept_loop(
     }
 }
 
-impl Shared {
+impl Listening {
     /// Serves one accepted connection to its end.
     async fn serve(
         self: Arc<Self>,

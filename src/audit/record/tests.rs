@@ -81,24 +81,24 @@ fn reference(record: &Record, link: Link<'_>, peer: &RefPeer<'_>) -> String {
         optional(map, "interaction", interaction);
     };
     match &record.entry {
-        Entry::Permitted { tx, .. } | Entry::Refused { tx, .. } => {
+        Event::Permitted { tx, .. } | Event::Refused { tx, .. } => {
             let (decision, reason, jwt) = match &record.entry {
-                Entry::Refused { reason, jwt, .. } => {
+                Event::Refused { reason, jwt, .. } => {
                     ("deny", Some(reason.as_str()), jwt.as_deref())
                 }
-                Entry::Permitted { jwt, .. } => ("permit", None, jwt.as_ref()),
+                Event::Permitted { jwt, .. } => ("permit", None, jwt.as_ref()),
                 _ => unreachable!(),
             };
             map.serialize_entry("kind", "request").unwrap();
             optional(&mut map, "trace_id", tx.trace_id());
             map.serialize_entry("conn_id", &tx.conn_id).unwrap();
             map.serialize_entry("peer", peer).unwrap();
-            let target = match &tx.names {
-                Names::Checked { fqdn, target, .. } => {
+            let target = match &tx.addressing {
+                Addressing::Validated { fqdn, target, .. } => {
                     map.serialize_entry("fqdn", &**fqdn).unwrap();
                     Some(target.as_str())
                 }
-                Names::Raw { target, .. } => target.as_deref(),
+                Addressing::AsReceived { target, .. } => target.as_deref(),
             };
             parties(&mut map, tx);
             map.serialize_entry("method", tx.method.as_str()).unwrap();
@@ -111,7 +111,7 @@ fn reference(record: &Record, link: Link<'_>, peer: &RefPeer<'_>) -> String {
                 map.serialize_entry("jwt", &RefJwt(jwt)).unwrap();
             }
         }
-        Entry::Completed { tx, end } => {
+        Event::Completed { tx, end } => {
             map.serialize_entry("kind", "response").unwrap();
             optional(&mut map, "trace_id", tx.trace_id());
             map.serialize_entry("conn_id", &tx.conn_id).unwrap();
@@ -128,7 +128,7 @@ fn reference(record: &Record, link: Link<'_>, peer: &RefPeer<'_>) -> String {
             map.serialize_entry("outcome", end.outcome.as_str())
                 .unwrap();
         }
-        Entry::Sealed { why, torn } => {
+        Event::Sealed { why, torn } => {
             map.serialize_entry("kind", "seal").unwrap();
             map.serialize_entry("sealed", why.as_str()).unwrap();
             if let Some((bytes, file)) = torn {
@@ -178,7 +178,7 @@ fn checked(peer: &Arc<Peer>, conn_id: u64, fqdn: &str) -> Arc<Transaction> {
         peer: Arc::clone(peer),
         method: http::Method::POST,
         policy_generation: conn_id / 3,
-        names: crate::audit::tests::checked_names(conn_id % 1_000_000, fqdn),
+        addressing: crate::audit::tests::checked_addressing(conn_id % 1_000_000, fqdn),
     })
 }
 
@@ -326,7 +326,7 @@ proptest! {
             peer: Arc::clone(&peer),
             method: http::Method::from_bytes(b"PATCH").unwrap(),
             policy_generation: bytes,
-            names: Names::Raw {
+            addressing: Addressing::AsReceived {
                 trace_id: boxed(0),
                 from: boxed(1),
                 to: boxed(2),

@@ -9,7 +9,7 @@ use super::super::writer::NotWritten;
 use super::{config, request, response};
 use crate::audit::{AuditLog, Durability, Outcome, verify};
 
-/// The trace-id numbers (see `checked_names`) of the records in the log, in order, with the kind and, for a
+/// The trace-id numbers (see `checked_addressing`) of the records in the log, in order, with the kind and, for a
 /// response record, its status and outcome.
 fn records(dir: &Path) -> Vec<(u64, String)> {
     let mut out = Vec::new();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use super::{ACK_WAIT, AuditLog, Job, Shared, Slot, report_refused};
+use super::{ACK_WAIT, AuditLog, Job, Slot, WriterState, report_refused};
 
 /// Records nobody waits for (response records, refusals) staged on one thread in one turn at most; past this they
 /// are queued at once. Request records need no such bound: each holds a place in the queue's capacity.
@@ -97,7 +97,7 @@ thread_local! {
 /// The task that hands a thread's staged records to the writer. Dropped before it ran (its runtime stopped), it
 /// withdraws the request records, whose requests will not be forwarded, and still queues the others.
 struct Flush {
-    shared: Option<Arc<Shared>>,
+    shared: Option<Arc<WriterState>>,
 }
 
 impl Flush {

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use serde_json::Value;
 
-use crate::json_text::special;
+use crate::json_writer::special;
 use crate::jwt::Violation;
 use crate::jwt::json::json_object;
 

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 /// new connection may be opened: a connection's socket stays with the reactor of the thread that opened it, so
 /// driving it from another thread costs a cross-thread wake-up per event). Since each list is in the order its
 /// connections went idle, the expired ones are at its front: a checkout drops them from there and never looks at
-/// the rest. (The list it replaces was scanned whole per checkout: 1.1% of ssp's CPU at 256 connections, about
-/// 1.5 µs per request, `benches/RESULTS.md`.) Lists are made once per thread and kept while empty, so that a
+/// the rest. (Scanning one list whole per checkout cost 1.1% of ssp's CPU at 256 connections, about 1.5 µs per
+/// request, `benches/RESULTS.md`.) Lists are made once per thread and kept while empty, so that a
 /// connection going idle and being taken again allocates nothing; [`IdleConns::retain`] removes the empty ones.
 #[derive(Debug)]
 pub(super) struct IdleConns<C> {

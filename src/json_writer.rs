@@ -1,9 +1,9 @@
 //! JSON text (RFC 8259): finding the end of a run of plain string bytes, for the token reader, and writing an
 //! object a field at a time, for the audit trail's lines.
 //!
-//! Why the audit trail does not write its lines with serde_json, which it did: a `perf` profile of the proxy at 32
-//! connections put serde's per-field calls and its byte-at-a-time string escaping at about 5% of the proxy's CPU,
-//! most of the audit thread's time. [`Obj`] writes what serde_json's compact serializer writes for the same
+//! Why the audit trail does not write its lines with serde_json: a `perf` profile of the proxy at 32 connections
+//! with serde_json writing them put serde's per-field calls and its byte-at-a-time string escaping at about 5% of
+//! the proxy's CPU, most of the audit thread's time (`benches/RESULTS.md`). [`Obj`] writes what serde_json's compact serializer writes for the same
 //! values, byte for byte (`src/audit/record/tests.rs` holds it to that), with the same integer and float
 //! formatting crates (itoa, zmij), and copies runs of plain string text whole.
 
