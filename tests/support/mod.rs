@@ -39,6 +39,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub use ssp::demo::devcerts::{CONSUMER_NAME, CONSUMER2_NAME, PROXY_CLIENT_NAME};
 
+mod served;
+pub use served::*;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestBody = BoxBody<Bytes, BoxError>;
 
