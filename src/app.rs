@@ -359,7 +359,7 @@ impl Instance {
     }
 
     /// Serves the admin listener as its own task and the consumer listener (on `server.workers` threads, see
-    /// README "Workers") until `shutdown` completes; then drains for up to `grace`, stops the admin listener, and
+    /// docs/architecture.md, "Workers") until `shutdown` completes; then drains for up to `grace`, stops the admin listener, and
     /// closes the audit log (the current segment sealed and fsynced, off the runtime's workers). Fails when a
     /// worker thread cannot be started; the audit log is closed then too.
     pub async fn run(

@@ -376,7 +376,7 @@ fn haproxy() -> Option<PathBuf> {
     found
 }
 
-/// The HAProxy config README's "Running more than one instance" shows, with this test's ports.
+/// The HAProxy config docs/operator-guide.md's "Running more than one instance" shows, with this test's ports.
 fn haproxy_config(frontend: SocketAddr, a: &Instance, b: &Instance) -> String {
     format!(
         "global

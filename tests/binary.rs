@@ -768,20 +768,55 @@ async fn serve_does_not_start_without_its_audit_log() {
     assert!(!sent.contains("READY=1"), "{sent}");
 }
 
-/// The unit's `Documentation=` names a file that README's install steps put there.
+/// Every file the unit's `Documentation=` names is put there by the install steps of the operator guide.
 #[test]
-fn the_units_documentation_is_installed_by_the_readme_steps() {
+fn the_units_documentation_is_installed_by_the_install_steps() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let unit = std::fs::read_to_string(root.join("systemd/ssp.service")).unwrap();
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let documentation = unit
+    let guide = std::fs::read_to_string(root.join("docs/operator-guide.md")).unwrap();
+    let named: Vec<&str> = unit
         .lines()
-        .find_map(|l| l.strip_prefix("Documentation=file://"))
-        .expect("Documentation=file://...");
-    assert!(
-        readme
-            .lines()
-            .any(|l| l.starts_with("sudo install ") && l.contains(&format!(" {documentation}"))),
-        "no install step puts {documentation} in place"
-    );
+        .filter_map(|l| l.strip_prefix("Documentation="))
+        .flat_map(str::split_whitespace)
+        .map(|url| url.strip_prefix("file://").expect("a file:// URL"))
+        .collect();
+    assert!(!named.is_empty());
+    // `install -t DIR FILE...`: FILE lands at DIR/<its name>; a glob names every file of its folder.
+    let installed: Vec<String> = guide
+        .lines()
+        .filter(|l| l.starts_with("sudo install ") && l.contains(" -t "))
+        .flat_map(|l| {
+            let words: Vec<&str> = l
+                .split('#')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let at = words.iter().position(|w| *w == "-t").unwrap();
+            let dir = words[at + 1].to_owned();
+            words[at + 2..]
+                .iter()
+                .flat_map(|w| match w.strip_suffix("*.md") {
+                    Some(folder) => std::fs::read_dir(root.join(folder))
+                        .unwrap()
+                        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .collect(),
+                    None => vec![
+                        std::path::Path::new(w)
+                            .file_name()
+                            .unwrap()
+                            .to_string_lossy()
+                            .into_owned(),
+                    ],
+                })
+                .map(|name| format!("{dir}/{name}"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for path in named {
+        assert!(
+            installed.iter().any(|i| i == path),
+            "no install step puts {path} in place: {installed:?}"
+        );
+    }
 }

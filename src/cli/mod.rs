@@ -84,6 +84,16 @@ enum Command {
     },
 }
 
+/// Whether `args` (without the program name) is a command line `ssp` accepts; the error is clap's text. For the
+/// test that checks every command line in the documentation.
+pub fn parses(args: &[&str]) -> Result<(), String> {
+    match Cli::try_parse_from(std::iter::once("ssp").chain(args.iter().copied())) {
+        Ok(_) => Ok(()),
+        Err(e) if !e.use_stderr() => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Parses arguments and runs the command; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

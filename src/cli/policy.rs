@@ -203,7 +203,7 @@ fn policy_sds(
     use crate::policy::sds::refresh::{self, RefreshError};
     let Some(cfg) = &config.sds else {
         eprintln!(
-            "{}: no [sds] section (see README, \"Directory from SDS\")",
+            "{}: no [sds] section (see docs/operator-guide.md, \"Directory from SDS\")",
             config.source.display()
         );
         return exit::USAGE;

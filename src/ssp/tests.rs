@@ -169,7 +169,7 @@ proptest! {
             let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
             prop_assert!(!authority.is_empty() && !authority.contains('@'));
             prop_assert_eq!(t.authority(), authority);
-            // No fragment anywhere; no backslash in the path (a query may carry one, as README's check 3 says).
+            // No fragment anywhere; no backslash in the path (a query may carry one, as the integrator guide's check 3 says).
             let path = &rest[authority.len()..];
             let path = path.split_once('?').map_or(path, |(path, _)| path);
             prop_assert!(!text.contains('#') && !path.contains('\\'));
