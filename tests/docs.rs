@@ -1,7 +1,8 @@
 //! The documentation cannot drift from the code: every example in `README.md` and `docs/*.md` is checked. Config
 //! examples are validated by the config reader (a fragment on top of the smallest valid config), policy examples by
-//! the policy compiler, JSON examples parsed, every `ssp` command line (in a shell block, or inside `$(...)`) parsed
-//! by the CLI, every repository file a command names exists, and every relative link and anchor resolves.
+//! the policy compiler, JSON examples parsed, Prometheus rule files checked by `promtool check rules`, every `ssp`
+//! command line (in a shell block, or inside `$(...)`) parsed by the CLI, every repository file a command names
+//! exists, and every relative link and anchor resolves.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -346,4 +347,54 @@ fn the_shell_parsing_here_finds_ssp_commands() {
         .map(|v| v.into_iter().map(String::from).collect::<Vec<_>>())
     );
     assert!(ssp::cli::parses(&["policy", "no-such-command"]).is_err());
+}
+
+/// `promtool`, or `None` outside CI when it is not installed (`.ci/run` installs Debian's `prometheus`).
+fn promtool() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is not installed (.ci/run installs Debian's prometheus)"
+        );
+        eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
+    }
+    found
+}
+
+#[test]
+fn prometheus_rule_examples_pass_promtool() {
+    let Some(promtool) = promtool() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for doc in documents() {
+        for block in blocks(&doc)
+            .into_iter()
+            .filter(|b| b.lang == "yaml" && b.text.contains("groups:"))
+        {
+            let path = dir.path().join(format!("rules-{checked}.yml"));
+            std::fs::write(&path, &block.text).unwrap();
+            let out = std::process::Command::new(&promtool)
+                .args(["check", "rules"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}:{}: promtool check rules:\n{}{}",
+                doc.display(),
+                block.line,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "no alert rules found in the documentation");
 }
