@@ -3,12 +3,7 @@
 //! cipher order, a certificate matched by SAN alone, and rustls' consumer-triggered warnings kept out of the log.
 //! The real `ssp serve` binary; curl and openssl as clients. Loopback only, every wait bounded.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "integration tests: a failed step is a failed test"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

@@ -2,12 +2,7 @@
 //! connection ssp closes while a body or a head is still arriving gets its answer, not a reset. The real
 //! `ssp serve` binary where the behaviour is in connection handling; raw TLS sockets, hyper and curl as clients.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "integration tests: a failed step is a failed test"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

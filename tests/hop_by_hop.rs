@@ -1,12 +1,7 @@
 //! What is checked is what is forwarded: the fields a consumer's `Connection` names are removed before the
 //! checks, and an HTTP/2 consumer's split `cookie` fields reach the provider as one. Loopback only.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "integration tests: a failed step is a failed test"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

@@ -40,6 +40,17 @@ async fn start(
     (pki, provider, served, admin)
 }
 
+/// A request of `consumer`'s for the metadata interaction gets its 200 (the provider's slots are free).
+async fn assert_served(consumer: &Consumer, url: &str) {
+    let answer = within(
+        "a request after the cut",
+        consumer.fetch(traced_get(url, "/metadata", &trace_id(4))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+}
+
 /// Four consumers that stop reading an endless answer (two over HTTP/1.1 after 1 KiB, one over HTTP/2 that never
 /// reads its stream, one over HTTP/2 whose stream window is zero from the start) hold every provider connection the
 /// limit allows (4). Each is cut after
@@ -125,13 +136,7 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
         0
     );
     // The limit's connections are free again: another consumer is served at once.
-    let answer = within(
-        "a request after the cuts",
-        h1.fetch(traced_get(&url, "/metadata", &trace_id(4))),
-    )
-    .await
-    .unwrap();
-    assert_eq!(answer.status, StatusCode::OK);
+    assert_served(&h1, &url).await;
     drop((held, response, zero_window));
 }
 
@@ -255,13 +260,10 @@ async fn a_zero_window_on_a_small_answer_does_not_hold_the_providers_slots() {
         metric_value(admin, "ssp_connections_cut_total{reason=\"send_timeout\"}").await,
         1
     );
-    let h1 = Consumer::new(&pki, Some("consumer"), served.addr, false);
-    let answer = within(
-        "a request after the cut",
-        h1.fetch(traced_get(&url, "/metadata", &trace_id(4))),
+    assert_served(
+        &Consumer::new(&pki, Some("consumer"), served.addr, false),
+        &url,
     )
-    .await
-    .unwrap();
-    assert_eq!(answer.status, StatusCode::OK);
+    .await;
     drop(held);
 }

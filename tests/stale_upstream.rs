@@ -3,12 +3,7 @@
 //! connection left with an unsent request body is not reused; a body cut without close_notify arrives whole, then
 //! breaks. Raw providers on loopback.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "integration tests: a failed step is a failed test"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
