@@ -376,38 +376,55 @@ fn haproxy() -> Option<PathBuf> {
     found
 }
 
-/// The HAProxy config docs/operator-guide.md's "Running more than one instance" shows, with this test's ports.
+/// The HAProxy config of the operator guide's "Running more than one instance", as written there, with this test's
+/// addresses and faster health checks (so that a drained instance leaves the rotation within the test's patience).
 fn haproxy_config(frontend: SocketAddr, a: &Instance, b: &Instance) -> String {
-    format!(
-        "global
-    maxconn 256
-
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-    # A connection refused by an instance that has stopped accepting goes to the other one.
-    retries 3
-    option redispatch
-
-frontend ssp_in
-    bind {frontend}
-    default_backend ssp_nodes
-
-backend ssp_nodes
-    balance roundrobin
-    # Health from each instance's admin listener: /readyz turns 503 while draining.
-    option httpchk GET /readyz
-    default-server inter 200ms fall 1 rise 1
-    server ssp1 {} send-proxy-v2 check port {}
-    server ssp2 {} send-proxy-v2 check port {}
-",
-        a.served.addr,
-        a.admin.port(),
-        b.served.addr,
-        b.admin.port()
+    let guide = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operator-guide.md"),
     )
+    .unwrap();
+    let block = guide
+        .split("# haproxy.cfg\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("the operator guide's haproxy.cfg example");
+    let mut config = "global\n    maxconn 256\n\n".to_owned();
+    let mut replaced = 0;
+    for line in block.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let line = match words.as_slice() {
+            ["bind", _] => format!("    bind {frontend}"),
+            ["default-server", ..] => "    default-server inter 200ms fall 1 rise 1".to_owned(),
+            ["server", name, _, rest @ ..] => {
+                let instance = if *name == "ssp1" { a } else { b };
+                let admin = instance.admin.port().to_string();
+                let rest: Vec<&str> = rest
+                    .iter()
+                    .map(|w| {
+                        if w.parse::<u16>().is_ok() {
+                            admin.as_str()
+                        } else {
+                            w
+                        }
+                    })
+                    .collect();
+                format!(
+                    "    server {name} {} {}",
+                    instance.served.addr,
+                    rest.join(" ")
+                )
+            }
+            _ => line.to_owned(),
+        };
+        let head = line.split_whitespace().next().unwrap_or("");
+        if ["bind", "default-server", "server"].contains(&head) {
+            replaced += 1;
+        }
+        config.push_str(&line);
+        config.push('\n');
+    }
+    assert_eq!(replaced, 4, "the guide's example changed shape:\n{block}");
+    config
 }
 
 /// A connection to HAProxy from 127.0.0.5, as a consumer elsewhere on the network would make it.
