@@ -5,6 +5,7 @@ use std::io;
 use std::time::Duration;
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -14,7 +15,6 @@ use tokio_rustls::server::TlsStream;
 
 use super::ConnGuard;
 use crate::proxy::{ConnControl, Cut};
-use std::sync::Arc;
 
 // The staged close (RFC 9112 section 9.6).
 
