@@ -986,7 +986,7 @@ fn print_scenario(scenario: &Scenario, rows: &[(&Target, Phase)]) {
     }
 }
 
-/// The goals, checked against this run's own figures.
+/// The performance goals, checked against this run's own figures.
 fn print_goals(results: &[(&Scenario, Vec<(&Target, Phase)>)]) {
     let find =
         |rows: &[(&Target, Phase)], name: &str| rows.iter().position(|(t, _)| t.name == name);

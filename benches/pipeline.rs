@@ -120,7 +120,7 @@ fn bench(c: &mut Criterion) {
         Some(validator.validate(Some(token.as_bytes()), &expect)),
     );
     let prev = "0".repeat(64);
-    let link = ssp::audit::Link {
+    let link = ssp::audit::ChainLink {
         seq: 1_234_567,
         instance: "ssp-1.example.nhs.uk",
         prev: &prev,

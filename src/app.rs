@@ -54,7 +54,7 @@ pub fn assemble(config: &Config) -> Result<Assembled, Problems> {
 
 /// What `check-config` found.
 #[derive(Debug)]
-pub(crate) struct Checked {
+pub(crate) struct Inspection {
     /// One line each; any makes the config unusable.
     pub problems: Vec<String>,
     /// Worth saying, not fatal (a certificate expiring within 30 days).
@@ -65,7 +65,7 @@ pub(crate) struct Checked {
 
 /// Everything `check-config` checks, without side effects (the policy store is not written): certificates, keys,
 /// CRLs and their expiry, policy files, the audit folder.
-pub(crate) fn inspect(config: &Config) -> Checked {
+pub(crate) fn inspect(config: &Config) -> Inspection {
     let mut problems = Vec::new();
     if let Err(p) = tls::server_config(&config.server) {
         problems.extend(p.problems);
@@ -83,7 +83,7 @@ pub(crate) fn inspect(config: &Config) -> Checked {
     problems.extend(crls.refused);
     warnings.extend(crls.trusted_stale);
     warnings.extend(crls.expiring);
-    Checked {
+    Inspection {
         problems,
         warnings,
         policy,

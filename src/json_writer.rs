@@ -3,7 +3,7 @@
 //!
 //! Why the audit trail does not write its lines with serde_json: a `perf` profile of the proxy at 32 connections
 //! with serde_json writing them put serde's per-field calls and its byte-at-a-time string escaping at about 5% of
-//! the proxy's CPU, most of the audit thread's time (`benches/RESULTS.md`). [`Obj`] writes what serde_json's compact serializer writes for the same
+//! the proxy's CPU, most of the audit thread's time (`benches/RESULTS.md`). [`ObjectWriter`] writes what serde_json's compact serializer writes for the same
 //! values, byte for byte (`src/audit/record/tests.rs` holds it to that), with the same integer and float
 //! formatting crates (itoa, zmij), and copies runs of plain string text whole.
 
@@ -70,14 +70,14 @@ fn escaped(out: &mut Vec<u8>, text: &str) {
 }
 
 /// A JSON object being written onto a buffer: fields in the order they are added, no white space. Keys are
-/// static text that needs no escaping (checked in debug builds). [`Obj::close`] ends it.
+/// static text that needs no escaping (checked in debug builds). [`ObjectWriter::close`] ends it.
 #[derive(Debug)]
-pub struct Obj<'b> {
+pub struct ObjectWriter<'b> {
     out: &'b mut Vec<u8>,
     empty: bool,
 }
 
-impl<'b> Obj<'b> {
+impl<'b> ObjectWriter<'b> {
     /// Starts an object at the end of `out`.
     pub fn open(out: &'b mut Vec<u8>) -> Self {
         out.push(b'{');
@@ -85,12 +85,12 @@ impl<'b> Obj<'b> {
     }
 
     /// Continues an object whose `{` and first fields are written elsewhere, later: every field written through
-    /// it starts with a comma, and nothing closes it (the fields are spliced into the object by [`Obj::fields`]).
+    /// it starts with a comma, and nothing closes it (the fields are spliced into the object by [`ObjectWriter::fields`]).
     pub fn continued(out: &'b mut Vec<u8>) -> Self {
         Self { out, empty: false }
     }
 
-    /// Fields a [`Obj::continued`] wrote (each `,"key":value`), added as they are. The caller vouches for them.
+    /// Fields a [`ObjectWriter::continued`] wrote (each `,"key":value`), added as they are. The caller vouches for them.
     pub fn fields(&mut self, fields: &[u8]) {
         // Each begins with its comma, so they can only follow a field.
         debug_assert!(fields.is_empty() || (!self.empty && fields[0] == b','));
@@ -197,8 +197,8 @@ impl<'b> Obj<'b> {
     }
 
     /// A field whose value is an object, written by `fill`.
-    pub fn obj(&mut self, key: &'static str, fill: impl FnOnce(&mut Obj<'_>)) {
-        let mut inner = Obj::open(self.key(key));
+    pub fn obj(&mut self, key: &'static str, fill: impl FnOnce(&mut ObjectWriter<'_>)) {
+        let mut inner = ObjectWriter::open(self.key(key));
         fill(&mut inner);
         inner.close();
     }

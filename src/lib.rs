@@ -14,7 +14,7 @@
 //! - `clock` (crate): Unix seconds and the RFC 3339 timestamps the crate writes. A leaf.
 //! - [`hex`]: lower-case hexadecimal and the SHA-256 digests that chain the audit log. A leaf.
 //! - [`json_writer`]: JSON text: the plain-run scanner the token reader uses, and the field-at-a-time writer of
-//!   audit lines (byte for byte what serde_json writes).
+//!   audit lines (byte for byte what serde_json writes). A leaf but for `hex`.
 //! - [`tls`]: certificates, keys and CRLs; the consumer-facing and upstream rustls configs; peer identity reading.
 //! - `server` (crate; `connection`, `idle_rule`, `close`, `proxy_protocol`): the worker threads (one single-threaded runtime each) and
 //!   the accept loop that hands them connections, connection limit, PROXY header, handshake timeout, h1/h2
@@ -22,11 +22,13 @@
 //! - [`ssp`]: parsing the target URL and the `Ssp-*` headers into an `SspRequest` (checks 3 and 4).
 //! - [`policy`] (`model`, `compile`, `decide`, `explain`, [`policy::store`], [`policy::sds`]): the directory and
 //!   agreements, checks 5 to 9 (one function each, shared by the decision and `ssp policy check`), the `Permit`,
-//!   the sled store of generations, and the directory built from SDS answers (fetched live by `policy::sds::fetch`).
+//!   the sled store of generations, and the directory built from SDS answers (`policy::sds`: `resource`, `build`,
+//!   `diff`, `fetch` for the live search, `refresh` for `ssp policy sds` from start to end).
 //! - [`jwt`] (`json`, `token`, `profile`): the consumer's audit token (check 10).
 //! - `limits` (crate): check 11, rates and concurrency, on tokio's clock.
 //! - [`audit`] ([`audit::record`], [`audit::writer`], `segment`, [`audit::verify`](mod@audit::verify), [`audit::query`](mod@audit::query)): the
-//!   typed transaction and record kinds, the `ssp-audit` writer thread, segments and recovery, verify and query
+//!   typed transaction and record kinds, the `ssp-audit` writer thread (`writer/slot`: where a request record
+//!   stands; `writer/stage`: the per-worker stage of request records), segments and recovery, verify and query
 //!   (check 12).
 //! - `forward` (crate; `connector`, `pool`, `idle_conns`, `headers`, `exchange`): the upstream client and pool, the
 //!   stale-connection retry, header rules, timeouts, exchange accounting and the streaming body wrapper.

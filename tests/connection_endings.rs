@@ -180,8 +180,8 @@ async fn a_refused_upload_gets_its_answer_not_a_reset() {
     let served = serve(&pki, provider.addr).await;
     let url = endpoint_url(provider.addr);
     let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
-    // (size, pause between 64 KiB chunks): at full speed, and on a slow link (3 MiB at about 1 MiB/s, longer than
-    // the first version's 2 s discard bound).
+    // (size, pause between 64 KiB chunks): at full speed, and on a slow link (3 MiB at about 1 MiB/s: more than
+    // 2 s of discarding, so a short discard bound would reset the connection before the answer is read).
     let rounds = [
         (1usize << 20, 0u64),
         (5 << 20, 0),

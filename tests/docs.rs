@@ -398,3 +398,50 @@ fn prometheus_rule_examples_pass_promtool() {
     }
     assert!(checked >= 1, "no alert rules found in the documentation");
 }
+
+/// A sample output the documentation shows after "... prints:" is what the command named in that paragraph prints,
+/// run from the repository root on the development config and policy.
+#[test]
+fn sample_outputs_are_what_the_commands_print() {
+    let mut checked = 0;
+    for doc in documents() {
+        let text = std::fs::read_to_string(&doc).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (n, line) in lines.iter().enumerate() {
+            if !line.ends_with("prints:") || lines.get(n + 2) != Some(&"```") {
+                continue;
+            }
+            // The command is the last `ssp ...` in backticks in the paragraph that ends here.
+            let start = lines[..n]
+                .iter()
+                .rposition(|l| l.is_empty())
+                .map_or(0, |p| p + 1);
+            let paragraph = lines[start..=n].join(" ");
+            let command = paragraph
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|c| c.starts_with("ssp "))
+                .last()
+                .unwrap_or_else(|| panic!("{}:{}: no `ssp ...` command", doc.display(), n + 1));
+            let args = words(&command["ssp ".len()..]);
+            let end = lines[n + 3..].iter().position(|l| *l == "```").unwrap() + n + 3;
+            let expected = lines[n + 3..end].join("\n");
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ssp"))
+                .args(&args)
+                .current_dir(root())
+                .output()
+                .unwrap();
+            let got = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                got.trim_end(),
+                expected,
+                "{}:{}: `{command}` prints something else",
+                doc.display(),
+                n + 1
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "no sample output found");
+}

@@ -23,7 +23,7 @@ pub mod writer;
 pub use crate::config::{AuditConfig, Durability};
 pub use query::{Filter, TABLE_HEADER, query, table_row};
 pub use record::{
-    Completion, Encoded, Link, Outcome, Peer, Record, SealReason, Transaction, encode, millis,
+    ChainLink, Completion, Encoded, Outcome, Peer, Record, SealReason, Transaction, encode, millis,
 };
 pub use segment::AuditMetrics;
 pub use verify::{Broken, Verified, verify};

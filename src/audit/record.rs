@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::hex::HexDigest;
 use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
-use crate::json_writer::Obj;
+use crate::json_writer::ObjectWriter;
 use crate::jwt::JwtAudit;
 use crate::policy::Permit;
 use crate::ssp;
@@ -31,7 +31,7 @@ impl Peer {
     /// with the certificate read as `identity`.
     pub fn new(addr: SocketAddr, via: Option<SocketAddr>, identity: &PeerIdentity) -> Self {
         let mut out = Vec::with_capacity(256);
-        let mut peer = Obj::open(&mut out);
+        let mut peer = ObjectWriter::open(&mut out);
         peer.str("addr", &addr.to_string());
         peer.str("subject", &identity.subject);
         peer.str("serial", &identity.serial);
@@ -100,17 +100,17 @@ impl Transaction {
         method: &http::Method,
         permit: &Permit,
     ) -> Arc<Self> {
-        let h = &permit.request().headers;
+        let headers = &permit.request().headers;
         Arc::new(Self {
             conn_id,
             peer: Arc::clone(peer),
             method: method.clone(),
             policy_generation: permit.generation(),
             addressing: Addressing::Validated {
-                trace_id: h.trace_id.clone(),
-                from: h.from.clone(),
-                to: h.to.clone(),
-                interaction: h.interaction.clone(),
+                trace_id: headers.trace_id.clone(),
+                from: headers.from.clone(),
+                to: headers.to.clone(),
+                interaction: headers.interaction.clone(),
                 target: permit.target().clone(),
                 fqdn: Arc::clone(permit.fqdn()),
             },
@@ -371,7 +371,7 @@ pub fn millis(d: Duration) -> f64 {
 
 /// Where a record goes in the chain: the writer's part of the line.
 #[derive(Debug, Clone, Copy)]
-pub struct Link<'a> {
+pub struct ChainLink<'a> {
     pub seq: u64,
     pub instance: &'a str,
     /// SHA-256 (hex) of the previous line.
@@ -380,7 +380,7 @@ pub struct Link<'a> {
 
 /// Appends `record` to `buf` as one JSON line at `link` and returns the SHA-256 (hex) of the line, the next
 /// record's `prev`: [`Encoded::new`] and [`Encoded::write`] in one.
-pub fn encode(record: &Record, link: Link<'_>, buf: &mut Vec<u8>) -> HexDigest {
+pub fn encode(record: &Record, link: ChainLink<'_>, buf: &mut Vec<u8>) -> HexDigest {
     Encoded::new(record, Vec::new()).write(link, buf)
 }
 
@@ -400,7 +400,7 @@ impl Encoded {
     /// allocates nothing once the buffers are in circulation).
     pub fn new(record: &Record, mut buf: Vec<u8>) -> Self {
         buf.clear();
-        let mut line = Obj::continued(&mut buf);
+        let mut line = ObjectWriter::continued(&mut buf);
         line.str("ts", record.ts.as_str());
         match &record.entry {
             Event::Permitted { tx, jwt } => request(&mut line, tx, "permit", None, jwt.as_ref()),
@@ -453,9 +453,9 @@ impl Encoded {
     /// Appends the record to `buf` as one JSON line at `link` (fields in the order of the module's header) and
     /// returns the SHA-256 (hex) of the line, the next record's `prev`: the whole cost of a record on the writer,
     /// but for the `write`.
-    pub fn write(&self, link: Link<'_>, buf: &mut Vec<u8>) -> HexDigest {
+    pub fn write(&self, link: ChainLink<'_>, buf: &mut Vec<u8>) -> HexDigest {
         let start = buf.len();
-        let mut line = Obj::open(buf);
+        let mut line = ObjectWriter::open(buf);
         line.u64("seq", link.seq);
         line.str("instance", link.instance);
         line.fields(&self.fields);
@@ -469,7 +469,7 @@ impl Encoded {
 
 /// The fields of a `request` record, after `ts`.
 fn request(
-    line: &mut Obj<'_>,
+    line: &mut ObjectWriter<'_>,
     tx: &Transaction,
     decision: &str,
     reason: Option<&str>,
@@ -497,7 +497,7 @@ fn request(
     }
 }
 
-fn parties(line: &mut Obj<'_>, tx: &Transaction) {
+fn parties(line: &mut ObjectWriter<'_>, tx: &Transaction) {
     let [from, to, interaction] = tx.parties();
     line.str_if("from", from);
     line.str_if("to", to);

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use crate::hex::HexDigest;
 
-use super::record::{Encoded, Link as ChainLink, Record, SealReason};
+use super::record::{ChainLink, Encoded, Record, SealReason};
 use crate::config::AuditConfig;
 
 /// The segment being appended to.

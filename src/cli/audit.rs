@@ -59,7 +59,7 @@ pub(super) enum AuditCommand {
         /// RFC 3339 time, inclusive
         #[arg(long)]
         until: Option<String>,
-        /// ok, denied, client_closed, upstream_error or timeout
+        /// ok, denied, client_closed, client_error, upstream_error or timeout
         #[arg(long)]
         outcome: Option<String>,
         /// JSON lines instead of a table

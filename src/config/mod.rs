@@ -236,10 +236,10 @@ impl Config {
     }
 
     /// Reads the file at `path` as [`Config::check`] does.
-    pub(crate) fn load_checked(path: &Path) -> Checked {
+    pub(crate) fn load_checked(path: &Path) -> ConfigReport {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::check(&text, path),
-            Err(e) => Checked {
+            Err(e) => ConfigReport {
                 config: None,
                 problems: vec![format!("{}: cannot read: {e}", path.display())],
                 unusable: Vec::new(),
@@ -253,12 +253,12 @@ impl Config {
     /// value that does not validate is named with its key and line. The config comes back, with the defaults
     /// in place of the values left out, when its required keys could be read, so that the checks of the files
     /// it names can run too.
-    pub(crate) fn check(text: &str, path: &Path) -> Checked {
+    pub(crate) fn check(text: &str, path: &Path) -> ConfigReport {
         let mut problems = Vec::new();
         let mut unusable = Vec::new();
         let lines = validate::KeyLines::new(text);
         let Some(raw) = read_raw(text, path, &lines, &mut problems, &mut unusable) else {
-            return Checked {
+            return ConfigReport {
                 config: None,
                 problems,
                 unusable,
@@ -303,7 +303,7 @@ impl Config {
         });
         let lines = v.lines.all();
         let problems = v.problems;
-        Checked {
+        ConfigReport {
             unusable,
             lines,
             problems,
@@ -326,7 +326,7 @@ impl Config {
 /// A config as `check-config` reads it: every problem found, and the config when its required keys could be read
 /// (with defaults in place of the values refused).
 #[derive(Debug)]
-pub(crate) struct Checked {
+pub(crate) struct ConfigReport {
     pub config: Option<Config>,
     pub problems: Vec<String>,
     /// Required keys that are missing or were refused: the config holds placeholders for them, and the checks
@@ -336,7 +336,7 @@ pub(crate) struct Checked {
     pub lines: std::collections::BTreeMap<String, usize>,
 }
 
-impl Checked {
+impl ConfigReport {
     /// A problem found in what the config names (`server.cert: certs/x.crt: ...`), placed at its key's line
     /// (`ssp.toml: line 7: server.cert: ...`); `None` for one about an unusable key, already reported.
     pub(crate) fn place(&self, file: &Path, problem: String) -> Option<String> {

@@ -17,7 +17,7 @@ mod token;
 pub use profile::{Expect, Validator, required_scope};
 pub use token::{VerifyingKey, bearer_token, decode, encode_unsigned, load_keys, parse_keys};
 
-use crate::json_writer::Obj;
+use crate::json_writer::ObjectWriter;
 
 /// Largest token read (a typical GP Connect token is about 1.5 KiB).
 pub(crate) const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -339,7 +339,7 @@ impl JwtAudit {
     }
 
     /// Writes the fields of the request record's `jwt` object, in the order the type's documentation gives.
-    pub fn write_json(&self, o: &mut Obj<'_>) {
+    pub fn write_json(&self, o: &mut ObjectWriter<'_>) {
         for kept in &Kept::ALL[..3] {
             o.str_or_null(kept.field(), self.claim(*kept));
         }

@@ -55,7 +55,7 @@ fn check(claims: &Value) -> JwtAudit {
 /// The `jwt` object of a request record, as the audit writer writes it.
 fn written(a: &JwtAudit) -> String {
     let mut out = Vec::new();
-    let mut o = crate::json_writer::Obj::open(&mut out);
+    let mut o = crate::json_writer::ObjectWriter::open(&mut out);
     a.write_json(&mut o);
     o.close();
     String::from_utf8(out).unwrap()

@@ -189,12 +189,12 @@ struct RawAgreement {
 
 /// Where an item was defined, for problem lines.
 #[derive(Debug, Clone)]
-struct Origin {
+struct DefinedAt {
     file: String,
     line: usize,
 }
 
-impl fmt::Display for Origin {
+impl fmt::Display for DefinedAt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: line {}", self.file, self.line)
     }
@@ -205,12 +205,12 @@ struct Compiler {
     problems: Vec<String>,
     systems: HashMap<Asid, System>,
     endpoints: HashMap<Asid, Arc<Endpoint>>,
-    agreements: Vec<(Origin, Agreement)>,
+    agreements: Vec<(DefinedAt, Agreement)>,
     agreement_ids: HashSet<String>,
 }
 
 impl Compiler {
-    fn problem(&mut self, at: &Origin, message: impl fmt::Display) {
+    fn problem(&mut self, at: &DefinedAt, message: impl fmt::Display) {
         self.problems.push(format!("{at}: {message}"));
     }
 
@@ -220,7 +220,7 @@ impl Compiler {
             Ok(raw) => raw,
             Err(e) => {
                 let line = e.span().map_or(0, |s| line_col(text, s.start).0);
-                let at = Origin { file, line };
+                let at = DefinedAt { file, line };
                 self.problem(&at, e.message().trim().replace('\n', " "));
                 return;
             }
@@ -228,7 +228,7 @@ impl Compiler {
         // Newline offsets, found once: a line number is then a binary search, not a scan from the top (which made
         // a 140,000-item directory take minutes).
         let newlines: Vec<usize> = text.match_indices('\n').map(|(i, _)| i).collect();
-        let origin = |span: std::ops::Range<usize>| Origin {
+        let origin = |span: std::ops::Range<usize>| DefinedAt {
             file: file.clone(),
             line: newlines.partition_point(|nl| *nl < span.start) + 1,
         };
@@ -246,7 +246,7 @@ impl Compiler {
         }
     }
 
-    fn asid(&mut self, at: &Origin, what: &str, text: &str) -> Option<Asid> {
+    fn asid(&mut self, at: &DefinedAt, what: &str, text: &str) -> Option<Asid> {
         let asid = Asid::parse(text);
         if asid.is_none() {
             self.problem(
@@ -257,7 +257,7 @@ impl Compiler {
         asid
     }
 
-    fn ods(&mut self, at: &Origin, text: &str) -> Option<OdsCode> {
+    fn ods(&mut self, at: &DefinedAt, text: &str) -> Option<OdsCode> {
         let ods = OdsCode::parse(text);
         if ods.is_none() {
             self.problem(
@@ -268,7 +268,7 @@ impl Compiler {
         ods
     }
 
-    fn interactions(&mut self, at: &Origin, list: &[String]) -> HashSet<InteractionId> {
+    fn interactions(&mut self, at: &DefinedAt, list: &[String]) -> HashSet<InteractionId> {
         let mut set = HashSet::with_capacity(list.len());
         for text in list {
             match InteractionId::parse(text) {
@@ -281,7 +281,7 @@ impl Compiler {
         set
     }
 
-    fn non_empty(&mut self, at: &Origin, what: &str, text: &str) {
+    fn non_empty(&mut self, at: &DefinedAt, what: &str, text: &str) {
         if text.trim().is_empty() {
             self.problem(at, format_args!("{what} must not be empty"));
         }
@@ -289,7 +289,7 @@ impl Compiler {
 
     fn system(
         &mut self,
-        at: &Origin,
+        at: &DefinedAt,
         raw: RawSystem,
         key_files: &std::collections::BTreeMap<String, String>,
     ) {
@@ -337,7 +337,7 @@ impl Compiler {
         );
     }
 
-    fn endpoint(&mut self, at: &Origin, raw: RawEndpoint) {
+    fn endpoint(&mut self, at: &DefinedAt, raw: RawEndpoint) {
         let asid = self.asid(at, "[[endpoint]] asid", &raw.asid);
         let ods = self.ods(at, &raw.ods);
         self.non_empty(at, "[[endpoint]] party_key", &raw.party_key);
@@ -376,7 +376,7 @@ impl Compiler {
         );
     }
 
-    fn time(&mut self, at: &Origin, what: &str, text: Option<&str>) -> Option<SystemTime> {
+    fn time(&mut self, at: &DefinedAt, what: &str, text: Option<&str>) -> Option<SystemTime> {
         let text = text?;
         match time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339) {
             Ok(t) => Some(t.into()),
@@ -387,7 +387,7 @@ impl Compiler {
         }
     }
 
-    fn agreement(&mut self, at: &Origin, raw: RawAgreement) {
+    fn agreement(&mut self, at: &DefinedAt, raw: RawAgreement) {
         self.non_empty(at, "[[agreement]] id", &raw.id);
         if !self.agreement_ids.insert(raw.id.clone()) {
             self.problem(at, format_args!("duplicate [[agreement]] id {:?}", raw.id));

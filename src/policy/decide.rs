@@ -147,40 +147,44 @@ impl Policy {
         peer: &PeerIdentity,
         now: SystemTime,
     ) -> Result<(&Arc<Endpoint>, &System), Denial> {
-        let h = &request.headers;
-        let system = self.systems.get(&h.from);
-        fqdn_check(h, system, |fqdn| peer.has_fqdn(fqdn))?;
-        let system = sender_check(h, system)?;
-        let endpoint = self.receiver_check(h)?;
-        self.agreement_check(h, now)?;
+        let headers = &request.headers;
+        let system = self.systems.get(&headers.from);
+        fqdn_check(headers, system, |fqdn| peer.has_fqdn(fqdn))?;
+        let system = sender_check(headers, system)?;
+        let endpoint = self.receiver_check(headers)?;
+        self.agreement_check(headers, now)?;
         target_check(&request.target, endpoint)?;
         Ok((endpoint, system))
     }
 
     /// Check 7: the endpoint `Ssp-To` names handles the interaction.
-    pub(super) fn receiver_check(&self, h: &SspHeaders) -> Result<&Arc<Endpoint>, Denial> {
+    pub(super) fn receiver_check(&self, headers: &SspHeaders) -> Result<&Arc<Endpoint>, Denial> {
         self.endpoints
-            .get(&h.to)
-            .filter(|e| e.interactions.contains(&h.interaction))
-            .ok_or_else(|| Denial::ReceiverCannotHandle { to: h.to.clone() })
+            .get(&headers.to)
+            .filter(|e| e.interactions.contains(&headers.interaction))
+            .ok_or_else(|| Denial::ReceiverCannotHandle {
+                to: headers.to.clone(),
+            })
     }
 
     /// Check 8: an agreement from `Ssp-From` to `Ssp-To` covers the interaction and is in force at `now`.
     pub(super) fn agreement_check(
         &self,
-        h: &SspHeaders,
+        headers: &SspHeaders,
         now: SystemTime,
     ) -> Result<&Agreement, Denial> {
         self.agreements
-            .get(&h.from)
+            .get(&headers.from)
             .and_then(|list| {
                 list.iter().find(|a| {
-                    a.to == h.to && a.interactions.covers(&h.interaction) && a.in_force(now)
+                    a.to == headers.to
+                        && a.interactions.covers(&headers.interaction)
+                        && a.in_force(now)
                 })
             })
             .ok_or_else(|| Denial::NoAgreement {
-                from: h.from.clone(),
-                to: h.to.clone(),
+                from: headers.from.clone(),
+                to: headers.to.clone(),
             })
     }
 }
@@ -188,13 +192,13 @@ impl Policy {
 /// Check 5: the client certificate presents (`presents`) the FQDN registered for `Ssp-From`. Only a known sender
 /// has one to compare; an unknown sender passes here and fails at 6.
 pub(super) fn fqdn_check(
-    h: &SspHeaders,
+    headers: &SspHeaders,
     system: Option<&System>,
     presents: impl Fn(&str) -> bool,
 ) -> Result<(), Denial> {
     match system {
         Some(system) if !presents(&system.fqdn) => Err(Denial::FqdnMismatch {
-            from: h.from.clone(),
+            from: headers.from.clone(),
         }),
         _ => Ok(()),
     }
@@ -202,13 +206,13 @@ pub(super) fn fqdn_check(
 
 /// Check 6: `Ssp-From` is an accredited system that may send the interaction.
 pub(super) fn sender_check<'p>(
-    h: &SspHeaders,
+    headers: &SspHeaders,
     system: Option<&'p System>,
 ) -> Result<&'p System, Denial> {
     system
-        .filter(|s| s.interactions.contains(&h.interaction))
+        .filter(|s| s.interactions.contains(&headers.interaction))
         .ok_or_else(|| Denial::SenderNotAccredited {
-            from: h.from.clone(),
+            from: headers.from.clone(),
         })
 }
 

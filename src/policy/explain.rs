@@ -104,10 +104,10 @@ impl Policy {
         fqdn: Option<&str>,
         now: SystemTime,
     ) -> Explained {
-        let h = &request.headers;
-        let urn = h.interaction.as_str();
-        let system = self.systems.get(&h.from);
-        let endpoint = self.endpoints.get(&h.to);
+        let headers = &request.headers;
+        let urn = headers.interaction.as_str();
+        let system = self.systems.get(&headers.from);
+        let endpoint = self.endpoints.get(&headers.to);
         let mut out = Steps {
             steps: Vec::new(),
             decision: Ok(()),
@@ -117,31 +117,38 @@ impl Policy {
             (None, _) => out.skip(
                 5,
                 "fqdn",
-                format!("{} is not in the directory (fails at 6)", h.from),
+                format!("{} is not in the directory (fails at 6)", headers.from),
             ),
             (Some(s), None) => out.skip(
                 5,
                 "fqdn",
-                format!("no --fqdn given; {} must present {}", h.from, s.fqdn),
+                format!("no --fqdn given; {} must present {}", headers.from, s.fqdn),
             ),
             (Some(s), Some(f)) => out.ran(
                 5,
                 "fqdn",
-                fqdn_check(h, system, |registered| f.eq_ignore_ascii_case(registered)),
-                |()| format!("{f} is the FQDN registered for {}", h.from),
-                || format!("{f} is not {}, the FQDN registered for {}", s.fqdn, h.from),
+                fqdn_check(headers, system, |registered| {
+                    f.eq_ignore_ascii_case(registered)
+                }),
+                |()| format!("{f} is the FQDN registered for {}", headers.from),
+                || {
+                    format!(
+                        "{f} is not {}, the FQDN registered for {}",
+                        s.fqdn, headers.from
+                    )
+                },
             ),
         }
         out.ran(
             6,
             "sender",
-            sender_check(h, system),
-            |s| format!("{} ({}) may send {urn}", h.from, s.name),
+            sender_check(headers, system),
+            |s| format!("{} ({}) may send {urn}", headers.from, s.name),
             || match system {
-                None => format!("{} is not an accredited system", h.from),
+                None => format!("{} is not an accredited system", headers.from),
                 Some(s) => format!(
                     "{} ({}) may send only: {}",
-                    h.from,
+                    headers.from,
                     s.name,
                     sorted(&s.interactions)
                 ),
@@ -150,18 +157,18 @@ impl Policy {
         out.ran(
             7,
             "receiver",
-            self.receiver_check(h),
+            self.receiver_check(headers),
             |e| {
                 format!(
                     "{} ({}, party key {}) handles {urn}",
-                    h.to, e.ods, e.party_key
+                    headers.to, e.ods, e.party_key
                 )
             },
             || match endpoint {
-                None => format!("no endpoint has ASID {}", h.to),
+                None => format!("no endpoint has ASID {}", headers.to),
                 Some(e) => format!(
                     "{} ({}) handles only: {}",
-                    h.to,
+                    headers.to,
                     e.ods,
                     sorted(&e.interactions)
                 ),
@@ -170,21 +177,21 @@ impl Policy {
         out.ran(
             8,
             "agreement",
-            self.agreement_check(h, now),
+            self.agreement_check(headers, now),
             |a| format!("{} covers it and is in force", a.id),
             || {
                 let agreements: Vec<&Agreement> = self
                     .agreements
-                    .get(&h.from)
-                    .map(|l| l.iter().filter(|a| a.to == h.to).collect())
+                    .get(&headers.from)
+                    .map(|l| l.iter().filter(|a| a.to == headers.to).collect())
                     .unwrap_or_default();
                 if agreements.is_empty() {
-                    return format!("no agreement from {} to {}", h.from, h.to);
+                    return format!("no agreement from {} to {}", headers.from, headers.to);
                 }
                 let why: Vec<String> = agreements
                     .iter()
                     .map(|a| {
-                        if a.interactions.covers(&h.interaction) {
+                        if a.interactions.covers(&headers.interaction) {
                             format!("{} is not in force now", a.id)
                         } else {
                             format!("{} does not cover {urn}", a.id)

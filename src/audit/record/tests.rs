@@ -1,6 +1,6 @@
 //! The hand-written line writer against serde_json: every kind of record, with hostile text in every string
-//! field, must come out byte for byte as serde_json's compact serializer wrote it before (the reference below is
-//! that earlier code, kept here).
+//! field, must come out byte for byte as serde_json's compact serializer writes it (the reference below builds each
+//! line with serde_json).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,7 +62,7 @@ impl Serialize for RefJwt<'_> {
 }
 
 /// What serde_json wrote for a record (without the newline).
-fn reference(record: &Record, link: Link<'_>, peer: &RefPeer<'_>) -> String {
+fn reference(record: &Record, link: ChainLink<'_>, peer: &RefPeer<'_>) -> String {
     let mut out = Vec::new();
     let mut s = serde_json::Serializer::new(&mut out);
     let mut map = s.serialize_map(None).unwrap();
@@ -154,7 +154,7 @@ fn identity(subject: &str, serial: &str) -> PeerIdentity {
 
 /// Writes `record` and checks it against the reference: the same bytes, a newline, and the SHA-256 of the line;
 /// the same again when encoded into a used buffer.
-fn agrees(record: &Record, link: Link<'_>, peer: &RefPeer<'_>) -> Result<(), TestCaseError> {
+fn agrees(record: &Record, link: ChainLink<'_>, peer: &RefPeer<'_>) -> Result<(), TestCaseError> {
     let mut buf = b"earlier line\n".to_vec();
     let hash = encode(record, link, &mut buf);
     let line = std::str::from_utf8(&buf[13..]).unwrap();
@@ -247,7 +247,7 @@ fn the_kinds_of_record_agree_with_serde_json() {
         fingerprint_sha256: &ident.fingerprint_sha256,
         via: Some(via.to_string()),
     };
-    let link = Link {
+    let link = ChainLink {
         seq: u64::MAX,
         instance: "ssp-1",
         prev: HexDigest::GENESIS.as_str(),
@@ -319,7 +319,7 @@ proptest! {
             fingerprint_sha256: &ident.fingerprint_sha256,
             via: via.map(|v| v.to_string()),
         };
-        let link = Link { seq, instance: &instance, prev: &prev };
+        let link = ChainLink { seq, instance: &instance, prev: &prev };
         let boxed = |i: usize| raw[i].as_deref().map(Box::from);
         let refused = Arc::new(Transaction {
             conn_id,

@@ -30,7 +30,7 @@ pub(crate) const MAX_PAGES: usize = 100;
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// A client of one SDS FHIR API base URL.
-pub(crate) struct Client {
+pub(crate) struct SdsClient {
     tls: TlsConnector,
     base: Uri,
     base_text: String,
@@ -39,15 +39,15 @@ pub(crate) struct Client {
     max_retries: u32,
 }
 
-impl std::fmt::Debug for Client {
+impl std::fmt::Debug for SdsClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
+        f.debug_struct("SdsClient")
             .field("base", &self.base_text)
             .finish_non_exhaustive()
     }
 }
 
-impl Client {
+impl SdsClient {
     /// A client for `[sds]`; fails naming the key when the base URL, API key file or roots are missing or bad.
     pub(crate) fn new(cfg: &SdsConfig) -> Result<Self, String> {
         let base_text = cfg

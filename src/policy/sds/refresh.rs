@@ -76,7 +76,7 @@ pub(crate) fn read_answers(bundles: &[PathBuf]) -> Result<Answers, RefreshError>
 
 /// Fetches the answers for the configured ODS codes and interactions from the SDS FHIR API.
 pub(crate) async fn fetch_answers(cfg: &SdsConfig) -> Result<Answers, RefreshError> {
-    let client = super::fetch::Client::new(cfg).map_err(RefreshError::Usage)?;
+    let client = super::fetch::SdsClient::new(cfg).map_err(RefreshError::Usage)?;
     let ods: Vec<String> = cfg
         .roles
         .systems
