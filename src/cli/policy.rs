@@ -191,8 +191,8 @@ pub(super) fn policy(command: PolicyCommand) -> u8 {
     }
 }
 
-/// `ssp policy sds`: runs `policy::sds::refresh` and prints what it returns: the bad entries, the diff, the
-/// directory or where it was written.
+/// `ssp policy sds`: runs [`crate::policy::sds::refresh::refresh`] and prints what it returns: the bad entries,
+/// the diff, and the directory or where it was written.
 fn policy_sds(
     config: &Config,
     bundles: &[PathBuf],
@@ -200,76 +200,65 @@ fn policy_sds(
     diff: bool,
     partial: bool,
 ) -> u8 {
-    use crate::policy::sds::refresh::{self, RefreshError};
-    let Some(cfg) = &config.sds else {
-        eprintln!(
-            "{}: no [sds] section (see docs/operator-guide.md, \"Directory from SDS\")",
-            config.source.display()
-        );
-        return exit::USAGE;
-    };
-    let stopped = |e: RefreshError| {
-        eprintln!("{e}");
-        match e {
-            RefreshError::Usage(_) | RefreshError::InForceDoesNotCompile(_) => exit::USAGE,
-            RefreshError::Refused(_) | RefreshError::BuiltDoesNotCompile(_) => exit::NEGATIVE,
-        }
-    };
-    let answers = if bundles.is_empty() {
+    use crate::policy::sds::refresh::{self, RefreshError, Request};
+    if bundles.is_empty() {
         init_logging(&config.log.level, false);
-        let rt = match runtime() {
-            Ok(rt) => rt,
-            Err(code) => return code,
-        };
-        rt.block_on(refresh::fetch_answers(cfg))
-    } else {
-        refresh::read_answers(bundles)
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
     };
-    let (directory, built) = match answers.and_then(|a| refresh::compile(&a, &cfg.roles)) {
-        Ok(compiled) => compiled,
-        Err(e) => return stopped(e),
+    let request = Request {
+        bundles,
+        diff,
+        partial,
+        out,
     };
-    for problem in &directory.problems {
-        eprintln!("{problem}");
-    }
-    if !directory.problems.is_empty() && !partial {
-        eprintln!(
-            "{} bad entries: nothing written (--partial writes the {} systems and {} endpoints that are good)",
-            directory.problems.len(),
-            directory.systems,
-            directory.endpoints
-        );
-        return exit::NEGATIVE;
-    }
-    if diff {
-        match refresh::diff_against(&config.policy.dir, &built, &cfg.roles) {
-            Ok(lines) if lines.is_empty() => println!(
-                "no change against the policy in force ({})",
-                config.policy.dir.display()
-            ),
-            Ok(lines) => lines.iter().for_each(|line| println!("{line}")),
-            Err(e) => return stopped(e),
-        }
-    }
-    match out {
-        Some(path) => {
-            if let Err(e) = refresh::write_atomically(path, directory.text.as_bytes()) {
-                eprintln!("{}: {e}", path.display());
-                return exit::INTERNAL;
+    let refreshed = rt.block_on(refresh::refresh(
+        config.sds.as_ref(),
+        &config.source,
+        &config.policy.dir,
+        request,
+    ));
+    let refreshed = match refreshed {
+        Ok(refreshed) => refreshed,
+        Err(e) => {
+            if let RefreshError::BadEntries(directory) = &e {
+                directory.problems.iter().for_each(|p| eprintln!("{p}"));
             }
-            eprintln!(
-                "{}: {} systems, {} endpoints{}",
-                path.display(),
-                directory.systems,
-                directory.endpoints,
-                if directory.problems.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {} bad entries left out", directory.problems.len())
-                }
-            );
+            eprintln!("{e}");
+            return match e {
+                RefreshError::Usage(_) | RefreshError::InForceDoesNotCompile(_) => exit::USAGE,
+                RefreshError::Write(..) => exit::INTERNAL,
+                RefreshError::Refused(_)
+                | RefreshError::BuiltDoesNotCompile(_)
+                | RefreshError::BadEntries(_) => exit::NEGATIVE,
+            };
         }
-        None if !diff => print!("{}", directory.text),
+    };
+    let directory = &refreshed.directory;
+    directory.problems.iter().for_each(|p| eprintln!("{p}"));
+    match &refreshed.diff {
+        Some(lines) if lines.is_empty() => println!(
+            "no change against the policy in force ({})",
+            config.policy.dir.display()
+        ),
+        Some(lines) => lines.iter().for_each(|line| println!("{line}")),
+        None => {}
+    }
+    match &refreshed.written {
+        Some(path) => eprintln!(
+            "{}: {} systems, {} endpoints{}",
+            path.display(),
+            directory.systems,
+            directory.endpoints,
+            if directory.problems.is_empty() {
+                String::new()
+            } else {
+                format!(", {} bad entries left out", directory.problems.len())
+            }
+        ),
+        None if refreshed.diff.is_none() => print!("{}", directory.text),
         None => {}
     }
     if directory.problems.is_empty() {
