@@ -22,9 +22,9 @@ const MAX_ODS_LEN: usize = 16;
 /// copied. Identifiers from policy text hold a copy. Always ASCII: every identifier is checked before one is made.
 /// Hashes, compares and orders as its text.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Text(HeaderValue);
+struct FieldText(HeaderValue);
 
-impl Text {
+impl FieldText {
     /// A copy of `text`, when `valid` accepts it.
     fn copy(text: &str, valid: fn(&str) -> bool) -> Option<Self> {
         if !valid(text) {
@@ -44,7 +44,7 @@ impl Text {
     }
 }
 
-impl Hash for Text {
+impl Hash for FieldText {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.as_str().hash(state);
     }
@@ -52,17 +52,17 @@ impl Hash for Text {
 
 /// An Accredited System ID: the directory's identifier for a consumer or provider system (`Ssp-From`, `Ssp-To`).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Asid(Text);
+pub struct Asid(FieldText);
 
 impl Asid {
     /// Parses an ASID: ASCII digits only, 1 to 20 of them.
     pub fn parse(text: &str) -> Option<Self> {
-        Text::copy(text, Self::valid).map(Self)
+        FieldText::copy(text, Self::valid).map(Self)
     }
 
     /// An ASID from a header field, sharing its bytes.
     pub(crate) fn from_field(value: &HeaderValue) -> Option<Self> {
-        Text::shared(value, Self::valid).map(Self)
+        FieldText::shared(value, Self::valid).map(Self)
     }
 
     fn valid(text: &str) -> bool {
@@ -76,17 +76,17 @@ impl Asid {
 
 /// A GUID as carried by `Ssp-TraceID`, kept in the text form the consumer sent (hyphenated, either case).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct TraceId(Text);
+pub struct TraceId(FieldText);
 
 impl TraceId {
     /// Parses the 8-4-4-4-12 hexadecimal GUID form, nothing else (no braces, no URN prefix).
     pub fn parse(text: &str) -> Option<Self> {
-        Text::copy(text, Self::valid).map(Self)
+        FieldText::copy(text, Self::valid).map(Self)
     }
 
     /// A trace id from a header field, sharing its bytes.
     pub(crate) fn from_field(value: &HeaderValue) -> Option<Self> {
-        Text::shared(value, Self::valid).map(Self)
+        FieldText::shared(value, Self::valid).map(Self)
     }
 
     fn valid(text: &str) -> bool {
@@ -102,9 +102,9 @@ impl TraceId {
     pub fn new_random() -> Self {
         let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
         let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-        Self(Text(HeaderValue::from_str(text).unwrap_or_else(|_| {
-            HeaderValue::from_static("00000000-0000-0000-0000-000000000000")
-        })))
+        Self(FieldText(HeaderValue::from_str(text).unwrap_or_else(
+            |_| HeaderValue::from_static("00000000-0000-0000-0000-000000000000"),
+        )))
     }
 
     pub fn as_str(&self) -> &str {
@@ -115,18 +115,18 @@ impl TraceId {
 /// A business interaction URN (`Ssp-InteractionID`), e.g.
 /// `urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct InteractionId(Text);
+pub struct InteractionId(FieldText);
 
 impl InteractionId {
     /// Parses a URN: the `urn:` prefix (lower case, as every NHS interaction is written), then at most 256
     /// characters from the RFC 8141 URN character set.
     pub fn parse(text: &str) -> Option<Self> {
-        Text::copy(text, Self::valid).map(Self)
+        FieldText::copy(text, Self::valid).map(Self)
     }
 
     /// An interaction from a header field, sharing its bytes.
     pub(crate) fn from_field(value: &HeaderValue) -> Option<Self> {
-        Text::shared(value, Self::valid).map(Self)
+        FieldText::shared(value, Self::valid).map(Self)
     }
 
     fn valid(text: &str) -> bool {

@@ -258,7 +258,7 @@ impl Kept {
 /// Where a kept claim's text is: a byte range of the decoded claims set (a JSON string without escapes, the
 /// usual case, so nothing is copied), or the unescaped text of one with escapes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Text {
+enum ClaimText {
     At(u32, u32),
     Unescaped(Box<str>),
 }
@@ -277,9 +277,9 @@ pub struct JwtAudit {
     /// The decoded claims set (JSON text, checked as UTF-8 once, when decoded); empty when the token could not be
     /// read that far.
     claims: String,
-    kept: [Option<Text>; 12],
+    kept: [Option<ClaimText>; 12],
     /// `system` and `value` of the device's first identifier.
-    device_identifier: Option<(Text, Text)>,
+    device_identifier: Option<(ClaimText, ClaimText)>,
     pub iat: Option<i64>,
     pub exp: Option<i64>,
     /// The header's `alg` (`none` for GP Connect's unsigned tokens), one of the algorithms ssp accepts.
@@ -324,11 +324,11 @@ impl JwtAudit {
         self.alg
     }
 
-    fn text<'a>(&'a self, text: &'a Text) -> Option<&'a str> {
+    fn text<'a>(&'a self, text: &'a ClaimText) -> Option<&'a str> {
         match text {
             // A place the JSON reader found a string at, so on character boundaries; `get` checks that anyway.
-            Text::At(start, end) => self.claims.get(*start as usize..*end as usize),
-            Text::Unescaped(text) => Some(text),
+            ClaimText::At(start, end) => self.claims.get(*start as usize..*end as usize),
+            ClaimText::Unescaped(text) => Some(text),
         }
     }
 

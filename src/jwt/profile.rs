@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::json::{Json, Obj};
 use super::token::{Parts, VerifyingKey, bearer_token};
-use super::{Claim, DSTU2_AUDIENCE, JwtAudit, Kept, Profile, Text, Violation};
+use super::{Claim, ClaimText, DSTU2_AUDIENCE, JwtAudit, Kept, Profile, Violation};
 use crate::ids::InteractionId;
 
 /// Validates tokens for one profile.
@@ -68,7 +68,7 @@ impl Validator {
         {
             let (header, claims) = (parts.header()?, parts.payload()?);
             audit.alg = accepted_alg(parts.verify(&header, expect.keys)?);
-            let source = Source::of(parts.payload_bytes());
+            let source = ClaimsBuffer::of(parts.payload_bytes());
             self.validate_claims(claims.root(), &source, expect, audit);
         }
         audit.claims = parts.into_payload();
@@ -78,7 +78,7 @@ impl Validator {
     fn validate_claims(
         &self,
         claims: Obj<'_>,
-        source: &Source,
+        source: &ClaimsBuffer,
         expect: &Expect<'_>,
         audit: &mut JwtAudit,
     ) {
@@ -221,7 +221,7 @@ impl<'a> Claims<'a, '_> {
     }
 
     /// Keeps a claim's text for the audit trail, as a place in the claims set.
-    fn keep(&mut self, which: Kept, text: Option<&str>, source: &Source) {
+    fn keep(&mut self, which: Kept, text: Option<&str>, source: &ClaimsBuffer) {
         self.audit.kept[which as usize] = text.map(|t| source.text(t));
     }
 
@@ -352,12 +352,12 @@ pub fn required_scope(interaction: &InteractionId) -> Option<&'static str> {
 
 /// The decoded claims set the JSON was read from, to tell a string that borrows it (no escapes) from one that was
 /// unescaped into a copy.
-struct Source {
+struct ClaimsBuffer {
     start: usize,
     len: usize,
 }
 
-impl Source {
+impl ClaimsBuffer {
     fn of(bytes: &[u8]) -> Self {
         Self {
             start: bytes.as_ptr() as usize,
@@ -366,13 +366,13 @@ impl Source {
     }
 
     /// Where `text` is in the claims set, or a copy when it is not there (it had escapes).
-    fn text(&self, text: &str) -> Text {
+    fn text(&self, text: &str) -> ClaimText {
         let at = (text.as_ptr() as usize).wrapping_sub(self.start);
         match (u32::try_from(at), u32::try_from(at + text.len())) {
             (Ok(start), Ok(end)) if at <= self.len && text.len() <= self.len - at => {
-                Text::At(start, end)
+                ClaimText::At(start, end)
             }
-            _ => Text::Unescaped(text.into()),
+            _ => ClaimText::Unescaped(text.into()),
         }
     }
 }
