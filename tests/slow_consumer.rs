@@ -40,6 +40,35 @@ async fn start(
     (pki, provider, served, admin)
 }
 
+/// An HTTP/2 connection whose streams open with a zero window (`SETTINGS_INITIAL_WINDOW_SIZE = 0`): response heads
+/// arrive, no body byte may until the client opens the window, which it never does.
+async fn zero_window_sender(
+    pki: &Pki,
+    proxy: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let tls = Consumer::new(pki, Some("consumer"), proxy, true)
+        .tls_h2()
+        .await;
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A traced GET of `tail` as an HTTP/2 request (absolute URI for `:authority`, no `Host`).
+fn http2_request(url: &str, tail: &str, n: u32) -> http::Request<TestBody> {
+    let mut req = traced_get(url, tail, &trace_id(n));
+    *req.uri_mut() = format!("https://ssp.dev.localhost{}", req.uri())
+        .parse()
+        .unwrap();
+    req.headers_mut().remove("host");
+    req
+}
+
 /// A request of `consumer`'s for the metadata interaction gets its 200 (the provider's slots are free).
 async fn assert_served(consumer: &Consumer, url: &str) {
     let answer = within(
@@ -93,24 +122,13 @@ async fn a_consumer_that_stops_reading_is_cut_and_frees_its_provider_connection(
     .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     // HTTP/2 with a zero initial stream window: the head arrives, no body byte ever may.
-    let tls = Consumer::new(&pki, Some("consumer"), served.addr, true)
-        .tls_h2()
-        .await;
-    let (mut zero, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut req = traced_get(&url, "/infinite", &trace_id(5));
-    *req.uri_mut() = format!("https://ssp.dev.localhost{}", req.uri())
-        .parse()
-        .unwrap();
-    req.headers_mut().remove("host");
-    let zero_window = within("the zero-window head", zero.send_request(req))
-        .await
-        .unwrap();
+    let mut zero = zero_window_sender(&pki, served.addr).await;
+    let zero_window = within(
+        "the zero-window head",
+        zero.send_request(http2_request(&url, "/infinite", 5)),
+    )
+    .await
+    .unwrap();
     assert_eq!(zero_window.status(), StatusCode::OK);
 
     for n in [1, 2, 3, 5] {
@@ -227,27 +245,16 @@ async fn premature_http2_resets_are_bounded_per_connection() {
 async fn a_zero_window_on_a_small_answer_does_not_hold_the_providers_slots() {
     let (pki, provider, served, admin) = start("per_provider_concurrency = 3", "2s").await;
     let url = endpoint_url(provider.addr);
-    let tls = Consumer::new(&pki, Some("consumer"), served.addr, true)
-        .tls_h2()
-        .await;
-    let (zero, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let zero = zero_window_sender(&pki, served.addr).await;
     let mut held = Vec::new();
     for n in 1..=3 {
-        let mut req = traced_get(&url, "/metadata", &trace_id(n));
-        *req.uri_mut() = format!("https://ssp.dev.localhost{}", req.uri())
-            .parse()
-            .unwrap();
-        req.headers_mut().remove("host");
         let mut sender = zero.clone();
-        let response = within("a zero-window head", sender.send_request(req))
-            .await
-            .unwrap();
+        let response = within(
+            "a zero-window head",
+            sender.send_request(http2_request(&url, "/metadata", n)),
+        )
+        .await
+        .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert!(response.headers().contains_key("content-length"));
         held.push(response);
