@@ -68,6 +68,8 @@ pub struct Exchange {
     stalled: std::sync::atomic::AtomicBool,
     /// The task that watches for a consumer that stops reading, stopped when the exchange ends.
     watch: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+    /// A watch is set: only then does the response body stamp its waits on the consumer (a clock read per frame).
+    watched: std::sync::atomic::AtomicBool,
 }
 
 /// What runs when an exchange ends.
@@ -101,6 +103,7 @@ impl Exchange {
             awaiting_consumer: AtomicU64::new(0),
             stalled: std::sync::atomic::AtomicBool::new(false),
             watch: std::sync::Mutex::new(None),
+            watched: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -164,6 +167,16 @@ impl Exchange {
             .watch
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(watch);
+        self.watched.store(true, Ordering::Release);
+    }
+
+    /// Records that the consumer's side has been handed a response frame (or the head) and not asked for the next
+    /// one yet, when a watch needs to know.
+    fn wait_on_consumer(&self) {
+        if self.watched.load(Ordering::Acquire) {
+            let since = self.started.elapsed().as_micros() as u64 + 1;
+            self.awaiting_consumer.store(since, Ordering::Release);
+        }
     }
 
     /// Sets the outcome unless one is already set.
@@ -286,8 +299,7 @@ impl<B: Body> Streamed<B> {
         } else if direction == Direction::Response {
             // Until the consumer's side first asks for a frame, the wait is the consumer's: an HTTP/2 stream
             // opened with a zero window is never asked at all.
-            let since = exchange.started.elapsed().as_micros() as u64 + 1;
-            exchange.awaiting_consumer.store(since, Ordering::Release);
+            exchange.wait_on_consumer();
         }
         if direction == Direction::Request && inner.is_end_stream() {
             exchange.mark_request_sent();
@@ -346,10 +358,7 @@ where
                     // Until the consumer's side asks for the next frame, or lets go of the body once it has taken
                     // the last one (HTTP/2 holds a frame until the consumer's window admits it), the wait is the
                     // consumer's.
-                    let since = this.exchange.started.elapsed().as_micros() as u64 + 1;
-                    this.exchange
-                        .awaiting_consumer
-                        .store(since, Ordering::Release);
+                    this.exchange.wait_on_consumer();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

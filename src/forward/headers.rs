@@ -173,30 +173,119 @@ pub(crate) fn response_framing(parts: &mut http::response::Parts) -> Result<(), 
     if !(200..=599).contains(&status) {
         return Err(BadResponse::InvalidStatus(status));
     }
-    if !parts.headers.contains_key(header::TRANSFER_ENCODING) {
-        return Ok(());
+    match codings(&parts.headers) {
+        None => Ok(()),
+        Some(Codings {
+            chunked: 1,
+            other: false,
+        }) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Ok(())
+        }
+        Some(_) => Err(BadResponse::TransferCoding),
     }
-    let chunked_once = {
-        let mut codings = transfer_codings(&parts.headers);
-        matches!(
-            (codings.next(), codings.next()),
-            (Some(only), None) if only.eq_ignore_ascii_case(b"chunked")
-        )
-    };
-    if !chunked_once {
-        return Err(BadResponse::TransferCoding);
-    }
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Ok(())
 }
 
-/// The transfer codings a message's `Transfer-Encoding` fields list, in order, across every field line
-/// (RFC 9112 section 6.1: a comma-separated list; empty elements are ignored, RFC 9110 section 5.6.1).
-pub(crate) fn transfer_codings(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
+/// What is wrong with a request's own framing fields, found before any check reads the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFramingError {
+    /// `Host` missing from an HTTP/1.1 request, repeated, or not `uri-host [":" port]` (RFC 9112 section 3.2: 400).
+    Host,
+    /// A transfer coding other than `chunked` (`gzip, chunked`): ssp does not decode it, and forwarding its bytes as
+    /// the content would change the request (RFC 9112 section 6.1: 501).
+    CodingNotImplemented,
+    /// `chunked` more than once (RFC 9112 section 6.1: a sender must not apply it more than once; 400).
+    ChunkedTwice,
+}
+
+/// A request's framing fields as ssp can forward the request: `Transfer-Encoding` none or `chunked` once (which
+/// hyper has decoded), and exactly one valid `Host` (none needed over HTTP/1.0 and HTTP/2, whose `:authority`
+/// names it). Read before the hop-by-hop removal, which takes `Transfer-Encoding` away.
+pub(crate) fn request_framing(
+    headers: &HeaderMap,
+    version: Version,
+) -> Result<(), RequestFramingError> {
+    match codings(headers) {
+        Some(Codings { other: true, .. }) => return Err(RequestFramingError::CodingNotImplemented),
+        Some(Codings { chunked: 2.., .. }) => return Err(RequestFramingError::ChunkedTwice),
+        _ => {}
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let valid = match (hosts.next(), hosts.next()) {
+        (None, _) => version != Version::HTTP_11,
+        (Some(_), Some(_)) => false,
+        (Some(host), None) => valid_host(host.as_bytes()),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(RequestFramingError::Host)
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 3986 section 3.2.2; empty is allowed): an IPv6 literal in brackets, or a reg-name
+/// of unreserved, percent-encoded and sub-delim characters (which covers IPv4), then an optional port of digits.
+fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = match value.strip_prefix(b"[") {
+        Some(rest) => {
+            let Some(end) = rest.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let literal = std::str::from_utf8(&rest[..end]).unwrap_or("");
+            if literal.parse::<std::net::Ipv6Addr>().is_err() {
+                return false;
+            }
+            match &rest[end + 1..] {
+                [] => return true,
+                [b':', port @ ..] => (&[][..], port),
+                _ => return false,
+            }
+        }
+        None => match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon + 1..]),
+            None => (value, &[][..]),
+        },
+    };
+    let mut rest = host;
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = match b {
+            b'%' => match tail {
+                [h, l, tail @ ..] if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => tail,
+                _ => return false,
+            },
+            b if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) => tail,
+            _ => return false,
+        };
+    }
+    port.iter().all(u8::is_ascii_digit)
+}
+
+/// A message's `Transfer-Encoding` fields summed up: how many times `chunked` is listed, and whether any other
+/// coding is.
+struct Codings {
+    chunked: usize,
+    other: bool,
+}
+
+/// The transfer codings a message's `Transfer-Encoding` fields list, across every field line (RFC 9112 section 6.1:
+/// a comma-separated list; empty elements are ignored, RFC 9110 section 5.6.1); `None` without the field.
+fn codings(headers: &HeaderMap) -> Option<Codings> {
+    let mut lines = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    lines.peek()?;
+    let mut summary = Codings {
+        chunked: 0,
+        other: false,
+    };
+    for coding in lines
         .flat_map(|line| line.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|coding| !coding.is_empty())
+    {
+        if coding.eq_ignore_ascii_case(b"chunked") {
+            summary.chunked += 1;
+        } else {
+            summary.other = true;
+        }
+    }
+    Some(summary)
 }

@@ -23,8 +23,8 @@ mod pool;
 pub(crate) use connector::Connector;
 pub(crate) use exchange::{Direction, Exchange, IdleTimeout, Streamed};
 pub(crate) use headers::{
-    ClientFields, normalize_request_headers, rewrite_request_headers, strip_hop_by_hop,
-    transfer_codings,
+    ClientFields, RequestFramingError, normalize_request_headers, request_framing,
+    rewrite_request_headers, strip_hop_by_hop,
 };
 use headers::{MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD};
 pub(crate) use pool::{ProviderBody, Upstream};

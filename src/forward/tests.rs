@@ -186,3 +186,50 @@ fn the_upstream_request_body_is_one_pointer_wide() {
         std::mem::size_of::<usize>()
     );
 }
+
+#[test]
+fn request_framing_takes_one_valid_host_and_chunked_once() {
+    use super::headers::{RequestFramingError as E, request_framing};
+    let framing = |fields: &[(&str, &str)], version: http::Version| {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in fields {
+            headers.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        request_framing(&headers, version)
+    };
+    let h11 = http::Version::HTTP_11;
+    for host in [
+        "ssp",
+        "ssp:8443",
+        "127.0.0.1",
+        "[::1]:8443",
+        "a%2Db",
+        "",
+        "x:",
+    ] {
+        assert_eq!(framing(&[("host", host)], h11), Ok(()), "{host:?}");
+    }
+    for host in ["a b", "u@a", "a/b", "[::1", "[zz]", "a%2", "a%zz", "a:8x"] {
+        assert_eq!(framing(&[("host", host)], h11), Err(E::Host), "{host:?}");
+    }
+    assert_eq!(framing(&[], h11), Err(E::Host));
+    assert_eq!(framing(&[], http::Version::HTTP_10), Ok(()));
+    assert_eq!(framing(&[], http::Version::HTTP_2), Ok(()));
+    assert_eq!(
+        framing(&[("host", "a"), ("host", "a")], http::Version::HTTP_10),
+        Err(E::Host)
+    );
+    let with = |te: &[&str]| {
+        let mut fields = vec![("host", "ssp")];
+        fields.extend(te.iter().map(|t| ("transfer-encoding", *t)));
+        framing(&fields, h11)
+    };
+    assert_eq!(with(&["chunked"]), Ok(()));
+    assert_eq!(with(&["gzip, chunked"]), Err(E::CodingNotImplemented));
+    assert_eq!(with(&["gzip", "chunked"]), Err(E::CodingNotImplemented));
+    assert_eq!(with(&["chunked, chunked"]), Err(E::ChunkedTwice));
+    assert_eq!(with(&["chunked", " , chunked"]), Err(E::ChunkedTwice));
+}

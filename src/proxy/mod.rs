@@ -23,9 +23,7 @@ use crate::ids::PeerIdentity;
 
 pub use body::ProxyBody;
 pub use pipeline::Proxy;
-pub use refusal::{
-    Refusal, TransferEncodingError, X_RATE_LIMIT_LIMIT, X_RATE_LIMIT_REMAINING, X_RATE_LIMIT_RESET,
-};
+pub use refusal::{Refusal, X_RATE_LIMIT_LIMIT, X_RATE_LIMIT_REMAINING, X_RATE_LIMIT_RESET};
 
 /// What the server knows about a consumer connection; read once after the handshake and shared by its requests.
 #[derive(Debug)]

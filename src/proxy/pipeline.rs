@@ -14,12 +14,14 @@ use tokio::time::Instant;
 
 use super::body::{ProxyBody, drain};
 use super::operation_outcome::Format;
-use super::refusal::{Refusal, TransferEncodingError, log_refusal};
+use super::refusal::{Refusal, log_refusal};
 use super::{ConnControl, ConnInfo, Cut};
 use crate::audit::writer::Queued;
 use crate::audit::{AuditLog, Outcome, Record, Transaction};
 use crate::config::JwtConfig;
-use crate::forward::{Direction, Exchange, ForwardError, ProviderBody, Streamed, Upstream};
+use crate::forward::{
+    Direction, Exchange, ForwardError, ProviderBody, RequestFramingError, Streamed, Upstream,
+};
 use crate::jwt::{Expect, JwtAudit, Mode, Validator};
 use crate::limits::{Admission, Limits, Throttle};
 use crate::metrics::{Metrics, OTHER};
@@ -105,8 +107,8 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         let (mut parts, body) = request.into_parts();
-        // Read before the hop-by-hop removal takes the field away; refused after the size check (`run_checks`).
-        let coding = transfer_coding(&parts.headers);
+        // Read before the hop-by-hop removal takes `Transfer-Encoding` away; refused after the size check.
+        let framing = crate::forward::request_framing(&parts.headers, parts.version);
         // Hop-by-hop fields go first (RFC 9110 7.6.1), so that the checks and the audit record see exactly the
         // header fields the provider will get: a field the consumer names in `Connection` is not forwarded, so it
         // is not checked either.
@@ -125,7 +127,7 @@ impl Proxy {
         let refusal = 'refused: {
             // Taken apart in its own statement: a `match` on the checks' result would keep the whole `Result`
             // (some 850 bytes) in this future across every await below, and in each future that holds this one.
-            let (permit, jwt, admission) = match self.run_checks(&policy, &parts, coding, conn) {
+            let (permit, jwt, admission) = match self.run_checks(&policy, &parts, framing, conn) {
                 Ok(checked) => checked,
                 Err(refusal) => break 'refused refusal,
             };
@@ -217,7 +219,7 @@ impl Proxy {
         &self,
         policy: &Policy,
         parts: &http::request::Parts,
-        coding: Result<(), TransferEncodingError>,
+        framing: Result<(), RequestFramingError>,
         conn: &ConnInfo,
     ) -> Result<(Permit, Option<JwtAudit>, Admission), Refusal> {
         // Size first: nothing else reads a request that is too large to be one.
@@ -228,10 +230,7 @@ impl Proxy {
             return Err(Refusal::HeadersTooLarge);
         }
         // The message's own framing (RFC 9112 sections 3.2 and 6.1), before anything reads what it carries.
-        coding.map_err(Refusal::TransferEncoding)?;
-        if !valid_host_fields(&parts.headers, parts.version) {
-            return Err(Refusal::Host);
-        }
+        framing.map_err(Refusal::Framing)?;
         // 2: method.
         if !self.methods.contains(&parts.method) {
             return Err(Refusal::Method);
@@ -478,73 +477,6 @@ fn header_bytes(headers: &http::HeaderMap) -> usize {
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum()
-}
-
-/// A request's `Transfer-Encoding` as ssp can forward it: none, or `chunked` once (which hyper has decoded).
-/// Any other coding is 501 (RFC 9112 section 6.1: ssp does not decode it, and its bytes must not reach the
-/// provider as if they were the content); `chunked` twice is 400.
-fn transfer_coding(headers: &http::HeaderMap) -> Result<(), TransferEncodingError> {
-    let mut chunked = 0;
-    let mut other = false;
-    for coding in crate::forward::transfer_codings(headers) {
-        if coding.eq_ignore_ascii_case(b"chunked") {
-            chunked += 1;
-        } else {
-            other = true;
-        }
-    }
-    match (other, chunked) {
-        (true, _) => Err(TransferEncodingError::NotImplemented),
-        (false, 0 | 1) => Ok(()),
-        (false, _) => Err(TransferEncodingError::ChunkedTwice),
-    }
-}
-
-/// RFC 9112 section 3.2: an HTTP/1.1 request has exactly one `Host`; no request has more than one, or one whose
-/// value is not `uri-host [ ":" port ]` (RFC 3986 section 3.2.2; empty is allowed). An HTTP/2 request names its
-/// authority in `:authority` and may leave `Host` out.
-fn valid_host_fields(headers: &http::HeaderMap, version: http::Version) -> bool {
-    let mut hosts = headers.get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (None, _) => version != http::Version::HTTP_11,
-        (Some(_), Some(_)) => false,
-        (Some(host), None) => valid_host(host.as_bytes()),
-    }
-}
-
-/// `uri-host [ ":" port ]`: an IP literal in brackets, or a reg-name of unreserved, percent-encoded and sub-delim
-/// characters (which covers IPv4), then an optional port of digits.
-fn valid_host(value: &[u8]) -> bool {
-    let (host, port) = if let Some(rest) = value.strip_prefix(b"[") {
-        let Some(end) = rest.iter().position(|&b| b == b']') else {
-            return false;
-        };
-        let literal = std::str::from_utf8(&rest[..end]).unwrap_or("");
-        if literal.parse::<std::net::Ipv6Addr>().is_err() {
-            return false;
-        }
-        match &rest[end + 1..] {
-            [] => return true,
-            [b':', port @ ..] => (&[][..], port),
-            _ => return false,
-        }
-    } else {
-        match value.iter().rposition(|&b| b == b':') {
-            Some(colon) => (&value[..colon], &value[colon + 1..]),
-            None => (value, &[][..]),
-        }
-    };
-    let reg_name = host.iter().enumerate().all(|(i, &b)| {
-        b.is_ascii_alphanumeric()
-            || b"-._~!$&'()*+,;=".contains(&b)
-            || (b == b'%'
-                && host
-                    .get(i + 1..i + 3)
-                    .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)))
-            || (i >= 1 && host[i - 1] == b'%' && b.is_ascii_hexdigit())
-            || (i >= 2 && host[i - 2] == b'%' && b.is_ascii_hexdigit())
-    });
-    reg_name && port.iter().all(u8::is_ascii_digit)
 }
 
 /// An exchange the consumer cancels sooner than this after its start counts as a premature reset (Envoy's

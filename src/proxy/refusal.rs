@@ -8,7 +8,7 @@ use http::{Response, StatusCode};
 use super::ConnInfo;
 use super::body::ProxyBody;
 use super::operation_outcome::{Format, IssueCode, OperationOutcome, Severity};
-use crate::forward::ForwardError;
+use crate::forward::{ForwardError, RequestFramingError};
 use crate::jwt::{JwtAudit, Violation};
 use crate::limits::Throttle;
 use crate::policy::Denial;
@@ -19,11 +19,9 @@ use crate::ssp::{self, HeaderError, TargetError};
 pub enum Refusal {
     /// Before check 2: more header bytes or fields than `limits.max_header_bytes` / `max_header_count`.
     HeadersTooLarge,
-    /// Before check 2: `Host` missing from an HTTP/1.1 request, repeated, or not a valid `uri-host [":" port]`
-    /// (RFC 9112 section 3.2: 400).
-    Host,
-    /// Before check 2: a `Transfer-Encoding` other than a single `chunked` (RFC 9112 section 6.1).
-    TransferEncoding(TransferEncodingError),
+    /// Before check 2: the request's own framing fields (`Host`, `Transfer-Encoding`; RFC 9112 sections 3.2 and
+    /// 6.1).
+    Framing(RequestFramingError),
     /// Check 2.
     Method,
     /// Check 3.
@@ -45,28 +43,16 @@ pub enum Refusal {
     MalformedBody,
 }
 
-/// What is wrong with a request's `Transfer-Encoding`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransferEncodingError {
-    /// A coding other than `chunked` (`gzip, chunked`): ssp does not decode it, and forwarding its bytes as the
-    /// content would change the request (501, RFC 9112 section 6.1).
-    NotImplemented,
-    /// `chunked` more than once (RFC 9112 section 6.1: a sender must not apply it more than once; 400).
-    ChunkedTwice,
-}
-
 impl Refusal {
     /// A bounded label for logs and metrics.
     pub(crate) fn reason(&self) -> &'static str {
         match self {
             Refusal::HeadersTooLarge => "request_header_fields_too_large",
-            Refusal::Host => "invalid_host",
-            Refusal::TransferEncoding(TransferEncodingError::NotImplemented) => {
+            Refusal::Framing(RequestFramingError::Host) => "invalid_host",
+            Refusal::Framing(RequestFramingError::CodingNotImplemented) => {
                 "transfer_coding_not_implemented"
             }
-            Refusal::TransferEncoding(TransferEncodingError::ChunkedTwice) => {
-                "invalid_transfer_encoding"
-            }
+            Refusal::Framing(RequestFramingError::ChunkedTwice) => "invalid_transfer_encoding",
             Refusal::MalformedBody => "malformed_request_body",
             Refusal::Method => "method_not_allowed",
             Refusal::Target(_) => "invalid_target_url",
@@ -89,12 +75,10 @@ impl Refusal {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Refusal::Host
-            | Refusal::TransferEncoding(TransferEncodingError::ChunkedTwice)
-            | Refusal::MalformedBody => StatusCode::BAD_REQUEST,
-            Refusal::TransferEncoding(TransferEncodingError::NotImplemented) => {
+            Refusal::Framing(RequestFramingError::CodingNotImplemented) => {
                 StatusCode::NOT_IMPLEMENTED
             }
+            Refusal::Framing(_) | Refusal::MalformedBody => StatusCode::BAD_REQUEST,
             Refusal::Method => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::Target(_) | Refusal::Header(_) | Refusal::Jwt(..) => StatusCode::BAD_REQUEST,
             // Check 9 says the request itself is wrong; 5 to 8 that it is not allowed.
@@ -124,12 +108,10 @@ impl Refusal {
     fn issue(&self) -> (IssueCode, Severity) {
         match self {
             Refusal::HeadersTooLarge => (IssueCode::TooLong, Severity::Error),
-            Refusal::Host
-            | Refusal::TransferEncoding(TransferEncodingError::ChunkedTwice)
-            | Refusal::MalformedBody => (IssueCode::Invalid, Severity::Error),
-            Refusal::TransferEncoding(TransferEncodingError::NotImplemented) => {
+            Refusal::Framing(RequestFramingError::CodingNotImplemented) => {
                 (IssueCode::NotSupported, Severity::Error)
             }
+            Refusal::Framing(_) | Refusal::MalformedBody => (IssueCode::Invalid, Severity::Error),
             Refusal::Method => (IssueCode::Forbidden, Severity::Fatal),
             Refusal::Target(_) | Refusal::Header(_) | Refusal::Jwt(..) => {
                 (IssueCode::Invalid, Severity::Error)
@@ -147,11 +129,11 @@ impl Refusal {
     pub(crate) fn text(&self) -> String {
         match self {
             Refusal::HeadersTooLarge => "REQUEST_HEADER_FIELDS_TOO_LARGE".into(),
-            Refusal::Host => "MISSING_OR_INVALID_HEADER_Host".into(),
-            Refusal::TransferEncoding(TransferEncodingError::NotImplemented) => {
+            Refusal::Framing(RequestFramingError::Host) => "MISSING_OR_INVALID_HEADER_Host".into(),
+            Refusal::Framing(RequestFramingError::CodingNotImplemented) => {
                 "TRANSFER_CODING_NOT_IMPLEMENTED".into()
             }
-            Refusal::TransferEncoding(TransferEncodingError::ChunkedTwice) => {
+            Refusal::Framing(RequestFramingError::ChunkedTwice) => {
                 "INVALID_TRANSFER_ENCODING".into()
             }
             Refusal::MalformedBody => "MALFORMED_REQUEST_BODY".into(),
