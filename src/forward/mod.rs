@@ -11,7 +11,8 @@
 //!   exchange that uses them, the idle pool and connection limit per provider, the timeouts and the retry of a
 //!   request that met a stale pooled connection.
 //! - `idle_conns`: a provider's idle connections, per thread that opened them, taken newest first.
-//! - `headers`: hop-by-hop removal, cookie joining, `Host`, `Forwarded` and `X-Forwarded-For`.
+//! - `headers`: hop-by-hop removal, cookie joining, the framing rules of both legs (`Host`, `Transfer-Encoding`,
+//!   statuses), `Host`, `Forwarded` and `X-Forwarded-For`.
 //! - `exchange`: [`Exchange`] accounting and the [`Streamed`] body wrapper.
 
 mod connector;
