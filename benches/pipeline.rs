@@ -60,6 +60,8 @@ fn bench(c: &mut Criterion) {
         dns_sans: vec!["consumer.dev.localhost".into()],
         serial: "01".into(),
         fingerprint_sha256: "00".into(),
+        issuer: "CN=Test CA".into(),
+        not_after: 0,
     };
     let request = SspRequest {
         target: Target::from_request_path(PATH).unwrap(),
@@ -206,6 +208,8 @@ fn bench_scale(c: &mut Criterion) {
         dns_sans: vec![],
         serial: "01".into(),
         fingerprint_sha256: "00".into(),
+        issuer: "CN=Test CA".into(),
+        not_after: 0,
     };
     let mut headers = HeaderMap::new();
     headers.insert(

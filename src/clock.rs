@@ -5,8 +5,12 @@ use std::fmt;
 
 /// Unix seconds now (0 if the clock is before 1970).
 pub(crate) fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    unix_seconds(std::time::SystemTime::now())
+}
+
+/// A time as Unix seconds (0 before the epoch).
+pub(crate) fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
 

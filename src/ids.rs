@@ -203,6 +203,10 @@ pub struct PeerIdentity {
     pub serial: String,
     /// SHA-256 of the DER certificate, lower-case hexadecimal.
     pub fingerprint_sha256: String,
+    /// The issuer's name as an RFC 4514-style string (the credential radar notices a change of CA).
+    pub issuer: String,
+    /// The certificate's notAfter, Unix seconds.
+    pub not_after: i64,
 }
 
 impl PeerIdentity {
@@ -290,6 +294,8 @@ mod tests {
             dns_sans: vec!["alt.dev.localhost".into()],
             serial: "01".into(),
             fingerprint_sha256: "00".into(),
+            issuer: "CN=Test CA".into(),
+            not_after: 0,
         };
         assert!(peer.has_fqdn("CONSUMER.dev.localhost"));
         assert!(peer.has_fqdn("alt.dev.localhost"));

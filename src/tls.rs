@@ -156,21 +156,7 @@ pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Pr
         )));
     }
     let provider = provider();
-    let mut verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-    if !crls.is_empty() {
-        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
-        if cfg.crl_expired == CrlExpired::Refuse {
-            verifier = verifier.enforce_revocation_expiration();
-        }
-    }
-    if !cfg.client_ca_hints {
-        verifier = verifier.clear_root_hint_subjects();
-    }
-    let verifier = verifier
-        .build()
-        .map_err(|e| Problems::one(format!("server.client_ca / server.crl: {e}")))?;
-    let verifier = Arc::new(PlainAlerts(verifier));
+    let verifier = build_client_verifier(cfg, roots, crls)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&versions(&cfg.tls_versions))
         .map_err(|e| Problems::one(format!("server.tls_versions: {e}")))?
@@ -188,6 +174,42 @@ pub fn server_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Pr
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// Check 1's verifier, as the consumer listener uses it (`server.client_ca`, `server.crl`, `server.crl_expired`,
+/// [`PlainAlerts`]): `ssp onboard check` verifies a chain with it, so its verdict is the handshake's. Errors: one
+/// problem per unreadable file, naming its config key, or the verifier's refusal of the material.
+pub(crate) fn client_verifier(
+    cfg: &ServerConfig,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, Problems> {
+    let mut c = Collect(Vec::new());
+    let roots = c.take(load_roots("server.client_ca", &cfg.client_ca));
+    let crls = c.take(load_crls("server.crl", &cfg.crl));
+    let (Some(roots), Some(crls)) = (roots, crls) else {
+        return Err(Problems { problems: c.0 });
+    };
+    build_client_verifier(cfg, roots, crls)
+}
+
+fn build_client_verifier(
+    cfg: &ServerConfig,
+    roots: RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, Problems> {
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    if !crls.is_empty() {
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+        if cfg.crl_expired == CrlExpired::Refuse {
+            verifier = verifier.enforce_revocation_expiration();
+        }
+    }
+    if !cfg.client_ca_hints {
+        verifier = verifier.clear_root_hint_subjects();
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| Problems::one(format!("server.client_ca / server.crl: {e}")))?;
+    Ok(Arc::new(PlainAlerts(verifier)))
 }
 
 /// One `server.crl` file and when it goes stale.
@@ -415,7 +437,7 @@ impl Reloadable {
     }
 }
 
-/// Reads subject, CN, DNS SANs, serial and SHA-256 fingerprint from a (verified) DER certificate.
+/// Reads subject, CN, DNS SANs, serial, SHA-256 fingerprint, issuer and notAfter from a (verified) DER certificate.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
     let common_name = x509
@@ -442,6 +464,8 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
         dns_sans,
         serial: hex(x509.raw_serial()),
         fingerprint_sha256: hex(&Sha256::digest(cert.as_ref())),
+        issuer: x509.issuer().to_string(),
+        not_after: x509.validity().not_after.timestamp(),
     })
 }
 
@@ -569,10 +593,18 @@ fn pair_problem(
 /// A bounded reason label for a refused TLS handshake (one of `metrics::TLS_FAILURE_REASONS`), from the rustls
 /// error inside the handshake's I/O error.
 pub(crate) fn failure_reason(error: &std::io::Error) -> &'static str {
-    use rustls::{CertificateError, Error};
-    let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
         return "io";
     };
+    certificate_failure_reason(tls)
+}
+
+/// The reason label of a rustls error ([`failure_reason`] without the I/O wrapping).
+pub(crate) fn certificate_failure_reason(tls: &rustls::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
     match tls {
         Error::InvalidCertificate(CertificateError::Other(other)) => {
             match other.0.downcast_ref::<UnknownToConsumer>() {

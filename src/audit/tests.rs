@@ -30,6 +30,8 @@ fn transaction(n: u64) -> Arc<Transaction> {
         dns_sans: Vec::new(),
         serial: "01".into(),
         fingerprint_sha256: "ab".repeat(32),
+        issuer: "CN=Test CA".into(),
+        not_after: 0,
     };
     Arc::new(Transaction {
         conn_id: n,

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use super::decide::{Denial, fqdn_check, sender_check, target_check};
 use super::model::{Agreement, Policy};
 use crate::ids::InteractionId;
-use crate::ssp::SspRequest;
+use crate::ssp::{SspHeaders, Target};
 
 /// One check of an explanation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub struct Step {
     pub name: &'static str,
     pub outcome: StepOutcome,
     pub detail: String,
+    /// On a failure, the refusal the proxy answers it with.
+    pub denial: Option<Denial>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +79,9 @@ impl Steps {
             Ok(found) => self.push(number, name, StepOutcome::Pass, pass(found)),
             Err(denial) => {
                 self.push(number, name, StepOutcome::Fail, fail());
+                if let Some(step) = self.steps.last_mut() {
+                    step.denial = Some(denial.clone());
+                }
                 if self.decision.is_ok() {
                     self.decision = Err(denial);
                 }
@@ -90,21 +95,24 @@ impl Steps {
             name,
             outcome,
             detail,
+            denial: None,
         });
     }
 }
 
 impl Policy {
-    /// Explains checks 5 to 9 for a request, check by check, for `ssp policy check`. `fqdn` stands for the client
-    /// certificate's name (absent: check 5 is skipped). The decision is the one [`Policy::decide`] makes: the
-    /// first failing check.
+    /// Explains checks 5 to 9 for a request, check by check, for `ssp policy check` and `ssp onboard check`.
+    /// `names` are the client certificate's CN and DNS SANs (absent: check 5 is skipped). The decision is the one
+    /// [`Policy::decide`] makes: the first failing check.
+    ///
+    /// Without a `target` (one that failed check 3), check 9 is skipped.
     pub(crate) fn explain(
         &self,
-        request: &SspRequest,
-        fqdn: Option<&str>,
+        headers: &SspHeaders,
+        target: Option<&Target>,
+        names: Option<&[&str]>,
         now: SystemTime,
     ) -> Explained {
-        let headers = &request.headers;
         let urn = headers.interaction.as_str();
         let system = self.systems.get(&headers.from);
         let endpoint = self.endpoints.get(&headers.to);
@@ -113,7 +121,7 @@ impl Policy {
             decision: Ok(()),
         };
 
-        match (system, fqdn) {
+        match (system, names) {
             (None, _) => out.skip(
                 5,
                 "fqdn",
@@ -124,16 +132,21 @@ impl Policy {
                 "fqdn",
                 format!("no --fqdn given; {} must present {}", headers.from, s.fqdn),
             ),
-            (Some(s), Some(f)) => out.ran(
+            (Some(s), Some(names)) => out.ran(
                 5,
                 "fqdn",
                 fqdn_check(headers, system, |registered| {
-                    f.eq_ignore_ascii_case(registered)
+                    names.iter().any(|n| n.eq_ignore_ascii_case(registered))
                 }),
-                |()| format!("{f} is the FQDN registered for {}", headers.from),
+                |()| format!("{} is the FQDN registered for {}", s.fqdn, headers.from),
                 || {
+                    let shown = if names.is_empty() {
+                        "(no name)".to_owned()
+                    } else {
+                        names.join(", ")
+                    };
                     format!(
-                        "{f} is not {}, the FQDN registered for {}",
+                        "the certificate names {shown}, not {}, the FQDN registered for {}",
                         s.fqdn, headers.from
                     )
                 },
@@ -201,14 +214,15 @@ impl Policy {
                 why.join("; ")
             },
         );
-        match endpoint {
-            None => out.skip(9, "endpoint", "no endpoint to compare with".into()),
-            Some(e) => out.ran(
+        match (endpoint, target) {
+            (None, _) => out.skip(9, "endpoint", "no endpoint to compare with".into()),
+            (Some(_), None) => out.skip(9, "endpoint", "no valid target URL (check 3)".into()),
+            (Some(e), Some(target)) => out.ran(
                 9,
                 "endpoint",
-                target_check(&request.target, e),
+                target_check(target, e),
                 |()| format!("the URL continues the registered {}", e.url),
-                || format!("the URL does not continue the registered {} exactly", e.url),
+                || target_hint(target.as_str(), &e.url),
             ),
         }
         Explained {
@@ -217,4 +231,37 @@ impl Policy {
             decision: out.decision,
         }
     }
+}
+
+/// Why a target does not continue an endpoint's registered URL, in the consumer's terms: the usual slips (an added
+/// default port, another host, a host in other case, another path) named with the registered URL.
+fn target_hint(target: &str, url: &str) -> String {
+    let (Some((t_origin, t_rest)), Some((u_origin, u_rest))) =
+        (split_origin(target), split_origin(url))
+    else {
+        return format!("the URL must start with the registered {url}");
+    };
+    if t_origin.eq_ignore_ascii_case(&format!("{u_origin}:443")) {
+        return format!("the URL adds :443 to the registered {url}: send {u_origin}{t_rest}");
+    }
+    if !t_origin.eq_ignore_ascii_case(u_origin) {
+        return format!("the URL's origin {t_origin} is not the registered {u_origin} (of {url})");
+    }
+    if t_origin != u_origin {
+        return format!(
+            "the URL's origin {t_origin} differs in case from the registered {u_origin}: send it exactly"
+        );
+    }
+    format!(
+        "the URL's path {t_rest} does not start with the registered path {u_rest} (of {url}) followed by / or ?"
+    )
+}
+
+/// `https://authority` and the rest of an absolute URL.
+fn split_origin(url: &str) -> Option<(&str, &str)> {
+    let after = url.find("://")? + 3;
+    let end = url[after..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| after + i);
+    Some(url.split_at(end))
 }

@@ -94,6 +94,11 @@ impl Policy {
         self.endpoints.get(asid).map(|e| &**e)
     }
 
+    /// The accredited system with this ASID.
+    pub fn system(&self, asid: &Asid) -> Option<&System> {
+        self.systems.get(asid)
+    }
+
     /// Every accredited system, in ASID order.
     pub(crate) fn systems(&self) -> Vec<&System> {
         let mut all: Vec<&System> = self.systems.values().collect();

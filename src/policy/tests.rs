@@ -55,6 +55,8 @@ fn peer(cn: &str) -> PeerIdentity {
         dns_sans: vec![],
         serial: "01".into(),
         fingerprint_sha256: "00".into(),
+        issuer: "CN=Test CA".into(),
+        not_after: 0,
     }
 }
 
@@ -380,7 +382,13 @@ fn explain_matches_check_at_each_step() {
     ];
     for (from, to, interaction, target, fqdn, fails_at) in cases {
         let req = request(from, to, interaction, target);
-        let explained = p.explain(&req, fqdn, at(NOW));
+        let names = fqdn.map(|f| [f]);
+        let explained = p.explain(
+            &req.headers,
+            Some(&req.target),
+            names.as_ref().map(|n| &n[..]),
+            at(NOW),
+        );
         assert_eq!(
             explained.steps.iter().map(|s| s.number).collect::<Vec<_>>(),
             vec![5, 6, 7, 8, 9]

@@ -214,24 +214,56 @@ pub struct HeaderError(pub &'static str);
 impl SspHeaders {
     /// Reads the four headers in the documented order; the first missing or invalid one is the error.
     pub fn parse(headers: &HeaderMap) -> Result<Self, HeaderError> {
-        let trace_id = single(headers, &HEADER_TRACE_ID)
-            .and_then(TraceId::from_field)
-            .ok_or(HeaderError("Ssp-TraceID"))?;
-        let from = single(headers, &HEADER_FROM)
-            .and_then(Asid::from_field)
-            .ok_or(HeaderError("Ssp-From"))?;
-        let to = single(headers, &HEADER_TO)
-            .and_then(Asid::from_field)
-            .ok_or(HeaderError("Ssp-To"))?;
-        let interaction = single(headers, &HEADER_INTERACTION_ID)
-            .and_then(InteractionId::from_field)
-            .ok_or(HeaderError("Ssp-InteractionID"))?;
+        let fields = SspFields::read(headers);
         Ok(Self {
-            trace_id,
-            from,
-            to,
-            interaction,
+            trace_id: fields.trace_id?,
+            from: fields.from?,
+            to: fields.to?,
+            interaction: fields.interaction?,
         })
+    }
+}
+
+/// Check 4 field by field: each `Ssp-*` header read on its own, so that `ssp onboard check` can name every bad
+/// one and go on with the good ones. [`SspHeaders::parse`] is this, stopping at the first error.
+#[derive(Clone, Debug)]
+pub struct SspFields {
+    pub trace_id: Result<TraceId, HeaderError>,
+    pub from: Result<Asid, HeaderError>,
+    pub to: Result<Asid, HeaderError>,
+    pub interaction: Result<InteractionId, HeaderError>,
+}
+
+impl SspFields {
+    pub fn read(headers: &HeaderMap) -> Self {
+        Self {
+            trace_id: single(headers, &HEADER_TRACE_ID)
+                .and_then(TraceId::from_field)
+                .ok_or(HeaderError("Ssp-TraceID")),
+            from: single(headers, &HEADER_FROM)
+                .and_then(Asid::from_field)
+                .ok_or(HeaderError("Ssp-From")),
+            to: single(headers, &HEADER_TO)
+                .and_then(Asid::from_field)
+                .ok_or(HeaderError("Ssp-To")),
+            interaction: single(headers, &HEADER_INTERACTION_ID)
+                .and_then(InteractionId::from_field)
+                .ok_or(HeaderError("Ssp-InteractionID")),
+        }
+    }
+
+    /// Every missing or invalid field, in the documented order.
+    pub fn errors(&self) -> Vec<HeaderError> {
+        [
+            self.trace_id.as_ref().err(),
+            self.from.as_ref().err(),
+            self.to.as_ref().err(),
+            self.interaction.as_ref().err(),
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect()
     }
 }
 
