@@ -316,6 +316,7 @@ pub struct Instance {
     health: Arc<crate::admin::Health>,
     handles: Handles,
     audit: Arc<AuditLog>,
+    radar: Arc<crate::onboard::radar::Radar>,
 }
 
 /// What a reload touches: the policy snapshot (in the proxy), the TLS material, and their metrics.
@@ -374,6 +375,11 @@ impl Instance {
         ));
         let served = self.server.run(shutdown, grace).await;
         admin.abort();
+        let radar = self.radar;
+        match tokio::task::spawn_blocking(move || radar.save()).await {
+            Ok(Ok(())) => {}
+            _ => tracing::warn!("cannot save the consumer certificate inventory"),
+        }
         let audit = self.audit;
         if tokio::task::spawn_blocking(move || audit.close())
             .await
@@ -433,6 +439,12 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
             config.audit.dir.clone(),
         )));
     }
+    let radar = {
+        let (dir, window) = (config.audit.dir.clone(), config.radar_window);
+        let opened =
+            tokio::task::spawn_blocking(move || crate::onboard::radar::Radar::open(&dir, window));
+        Arc::new(opened.await.map_err(std::io::Error::other)?)
+    };
     let tls = Arc::new(tls::Reloadable::new(
         assembled.server_tls,
         assembled.client_tls,
@@ -445,15 +457,26 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
         Arc::clone(&tls),
     );
     tokio::spawn(upstream.clone().sweep_idle());
-    let proxy = Arc::new(Proxy::new(
-        config.server.methods.clone(),
-        assembled.policy,
-        &config.jwt,
-        upstream,
-        crate::limits::Limits::new(config.limits),
-        Arc::clone(&audit),
-        Arc::clone(&metrics),
-    ));
+    let proxy = Arc::new(
+        Proxy::new(
+            config.server.methods.clone(),
+            assembled.policy,
+            &config.jwt,
+            upstream,
+            crate::limits::Limits::new(config.limits),
+            Arc::clone(&audit),
+            Arc::clone(&metrics),
+        )
+        .with_onboarding(Arc::new(crate::onboard::selftest::Live {
+            selftest: config.server.selftest,
+            radar: Arc::clone(&radar),
+            metrics: Arc::clone(&metrics),
+        })),
+    );
+    {
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(Arc::clone(&radar).run(move || proxy.policy(), Arc::clone(&metrics)));
+    }
     let serving = Arc::new(AtomicBool::new(false));
     let listen_error = |e: std::io::Error| {
         std::io::Error::new(
@@ -499,5 +522,6 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
             metrics,
         },
         audit,
+        radar,
     })
 }

@@ -85,6 +85,7 @@ pub mod jwt;
 pub mod lifecycle;
 pub(crate) mod limits;
 pub mod metrics;
+pub mod onboard;
 pub mod policy;
 pub mod proxy;
 pub(crate) mod server;

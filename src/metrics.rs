@@ -1,6 +1,7 @@
 //! Metric names and handles (DESIGN.md 1.7), registered once at start in one registry. Every label value comes
 //! from a bounded set: interactions the policy knows (anything else is `other`), fixed reason and outcome names,
-//! status classes, and certificate names from the config. An ASID, trace id or URL is never a label.
+//! status classes, and certificate names from the config. A trace id or URL is never a label; an ASID is one only in
+//! `ssp_consumer_cert_expiry_timestamp_seconds`, and only a registered consumer's (bounded by the directory).
 //!
 //! Owns names and updates; the admin listener (`admin`) renders them. Does not touch the request pipeline's logic.
 
@@ -76,6 +77,9 @@ pub(crate) const UPSTREAM_ERROR_KINDS: &[&str] = &["upstream_error", "timeout"];
 /// `upstream.body_idle_timeout`; an HTTP/2 consumer that cancelled too many of its streams before their answers.
 pub(crate) const CUT_REASONS: &[&str] = &["send_timeout", "premature_resets"];
 
+/// Every `kind` of `ssp_consumer_cert_warnings_total`.
+pub(crate) const CONSUMER_CERT_WARNINGS: &[&str] = &["fqdn_mismatch", "issuer_changed"];
+
 /// Every `result` of the reload counters.
 const RELOAD_RESULTS: &[&str] = &["ok", "refused"];
 
@@ -101,6 +105,8 @@ pub struct Metrics {
     tls_reloads: IntCounterVec,
     certificate_expiry: prometheus::GaugeVec,
     crl_next_update: prometheus::GaugeVec,
+    consumer_cert_expiry: prometheus::GaugeVec,
+    consumer_cert_warnings: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -243,6 +249,21 @@ impl Metrics {
             &["crl"],
         )?;
         r.register(Box::new(crl_next_update.clone()))?;
+        let consumer_cert_expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                "ssp_consumer_cert_expiry_timestamp_seconds",
+                "The soonest notAfter of the certificates each registered consumer ASID presented within radar.window",
+            ),
+            &["asid"],
+        )?;
+        r.register(Box::new(consumer_cert_expiry.clone()))?;
+        let consumer_cert_warnings = counter_vec(
+            &r,
+            "ssp_consumer_cert_warnings_total",
+            "Consumer certificates not as the directory or the last one: fqdn_mismatch (check 5 refused a registered \
+             ASID's certificate), issuer_changed (an ASID's new certificate has another CA than its last)",
+            &["kind"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("ssp_build_info", "The running build"),
             &["version"],
@@ -258,6 +279,7 @@ impl Metrics {
             (&tls_failures, TLS_FAILURE_REASONS),
             (&upstream_errors, UPSTREAM_ERROR_KINDS),
             (&connections_cut, CUT_REASONS),
+            (&consumer_cert_warnings, CONSUMER_CERT_WARNINGS),
             (&policy_reloads, RELOAD_RESULTS),
             (&tls_reloads, RELOAD_RESULTS),
         ] {
@@ -286,6 +308,8 @@ impl Metrics {
             tls_reloads,
             certificate_expiry,
             crl_next_update,
+            consumer_cert_expiry,
+            consumer_cert_warnings,
         })
     }
 
@@ -355,6 +379,22 @@ impl Metrics {
                 .with_label_values(&[name])
                 .set(*not_after as f64);
         }
+    }
+
+    /// Sets `ssp_consumer_cert_expiry_timestamp_seconds` to exactly these (ASID, soonest notAfter) pairs: the
+    /// radar passes registered ASIDs only, so the series stay bounded by the directory.
+    pub(crate) fn consumer_cert_expiries(&self, expiries: &[(String, i64)]) {
+        self.consumer_cert_expiry.reset();
+        for (asid, not_after) in expiries {
+            self.consumer_cert_expiry
+                .with_label_values(&[asid.as_str()])
+                .set(*not_after as f64);
+        }
+    }
+
+    /// Counts a consumer certificate warning (one of [`CONSUMER_CERT_WARNINGS`]).
+    pub(crate) fn consumer_cert_warning(&self, kind: &'static str) {
+        self.consumer_cert_warnings.with_label_values(&[kind]).inc();
     }
 
     /// Sets `ssp_crl_next_update_timestamp_seconds` for each CRL file in force, dropping files no longer named.

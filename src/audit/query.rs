@@ -91,6 +91,12 @@ pub fn table_row(v: &serde_json::Value) -> String {
             s("decision"),
             cell(v["reason"].as_str().unwrap_or(""))
         ),
+        Some("selftest") => format!(
+            "{} {} {}",
+            s("verdict"),
+            v["failed"],
+            cell(v["reason"].as_str().unwrap_or(""))
+        ),
         _ => format!(
             "{} {} {}B in {}B out {}ms",
             v["status"],

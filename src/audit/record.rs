@@ -289,6 +289,16 @@ enum Event {
         tx: Arc<Transaction>,
         end: Completion,
     },
+    /// A consumer's `GET /_ssp/selftest`: nothing was forwarded.
+    Selftest {
+        tx: Arc<Transaction>,
+        /// `pass` or `fail`.
+        verdict: &'static str,
+        /// The failed checks' numbers.
+        failed: Vec<u8>,
+        /// The text the proxy would answer the first failure with.
+        reason: Option<String>,
+    },
     Sealed {
         why: SealReason,
         /// Bytes of a torn last line set aside during recovery, and the file they went to.
@@ -358,6 +368,22 @@ impl Record {
         )
     }
 
+    /// The `selftest` record of a consumer's `GET /_ssp/selftest`: the verdict (`pass` or `fail`), the failed
+    /// checks, and the text the proxy would refuse the sample request with.
+    pub(crate) fn selftest(
+        tx: &Arc<Transaction>,
+        passed: bool,
+        failed: Vec<u8>,
+        reason: Option<String>,
+    ) -> Self {
+        Self::new(Event::Selftest {
+            tx: Arc::clone(tx),
+            verdict: if passed { "pass" } else { "fail" },
+            failed,
+            reason,
+        })
+    }
+
     /// The `seal` record that ends a segment.
     pub(crate) fn sealed(why: SealReason, torn: Option<(u64, String)>) -> Self {
         Self::new(Event::Sealed { why, torn })
@@ -422,6 +448,27 @@ impl Encoded {
                 }
                 line.str("outcome", end.outcome.as_str());
             }
+            Event::Selftest {
+                tx,
+                verdict,
+                failed,
+                reason,
+            } => {
+                line.str("kind", "selftest");
+                line.str_if("trace_id", tx.trace_id());
+                line.u64("conn_id", tx.conn_id);
+                line.raw("peer", tx.peer.as_json());
+                parties(&mut line, tx);
+                line.str("method", tx.method.as_str());
+                if let Addressing::AsReceived { target, .. } = &tx.addressing {
+                    line.str_if("target", target.as_deref());
+                }
+                line.str("verdict", verdict);
+                let failed: Vec<String> = failed.iter().map(u8::to_string).collect();
+                line.raw("failed", &format!("[{}]", failed.join(",")));
+                line.str_if("reason", reason.as_deref());
+                line.u64("policy_generation", tx.policy_generation);
+            }
             Event::Sealed { why, torn } => {
                 line.str("kind", "seal");
                 line.str("sealed", why.as_str());
@@ -435,7 +482,7 @@ impl Encoded {
             fields: buf,
             request: matches!(
                 record.entry,
-                Event::Permitted { .. } | Event::Refused { .. }
+                Event::Permitted { .. } | Event::Refused { .. } | Event::Selftest { .. }
             ),
         }
     }

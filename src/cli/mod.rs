@@ -5,8 +5,10 @@
 //!
 //! - `policy`: `ssp policy import | check | list | sds ...`.
 //! - `audit`: `ssp audit verify | query | tail`.
+//! - `onboard`: `ssp onboard check` and `ssp certs report`.
 
 mod audit;
+mod onboard;
 mod policy;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, Problems};
 
 use audit::{AuditCommand, audit};
+use onboard::{CertsCommand, OnboardCommand, certs, onboard};
 use policy::{PolicyCommand, policy};
 
 /// Exit codes of DESIGN.md 1.1.
@@ -67,6 +70,16 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// A would-be consumer's verdict, checks 1 to 12, each failure with what to change.
+    Onboard {
+        #[command(subcommand)]
+        command: OnboardCommand,
+    },
+    /// The consumer certificates seen per registered ASID.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Print a fresh unsigned GP Connect audit token for trying the proxy by hand (development only).
     DevToken {
         /// The audience: the provider endpoint's registered URL.
@@ -116,6 +129,8 @@ pub fn main() -> ExitCode {
         Command::Demo { config } => demo(&config),
         Command::Audit { command } => audit(command),
         Command::Policy { command } => policy(command),
+        Command::Onboard { command } => onboard(command),
+        Command::Certs { command } => certs(command),
         Command::DevToken { aud, scope } => {
             println!("{}", crate::demo::dev_jwt(&aud, &scope));
             exit::OK

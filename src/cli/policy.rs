@@ -268,25 +268,13 @@ fn policy_sds(
     }
 }
 
-fn policy_check(
+/// The policy a check is explained against: the files in `policy.dir` (generation 0), or a stored generation (a
+/// number, or `current`). A failure is printed; the error is the exit code.
+pub(super) fn load_policy(
     config: &Config,
-    from: &str,
-    to: &str,
-    interaction: &str,
-    url: &str,
-    fqdn: Option<&str>,
     generation: Option<&str>,
-) -> u8 {
-    use crate::ids::{Asid, InteractionId, TraceId};
-    let (Some(from), Some(to), Some(interaction)) = (
-        Asid::parse(from),
-        Asid::parse(to),
-        InteractionId::parse(interaction),
-    ) else {
-        eprintln!("--from and --to must be ASIDs (digits) and --interaction a URN (urn:...)");
-        return exit::USAGE;
-    };
-    let policy = match generation {
+) -> Result<crate::policy::Policy, u8> {
+    match generation {
         None => {
             crate::policy::Policy::load_dir(&config.policy.dir, 0).map_err(|p| print_problems(&p))
         }
@@ -312,7 +300,28 @@ fn policy_check(
                 }
             }
         }
+    }
+}
+
+fn policy_check(
+    config: &Config,
+    from: &str,
+    to: &str,
+    interaction: &str,
+    url: &str,
+    fqdn: Option<&str>,
+    generation: Option<&str>,
+) -> u8 {
+    use crate::ids::{Asid, InteractionId, TraceId};
+    let (Some(from), Some(to), Some(interaction)) = (
+        Asid::parse(from),
+        Asid::parse(to),
+        InteractionId::parse(interaction),
+    ) else {
+        eprintln!("--from and --to must be ASIDs (digits) and --interaction a URN (urn:...)");
+        return exit::USAGE;
     };
+    let policy = load_policy(config, generation);
     let policy = match policy {
         Ok(p) => p,
         Err(code) => return code,
@@ -341,7 +350,13 @@ fn policy_check(
             interaction,
         },
     };
-    let explained = policy.explain(&request, fqdn, std::time::SystemTime::now());
+    let names = fqdn.map(|f| [f]);
+    let explained = policy.explain(
+        &request.headers,
+        Some(&request.target),
+        names.as_ref().map(|n| &n[..]),
+        std::time::SystemTime::now(),
+    );
     for step in &explained.steps {
         println!(
             "check {}  {:<10} {:<4}  {}",

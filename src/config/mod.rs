@@ -66,6 +66,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[sds]`, when present.
     pub sds: Option<SdsConfig>,
+    /// `[radar]`: a consumer certificate seen within this long counts for the expiry gauge.
+    pub radar_window: Duration,
 }
 
 /// Which ODS codes' accredited systems are consumers (`[[system]]`) and which are providers (`[[endpoint]]`), and
@@ -177,6 +179,8 @@ pub struct ServerConfig {
     pub workers: usize,
     pub methods: Vec<Method>,
     pub shutdown_grace: Duration,
+    /// `GET /_ssp/selftest` answered on the consumer listener.
+    pub selftest: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +297,11 @@ impl Config {
         let log = v.log(raw.log);
         let limits = v.limits(raw.limits);
         let sds = raw.sds.map(|raw| v.sds(raw));
+        let radar_window = v.duration(
+            "radar.window",
+            raw.radar.window,
+            Duration::from_secs(30 * 86_400),
+        );
         let admin_text = raw.admin.listen.unwrap_or_else(|| "127.0.0.1:9090".into());
         let admin_listen = admin_text.parse().unwrap_or_else(|_| {
             v.problem(
@@ -318,6 +327,7 @@ impl Config {
                 admin_listen,
                 limits,
                 sds,
+                radar_window,
             }),
         }
     }
@@ -465,6 +475,7 @@ pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
         "s" => Some(Duration::from_secs(n)),
         "m" => n.checked_mul(60).map(Duration::from_secs),
         "h" => n.checked_mul(3600).map(Duration::from_secs),
+        "d" => n.checked_mul(86_400).map(Duration::from_secs),
         _ => None,
     }
 }

@@ -24,6 +24,17 @@ pub(super) struct RawConfig {
     pub(super) limits: RawLimits,
     /// The Spine Directory Service, for `ssp policy sds`. Optional.
     pub(super) sds: Option<RawSds>,
+    #[serde(default)]
+    pub(super) radar: RawRadar,
+}
+
+/// The consumer credential radar: the certificates registered consumers present, kept in
+/// `<audit.dir>/consumer-certs.json`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRadar {
+    /// A certificate seen within this long counts for `ssp_consumer_cert_expiry_timestamp_seconds`. Default `30d`.
+    pub(super) window: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +96,9 @@ pub(super) struct RawServer {
     /// none.
     #[serde(default)]
     pub(super) proxy_protocol_from: Vec<String>,
+    /// Answer `GET /_ssp/selftest` on the consumer listener with the verdict of checks 1 to 12 for the caller's
+    /// own certificate and headers (docs/integrator-guide.md). Default `false`.
+    pub(super) selftest: Option<bool>,
     /// Concurrent consumer connections; further ones wait in the listen backlog. Default 10000.
     pub(super) max_connections: Option<usize>,
     /// Threads serving consumer connections, each with its own event loop, taking connections from the one

@@ -205,6 +205,7 @@ impl Converter<'_> {
             ),
             crl_expired,
             client_ca_hints: raw.client_ca_hints.unwrap_or(true),
+            selftest: raw.selftest.unwrap_or(false),
             proxy_protocol_from,
             max_connections: max_connections.max(1),
             workers: match raw.workers {

@@ -7,11 +7,14 @@
 //! record fields.
 //!
 //! - `pipeline`: [`Proxy`] and `Proxy::handle`, the steps in order.
+//! - `checks`: checks 2, 3, 4 and 10 as single steps, each failing with its [`Refusal`] (shared with `onboard`).
 //! - `refusal`: [`Refusal`]: status, text, OperationOutcome, log line.
+//! - [`Onboarding`]: what the pipeline asks of `onboard` (the self-test, the credential radar), wired by `app`.
 //! - `body`: [`ProxyBody`], and the bounded discard of a refused request's body.
 //! - [`operation_outcome`]: the OperationOutcome body of a refusal, JSON and XML. A leaf.
 
 mod body;
+pub(crate) mod checks;
 pub mod operation_outcome;
 mod pipeline;
 mod refusal;
@@ -37,6 +40,27 @@ pub(crate) struct ConnInfo {
     pub client: crate::forward::ClientFields,
     /// How the proxy asks the server to end this connection for the consumer's conduct.
     pub control: Arc<ConnControl>,
+    /// The ASID the credential radar noted this connection's certificate for (noted once per connection).
+    pub noted: std::sync::OnceLock<crate::ids::Asid>,
+}
+
+/// What the pipeline asks of onboarding (implemented in `onboard`, wired by `app`, so that `onboard` can build on
+/// the pipeline's checks without the pipeline depending on it).
+pub(crate) trait Onboarding: std::fmt::Debug + Send + Sync {
+    /// The answer to `GET /_ssp/selftest[/<target>]` when the self-test is on and this is one; `None` otherwise.
+    fn selftest(
+        &self,
+        proxy: &Proxy,
+        parts: &http::request::Parts,
+        conn: &ConnInfo,
+        policy: &crate::policy::Policy,
+    ) -> Option<http::Response<ProxyBody>>;
+
+    /// A request on `conn` passed checks 2 to 11 with `permit`.
+    fn permitted(&self, conn: &ConnInfo, permit: &crate::policy::Permit);
+
+    /// A request on `conn` was refused with `refusal`.
+    fn refused(&self, conn: &ConnInfo, refusal: &Refusal, policy: &crate::policy::Policy);
 }
 
 /// How a consumer connection is to be ended for its consumer's conduct; the stronger asked for wins.

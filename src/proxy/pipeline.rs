@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::body::{ProxyBody, drain};
+use super::checks::Checks;
 use super::operation_outcome::Format;
 use super::refusal::{Refusal, log_refusal};
 use super::{ConnControl, ConnInfo, Cut};
@@ -22,29 +23,27 @@ use crate::config::JwtConfig;
 use crate::forward::{
     Direction, Exchange, ForwardError, ProviderBody, RequestFramingError, Streamed, Upstream,
 };
-use crate::jwt::{Expect, JwtAudit, Mode, Validator};
+use crate::jwt::JwtAudit;
 use crate::limits::{Admission, Limits, Throttle};
 use crate::metrics::{Metrics, OTHER};
 use crate::policy::{Decision, Permit, Policy};
-use crate::ssp::{self, SspHeaders, SspRequest, Target};
+use crate::ssp::{self, SspRequest};
 
 /// The request pipeline's shared state.
 #[derive(Debug)]
 pub struct Proxy {
-    /// Methods allowed by check 2 (a handful: a scan beats hashing).
-    methods: Vec<Method>,
-    /// The `Allow` header sent with 405, built once.
-    allow: HeaderValue,
+    /// Checks 2, 3, 4 and 10.
+    checks: Checks,
     /// The policy snapshot, swapped whole on reload; a request reads it once, lock-free, and is decided by it.
     policy: ArcSwap<Policy>,
-    /// Check 10; `None` when `jwt.mode = "off"`.
-    jwt: Option<(Mode, Validator)>,
     upstream: Upstream,
     /// Check 11, and the header limits checked before everything else.
     limits: Arc<Limits>,
     /// Check 12 and the response records.
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
+    /// The self-test and the credential radar.
+    onboarding: Option<Arc<dyn super::Onboarding>>,
 }
 
 impl Proxy {
@@ -57,28 +56,36 @@ impl Proxy {
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let allow = methods
-            .iter()
-            .map(Method::as_str)
-            .collect::<Vec<_>>()
-            .join(", ");
         Self {
-            allow: HeaderValue::from_str(&allow)
-                .unwrap_or_else(|_| HeaderValue::from_static("GET")),
-            methods,
+            checks: Checks::new(methods, jwt),
             policy: ArcSwap::new(policy),
-            jwt: (jwt.mode != Mode::Off).then_some((
-                jwt.mode,
-                Validator {
-                    profile: jwt.profile,
-                    max_future_skew: jwt.max_future_skew,
-                },
-            )),
             upstream,
             limits,
             audit,
             metrics,
+            onboarding: None,
         }
+    }
+
+    /// Hands the self-test and the credential radar their part of each request.
+    pub(crate) fn with_onboarding(mut self, onboarding: Arc<dyn super::Onboarding>) -> Self {
+        self.onboarding = Some(onboarding);
+        self
+    }
+
+    /// Checks 2, 3, 4 and 10.
+    pub(crate) fn checks(&self) -> &Checks {
+        &self.checks
+    }
+
+    /// Check 11.
+    pub(crate) fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    /// Check 12, and every record.
+    pub(crate) fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     /// The policy in force now.
@@ -124,6 +131,18 @@ impl Proxy {
         let head = parts.method == Method::HEAD;
         // One snapshot decides the whole request, and is the generation its records name.
         let policy = self.policy.load_full();
+        if let Some(mut response) = self
+            .onboarding
+            .as_ref()
+            .and_then(|o| o.selftest(self, &parts, conn, &policy))
+        {
+            if parts.version <= http::Version::HTTP_11 && !drain(body).await {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return Ok(response);
+        }
         let refusal = 'refused: {
             // Taken apart in its own statement: a `match` on the checks' result would keep the whole `Result`
             // (some 850 bytes) in this future across every await below, and in each future that holds this one.
@@ -131,6 +150,9 @@ impl Proxy {
                 Ok(checked) => checked,
                 Err(refusal) => break 'refused refusal,
             };
+            if let Some(onboarding) = &self.onboarding {
+                onboarding.permitted(conn, &permit);
+            }
             // 12: the request record is written (per `audit.durability`) before anything is forwarded.
             let tx = Transaction::permitted(conn.id, &conn.audit_peer, &parts.method, &permit);
             let queued = self
@@ -168,8 +190,11 @@ impl Proxy {
                 Ok(response) => return Ok(response),
                 Err(refusal) => {
                     log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
-                    let (mut response, _) =
-                        refusal.respond(Format::negotiate(accept.as_ref()), trace_id, &self.allow);
+                    let (mut response, _) = refusal.respond(
+                        Format::negotiate(accept.as_ref()),
+                        trace_id,
+                        &self.checks.allow,
+                    );
                     head_has_no_body(head, &mut response);
                     if matches!(refusal, Refusal::MalformedBody) {
                         response
@@ -181,8 +206,14 @@ impl Proxy {
             }
         };
         log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
-        let (mut response, text) =
-            refusal.respond(Format::negotiate(accept.as_ref()), trace_id, &self.allow);
+        if let Some(onboarding) = &self.onboarding {
+            onboarding.refused(conn, &refusal, &policy);
+        }
+        let (mut response, text) = refusal.respond(
+            Format::negotiate(accept.as_ref()),
+            trace_id,
+            &self.checks.allow,
+        );
         head_has_no_body(parts.method == Method::HEAD, &mut response);
         // An HTTP/1.1 connection can carry the consumer's next request only once this one's body has been read:
         // a small body is read and discarded. Past the bound hyper closes the connection after the answer, and
@@ -232,14 +263,12 @@ impl Proxy {
         // The message's own framing (RFC 9112 sections 3.2 and 6.1), before anything reads what it carries.
         framing.map_err(Refusal::Framing)?;
         // 2: method.
-        if !self.methods.contains(&parts.method) {
-            return Err(Refusal::Method);
-        }
+        self.checks.method(&parts.method)?;
         // 3: target URL.
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let target = Target::from_request_path(path).map_err(Refusal::Target)?;
+        let target = Checks::target(path)?;
         // 4: Ssp-* headers.
-        let headers = SspHeaders::parse(&parts.headers).map_err(Refusal::Header)?;
+        let headers = Checks::headers(&parts.headers)?;
         // 5 to 9: directory and agreements.
         let permit = match policy.decide(
             SspRequest { target, headers },
@@ -425,27 +454,17 @@ impl Proxy {
         permit: &Permit,
         conn: &ConnInfo,
     ) -> Result<Option<JwtAudit>, Refusal> {
-        let Some((mode, validator)) = &self.jwt else {
-            return Ok(None);
-        };
-        let now = crate::clock::unix_now();
-        let expect = Expect {
-            endpoint_url: &permit.endpoint().url,
-            interaction: &permit.request().headers.interaction,
-            now,
-            keys: permit.jwt_keys(),
-        };
-        let audit = validator.validate_lines(
-            headers
-                .get_all(header::AUTHORIZATION)
-                .iter()
-                .map(HeaderValue::as_bytes),
-            &expect,
+        let checked = self.checks.token(
+            headers,
+            &permit.endpoint().url,
+            &permit.request().headers.interaction,
+            permit.jwt_keys(),
+            crate::clock::unix_now(),
         );
-        if let Some(violation) = audit.first_violation() {
-            if *mode == Mode::Enforce {
-                return Err(Refusal::Jwt(violation, Box::new(audit)));
-            }
+        let audit = checked.into_result()?;
+        if let Some(audit) = &audit
+            && !audit.found.is_empty()
+        {
             // Violation names only: never the token or its claims.
             tracing::info!(
                 conn = conn.id,
@@ -454,7 +473,7 @@ impl Proxy {
                 "audit token invalid; forwarded (jwt.mode = audit)"
             );
         }
-        Ok(Some(audit))
+        Ok(audit)
     }
 }
 

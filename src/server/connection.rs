@@ -146,6 +146,7 @@ impl Connection {
             audit_peer,
             client: crate::forward::ClientFields::of(remote),
             control: Arc::clone(&control),
+            noted: std::sync::OnceLock::new(),
         });
         let activity = Arc::new(Activity::new());
         let proxy = self.proxy;

@@ -128,6 +128,27 @@ fn reference(record: &Record, link: ChainLink<'_>, peer: &RefPeer<'_>) -> String
             map.serialize_entry("outcome", end.outcome.as_str())
                 .unwrap();
         }
+        Event::Selftest {
+            tx,
+            verdict,
+            failed,
+            reason,
+        } => {
+            map.serialize_entry("kind", "selftest").unwrap();
+            optional(&mut map, "trace_id", tx.trace_id());
+            map.serialize_entry("conn_id", &tx.conn_id).unwrap();
+            map.serialize_entry("peer", peer).unwrap();
+            parties(&mut map, tx);
+            map.serialize_entry("method", tx.method.as_str()).unwrap();
+            if let Addressing::AsReceived { target, .. } = &tx.addressing {
+                optional(&mut map, "target", target.as_deref());
+            }
+            map.serialize_entry("verdict", verdict).unwrap();
+            map.serialize_entry("failed", failed).unwrap();
+            optional(&mut map, "reason", reason.as_deref());
+            map.serialize_entry("policy_generation", &tx.policy_generation)
+                .unwrap();
+        }
         Event::Sealed { why, torn } => {
             map.serialize_entry("kind", "seal").unwrap();
             map.serialize_entry("sealed", why.as_str()).unwrap();
@@ -149,6 +170,8 @@ fn identity(subject: &str, serial: &str) -> PeerIdentity {
         dns_sans: Vec::new(),
         serial: serial.into(),
         fingerprint_sha256: "ab".repeat(32),
+        issuer: "CN=Test CA".into(),
+        not_after: 0,
     }
 }
 
@@ -352,6 +375,8 @@ proptest! {
             Record::permitted(&tx, Some(*jwt)),
             Record::completed(&refused, end),
             Record::completed(&tx, end),
+            Record::selftest(&refused, status % 2 == 0, vec![5, 10], Some(reason.clone())),
+            Record::selftest(&refused, true, Vec::new(), None),
             Record::sealed(SealReason::Shutdown, Some((bytes, torn.clone()))),
         ] {
             agrees(&record, link, &reference_peer)?;
