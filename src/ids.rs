@@ -217,6 +217,17 @@ impl PeerIdentity {
             .chain(self.dns_sans.iter())
             .any(|name| name.eq_ignore_ascii_case(fqdn))
     }
+
+    /// The names check 5 compares: the CN, then the DNS SANs, each once (DNS names compare case-insensitively).
+    pub(crate) fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for name in self.common_name.iter().chain(self.dns_sans.iter()) {
+            if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                names.push(name);
+            }
+        }
+        names
+    }
 }
 
 #[cfg(test)]

@@ -613,19 +613,22 @@ async fn the_live_selftest_over_curl_agrees_with_the_command() {
         }
         assert_eq!(live["checks"][10]["result"], "pass", "{live}");
         assert_eq!(live["checks"][11]["result"], "pass", "{live}");
-        let record = w
-            .records(0)
-            .await
-            .into_iter()
-            .find(|r| r["kind"] == "selftest" && r["trace_id"] == trace.as_str());
-        let record = match record {
-            Some(r) => r,
-            None => {
-                let all = w.records(1).await;
-                all.into_iter()
-                    .find(|r| r["kind"] == "selftest" && r["trace_id"] == trace.as_str())
-                    .unwrap_or_else(|| panic!("no selftest record for {trace}"))
+        // The record is written after the answer (batched): wait for it.
+        let deadline = std::time::Instant::now() + STEP;
+        let record = loop {
+            let found = w
+                .records(0)
+                .await
+                .into_iter()
+                .find(|r| r["kind"] == "selftest" && r["trace_id"] == trace.as_str());
+            if let Some(record) = found {
+                break record;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no selftest record for {trace}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         };
         assert_eq!(record["verdict"], live["verdict"]);
         assert_eq!(record["failed"], live["failed"]);

@@ -8,59 +8,43 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use x509_parser::prelude::*;
 
 use super::{CheckReport, Status};
+use crate::ids::PeerIdentity;
 
 /// Seconds in a day, for "expires in N days".
 const DAY: i64 = 86_400;
 /// A certificate expiring within this many days passes with a warning (the radar's alert rule's first step).
 const WARN_DAYS: i64 = 30;
 
-/// What is read of a certificate for the verdict and the radar.
+/// What check 1 reads of a certificate: the peer identity the listener reads after a handshake
+/// ([`crate::tls::peer_identity`]), and what only the verdict needs.
 #[derive(Debug, Clone)]
 pub(crate) struct Facts {
-    pub subject: String,
-    pub issuer: String,
-    pub serial: String,
+    pub peer: PeerIdentity,
+    /// notBefore, Unix seconds.
     pub not_before: i64,
-    pub not_after: i64,
-    /// CN, then DNS SANs.
-    pub names: Vec<String>,
     /// The extended key usages it lists include TLS client authentication (or it lists none).
     pub client_auth: bool,
 }
 
 impl Facts {
     pub(crate) fn read(cert: &CertificateDer<'_>) -> Option<Self> {
+        let peer = crate::tls::peer_identity(cert)?;
         let (_, x509) = parse_x509_certificate(cert).ok()?;
-        let mut names: Vec<String> = x509
-            .subject()
-            .iter_common_name()
-            .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
-            .take(1)
-            .collect();
-        if let Ok(Some(san)) = x509.subject_alternative_name() {
-            for name in &san.value.general_names {
-                if let GeneralName::DNSName(dns) = name
-                    && !names.iter().any(|n| n.eq_ignore_ascii_case(dns))
-                {
-                    names.push((*dns).to_owned());
-                }
-            }
-        }
         let client_auth = match x509.extended_key_usage() {
             Ok(Some(eku)) => eku.value.client_auth || eku.value.any,
             _ => true,
         };
         Some(Self {
-            subject: x509.subject().to_string(),
-            issuer: x509.issuer().to_string(),
-            serial: crate::hex::hex(x509.raw_serial()),
+            peer,
             not_before: x509.validity().not_before.timestamp(),
-            not_after: x509.validity().not_after.timestamp(),
-            names,
             client_auth,
         })
     }
 }
+
+/// The fix for a certificate without TLS client authentication among its extended key usages.
+const NO_CLIENT_AUTH: &str = "the certificate's extended key usage lacks TLS client authentication (clientAuth, \
+                              1.3.6.1.5.5.7.3.2): have it reissued with it";
 
 /// "in N days" / "N days ago" from `now`.
 fn days(until: i64, now: i64) -> String {
@@ -104,15 +88,15 @@ pub(crate) fn check(chain: &[CertificateDer<'static>], trust: &Trust<'_>, now: i
             report.status = Status::Pass;
             report.detail = format!(
                 "{} (serial {}) chains to server.client_ca; valid until {} ({})",
-                facts.subject,
-                facts.serial,
-                crate::clock::rfc3339_seconds(facts.not_after),
-                days(facts.not_after, now)
+                facts.peer.subject,
+                facts.peer.serial,
+                crate::clock::rfc3339_seconds(facts.peer.not_after),
+                days(facts.peer.not_after, now)
             );
-            if facts.not_after - now < WARN_DAYS * DAY {
+            if facts.peer.not_after - now < WARN_DAYS * DAY {
                 report.fixes.push(format!(
                     "warning: the certificate expires {}: have its renewal issued and registered now",
-                    days(facts.not_after, now)
+                    days(facts.peer.not_after, now)
                 ));
             }
         }
@@ -121,7 +105,10 @@ pub(crate) fn check(chain: &[CertificateDer<'static>], trust: &Trust<'_>, now: i
             report.refusal = Some(super::Refused::Handshake(reason));
             let fix = fix(&error, reason, &facts, chain, trust, now);
             report.fail(
-                format!("{} (serial {}): {reason}", facts.subject, facts.serial),
+                format!(
+                    "{} (serial {}): {reason}",
+                    facts.peer.subject, facts.peer.serial
+                ),
                 fix,
             );
         }
@@ -143,22 +130,22 @@ fn fix(
     match reason {
         "certificate_expired" => format!(
             "the certificate expired at {} ({}): renew it",
-            crate::clock::rfc3339_seconds(facts.not_after),
-            days(facts.not_after, now)
+            crate::clock::rfc3339_seconds(facts.peer.not_after),
+            days(facts.peer.not_after, now)
         ),
         "certificate_not_yet_valid" => format!(
             "the certificate is valid only from {} ({}): use it from then, or check the system's clock",
             crate::clock::rfc3339_seconds(facts.not_before),
             days(facts.not_before, now)
         ),
-        "certificate_revoked" => match revoked_by(&facts.serial, trust.crls) {
+        "certificate_revoked" => match revoked_by(&facts.peer.serial, trust.crls) {
             Some(file) => format!(
                 "the certificate (serial {}) is revoked by CRL {file}: have a new one issued",
-                facts.serial
+                facts.peer.serial
             ),
             None => format!(
                 "the certificate (serial {}) is revoked: have a new one issued",
-                facts.serial
+                facts.peer.serial
             ),
         },
         "crl_expired" => {
@@ -168,7 +155,7 @@ fn fix(
         }
         "unknown_issuer" => {
             let last = chain.last().and_then(Facts::read);
-            let issuer = last.map_or_else(|| facts.issuer.clone(), |l| l.issuer);
+            let issuer = last.map_or_else(|| facts.peer.issuer.clone(), |l| l.peer.issuer);
             if trust.roots.contains(&issuer) {
                 format!(
                     "the chain does not verify up to {issuer}: check that each certificate is signed by the next"
@@ -189,20 +176,12 @@ fn fix(
             rustls::Error::InvalidCertificate(E::UnknownRevocationStatus) => format!(
                 "no CRL in server.crl is from the certificate's issuer {}, so its revocation status is unknown: the \
                  operator must add that CA's CRL (not the consumer's to fix)",
-                facts.issuer
+                facts.peer.issuer
             ),
             rustls::Error::InvalidCertificate(
                 E::InvalidPurpose | E::InvalidPurposeContext { .. },
-            ) => {
-                "the certificate's extended key usage lacks TLS client authentication (clientAuth, \
-                 1.3.6.1.5.5.7.3.2): have it reissued with it"
-                    .into()
-            }
-            _ if !facts.client_auth => {
-                "the certificate's extended key usage lacks TLS client authentication \
-                                        (clientAuth, 1.3.6.1.5.5.7.3.2): have it reissued with it"
-                    .into()
-            }
+            ) => NO_CLIENT_AUTH.into(),
+            _ if !facts.client_auth => NO_CLIENT_AUTH.into(),
             e => format!("the certificate is refused: {e}"),
         },
     }

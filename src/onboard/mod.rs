@@ -26,7 +26,7 @@ use std::time::SystemTime;
 
 use http::{HeaderMap, Method};
 
-use crate::ids::TraceId;
+use crate::ids::{PeerIdentity, TraceId};
 use crate::policy::{Policy, StepOutcome};
 use crate::proxy::Refusal;
 use crate::proxy::checks::Checks;
@@ -243,17 +243,16 @@ pub(crate) fn evaluate(
 
     // 4: the Ssp-* headers (and the header limits the proxy checks first).
     let (fields, refusals) = Checks::header_fields(&headers);
-    let count = headers.len();
-    let bytes: usize = headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len())
-        .sum();
-    let mut four = if count > ctx.limits.max_header_count || bytes > ctx.limits.max_header_bytes {
+    let mut four = if let Err(refusal) = Checks::header_limits(&headers, ctx.limits) {
         CheckReport::refused(
             4,
             "headers",
-            &Refusal::HeadersTooLarge,
-            format!("{count} header fields, {bytes} bytes"),
+            &refusal,
+            format!(
+                "{} header fields, {} bytes",
+                headers.len(),
+                crate::proxy::checks::header_bytes(&headers)
+            ),
             format!(
                 "send at most {} fields and {} bytes of header names and values",
                 ctx.limits.max_header_count, ctx.limits.max_header_bytes
@@ -427,8 +426,8 @@ pub fn offline(
         roots.extend(
             certs
                 .iter()
-                .filter_map(certificate::Facts::read)
-                .map(|f| f.subject),
+                .filter_map(crate::tls::peer_identity)
+                .map(|p| p.subject),
         );
     }
     let trust = certificate::Trust {
@@ -438,10 +437,8 @@ pub fn offline(
     };
     let now = SystemTime::now();
     let first = certificate::check(chain, &trust, crate::clock::unix_seconds(now));
-    let names: Option<Vec<String>> = first.facts.as_ref().map(|f| f.names.clone());
-    let names: Option<Vec<&str>> = names
-        .as_ref()
-        .map(|n| n.iter().map(String::as_str).collect());
+    let peer = first.facts.as_ref().map(|f| f.peer.clone());
+    let names = peer.as_ref().map(PeerIdentity::names);
     let checks = Checks::new(config.server.methods.clone(), &config.jwt);
     let ctx = Context {
         checks: &checks,

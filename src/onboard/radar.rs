@@ -230,12 +230,7 @@ impl Radar {
                 return;
             }
         }
-        let names: Vec<&str> = peer
-            .common_name
-            .iter()
-            .chain(peer.dns_sans.iter())
-            .map(String::as_str)
-            .collect();
+        let names = peer.names();
         tracing::warn!(
             asid = %asid,
             registered_fqdn = registered,

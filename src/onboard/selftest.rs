@@ -106,12 +106,7 @@ fn answer(
     if peer.not_after - unix < 30 * 86_400 {
         first.fixes.push("warning: the certificate expires within 30 days: have its renewal issued and registered now".into());
     }
-    let mut names: Vec<&str> = Vec::new();
-    for name in peer.common_name.iter().chain(peer.dns_sans.iter()) {
-        if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-            names.push(name);
-        }
-    }
+    let names = peer.names();
     let sample = Sample {
         method: http::Method::GET,
         target: target.to_owned(),

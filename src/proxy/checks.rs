@@ -6,7 +6,7 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method};
 
 use super::Refusal;
-use crate::config::JwtConfig;
+use crate::config::{JwtConfig, LimitsConfig};
 use crate::ids::InteractionId;
 use crate::jwt::{Expect, JwtAudit, Mode, Validator, VerifyingKey};
 use crate::ssp::{SspFields, SspHeaders, Target};
@@ -48,6 +48,18 @@ impl Checks {
                     max_future_skew: jwt.max_future_skew,
                 },
             )),
+        }
+    }
+
+    /// Before check 2 (nothing else reads a request too large to be one): at most `limits.max_header_count` fields
+    /// and `limits.max_header_bytes` of names and values.
+    pub(crate) fn header_limits(headers: &HeaderMap, limits: &LimitsConfig) -> Result<(), Refusal> {
+        if headers.len() > limits.max_header_count
+            || header_bytes(headers) > limits.max_header_bytes
+        {
+            Err(Refusal::HeadersTooLarge)
+        } else {
+            Ok(())
         }
     }
 
@@ -136,4 +148,12 @@ impl TokenCheck {
             audit => Ok(audit),
         }
     }
+}
+
+/// Bytes of header names and values, as `limits.max_header_bytes` counts them.
+pub(crate) fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum()
 }

@@ -254,12 +254,7 @@ impl Proxy {
         conn: &ConnInfo,
     ) -> Result<(Permit, Option<JwtAudit>, Admission), Refusal> {
         // Size first: nothing else reads a request that is too large to be one.
-        let limits = self.limits.config();
-        if parts.headers.len() > limits.max_header_count
-            || header_bytes(&parts.headers) > limits.max_header_bytes
-        {
-            return Err(Refusal::HeadersTooLarge);
-        }
+        Checks::header_limits(&parts.headers, self.limits.config())?;
         // The message's own framing (RFC 9112 sections 3.2 and 6.1), before anything reads what it carries.
         framing.map_err(Refusal::Framing)?;
         // 2: method.
@@ -488,14 +483,6 @@ fn head_has_no_body(head: bool, response: &mut Response<ProxyBody>) {
         }
         *response.body_mut() = ProxyBody::empty();
     }
-}
-
-/// Bytes of header names and values, as `limits.max_header_bytes` counts them.
-fn header_bytes(headers: &http::HeaderMap) -> usize {
-    headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len())
-        .sum()
 }
 
 /// An exchange the consumer cancels sooner than this after its start counts as a premature reset (Envoy's
