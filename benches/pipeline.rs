@@ -116,7 +116,7 @@ fn bench(c: &mut Criterion) {
             ..peer.clone()
         },
     ));
-    let tx = ssp::audit::Transaction::permitted(42, &audit_peer, &http::Method::GET, &permit);
+    let tx = ssp::audit::Transaction::permitted(42, &audit_peer, &http::Method::GET, &permit, None);
     let record = ssp::audit::Record::permitted(
         &tx,
         Some(validator.validate(Some(token.as_bytes()), &expect)),

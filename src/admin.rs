@@ -101,3 +101,20 @@ fn answer(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Respon
         ),
     }
 }
+
+/// Accepts `ssp audit subject`'s connections on the lookup socket (`audit::patients::lookup`) until the task is
+/// aborted, each answered on its own task.
+pub(crate) async fn serve_lookups(listener: Arc<tokio::net::UnixListener>, audit: Arc<AuditLog>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "lookup socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let audit = Arc::clone(&audit);
+        tokio::spawn(async move { crate::audit::patients::lookup::answer(stream, &audit).await });
+    }
+}

@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use crate::audit::AuditLog;
+use crate::audit::patients::{Indexer, PatientKey};
 use crate::config::{Config, Problems};
 use crate::forward::Upstream;
 use crate::metrics::Metrics;
@@ -77,6 +78,11 @@ pub(crate) fn inspect(config: &Config) -> Inspection {
         .map_err(|p| problems.extend(p.problems))
         .ok();
     problems.extend(state_dir_problems(config));
+    if let Some(patients) = &config.patients
+        && let Err(why) = PatientKey::load(&patients.key)
+    {
+        problems.push(format!("audit.patients.key: {why}"));
+    }
     let (expired, mut warnings) = expiry_report(config);
     problems.extend(expired);
     let crls = tls::crl_report(&config.server, crate::clock::unix_now());
@@ -317,6 +323,8 @@ pub struct Instance {
     handles: Handles,
     audit: Arc<AuditLog>,
     radar: Arc<crate::onboard::radar::Radar>,
+    /// `[audit.patients]`: the socket `ssp audit subject` asks the proxy to record its lookups on.
+    lookups: Option<Arc<tokio::net::UnixListener>>,
 }
 
 /// What a reload touches: the policy snapshot (in the proxy), the TLS material, and their metrics.
@@ -373,8 +381,20 @@ impl Instance {
             Arc::clone(&self.handles.metrics),
             self.health,
         ));
+        let lookups = self.lookups.map(|listener| {
+            let task = tokio::spawn(crate::admin::serve_lookups(
+                Arc::clone(&listener),
+                Arc::clone(&self.audit),
+            ));
+            (listener, task)
+        });
         let served = self.server.run(shutdown, grace).await;
         admin.abort();
+        // The lookup socket stays bound (nothing accepted) until the log is closed: a command that connects now
+        // waits and fails rather than finding no proxy and writing to the chain beside this one.
+        if let Some((_, task)) = &lookups {
+            task.abort();
+        }
         let radar = self.radar;
         match tokio::task::spawn_blocking(move || radar.save()).await {
             Ok(Ok(())) => {}
@@ -386,6 +406,12 @@ impl Instance {
             .is_err()
         {
             tracing::error!("closing the audit log failed");
+        }
+        if let Some((listener, _)) = lookups
+            && let Ok(addr) = listener.local_addr()
+            && let Some(path) = addr.as_pathname()
+        {
+            let _ = std::fs::remove_file(path);
         }
         served
     }
@@ -407,6 +433,19 @@ impl std::fmt::Display for AuditUnopenable {
 }
 
 impl std::error::Error for AuditUnopenable {}
+
+/// `[audit.patients]` cannot be used at start (its key file, or the lookup socket in `audit.dir`): reported by
+/// `ssp serve` with exit 64, like a bad config.
+#[derive(Debug)]
+pub struct PatientIndexUnusable(pub String);
+
+impl std::fmt::Display for PatientIndexUnusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PatientIndexUnusable {}
 
 /// Builds the pipeline (metrics, audit writer, upstream client) and binds the consumer and admin listeners. Fails
 /// on a listener's socket, or with [`AuditUnopenable`] inside the `io::Error`.
@@ -439,6 +478,17 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
             config.audit.dir.clone(),
         )));
     }
+    let (patients, lookups) = match &config.patients {
+        Some(patients) => {
+            let unusable = |why: String| std::io::Error::other(PatientIndexUnusable(why));
+            let key = PatientKey::load(&patients.key)
+                .map_err(|why| unusable(format!("audit.patients.key: {why}")))?;
+            let listener = crate::audit::patients::lookup::bind(&config.audit.dir)
+                .map_err(|e| unusable(format!("audit.dir: the lookup socket: {e}")))?;
+            (Some(Indexer::new(key, patients)), Some(Arc::new(listener)))
+        }
+        None => (None, None),
+    };
     let radar = {
         let (dir, window) = (config.audit.dir.clone(), config.radar_window);
         let opened =
@@ -457,22 +507,24 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
         Arc::clone(&tls),
     );
     tokio::spawn(upstream.clone().sweep_idle());
-    let proxy = Arc::new(
-        Proxy::new(
-            config.server.methods.clone(),
-            assembled.policy,
-            &config.jwt,
-            upstream,
-            crate::limits::Limits::new(config.limits),
-            Arc::clone(&audit),
-            Arc::clone(&metrics),
-        )
-        .with_onboarding(Arc::new(crate::onboard::selftest::Live {
-            selftest: config.server.selftest,
-            radar: Arc::clone(&radar),
-            metrics: Arc::clone(&metrics),
-        })),
-    );
+    let proxy = Proxy::new(
+        config.server.methods.clone(),
+        assembled.policy,
+        &config.jwt,
+        upstream,
+        crate::limits::Limits::new(config.limits),
+        Arc::clone(&audit),
+        Arc::clone(&metrics),
+    )
+    .with_onboarding(Arc::new(crate::onboard::selftest::Live {
+        selftest: config.server.selftest,
+        radar: Arc::clone(&radar),
+        metrics: Arc::clone(&metrics),
+    }));
+    let proxy = Arc::new(match patients {
+        Some(indexer) => proxy.with_patients(indexer),
+        None => proxy,
+    });
     {
         let proxy = Arc::clone(&proxy);
         tokio::spawn(Arc::clone(&radar).run(move || proxy.policy(), Arc::clone(&metrics)));
@@ -523,5 +575,6 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
         },
         audit,
         radar,
+        lookups,
     })
 }

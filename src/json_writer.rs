@@ -203,6 +203,26 @@ impl<'b> ObjectWriter<'b> {
         inner.close();
     }
 
+    /// An array of objects, one per item, each written by `fill`.
+    pub fn arr<T>(
+        &mut self,
+        key: &'static str,
+        items: &[T],
+        mut fill: impl FnMut(&mut ObjectWriter<'_>, &T),
+    ) {
+        let out = self.key(key);
+        out.push(b'[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let mut inner = ObjectWriter::open(&mut *out);
+            fill(&mut inner, item);
+            inner.close();
+        }
+        out.push(b']');
+    }
+
     /// Ends the object.
     pub fn close(self) {
         self.out.push(b'}');

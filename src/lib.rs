@@ -29,7 +29,9 @@
 //! - [`audit`] ([`audit::record`], [`audit::writer`], `segment`, [`audit::verify`](mod@audit::verify), [`audit::query`](mod@audit::query)): the
 //!   typed transaction and record kinds, the `ssp-audit` writer thread (`writer/slot`: where a request record
 //!   stands; `writer/stage`: the per-worker stage of request records), segments and recovery, verify and query
-//!   (check 12).
+//!   (check 12); [`audit::patients`] (`body`, `index`, `lookup`, `trail`): the NHS numbers each request names,
+//!   kept as HMACs, the index beside the log, and `ssp audit subject`'s trail.
+//! - [`evidence`] ([`evidence::pack`]): the signed information-governance evidence pack and its offline check.
 //! - `forward` (crate; `connector`, `pool`, `idle_conns`, `headers`, `exchange`): the upstream client and pool, the
 //!   stale-connection retry, header rules, timeouts, exchange accounting and the streaming body wrapper.
 //! - [`proxy`] (`pipeline`, `refusal`, `body`, [`proxy::operation_outcome`]): the order of the steps for one
@@ -77,6 +79,7 @@ pub mod cli;
 pub(crate) mod clock;
 pub mod config;
 pub mod demo;
+pub mod evidence;
 pub(crate) mod forward;
 pub mod hex;
 pub mod ids;

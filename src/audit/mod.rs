@@ -14,6 +14,7 @@
 //!
 //! Does not decide anything: `proxy` hands it records and waits for the acknowledgement before forwarding.
 
+pub mod patients;
 pub mod query;
 pub mod record;
 mod segment;
@@ -23,11 +24,36 @@ pub mod writer;
 pub use crate::config::{AuditConfig, Durability};
 pub use query::{Filter, TABLE_HEADER, query, table_row};
 pub use record::{
-    ChainLink, Completion, Encoded, Outcome, Peer, Record, SealReason, Transaction, encode, millis,
+    ChainLink, Completion, Encoded, Lookup, Outcome, Peer, Record, SealReason, Transaction, encode,
+    millis,
 };
 pub use segment::AuditMetrics;
 pub use verify::{Broken, Verified, verify};
 pub use writer::{AuditLog, Unavailable};
+
+/// Gives `path` (a file a command made in the audit folder `dir`) the folder's owner and group, when they differ:
+/// run as root, `ssp audit subject` or `reindex` would otherwise leave a root-owned file that the service user
+/// cannot open, and `check-config` (as `ExecStartPre`) would then refuse to start the service. Not root: nothing
+/// to do (the file is the user's, as the folder is).
+pub(crate) fn owned_like_dir(path: &std::path::Path, dir: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(file), Ok(folder)) = (std::fs::metadata(path), std::fs::metadata(dir)) else {
+        return;
+    };
+    if (file.uid(), file.gid()) != (folder.uid(), folder.gid())
+        && let Err(e) = std::os::unix::fs::chown(path, Some(folder.uid()), Some(folder.gid()))
+    {
+        tracing::warn!(file = %path.display(), error = %e, "cannot give the file the audit folder's owner");
+    }
+}
+
+/// The log's segment files in `dir`, oldest first.
+pub fn segment_paths(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    Ok(segment::list_segments(dir)?
+        .into_iter()
+        .map(|(_, path)| path)
+        .collect())
+}
 
 /// `prev` of the very first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -2,205 +2,18 @@
 //! [`Record`] kinds, each made by one constructor. A record is written as one JSON line whose fields come in a
 //! fixed order: `seq`, `instance`, `ts`, `kind`, the kind's fields, `prev`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::patients::Found;
 use crate::hex::HexDigest;
-use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
 use crate::json_writer::ObjectWriter;
 use crate::jwt::JwtAudit;
-use crate::policy::Permit;
-use crate::ssp;
 
-/// Longest raw `Ssp-*` header value kept in a refused request's records.
-const MAX_AUDITED_HEADER: usize = 256;
-/// Longest raw target kept in a refused request's records.
-const MAX_AUDITED_TARGET: usize = 8 * 1024;
+mod transaction;
 
-/// The consumer end of a connection, as the audit trail names it: built once per connection, and kept as the
-/// JSON object every record of the connection's requests writes (`addr`, `subject`, `serial`,
-/// `fingerprint_sha256`, and `via` when a balancer relayed the connection).
-#[derive(Debug, Clone)]
-pub struct Peer {
-    json: Box<str>,
-}
-
-impl Peer {
-    /// The consumer at `addr` (relayed by the layer-4 balancer at `via`, with a PROXY protocol header, if any)
-    /// with the certificate read as `identity`.
-    pub fn new(addr: SocketAddr, via: Option<SocketAddr>, identity: &PeerIdentity) -> Self {
-        let mut out = Vec::with_capacity(256);
-        let mut peer = ObjectWriter::open(&mut out);
-        peer.str("addr", &addr.to_string());
-        peer.str("subject", &identity.subject);
-        peer.str("serial", &identity.serial);
-        peer.str("fingerprint_sha256", &identity.fingerprint_sha256);
-        if let Some(via) = via {
-            peer.str("via", &via.to_string());
-        }
-        peer.close();
-        Self {
-            // Written from `&str`s with ASCII punctuation between them, so UTF-8.
-            json: String::from_utf8_lossy(&out).into(),
-        }
-    }
-
-    /// The JSON object.
-    pub fn as_json(&self) -> &str {
-        &self.json
-    }
-}
-
-/// The identifiers a transaction's records name.
-#[derive(Debug)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "held once per transaction, inside its Arc; boxing would cost an allocation per request"
-)]
-pub(super) enum Addressing {
-    /// A permitted request: the parsed identifiers, shared with the request itself (reference counts, no copies),
-    /// and the certificate name check 5 matched.
-    Validated {
-        trace_id: TraceId,
-        from: Asid,
-        to: Asid,
-        interaction: InteractionId,
-        /// A clone of the parsed target (reference counts).
-        target: crate::ssp::Target,
-        fqdn: Arc<str>,
-    },
-    /// A refused request: what it carried, raw and bounded (it may be what was refused).
-    AsReceived {
-        trace_id: Option<Box<str>>,
-        from: Option<Box<str>>,
-        to: Option<Box<str>>,
-        interaction: Option<Box<str>>,
-        target: Option<Box<str>>,
-    },
-}
-
-/// One exchange as the audit trail names it: made once per request, shared by its request and response records.
-#[derive(Debug)]
-pub struct Transaction {
-    pub(super) conn_id: u64,
-    pub(super) peer: Arc<Peer>,
-    pub(super) method: http::Method,
-    /// The policy generation that decided the request.
-    pub(super) policy_generation: u64,
-    pub(super) addressing: Addressing,
-}
-
-impl Transaction {
-    /// A permitted request's transaction, on connection `conn_id` from `peer`: the permit's identifiers are shared
-    /// (reference counts), not copied, and it names the generation that permitted it.
-    pub fn permitted(
-        conn_id: u64,
-        peer: &Arc<Peer>,
-        method: &http::Method,
-        permit: &Permit,
-    ) -> Arc<Self> {
-        let headers = &permit.request().headers;
-        Arc::new(Self {
-            conn_id,
-            peer: Arc::clone(peer),
-            method: method.clone(),
-            policy_generation: permit.generation(),
-            addressing: Addressing::Validated {
-                trace_id: headers.trace_id.clone(),
-                from: headers.from.clone(),
-                to: headers.to.clone(),
-                interaction: headers.interaction.clone(),
-                target: permit.target().clone(),
-                fqdn: Arc::clone(permit.fqdn()),
-            },
-        })
-    }
-
-    /// A refused request's transaction: the `Ssp-*` values and target it carried, raw (lossy UTF-8) and bounded
-    /// (256 bytes a header, 8 KiB the target), since they may be what was refused; `generation` is the policy in
-    /// force when it was refused.
-    pub(crate) fn refused(
-        conn_id: u64,
-        peer: &Arc<Peer>,
-        parts: &http::request::Parts,
-        generation: u64,
-    ) -> Arc<Self> {
-        let raw = |name: &http::HeaderName| {
-            parts.headers.get(name).map(|v| {
-                let bytes = v.as_bytes();
-                Box::from(String::from_utf8_lossy(
-                    &bytes[..bytes.len().min(MAX_AUDITED_HEADER)],
-                ))
-            })
-        };
-        // An HTTP/1.1 request target in absolute form (RFC 9112 section 3.2.2) is recorded whole, as sent: its path
-        // alone would lose the host the consumer named. (An HTTP/2 request's URI is always absolute, built from
-        // `:scheme`, `:authority` and `:path`; only its path is the target.)
-        let absolute = (parts.version <= http::Version::HTTP_11 && parts.uri.scheme().is_some())
-            .then(|| parts.uri.to_string());
-        let target = match &absolute {
-            Some(uri) => Some(uri.as_str()),
-            None => parts.uri.path_and_query().map(|pq| pq.as_str()),
-        };
-        let target = target.map(|sent| {
-            let text = sent.strip_prefix('/').unwrap_or(sent);
-            let end = (0..=text.len().min(MAX_AUDITED_TARGET))
-                .rev()
-                .find(|i| text.is_char_boundary(*i))
-                .unwrap_or(0);
-            Box::from(&text[..end])
-        });
-        Arc::new(Self {
-            conn_id,
-            peer: Arc::clone(peer),
-            method: parts.method.clone(),
-            policy_generation: generation,
-            addressing: Addressing::AsReceived {
-                trace_id: raw(&ssp::HEADER_TRACE_ID),
-                from: raw(&ssp::HEADER_FROM),
-                to: raw(&ssp::HEADER_TO),
-                interaction: raw(&ssp::HEADER_INTERACTION_ID),
-                target,
-            },
-        })
-    }
-
-    /// The connection the request came on (for log lines).
-    pub(crate) fn conn_id(&self) -> u64 {
-        self.conn_id
-    }
-
-    /// The trace id, checked or as sent.
-    pub(crate) fn trace_id(&self) -> Option<&str> {
-        match &self.addressing {
-            Addressing::Validated { trace_id, .. } => Some(trace_id.as_str()),
-            Addressing::AsReceived { trace_id, .. } => trace_id.as_deref(),
-        }
-    }
-
-    /// `from`, `to`, `interaction`.
-    pub(crate) fn parties(&self) -> [Option<&str>; 3] {
-        match &self.addressing {
-            Addressing::Validated {
-                from,
-                to,
-                interaction,
-                ..
-            } => [
-                Some(from.as_str()),
-                Some(to.as_str()),
-                Some(interaction.as_str()),
-            ],
-            Addressing::AsReceived {
-                from,
-                to,
-                interaction,
-                ..
-            } => [from.as_deref(), to.as_deref(), interaction.as_deref()],
-        }
-    }
-}
+pub(super) use transaction::Addressing;
+pub use transaction::{Peer, Transaction};
 
 /// How an exchange ended (DESIGN.md 1.6 `outcome`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,11 +112,32 @@ enum Event {
         /// The text the proxy would answer the first failure with.
         reason: Option<String>,
     },
+    /// An operator's `ssp audit subject`: looking a patient up is access too.
+    Lookup(Box<Lookup>),
     Sealed {
         why: SealReason,
         /// Bytes of a torn last line set aside during recovery, and the file they went to.
         torn: Option<(u64, String)>,
     },
+}
+
+/// Who looked which patient up (`ssp audit subject`), as its `subject_lookup` record says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// The user id of the process that asked: the kernel's (`SO_PEERCRED`) when the running proxy wrote the
+    /// record, the command's own when it wrote the log itself.
+    pub uid: u32,
+    /// That user's name, when the system knows it.
+    pub user: Option<String>,
+    /// `SUDO_USER` of the command, as it says (not checked): the person behind a `sudo -u ssp`.
+    pub sudo_user: Option<String>,
+    /// `HMAC-SHA256(key, number)` of the patient (64 hex digits) and the key's id.
+    pub hmac: String,
+    pub key: String,
+    /// The lookup's `--since`, as given.
+    pub since: Option<String>,
+    /// `proxy` (the running proxy wrote it for the command) or `command` (no proxy was running).
+    pub written_by: &'static str,
 }
 
 /// One audit record, stamped when made. `seq`, `instance` and `prev` are the writer's.
@@ -384,6 +218,11 @@ impl Record {
         })
     }
 
+    /// The `subject_lookup` record of an `ssp audit subject`, written before its answer is shown.
+    pub fn lookup(lookup: Lookup) -> Self {
+        Self::new(Event::Lookup(Box::new(lookup)))
+    }
+
     /// The `seal` record that ends a segment.
     pub(crate) fn sealed(why: SealReason, torn: Option<(u64, String)>) -> Self {
         Self::new(Event::Sealed { why, torn })
@@ -447,6 +286,12 @@ impl Encoded {
                     line.bool("retried", true);
                 }
                 line.str("outcome", end.outcome.as_str());
+                if let Some(p) = &tx.patients
+                    && let Some(body) = &p.body
+                    && !body.found().is_empty()
+                {
+                    Found::write_field(&mut line, &p.key, body.found());
+                }
             }
             Event::Selftest {
                 tx,
@@ -460,14 +305,25 @@ impl Encoded {
                 line.raw("peer", tx.peer.as_json());
                 parties(&mut line, tx);
                 line.str("method", tx.method.as_str());
-                if let Addressing::AsReceived { target, .. } = &tx.addressing {
-                    line.str_if("target", target.as_deref());
+                if let Addressing::AsReceived { .. } = &tx.addressing {
+                    line.str_if("target", tx.recorded_target());
                 }
+                patients(&mut line, tx);
                 line.str("verdict", verdict);
                 let failed: Vec<String> = failed.iter().map(u8::to_string).collect();
                 line.raw("failed", &format!("[{}]", failed.join(",")));
                 line.str_if("reason", reason.as_deref());
                 line.u64("policy_generation", tx.policy_generation);
+            }
+            Event::Lookup(lookup) => {
+                line.str("kind", "subject_lookup");
+                line.u64("uid", u64::from(lookup.uid));
+                line.str_if("user", lookup.user.as_deref());
+                line.str_if("sudo_user", lookup.sudo_user.as_deref());
+                line.str("hmac", &lookup.hmac);
+                line.str("key", &lookup.key);
+                line.str_if("since", lookup.since.as_deref());
+                line.str("written_by", lookup.written_by);
             }
             Event::Sealed { why, torn } => {
                 line.str("kind", "seal");
@@ -482,7 +338,10 @@ impl Encoded {
             fields: buf,
             request: matches!(
                 record.entry,
-                Event::Permitted { .. } | Event::Refused { .. } | Event::Selftest { .. }
+                Event::Permitted { .. }
+                    | Event::Refused { .. }
+                    | Event::Selftest { .. }
+                    | Event::Lookup(_)
             ),
         }
     }
@@ -526,21 +385,27 @@ fn request(
     line.str_if("trace_id", tx.trace_id());
     line.u64("conn_id", tx.conn_id);
     line.raw("peer", tx.peer.as_json());
-    let target = match &tx.addressing {
-        Addressing::Validated { fqdn, target, .. } => {
-            line.str("fqdn", fqdn);
-            Some(target.as_str())
-        }
-        Addressing::AsReceived { target, .. } => target.as_deref(),
-    };
+    if let Addressing::Validated { fqdn, .. } = &tx.addressing {
+        line.str("fqdn", fqdn);
+    }
     parties(line, tx);
     line.str("method", tx.method.as_str());
-    line.str_if("target", target);
+    line.str_if("target", tx.recorded_target());
+    patients(line, tx);
     line.str("decision", decision);
     line.str_if("reason", reason);
     line.u64("policy_generation", tx.policy_generation);
     if let Some(jwt) = jwt {
         line.obj("jwt", |o| jwt.write_json(o));
+    }
+}
+
+/// The `patients` field of a request (or self-test) record: the numbers of its target.
+fn patients(line: &mut ObjectWriter<'_>, tx: &Transaction) {
+    if let Some(p) = &tx.patients
+        && !p.target.is_empty()
+    {
+        Found::write_field(line, &p.key, &p.target);
     }
 }
 

@@ -43,6 +43,7 @@ fn transaction(n: u64) -> Arc<Transaction> {
         method: http::Method::GET,
         policy_generation: 1,
         addressing: checked_addressing(n, "consumer.dev.localhost"),
+        patients: None,
     })
 }
 

@@ -1,4 +1,4 @@
-//! `ssp audit ...`: verify, query and tail the transaction log.
+//! `ssp audit ...`: verify and query the transaction log; `subject` and `reindex` are in `patients`.
 
 use std::path::PathBuf;
 
@@ -66,10 +66,23 @@ pub(super) enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Every access to one patient through the proxy, from the patient index (`[audit.patients]`). The lookup is
+    /// itself recorded in the chain before anything is shown.
+    Subject(super::patients::Subject),
+    /// Delete the patient index and make it again from the chained log.
+    Reindex {
+        #[command(flatten)]
+        at: AuditLocation,
+    },
 }
 
 pub(super) fn audit(command: AuditCommand) -> u8 {
     match command {
+        AuditCommand::Subject(args) => super::patients::subject(args),
+        AuditCommand::Reindex { at } => match at.dir() {
+            Ok(dir) => super::patients::reindex(&dir),
+            Err(code) => code,
+        },
         AuditCommand::Verify { at } => {
             let dir = match at.dir() {
                 Ok(dir) => dir,

@@ -6,9 +6,11 @@
 //! - `policy`: `ssp policy import | check | list | sds ...`.
 //! - `audit`: `ssp audit verify | query | tail`.
 //! - `onboard`: `ssp onboard check` and `ssp certs report`.
+//! - `patients`: `ssp audit subject | reindex` and `ssp evidence [verify]`.
 
 mod audit;
 mod onboard;
+mod patients;
 mod policy;
 
 use std::path::{Path, PathBuf};
@@ -80,6 +82,14 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Write the signed information-governance evidence pack for a period, or check one (`verify`).
+    #[command(args_conflicts_with_subcommands = true)]
+    Evidence {
+        #[command(flatten)]
+        args: patients::PackArgs,
+        #[command(subcommand)]
+        command: Option<patients::EvidenceCommand>,
+    },
     /// Print a fresh unsigned GP Connect audit token for trying the proxy by hand (development only).
     DevToken {
         /// The audience: the provider endpoint's registered URL.
@@ -131,6 +141,7 @@ pub fn main() -> ExitCode {
         Command::Policy { command } => policy(command),
         Command::Onboard { command } => onboard(command),
         Command::Certs { command } => certs(command),
+        Command::Evidence { args, command } => patients::evidence(args, command),
         Command::DevToken { aud, scope } => {
             println!("{}", crate::demo::dev_jwt(&aud, &scope));
             exit::OK
@@ -206,7 +217,9 @@ fn serve(path: &Path) -> u8 {
             Ok(server) => server,
             Err(e) => {
                 eprintln!("{}: {e}", path.display());
-                let state = e.get_ref().is_some_and(|e| e.is::<crate::app::AuditUnopenable>());
+                let state = e.get_ref().is_some_and(|e| {
+                    e.is::<crate::app::AuditUnopenable>() || e.is::<crate::app::PatientIndexUnusable>()
+                });
                 return if state { exit::USAGE } else { exit::INTERNAL };
             }
         };
@@ -245,6 +258,11 @@ fn check_config(path: &Path) -> u8 {
         return print_problems(&Problems { problems });
     };
     let mut checked = crate::app::inspect(&config);
+    if let Some(key) = &config.evidence_key
+        && let Err(why) = crate::evidence::SigningKey::load(key)
+    {
+        checked.problems.push(format!("evidence.key: {why}"));
+    }
     for warning in &checked.warnings {
         eprintln!("warning: {warning}");
     }

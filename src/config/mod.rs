@@ -68,6 +68,10 @@ pub struct Config {
     pub sds: Option<SdsConfig>,
     /// `[radar]`: a consumer certificate seen within this long counts for the expiry gauge.
     pub radar_window: Duration,
+    /// `[audit.patients]`: the patient index, when configured.
+    pub patients: Option<PatientsConfig>,
+    /// `[evidence] key`: the Ed25519 key (PKCS#8 PEM) that signs an evidence pack's manifest.
+    pub evidence_key: Option<PathBuf>,
 }
 
 /// Which ODS codes' accredited systems are consumers (`[[system]]`) and which are providers (`[[endpoint]]`), and
@@ -125,7 +129,18 @@ pub enum Durability {
     Strict,
 }
 
-/// The `[audit]` section, validated.
+/// `[audit.patients]`, validated.
+#[derive(Debug, Clone)]
+pub struct PatientsConfig {
+    /// The HMAC key file (mode 0400 or 0600, owned by the service user).
+    pub key: PathBuf,
+    /// Write `hmac:<hex>` in the records' `target` in place of each number.
+    pub redact: bool,
+    /// Read the first 16 KiB of structured record request bodies for the number.
+    pub read_bodies: bool,
+}
+
+/// The `[audit]` section, validated (`[audit.patients]` is [`Config::patients`]).
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
     pub dir: PathBuf,
@@ -261,7 +276,7 @@ impl Config {
         let mut problems = Vec::new();
         let mut unusable = Vec::new();
         let lines = validate::KeyLines::new(text);
-        let Some(raw) = read_raw(text, path, &lines, &mut problems, &mut unusable) else {
+        let Some(mut raw) = read_raw(text, path, &lines, &mut problems, &mut unusable) else {
             return ConfigReport {
                 config: None,
                 problems,
@@ -293,6 +308,12 @@ impl Config {
             keep_generations: keep_generations.max(1),
         };
         let jwt = v.jwt(raw.jwt);
+        let patients = raw.audit.patients.take().map(|p| PatientsConfig {
+            key: v.path(p.key),
+            redact: p.redact.unwrap_or(false),
+            read_bodies: p.read_bodies.unwrap_or(false),
+        });
+        let evidence_key = raw.evidence.key.map(|k| v.path(k));
         let audit = v.audit(raw.audit);
         let log = v.log(raw.log);
         let limits = v.limits(raw.limits);
@@ -328,6 +349,8 @@ impl Config {
                 limits,
                 sds,
                 radar_window,
+                patients,
+                evidence_key,
             }),
         }
     }

@@ -26,6 +26,29 @@ pub(super) struct RawConfig {
     pub(super) sds: Option<RawSds>,
     #[serde(default)]
     pub(super) radar: RawRadar,
+    #[serde(default)]
+    pub(super) evidence: RawEvidence,
+}
+
+/// `ssp evidence`: the information-governance evidence pack.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEvidence {
+    /// The Ed25519 private key (PKCS#8 PEM, `openssl genpkey -algorithm ed25519`) that signs a pack's manifest.
+    /// Needed by `ssp evidence` only.
+    pub(super) key: Option<PathBuf>,
+}
+
+/// The patient index (`[audit.patients]`): NHS numbers in requests kept as HMAC-SHA256 only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPatients {
+    /// The HMAC key file: 32 or more random bytes, mode 0400. Required.
+    pub(super) key: PathBuf,
+    /// Write `hmac:<hex>` in the records' `target` in place of each number. Default false.
+    pub(super) redact: Option<bool>,
+    /// Read the first 16 KiB of structured record request bodies for the number. Default false.
+    pub(super) read_bodies: Option<bool>,
 }
 
 /// The consumer credential radar: the certificates registered consumers present, kept in
@@ -187,6 +210,8 @@ pub(super) struct RawAudit {
     pub(super) segment_size: Option<String>,
     /// This instance's name in every record. Default the host name.
     pub(super) instance: Option<String>,
+    /// The patient index. Absent: no NHS number is read or recorded apart from the target as sent.
+    pub(super) patients: Option<RawPatients>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::BoxError;
+use crate::audit::patients::body::BodyScan;
 use crate::audit::{Completion, Outcome};
 
 /// An exchange's outcome in its atomic cell: 0 while none is set (the consumer went away, if it stays so).
@@ -70,6 +71,8 @@ pub struct Exchange {
     watch: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     /// A watch is set: only then does the response body stamp its waits on the consumer (a clock read per frame).
     watched: std::sync::atomic::AtomicBool,
+    /// Where the request body's first bytes are copied as they stream (`audit.patients.read_bodies`).
+    request_copy: std::sync::OnceLock<Arc<BodyScan>>,
 }
 
 /// What runs when an exchange ends.
@@ -104,7 +107,14 @@ impl Exchange {
             stalled: std::sync::atomic::AtomicBool::new(false),
             watch: std::sync::Mutex::new(None),
             watched: std::sync::atomic::AtomicBool::new(false),
+            request_copy: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Copies the start of the request body into `scan` as its frames go to the provider (unchanged, undelayed),
+    /// until the scan has what it reads. Set before the request is sent.
+    pub(crate) fn copy_request_body(&self, scan: Arc<BodyScan>) {
+        let _ = self.request_copy.set(scan);
     }
 
     /// Records the response status and the time to response headers.
@@ -273,6 +283,8 @@ pin_project_lite::pin_project! {
         exchange: Arc<Exchange>,
         direction: Direction,
         done: bool,
+        // The request body's copy for the patient index, while it wants more.
+        copy: Option<Arc<BodyScan>>,
     }
 }
 
@@ -304,7 +316,12 @@ impl<B: Body> Streamed<B> {
         if direction == Direction::Request && inner.is_end_stream() {
             exchange.mark_request_sent();
         }
+        let copy = match direction {
+            Direction::Request => exchange.request_copy.get().cloned(),
+            Direction::Response => None,
+        };
         Self {
+            copy,
             inner,
             idle: None,
             idle_timeout,
@@ -344,6 +361,11 @@ where
                         Direction::Response => &this.exchange.bytes_out,
                     };
                     counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Some(copy) = this.copy
+                        && !copy.push(data)
+                    {
+                        *this.copy = None;
+                    }
                 }
                 *this.last_frame = Instant::now();
                 // hyper stops polling once a sized body reports its end, so the final `None` may never come:

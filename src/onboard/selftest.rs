@@ -179,7 +179,13 @@ fn answer(
         Some(Refused::Handshake(reason)) => Some((*reason).to_owned()),
         None => None,
     };
-    let tx = Transaction::refused(conn.id, &conn.audit_peer, parts, policy.generation);
+    let tx = Transaction::refused(
+        conn.id,
+        &conn.audit_peer,
+        parts,
+        policy.generation,
+        proxy.patients(),
+    );
     proxy.audit().submit(Record::selftest(
         &tx,
         verdict.passed(),

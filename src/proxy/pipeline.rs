@@ -17,6 +17,7 @@ use super::checks::Checks;
 use super::operation_outcome::Format;
 use super::refusal::{Refusal, log_refusal};
 use super::{ConnControl, ConnInfo, Cut};
+use crate::audit::patients::Indexer;
 use crate::audit::writer::Queued;
 use crate::audit::{AuditLog, Outcome, Record, Transaction};
 use crate::config::JwtConfig;
@@ -44,6 +45,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// The self-test and the credential radar.
     onboarding: Option<Arc<dyn super::Onboarding>>,
+    /// `[audit.patients]`: the NHS numbers each request names, hashed into its records.
+    patients: Option<Arc<Indexer>>,
 }
 
 impl Proxy {
@@ -64,7 +67,19 @@ impl Proxy {
             audit,
             metrics,
             onboarding: None,
+            patients: None,
         }
+    }
+
+    /// Records the NHS numbers each request names, as `indexer` hashes (and redacts) them.
+    pub(crate) fn with_patients(mut self, indexer: Arc<Indexer>) -> Self {
+        self.patients = Some(indexer);
+        self
+    }
+
+    /// The patient numbers' hasher, with `[audit.patients]`.
+    pub(crate) fn patients(&self) -> Option<&Arc<Indexer>> {
+        self.patients.as_ref()
     }
 
     /// Hands the self-test and the credential radar their part of each request.
@@ -154,7 +169,13 @@ impl Proxy {
                 onboarding.permitted(conn, &permit);
             }
             // 12: the request record is written (per `audit.durability`) before anything is forwarded.
-            let tx = Transaction::permitted(conn.id, &conn.audit_peer, &parts.method, &permit);
+            let tx = Transaction::permitted(
+                conn.id,
+                &conn.audit_peer,
+                &parts.method,
+                &permit,
+                self.patients.as_ref(),
+            );
             let queued = self
                 .audit
                 .reserve()
@@ -173,6 +194,9 @@ impl Proxy {
                 started,
                 Arc::clone(&conn.control),
             );
+            if let Some(scan) = tx.body_scan() {
+                exchange.copy_request_body(Arc::clone(scan));
+            }
             if ticket.written().await.is_err() {
                 // No exchange happened: its end (metrics, response record) does not run; the refusal is counted
                 // below. Given up while its write was stuck (5 s), the request record may still reach the log: a
@@ -430,7 +454,13 @@ impl Proxy {
         started: Instant,
         generation: u64,
     ) {
-        let tx = Transaction::refused(conn.id, &conn.audit_peer, parts, generation);
+        let tx = Transaction::refused(
+            conn.id,
+            &conn.audit_peer,
+            parts,
+            generation,
+            self.patients.as_ref(),
+        );
         let status = refusal.status();
         let jwt = match refusal {
             Refusal::Jwt(_, audit) => Some(audit),

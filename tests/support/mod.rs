@@ -206,7 +206,8 @@ async fn provider_route(
             .insert("content-type", "application/fhir+json".parse().unwrap());
         return response;
     }
-    if path.ends_with("/upload") {
+    if path.ends_with("/upload") || path.ends_with("/$gpc.getstructuredrecord") {
+        // Read whole, as a provider reads a structured record request's `Parameters` before it answers.
         let mut body = req.into_body();
         let mut total = 0u64;
         while let Some(frame) = body.frame().await {

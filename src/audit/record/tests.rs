@@ -149,6 +149,17 @@ fn reference(record: &Record, link: ChainLink<'_>, peer: &RefPeer<'_>) -> String
             map.serialize_entry("policy_generation", &tx.policy_generation)
                 .unwrap();
         }
+        Event::Lookup(lookup) => {
+            map.serialize_entry("kind", "subject_lookup").unwrap();
+            map.serialize_entry("uid", &lookup.uid).unwrap();
+            optional(&mut map, "user", lookup.user.as_deref());
+            optional(&mut map, "sudo_user", lookup.sudo_user.as_deref());
+            map.serialize_entry("hmac", &lookup.hmac).unwrap();
+            map.serialize_entry("key", &lookup.key).unwrap();
+            optional(&mut map, "since", lookup.since.as_deref());
+            map.serialize_entry("written_by", lookup.written_by)
+                .unwrap();
+        }
         Event::Sealed { why, torn } => {
             map.serialize_entry("kind", "seal").unwrap();
             map.serialize_entry("sealed", why.as_str()).unwrap();
@@ -202,6 +213,7 @@ fn checked(peer: &Arc<Peer>, conn_id: u64, fqdn: &str) -> Arc<Transaction> {
         method: http::Method::POST,
         policy_generation: conn_id / 3,
         addressing: crate::audit::tests::checked_addressing(conn_id % 1_000_000, fqdn),
+        patients: None,
     })
 }
 
@@ -356,6 +368,7 @@ proptest! {
                 interaction: boxed(3),
                 target: boxed(4),
             },
+            patients: None,
         });
         let tx = checked(&peer, conn_id, &fqdn);
         let end = Completion {

@@ -1,0 +1,372 @@
+//! The patient index's input: the NHS numbers a request names, kept only as `HMAC-SHA256(key, number)`.
+//!
+//! Numbers are read from what the proxy already sees (see the transaction log guide, "Who accessed this patient"):
+//! - the target's query: every parameter value (percent-decoded, a comma-separated list read item by item) of the
+//!   form `<system>|<number>` where the system is an NHS number system ([`NHS_NUMBER_SYSTEMS`]), in any parameter
+//!   (`identifier`, `subject:Patient.identifier`, `patient.identifier`, ...);
+//! - the target's path: a segment right after a `Patient` segment that is ten digits (the patient-facing APIs and
+//!   some providers use the NHS number as the Patient's logical id);
+//! - with `audit.patients.read_bodies`, the first 16 KiB of a structured record request's `Parameters` body
+//!   ([`body`]).
+//!
+//! A number is normalised (spaces removed) before it is hashed; ten digits are checked against the modulus 11
+//! check digit (NHS Data Dictionary, "NHS Number"), and the record says `valid`, `invalid_check_digit` or
+//! `malformed`, so a mistyped number is still found by the number as typed. With `audit.patients.redact`, the
+//! record's `target` has `hmac:<hex>` where the number was ([`Found::redacted`]).
+
+pub mod body;
+pub mod index;
+pub mod lookup;
+pub mod trail;
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use crate::config::PatientsConfig;
+use crate::json_writer::ObjectWriter;
+
+/// The identifier systems of an NHS number: FHIR STU3 (GP Connect 1.x) and DSTU2 (GP Connect 0.x).
+pub const NHS_NUMBER_SYSTEMS: [&str; 2] = [
+    "https://fhir.nhs.uk/Id/nhs-number",
+    "http://fhir.nhs.net/Id/nhs-number",
+];
+
+/// Shortest patient key (bytes): the HMAC-SHA256 key should be as long as its output (RFC 2104 section 3).
+pub const MIN_KEY_BYTES: usize = 32;
+/// Longest patient key file (bytes).
+const MAX_KEY_BYTES: usize = 1024;
+/// Longest number value hashed (bytes, after normalisation); a longer value is hashed as its first 64 bytes.
+const MAX_NUMBER_BYTES: usize = 64;
+
+/// The HMAC key of the patient index: read from its own file, never logged, never printed.
+pub struct PatientKey {
+    key: aws_lc_rs::hmac::Key,
+    /// The first 8 hex digits of the HMAC of a fixed label: names the key in records and the index without
+    /// revealing it, so that a lookup with another key is refused rather than answered with nothing.
+    id: String,
+}
+
+impl std::fmt::Debug for PatientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PatientKey").field("id", &self.id).finish()
+    }
+}
+
+impl PatientKey {
+    /// Reads the key at `path`: its bytes as they are, 32 to 1024 of them; the file must not be readable, writable
+    /// or executable by group or others (mode 0400 or 0600). Errors name the path and what is wrong, never the key.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{}: not a file", path.display()));
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{}: mode {mode:04o} lets group or others read it; the patient key must be 0400 (chmod 0400)",
+                path.display()
+            ));
+        }
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if bytes.len() < MIN_KEY_BYTES || bytes.len() > MAX_KEY_BYTES {
+            return Err(format!(
+                "{}: {} bytes; a patient key is {MIN_KEY_BYTES} to {MAX_KEY_BYTES} random bytes \
+                 (head -c 32 /dev/urandom > FILE)",
+                path.display(),
+                bytes.len()
+            ));
+        }
+        Ok(Self::from_bytes(&bytes))
+    }
+
+    /// A key from its bytes (tests, benchmarks).
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, bytes);
+        let tag = aws_lc_rs::hmac::sign(&key, b"ssp patient index key id");
+        let id = crate::hex::hex(&tag.as_ref()[..4]);
+        Self { key, id }
+    }
+
+    /// The key's id: 8 hex digits.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// `HMAC-SHA256(key, number)` as 64 hex digits, of the number as normalised by [`normalise`].
+    pub fn hmac(&self, number: &str) -> String {
+        let tag = aws_lc_rs::hmac::sign(&self.key, number.as_bytes());
+        crate::hex::hex(tag.as_ref())
+    }
+}
+
+/// What a number looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Ten digits whose last is the modulus 11 check digit of the first nine.
+    Valid,
+    /// Ten digits whose check digit is wrong.
+    InvalidCheckDigit,
+    /// Not ten digits.
+    Malformed,
+}
+
+impl Check {
+    /// Of a normalised number.
+    pub fn of(number: &str) -> Self {
+        let digits = number.as_bytes();
+        if digits.len() != 10 || !digits.iter().all(u8::is_ascii_digit) {
+            return Check::Malformed;
+        }
+        // NHS Data Dictionary, "NHS Number": weights 10 down to 2 on the first nine digits; 11 minus the sum's
+        // remainder mod 11 is the check digit, 11 counting as 0 and 10 never valid.
+        let sum: u32 = digits[..9]
+            .iter()
+            .zip((2..=10).rev())
+            .map(|(d, w)| u32::from(d - b'0') * w)
+            .sum();
+        let check = match 11 - sum % 11 {
+            11 => 0,
+            10 => return Check::InvalidCheckDigit,
+            c => c,
+        };
+        if u32::from(digits[9] - b'0') == check {
+            Check::Valid
+        } else {
+            Check::InvalidCheckDigit
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Check::Valid => "valid",
+            Check::InvalidCheckDigit => "invalid_check_digit",
+            Check::Malformed => "malformed",
+        }
+    }
+}
+
+/// Where in the request a number was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Query,
+    Path,
+    Body,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Query => "query",
+            Source::Path => "path",
+            Source::Body => "body",
+        }
+    }
+}
+
+/// One number a request named, as the record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatientRef {
+    /// 64 hex digits.
+    pub hmac: String,
+    pub check: Check,
+    pub source: Source,
+}
+
+/// The numbers of one request's target, and the target as a redacting record writes it.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub refs: Vec<PatientRef>,
+    /// With `redact`, the target with `hmac:<hex>` in place of each number; `None` when nothing was redacted.
+    pub redacted: Option<Box<str>>,
+}
+
+impl Found {
+    /// Writes the record's `patients` field: `{"key": <key id>, "ids": [{"hmac", "check", "in"}...]}`.
+    pub fn write_field(line: &mut ObjectWriter<'_>, key_id: &str, refs: &[PatientRef]) {
+        line.obj("patients", |o| {
+            o.str("key", key_id);
+            o.arr("ids", refs, |o, r| {
+                o.str("hmac", &r.hmac);
+                o.str("check", r.check.as_str());
+                o.str("in", r.source.as_str());
+            });
+        });
+    }
+}
+
+/// Reads and hashes the numbers of requests; one per process, shared.
+#[derive(Debug)]
+pub struct Indexer {
+    key: PatientKey,
+    redact: bool,
+    read_bodies: bool,
+}
+
+impl Indexer {
+    pub fn new(key: PatientKey, config: &PatientsConfig) -> Arc<Self> {
+        Arc::new(Self {
+            key,
+            redact: config.redact,
+            read_bodies: config.read_bodies,
+        })
+    }
+
+    pub fn key(&self) -> &PatientKey {
+        &self.key
+    }
+
+    /// The numbers in `target` (an origin-form path and query, or an absolute URL), hashed, with the redacted
+    /// target when `redact` is on and a number was found. Costs a byte search when no NHS number system or
+    /// `Patient/` segment is in the target.
+    pub fn target(&self, target: &str) -> Found {
+        let spans = scan_target(target);
+        if spans.is_empty() {
+            return Found::default();
+        }
+        let mut refs = Vec::with_capacity(spans.len());
+        let mut redacted = self
+            .redact
+            .then(|| String::with_capacity(target.len() + 64));
+        let mut copied = 0;
+        for span in &spans {
+            let hmac = self.key.hmac(&span.number);
+            if let Some(out) = &mut redacted {
+                out.push_str(&target[copied..span.start]);
+                if let Some(system) = span.system {
+                    out.push_str(system);
+                    out.push('|');
+                }
+                let _ = write!(out, "hmac:{hmac}");
+                copied = span.end;
+            }
+            refs.push(PatientRef {
+                hmac,
+                check: Check::of(&span.number),
+                source: span.source,
+            });
+        }
+        if let Some(out) = &mut redacted {
+            out.push_str(&target[copied..]);
+        }
+        Found {
+            refs,
+            redacted: redacted.map(String::into_boxed_str),
+        }
+    }
+
+    /// A body reader for a request of `interaction`, when `read_bodies` is on and the interaction carries the
+    /// number in its `Parameters` body.
+    pub fn body(self: &Arc<Self>, interaction: &str) -> Option<Arc<body::BodyScan>> {
+        (self.read_bodies && body::carries_patient(interaction))
+            .then(|| Arc::new(body::BodyScan::new(Arc::clone(self))))
+    }
+}
+
+/// A number found in a target: the byte range to replace when redacting, the number normalised, and the system
+/// to write back before the HMAC (a query item), if any.
+#[derive(Debug, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    end: usize,
+    number: String,
+    system: Option<&'static str>,
+    source: Source,
+}
+
+/// Every number in `target`, in order.
+fn scan_target(target: &str) -> Vec<Span> {
+    let (path, query) = match target.find('?') {
+        Some(q) => (&target[..q], Some((q + 1, &target[q + 1..]))),
+        None => (target, None),
+    };
+    let mut spans = Vec::new();
+    // The fast way out: no `Patient` segment in the path and nothing that could be (or encode) an NHS number
+    // system in the query.
+    if memchr::memmem::find(path.as_bytes(), b"Patient").is_some() {
+        let mut at = 0;
+        let mut after_patient = false;
+        for segment in path.split('/') {
+            let decoded = decode(segment);
+            if after_patient && decoded.len() == 10 && decoded.bytes().all(|b| b.is_ascii_digit()) {
+                spans.push(Span {
+                    start: at,
+                    end: at + segment.len(),
+                    number: decoded.into_owned(),
+                    system: None,
+                    source: Source::Path,
+                });
+            }
+            after_patient = segment == "Patient";
+            at += segment.len() + 1;
+        }
+    }
+    let Some((offset, query)) = query else {
+        return spans;
+    };
+    let bytes = query.as_bytes();
+    if memchr::memmem::find(bytes, b"nhs-number").is_none() && memchr::memchr(b'%', bytes).is_none()
+    {
+        return spans;
+    }
+    let mut at = offset;
+    for pair in query.split('&') {
+        if let Some(eq) = pair.find('=') {
+            let value_start = at + eq + 1;
+            let raw = &pair[eq + 1..];
+            let mut item_at = value_start;
+            for item in raw.split(',') {
+                if let Some((system, number)) = nhs_identifier(&decode(item)) {
+                    spans.push(Span {
+                        start: item_at,
+                        end: item_at + item.len(),
+                        number,
+                        system: Some(system),
+                        source: Source::Query,
+                    });
+                }
+                item_at += item.len() + 1;
+            }
+        }
+        at += pair.len() + 1;
+    }
+    spans
+}
+
+/// `system|number` with an NHS number system: the system and the normalised number.
+fn nhs_identifier(token: &str) -> Option<(&'static str, String)> {
+    let (system, number) = token.split_once('|')?;
+    let system = NHS_NUMBER_SYSTEMS.into_iter().find(|s| *s == system)?;
+    Some((system, normalise(number)))
+}
+
+/// A number as hashed: ASCII spaces removed, at most 64 bytes.
+pub fn normalise(number: &str) -> String {
+    let mut out: String = number.chars().filter(|c| *c != ' ').collect();
+    if out.len() > MAX_NUMBER_BYTES {
+        let end = (0..=MAX_NUMBER_BYTES)
+            .rev()
+            .find(|i| out.is_char_boundary(*i))
+            .unwrap_or(0);
+        out.truncate(end);
+    }
+    out
+}
+
+/// Percent-decoded (RFC 3986 section 2.1), and `+` as a space in a query (HTML form encoding); lossy UTF-8.
+fn decode(text: &str) -> Cow<'_, str> {
+    if !text.contains(['%', '+']) {
+        return Cow::Borrowed(text);
+    }
+    let plus = text.replace('+', " ");
+    Cow::Owned(
+        percent_encoding::percent_decode_str(&plus)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,179 @@
+//! `ssp audit subject`'s rows: every transaction the index names for one patient, from its `request` and
+//! `response` records, with the consumer's organisation and system named from the directory.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::index::Entry;
+use crate::audit::segment::list_segments;
+use crate::ids::Asid;
+use crate::policy::Policy;
+
+/// One access to the patient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Row {
+    /// The request record's `ts` (RFC 3339, UTC).
+    pub time: String,
+    /// The consumer organisation's ODS code: the directory's for the sending ASID, else the token's.
+    pub ods_code: Option<String>,
+    /// The consumer organisation's name, from the token (`requesting_organization`).
+    pub organisation: Option<String>,
+    /// The sending system's ASID (`Ssp-From`) and its name in the directory.
+    pub asid: Option<String>,
+    pub system: Option<String>,
+    /// The user, from the token: SDS user id and role profile id.
+    pub sds_user_id: Option<String>,
+    pub sds_role_profile_id: Option<String>,
+    pub interaction: Option<String>,
+    /// The interaction in words.
+    pub interaction_words: String,
+    /// `permit` or `deny`, and the refusal's text.
+    pub decision: Option<String>,
+    pub reason: Option<String>,
+    /// The status the consumer got and the outcome, from the response record (none while the exchange runs).
+    pub status: Option<u64>,
+    pub outcome: Option<String>,
+    pub trace_id: Option<String>,
+    pub instance: String,
+    /// Where the number was (`query`, `path`, `body`) and whether its check digit held.
+    pub found_in: String,
+    pub check: String,
+}
+
+/// The rows of `entries` (one patient's), oldest first, each transaction once; those before `since` (RFC 3339)
+/// left out. Reads the segments the entries name, and the one before and after each (a request and its response
+/// may straddle a rotation).
+pub fn rows(
+    dir: &Path,
+    entries: &[Entry],
+    policy: Option<&Policy>,
+    since: Option<time::OffsetDateTime>,
+) -> std::io::Result<Vec<Row>> {
+    type Key = (String, u64, Option<String>);
+    let key_of = |e: &Entry| (e.instance.clone(), e.conn_id, e.trace_id.clone());
+    let mut wanted: HashMap<Key, &Entry> = HashMap::new();
+    let mut segments = BTreeSet::new();
+    for entry in entries {
+        wanted.entry(key_of(entry)).or_insert(entry);
+        segments.extend([
+            entry.segment.saturating_sub(1),
+            entry.segment,
+            entry.segment + 1,
+        ]);
+    }
+    let mut requests: HashMap<Key, serde_json::Value> = HashMap::new();
+    let mut responses: HashMap<Key, serde_json::Value> = HashMap::new();
+    for (number, path) in list_segments(dir)? {
+        if !segments.contains(&number) {
+            continue;
+        }
+        for line in BufReader::new(File::open(&path)?).lines() {
+            let line = line?;
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let key = (
+                v["instance"].as_str().unwrap_or_default().to_owned(),
+                v["conn_id"].as_u64().unwrap_or_default(),
+                v["trace_id"].as_str().map(str::to_owned),
+            );
+            if !wanted.contains_key(&key) {
+                continue;
+            }
+            match v["kind"].as_str() {
+                Some("request") => {
+                    requests.entry(key).or_insert(v);
+                }
+                Some("response") => {
+                    responses.entry(key).or_insert(v);
+                }
+                _ => {}
+            }
+        }
+    }
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().map(str::to_owned);
+    let mut out = Vec::new();
+    for (key, entry) in wanted {
+        let request = requests.get(&key);
+        let response = responses.get(&key);
+        let Some(first) = request.or(response) else {
+            continue;
+        };
+        let time = text(first, "ts").unwrap_or_default();
+        if let Some(since) = since {
+            let at =
+                time::OffsetDateTime::parse(&time, &time::format_description::well_known::Rfc3339);
+            if at.is_ok_and(|at| at < since) {
+                continue;
+            }
+        }
+        let jwt = request.map(|r| &r["jwt"]);
+        let claim = |k: &str| jwt.and_then(|j| text(j, k));
+        let asid = text(first, "from");
+        let system = asid
+            .as_deref()
+            .and_then(Asid::parse)
+            .and_then(|a| policy.and_then(|p| p.system(&a).cloned()));
+        let interaction = text(first, "interaction");
+        out.push(Row {
+            time,
+            ods_code: system
+                .as_ref()
+                .map(|s| s.ods.as_str().to_owned())
+                .or_else(|| claim("organization_ods")),
+            organisation: claim("organization_name"),
+            system: system.as_ref().map(|s| s.name.clone()),
+            asid,
+            sds_user_id: claim("sds_user_id"),
+            sds_role_profile_id: claim("sds_role_profile_id"),
+            interaction_words: interaction.as_deref().map_or_else(String::new, words),
+            interaction,
+            decision: request.and_then(|r| text(r, "decision")),
+            reason: request.and_then(|r| text(r, "reason")),
+            status: response.and_then(|r| r["status"].as_u64()),
+            outcome: response.and_then(|r| text(r, "outcome")),
+            trace_id: text(first, "trace_id"),
+            instance: entry.instance.clone(),
+            found_in: entry.source.clone(),
+            check: entry.check.clone(),
+        });
+    }
+    out.sort_by(|a, b| (&a.time, &a.trace_id).cmp(&(&b.time, &b.trace_id)));
+    Ok(out)
+}
+
+/// A GP Connect interaction (DSTU2 or STU3 URN) in words, for a patient or a governance lead; an unknown one by
+/// its URN's last part.
+pub fn words(interaction: &str) -> String {
+    let tail = interaction
+        .strip_prefix("urn:nhs:names:services:gpconnect:")
+        .unwrap_or(interaction);
+    let base = tail.strip_suffix("-1").unwrap_or(tail);
+    let known = match base {
+        "fhir:rest:read:metadata" | "structured:fhir:rest:read:metadata" => {
+            "Read the capability statement"
+        }
+        "documents:fhir:rest:read:metadata" => "Read the documents capability statement",
+        "fhir:rest:read:patient" => "Read the patient's demographics",
+        "fhir:rest:search:patient" | "documents:fhir:rest:search:patient" => "Find the patient",
+        "fhir:operation:gpc.registerpatient" => "Register the patient",
+        "fhir:operation:gpc.getstructuredrecord" => "Retrieve the patient's structured record",
+        "fhir:operation:gpc.migratestructuredrecord" => "Migrate the patient's structured record",
+        "fhir:operation:gpc.getcarerecord" => "Retrieve the patient's care record (HTML)",
+        "fhir:rest:search:patient_appointments" => "Search the patient's appointments",
+        "fhir:rest:read:appointment" => "Read an appointment",
+        "fhir:rest:create:appointment" => "Book an appointment",
+        "fhir:rest:update:appointment" => "Amend an appointment",
+        "fhir:rest:cancel:appointment" => "Cancel an appointment",
+        "fhir:rest:search:slot" => "Search free slots",
+        "documents:fhir:rest:search:documentreference" => "Find the patient's documents",
+        "documents:fhir:rest:read:binary" => "Retrieve a document",
+        "documents:fhir:rest:migrate:binary" => "Migrate a document",
+        _ => return tail.to_owned(),
+    };
+    known.to_owned()
+}
