@@ -8,7 +8,10 @@
 //! reported), `SSP_BENCH_ONLY` (a comma-separated list of scenario names), `SSP_BENCH_PEERS=0` to skip nginx and
 //! HAProxy even when installed; `SSP_BENCH_SSP_BIN` to measure another build of ssp (one with frame pointers for
 //! `perf record -g`, say); `SSP_BENCH_COMPARE` to measure a second build beside it in the same run, as `ssp B`
-//! and `ssp B strict` (the way to compare two builds on this noisy machine).
+//! and `ssp B strict` (the way to compare two builds on this noisy machine); `SSP_BENCH_PATIENTS=1` to run `ssp B`
+//! (this build unless `SSP_BENCH_COMPARE` names another) with the patient index on (`[audit.patients]`, `redact =
+//! true`, `read_bodies = false`), and an NHS number in the small GET's query for every target, so that `ssp B`
+//! beside `ssp` is the index's cost.
 //!
 //! Processes: this one (the driver and the load generator, on hyper + rustls), the provider (this same binary,
 //! re-executed with `SSP_BENCH_ROLE=provider`), two ssp instances (`durability = "batched"` and `"strict"`),
@@ -338,6 +341,12 @@ fn request(
     close: bool,
 ) -> Request<Repeat> {
     let (method, suffix, interaction, upload) = match work {
+        Work::Small if patients_on() => (
+            Method::GET,
+            "/fhir/metadata?identifier=https://fhir.nhs.uk/Id/nhs-number|9434765919".to_owned(),
+            METADATA,
+            0,
+        ),
         Work::Small => (Method::GET, "/fhir/metadata".to_owned(), METADATA, 0),
         Work::Download(n) => (Method::GET, format!("/fhir/Binary/{n}"), METADATA, 0),
         Work::Upload(n) => (
@@ -716,6 +725,11 @@ fn start_provider(certs: &Path, children: &mut Children) -> SocketAddr {
 /// The config of an ssp under test, its paths relative to the bench folder: every check on, the JWT enforced,
 /// limits set high enough never to refuse. `benches/allocs.sh` measures the same config (role `ssp-config`).
 fn ssp_config(port: u16, name: &str, provider: SocketAddr, durability: &str) -> String {
+    let patients = if name.starts_with("compare") && patients_on() {
+        "[audit.patients]\nkey = \"patient.key\"\nredact = true\nread_bodies = false\n"
+    } else {
+        ""
+    };
     format!(
         r#"
 [server]
@@ -745,8 +759,13 @@ per_consumer_rps = 1000000
 per_consumer_burst = 1000000
 per_consumer_concurrency = 100000
 per_provider_concurrency = 100000
-"#
+{patients}"#
     )
+}
+
+/// `SSP_BENCH_PATIENTS`: `ssp B` runs with the patient index on.
+fn patients_on() -> bool {
+    std::env::var_os("SSP_BENCH_PATIENTS").is_some()
 }
 
 /// Starts `ssp serve` on a config with every check on, limits set high enough never to refuse, and `durability`.
@@ -1149,7 +1168,13 @@ fn main() {
     let (port, pid) = start_ssp(dir.path(), "strict", provider, "strict", &mut children);
     targets.push(proxy_target("ssp strict", Kind::Ssp, port, pid, true));
     // Another build beside this one, batched, in the same run: `ssp B` in the tables (not in the goals).
-    if std::env::var_os("SSP_BENCH_COMPARE").is_some() {
+    if std::env::var_os("SSP_BENCH_COMPARE").is_some() || patients_on() {
+        if patients_on() {
+            use std::os::unix::fs::PermissionsExt;
+            let key = dir.path().join("patient.key");
+            std::fs::write(&key, [0x5a; 32]).unwrap();
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+        }
         let (port, pid) = start_ssp(dir.path(), "compare", provider, "batched", &mut children);
         targets.push(proxy_target("ssp B", Kind::Ssp, port, pid, false));
         let (port, pid) = start_ssp(

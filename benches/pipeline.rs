@@ -134,6 +134,71 @@ fn bench(c: &mut Criterion) {
             black_box(ssp::audit::encode(black_box(&record), link, &mut buf))
         })
     });
+
+    // The patient index's share of a request (`[audit.patients]`, redacting): the transaction made with the
+    // indexer (the target read for NHS numbers, each hashed, the target redacted) and its record written with the
+    // `patients` field, beside the same without the indexer. A target without a number costs a byte search.
+    let indexer = ssp::audit::patients::Indexer::new(
+        ssp::audit::patients::PatientKey::from_bytes(&[0x5a; 32]).unwrap(),
+        &ssp::config::PatientsConfig {
+            key: std::path::PathBuf::new(),
+            redact: true,
+            read_bodies: false,
+        },
+    );
+    let searched = SspRequest {
+        target: Target::from_request_path(&format!(
+            "/{URL}/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|9434765919"
+        ))
+        .unwrap(),
+        headers: SspHeaders::parse(&h).unwrap(),
+    };
+    let searched = match policy.decide(searched, &peer, now) {
+        Decision::Permit(p) => p,
+        Decision::Deny(d) => panic!("{d:?}"),
+    };
+    let with_number =
+        format!("{URL}/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|9434765919");
+    c.bench_function(
+        "patients: Indexer::target, one number (HMAC, redaction)",
+        |b| b.iter(|| black_box(indexer.target(black_box(&with_number)))),
+    );
+    for (name, permit, indexer) in [
+        ("patients: none (request record, no index)", &searched, None),
+        (
+            "patients: none, no number in the target (request record, no index)",
+            &permit,
+            None,
+        ),
+        (
+            "patients: one number in the query (request record, index)",
+            &searched,
+            Some(&indexer),
+        ),
+        (
+            "patients: no number in the target (request record, index)",
+            &permit,
+            Some(&indexer),
+        ),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let tx = ssp::audit::Transaction::permitted(
+                    42,
+                    &audit_peer,
+                    &http::Method::GET,
+                    black_box(permit),
+                    indexer,
+                );
+                buf.clear();
+                black_box(ssp::audit::encode(
+                    &ssp::audit::Record::permitted(&tx, None),
+                    link,
+                    &mut buf,
+                ))
+            })
+        });
+    }
 }
 
 /// Measures `Policy::decide` on a request it permits (the clone of the request, which `decide` consumes, is setup).

@@ -39,6 +39,15 @@ impl HexDigest {
         Self(out)
     }
 
+    /// A 32-byte digest (an HMAC-SHA256 tag, say) as hex.
+    pub fn from_bytes(digest: &[u8; 32]) -> Self {
+        let mut out = [0; 64];
+        for (pair, b) in out.chunks_exact_mut(2).zip(digest) {
+            pair.copy_from_slice(&hex_pair(*b));
+        }
+        Self(out)
+    }
+
     pub fn as_str(&self) -> &str {
         // Hexadecimal digits only, so always UTF-8.
         std::str::from_utf8(&self.0).unwrap_or_default()

@@ -59,7 +59,7 @@ impl BodyScan {
                 .map(|number| {
                     let number = super::normalise(&number);
                     PatientRef {
-                        hmac: self.indexer.key().hmac(&number),
+                        hmac: self.indexer.key().digest(&number),
                         check: super::Check::of(&number),
                         source: Source::Body,
                     }

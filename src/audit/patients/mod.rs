@@ -20,11 +20,11 @@ pub mod lookup;
 pub mod trail;
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
 pub use crate::config::PatientsConfig;
+use crate::hex::HexDigest;
 use crate::json_writer::ObjectWriter;
 
 /// The identifier systems of an NHS number: FHIR STU3 (GP Connect 1.x) and DSTU2 (GP Connect 0.x).
@@ -42,10 +42,12 @@ const MAX_NUMBER_BYTES: usize = 64;
 
 /// The HMAC key of the patient index: read from its own file, never logged, never printed.
 pub struct PatientKey {
-    key: aws_lc_rs::hmac::Key,
+    /// Keyed once: each number's HMAC starts from a copy of this state.
+    mac: hmac::Hmac<sha2::Sha256>,
     /// The first 8 hex digits of the HMAC of a fixed label: names the key in records and the index without
-    /// revealing it, so that a lookup with another key is refused rather than answered with nothing.
-    id: String,
+    /// revealing it, so that a lookup with another key is refused rather than answered with nothing. Shared by
+    /// every transaction that names a patient.
+    id: Arc<str>,
 }
 
 impl std::fmt::Debug for PatientKey {
@@ -79,15 +81,19 @@ impl PatientKey {
                 bytes.len()
             ));
         }
-        Ok(Self::from_bytes(&bytes))
+        Self::from_bytes(&bytes).map_err(|why| format!("{}: {why}", path.display()))
     }
 
-    /// A key from its bytes (tests, benchmarks).
-    pub fn from_bytes(bytes: &[u8]) -> Self {
-        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, bytes);
-        let tag = aws_lc_rs::hmac::sign(&key, b"ssp patient index key id");
-        let id = crate::hex::hex(&tag.as_ref()[..4]);
-        Self { key, id }
+    /// A key from its bytes. HMAC takes a key of any length (RFC 2104 section 2), so the error is the library's
+    /// only.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        use hmac::Mac;
+        let mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(bytes)
+            .map_err(|e| format!("the key is not usable for HMAC-SHA256: {e}"))?;
+        let mut id = mac.clone();
+        id.update(b"ssp patient index key id");
+        let id = crate::hex::hex(&id.finalize().into_bytes()[..4]).into();
+        Ok(Self { mac, id })
     }
 
     /// The key's id: 8 hex digits.
@@ -95,10 +101,22 @@ impl PatientKey {
         &self.id
     }
 
+    /// The id, shared.
+    pub(crate) fn shared_id(&self) -> &Arc<str> {
+        &self.id
+    }
+
     /// `HMAC-SHA256(key, number)` as 64 hex digits, of the number as normalised by [`normalise`].
     pub fn hmac(&self, number: &str) -> String {
-        let tag = aws_lc_rs::hmac::sign(&self.key, number.as_bytes());
-        crate::hex::hex(tag.as_ref())
+        self.digest(number).to_string()
+    }
+
+    /// As [`PatientKey::hmac`], held inline (no allocation).
+    pub fn digest(&self, number: &str) -> HexDigest {
+        use hmac::Mac;
+        let mut mac = self.mac.clone();
+        mac.update(number.as_bytes());
+        HexDigest::from_bytes(&mac.finalize().into_bytes().into())
     }
 }
 
@@ -169,8 +187,8 @@ impl Source {
 /// One number a request named, as the record keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PatientRef {
-    /// 64 hex digits.
-    pub hmac: String,
+    /// `HMAC-SHA256(key, number)`: 64 hex digits.
+    pub hmac: HexDigest,
     pub check: Check,
     pub source: Source,
 }
@@ -180,7 +198,7 @@ pub struct PatientRef {
 pub struct Found {
     pub refs: Vec<PatientRef>,
     /// With `redact`, the target with `hmac:<hex>` in place of each number; `None` when nothing was redacted.
-    pub redacted: Option<Box<str>>,
+    pub redacted: Option<String>,
 }
 
 impl Found {
@@ -189,7 +207,7 @@ impl Found {
         line.obj("patients", |o| {
             o.str("key", key_id);
             o.arr("ids", refs, |o, r| {
-                o.str("hmac", &r.hmac);
+                o.str("hmac", r.hmac.as_str());
                 o.str("check", r.check.as_str());
                 o.str("in", r.source.as_str());
             });
@@ -222,39 +240,33 @@ impl Indexer {
     /// target when `redact` is on and a number was found. Costs a byte search when no NHS number system or
     /// `Patient/` segment is in the target.
     pub fn target(&self, target: &str) -> Found {
-        let spans = scan_target(target);
-        if spans.is_empty() {
-            return Found::default();
-        }
-        let mut refs = Vec::with_capacity(spans.len());
-        let mut redacted = self
-            .redact
-            .then(|| String::with_capacity(target.len() + 64));
+        let mut found = Found::default();
         let mut copied = 0;
-        for span in &spans {
-            let hmac = self.key.hmac(&span.number);
-            if let Some(out) = &mut redacted {
+        scan_target(target, |span| {
+            let hmac = self.key.digest(&span.number);
+            if self.redact {
+                let out = found
+                    .redacted
+                    .get_or_insert_with(|| String::with_capacity(target.len() + 128));
                 out.push_str(&target[copied..span.start]);
                 if let Some(system) = span.system {
                     out.push_str(system);
                     out.push('|');
                 }
-                let _ = write!(out, "hmac:{hmac}");
+                out.push_str("hmac:");
+                out.push_str(hmac.as_str());
                 copied = span.end;
             }
-            refs.push(PatientRef {
+            found.refs.push(PatientRef {
                 hmac,
                 check: Check::of(&span.number),
                 source: span.source,
             });
-        }
-        if let Some(out) = &mut redacted {
+        });
+        if let Some(out) = &mut found.redacted {
             out.push_str(&target[copied..]);
         }
-        Found {
-            refs,
-            redacted: redacted.map(String::into_boxed_str),
-        }
+        found
     }
 
     /// A body reader for a request of `interaction`, when `read_bodies` is on and the interaction carries the
@@ -268,48 +280,51 @@ impl Indexer {
 /// A number found in a target: the byte range to replace when redacting, the number normalised, and the system
 /// to write back before the HMAC (a query item), if any.
 #[derive(Debug, PartialEq, Eq)]
-struct Span {
+struct Span<'t> {
     start: usize,
     end: usize,
-    number: String,
+    number: Cow<'t, str>,
     system: Option<&'static str>,
     source: Source,
 }
 
-/// Every number in `target`, in order.
-fn scan_target(target: &str) -> Vec<Span> {
+/// Every number in `target`, in order, handed to `each`.
+fn scan_target<'t>(target: &'t str, mut each: impl FnMut(Span<'t>)) {
     let (path, query) = match target.find('?') {
         Some(q) => (&target[..q], Some((q + 1, &target[q + 1..]))),
         None => (target, None),
     };
-    let mut spans = Vec::new();
     // The fast way out: no `Patient` segment in the path and nothing that could be (or encode) an NHS number
     // system in the query.
-    if memchr::memmem::find(path.as_bytes(), b"Patient").is_some() {
+    // (`str::contains`, not a memchr `Finder`: building one per call costs more than searching a short target.)
+    if path.contains("Patient") {
         let mut at = 0;
         let mut after_patient = false;
         for segment in path.split('/') {
-            let decoded = decode(segment);
-            if after_patient && decoded.len() == 10 && decoded.bytes().all(|b| b.is_ascii_digit()) {
-                spans.push(Span {
-                    start: at,
-                    end: at + segment.len(),
-                    number: decoded.into_owned(),
-                    system: None,
-                    source: Source::Path,
-                });
+            // Ten digits, or their percent-encoding: at most 30 bytes.
+            if after_patient && segment.len() <= 30 {
+                let decoded = decode(segment);
+                if decoded.len() == 10 && decoded.bytes().all(|b| b.is_ascii_digit()) {
+                    each(Span {
+                        start: at,
+                        end: at + segment.len(),
+                        number: decoded,
+                        system: None,
+                        source: Source::Path,
+                    });
+                }
             }
             after_patient = segment == "Patient";
             at += segment.len() + 1;
         }
     }
     let Some((offset, query)) = query else {
-        return spans;
+        return;
     };
     let bytes = query.as_bytes();
     if memchr::memmem::find(bytes, b"nhs-number").is_none() && memchr::memchr(b'%', bytes).is_none()
     {
-        return spans;
+        return;
     }
     let mut at = offset;
     for pair in query.split('&') {
@@ -318,8 +333,8 @@ fn scan_target(target: &str) -> Vec<Span> {
             let raw = &pair[eq + 1..];
             let mut item_at = value_start;
             for item in raw.split(',') {
-                if let Some((system, number)) = nhs_identifier(&decode(item)) {
-                    spans.push(Span {
+                if let Some((system, number)) = nhs_identifier(decode(item)) {
+                    each(Span {
                         start: item_at,
                         end: item_at + item.len(),
                         number,
@@ -332,14 +347,24 @@ fn scan_target(target: &str) -> Vec<Span> {
         }
         at += pair.len() + 1;
     }
-    spans
 }
 
-/// `system|number` with an NHS number system: the system and the normalised number.
-fn nhs_identifier(token: &str) -> Option<(&'static str, String)> {
-    let (system, number) = token.split_once('|')?;
-    let system = NHS_NUMBER_SYSTEMS.into_iter().find(|s| *s == system)?;
-    Some((system, normalise(number)))
+/// `system|number` with an NHS number system: the system and the normalised number (borrowed from `token` when
+/// it is, and nothing needed removing).
+fn nhs_identifier(token: Cow<'_, str>) -> Option<(&'static str, Cow<'_, str>)> {
+    let bar = token.find('|')?;
+    let system = NHS_NUMBER_SYSTEMS
+        .into_iter()
+        .find(|s| *s == &token[..bar])?;
+    let number = match token {
+        Cow::Borrowed(t)
+            if !t[bar + 1..].contains(' ') && t.len() - bar - 1 <= MAX_NUMBER_BYTES =>
+        {
+            Cow::Borrowed(&t[bar + 1..])
+        }
+        other => Cow::Owned(normalise(&other[bar + 1..])),
+    };
+    Some((system, number))
 }
 
 /// A number as hashed: ASCII spaces removed, at most 64 bytes.
@@ -357,7 +382,7 @@ pub fn normalise(number: &str) -> String {
 
 /// Percent-decoded (RFC 3986 section 2.1), and `+` as a space in a query (HTML form encoding); lossy UTF-8.
 fn decode(text: &str) -> Cow<'_, str> {
-    if !text.contains(['%', '+']) {
+    if !text.bytes().any(|b| b == b'%' || b == b'+') {
         return Cow::Borrowed(text);
     }
     let plus = text.replace('+', " ");

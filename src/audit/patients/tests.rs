@@ -3,13 +3,24 @@ use super::*;
 
 fn indexer(redact: bool) -> Arc<Indexer> {
     Indexer::new(
-        PatientKey::from_bytes(&[7; 32]),
+        PatientKey::from_bytes(&[7; 32]).unwrap(),
         &PatientsConfig {
             key: std::path::PathBuf::new(),
             redact,
             read_bodies: true,
         },
     )
+}
+
+#[test]
+fn the_hmac_is_hmac_sha256() {
+    // RFC 4231 section 4.3, test case 2.
+    assert_eq!(
+        PatientKey::from_bytes(b"Jefe")
+            .unwrap()
+            .hmac("what do ya want for nothing?"),
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    );
 }
 
 #[test]
@@ -31,7 +42,7 @@ fn numbers_are_found_in_the_query_raw_encoded_and_in_lists() {
         ix.target(t)
             .refs
             .iter()
-            .map(|r| (r.hmac.clone(), r.check, r.source))
+            .map(|r| (r.hmac.to_string(), r.check, r.source))
             .collect::<Vec<_>>()
     };
     let h = |n: &str| ix.key().hmac(n);
@@ -95,7 +106,7 @@ fn the_key_file_must_be_private_and_long_enough() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
     let key = PatientKey::load(&path).unwrap();
     assert_eq!(key.id().len(), 8);
-    assert_ne!(key.id(), PatientKey::from_bytes(&[2; 32]).id());
+    assert_ne!(key.id(), PatientKey::from_bytes(&[2; 32]).unwrap().id());
     let short = dir.path().join("short");
     std::fs::write(&short, [1u8; 16]).unwrap();
     std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o400)).unwrap();
@@ -144,7 +155,10 @@ fn a_number_past_the_bound_or_cut_by_it_is_not_read() {
     for chunk in XML_BODY.as_bytes().chunks(7) {
         assert!(scan.push(chunk));
     }
-    assert_eq!(scan.found()[0].hmac, ix.key().hmac("9690937286"));
+    assert_eq!(
+        scan.found()[0].hmac.to_string(),
+        ix.key().hmac("9690937286")
+    );
     assert_eq!(scan.found()[0].source, Source::Body);
     assert!(
         ix.body("urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1")

@@ -95,10 +95,10 @@ pub struct Transaction {
 /// response record names.
 #[derive(Debug)]
 pub(in crate::audit) struct Patients {
-    pub(in crate::audit) key: Box<str>,
+    pub(in crate::audit) key: Arc<str>,
     pub(in crate::audit) target: Vec<PatientRef>,
     /// The target with `hmac:<hex>` in place of each number (`redact`).
-    redacted: Option<Box<str>>,
+    redacted: Option<String>,
     pub(in crate::audit) body: Option<Arc<BodyScan>>,
 }
 
@@ -112,7 +112,7 @@ impl Patients {
             return None;
         }
         Some(Box::new(Self {
-            key: indexer.key().id().into(),
+            key: Arc::clone(indexer.key().shared_id()),
             target: found.refs,
             redacted: found.redacted,
             body,
