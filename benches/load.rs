@@ -11,7 +11,8 @@
 //! and `ssp B strict` (the way to compare two builds on this noisy machine); `SSP_BENCH_PATIENTS=1` to run `ssp B`
 //! (this build unless `SSP_BENCH_COMPARE` names another) with the patient index on (`[audit.patients]`, `redact =
 //! true`, `read_bodies = false`), and an NHS number in the small GET's query for every target, so that `ssp B`
-//! beside `ssp` is the index's cost.
+//! beside `ssp` is the index's cost; `SSP_BENCH_PATIENTS=swap` the other way round (the first `ssp` with the index,
+//! `ssp B` without), a control for the order the instances run in.
 //!
 //! Processes: this one (the driver and the load generator, on hyper + rustls), the provider (this same binary,
 //! re-executed with `SSP_BENCH_ROLE=provider`), two ssp instances (`durability = "batched"` and `"strict"`),
@@ -725,7 +726,12 @@ fn start_provider(certs: &Path, children: &mut Children) -> SocketAddr {
 /// The config of an ssp under test, its paths relative to the bench folder: every check on, the JWT enforced,
 /// limits set high enough never to refuse. `benches/allocs.sh` measures the same config (role `ssp-config`).
 fn ssp_config(port: u16, name: &str, provider: SocketAddr, durability: &str) -> String {
-    let patients = if name.starts_with("compare") && patients_on() {
+    let indexed = match std::env::var("SSP_BENCH_PATIENTS").as_deref() {
+        Ok("swap") => name == "batched",
+        Ok(_) => name.starts_with("compare"),
+        Err(_) => false,
+    };
+    let patients = if indexed {
         "[audit.patients]\nkey = \"patient.key\"\nredact = true\nread_bodies = false\n"
     } else {
         ""
@@ -1163,18 +1169,18 @@ fn main() {
         pids: Vec::new(),
         strict: false,
     }];
+    if patients_on() {
+        use std::os::unix::fs::PermissionsExt;
+        let key = dir.path().join("patient.key");
+        std::fs::write(&key, [0x5a; 32]).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
     let (port, pid) = start_ssp(dir.path(), "batched", provider, "batched", &mut children);
     targets.push(proxy_target("ssp", Kind::Ssp, port, pid, false));
     let (port, pid) = start_ssp(dir.path(), "strict", provider, "strict", &mut children);
     targets.push(proxy_target("ssp strict", Kind::Ssp, port, pid, true));
     // Another build beside this one, batched, in the same run: `ssp B` in the tables (not in the goals).
     if std::env::var_os("SSP_BENCH_COMPARE").is_some() || patients_on() {
-        if patients_on() {
-            use std::os::unix::fs::PermissionsExt;
-            let key = dir.path().join("patient.key");
-            std::fs::write(&key, [0x5a; 32]).unwrap();
-            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
-        }
         let (port, pid) = start_ssp(dir.path(), "compare", provider, "batched", &mut children);
         targets.push(proxy_target("ssp B", Kind::Ssp, port, pid, false));
         let (port, pid) = start_ssp(
