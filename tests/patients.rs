@@ -135,9 +135,12 @@ fn write_private(path: &Path, bytes: &[u8]) {
 /// The trail's trace ids for `number`, read the way `ssp audit subject` reads them.
 fn trail_of(dir: &Path, key: &PatientKey, number: &str) -> BTreeSet<String> {
     let index = index::catch_up(dir).unwrap();
-    let entries = index.lookup(&key.hmac(number)).unwrap();
-    trail::rows(dir, &entries, None, None)
-        .unwrap()
+    let hmac = key.hmac(number);
+    let entries = index.lookup(&hmac).unwrap();
+    let trail = trail::rows(dir, &hmac, &entries, None, None).unwrap();
+    assert_eq!(trail.unbacked, 0);
+    trail
+        .rows
         .into_iter()
         .map(|r| r.trace_id.unwrap())
         .collect()
@@ -267,6 +270,62 @@ async fn the_trail_of_each_patient_is_exactly_its_accesses_and_nothing_clear_is_
         BTreeSet::from(["body", "path", "query"].map(String::from))
     );
 
+    // A refused target cut at the 8 KiB bound inside a number: the piece of the number is not kept either.
+    let cut_number = &numbers[5];
+    let head = format!("{}/", world.url);
+    let pad = "p".repeat(8192 - 5 - head.len() - "/Patient/".len());
+    let mut req = ssp_request(
+        Method::GET,
+        &format!("/{head}{pad}/Patient/{cut_number}"),
+        METADATA,
+    )
+    .body(empty())
+    .unwrap();
+    req.headers_mut()
+        .insert("ssp-traceid", trace_id(99_998).parse().unwrap());
+    req.headers_mut()
+        .insert("ssp-to", "999999999999".parse().unwrap());
+    let answer = world.consumer("consumer").fetch(req).await.unwrap();
+    assert!(answer.status.is_client_error(), "{:?}", answer.status);
+    let cut = response_record(&dir, &trace_id(99_998)).await;
+    let request = audit_records(&dir, 1)
+        .await
+        .into_iter()
+        .find(|r| r["kind"] == "request" && r["trace_id"] == cut["trace_id"])
+        .unwrap();
+    let target = request["target"].as_str().unwrap();
+    assert!(
+        target.len() < 8192 && target.ends_with("/Patient/"),
+        "{}",
+        &target[target.len() - 40..]
+    );
+
+    // An entry added to the index that the log does not back is left out of the trail, and counted.
+    let genuine = index::catch_up(&dir)
+        .unwrap()
+        .lookup(&key.hmac(&numbers[0]))
+        .unwrap();
+    let mut forged = genuine[0].clone();
+    forged.hmac = key.hmac(&numbers[1]);
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join(index::INDEX_FILE))
+        .unwrap();
+    use std::io::Write;
+    writeln!(file, "{}", serde_json::to_string(&forged).unwrap()).unwrap();
+    drop(file);
+    let entries = index::catch_up(&dir).unwrap().lookup(&forged.hmac).unwrap();
+    let trail = trail::rows(&dir, &forged.hmac, &entries, None, None).unwrap();
+    assert_eq!(trail.unbacked, 1);
+    let rows: BTreeSet<String> = trail
+        .rows
+        .into_iter()
+        .map(|r| r.trace_id.unwrap())
+        .collect();
+    assert_eq!(rows, expected[&numbers[1]]);
+    std::fs::remove_file(dir.join(index::INDEX_FILE)).unwrap();
+    std::fs::remove_file(dir.join(index::STATE_FILE)).unwrap();
+
     // Redacted: no number in clear in any byte of any file under the audit folder; the chain verifies.
     let mut files = Vec::new();
     files_under(&dir, &mut files);
@@ -284,6 +343,18 @@ async fn the_trail_of_each_patient_is_exactly_its_accesses_and_nothing_clear_is_
     let config = world.pki.dir.path().join("ssp.toml").display().to_string();
     let (code, out) = ssp_cmd(&["audit", "verify", "--config", &config]);
     assert_eq!(code, 0, "{out}");
+
+    // A second proxy on the same folder stops before it reads or changes anything in it (one writer a chain).
+    let segments = ssp::audit::segment_paths(&dir).unwrap();
+    let (code, out) = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || ssp_cmd(&["serve", "--config", &config]))
+            .await
+            .unwrap()
+    };
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("being written by another process"), "{out}");
+    assert_eq!(ssp::audit::segment_paths(&dir).unwrap(), segments);
 
     // Rebuilt from the chain alone, the index gives the same answers.
     let before: Vec<_> = numbers.iter().map(|n| trail_of(&dir, &key, n)).collect();
@@ -428,7 +499,7 @@ async fn the_trail_of_each_patient_is_exactly_its_accesses_and_nothing_clear_is_
         .skip(1)
         .map(|l| l.rsplit(',').next().unwrap().parse::<u64>().unwrap())
         .sum();
-    assert_eq!(total, u64::from(TRANSACTIONS) + 1, "{transactions}");
+    assert_eq!(total, u64::from(TRANSACTIONS) + 2, "{transactions}");
     let lookups = std::fs::read_to_string(one.join("subject-lookups.csv")).unwrap();
     assert!(lookups.contains(&key.hmac(&numbers[3])), "{lookups}");
     let verify = |dir: &Path| {
@@ -456,11 +527,32 @@ async fn the_trail_of_each_patient_is_exactly_its_accesses_and_nothing_clear_is_
         "{out}"
     );
 
-    // Stopped, the proxy cannot write a lookup's record: the command writes it to the chain itself.
-    drop(world.proxy);
+    // The socket gone while the proxy runs: the command finds the log held, writes nothing, shows nothing.
     let socket = dir.join(ssp::audit::patients::lookup::SOCKET_FILE);
+    std::fs::remove_file(&socket).unwrap();
+    let (code, out) = subject(&config).await.unwrap();
+    assert_eq!(code, 70, "{out}");
+    assert!(
+        out.contains("held by a running proxy") && out.lines().all(|l| !l.starts_with('{')),
+        "{out}"
+    );
+    let (code, out) = ssp_cmd(&["audit", "verify", "--config", &config]);
+    assert_eq!(code, 0, "{out}");
+
+    // Stopped, the proxy cannot write a lookup's record: the command writes it to the chain itself (once the
+    // proxy's last segment is sealed, its lock is let go).
+    drop(world.proxy);
     within("the proxy to stop", async {
-        while socket.exists() {
+        loop {
+            let newest = ssp::audit::segment_paths(&dir).unwrap().pop().unwrap();
+            let text = std::fs::read_to_string(newest).unwrap();
+            if text
+                .lines()
+                .last()
+                .is_some_and(|l| l.contains("\"sealed\":\"shutdown\""))
+            {
+                break;
+            }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     })

@@ -124,7 +124,7 @@ pub fn table_row(v: &serde_json::Value) -> String {
 /// controls are shown as `\u{..}` escapes. A refused request's values are recorded as the consumer sent them, and
 /// shown raw they could move the cursor or reorder the operator's line (the "Trojan Source" attack, CVE-2021-42574).
 /// `--json` output is JSON, escaped by its rules.
-fn cell(text: &str) -> String {
+pub(crate) fn cell(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     // The bidirectional formatting characters of Unicode Standard Annex #9, section 2: marks, embeddings,
     // overrides and isolates.
@@ -141,6 +141,28 @@ fn cell(text: &str) -> String {
         }
     }
     out
+}
+
+/// One CSV line (RFC 4180) with its line break: a cell with a comma, quote or line break is quoted, and a cell that
+/// a spreadsheet would take for a formula (starting `=`, `+`, `-`, `@`, tab or carriage return; OWASP, "CSV
+/// Injection") gets a leading `'`. Record text is what consumers sent.
+pub(crate) fn csv_line(cells: &[&str]) -> String {
+    let quoted: Vec<String> = cells
+        .iter()
+        .map(|c| {
+            let guarded = if c.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+                format!("'{c}")
+            } else {
+                (*c).to_owned()
+            };
+            if guarded.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", guarded.replace('"', "\"\""))
+            } else {
+                guarded
+            }
+        })
+        .collect();
+    format!("{}\n", quoted.join(","))
 }
 
 pub const TABLE_HEADER: &str = "ts                             seq kind     trace_id                             from         to           interaction                                   method result";

@@ -36,7 +36,13 @@ pub(super) struct SegmentWriter {
     /// Reused for each batch.
     buf: Vec<u8>,
     metrics: Option<AuditMetrics>,
+    /// `audit.dir/writer.lock`, flocked for as long as this writer lives: one writer a chain, whatever the process
+    /// (a second `ssp serve` on the folder, or `ssp audit subject` writing its record while a proxy runs).
+    lock: Option<File>,
 }
+
+/// The lock file every writer of a log holds, in `audit.dir`.
+pub const WRITER_LOCK: &str = "writer.lock";
 
 impl SegmentWriter {
     pub(super) fn new(cfg: AuditConfig, healthy: Arc<AtomicBool>) -> Self {
@@ -48,7 +54,43 @@ impl SegmentWriter {
             prev: HexDigest::GENESIS,
             buf: Vec::with_capacity(64 * 1024),
             metrics: None,
+            lock: None,
         }
+    }
+
+    /// Takes the folder's writer lock (once), before anything in the folder is read or changed.
+    fn lock_folder(&mut self) -> io::Result<()> {
+        if self.lock.is_some() {
+            return Ok(());
+        }
+        let path = self.cfg.dir.join(WRITER_LOCK);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| naming(&path, e))?;
+        // flock(2), not `File::try_lock`: std's is newer than the crate's minimum Rust.
+        use rustix::fs::{FlockOperation, flock};
+        flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+            let e = io::Error::from(e);
+            if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{}: the log is being written by another process (another `ssp serve` on this folder, \
+                         or a command writing a record)",
+                        path.display()
+                    ),
+                )
+            } else {
+                naming(&path, e)
+            }
+        })?;
+        self.lock = Some(file);
+        Ok(())
     }
 
     fn set_healthy(&self, healthy: bool) {
@@ -204,6 +246,7 @@ impl SegmentWriter {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&self.cfg.dir, fs::Permissions::from_mode(0o700))?;
         }
+        self.lock_folder()?;
         let mut segments = list_segments(&self.cfg.dir)?;
         // Recover from the newest segment backwards until one holds a record.
         let mut last_index = segments.last().map_or(0, |(i, _)| *i);

@@ -73,9 +73,27 @@ pub(super) fn subject(args: Subject) -> u8 {
             return exit::USAGE;
         }
     };
+    if crate::audit::patients::Check::of(&number) != crate::audit::patients::Check::Valid {
+        eprintln!(
+            "note: the number given is not a valid NHS number (not ten digits, or its check digit is wrong): \
+             what follows is the accesses recorded for it as typed"
+        );
+    }
     let dir = &config.audit.dir;
     let index = match index::catch_up(dir) {
         Ok(index) => index,
+        Err(index::IndexError::Mismatch(why)) => {
+            eprintln!(
+                "note: the patient index does not fit the log ({why}); made again from the chain"
+            );
+            match index::rebuild(dir) {
+                Ok(index) => index,
+                Err(e) => {
+                    eprintln!("the patient index: {e}");
+                    return exit::INTERNAL;
+                }
+            }
+        }
         Err(e) => {
             eprintln!("the patient index: {e}");
             return exit::INTERNAL;
@@ -103,20 +121,28 @@ pub(super) fn subject(args: Subject) -> u8 {
         return exit::INTERNAL;
     }
     let policy = crate::policy::Policy::load_dir(&config.policy.dir, 0).ok();
-    let rows = index
+    let trail = index
         .lookup(&hmac)
         .map_err(|e| e.to_string())
         .and_then(|entries| {
-            trail::rows(dir, &entries, policy.as_ref(), since).map_err(|e| e.to_string())
+            trail::rows(dir, &hmac, &entries, policy.as_ref(), since).map_err(|e| e.to_string())
         });
-    let rows = match rows {
-        Ok(rows) => rows,
+    let trail = match trail {
+        Ok(trail) => trail,
         Err(why) => {
             eprintln!("{}: {why}", dir.display());
             return exit::INTERNAL;
         }
     };
-    print_trail(&rows, args.format);
+    if trail.unbacked > 0 {
+        eprintln!(
+            "warning: {} transaction(s) the patient index names do not name this patient in the log, and are left \
+             out: the index was changed or is not this log's; `ssp audit reindex` makes it again from the chain",
+            trail.unbacked
+        );
+    }
+    // A closed pipe (`| head`) ends the output, not the command.
+    let _ = print_trail(&mut std::io::stdout().lock(), &trail.rows, args.format);
     exit::OK
 }
 
@@ -216,90 +242,111 @@ pub(super) fn since_time(text: &str) -> Result<OffsetDateTime, String> {
     }
 }
 
-fn print_trail(rows: &[Row], format: TrailFormat) {
-    let cell = |v: &Option<String>| v.clone().unwrap_or_default();
+/// Writes the trail; consumer-sent text (token claims, refusal reasons) is escaped for a terminal in `text`,
+/// guarded against spreadsheet formulas in `csv`, and JSON-escaped in `json`.
+fn print_trail(out: &mut impl Write, rows: &[Row], format: TrailFormat) -> std::io::Result<()> {
+    use crate::audit::query::{cell, csv_line};
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
     match format {
         TrailFormat::Json => {
             for row in rows {
-                println!("{}", serde_json::to_string(row).unwrap_or_default());
+                writeln!(out, "{}", serde_json::to_string(row).unwrap_or_default())?;
             }
         }
         TrailFormat::Csv => {
-            println!(
-                "time,ods_code,organisation,asid,system,sds_user_id,sds_role_profile_id,interaction,\
-                 interaction_words,decision,status,outcome,trace_id,instance,found_in,check"
-            );
+            out.write_all(
+                csv_line(&[
+                    "time",
+                    "ods_code",
+                    "organisation",
+                    "asid",
+                    "system",
+                    "sds_user_id",
+                    "sds_role_profile_id",
+                    "user_name",
+                    "interaction",
+                    "interaction_words",
+                    "decision",
+                    "reason",
+                    "status",
+                    "outcome",
+                    "trace_id",
+                    "instance",
+                    "found_in",
+                    "check",
+                ])
+                .as_bytes(),
+            )?;
             for r in rows {
+                let status = r.status.map(|s| s.to_string()).unwrap_or_default();
                 let cells = [
                     r.time.clone(),
-                    cell(&r.ods_code),
-                    cell(&r.organisation),
-                    cell(&r.asid),
-                    cell(&r.system),
-                    cell(&r.sds_user_id),
-                    cell(&r.sds_role_profile_id),
-                    cell(&r.interaction),
+                    text(&r.ods_code),
+                    text(&r.organisation),
+                    text(&r.asid),
+                    text(&r.system),
+                    text(&r.sds_user_id),
+                    text(&r.sds_role_profile_id),
+                    text(&r.user_name),
+                    text(&r.interaction),
                     r.interaction_words.clone(),
-                    cell(&r.decision),
-                    r.status.map(|s| s.to_string()).unwrap_or_default(),
-                    cell(&r.outcome),
-                    cell(&r.trace_id),
+                    text(&r.decision),
+                    text(&r.reason),
+                    status,
+                    text(&r.outcome),
+                    text(&r.trace_id),
                     r.instance.clone(),
                     r.found_in.clone(),
                     r.check.clone(),
                 ];
-                let quoted: Vec<String> = cells
-                    .iter()
-                    .map(|c| {
-                        if c.contains([',', '"', '\n', '\r']) {
-                            format!("\"{}\"", c.replace('"', "\"\""))
-                        } else {
-                            c.clone()
-                        }
-                    })
-                    .collect();
-                println!("{}", quoted.join(","));
+                let cells: Vec<&str> = cells.iter().map(String::as_str).collect();
+                out.write_all(csv_line(&cells).as_bytes())?;
             }
         }
         TrailFormat::Text => {
             if rows.is_empty() {
-                println!("No access to this patient through this proxy is recorded.");
-                return;
+                writeln!(
+                    out,
+                    "No access to this patient through this proxy is recorded."
+                )?;
             }
+            let shown = |v: &Option<String>, none: &str| cell(v.as_deref().unwrap_or(none));
             for r in rows {
-                let org = match (&r.ods_code, &r.organisation) {
-                    (Some(ods), Some(name)) => format!("{name} ({ods})"),
-                    (Some(code), None) | (None, Some(code)) => code.clone(),
+                let org = match (&r.organisation, &r.ods_code) {
+                    (Some(name), Some(ods)) => format!("{} ({})", cell(name), cell(ods)),
+                    (Some(one), None) | (None, Some(one)) => cell(one),
                     (None, None) => "unknown organisation".into(),
                 };
                 let system = match (&r.system, &r.asid) {
-                    (Some(name), Some(asid)) => format!("{name}, ASID {asid}"),
-                    (None, Some(asid)) => format!("ASID {asid}"),
+                    (Some(name), Some(asid)) => format!("{}, ASID {}", cell(name), cell(asid)),
+                    (None, Some(asid)) => format!("ASID {}", cell(asid)),
                     _ => "unknown system".into(),
                 };
                 let result = match (&r.decision, &r.outcome, r.status) {
-                    (Some(d), _, _) if d == "deny" => {
-                        format!("refused: {}", cell(&r.reason))
-                    }
-                    (_, Some(outcome), Some(status)) => format!("{outcome} ({status})"),
+                    (Some(d), _, _) if d == "deny" => format!("refused: {}", shown(&r.reason, "")),
+                    (_, Some(outcome), Some(status)) => format!("{} ({status})", cell(outcome)),
                     _ => "no response recorded".into(),
                 };
-                println!("{}  {}", r.time, r.interaction_words);
-                println!("    by {org} via {system}");
-                println!(
-                    "    user {} role {}",
-                    r.sds_user_id.as_deref().unwrap_or("-"),
-                    r.sds_role_profile_id.as_deref().unwrap_or("-")
-                );
-                println!(
+                writeln!(out, "{}  {}", cell(&r.time), cell(&r.interaction_words))?;
+                writeln!(out, "    by {org} via {system}")?;
+                writeln!(
+                    out,
+                    "    user {} (SDS user id {}, role profile {})",
+                    shown(&r.user_name, "unnamed"),
+                    shown(&r.sds_user_id, "-"),
+                    shown(&r.sds_role_profile_id, "-")
+                )?;
+                writeln!(
+                    out,
                     "    {result}; trace id {}; number in the {} ({})",
-                    r.trace_id.as_deref().unwrap_or("-"),
+                    shown(&r.trace_id, "-"),
                     r.found_in,
                     r.check
-                );
+                )?;
             }
         }
     }
+    Ok(())
 }
 
 /// `ssp audit reindex`: the patient index made again from the chained log.

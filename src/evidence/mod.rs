@@ -118,10 +118,13 @@ pub fn verify_pack(dir: &Path, expected_key: Option<&[u8]>) -> Result<Checked, V
     let manifest_path = dir.join(MANIFEST);
     let manifest = std::fs::read(&manifest_path)
         .map_err(|e| vec![format!("{}: {e}", manifest_path.display())])?;
-    let signature = std::fs::read_to_string(dir.join(SIGNATURE)).unwrap_or_default();
+    let mut problems = Vec::new();
+    let signature = std::fs::read_to_string(dir.join(SIGNATURE)).unwrap_or_else(|e| {
+        problems.push(format!("{SIGNATURE}: {e}"));
+        String::new()
+    });
     let text = String::from_utf8_lossy(&manifest);
     let mut lines = text.lines();
-    let mut problems = Vec::new();
     if lines.next() != Some(MANIFEST_HEADER) {
         problems.push(format!(
             "{MANIFEST}: not an ssp evidence manifest (first line)"
@@ -137,7 +140,7 @@ pub fn verify_pack(dir: &Path, expected_key: Option<&[u8]>) -> Result<Checked, V
             .verify(&manifest, &sig)
             .is_ok()
     });
-    if !signed {
+    if !signed && !signature.is_empty() {
         problems.push(format!(
             "{SIGNATURE}: not a signature over {MANIFEST} by the key {MANIFEST} names: one of the two was changed"
         ));
@@ -160,7 +163,18 @@ pub fn verify_pack(dir: &Path, expected_key: Option<&[u8]>) -> Result<Checked, V
         }
     }
     let mut present = Vec::new();
-    walk(dir, dir, &mut present);
+    let mut folders = Vec::new();
+    walk(dir, dir, &mut present, &mut folders);
+    for folder in folders {
+        if !listed
+            .keys()
+            .any(|name| name.starts_with(&format!("{folder}/")))
+        {
+            problems.push(format!(
+                "{folder}/: a folder {MANIFEST} does not list (added)"
+            ));
+        }
+    }
     for name in &present {
         if name == MANIFEST || name == SIGNATURE {
             continue;
@@ -207,17 +221,22 @@ pub fn read_public_key(path: &Path) -> Result<Vec<u8>, String> {
         .ok_or_else(|| format!("{}: not an Ed25519 public key", path.display()))
 }
 
-/// Every file under `dir`, as a `/`-separated path relative to `root`.
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+/// Every file and folder under `dir`, as `/`-separated paths relative to `root`.
+fn walk(root: &Path, dir: &Path, files: &mut Vec<String>, folders: &mut Vec<String>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let path: PathBuf = entry.path();
+        let Ok(rel) = path.strip_prefix(root) else {
+            continue;
+        };
+        let rel = rel.to_string_lossy().replace('\\', "/");
         if path.is_dir() {
-            walk(root, &path, out);
-        } else if let Ok(rel) = path.strip_prefix(root) {
-            out.push(rel.to_string_lossy().replace('\\', "/"));
+            folders.push(rel);
+            walk(root, &path, files, folders);
+        } else {
+            files.push(rel);
         }
     }
 }

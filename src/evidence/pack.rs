@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `README.md` | what the pack shows and what it cannot |
 //! | `period.json` | the period, the instance(s), the first and last record of the period (`seq`, `ts`, SHA-256 of the line: the chain heads) |
-//! | `chain.json` | `ssp audit verify` of the whole log: intact, or the first broken record |
+//! | `chain.json` | `ssp audit verify` of the whole log: intact (through the period's last record and beyond), or the first broken record |
 //! | `policy/generations.json`, `policy/generation-N/...` | the policy generations in force in the period (import time, SHA-256) and their files |
 //! | `transactions.csv` | transactions by consumer ASID, ODS code, interaction and outcome |
 //! | `refusals.csv` | refused requests by reason |
@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::audit::query::csv_line;
 use crate::config::Config;
 use crate::policy::Policy;
 use crate::policy::store::Store;
@@ -73,9 +74,11 @@ pub fn contents(config: &Config, period: Period) -> Result<BTreeMap<String, Vec<
             "last_record": head(&tally.last),
         })),
     );
+    // Only what holds for the period: a pack for a period that has ended is made again, byte for byte, from a log
+    // that has grown since, as long as its chain is still intact.
+    let through = tally.last.as_ref().map(|(r, _)| r["seq"].clone());
     let chain = match crate::audit::verify(dir) {
-        Ok(v) => json!({"intact": true, "records": v.records, "segments": v.segments,
-                        "last_seq": v.last_seq, "newest_segment_sealed": v.last_sealed}),
+        Ok(_) => json!({"intact": true, "period_ends_at_seq": through}),
         Err(broken) => json!({"intact": false, "first_problem": broken.to_string()}),
     };
     files.insert("chain.json".into(), pretty(&chain));
@@ -184,8 +187,10 @@ impl Tally {
             Some("request") => {
                 if record["decision"] == "deny" {
                     let reason = record["reason"].as_str().unwrap_or("");
-                    // The reason's error code (its first word), not the detail after it.
+                    // The reason's error code, not the detail after it (a text, or a URL the consumer sent:
+                    // `..._VARIES_FROM_TARGETURL_https://...`).
                     let code = reason.split([':', ' ']).next().unwrap_or(reason);
+                    let code = code.find("_http").map_or(code, |at| &code[..at]);
                     *self.refusals.entry(code.to_owned()).or_default() += 1;
                 }
                 let peer = &record["peer"];
@@ -340,21 +345,6 @@ fn safe_path(name: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("/")
-}
-
-/// One CSV line (RFC 4180): a cell with a comma, quote or line break is quoted.
-fn csv_line(cells: &[&str]) -> String {
-    let quoted: Vec<String> = cells
-        .iter()
-        .map(|c| {
-            if c.contains([',', '"', '\n', '\r']) {
-                format!("\"{}\"", c.replace('"', "\"\""))
-            } else {
-                (*c).to_owned()
-            }
-        })
-        .collect();
-    format!("{}\n", quoted.join(","))
 }
 
 fn pretty(value: &Value) -> Vec<u8> {

@@ -218,10 +218,14 @@ pub enum Kept {
     SdsRoleProfileId,
     DeviceModel,
     DeviceVersion,
+    /// The requesting practitioner's first name's family and first given name: the user a patient's access trail
+    /// names.
+    PractitionerFamilyName,
+    PractitionerGivenName,
 }
 
 impl Kept {
-    const ALL: [Kept; 12] = [
+    const ALL: [Kept; 14] = [
         Kept::Iss,
         Kept::Sub,
         Kept::Aud,
@@ -234,6 +238,8 @@ impl Kept {
         Kept::SdsRoleProfileId,
         Kept::DeviceModel,
         Kept::DeviceVersion,
+        Kept::PractitionerFamilyName,
+        Kept::PractitionerGivenName,
     ];
 
     /// Its field name in the record.
@@ -251,6 +257,8 @@ impl Kept {
             Kept::SdsRoleProfileId => "sds_role_profile_id",
             Kept::DeviceModel => "device_model",
             Kept::DeviceVersion => "device_version",
+            Kept::PractitionerFamilyName => "practitioner_family_name",
+            Kept::PractitionerGivenName => "practitioner_given_name",
         }
     }
 }
@@ -277,7 +285,7 @@ pub struct JwtAudit {
     /// The decoded claims set (JSON text, checked as UTF-8 once, when decoded); empty when the token could not be
     /// read that far.
     claims: String,
-    kept: [Option<ClaimText>; 12],
+    kept: [Option<ClaimText>; 14],
     /// `system` and `value` of the device's first identifier.
     device_identifier: Option<(ClaimText, ClaimText)>,
     pub iat: Option<i64>,

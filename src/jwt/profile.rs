@@ -175,6 +175,21 @@ impl Validator {
             }
             let role = identifier_value(practitioner, self.profile.sds_role_system());
             c.keep(Kept::SdsRoleProfileId, role, source);
+            // The user's name, for a patient's access trail (not checked: the specification requires only its
+            // presence in some versions): the first HumanName's `family` (STU3 a string, DSTU2 a list) and first
+            // `given`.
+            let name = practitioner
+                .get("name")
+                .and_then(first_of)
+                .and_then(Json::as_object);
+            let part = |key: &str| {
+                name.and_then(|n| n.get(key))
+                    .and_then(first_of)
+                    .and_then(Json::as_str)
+                    .filter(|t| !t.is_empty())
+            };
+            c.keep(Kept::PractitionerFamilyName, part("family"), source);
+            c.keep(Kept::PractitionerGivenName, part("given"), source);
         }
         if let Some(aud) = aud {
             let want = match self.profile {
@@ -272,6 +287,15 @@ fn identifiers(resource: Obj<'_>) -> impl Iterator<Item = (&str, &str)> {
         .into_iter()
         .flatten()
         .filter_map(|i| Some((i.get("system")?.as_str()?, i.get("value")?.as_str()?)))
+}
+
+/// A list's first item, or the value itself when it is not a list (FHIR STU3 and DSTU2 differ on which
+/// HumanName parts are lists).
+fn first_of(v: Json<'_>) -> Option<Json<'_>> {
+    match v.as_array() {
+        Some(mut items) => items.next(),
+        None => Some(v),
+    }
 }
 
 fn first_identifier(resource: Obj<'_>) -> Option<(&str, &str)> {

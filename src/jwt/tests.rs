@@ -80,6 +80,16 @@ fn a_good_token_is_valid_and_its_claims_are_kept() {
     assert_eq!(a.claim(Kept::SdsUserId), Some("111222333444"));
     assert_eq!(a.claim(Kept::SdsRoleProfileId), Some("444555666777"));
     assert_eq!(a.claim(Kept::PractitionerId), Some("1"));
+    assert_eq!(a.claim(Kept::PractitionerFamilyName), Some("Demo"));
+    assert_eq!(a.claim(Kept::PractitionerGivenName), Some("Doctor"));
+    // DSTU2's HumanName: `family` is a list too; a name that is not there is none.
+    let mut c = claims();
+    c["requesting_practitioner"]["name"] = json!({ "family": ["Jones"], "given": ["Claire"] });
+    let b = check(&c);
+    assert_eq!(b.claim(Kept::PractitionerFamilyName), Some("Jones"));
+    assert_eq!(b.claim(Kept::PractitionerGivenName), Some("Claire"));
+    c["requesting_practitioner"]["name"] = json!([]);
+    assert_eq!(check(&c).claim(Kept::PractitionerFamilyName), None);
     assert_eq!(
         a.device_identifier().as_deref(),
         Some("https://consumer.dev.localhost/Id/device|demo-1")
@@ -606,6 +616,8 @@ fn kept_claims_with_and_without_escapes_serialize_in_order() {
         "device_identifier",
         "device_model",
         "device_version",
+        "practitioner_family_name",
+        "practitioner_given_name",
         "alg",
         "valid",
         "violations",

@@ -179,6 +179,11 @@ fn answer(
         Some(Refused::Handshake(reason)) => Some((*reason).to_owned()),
         None => None,
     };
+    // A reason can quote the target: redacted as the record's target is.
+    let reason = match proxy.patients() {
+        Some(indexer) => reason.map(|r| indexer.redact_text(r)),
+        None => reason,
+    };
     let tx = Transaction::refused(
         conn.id,
         &conn.audit_peer,

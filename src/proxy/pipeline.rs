@@ -466,6 +466,11 @@ impl Proxy {
             Refusal::Jwt(_, audit) => Some(audit),
             _ => None,
         };
+        // A reason can quote the target (`..._VARIES_FROM_TARGETURL_<target>`): redacted as the target is.
+        let text = match &self.patients {
+            Some(indexer) => indexer.redact_text(text),
+            None => text,
+        };
         self.audit.submit(Record::refused(&tx, text, jwt));
         self.audit
             .submit(Record::denied(&tx, status.as_u16(), started.elapsed()));

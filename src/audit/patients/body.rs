@@ -72,6 +72,8 @@ impl BodyScan {
 /// The NHS numbers (as written) of every `Identifier` with an NHS number system in `body`, a whole body or the
 /// start of one, JSON or XML (by its first non-blank byte); repeated numbers once.
 pub fn numbers(body: &[u8]) -> Vec<String> {
+    // A UTF-8 byte order mark is allowed before JSON text (RFC 8259 section 8.1 lets a parser ignore it) and XML.
+    let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     let found = match first {
         Some(b'<') => xml_numbers(body),
@@ -87,9 +89,41 @@ pub fn numbers(body: &[u8]) -> Vec<String> {
     once
 }
 
-/// JSON: each occurrence of a system string is inside an `Identifier` object; that object (from the nearest
-/// unclosed `{` before it to its matching `}`) is parsed whole with serde_json, so a cut object is not read.
+/// JSON: a whole body is parsed with serde_json and every object with a `system` (an NHS number system, any case)
+/// and a string `value` is an identifier, however the text was escaped. A body cut at the bound does not parse:
+/// then each occurrence of a system string is inside an `Identifier` object, and that object (from the nearest
+/// unclosed `{` before it to its matching `}`) is parsed whole, so a cut object is not read.
 fn json_numbers(body: &[u8]) -> Vec<String> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>, depth: usize) {
+        match v {
+            serde_json::Value::Object(o) if depth < 64 => {
+                if let (Some(system), Some(value)) = (
+                    o.get("system").and_then(serde_json::Value::as_str),
+                    o.get("value").and_then(serde_json::Value::as_str),
+                ) && NHS_NUMBER_SYSTEMS
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(system))
+                {
+                    out.push(value.to_owned());
+                }
+                o.values().for_each(|v| walk(v, out, depth + 1));
+            }
+            serde_json::Value::Array(a) if depth < 64 => {
+                a.iter().for_each(|v| walk(v, out, depth + 1))
+            }
+            _ => {}
+        }
+    }
+    if let Ok(whole) = serde_json::from_slice::<serde_json::Value>(body) {
+        let mut out = Vec::new();
+        walk(&whole, &mut out, 0);
+        return out;
+    }
+    cut_json_numbers(body)
+}
+
+/// [`json_numbers`] of a body cut short.
+fn cut_json_numbers(body: &[u8]) -> Vec<String> {
     #[derive(serde::Deserialize)]
     struct Identifier {
         system: String,
@@ -174,7 +208,9 @@ fn xml_numbers(body: &[u8]) -> Vec<String> {
             Ok(Event::Empty(e)) => (e, true),
             Ok(Event::End(_)) => {
                 if let Some((Some(system), Some(value))) = open.pop()
-                    && NHS_NUMBER_SYSTEMS.contains(&system.as_str())
+                    && NHS_NUMBER_SYSTEMS
+                        .iter()
+                        .any(|s| s.eq_ignore_ascii_case(&system))
                 {
                     out.push(value);
                 }

@@ -162,6 +162,21 @@ impl Index {
             move |e| IndexError::Io(path.clone(), e)
         };
         let segments = list_segments(&self.dir).map_err(io(&self.dir))?;
+        // Where the last pass stopped must still be there, as long as it was: a log moved away and begun again
+        // would otherwise be read from a place it does not have.
+        if self.state.seq != 0 {
+            let there = segments
+                .iter()
+                .find(|(n, _)| *n == self.state.segment)
+                .and_then(|(_, path)| fs::metadata(path).ok())
+                .is_some_and(|m| m.len() >= self.state.offset);
+            if !there {
+                return Err(IndexError::Mismatch(format!(
+                    "the index was made up to byte {} of segment {}, which the log no longer has",
+                    self.state.offset, self.state.segment
+                )));
+            }
+        }
         let index_path = self.dir.join(INDEX_FILE);
         let mut out = io::BufWriter::new(&self._lock);
         let mut first = true;

@@ -195,7 +195,8 @@ pub fn write_here(config: &crate::config::AuditConfig, ask: Ask) -> Result<(), S
     if !log.healthy() {
         log.close();
         return Err(format!(
-            "{}: cannot open the transaction log",
+            "{}: cannot open the transaction log: it is held by a running proxy whose lookup socket is missing, \
+             or cannot be written by this user",
             dir.display()
         ));
     }

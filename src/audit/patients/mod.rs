@@ -243,30 +243,75 @@ impl Indexer {
         let mut found = Found::default();
         let mut copied = 0;
         scan_target(target, |span| {
-            let hmac = self.key.digest(&span.number);
-            if self.redact {
+            let mut replacement = self.redact.then(String::new);
+            let mut one =
+                |replacement: &mut Option<String>, prefix: &str, number: &str, source: Source| {
+                    let number = normalise(number);
+                    let hmac = self.key.digest(&number);
+                    if let Some(out) = replacement {
+                        out.push_str(prefix);
+                        out.push_str("hmac:");
+                        out.push_str(hmac.as_str());
+                    }
+                    found.refs.push(PatientRef {
+                        hmac,
+                        check: Check::of(&number),
+                        source,
+                    });
+                };
+            match &span.piece {
+                Piece::Path(number) => one(&mut replacement, "", number, Source::Path),
+                Piece::Item { prefix, number } => {
+                    one(&mut replacement, prefix, number, Source::Query)
+                }
+                Piece::List {
+                    decoded,
+                    identifier,
+                } => {
+                    for (i, item) in decoded.split(',').enumerate() {
+                        if i > 0
+                            && let Some(out) = &mut replacement
+                        {
+                            out.push(',');
+                        }
+                        match candidate(item, *identifier) {
+                            Some((prefix, number)) => {
+                                one(&mut replacement, prefix, number, Source::Query)
+                            }
+                            None => {
+                                if let Some(out) = &mut replacement {
+                                    out.push_str(item);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(replacement) = replacement {
                 let out = found
                     .redacted
                     .get_or_insert_with(|| String::with_capacity(target.len() + 128));
                 out.push_str(&target[copied..span.start]);
-                if let Some(system) = span.system {
-                    out.push_str(system);
-                    out.push('|');
-                }
-                out.push_str("hmac:");
-                out.push_str(hmac.as_str());
+                out.push_str(&replacement);
                 copied = span.end;
             }
-            found.refs.push(PatientRef {
-                hmac,
-                check: Check::of(&span.number),
-                source: span.source,
-            });
         });
         if let Some(out) = &mut found.redacted {
             out.push_str(&target[copied..]);
         }
         found
+    }
+
+    /// `text` (a refusal's reason, which may quote the target) with each NHS number it holds replaced as the
+    /// redacted target has it; `text` itself when `redact` is off or it holds none.
+    pub fn redact_text(&self, text: String) -> String {
+        if !self.redact {
+            return text;
+        }
+        match self.target(&text).redacted {
+            Some(redacted) => redacted,
+            None => text,
+        }
     }
 
     /// A body reader for a request of `interaction`, when `read_bodies` is on and the interaction carries the
@@ -277,26 +322,33 @@ impl Indexer {
     }
 }
 
-/// A number found in a target: the byte range to replace when redacting, the number normalised, and the system
-/// to write back before the HMAC (a query item), if any.
+/// A part of a target that names patients: its byte range (replaced whole when redacting) and what is in it.
 #[derive(Debug, PartialEq, Eq)]
 struct Span<'t> {
     start: usize,
     end: usize,
-    number: Cow<'t, str>,
-    system: Option<&'static str>,
-    source: Source,
+    piece: Piece<'t>,
 }
 
-/// Every number in `target`, in order, handed to `each`.
+#[derive(Debug, PartialEq, Eq)]
+enum Piece<'t> {
+    /// A path segment that is a number.
+    Path(Cow<'t, str>),
+    /// One query item, as sent (no escapes): `prefix` (`<system>|`, `|` or nothing) and the number after it.
+    Item { prefix: &'t str, number: &'t str },
+    /// A whole query value with escapes, decoded: a comma-separated list (`%2C` included) read item by item.
+    List { decoded: String, identifier: bool },
+}
+
+/// Every part of `target` that names patients, in order, handed to `each`.
 fn scan_target<'t>(target: &'t str, mut each: impl FnMut(Span<'t>)) {
     let (path, query) = match target.find('?') {
         Some(q) => (&target[..q], Some((q + 1, &target[q + 1..]))),
         None => (target, None),
     };
     // The fast way out: no `Patient` segment in the path and nothing that could be (or encode) an NHS number
-    // system in the query.
-    // (`str::contains`, not a memchr `Finder`: building one per call costs more than searching a short target.)
+    // system or an identifier parameter in the query. (`str::contains`, not a memchr `Finder`: building one per
+    // call costs more than searching a short target.)
     if path.contains("Patient") {
         let mut at = 0;
         let mut after_patient = false;
@@ -308,9 +360,7 @@ fn scan_target<'t>(target: &'t str, mut each: impl FnMut(Span<'t>)) {
                     each(Span {
                         start: at,
                         end: at + segment.len(),
-                        number: decoded,
-                        system: None,
-                        source: Source::Path,
+                        piece: Piece::Path(decoded),
                     });
                 }
             }
@@ -321,50 +371,82 @@ fn scan_target<'t>(target: &'t str, mut each: impl FnMut(Span<'t>)) {
     let Some((offset, query)) = query else {
         return;
     };
-    let bytes = query.as_bytes();
-    if memchr::memmem::find(bytes, b"nhs-number").is_none() && memchr::memchr(b'%', bytes).is_none()
+    if !query.contains('%')
+        && !query.contains("identifier")
+        && !contains_nocase(query, "nhs-number")
     {
         return;
     }
     let mut at = offset;
     for pair in query.split('&') {
         if let Some(eq) = pair.find('=') {
+            let name = decode(&pair[..eq]);
+            // A token search on an identifier (`identifier`, `subject:Patient.identifier`, ...) may give the
+            // number without its system (FHIR R4 3.1.1.4.6): a bare ten-digit code there is taken as one too.
+            let identifier = name == "identifier"
+                || name.ends_with(".identifier")
+                || name.ends_with(":identifier");
             let value_start = at + eq + 1;
             let raw = &pair[eq + 1..];
-            let mut item_at = value_start;
-            for item in raw.split(',') {
-                if let Some((system, number)) = nhs_identifier(decode(item)) {
+            if raw.contains(['%', '+']) {
+                let decoded = decode(raw);
+                if decoded
+                    .split(',')
+                    .any(|item| candidate(item, identifier).is_some())
+                {
                     each(Span {
-                        start: item_at,
-                        end: item_at + item.len(),
-                        number,
-                        system: Some(system),
-                        source: Source::Query,
+                        start: value_start,
+                        end: value_start + raw.len(),
+                        piece: Piece::List {
+                            decoded: decoded.into_owned(),
+                            identifier,
+                        },
                     });
                 }
-                item_at += item.len() + 1;
+            } else {
+                let mut item_at = value_start;
+                for item in raw.split(',') {
+                    if let Some((prefix, number)) = candidate(item, identifier) {
+                        each(Span {
+                            start: item_at,
+                            end: item_at + item.len(),
+                            piece: Piece::Item { prefix, number },
+                        });
+                    }
+                    item_at += item.len() + 1;
+                }
             }
         }
         at += pair.len() + 1;
     }
 }
 
-/// `system|number` with an NHS number system: the system and the normalised number (borrowed from `token` when
-/// it is, and nothing needed removing).
-fn nhs_identifier(token: Cow<'_, str>) -> Option<(&'static str, Cow<'_, str>)> {
-    let bar = token.find('|')?;
-    let system = NHS_NUMBER_SYSTEMS
-        .into_iter()
-        .find(|s| *s == &token[..bar])?;
-    let number = match token {
-        Cow::Borrowed(t)
-            if !t[bar + 1..].contains(' ') && t.len() - bar - 1 <= MAX_NUMBER_BYTES =>
-        {
-            Cow::Borrowed(&t[bar + 1..])
-        }
-        other => Cow::Owned(normalise(&other[bar + 1..])),
+/// Whether `text` holds `word` (ASCII, any case).
+fn contains_nocase(text: &str, word: &str) -> bool {
+    text.as_bytes()
+        .windows(word.len())
+        .any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
+}
+
+/// An item of a token search that names an NHS number: `<NHS number system>|N` (the system's case ignored: a
+/// URI's scheme and host are case-insensitive, RFC 3986 section 6.2.2.1), or, in an identifier parameter, `|N` or
+/// a bare `N` of ten digits. The text kept before the number, and the number as sent.
+fn candidate(item: &str, identifier: bool) -> Option<(&str, &str)> {
+    let ten_digits = |n: &str| {
+        let n = n.trim_matches(' ');
+        n.len() == 10 && n.bytes().all(|b| b.is_ascii_digit())
     };
-    Some((system, number))
+    match item.rfind('|') {
+        Some(bar) => {
+            let (system, number) = (&item[..bar], &item[bar + 1..]);
+            let nhs = NHS_NUMBER_SYSTEMS
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(system));
+            (nhs || (identifier && system.is_empty() && ten_digits(number)))
+                .then(|| (&item[..=bar], number))
+        }
+        None => (identifier && ten_digits(item)).then_some(("", item)),
+    }
 }
 
 /// A number as hashed: ASCII spaces removed, at most 64 bytes.

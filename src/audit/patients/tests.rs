@@ -77,6 +77,47 @@ fn numbers_are_found_in_the_query_raw_encoded_and_in_lists() {
 }
 
 #[test]
+fn identifier_searches_are_read_as_a_fhir_server_reads_them() {
+    let ix = indexer(true);
+    let h = |n: &str| ix.key().hmac(n);
+    let read = |t: &str| {
+        let found = ix.target(t);
+        let hmacs: Vec<String> = found.refs.iter().map(|r| r.hmac.to_string()).collect();
+        (hmacs, found.redacted.unwrap_or_default())
+    };
+    // A list whose comma is escaped, and the host in capitals.
+    let (hmacs, redacted) = read(
+        "/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number%7C9434765919%2CHTTPS://FHIR.NHS.UK/Id/nhs-number%7C9000000009",
+    );
+    assert_eq!(hmacs, vec![h("9434765919"), h("9000000009")]);
+    assert!(
+        !redacted.contains("9434765919") && !redacted.contains("9000000009"),
+        "{redacted}"
+    );
+    // A bare code, or one with an empty system, in an identifier parameter; not in another parameter.
+    let (hmacs, redacted) = read(
+        "/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|9434765919,9000000009&subject:Patient.identifier=|4010232137&count=9000000009",
+    );
+    assert_eq!(
+        hmacs,
+        vec![h("9434765919"), h("9000000009"), h("4010232137")]
+    );
+    assert!(redacted.ends_with("&count=9000000009"), "{redacted}");
+    assert!(!redacted.contains("4010232137"), "{redacted}");
+    // A refusal's reason that quotes the target is redacted as the target is.
+    let reason = "ENDPOINT_https://p/gp_VARIES_FROM_TARGETURL_https://p/gp/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|9434765919".to_owned();
+    let redacted = ix.redact_text(reason);
+    assert!(
+        !redacted.contains("9434765919") && redacted.contains("hmac:"),
+        "{redacted}"
+    );
+    assert_eq!(
+        indexer(false).redact_text("x 9434765919".into()),
+        "x 9434765919"
+    );
+}
+
+#[test]
 fn redaction_leaves_the_hmac_where_the_number_was_and_the_rest_as_sent() {
     let ix = indexer(true);
     let target = "/fhir/Patient/9000000009/Appointment?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9434765919&_count=5";
@@ -128,6 +169,12 @@ fn bodies_give_their_identifiers_in_json_and_xml() {
     let other = r#"{"valueIdentifier":{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"B82617"}}"#;
     assert!(numbers(other.as_bytes()).is_empty());
     assert!(numbers(b"not a body").is_empty());
+    // Escaped slashes and letters, a byte order mark, a brace in a string before the identifier: one whole body
+    // is parsed, not searched.
+    let escaped = "\u{feff}{\"meta\":\"}\",\"parameter\":[{\"valueIdentifier\":{\"system\":\"\\u0068ttps:\\/\\/fhir.nhs.uk\\/Id\\/nhs-number\",\"value\":\"9434765919\"}}]}";
+    assert_eq!(numbers(escaped.as_bytes()), vec!["9434765919"]);
+    let bom_xml = format!("\u{feff}{XML_BODY}");
+    assert_eq!(numbers(bom_xml.as_bytes()), vec!["9690937286"]);
 }
 
 #[test]

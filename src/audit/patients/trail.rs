@@ -28,6 +28,8 @@ pub struct Row {
     /// The user, from the token: SDS user id and role profile id.
     pub sds_user_id: Option<String>,
     pub sds_role_profile_id: Option<String>,
+    /// The user's name from the token (`requesting_practitioner`: given and family name).
+    pub user_name: Option<String>,
     pub interaction: Option<String>,
     /// The interaction in words.
     pub interaction_words: String,
@@ -44,15 +46,26 @@ pub struct Row {
     pub check: String,
 }
 
-/// The rows of `entries` (one patient's), oldest first, each transaction once; those before `since` (RFC 3339)
-/// left out. Reads the segments the entries name, and the one before and after each (a request and its response
-/// may straddle a rotation).
+/// One patient's trail.
+#[derive(Debug, Default)]
+pub struct Trail {
+    pub rows: Vec<Row>,
+    /// Transactions the index named whose records in the log do not name this patient's HMAC: the index was
+    /// changed (or is not this log's). Left out of `rows`.
+    pub unbacked: usize,
+}
+
+/// The rows of `entries` (the index's entries for `hmac`), oldest first, each transaction once, and only where
+/// one of the transaction's records in the log names `hmac` (the index is a guide, the chain is the evidence);
+/// those before `since` left out. Reads the segments the entries name, and the one before and after each (a
+/// request and its response may straddle a rotation).
 pub fn rows(
     dir: &Path,
+    hmac: &str,
     entries: &[Entry],
     policy: Option<&Policy>,
     since: Option<time::OffsetDateTime>,
-) -> std::io::Result<Vec<Row>> {
+) -> std::io::Result<Trail> {
     type Key = (String, u64, Option<String>);
     let key_of = |e: &Entry| (e.instance.clone(), e.conn_id, e.trace_id.clone());
     let mut wanted: HashMap<Key, &Entry> = HashMap::new();
@@ -65,6 +78,12 @@ pub fn rows(
             entry.segment + 1,
         ]);
     }
+    let names_patient = |v: &serde_json::Value| {
+        v["patients"]["ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id["hmac"] == hmac))
+    };
+    let mut backed = std::collections::HashSet::new();
     let mut requests: HashMap<Key, serde_json::Value> = HashMap::new();
     let mut responses: HashMap<Key, serde_json::Value> = HashMap::new();
     for (number, path) in list_segments(dir)? {
@@ -84,6 +103,9 @@ pub fn rows(
             if !wanted.contains_key(&key) {
                 continue;
             }
+            if names_patient(&v) {
+                backed.insert(key.clone());
+            }
             match v["kind"].as_str() {
                 Some("request") => {
                     requests.entry(key).or_insert(v);
@@ -97,7 +119,12 @@ pub fn rows(
     }
     let text = |v: &serde_json::Value, k: &str| v[k].as_str().map(str::to_owned);
     let mut out = Vec::new();
+    let mut unbacked = 0;
     for (key, entry) in wanted {
+        if !backed.contains(&key) {
+            unbacked += 1;
+            continue;
+        }
         let request = requests.get(&key);
         let response = responses.get(&key);
         let Some(first) = request.or(response) else {
@@ -130,6 +157,13 @@ pub fn rows(
             asid,
             sds_user_id: claim("sds_user_id"),
             sds_role_profile_id: claim("sds_role_profile_id"),
+            user_name: match (
+                claim("practitioner_given_name"),
+                claim("practitioner_family_name"),
+            ) {
+                (Some(given), Some(family)) => Some(format!("{given} {family}")),
+                (one, other) => one.or(other),
+            },
             interaction_words: interaction.as_deref().map_or_else(String::new, words),
             interaction,
             decision: request.and_then(|r| text(r, "decision")),
@@ -143,7 +177,10 @@ pub fn rows(
         });
     }
     out.sort_by(|a, b| (&a.time, &a.trace_id).cmp(&(&b.time, &b.trace_id)));
-    Ok(out)
+    Ok(Trail {
+        rows: out,
+        unbacked,
+    })
 }
 
 /// A GP Connect interaction (DSTU2 or STU3 URN) in words, for a patient or a governance lead; an unknown one by

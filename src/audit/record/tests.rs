@@ -51,6 +51,8 @@ impl Serialize for RefJwt<'_> {
         for (name, kept) in [
             ("device_model", Kept::DeviceModel),
             ("device_version", Kept::DeviceVersion),
+            ("practitioner_family_name", Kept::PractitionerFamilyName),
+            ("practitioner_given_name", Kept::PractitionerGivenName),
         ] {
             map.serialize_entry(name, &a.claim(kept))?;
         }

@@ -191,10 +191,17 @@ impl Transaction {
         };
         let target = target.map(|sent| {
             let text = sent.strip_prefix('/').unwrap_or(sent);
-            let end = (0..=text.len().min(MAX_AUDITED_TARGET))
+            let mut end = (0..=text.len().min(MAX_AUDITED_TARGET))
                 .rev()
                 .find(|i| text.is_char_boundary(*i))
                 .unwrap_or(0);
+            if end < text.len() {
+                // Cut: the part the bound split goes whole, so that no piece of an identifier (nine digits of an
+                // NHS number fix the tenth) is kept where the whole one would have been redacted.
+                end = text[..end]
+                    .rfind(['/', '?', '&', '=', '|', ',', ';'])
+                    .map_or(0, |i| i + 1);
+            }
             Box::from(&text[..end])
         });
         // A refused request's body is not read: nothing of it was forwarded.
