@@ -241,45 +241,47 @@ impl Indexer {
     /// `Patient/` segment is in the target.
     pub fn target(&self, target: &str) -> Found {
         let mut found = Found::default();
+        let Found { refs, redacted } = &mut found;
         let mut copied = 0;
+        let mut one = |out: &mut Option<&mut String>, prefix: &str, number: &str, source: Source| {
+            let number = normalised(number);
+            let hmac = self.key.digest(&number);
+            if let Some(out) = out {
+                out.push_str(prefix);
+                out.push_str("hmac:");
+                out.push_str(hmac.as_str());
+            }
+            refs.push(PatientRef {
+                hmac,
+                check: Check::of(&number),
+                source,
+            });
+        };
         scan_target(target, |span| {
-            let mut replacement = self.redact.then(String::new);
-            let mut one =
-                |replacement: &mut Option<String>, prefix: &str, number: &str, source: Source| {
-                    let number = normalise(number);
-                    let hmac = self.key.digest(&number);
-                    if let Some(out) = replacement {
-                        out.push_str(prefix);
-                        out.push_str("hmac:");
-                        out.push_str(hmac.as_str());
-                    }
-                    found.refs.push(PatientRef {
-                        hmac,
-                        check: Check::of(&number),
-                        source,
-                    });
-                };
+            // Redacting: the text up to the span as it was, then the span's replacement, written in place.
+            let mut out = self.redact.then(|| {
+                let out = redacted.get_or_insert_with(|| String::with_capacity(target.len() + 128));
+                out.push_str(&target[copied..span.start]);
+                copied = span.end;
+                out
+            });
             match &span.piece {
-                Piece::Path(number) => one(&mut replacement, "", number, Source::Path),
-                Piece::Item { prefix, number } => {
-                    one(&mut replacement, prefix, number, Source::Query)
-                }
+                Piece::Path(number) => one(&mut out, "", number, Source::Path),
+                Piece::Item { prefix, number } => one(&mut out, prefix, number, Source::Query),
                 Piece::List {
                     decoded,
                     identifier,
                 } => {
                     for (i, item) in decoded.split(',').enumerate() {
                         if i > 0
-                            && let Some(out) = &mut replacement
+                            && let Some(out) = &mut out
                         {
                             out.push(',');
                         }
                         match candidate(item, *identifier) {
-                            Some((prefix, number)) => {
-                                one(&mut replacement, prefix, number, Source::Query)
-                            }
+                            Some((prefix, number)) => one(&mut out, prefix, number, Source::Query),
                             None => {
-                                if let Some(out) = &mut replacement {
+                                if let Some(out) = &mut out {
                                     out.push_str(item);
                                 }
                             }
@@ -287,16 +289,8 @@ impl Indexer {
                     }
                 }
             }
-            if let Some(replacement) = replacement {
-                let out = found
-                    .redacted
-                    .get_or_insert_with(|| String::with_capacity(target.len() + 128));
-                out.push_str(&target[copied..span.start]);
-                out.push_str(&replacement);
-                copied = span.end;
-            }
         });
-        if let Some(out) = &mut found.redacted {
+        if let Some(out) = redacted {
             out.push_str(&target[copied..]);
         }
         found
@@ -446,6 +440,15 @@ fn candidate(item: &str, identifier: bool) -> Option<(&str, &str)> {
                 .then(|| (&item[..=bar], number))
         }
         None => (identifier && ten_digits(item)).then_some(("", item)),
+    }
+}
+
+/// [`normalise`], borrowing `number` when it needs no change.
+fn normalised(number: &str) -> Cow<'_, str> {
+    if number.len() <= MAX_NUMBER_BYTES && !number.contains(' ') {
+        Cow::Borrowed(number)
+    } else {
+        Cow::Owned(normalise(number))
     }
 }
 
