@@ -243,20 +243,21 @@ impl Indexer {
         let mut found = Found::default();
         let Found { refs, redacted } = &mut found;
         let mut copied = 0;
-        let mut one = |out: &mut Option<&mut String>, prefix: &str, number: &str, source: Source| {
-            let number = normalised(number);
-            let hmac = self.key.digest(&number);
-            if let Some(out) = out {
-                out.push_str(prefix);
-                out.push_str("hmac:");
-                out.push_str(hmac.as_str());
-            }
-            refs.push(PatientRef {
-                hmac,
-                check: Check::of(&number),
-                source,
-            });
-        };
+        let mut one =
+            |out: &mut Option<&mut String>, prefix: &str, number: &str, source: Source| {
+                let number = normalised(number);
+                let hmac = self.key.digest(&number);
+                if let Some(out) = out {
+                    out.push_str(prefix);
+                    out.push_str("hmac:");
+                    out.push_str(hmac.as_str());
+                }
+                refs.push(PatientRef {
+                    hmac,
+                    check: Check::of(&number),
+                    source,
+                });
+            };
         scan_target(target, |span| {
             // Redacting: the text up to the span as it was, then the span's replacement, written in place.
             let mut out = self.redact.then(|| {
