@@ -27,7 +27,7 @@ pub use record::{
     ChainLink, Completion, Encoded, Lookup, Outcome, Peer, Record, SealReason, Transaction, encode,
     millis,
 };
-pub use segment::{AuditMetrics, WRITER_LOCK};
+pub use segment::{AuditMetrics, WRITER_WAIT};
 pub use verify::{Broken, Verified, verify};
 pub use writer::{AuditLog, Unavailable};
 

@@ -128,10 +128,13 @@ pub(crate) fn cell(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     // The bidirectional formatting characters of Unicode Standard Annex #9, section 2: marks, embeddings,
     // overrides and isolates.
+    // With them the invisible format characters and the line and paragraph separators, which hide text or break
+    // a line as surely: zero-width spaces and joiners, the word joiner and invisible operators, the byte order mark.
     let bidi = |c: char| {
-        matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}')
-            || ('\u{202a}'..='\u{202e}').contains(&c)
-            || ('\u{2066}'..='\u{2069}').contains(&c)
+        matches!(c, '\u{061c}' | '\u{feff}')
+            || ('\u{200b}'..='\u{200f}').contains(&c)
+            || ('\u{2028}'..='\u{202e}').contains(&c)
+            || ('\u{2060}'..='\u{2069}').contains(&c)
     };
     for c in text.chars() {
         if c.is_control() || bidi(c) {

@@ -36,13 +36,16 @@ pub(super) struct SegmentWriter {
     /// Reused for each batch.
     buf: Vec<u8>,
     metrics: Option<AuditMetrics>,
-    /// `audit.dir/writer.lock`, flocked for as long as this writer lives: one writer a chain, whatever the process
-    /// (a second `ssp serve` on the folder, or `ssp audit subject` writing its record while a proxy runs).
+    /// `audit.dir` itself, flocked for as long as this writer lives: one writer a chain, whatever the process (a
+    /// second `ssp serve` on the folder, or `ssp audit subject` writing its record while a proxy runs). The folder,
+    /// not a file in it: a file can be deleted from under its lock, a folder that holds segments cannot.
     lock: Option<File>,
 }
 
-/// The lock file every writer of a log holds, in `audit.dir`.
-pub const WRITER_LOCK: &str = "writer.lock";
+/// How long a writer waits for another to let go of the folder: long enough for a command's one record (it
+/// opens, writes, seals and closes in well under a second), short enough that a second proxy on the folder stops
+/// soon with its reason.
+pub const WRITER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl SegmentWriter {
     pub(super) fn new(cfg: AuditConfig, healthy: Arc<AtomicBool>) -> Self {
@@ -58,38 +61,12 @@ impl SegmentWriter {
         }
     }
 
-    /// Takes the folder's writer lock (once), before anything in the folder is read or changed.
+    /// Takes the folder's writer lock (once), before anything in the folder is read or changed, waiting up to
+    /// [`WRITER_WAIT`] for another writer to let go.
     fn lock_folder(&mut self) -> io::Result<()> {
-        if self.lock.is_some() {
-            return Ok(());
+        if self.lock.is_none() {
+            self.lock = Some(lock_dir(&self.cfg.dir, WRITER_WAIT)?);
         }
-        let path = self.cfg.dir.join(WRITER_LOCK);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| naming(&path, e))?;
-        // flock(2), not `File::try_lock`: std's is newer than the crate's minimum Rust.
-        use rustix::fs::{FlockOperation, flock};
-        flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
-            let e = io::Error::from(e);
-            if e.kind() == io::ErrorKind::WouldBlock {
-                io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!(
-                        "{}: the log is being written by another process (another `ssp serve` on this folder, \
-                         or a command writing a record)",
-                        path.display()
-                    ),
-                )
-            } else {
-                naming(&path, e)
-            }
-        })?;
-        self.lock = Some(file);
         Ok(())
     }
 
@@ -338,6 +315,50 @@ impl SegmentWriter {
 pub struct AuditMetrics {
     pub records: prometheus::IntCounter,
     pub write_seconds: prometheus::Histogram,
+}
+
+/// Opens `dir` and takes an exclusive flock(2) on it (through rustix: std's `File::try_lock` is newer than the
+/// crate's minimum Rust), waiting up to `wait` for another holder: the wait is a blocking flock on a duplicate of
+/// the descriptor in a thread of its own, woken by the kernel when the lock is let go. Past `wait` the thread is
+/// left blocked on a descriptor nobody else uses, and takes the lock for nobody if it is ever let go.
+pub(super) fn lock_dir(dir: &Path, wait: std::time::Duration) -> io::Result<File> {
+    use rustix::fs::{FlockOperation, flock};
+    let file = File::open(dir).map_err(|e| naming(dir, e))?;
+    let held = |e: rustix::io::Errno| {
+        let e = io::Error::from(e);
+        if e.kind() == io::ErrorKind::WouldBlock {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{}: the log is being written by another process (another `ssp serve` on this folder, or a \
+                     command writing a record) and was not let go within {} s",
+                    dir.display(),
+                    wait.as_secs()
+                ),
+            )
+        } else {
+            naming(dir, e)
+        }
+    };
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => return Ok(file),
+        Err(e) if io::Error::from(e).kind() != io::ErrorKind::WouldBlock => return Err(held(e)),
+        Err(_) => {}
+    }
+    // Same open file description: the lock the thread takes is this descriptor's too.
+    let waiter = file.try_clone().map_err(|e| naming(dir, e))?;
+    let (done, taken) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("ssp-audit-lock".into())
+        .spawn(move || {
+            let _ = done.send(flock(&waiter, FlockOperation::LockExclusive));
+        })
+        .map_err(|e| naming(dir, e))?;
+    match taken.recv_timeout(wait) {
+        Ok(Ok(())) => Ok(file),
+        Ok(Err(e)) => Err(held(e)),
+        Err(_) => Err(held(rustix::io::Errno::WOULDBLOCK)),
+    }
 }
 
 /// Sets the health flag that feeds readiness, and says so when it changes.

@@ -11,6 +11,7 @@ use super::*;
 use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
 
 mod given_up;
+mod one_writer;
 
 fn config(dir: &Path, durability: Durability, segment_size: u64) -> AuditConfig {
     AuditConfig {

@@ -162,6 +162,9 @@ fn key_matches(index: &Index, id: &str) -> Result<(), String> {
 
 fn read_number(given: Option<String>, file: Option<&Path>) -> Result<String, String> {
     if let Some(number) = given {
+        if number.trim().is_empty() {
+            return Err("no NHS number given".into());
+        }
         return Ok(number);
     }
     let mut line = String::new();

@@ -120,7 +120,7 @@ pub fn verify_pack(dir: &Path, expected_key: Option<&[u8]>) -> Result<Checked, V
         .map_err(|e| vec![format!("{}: {e}", manifest_path.display())])?;
     let mut problems = Vec::new();
     let signature = std::fs::read_to_string(dir.join(SIGNATURE)).unwrap_or_else(|e| {
-        problems.push(format!("{SIGNATURE}: {e}"));
+        problems.push(format!("{SIGNATURE}: missing or unreadable ({e})"));
         String::new()
     });
     let text = String::from_utf8_lossy(&manifest);
@@ -164,7 +164,11 @@ pub fn verify_pack(dir: &Path, expected_key: Option<&[u8]>) -> Result<Checked, V
     }
     let mut present = Vec::new();
     let mut folders = Vec::new();
-    walk(dir, dir, &mut present, &mut folders);
+    let mut links = Vec::new();
+    walk(dir, dir, &mut present, &mut folders, &mut links);
+    for link in links {
+        problems.push(format!("{link}: a symbolic link; a pack holds files only"));
+    }
     for folder in folders {
         if !listed
             .keys()
@@ -221,8 +225,15 @@ pub fn read_public_key(path: &Path) -> Result<Vec<u8>, String> {
         .ok_or_else(|| format!("{}: not an Ed25519 public key", path.display()))
 }
 
-/// Every file and folder under `dir`, as `/`-separated paths relative to `root`.
-fn walk(root: &Path, dir: &Path, files: &mut Vec<String>, folders: &mut Vec<String>) {
+/// Every file, folder and symbolic link under `dir`, as `/`-separated paths relative to `root` (links are not
+/// followed).
+fn walk(
+    root: &Path,
+    dir: &Path,
+    files: &mut Vec<String>,
+    folders: &mut Vec<String>,
+    links: &mut Vec<String>,
+) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -232,11 +243,13 @@ fn walk(root: &Path, dir: &Path, files: &mut Vec<String>, folders: &mut Vec<Stri
             continue;
         };
         let rel = rel.to_string_lossy().replace('\\', "/");
-        if path.is_dir() {
-            folders.push(rel);
-            walk(root, &path, files, folders);
-        } else {
-            files.push(rel);
+        match entry.file_type() {
+            Ok(kind) if kind.is_symlink() => links.push(rel),
+            Ok(kind) if kind.is_dir() => {
+                folders.push(rel);
+                walk(root, &path, files, folders, links);
+            }
+            _ => files.push(rel),
         }
     }
 }

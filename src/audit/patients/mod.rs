@@ -378,9 +378,10 @@ fn scan_target<'t>(target: &'t str, mut each: impl FnMut(Span<'t>)) {
             let name = decode(&pair[..eq]);
             // A token search on an identifier (`identifier`, `subject:Patient.identifier`, ...) may give the
             // number without its system (FHIR R4 3.1.1.4.6): a bare ten-digit code there is taken as one too.
-            let identifier = name == "identifier"
-                || name.ends_with(".identifier")
-                || name.ends_with(":identifier");
+            // With its modifiers (`identifier:exact`, `identifier:not`) and chains (`subject:Patient.identifier`).
+            let identifier = name
+                .split(':')
+                .any(|part| part == "identifier" || part.ends_with(".identifier"));
             let value_start = at + eq + 1;
             let raw = &pair[eq + 1..];
             if raw.contains(['%', '+']) {
@@ -427,9 +428,10 @@ fn contains_nocase(text: &str, word: &str) -> bool {
 /// URI's scheme and host are case-insensitive, RFC 3986 section 6.2.2.1), or, in an identifier parameter, `|N` or
 /// a bare `N` of ten digits. The text kept before the number, and the number as sent.
 fn candidate(item: &str, identifier: bool) -> Option<(&str, &str)> {
+    // Spaces are allowed between the digits, as NHS numbers are often written (`943 476 5919`).
     let ten_digits = |n: &str| {
-        let n = n.trim_matches(' ');
-        n.len() == 10 && n.bytes().all(|b| b.is_ascii_digit())
+        n.bytes().all(|b| b.is_ascii_digit() || b == b' ')
+            && n.bytes().filter(u8::is_ascii_digit).count() == 10
     };
     match item.rfind('|') {
         Some(bar) => {

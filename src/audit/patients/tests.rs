@@ -104,6 +104,24 @@ fn identifier_searches_are_read_as_a_fhir_server_reads_them() {
     );
     assert!(redacted.ends_with("&count=9000000009"), "{redacted}");
     assert!(!redacted.contains("4010232137"), "{redacted}");
+    // Modifiers, an escaped `:` in the name, and a number written with spaces.
+    for query in [
+        "identifier:exact=9434765919",
+        "identifier:not=9434765919",
+        "identifier%3Aexact=9434765919",
+        "identifier=943%20476%205919",
+        "identifier=943+476+5919",
+    ] {
+        let (hmacs, redacted) = read(&format!("/Patient?{query}"));
+        assert_eq!(hmacs, vec![h("9434765919")], "{query}");
+        assert!(!redacted.contains("5919"), "{query}: {redacted}");
+    }
+    // Text shown on a terminal: invisible and line-breaking characters from a consumer are escaped.
+    let shown = crate::audit::query::cell("A\u{2028}E\u{feff}G\u{2029}H\u{200b}");
+    assert!(
+        !shown.contains(['\u{2028}', '\u{2029}', '\u{feff}', '\u{200b}']),
+        "{shown}"
+    );
     // A refusal's reason that quotes the target is redacted as the target is.
     let reason = "ENDPOINT_https://p/gp_VARIES_FROM_TARGETURL_https://p/gp/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|9434765919".to_owned();
     let redacted = ix.redact_text(reason);
