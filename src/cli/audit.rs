@@ -154,16 +154,22 @@ pub(super) fn audit(command: AuditCommand) -> u8 {
             };
             match crate::audit::query(&dir, &filter) {
                 Ok(records) => {
-                    if json {
-                        for r in &records {
-                            println!("{r}");
+                    // A closed pipe (`| head`) ends the output, not the command.
+                    let mut out = std::io::stdout().lock();
+                    let _ = (|| -> std::io::Result<()> {
+                        use std::io::Write;
+                        if json {
+                            for r in &records {
+                                writeln!(out, "{r}")?;
+                            }
+                        } else {
+                            writeln!(out, "{}", crate::audit::TABLE_HEADER)?;
+                            for r in &records {
+                                writeln!(out, "{}", crate::audit::table_row(r))?;
+                            }
                         }
-                    } else {
-                        println!("{}", crate::audit::TABLE_HEADER);
-                        for r in &records {
-                            println!("{}", crate::audit::table_row(r));
-                        }
-                    }
+                        Ok(())
+                    })();
                     exit::OK
                 }
                 Err(e) => {
