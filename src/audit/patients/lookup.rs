@@ -4,7 +4,7 @@
 //! and root reach it), and the proxy names the asker by the kernel's account of the connecting process
 //! (`SO_PEERCRED`), not by what it says. With no proxy running the command writes the record itself.
 //!
-//! The exchange is one JSON line each way: `{"hmac", "key", "since", "sudo_user"}`, then `{"seq"}` once the
+//! The exchange is one JSON line each way: `{"hmac", "key", "since", "sudo_user"}`, then `{"written": true}` once the
 //! record is written, or `{"error"}`.
 
 use std::io::{BufRead, BufReader, Write};
