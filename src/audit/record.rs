@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::patients::Found;
+use super::patients::PatientRef;
 use crate::hex::HexDigest;
 use crate::json_writer::ObjectWriter;
 use crate::jwt::JwtAudit;
@@ -290,7 +290,7 @@ impl Encoded {
                     && let Some(body) = &p.body
                     && !body.found().is_empty()
                 {
-                    Found::write_field(&mut line, &p.key, body.found());
+                    patients_field(&mut line, &p.key, body.found());
                 }
             }
             Event::Selftest {
@@ -400,12 +400,24 @@ fn request(
     }
 }
 
+/// `"patients": {"key": <key id>, "ids": [{"hmac", "check", "in"}...]}`: the numbers a record names.
+fn patients_field(line: &mut ObjectWriter<'_>, key_id: &str, refs: &[PatientRef]) {
+    line.obj("patients", |o| {
+        o.str("key", key_id);
+        o.arr("ids", refs, |o, r| {
+            o.str("hmac", r.hmac.as_str());
+            o.str("check", r.check.as_str());
+            o.str("in", r.source.as_str());
+        });
+    });
+}
+
 /// The `patients` field of a request (or self-test) record: the numbers of its target.
 fn patients(line: &mut ObjectWriter<'_>, tx: &Transaction) {
     if let Some(p) = &tx.patients
         && !p.target.is_empty()
     {
-        Found::write_field(line, &p.key, &p.target);
+        patients_field(line, &p.key, &p.target);
     }
 }
 

@@ -12,7 +12,7 @@
 //! | `certificates.json` | consumer certificates seen in the period; the proxy's own certificates and its CRLs, against the period |
 //! | `subject-lookups.csv` | every `ssp audit subject` of the period (who, when, which HMAC) |
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 
@@ -57,10 +57,12 @@ pub fn contents(config: &Config, period: Period) -> Result<BTreeMap<String, Vec<
             }
         }
     }
-    let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
-    let head = |h: &Option<(Value, String)>| {
-        h.as_ref()
-            .map(|(r, hash)| json!({"seq": r["seq"], "ts": r["ts"], "sha256": hash}))
+    tally.close_open_transactions();
+    let head = |h: &Option<Head>| {
+        h.as_ref().map(|h| {
+            let hash = crate::hex::HexDigest::of(h.line.as_bytes()).to_string();
+            json!({"seq": h.seq, "ts": h.ts, "sha256": hash})
+        })
     };
     let fmt = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
     files.insert(
@@ -76,27 +78,18 @@ pub fn contents(config: &Config, period: Period) -> Result<BTreeMap<String, Vec<
     );
     // Only what holds for the period: a pack for a period that has ended is made again, byte for byte, from a log
     // that has grown since, as long as its chain is still intact.
-    let through = tally.last.as_ref().map(|(r, _)| r["seq"].clone());
+    let through = tally.last.as_ref().map(|h| h.seq);
     let chain = match crate::audit::verify(dir) {
         Ok(_) => json!({"intact": true, "period_ends_at_seq": through}),
         Err(broken) => json!({"intact": false, "first_problem": broken.to_string()}),
     };
     files.insert("chain.json".into(), pretty(&chain));
     policy_files(config, period, &tally.generations, &mut files)?;
-    // Transactions: keyed by their request record; the outcome from their response record.
+    // Transactions by the ASID's ODS code in the directory, else the token's.
     let mut counts: BTreeMap<(String, String, String, String), u64> = BTreeMap::new();
-    for (key, request) in &tally.requests {
-        let asid = text(&request["from"]);
-        let ods = asid_ods(policy.as_ref(), &asid)
-            .unwrap_or_else(|| text(&request["jwt"]["organization_ods"]));
-        let outcome = tally
-            .outcomes
-            .get(key)
-            .cloned()
-            .unwrap_or_else(|| "no response record in the period".into());
-        *counts
-            .entry((asid, ods, text(&request["interaction"]), outcome))
-            .or_default() += 1;
+    for ((asid, token_ods, interaction, outcome), n) in std::mem::take(&mut tally.transactions) {
+        let ods = asid_ods(policy.as_ref(), &asid).unwrap_or(token_ods);
+        *counts.entry((asid, ods, interaction, outcome)).or_default() += n;
     }
     let mut csv = String::from("consumer_asid,ods_code,interaction,outcome,transactions\n");
     for ((asid, ods, interaction, outcome), n) in &counts {
@@ -146,17 +139,30 @@ pub fn contents(config: &Config, period: Period) -> Result<BTreeMap<String, Vec<
     Ok(files)
 }
 
-/// What one pass over the period's records gathers.
+/// A record that bounds the period: its `seq`, `ts` and line (hashed when the pack is written).
+struct Head {
+    seq: u64,
+    ts: String,
+    line: String,
+}
+
+/// A transaction's key in `Tally::counts` until its outcome is known: sending ASID, the token's ODS code,
+/// interaction.
+type Opened = (String, String, String);
+
+/// What one pass over the period's records gathers: counts and the few values the pack shows, never the records
+/// themselves (a period can hold millions).
 #[derive(Default)]
 struct Tally {
     records: u64,
     instances: BTreeSet<String>,
-    /// The first and last record of the period, with the SHA-256 of its line.
-    first: Option<(Value, String)>,
-    last: Option<(Value, String)>,
-    /// Request records by (instance, conn_id, trace_id), and their transactions' outcomes.
-    requests: BTreeMap<String, Value>,
-    outcomes: BTreeMap<String, String>,
+    first: Option<Head>,
+    last: Option<Head>,
+    /// Requests whose response record is yet to come, by (instance, conn_id, trace_id), oldest first (a consumer
+    /// may reuse a trace id on one connection): only the transactions in flight at any point.
+    open: HashMap<String, VecDeque<Opened>>,
+    /// Transactions by (ASID, the token's ODS code, interaction, outcome).
+    transactions: BTreeMap<(String, String, String, String), u64>,
     refusals: BTreeMap<String, u64>,
     generations: BTreeSet<u64>,
     /// Consumer certificates by fingerprint: (subject, serial, ASIDs, first seen, last seen).
@@ -167,11 +173,15 @@ struct Tally {
 impl Tally {
     fn add(&mut self, record: &Value, line: &str) {
         self.records += 1;
-        let hash = crate::hex::HexDigest::of(line.as_bytes()).to_string();
+        let head = || Head {
+            seq: record["seq"].as_u64().unwrap_or_default(),
+            ts: record["ts"].as_str().unwrap_or_default().to_owned(),
+            line: line.to_owned(),
+        };
         if self.first.is_none() {
-            self.first = Some((record.clone(), hash.clone()));
+            self.first = Some(head());
         }
-        self.last = Some((record.clone(), hash));
+        self.last = Some(head());
         if let Some(instance) = record["instance"].as_str() {
             self.instances.insert(instance.to_owned());
         }
@@ -209,14 +219,43 @@ impl Tally {
                     }
                     seen.4.clone_from(&ts);
                 }
-                self.requests.insert(key, record.clone());
+                let text = |k: &str| record[k].as_str().unwrap_or("").to_owned();
+                let token_ods = record["jwt"]["organization_ods"].as_str().unwrap_or("");
+                self.open.entry(key).or_default().push_back((
+                    text("from"),
+                    token_ods.to_owned(),
+                    text("interaction"),
+                ));
             }
             Some("response") => {
-                self.outcomes
-                    .insert(key, record["outcome"].as_str().unwrap_or("").to_owned());
+                // A response whose request came before the period belongs to a transaction the period does not
+                // count.
+                if let Some(queue) = self.open.get_mut(&key)
+                    && let Some((asid, ods, interaction)) = queue.pop_front()
+                {
+                    let outcome = record["outcome"].as_str().unwrap_or("").to_owned();
+                    *self
+                        .transactions
+                        .entry((asid, ods, interaction, outcome))
+                        .or_default() += 1;
+                    if queue.is_empty() {
+                        self.open.remove(&key);
+                    }
+                }
             }
             Some("subject_lookup") => self.lookups.push(record.clone()),
             _ => {}
+        }
+    }
+
+    /// Counts the transactions still open at the period's end.
+    fn close_open_transactions(&mut self) {
+        for (asid, ods, interaction) in self.open.drain().flat_map(|(_, queue)| queue) {
+            let outcome = "no response record in the period".to_owned();
+            *self
+                .transactions
+                .entry((asid, ods, interaction, outcome))
+                .or_default() += 1;
         }
     }
 }

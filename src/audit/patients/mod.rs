@@ -25,7 +25,6 @@ use std::sync::Arc;
 
 pub use crate::config::PatientsConfig;
 use crate::hex::HexDigest;
-use crate::json_writer::ObjectWriter;
 
 /// The identifier systems of an NHS number: FHIR STU3 (GP Connect 1.x) and DSTU2 (GP Connect 0.x).
 pub const NHS_NUMBER_SYSTEMS: [&str; 2] = [
@@ -199,20 +198,6 @@ pub struct Found {
     pub refs: Vec<PatientRef>,
     /// With `redact`, the target with `hmac:<hex>` in place of each number; `None` when nothing was redacted.
     pub redacted: Option<String>,
-}
-
-impl Found {
-    /// Writes the record's `patients` field: `{"key": <key id>, "ids": [{"hmac", "check", "in"}...]}`.
-    pub fn write_field(line: &mut ObjectWriter<'_>, key_id: &str, refs: &[PatientRef]) {
-        line.obj("patients", |o| {
-            o.str("key", key_id);
-            o.arr("ids", refs, |o, r| {
-                o.str("hmac", r.hmac.as_str());
-                o.str("check", r.check.as_str());
-                o.str("in", r.source.as_str());
-            });
-        });
-    }
 }
 
 /// Reads and hashes the numbers of requests; one per process, shared.
