@@ -83,6 +83,9 @@ pub(crate) fn inspect(config: &Config) -> Inspection {
     {
         problems.push(format!("audit.patients.key: {why}"));
     }
+    if let Some(ship) = &config.ship {
+        problems.extend(crate::ship::check(ship));
+    }
     let (expired, mut warnings) = expiry_report(config);
     problems.extend(expired);
     let crls = tls::crl_report(&config.server, crate::clock::unix_now());
@@ -325,6 +328,8 @@ pub struct Instance {
     radar: Arc<crate::onboard::radar::Radar>,
     /// `[audit.patients]`: the socket `ssp audit subject` asks the proxy to record its lookups on.
     lookups: Option<Arc<tokio::net::UnixListener>>,
+    /// `[audit.ship]`: the thread that ships the log to the collector.
+    shipper: Option<crate::ship::Shipper>,
 }
 
 /// What a reload touches: the policy snapshot (in the proxy), the TLS material, and their metrics.
@@ -413,6 +418,11 @@ impl Instance {
         {
             let _ = std::fs::remove_file(path);
         }
+        // The closed log's last records (its seal) go to the collector too, when it answers within the bound;
+        // else they wait on disk for the next start.
+        if let Some(shipper) = self.shipper {
+            let _ = tokio::task::spawn_blocking(move || shipper.finish(SHIP_AT_STOP)).await;
+        }
         served
     }
 }
@@ -433,6 +443,22 @@ impl std::fmt::Display for AuditUnopenable {
 }
 
 impl std::error::Error for AuditUnopenable {}
+
+/// How long a stopping proxy goes on shipping what its log holds.
+const SHIP_AT_STOP: Duration = Duration::from_secs(5);
+
+/// `[audit.ship]` cannot be used at start (its head key or TLS files): reported by `ssp serve` with exit 64,
+/// like a bad config.
+#[derive(Debug)]
+pub struct ShipUnusable(pub String);
+
+impl std::fmt::Display for ShipUnusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ShipUnusable {}
 
 /// `[audit.patients]` cannot be used at start (its key file, or the lookup socket in `audit.dir`): reported by
 /// `ssp serve` with exit 64, like a bad config.
@@ -488,6 +514,13 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
             (Some(Indexer::new(key, patients)), Some(Arc::new(listener)))
         }
         None => (None, None),
+    };
+    let shipper = match &config.ship {
+        Some(ship) => Some(
+            crate::ship::start(ship, &config.audit, metrics.ship.clone())
+                .map_err(|why| std::io::Error::other(ShipUnusable(why)))?,
+        ),
+        None => None,
     };
     let radar = {
         let (dir, window) = (config.audit.dir.clone(), config.radar_window);
@@ -576,5 +609,6 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
         audit,
         radar,
         lookups,
+        shipper,
     })
 }

@@ -48,6 +48,15 @@ impl HexDigest {
         Self(out)
     }
 
+    /// 64 lower-case hexadecimal digits, as [`HexDigest::as_str`] writes them; anything else is `None`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let bytes: [u8; 64] = text.as_bytes().try_into().ok()?;
+        bytes
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            .then_some(Self(bytes))
+    }
+
     pub fn as_str(&self) -> &str {
         // Hexadecimal digits only, so always UTF-8.
         std::str::from_utf8(&self.0).unwrap_or_default()

@@ -92,5 +92,7 @@ pub mod onboard;
 pub mod policy;
 pub mod proxy;
 pub(crate) mod server;
+pub mod ship;
+pub mod signing;
 pub mod ssp;
 pub mod tls;

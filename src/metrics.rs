@@ -100,6 +100,8 @@ pub struct Metrics {
     pub audit_records: IntCounter,
     pub audit_write_seconds: Histogram,
     pub audit_queue_depth: IntGauge,
+    /// `[audit.ship]`: the shipper's progress (registered, and 0, without it).
+    pub ship: ShipMetrics,
     pub policy_generation: IntGauge,
     policy_reloads: IntCounterVec,
     tls_reloads: IntCounterVec,
@@ -107,6 +109,55 @@ pub struct Metrics {
     crl_next_update: prometheus::GaugeVec,
     consumer_cert_expiry: prometheus::GaugeVec,
     consumer_cert_warnings: IntCounterVec,
+}
+
+/// The shipper's metrics: how far the collector is behind the log, and what was confirmed.
+#[derive(Debug, Clone)]
+pub struct ShipMetrics {
+    /// `ssp_audit_ship_lag_records`: records written and not yet confirmed at the collector.
+    pub lag_records: IntGauge,
+    /// `ssp_audit_ship_lag_seconds`: age of the oldest record not yet confirmed (0 when none is waiting).
+    pub lag_seconds: prometheus::Gauge,
+    /// `ssp_audit_shipped_records_total`: records the collector confirmed (a record sent again after a failed
+    /// connection counts once).
+    pub shipped: IntCounter,
+    /// `ssp_audit_ship_heads_total`: signed chain heads the collector confirmed.
+    pub heads: IntCounter,
+    /// `ssp_audit_ship_failures_total`: connections that failed before the collector confirmed them.
+    pub failures: IntCounter,
+}
+
+impl ShipMetrics {
+    fn new(r: &Registry) -> prometheus::Result<Self> {
+        let lag_seconds = prometheus::Gauge::new(
+            "ssp_audit_ship_lag_seconds",
+            "Age of the oldest audit record not yet confirmed by the collector",
+        )?;
+        r.register(Box::new(lag_seconds.clone()))?;
+        Ok(Self {
+            lag_records: gauge(
+                r,
+                "ssp_audit_ship_lag_records",
+                "Audit records written and not yet confirmed by the collector",
+            )?,
+            lag_seconds,
+            shipped: counter(
+                r,
+                "ssp_audit_shipped_records_total",
+                "Audit records the collector confirmed",
+            )?,
+            heads: counter(
+                r,
+                "ssp_audit_ship_heads_total",
+                "Signed chain heads the collector confirmed",
+            )?,
+            failures: counter(
+                r,
+                "ssp_audit_ship_failures_total",
+                "Connections to the collector that failed before it confirmed them",
+            )?,
+        })
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -216,6 +267,7 @@ impl Metrics {
             "ssp_audit_queue_depth",
             "Audit records waiting for the writer",
         )?;
+        let ship = ShipMetrics::new(&r)?;
         let policy_generation = gauge(
             &r,
             "ssp_policy_generation",
@@ -303,6 +355,7 @@ impl Metrics {
             audit_records,
             audit_write_seconds,
             audit_queue_depth,
+            ship,
             policy_generation,
             policy_reloads,
             tls_reloads,
@@ -448,6 +501,11 @@ mod tests {
             "ssp_audit_records_total",
             "ssp_audit_write_seconds",
             "ssp_audit_queue_depth",
+            "ssp_audit_ship_lag_records",
+            "ssp_audit_ship_lag_seconds",
+            "ssp_audit_shipped_records_total",
+            "ssp_audit_ship_heads_total",
+            "ssp_audit_ship_failures_total",
             "ssp_policy_generation",
             "ssp_policy_reloads_total",
             "ssp_certificate_expiry_timestamp_seconds",

@@ -14,6 +14,7 @@
 //!
 //! Does not decide anything: `proxy` hands it records and waits for the acknowledgement before forwarding.
 
+pub mod follow;
 pub mod patients;
 pub mod query;
 pub mod record;

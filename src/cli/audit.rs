@@ -21,11 +21,16 @@ pub(super) struct AuditLocation {
 
 impl AuditLocation {
     fn dir(self) -> Result<PathBuf, u8> {
+        self.dir_and_config().map(|(dir, _)| dir)
+    }
+
+    /// The folder, and the config when it was read for it.
+    fn dir_and_config(self) -> Result<(PathBuf, Option<Config>), u8> {
         if let Some(dir) = self.dir {
-            return Ok(dir);
+            return Ok((dir, None));
         }
         match Config::load(&self.config.unwrap_or_else(Config::default_path)) {
-            Ok(config) => Ok(config.audit.dir),
+            Ok(config) => Ok((config.audit.dir.clone(), Some(config))),
             Err(problems) => Err(print_problems(&problems)),
         }
     }
@@ -33,11 +38,17 @@ impl AuditLocation {
 
 #[derive(Debug, Subcommand)]
 pub(super) enum AuditCommand {
-    /// Verify the hash chain end to end: exit 0 intact, 1 with the first broken record named.
+    /// Verify the hash chain end to end: exit 0 intact, 1 with the first broken record named. With `--witness`,
+    /// also against the collector's copy of the shipped records and signed heads.
     Verify {
         #[command(flatten)]
         at: AuditLocation,
+        #[command(flatten)]
+        witness: super::ship::Witness,
     },
+    /// Write the log's transactions of a period in another shape: `--format spine`, as NHS England's
+    /// gpconnect-analytics import reads the national SSP's.
+    Export(super::ship::Export),
     /// Print the transactions that have a record matching every filter given.
     Query {
         #[command(flatten)]
@@ -83,9 +94,10 @@ pub(super) fn audit(command: AuditCommand) -> u8 {
             Ok(dir) => super::patients::reindex(&dir),
             Err(code) => code,
         },
-        AuditCommand::Verify { at } => {
-            let dir = match at.dir() {
-                Ok(dir) => dir,
+        AuditCommand::Export(args) => super::ship::export(args),
+        AuditCommand::Verify { at, witness } => {
+            let (dir, config) = match at.dir_and_config() {
+                Ok(found) => found,
                 Err(code) => return code,
             };
             match crate::audit::verify(&dir) {
@@ -102,6 +114,9 @@ pub(super) fn audit(command: AuditCommand) -> u8 {
                         v.segments,
                         v.last_seq
                     );
+                    if witness.given() {
+                        return super::ship::verify_witness(&dir, config.as_ref(), witness);
+                    }
                     exit::OK
                 }
                 Err(broken) => {

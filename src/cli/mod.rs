@@ -7,11 +7,13 @@
 //! - `audit`: `ssp audit verify | query | tail`.
 //! - `onboard`: `ssp onboard check` and `ssp certs report`.
 //! - `patients`: `ssp audit subject | reindex` and `ssp evidence [verify]`.
+//! - `ship`: `ssp audit verify --witness` and `ssp audit export`.
 
 mod audit;
 mod onboard;
 mod patients;
 mod policy;
+mod ship;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -218,7 +220,9 @@ fn serve(path: &Path) -> u8 {
             Err(e) => {
                 eprintln!("{}: {e}", path.display());
                 let state = e.get_ref().is_some_and(|e| {
-                    e.is::<crate::app::AuditUnopenable>() || e.is::<crate::app::PatientIndexUnusable>()
+                    e.is::<crate::app::AuditUnopenable>()
+                        || e.is::<crate::app::PatientIndexUnusable>()
+                        || e.is::<crate::app::ShipUnusable>()
                 });
                 return if state { exit::USAGE } else { exit::INTERNAL };
             }

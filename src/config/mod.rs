@@ -8,6 +8,7 @@
 //! - `validate`: raw values to typed ones, every problem named with its key.
 
 mod raw;
+mod shipping;
 mod validate;
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use http::Method;
 
 use raw::RawConfig;
+pub use shipping::{ShipConfig, ShipTransport};
 use validate::{Converter, toml_error_line};
 
 /// Where `serve` looks when no `--config` is given: the first that exists.
@@ -72,6 +74,8 @@ pub struct Config {
     pub patients: Option<PatientsConfig>,
     /// `[evidence] key`: the Ed25519 key (PKCS#8 PEM) that signs an evidence pack's manifest.
     pub evidence_key: Option<PathBuf>,
+    /// `[audit.ship]`: the collector the log is shipped to, when configured.
+    pub ship: Option<ShipConfig>,
 }
 
 /// Which ODS codes' accredited systems are consumers (`[[system]]`) and which are providers (`[[endpoint]]`), and
@@ -314,7 +318,9 @@ impl Config {
             read_bodies: p.read_bodies.unwrap_or(false),
         });
         let evidence_key = raw.evidence.key.map(|k| v.path(k));
+        let ship = raw.audit.ship.take();
         let audit = v.audit(raw.audit);
+        let ship = ship.map(|s| v.ship(s, &upstream, &audit.instance));
         let log = v.log(raw.log);
         let limits = v.limits(raw.limits);
         let sds = raw.sds.map(|raw| v.sds(raw));
@@ -351,6 +357,7 @@ impl Config {
                 radar_window,
                 patients,
                 evidence_key,
+                ship,
             }),
         }
     }

@@ -51,6 +51,32 @@ pub(super) struct RawPatients {
     pub(super) read_bodies: Option<bool>,
 }
 
+/// `[audit.ship]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShip {
+    /// `host:port` of the syslog collector (rsyslog, syslog-ng). Required.
+    pub(super) collector: String,
+    /// `tls` (RFC 5425, the default) or `tcp` (a relay on loopback only).
+    pub(super) transport: Option<String>,
+    /// CA file(s) the collector's certificate is checked against. Required with `tls`.
+    #[serde(default)]
+    pub(super) ca: Vec<PathBuf>,
+    /// This instance's client certificate and key. Default `upstream.cert` and `upstream.key`.
+    pub(super) cert: Option<PathBuf>,
+    pub(super) key: Option<PathBuf>,
+    /// The name the collector's certificate must carry. Default the host of `collector`.
+    pub(super) server_name: Option<String>,
+    /// Ed25519 private key (PKCS#8 PEM, mode 0400) that signs the chain heads. Required.
+    pub(super) head_key: PathBuf,
+    /// How often a signed chain head is sent. Default `60s`.
+    pub(super) head_interval: Option<String>,
+    /// How long one connection carries records before their receipt is confirmed. Default `1s`.
+    pub(super) confirm_interval: Option<String>,
+    /// RFC 5424 HOSTNAME. Default `audit.instance`.
+    pub(super) hostname: Option<String>,
+}
+
 /// The consumer credential radar: the certificates registered consumers present, kept in
 /// `<audit.dir>/consumer-certs.json`.
 #[derive(Debug, Default, Deserialize)]
@@ -212,6 +238,8 @@ pub(super) struct RawAudit {
     pub(super) instance: Option<String>,
     /// The patient index. Absent: no NHS number is read or recorded apart from the target as sent.
     pub(super) patients: Option<RawPatients>,
+    /// Shipping to a syslog collector. Absent: the log stays in local files.
+    pub(super) ship: Option<RawShip>,
 }
 
 #[derive(Debug, Default, Deserialize)]

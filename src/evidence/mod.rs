@@ -10,10 +10,12 @@
 
 pub mod pack;
 
+pub use crate::signing::{SigningKey, read_public_key};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use aws_lc_rs::signature::{self, KeyPair};
+use aws_lc_rs::signature;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
@@ -23,45 +25,6 @@ pub const MANIFEST: &str = "MANIFEST";
 pub const SIGNATURE: &str = "MANIFEST.sig";
 /// The manifest's first line.
 const MANIFEST_HEADER: &str = "ssp evidence pack manifest v1";
-
-/// The key that signs packs.
-pub struct SigningKey {
-    pair: signature::Ed25519KeyPair,
-}
-
-impl std::fmt::Debug for SigningKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey")
-            .field("public", &self.public_base64())
-            .finish()
-    }
-}
-
-impl SigningKey {
-    /// Reads an Ed25519 private key (PKCS#8 v1 or v2, PEM, as `openssl genpkey -algorithm ed25519` writes it);
-    /// the file must not be readable by group or others. Errors name the file, never the key.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        use rustls_pki_types::pem::PemObject;
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "{}: mode {mode:04o} lets group or others read it; chmod 0400",
-                path.display()
-            ));
-        }
-        let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
-            .map_err(|e| format!("{}: not a PKCS#8 PEM private key: {e}", path.display()))?;
-        let pair = signature::Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der())
-            .map_err(|e| format!("{}: not an Ed25519 key: {e}", path.display()))?;
-        Ok(Self { pair })
-    }
-
-    fn public_base64(&self) -> String {
-        STANDARD.encode(self.pair.public_key().as_ref())
-    }
-}
 
 /// SHA-256 (hex) of `bytes`.
 fn sha256(bytes: &[u8]) -> String {
@@ -86,7 +49,7 @@ pub fn write_pack(
     }
     let mut manifest = format!(
         "{MANIFEST_HEADER}\nsigning-key: ed25519 {}\n",
-        key.public_base64()
+        STANDARD.encode(key.public_key())
     );
     for (name, bytes) in files {
         let path = out.join(name);
@@ -96,7 +59,7 @@ pub fn write_pack(
         std::fs::write(&path, bytes).map_err(|e| fail(&path, e))?;
         manifest.push_str(&format!("{}  {name}\n", sha256(bytes)));
     }
-    let signature = STANDARD.encode(key.pair.sign(manifest.as_bytes()).as_ref());
+    let signature = STANDARD.encode(key.sign(manifest.as_bytes()));
     let manifest_path = out.join(MANIFEST);
     std::fs::write(&manifest_path, &manifest).map_err(|e| fail(&manifest_path, e))?;
     let signature_path = out.join(SIGNATURE);
@@ -207,22 +170,6 @@ pub fn verify_pack(dir: &Path, expected_key: Option<&[u8]>) -> Result<Checked, V
     } else {
         Err(problems)
     }
-}
-
-/// The raw 32-byte key of a `--public-key` file: base64 of the raw key, or a PEM `PUBLIC KEY` (SPKI) whose last
-/// 32 bytes it is (RFC 8410 section 4).
-pub fn read_public_key(path: &Path) -> Result<Vec<u8>, String> {
-    use rustls_pki_types::pem::PemObject;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let raw = match rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(text.as_bytes()) {
-        Ok(spki) => spki
-            .as_ref()
-            .get(spki.as_ref().len().saturating_sub(32)..)
-            .map(<[u8]>::to_vec),
-        Err(_) => STANDARD.decode(text.trim()).ok(),
-    };
-    raw.filter(|k| k.len() == 32)
-        .ok_or_else(|| format!("{}: not an Ed25519 public key", path.display()))
 }
 
 /// Every file, folder and symbolic link under `dir`, as `/`-separated paths relative to `root` (links are not

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::model::{Agreement, Endpoint, Grant, Policy, System};
+use super::model::{Agreement, Endpoint, Grant, Organisation, Policy, System};
 use crate::config::{Problems, line_col};
 use crate::ids::{Asid, InteractionId, OdsCode};
 use crate::ssp::Target;
@@ -163,6 +163,12 @@ struct RawSystem {
     /// PEM public keys or JWKS files, relative to the policy file's folder.
     #[serde(default)]
     jwt_keys: Vec<PathBuf>,
+    /// For reports only: see `model::Organisation`.
+    supplier: Option<String>,
+    product: Option<String>,
+    org_name: Option<String>,
+    org_type: Option<String>,
+    postcode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +180,12 @@ struct RawEndpoint {
     ods: String,
     url: String,
     interactions: Vec<String>,
+    /// For reports only: see `model::Organisation`.
+    supplier: Option<String>,
+    product: Option<String>,
+    org_name: Option<String>,
+    org_type: Option<String>,
+    postcode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,6 +293,41 @@ impl Compiler {
         set
     }
 
+    /// The report-only fields, each non-empty, with no control character, and no longer than NHS England's
+    /// ASID lookup table holds it (`gpconnect-analytics`, `Data.AsidLookup`: 200 characters, `OrgType` 50,
+    /// `Postcode` 10).
+    fn organisation(&mut self, at: &DefinedAt, fields: [Option<String>; 5]) -> Organisation {
+        const NAMES: [(&str, usize); 5] = [
+            ("supplier", 200),
+            ("product", 200),
+            ("org_name", 200),
+            ("org_type", 50),
+            ("postcode", 10),
+        ];
+        let mut checked = fields;
+        for ((name, max), field) in NAMES.iter().zip(checked.iter_mut()) {
+            if let Some(text) = field
+                && (text.trim().is_empty()
+                    || text.chars().count() > *max
+                    || text.chars().any(char::is_control))
+            {
+                self.problem(
+                    at,
+                    format_args!("{name} must be 1 to {max} characters with no control character"),
+                );
+                *field = None;
+            }
+        }
+        let [supplier, product, org_name, org_type, postcode] = checked;
+        Organisation {
+            supplier,
+            product,
+            org_name,
+            org_type,
+            postcode,
+        }
+    }
+
     fn non_empty(&mut self, at: &DefinedAt, what: &str, text: &str) {
         if text.trim().is_empty() {
             self.problem(at, format_args!("{what} must not be empty"));
@@ -317,6 +364,16 @@ impl Compiler {
             }
         }
         let jwt_keys = (!keys.is_empty()).then(|| Arc::from(keys));
+        let org = self.organisation(
+            at,
+            [
+                raw.supplier,
+                raw.product,
+                raw.org_name,
+                raw.org_type,
+                raw.postcode,
+            ],
+        );
         let (Some(asid), Some(ods)) = (asid, ods) else {
             return;
         };
@@ -333,6 +390,7 @@ impl Compiler {
                 fqdn: raw.fqdn.to_ascii_lowercase().into(),
                 interactions,
                 jwt_keys,
+                org,
             },
         );
     }
@@ -356,6 +414,16 @@ impl Compiler {
             Ok(_) => {}
         }
         let interactions = self.interactions(at, &raw.interactions);
+        let org = self.organisation(
+            at,
+            [
+                raw.supplier,
+                raw.product,
+                raw.org_name,
+                raw.org_type,
+                raw.postcode,
+            ],
+        );
         let (Some(asid), Some(ods)) = (asid, ods) else {
             return;
         };
@@ -372,6 +440,7 @@ impl Compiler {
                 ods,
                 url: raw.url,
                 interactions,
+                org,
             }),
         );
     }

@@ -23,6 +23,24 @@ pub struct System {
     pub interactions: HashSet<InteractionId>,
     /// Keys its audit tokens must be signed with; `None`: unsigned GP Connect tokens.
     pub jwt_keys: Option<JwtKeys>,
+    /// Who runs it and whose product it is, for reports.
+    pub org: Organisation,
+}
+
+/// What a directory entry may say of its organisation and product, for reports only (the ASID lookup of `ssp
+/// audit export --format spine`): nothing here is checked against a request. Each at most 200 characters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Organisation {
+    /// The system's supplier (manufacturer), `MName` in NHS England's ASID lookup.
+    pub supplier: Option<String>,
+    /// The supplier's product, `PName`.
+    pub product: Option<String>,
+    /// The organisation's name, `OrgName`.
+    pub org_name: Option<String>,
+    /// The organisation's type (`GP Practice`, `NHS Trust`, ...), `OrgType`.
+    pub org_type: Option<String>,
+    /// `PostCode`.
+    pub postcode: Option<String>,
 }
 
 /// A provider endpoint (SDS MHS record).
@@ -36,6 +54,7 @@ pub struct Endpoint {
     pub url: String,
     /// What this endpoint handles (check 7).
     pub interactions: HashSet<InteractionId>,
+    pub org: Organisation,
 }
 
 /// Which interactions an agreement covers.

@@ -1,0 +1,354 @@
+//! `ssp audit export --format spine`: the log as NHS England's analytics reads the national SSP's transactions.
+//!
+//! Source: the public repository `nhsconnect/gpconnect-analytics` (read at 50bfa6a, June 2024).
+//! - The national SSP logs each transaction as events joined by `internalID`. The Spine instances' extract takes
+//!   the transaction from its `SSP0001` event to its `SSP0004` event (`README.md`: `transaction internalID
+//!   startswith=SSP0001 endswith=SSP0004 maxspan=1h`), so ssp writes one `SSP0001` event when the request
+//!   arrives and one `SSP0004` event when it ends (`ssp-spine-events-...jsonl`).
+//! - The extract the import loads (`database/schema/V1.1__CreateConfigurationTables.sql`, the Splunk query; the
+//!   staging table `Import.SspTransactionStaging` in `V1.3__CreateImportTables.sql`) has the columns `_time,
+//!   sspFrom, sspTo, SspTraceId, interaction, responseCode, duration, responseSize, responseErrorMessage,
+//!   method`, loaded by position (`R__F003_Import.CreateBulkInsertStatement.sql`: CSV, UTF-8, a header row,
+//!   LF line ends). `_time` is `%Y-%m-%dT%H:%M:%S.%Q%z` with offset `+0000` or `+0100`
+//!   (`R__S011_Import.MigrateSspTransactionData.sql`); `duration` is seconds with three decimals (`Duration
+//!   decimal(8,3)`, `V1.4__CreateDataTables.sql`); `responseSize` an integer; `responseErrorMessage` `None` when
+//!   there was no error, as in the repository's test data.
+//! - The ASID lookup (`Import.AsidLookupStaging`): `ASID, MName, NACS, OrgName, OrgType, PName, PostCode`, which
+//!   `R__S010_Import.MigrateAsidLookupData.sql` reads as ASID, supplier, ODS code, organisation name and type,
+//!   product, postcode.
+//! - File names (`R__S009_Import.ParseFilePath.sql`): `gpcanalytics-{ssptrans|asidlookup}-FROM-TO-INSTANCE-
+//!   EXTRACTDATE.csv`, dates `yyyyMMddTHHmmss`, INSTANCE one of the import's `Configuration.SplunkInstance`
+//!   names (`cloud`, `spinea`, `spineb`, `other`).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::audit::query::csv_line;
+use crate::policy::Policy;
+
+/// The ssptrans file's header, in the staging table's column order.
+pub const TRANSACTION_COLUMNS: [&str; 10] = [
+    "_time",
+    "sspFrom",
+    "sspTo",
+    "SspTraceId",
+    "interaction",
+    "responseCode",
+    "duration",
+    "responseSize",
+    "responseErrorMessage",
+    "method",
+];
+/// The asidlookup file's header.
+pub const ASID_COLUMNS: [&str; 7] = [
+    "ASID", "MName", "NACS", "OrgName", "OrgType", "PName", "PostCode",
+];
+/// The import's names for where an extract came from.
+pub const SPLUNK_INSTANCES: [&str; 4] = ["cloud", "spinea", "spineb", "other"];
+/// A transaction is followed this long past the period for its end (the extract's `maxspan=1h`).
+const MAX_SPAN: time::Duration = time::Duration::hours(1);
+
+/// What an export wrote.
+#[derive(Debug)]
+pub struct Exported {
+    pub files: Vec<PathBuf>,
+    pub transactions: u64,
+    pub asids: u64,
+}
+
+/// One transaction of the period, from its request and response records.
+struct Transaction {
+    internal_id: String,
+    arrived: OffsetDateTime,
+    trace_id: String,
+    from: String,
+    to: String,
+    interaction: String,
+    method: String,
+    /// The refusal's error code, when refused.
+    refusal: Option<String>,
+    end: Option<End>,
+}
+
+struct End {
+    at: OffsetDateTime,
+    status: u64,
+    seconds: f64,
+    size: u64,
+    outcome: String,
+}
+
+/// Writes the period `[from, to)`'s transactions (by arrival) of the log in `dir`, and the ASID lookup of
+/// `policy`, into `out` (created if absent; a file of the same name is not overwritten). `instance` names the
+/// extract's source in the file names (one of [`SPLUNK_INSTANCES`]); `extracted` is the extract date.
+pub fn export(
+    dir: &Path,
+    policy: &Policy,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+    instance: &str,
+    extracted: OffsetDateTime,
+    out: &Path,
+) -> Result<Exported, String> {
+    if !SPLUNK_INSTANCES.contains(&instance) {
+        return Err(format!(
+            "--splunk-instance {instance:?}: the import knows {}",
+            SPLUNK_INSTANCES.join(", ")
+        ));
+    }
+    if from >= to {
+        return Err("--from must be before --to".into());
+    }
+    let transactions = read_transactions(dir, from, to)?;
+    let stamp = |t: OffsetDateTime| {
+        let t = t.to_offset(time::UtcOffset::UTC);
+        format!(
+            "{:04}{:02}{:02}T{:02}{:02}{:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    };
+    let period = format!("{}-{}-{instance}", stamp(from), stamp(to));
+    let names = [
+        format!("gpcanalytics-ssptrans-{period}-{}.csv", stamp(extracted)),
+        format!("gpcanalytics-asidlookup-{period}-{}.csv", stamp(extracted)),
+        format!("ssp-spine-events-{period}.jsonl"),
+    ];
+    let mut csv = format!("{}\n", TRANSACTION_COLUMNS.join(","));
+    let mut events = String::new();
+    for tx in &transactions {
+        csv.push_str(&transaction_row(tx));
+        for event in events_of(tx) {
+            events.push_str(&event.to_string());
+            events.push('\n');
+        }
+    }
+    let (lookup, asids) = asid_lookup(policy);
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut files = Vec::new();
+    for (name, text) in names.iter().zip([csv, lookup, events]) {
+        let path = out.join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        files.push(path);
+    }
+    Ok(Exported {
+        files,
+        transactions: transactions.len() as u64,
+        asids,
+    })
+}
+
+/// `2020-01-01T21:00:13.001+0000`: Splunk's `%Y-%m-%dT%H:%M:%S.%Q%z`, in UTC.
+fn splunk_time(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}+0000",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// The error message column: `None` for a transaction without error; the refusal's error code (never the detail
+/// after it, which may quote the consumer's target); else the outcome.
+fn error_message(tx: &Transaction) -> String {
+    if let Some(code) = &tx.refusal {
+        return code.clone();
+    }
+    match &tx.end {
+        Some(end) if end.outcome == "ok" => "None".into(),
+        Some(end) => end.outcome.clone(),
+        None => "no response within an hour".into(),
+    }
+}
+
+fn transaction_row(tx: &Transaction) -> String {
+    let (code, duration, size) = match &tx.end {
+        Some(end) => (
+            end.status.to_string(),
+            format!("{:.3}", end.seconds),
+            end.size.to_string(),
+        ),
+        None => (String::new(), "0.000".into(), String::new()),
+    };
+    let time = splunk_time(tx.arrived);
+    let message = error_message(tx);
+    csv_line(&[
+        &time,
+        &tx.from,
+        &tx.to,
+        &tx.trace_id,
+        &tx.interaction,
+        &code,
+        &duration,
+        &size,
+        &message,
+        &tx.method,
+    ])
+}
+
+/// The transaction's `SSP0001` (arrival) and `SSP0004` (end) events.
+fn events_of(tx: &Transaction) -> Vec<Value> {
+    let mut events = vec![json!({
+        "_time": splunk_time(tx.arrived),
+        "logReference": "SSP0001",
+        "internalID": tx.internal_id,
+        "SspTraceId": tx.trace_id,
+        "sspFrom": tx.from,
+        "sspTo": tx.to,
+        "interaction": tx.interaction,
+        "method": tx.method,
+    })];
+    if let Some(end) = &tx.end {
+        events.push(json!({
+            "_time": splunk_time(end.at),
+            "logReference": "SSP0004",
+            "internalID": tx.internal_id,
+            "responseCode": end.status,
+            "duration": format!("{:.3}", end.seconds),
+            "responseSize": end.size,
+            "responseErrorMessage": error_message(tx),
+        }));
+    }
+    events
+}
+
+/// The directory's systems and endpoints, by ASID, as the ASID lookup file.
+fn asid_lookup(policy: &Policy) -> (String, u64) {
+    let mut rows: BTreeMap<String, String> = BTreeMap::new();
+    for e in policy.endpoints() {
+        let o = &e.org;
+        let cell = |v: &Option<String>| v.clone().unwrap_or_default();
+        rows.insert(
+            e.asid.as_str().to_owned(),
+            csv_line(&[
+                e.asid.as_str(),
+                &cell(&o.supplier),
+                e.ods.as_str(),
+                &cell(&o.org_name),
+                &cell(&o.org_type),
+                &cell(&o.product),
+                &cell(&o.postcode),
+            ]),
+        );
+    }
+    for s in policy.systems() {
+        let o = &s.org;
+        let cell = |v: &Option<String>| v.clone().unwrap_or_default();
+        let product = o.product.clone().unwrap_or_else(|| s.name.clone());
+        rows.insert(
+            s.asid.as_str().to_owned(),
+            csv_line(&[
+                s.asid.as_str(),
+                &cell(&o.supplier),
+                s.ods.as_str(),
+                &cell(&o.org_name),
+                &cell(&o.org_type),
+                &product,
+                &cell(&o.postcode),
+            ]),
+        );
+    }
+    let mut text = format!("{}\n", ASID_COLUMNS.join(","));
+    let n = rows.len() as u64;
+    for row in rows.into_values() {
+        text.push_str(&row);
+    }
+    (text, n)
+}
+
+/// The transactions that arrived in `[from, to)`, in arrival order, each with its end when its response record
+/// is within an hour past `to`. A response is paired with the oldest open request of its (instance, connection,
+/// trace id).
+fn read_transactions(
+    dir: &Path,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> Result<Vec<Transaction>, String> {
+    let segments =
+        crate::audit::segment_paths(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut done: Vec<Transaction> = Vec::new();
+    let mut open: HashMap<String, VecDeque<usize>> = HashMap::new();
+    let text = |v: &Value, k: &str| v[k].as_str().unwrap_or("").to_owned();
+    'segments: for path in &segments {
+        let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for line in BufReader::new(file).lines() {
+            let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+            let Ok(record) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            let Some(at) = record["ts"]
+                .as_str()
+                .and_then(|ts| OffsetDateTime::parse(ts, &Rfc3339).ok())
+            else {
+                continue;
+            };
+            if at >= to + MAX_SPAN {
+                break 'segments;
+            }
+            let key = format!(
+                "{}\u{0}{}\u{0}{}",
+                record["instance"], record["conn_id"], record["trace_id"]
+            );
+            match record["kind"].as_str() {
+                Some("request") if at >= from && at < to => {
+                    let refusal = (record["decision"] == "deny").then(|| {
+                        let reason = record["reason"].as_str().unwrap_or("");
+                        let code = reason.split([':', ' ']).next().unwrap_or(reason);
+                        code.find("_http").map_or(code, |at| &code[..at]).to_owned()
+                    });
+                    open.entry(key).or_default().push_back(done.len());
+                    done.push(Transaction {
+                        internal_id: format!("{}-{}", text(&record, "instance"), record["seq"]),
+                        arrived: at,
+                        trace_id: text(&record, "trace_id"),
+                        from: text(&record, "from"),
+                        to: text(&record, "to"),
+                        interaction: text(&record, "interaction"),
+                        method: text(&record, "method"),
+                        refusal,
+                        end: None,
+                    });
+                }
+                Some("response") => {
+                    if let Some(queue) = open.get_mut(&key)
+                        && let Some(i) = queue.pop_front()
+                    {
+                        done[i].end = Some(End {
+                            at,
+                            status: record["status"].as_u64().unwrap_or(0),
+                            seconds: record["total_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+                            size: record["bytes_out"].as_u64().unwrap_or(0),
+                            outcome: text(&record, "outcome"),
+                        });
+                        if queue.is_empty() {
+                            open.remove(&key);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    done.sort_by_key(|tx| tx.arrived);
+    Ok(done)
+}
