@@ -12,7 +12,10 @@
 //! (this build unless `SSP_BENCH_COMPARE` names another) with the patient index on (`[audit.patients]`, `redact =
 //! true`, `read_bodies = false`), and an NHS number in the small GET's query for every target, so that `ssp B`
 //! beside `ssp` is the index's cost; `SSP_BENCH_PATIENTS=swap` the other way round (the first `ssp` with the index,
-//! `ssp B` without), a control for the order the instances run in.
+//! `ssp B` without), a control for the order the instances run in. `SSP_BENCH_SHIP=1` runs `ssp B` with `[audit.ship]`
+//! on, shipping every record over TLS to a collector (this binary again, `SSP_BENCH_ROLE=collector`: it reads each
+//! connection to its end and closes it, as rsyslog does), so that `ssp B` beside `ssp` is what shipping costs;
+//! `SSP_BENCH_SHIP=swap` the other way round.
 //!
 //! Processes: this one (the driver and the load generator, on hyper + rustls), the provider (this same binary,
 //! re-executed with `SSP_BENCH_ROLE=provider`), two ssp instances (`durability = "batched"` and `"strict"`),
@@ -183,6 +186,53 @@ fn provider_main(certs: &Path) {
         }
     });
 }
+
+/// `SSP_BENCH_ROLE=collector`: a syslog collector's end of `[audit.ship]`, TLS with client certificates of the bench
+/// CA, that reads each connection to its end (the messages are not parsed) and then closes it.
+fn collector_main(certs: &Path) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tls = ssp::demo::provider_tls(
+            &certs.join("provider.crt"),
+            &certs.join("provider.key"),
+            &[certs.join("ca.crt")],
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap().port());
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 64 << 10];
+                while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+}
+
+/// `SSP_BENCH_SHIP`: which instance ships its log (`ssp B`, or with `swap` the first `ssp`).
+fn ships(name: &str) -> bool {
+    match std::env::var("SSP_BENCH_SHIP").as_deref() {
+        Ok("swap") => name == "batched",
+        Ok(_) => name.starts_with("compare"),
+        Err(_) => false,
+    }
+}
+
+/// The collector's port, once started.
+static COLLECTOR: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
 
 // ---------------------------------------------------------------------------------------------------------------
 // What is measured.
@@ -709,8 +759,13 @@ fn installed(program: &str) -> Option<PathBuf> {
 }
 
 fn start_provider(certs: &Path, children: &mut Children) -> SocketAddr {
+    start_role("provider", certs, children)
+}
+
+/// Runs this binary again in `role`, which prints the port it listens on.
+fn start_role(role: &str, certs: &Path, children: &mut Children) -> SocketAddr {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .env("SSP_BENCH_ROLE", "provider")
+        .env("SSP_BENCH_ROLE", role)
         .env("SSP_BENCH_CERTS", certs)
         .stdout(Stdio::piped())
         .spawn()
@@ -735,6 +790,13 @@ fn ssp_config(port: u16, name: &str, provider: SocketAddr, durability: &str) -> 
         "[audit.patients]\nkey = \"patient.key\"\nredact = true\nread_bodies = false\n"
     } else {
         ""
+    };
+    let ship = match COLLECTOR.get() {
+        Some(port) if ships(name) => format!(
+            "[audit.ship]\ncollector = \"127.0.0.1:{port}\"\nserver_name = \"provider.dev.localhost\"\n\
+             ca = [\"certs/ca.crt\"]\nhead_key = \"head.key\"\n"
+        ),
+        _ => String::new(),
     };
     format!(
         r#"
@@ -765,7 +827,7 @@ per_consumer_rps = 1000000
 per_consumer_burst = 1000000
 per_consumer_concurrency = 100000
 per_provider_concurrency = 100000
-{patients}"#
+{patients}{ship}"#
     )
 }
 
@@ -1110,6 +1172,11 @@ fn main() {
             provider_main(&certs);
             return;
         }
+        Ok("collector") => {
+            let certs = PathBuf::from(std::env::var_os("SSP_BENCH_CERTS").unwrap());
+            collector_main(&certs);
+            return;
+        }
         // For benches/allocs.sh: the config of the batched instance, listening on SSP_BENCH_PORT.
         Ok("ssp-config") => {
             let port = env("SSP_BENCH_PORT", 18443) as u16;
@@ -1169,6 +1236,15 @@ fn main() {
         pids: Vec::new(),
         strict: false,
     }];
+    if std::env::var_os("SSP_BENCH_SHIP").is_some() {
+        use std::os::unix::fs::PermissionsExt;
+        let collector = start_role("collector", &certs, &mut children);
+        COLLECTOR.set(collector.port()).unwrap();
+        let key = dir.path().join("head.key");
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        std::fs::write(&key, pair.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
     if patients_on() {
         use std::os::unix::fs::PermissionsExt;
         let key = dir.path().join("patient.key");
@@ -1180,7 +1256,10 @@ fn main() {
     let (port, pid) = start_ssp(dir.path(), "strict", provider, "strict", &mut children);
     targets.push(proxy_target("ssp strict", Kind::Ssp, port, pid, true));
     // Another build beside this one, batched, in the same run: `ssp B` in the tables (not in the goals).
-    if std::env::var_os("SSP_BENCH_COMPARE").is_some() || patients_on() {
+    if std::env::var_os("SSP_BENCH_COMPARE").is_some()
+        || patients_on()
+        || std::env::var_os("SSP_BENCH_SHIP").is_some()
+    {
         let (port, pid) = start_ssp(dir.path(), "compare", provider, "batched", &mut children);
         targets.push(proxy_target("ssp B", Kind::Ssp, port, pid, false));
         let (port, pid) = start_ssp(

@@ -54,6 +54,49 @@ struct Fields {
     prev: String,
 }
 
+impl Fields {
+    /// The chain fields of a line in the exact shape the writer gives every record (`{"seq":N,"instance":"..",
+    /// "ts":"..",` ... `,"prev":"<64 hex>"}`, no escape in the instance or time), read without a JSON parse; `None`
+    /// for any other shape, which the full parse then reads (the shipper reads every record, and a parse of the
+    /// whole line was most of its cost). What is read is the same either way: the writer puts these fields first
+    /// and `prev` last, once each.
+    fn of_written(line: &[u8]) -> Option<Fields> {
+        let rest = line.strip_prefix(b"{\"seq\":")?;
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || digits > 20 {
+            return None;
+        }
+        let seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+        let rest = rest[digits..].strip_prefix(b",\"instance\":\"")?;
+        let (instance, rest) = plain_string(rest)?;
+        let rest = rest.strip_prefix(b",\"ts\":\"")?;
+        let (ts, _) = plain_string(rest)?;
+        let tail = line.strip_suffix(b"\"}")?;
+        let prev = tail.get(tail.len().checked_sub(64)?..)?;
+        if !tail[..tail.len() - 64].ends_with(b",\"prev\":\"") {
+            return None;
+        }
+        Some(Fields {
+            seq,
+            instance,
+            ts,
+            prev: std::str::from_utf8(prev).ok()?.to_owned(),
+        })
+    }
+}
+
+/// A JSON string's text up to its closing quote, when it has no escape and no control character; and the rest.
+fn plain_string(text: &[u8]) -> Option<(String, &[u8])> {
+    let end = memchr::memchr2(b'"', b'\\', text)?;
+    if text[end] != b'"' || text[..end].iter().any(|b| *b < 0x20) {
+        return None;
+    }
+    Some((
+        std::str::from_utf8(&text[..end]).ok()?.to_owned(),
+        &text[end + 1..],
+    ))
+}
+
 /// Reads the log in `dir` forward from a [`Position`].
 #[derive(Debug)]
 pub struct Follower {
@@ -197,12 +240,15 @@ impl Follower {
 
     fn accept(&mut self, bytes: Vec<u8>) -> Result<Line, FollowError> {
         let at = self.pos.offset;
-        let fields: Fields = serde_json::from_slice(&bytes).map_err(|e| {
-            FollowError::Chain(format!(
-                "segment {} byte {at}: not a record: {e}",
-                self.pos.segment
-            ))
-        })?;
+        let fields = match Fields::of_written(&bytes) {
+            Some(fields) => fields,
+            None => serde_json::from_slice(&bytes).map_err(|e| {
+                FollowError::Chain(format!(
+                    "segment {} byte {at}: not a record: {e}",
+                    self.pos.segment
+                ))
+            })?,
+        };
         if fields.seq != self.pos.seq + 1 || fields.prev != self.pos.hash.as_str() {
             return Err(FollowError::Chain(format!(
                 "segment {} byte {at}: seq {} does not follow seq {} in the chain",
@@ -225,5 +271,153 @@ impl Follower {
             after: self.pos.clone(),
             bytes,
         })
+    }
+}
+
+/// Counts whole lines past a position without reading them: how far the log runs ahead of a reader (the shipper's
+/// lag), at the cost of a scan for newlines.
+#[derive(Debug)]
+pub struct LineCounter {
+    dir: PathBuf,
+    segment: u64,
+    offset: u64,
+    /// The seq of the last whole line passed.
+    seq: u64,
+}
+
+impl LineCounter {
+    /// A counter at `pos`.
+    pub fn at(dir: &Path, pos: &Position) -> Self {
+        LineCounter {
+            dir: dir.to_path_buf(),
+            segment: pos.segment,
+            offset: pos.offset,
+            seq: pos.seq,
+        }
+    }
+
+    /// Moves to the end of what is written (at most `max_bytes` further); the seq of the last whole line.
+    pub fn advance(&mut self, max_bytes: u64) -> io::Result<u64> {
+        use std::io::Read;
+        let mut budget = max_bytes;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let segments = list_segments(&self.dir)?;
+            let Some((index, path)) = segments.iter().find(|(i, _)| *i >= self.segment) else {
+                return Ok(self.seq);
+            };
+            if *index != self.segment {
+                (self.segment, self.offset) = (*index, 0);
+            }
+            let mut file = File::open(path)?;
+            loop {
+                file.seek(SeekFrom::Start(self.offset))?;
+                let n = file.read(&mut buf)?;
+                let Some(last) = memchr::memrchr(b'\n', &buf[..n]) else {
+                    break;
+                };
+                self.seq += memchr::memchr_iter(b'\n', &buf[..=last]).count() as u64;
+                self.offset += last as u64 + 1;
+                budget = budget.saturating_sub(last as u64 + 1);
+                if budget == 0 {
+                    return Ok(self.seq);
+                }
+            }
+            // No whole line past here: on to a newer segment once this one is complete (a newer one exists only
+            // after this one was sealed), else wait for the writer.
+            let complete = file.metadata()?.len() <= self.offset;
+            match segments.iter().find(|(i, _)| *i > self.segment) {
+                Some((next, _)) if complete => (self.segment, self.offset) = (*next, 0),
+                _ => return Ok(self.seq),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Record `seq` of a chain whose previous line hashed to `prev`.
+    fn line(seq: u64, prev: &HexDigest) -> String {
+        format!(
+            r#"{{"seq":{seq},"instance":"t","ts":"2026-12-07T10:00:00.000000Z","kind":"x","prev":"{prev}"}}"#
+        )
+    }
+
+    #[test]
+    fn the_written_shape_is_read_without_a_parse_as_the_parse_reads_it() {
+        let prev = HexDigest::of(b"x");
+        for text in [
+            line(7, &prev),
+            // An escape in the instance, a field order of another writer: the full parse reads them.
+            line(7, &prev).replace(r#""instance":"t""#, r#""instance":"a\"b""#),
+            format!(r#"{{"instance":"t","seq":7,"ts":"2026-12-07T10:00:00Z","prev":"{prev}"}}"#),
+        ] {
+            let parsed: Fields = serde_json::from_str(&text).unwrap();
+            let fast = Fields::of_written(text.as_bytes());
+            if let Some(fast) = &fast {
+                assert_eq!(
+                    (fast.seq, &fast.instance, &fast.ts, &fast.prev),
+                    (parsed.seq, &parsed.instance, &parsed.ts, &parsed.prev)
+                );
+            }
+            assert_eq!(fast.is_some(), text == line(7, &prev), "{text}");
+        }
+    }
+
+    #[test]
+    fn whole_lines_in_chain_order_across_segments_and_a_changed_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = line(1, &HexDigest::GENESIS);
+        let two = line(2, &HexDigest::of(one.as_bytes()));
+        let three = line(3, &HexDigest::of(two.as_bytes()));
+        let first = dir.path().join("audit-00000001.jsonl");
+        // A whole line and half of the next: only the whole one is read, the half waits for its end.
+        std::fs::write(&first, format!("{one}\n{}", &two[..10])).unwrap();
+        let mut f = Follower::at(dir.path(), Position::START).unwrap();
+        assert_eq!(f.next_line().unwrap().unwrap().bytes, one.as_bytes());
+        assert!(f.next_line().unwrap().is_none());
+        std::fs::write(&first, format!("{one}\n{two}\n")).unwrap();
+        let read = f.next_line().unwrap().unwrap();
+        assert_eq!((read.seq, read.bytes.as_slice()), (2, two.as_bytes()));
+        let after_two = read.after;
+        // The next segment is read once this one has nothing more.
+        std::fs::write(
+            dir.path().join("audit-00000002.jsonl"),
+            format!("{three}\n"),
+        )
+        .unwrap();
+        let read = f.next_line().unwrap().unwrap();
+        assert_eq!(
+            (read.seq, read.after.segment, read.after.offset),
+            (3, 2, three.len() as u64 + 1)
+        );
+        assert!(f.next_line().unwrap().is_none());
+        // A remembered position is checked: the same log resumes, a rewritten one is refused.
+        let mut again = Follower::at(dir.path(), after_two.clone()).unwrap();
+        assert_eq!(again.next_line().unwrap().unwrap().seq, 3);
+        std::fs::write(
+            &first,
+            format!("{one}\n{}\n", two.replace("\"x\"", "\"y\"")),
+        )
+        .unwrap();
+        assert!(matches!(
+            Follower::at(dir.path(), after_two),
+            Err(FollowError::Chain(_))
+        ));
+        // The counter sees the same lines without reading them: three whole ones, not the half of a fourth.
+        let four = line(4, &HexDigest::of(three.as_bytes()));
+        let second = dir.path().join("audit-00000002.jsonl");
+        std::fs::write(&second, format!("{three}\n{}", &four[..20])).unwrap();
+        let mut counter = LineCounter::at(dir.path(), &Position::START);
+        assert_eq!(counter.advance(u64::MAX).unwrap(), 3);
+        std::fs::write(&second, format!("{three}\n{four}\n")).unwrap();
+        assert_eq!(counter.advance(u64::MAX).unwrap(), 4);
+        // A line that does not continue the chain stops the reader.
+        let mut fresh = Follower::at(dir.path(), Position::START).unwrap();
+        fresh.next_line().unwrap();
+        fresh.next_line().unwrap();
+        assert!(matches!(fresh.next_line(), Err(FollowError::Chain(_))));
     }
 }

@@ -220,3 +220,72 @@ fn every_missing_required_key_is_reported_at_once() {
         checked.problems
     );
 }
+
+#[test]
+fn audit_ship_defaults_to_tls_with_the_upstream_certificate_and_refuses_what_cannot_work() {
+    let text = format!(
+        "{MINIMAL}[audit]\ninstance = \"ssp-a\"\n[audit.ship]\ncollector = \"syslog.example.nhs.uk:6514\"\n\
+         ca = [\"collector-ca.pem\"]\nhead_key = \"head.key\"\n"
+    );
+    let c = Config::parse(&text, Path::new("/etc/ssp/ssp.toml")).unwrap();
+    let ship = c.ship.unwrap();
+    assert_eq!(
+        ship.transport,
+        ShipTransport::Tls {
+            ca: vec![PathBuf::from("/etc/ssp/collector-ca.pem")],
+            cert: PathBuf::from("/etc/ssp/u.crt"),
+            key: PathBuf::from("/etc/ssp/u.key"),
+            server_name: "syslog.example.nhs.uk".into(),
+        }
+    );
+    assert_eq!(ship.head_key, PathBuf::from("/etc/ssp/head.key"));
+    assert_eq!(ship.head_interval, Duration::from_secs(60));
+    assert_eq!(ship.confirm_interval, Duration::from_secs(1));
+    assert_eq!(ship.hostname, "ssp-a");
+    assert!(
+        Config::parse(MINIMAL, Path::new("ssp.toml"))
+            .unwrap()
+            .ship
+            .is_none()
+    );
+
+    for (ship, expect) in [
+        // Plain TCP leaves the host only to a relay on loopback.
+        (
+            "collector = \"10.0.0.5:514\"\ntransport = \"tcp\"",
+            "must be a loopback ip:port",
+        ),
+        (
+            "collector = \"syslog:6514\"",
+            "audit.ship.ca: at least one CA file",
+        ),
+        (
+            "collector = \"syslog\"\nca = [\"c.pem\"]",
+            "is not \"host:port\"",
+        ),
+        (
+            "collector = \"[::1]:514\"\ntransport = \"udp\"",
+            "is not \"tls\" or \"tcp\"",
+        ),
+        (
+            "collector = \"127.0.0.1:514\"\ntransport = \"tcp\"\nhostname = \"two words\"",
+            "RFC 5424 HOSTNAME",
+        ),
+        (
+            "collector = \"127.0.0.1:514\"\ntransport = \"tcp\"\nhead_interval = \"soon\"",
+            "audit.ship.head_interval",
+        ),
+    ] {
+        let text = format!("{MINIMAL}[audit.ship]\n{ship}\nhead_key = \"h.key\"\n");
+        let err = Config::parse(&text, Path::new("ssp.toml")).unwrap_err();
+        assert!(
+            err.problems.iter().any(|p| p.contains(expect)),
+            "{ship}: {err}"
+        );
+    }
+    let loopback = format!(
+        "{MINIMAL}[audit.ship]\ncollector = \"[::1]:5514\"\ntransport = \"tcp\"\nhead_key = \"h.key\"\n"
+    );
+    let c = Config::parse(&loopback, Path::new("ssp.toml")).unwrap();
+    assert_eq!(c.ship.unwrap().transport, ShipTransport::Tcp);
+}

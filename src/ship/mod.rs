@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::audit::follow::{FollowError, Follower, Line, Position};
+use crate::audit::follow::{FollowError, Follower, Line, LineCounter, Position};
 use crate::config::{AuditConfig, ShipConfig};
 use crate::hex::HexDigest;
 use crate::metrics::ShipMetrics;
@@ -44,8 +44,8 @@ const MAX_PER_BATCH: u64 = 20_000;
 /// The wait after a failure doubles from this to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Most lines the lag reader reads ahead in one turn (it catches up over several).
-const SCOUT_STEP: u32 = 50_000;
+/// Most bytes the lag counter reads ahead in one turn (it catches up over several).
+const COUNT_STEP: u64 = 64 << 20;
 
 /// The running shipper: [`Shipper::finish`] stops it.
 #[derive(Debug)]
@@ -113,7 +113,7 @@ pub fn start(
         stop: Arc::clone(&stop),
         confirmed: Position::START,
         follower: None,
-        scout: None,
+        counter: None,
         oldest: None,
         last_head: None,
     };
@@ -156,8 +156,8 @@ struct Run {
     confirmed: Position,
     /// Reads what is to be sent; rewound to `confirmed` after a failure.
     follower: Option<Follower>,
-    /// Reads ahead to the end of the log, for the lag metrics only.
-    scout: Option<Follower>,
+    /// Counts the lines to the end of the log, for the lag metric only.
+    counter: Option<LineCounter>,
     /// Seq and time (Unix seconds) of the oldest record not yet confirmed, once a reader has seen it.
     oldest: Option<(u64, f64)>,
     last_head: Option<Instant>,
@@ -182,20 +182,35 @@ impl Run {
         };
         tracing::info!(collector = %self.cfg.collector, seq = self.confirmed.seq, "audit shipping from here");
         let mut backoff = MIN_BACKOFF;
+        let mut failing = 0u32;
         loop {
             let deadline = self.stop.deadline();
             let turn = self.turn(deadline.is_some());
             self.update_lag();
             match turn {
-                Ok(Turn::Confirmed) => backoff = MIN_BACKOFF,
+                Ok(Turn::Confirmed) => {
+                    if failing > 0 {
+                        tracing::info!(collector = %self.cfg.collector, seq = self.confirmed.seq,
+                            "audit shipping resumed after {failing} failed attempts");
+                    }
+                    (backoff, failing) = (MIN_BACKOFF, 0);
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return;
+                    }
+                }
                 Ok(Turn::Idle) if deadline.is_some() => return,
                 Ok(Turn::Idle) => self.stop.wait(POLL),
                 Err(why) => {
                     self.metrics.failures.inc();
-                    tracing::warn!(collector = %self.cfg.collector, error = %why,
-                        seq = self.confirmed.seq, "audit shipping failed; the records wait on disk");
+                    // The first failure, then one line a minute or so (at the longest wait, every 12th).
+                    if failing % 12 == 0 {
+                        tracing::warn!(collector = %self.cfg.collector, error = %why, seq = self.confirmed.seq,
+                            "audit shipping failed; the records wait on disk and go when the collector answers");
+                    }
+                    failing += 1;
                     self.follower = None;
-                    if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+                    // Stopping: what is left goes at the next start.
+                    if deadline.is_some() {
                         return;
                     }
                     self.stop.wait(backoff);
@@ -213,6 +228,7 @@ impl Run {
                 Err(FollowError::Chain(why)) => {
                     tracing::error!(dir = %self.dir.display(), "{why}; shipping again from the first record");
                     self.confirmed = Position::START;
+                    self.counter = None;
                     Follower::at(&self.dir, Position::START).map_err(|e| e.to_string())?
                 }
                 Err(e) => return Err(e.to_string()),
@@ -266,15 +282,16 @@ impl Run {
         let mut line = first;
         loop {
             while let Some(l) = line.take() {
-                let seq = l.seq.to_string();
+                let mut seq = itoa::Buffer::new();
+                let seq = seq.format(l.seq);
                 let header = syslog::Header {
                     ts: &l.ts,
                     hostname: &self.cfg.hostname,
                     procid: &self.procid,
                 };
                 let params = [
-                    ("seq", seq.as_str()),
-                    ("instance", &l.instance),
+                    ("seq", seq),
+                    ("instance", l.instance.as_str()),
                     ("hash", l.hash.as_str()),
                 ];
                 syslog::frame(
@@ -353,36 +370,13 @@ impl Run {
         Ok(Turn::Confirmed)
     }
 
-    /// `ssp_audit_ship_lag_records` and `_seconds`: the scout reads ahead to the end of the log.
+    /// `ssp_audit_ship_lag_records` (lines past the confirmed position, counted, not read) and
+    /// `ssp_audit_ship_lag_seconds` (from the time of the first of them, once the shipper has read it).
     fn update_lag(&mut self) {
-        if self.scout.is_none() {
-            self.scout = Follower::at(&self.dir, self.confirmed.clone()).ok();
-        }
-        let mut seen = Vec::new();
-        if let Some(scout) = self.scout.as_mut() {
-            for _ in 0..SCOUT_STEP {
-                match scout.next_line() {
-                    Ok(Some(line)) if line.seq == self.confirmed.seq + 1 => seen.push(line),
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
-                    Err(_) => {
-                        self.scout = None;
-                        break;
-                    }
-                }
-            }
-        }
-        for line in &seen {
-            self.saw(line);
-        }
-        let end = self
-            .scout
-            .as_ref()
-            .map_or(self.confirmed.seq, |s| s.position().seq);
-        if end < self.confirmed.seq {
-            // The scout started before a restart of the chain: start it again.
-            self.scout = None;
-        }
+        let counter = self
+            .counter
+            .get_or_insert_with(|| LineCounter::at(&self.dir, &self.confirmed));
+        let end = counter.advance(COUNT_STEP).unwrap_or(self.confirmed.seq);
         let lag = end.saturating_sub(self.confirmed.seq);
         self.metrics.lag_records.set(lag as i64);
         let seconds = match self.oldest {

@@ -18,8 +18,9 @@ pub const HEAD_SD: &str = "ssp-head@32473";
 const PRI: &str = "<110>1";
 
 /// Appends one octet-counted message to `out`: `LEN SP <110>1 TS HOST ssp PROCID MSGID [SD-ID k="v"...] MSG`.
-/// `ts` must be an RFC 3339 time (anything else is sent as the NILVALUE `-`); parameter values are escaped as
-/// RFC 5424 section 6.3.3 says (`"`, `\` and `]`).
+/// `ts` must be an RFC 3339 time as RFC 5424 section 6.2.3 narrows it (anything else is sent as the NILVALUE
+/// `-`); parameter values are escaped as RFC 5424 section 6.3.3 says (`"`, `\` and `]`). Written in place, then
+/// its length put in front: one copy of the message, no allocation once `out` has grown.
 pub fn frame(
     out: &mut Vec<u8>,
     header: &Header<'_>,
@@ -28,36 +29,70 @@ pub fn frame(
     params: &[(&str, &str)],
     msg: &[u8],
 ) {
-    let mut message = Vec::with_capacity(msg.len() + 256);
-    message.extend_from_slice(PRI.as_bytes());
-    message.push(b' ');
-    let ts_ok =
-        time::OffsetDateTime::parse(header.ts, &time::format_description::well_known::Rfc3339)
-            .is_ok();
-    message.extend_from_slice(if ts_ok { header.ts } else { "-" }.as_bytes());
+    let start = out.len();
+    out.extend_from_slice(PRI.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(if timestamp(header.ts) { header.ts } else { "-" }.as_bytes());
     for field in [header.hostname, "ssp", header.procid, msgid] {
-        message.push(b' ');
-        message.extend_from_slice(field.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(field.as_bytes());
     }
-    message.extend_from_slice(b" [");
-    message.extend_from_slice(sd_id.as_bytes());
+    out.extend_from_slice(b" [");
+    out.extend_from_slice(sd_id.as_bytes());
     for (name, value) in params {
-        message.push(b' ');
-        message.extend_from_slice(name.as_bytes());
-        message.extend_from_slice(b"=\"");
+        out.push(b' ');
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"=\"");
         for b in value.bytes() {
             if matches!(b, b'"' | b'\\' | b']') {
-                message.push(b'\\');
+                out.push(b'\\');
             }
-            message.push(b);
+            out.push(b);
         }
-        message.push(b'"');
+        out.push(b'"');
     }
-    message.extend_from_slice(b"] ");
-    message.extend_from_slice(msg);
-    out.extend_from_slice(message.len().to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(&message);
+    out.extend_from_slice(b"] ");
+    out.extend_from_slice(msg);
+    let mut len = itoa::Buffer::new();
+    let len = len.format(out.len() - start);
+    out.splice(start..start, len.bytes().chain([b' ']));
+}
+
+/// Whether `ts` is an RFC 5424 TIMESTAMP: `YYYY-MM-DDTHH:MM:SS`, an optional fraction of 1 to 6 digits, then `Z`
+/// or `+HH:MM` / `-HH:MM` (section 6.2.3).
+fn timestamp(ts: &str) -> bool {
+    let b = ts.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let shape = digits(0..4)
+        && b.get(4) == Some(&b'-')
+        && digits(5..7)
+        && b.get(7) == Some(&b'-')
+        && digits(8..10)
+        && b.get(10) == Some(&b'T')
+        && digits(11..13)
+        && b.get(13) == Some(&b':')
+        && digits(14..16)
+        && b.get(16) == Some(&b':')
+        && digits(17..19);
+    if !shape {
+        return false;
+    }
+    let mut rest = &b[19..];
+    if let Some(frac) = rest.strip_prefix(b".") {
+        let n = frac.iter().take_while(|d| d.is_ascii_digit()).count();
+        if !(1..=6).contains(&n) {
+            return false;
+        }
+        rest = &frac[n..];
+    }
+    match rest {
+        b"Z" => true,
+        [sign, h1, h2, b':', m1, m2] => {
+            matches!(sign, b'+' | b'-') && [h1, h2, m1, m2].iter().all(|d| d.is_ascii_digit())
+        }
+        _ => false,
+    }
 }
 
 /// The header fields that are the same for every message of an instance, and the time of this one.
