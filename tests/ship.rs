@@ -1,7 +1,9 @@
 //! The transaction log leaves the box: `ssp serve` (the real binary) ships every record to a real rsyslog on
 //! loopback over RFC 5425 TLS, both ends with certificates of the collector's own test CA, and the collector's
 //! file witnesses the local log. rsyslog is started once here and stopped and started again under load; ssp is
-//! killed with SIGKILL mid-shipping and started again; the local log is cut back and rewritten after shipping.
+//! killed with SIGKILL mid-shipping and started again; the local log is cut back and rewritten after shipping;
+//! ssp then ships to the same rsyslog as a local relay over plain TCP; forged and foreign messages are added to a
+//! copy of the collector's file.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -65,16 +67,25 @@ impl Collector {
     /// The collector's file, once it holds every seq in `1..=last` (bounded wait: rsyslog writes its queue out
     /// shortly after it has read a batch).
     async fn holding(&self, last: u64) -> String {
+        self.holding_copies(last, 1).await
+    }
+
+    /// The collector's file, once it holds at least `copies` copies of every seq in `1..=last`.
+    async fn holding_copies(&self, last: u64, copies: usize) -> String {
         let deadline = Instant::now() + STEP;
         loop {
             let text = std::fs::read_to_string(self.file()).unwrap_or_default();
             let seqs = witnessed(&text);
-            if (1..=last).all(|s| seqs.contains_key(&s)) {
+            if (1..=last).all(|s| seqs.get(&s).is_some_and(|c| c.len() >= copies)) {
                 return text;
             }
+            let short: Vec<u64> = (1..=last)
+                .filter(|s| seqs.get(s).is_none_or(|c| c.len() < copies))
+                .take(10)
+                .collect();
             assert!(
                 Instant::now() < deadline,
-                "the collector holds {} of {last} records",
+                "the collector holds {} of {last} records; fewer than {copies} copies of seq {short:?}...",
                 seqs.len()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -157,7 +168,8 @@ fn collector_pki(dir: &Path) {
     }
 }
 
-fn rsyslog_conf(dir: &Path, port: u16) -> String {
+/// rsyslog listening with TLS on `port` and, as a local relay would, in plain TCP on `relay`.
+fn rsyslog_conf(dir: &Path, port: u16, relay: u16) -> String {
     let d = dir.display();
     format!(
         r#"global(workDirectory="{d}/work" maxMessageSize="64k"
@@ -167,6 +179,8 @@ fn rsyslog_conf(dir: &Path, port: u16) -> String {
   defaultNetstreamDriverKeyFile="{d}/server.key")
 module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="x509/certvalid")
 input(type="imtcp" port="{port}" address="127.0.0.1")
+module(load="imptcp")
+input(type="imptcp" port="{relay}" address="127.0.0.1")
 template(name="witness" type="string" string="%rawmsg%\n")
 action(type="omfile" file="{d}/witness.log" template="witness")
 "#
@@ -261,7 +275,8 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
     std::fs::create_dir_all(cdir.join("work")).unwrap();
     collector_pki(&cdir);
     let port = closed_port().await.port();
-    std::fs::write(cdir.join("rsyslog.conf"), rsyslog_conf(&cdir, port)).unwrap();
+    let relay = closed_port().await.port();
+    std::fs::write(cdir.join("rsyslog.conf"), rsyslog_conf(&cdir, port, relay)).unwrap();
     let mut collector = Collector {
         dir: cdir.clone(),
         port,
@@ -465,7 +480,47 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
         std::fs::write(path, text).unwrap();
     }
 
-    // 6. Heads: one signed by another key fails; without a key the heads cannot be checked; another instance's
+    // 6. To a relay on loopback over plain TCP: a new collector, so everything is shipped again from the first
+    // record; the copies are the same records, counted once (the seal the start writes after the kill is new).
+    let before = ssp::audit::verify(&audit_dir).unwrap().last_seq;
+    let setup = Setup {
+        extra_audit: format!(
+            "segment_size = \"64KiB\"\n\n[audit.ship]\ncollector = \"127.0.0.1:{relay}\"\ntransport = \"tcp\"\n\
+             head_key = \"{}\"\nconfirm_interval = \"300ms\"\n",
+            cdir.join("head.pem").display()
+        ),
+        ..Setup::default()
+    };
+    let ssp = Logged::start(&pki, provider.addr, setup).await;
+    let last = shipped_all(ssp.admin, &audit_dir).await;
+    assert!(
+        ssp.log().contains("shipped to \"localhost:"),
+        "{}",
+        ssp.log()
+    );
+    assert!(
+        last > before,
+        "the start sealed the killed instance's segment"
+    );
+    collector.holding_copies(before, 2).await;
+    collector.holding(last).await;
+    let (code, out) = verify_witness(&config, &collector.file(), &[]);
+    assert_eq!(code, 0, "{out}");
+    let twice: u64 = out
+        .split(", ")
+        .find_map(|part| {
+            part.trim_end()
+                .strip_suffix(" records sent twice and counted once")
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        twice >= before,
+        "every record came again over the relay: {out}"
+    );
+    drop(ssp);
+
+    // 7. Heads: one signed by another key fails; without a key the heads cannot be checked; another instance's
     // records in the same file are left to `--instance`.
     collector.stop();
     let forged = pki.dir.path().join("forged.log");

@@ -203,10 +203,11 @@ impl Follower {
                     }
                     let mut file = File::open(path)?;
                     file.seek(SeekFrom::Start(self.pos.offset))?;
-                    slot.insert(BufReader::new(file))
+                    slot.insert(BufReader::with_capacity(64 << 10, file))
                 }
             };
-            let mut bytes = Vec::new();
+            // Sized for a typical record at once, not grown from nothing.
+            let mut bytes = Vec::with_capacity(2048);
             reader.read_until(b'\n', &mut bytes)?;
             if bytes.ends_with(b"\n") {
                 bytes.pop();
