@@ -135,15 +135,7 @@ fn provider_main(certs: &Path) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let tls = ssp::demo::provider_tls(
-            &certs.join("provider.crt"),
-            &certs.join("provider.key"),
-            &[certs.join("ca.crt")],
-        )
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", listener.local_addr().unwrap().port());
+        let (acceptor, listener) = listen_tls(certs).await;
         let small = Bytes::from(vec![b'x'; SMALL]);
         let chunk = Bytes::from(vec![b'y'; CHUNK]);
         loop {
@@ -187,6 +179,20 @@ fn provider_main(certs: &Path) {
     });
 }
 
+/// The provider's certificate (client certificates of the bench CA required) on a loopback port, which is printed
+/// for the driver.
+async fn listen_tls(certs: &Path) -> (tokio_rustls::TlsAcceptor, TcpListener) {
+    let tls = ssp::demo::provider_tls(
+        &certs.join("provider.crt"),
+        &certs.join("provider.key"),
+        &[certs.join("ca.crt")],
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", listener.local_addr().unwrap().port());
+    (tokio_rustls::TlsAcceptor::from(tls), listener)
+}
+
 /// `SSP_BENCH_ROLE=collector`: a syslog collector's end of `[audit.ship]`, TLS with client certificates of the bench
 /// CA, that reads each connection to its end (the messages are not parsed) and then closes it.
 fn collector_main(certs: &Path) {
@@ -196,15 +202,7 @@ fn collector_main(certs: &Path) {
         .unwrap();
     rt.block_on(async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tls = ssp::demo::provider_tls(
-            &certs.join("provider.crt"),
-            &certs.join("provider.key"),
-            &[certs.join("ca.crt")],
-        )
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", listener.local_addr().unwrap().port());
+        let (acceptor, listener) = listen_tls(certs).await;
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;

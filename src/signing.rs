@@ -36,8 +36,19 @@ impl SigningKey {
                 path.display()
             ));
         }
-        let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
-            .map_err(|e| format!("{}: not a PKCS#8 PEM private key: {e}", path.display()))?;
+        let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path).map_err(|e| {
+            let encrypted = std::fs::read_to_string(path)
+                .is_ok_and(|t| t.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+            if encrypted {
+                format!(
+                    "{}: an encrypted key; the proxy reads keys unencrypted (protected by their mode): \
+                     `openssl pkey -in KEY -out PLAIN`",
+                    path.display()
+                )
+            } else {
+                format!("{}: not a PKCS#8 PEM private key: {e}", path.display())
+            }
+        })?;
         let pair = signature::Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der())
             .map_err(|e| format!("{}: not an Ed25519 key: {e}", path.display()))?;
         Ok(Self { pair })

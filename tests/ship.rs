@@ -586,6 +586,24 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
     let (code, out) = verify_witness(&config, &forged, &[]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("is not signed by the head key"), "{out}");
+    // A message of ssp's cut inside its structured data is named, not skipped.
+    let cut = pki.dir.path().join("cut.log");
+    let whole = std::fs::read_to_string(collector.file()).unwrap();
+    let head_line = whole
+        .lines()
+        .find(|l| l.contains("[ssp-head@32473 "))
+        .unwrap();
+    let at = head_line.find(" seq=").unwrap() + 6;
+    std::fs::write(&cut, format!("{whole}{}\n", &head_line[..at])).unwrap();
+    let (code, out) = verify_witness(&config, &cut, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("a message of ssp that cannot be read"),
+        "{out}"
+    );
+    // A witness that cannot be read is bad usage, not a difference.
+    let (code, out) = verify_witness(&config, pki.dir.path(), &[]);
+    assert_eq!(code, 64, "{out}");
     let (code, out) = ssp_cmd(&[
         "audit",
         "verify",
@@ -599,6 +617,62 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
         out.contains("cannot be checked without the public key"),
         "{out}"
     );
+
+    // 8. A collector that answers the proxy's close with data instead of its own close, and never closes: each
+    // batch fails within its bound (it is never confirmed, so nothing is lost), the failures and the lag show it, requests are answered, and SIGTERM stops the
+    // proxy within the shipping bound.
+    let talker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let talk_port = talker.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in talker.incoming() {
+            let Ok(mut conn) = conn else { break };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let _ = std::io::copy(&mut (&conn).take(u64::MAX), &mut std::io::sink());
+                while conn.write_all(&[b'x'; 1024]).is_ok() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
+    });
+    let setup = Setup {
+        extra_audit: format!(
+            "segment_size = \"64KiB\"\n\n[audit.ship]\ncollector = \"127.0.0.1:{talk_port}\"\ntransport = \"tcp\"\n\
+             head_key = \"{}\"\nconfirm_interval = \"300ms\"\n",
+            cdir.join("head.pem").display()
+        ),
+        ..Setup::default()
+    };
+    let ssp = Logged::start(&pki, provider.addr, setup).await;
+    let consumer = Consumer::new(&pki, Some("consumer"), ssp.served.addr, false);
+    send(&consumer, provider.addr, 5, 9_000).await;
+    let deadline = Instant::now() + STEP;
+    while metric(ssp.admin, "ssp_audit_ship_failures_total").await < 2.0
+        || metric(ssp.admin, "ssp_audit_ship_lag_records").await < 10.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the failures do not show:\n{}",
+            ssp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric(ssp.admin, "ssp_audit_shipped_records_total").await,
+        0.0
+    );
+    ssp.wait_for_log("the collector sent data on a one-way connection")
+        .await;
+    let mut served = ssp.served;
+    let stopping = Instant::now();
+    signal(served.child.id(), "TERM");
+    while served.child.try_wait().unwrap().is_none() {
+        assert!(
+            stopping.elapsed() < Duration::from_secs(10),
+            "SIGTERM did not stop ssp"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Changes the first response record with status 200 to say 204, and rewrites every later `prev`, so that the

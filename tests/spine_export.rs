@@ -39,7 +39,7 @@ const TRANSACTION_SCHEMA: [Column; 10] = [
     },
     Column {
         name: "interaction",
-        check: |v| v.starts_with("urn:nhs:names:services:") && v.len() <= 1000,
+        check: |v| v.is_empty() || v.starts_with("urn:nhs:names:services:") && v.len() <= 1000,
     },
     Column {
         name: "responseCode",
@@ -217,7 +217,7 @@ dir = "{f}/audit"
         "spinea",
     ));
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("7 transactions, 3 ASIDs"), "{text}");
+    assert!(text.contains("8 transactions, 3 ASIDs"), "{text}");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -289,15 +289,46 @@ dir = "{f}/audit"
             .entry((id, e["logReference"].as_str().unwrap().to_owned()))
             .or_insert(0) += 1;
     }
-    assert_eq!(starts.keys().filter(|(_, r)| r == "SSP0001").count(), 7);
+    assert_eq!(starts.keys().filter(|(_, r)| r == "SSP0001").count(), 8);
     assert_eq!(
         starts.keys().filter(|(_, r)| r == "SSP0004").count(),
-        6,
+        7,
         "one transaction has no end in the log"
     );
     assert!(starts.values().all(|n| *n == 1));
+    // A refused request's headers as the consumer sent them (a formula, a URL, an NHS number) do not leave.
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for leak in ["9434765919", "evil.example", "cmd|"] {
+            assert!(!text.contains(leak), "{}: {leak}", file.display());
+        }
+    }
 
-    // Refused: an instance the import does not know, an empty period, a file already there.
+    // Refused: a second extract of the same period (another extract date would count it twice), an instance the
+    // import does not know, an empty period, a time that is not RFC 3339.
+    let (code, text) = run(args(
+        "2026-11-02T00:00:00Z",
+        "2026-11-03T00:00:00Z",
+        "spinea",
+    ));
+    assert_eq!(code, 64, "{text}");
+    assert!(
+        text.contains("already holds an extract of this period"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        3,
+        "nothing more written"
+    );
+    // The far end of time: no overflow.
+    let (code, text) = run(args(
+        "2026-11-02T00:00:00Z",
+        "9999-12-31T23:59:59Z",
+        "cloud",
+    ));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("9 transactions"), "{text}");
     let (code, text) = run(args(
         "2026-11-02T00:00:00Z",
         "2026-11-03T00:00:00Z",

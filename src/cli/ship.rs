@@ -47,6 +47,15 @@ pub(super) fn verify_witness(dir: &Path, config: Option<&Config>, args: Witness)
     let Some(witness) = args.witness else {
         return exit::USAGE;
     };
+    if let Err(e) = std::fs::File::open(&witness).and_then(|f| {
+        f.metadata()?
+            .is_file()
+            .then_some(())
+            .ok_or_else(|| std::io::Error::other("not a file"))
+    }) {
+        eprintln!("--witness {}: {e}", witness.display());
+        return exit::USAGE;
+    }
     let key = match head_public_key(args.public_key.as_deref(), config) {
         Ok(key) => key,
         Err(why) => {
@@ -135,6 +144,12 @@ pub(super) fn export(args: Export) -> u8 {
         Err(problems) => return print_problems(&problems),
     };
     let extracted = time::OffsetDateTime::now_utc();
+    if to > extracted {
+        eprintln!(
+            "warning: --to is after now, the extract date: NHS England's import refuses such a file (export a \
+             period that has ended)"
+        );
+    }
     match crate::ship::spine::export(
         &config.audit.dir,
         &policy,
@@ -149,6 +164,12 @@ pub(super) fn export(args: Export) -> u8 {
                 println!("{}", file.display());
             }
             eprintln!("{} transactions, {} ASIDs", done.transactions, done.asids);
+            if done.unreadable > 0 {
+                eprintln!(
+                    "warning: {} lines of the log are not records and were left out (`ssp audit verify` says where)",
+                    done.unreadable
+                );
+            }
             exit::OK
         }
         Err(why) => {

@@ -56,7 +56,7 @@ pub(super) struct RawPatients {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawShip {
     /// `host:port` of the syslog collector (rsyslog, syslog-ng). Required.
-    pub(super) collector: String,
+    pub(super) collector: Option<String>,
     /// `tls` (RFC 5425, the default) or `tcp` (a relay on loopback only).
     pub(super) transport: Option<String>,
     /// CA file(s) the collector's certificate is checked against. Required with `tls`.
@@ -67,8 +67,8 @@ pub(super) struct RawShip {
     pub(super) key: Option<PathBuf>,
     /// The name the collector's certificate must carry. Default the host of `collector`.
     pub(super) server_name: Option<String>,
-    /// Ed25519 private key (PKCS#8 PEM, mode 0400) that signs the chain heads. Required.
-    pub(super) head_key: PathBuf,
+    /// Ed25519 private key (PKCS#8 PEM, mode 0400 or 0600) that signs the chain heads. Required.
+    pub(super) head_key: Option<PathBuf>,
     /// How often a signed chain head is sent. Default `60s`.
     pub(super) head_interval: Option<String>,
     /// How long one connection carries records before their receipt is confirmed. Default `1s`.

@@ -47,15 +47,22 @@ impl Converter<'_> {
         upstream: &UpstreamConfig,
         instance: &str,
     ) -> ShipConfig {
-        let host = raw
-            .collector
+        let collector = raw.collector.unwrap_or_else(|| {
+            self.problem("audit.ship.collector", "missing (required)");
+            "localhost:6514".into()
+        });
+        let head_key = raw.head_key.unwrap_or_else(|| {
+            self.problem("audit.ship.head_key", "missing (required)");
+            PathBuf::from("head.key")
+        });
+        let host = collector
             .rsplit_once(':')
             .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
             .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned());
         if host.is_none() {
             self.problem(
                 "audit.ship.collector",
-                format_args!("{:?} is not \"host:port\"", raw.collector),
+                format_args!("{collector:?} is not \"host:port\""),
             );
         }
         let transport = match raw.transport.as_deref().unwrap_or("tls") {
@@ -78,8 +85,7 @@ impl Converter<'_> {
                 }
             }
             "tcp" => {
-                let loopback = raw
-                    .collector
+                let loopback = collector
                     .parse::<SocketAddr>()
                     .is_ok_and(|a| a.ip().is_loopback());
                 if !loopback {
@@ -112,9 +118,9 @@ impl Converter<'_> {
             );
         }
         ShipConfig {
-            collector: raw.collector,
+            collector,
             transport,
-            head_key: self.path(raw.head_key),
+            head_key: self.path(head_key),
             head_interval: self.duration(
                 "audit.ship.head_interval",
                 raw.head_interval,

@@ -283,6 +283,15 @@ fn audit_ship_defaults_to_tls_with_the_upstream_certificate_and_refuses_what_can
             "{ship}: {err}"
         );
     }
+    let text =
+        format!("{MINIMAL}[audit.ship]\ncollector = \"127.0.0.1:514\"\ntransport = \"tcp\"\n");
+    let err = Config::parse(&text, Path::new("ssp.toml")).unwrap_err();
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.contains("audit.ship.head_key: missing (required)")),
+        "{err}"
+    );
     let loopback = format!(
         "{MINIMAL}[audit.ship]\ncollector = \"[::1]:5514\"\ntransport = \"tcp\"\nhead_key = \"h.key\"\n"
     );

@@ -4,15 +4,15 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::{ClientConnection, StreamOwned};
 
 use crate::config::{ShipConfig, ShipTransport};
 use crate::tls::{load_certs, load_key, load_roots, provider};
 
-/// Bound on connecting, and on each read and write: a collector that stops reading fails the batch.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on each step (connecting, a write, the close): a collector that stops reading fails the batch.
+pub(super) const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where to connect, and how.
 pub(super) struct Target {
@@ -23,18 +23,15 @@ pub(super) struct Target {
     )>,
 }
 
+/// The TLS client config toward the collector, and the name its certificate must carry.
+pub(super) type ClientTls = (
+    Arc<rustls::ClientConfig>,
+    rustls_pki_types::ServerName<'static>,
+);
+
 /// The TLS client config of `[audit.ship]` (none for `tcp`): TLS 1.2 or 1.3, the collector checked against
-/// `audit.ship.ca` and `server_name`, this instance's certificate offered. Each problem names its key.
-#[allow(clippy::type_complexity)]
-pub(super) fn tls_config(
-    cfg: &ShipConfig,
-) -> Result<
-    Option<(
-        Arc<rustls::ClientConfig>,
-        rustls_pki_types::ServerName<'static>,
-    )>,
-    Vec<String>,
-> {
+/// `audit.ship.ca` and `server_name`, this instance's certificate offered. Every problem, each naming its key.
+pub(super) fn tls_config(cfg: &ShipConfig) -> Result<Option<ClientTls>, Vec<String>> {
     let ShipTransport::Tls {
         ca,
         cert,
@@ -44,13 +41,21 @@ pub(super) fn tls_config(
     else {
         return Ok(None);
     };
-    let chain = load_certs("audit.ship.cert", cert);
-    let key = load_key("audit.ship.key", key);
-    let roots = load_roots("audit.ship.ca", ca);
-    let name = rustls_pki_types::ServerName::try_from(server_name.clone())
-        .map_err(|e| format!("audit.ship.server_name: {e}"));
-    let (Ok(chain), Ok(key), Ok(roots), Ok(name)) = (chain, key, roots, name) else {
-        return Err(collect_problems(cfg));
+    let loaded = (
+        load_certs("audit.ship.cert", cert),
+        load_key("audit.ship.key", key),
+        load_roots("audit.ship.ca", ca),
+        rustls_pki_types::ServerName::try_from(server_name.clone())
+            .map_err(|e| format!("audit.ship.server_name: {e}")),
+    );
+    let (chain, key, roots, name) = match loaded {
+        (Ok(chain), Ok(key), Ok(roots), Ok(name)) => (chain, key, roots, name),
+        (chain, key, roots, name) => {
+            return Err([chain.err(), key.err(), roots.err(), name.err()]
+                .into_iter()
+                .flatten()
+                .collect());
+        }
     };
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -61,115 +66,150 @@ pub(super) fn tls_config(
     Ok(Some((Arc::new(config), name)))
 }
 
-/// Every problem of the TLS files, each naming its key.
-fn collect_problems(cfg: &ShipConfig) -> Vec<String> {
-    let ShipTransport::Tls {
-        ca,
-        cert,
-        key,
-        server_name,
-    } = &cfg.transport
-    else {
-        return Vec::new();
-    };
-    let mut problems = Vec::new();
-    problems.extend(load_certs("audit.ship.cert", cert).err());
-    problems.extend(load_key("audit.ship.key", key).err());
-    problems.extend(load_roots("audit.ship.ca", ca).err());
-    problems.extend(
-        rustls_pki_types::ServerName::try_from(server_name.clone())
-            .err()
-            .map(|e| format!("audit.ship.server_name: {e}")),
-    );
-    problems
+/// An open connection, and the instant by which everything on it must be done.
+pub(super) struct Conn {
+    stream: Stream,
+    deadline: Instant,
 }
 
-/// An open connection.
-pub(super) enum Conn {
+enum Stream {
     Tcp(TcpStream),
     Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
 }
 
+/// The error of a step that ran out of time, saying so (a blocking call's timeout reads as "Resource temporarily
+/// unavailable" otherwise).
+fn late(e: io::Error, what: &str) -> io::Error {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the collector did not {what} in time"),
+        )
+    } else {
+        e
+    }
+}
+
 impl Target {
-    /// Connects (each address the name resolves to in turn) and, with TLS, completes the handshake.
-    pub(super) fn connect(&self) -> io::Result<Conn> {
+    /// Connects (each address the name resolves to in turn) and, with TLS, completes the handshake; every step
+    /// of this connection, the confirmation included, must be over by `deadline`.
+    pub(super) fn connect(&self, deadline: Instant) -> io::Result<Conn> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
         for addr in self.collector.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&addr, IO_TIMEOUT) {
+            match TcpStream::connect_timeout(&addr, remaining(deadline)?) {
                 Ok(sock) => {
-                    sock.set_read_timeout(Some(IO_TIMEOUT))?;
-                    sock.set_write_timeout(Some(IO_TIMEOUT))?;
                     sock.set_nodelay(true)?;
-                    let Some((config, name)) = &self.tls else {
-                        return Ok(Conn::Tcp(sock));
+                    let stream = match &self.tls {
+                        None => Stream::Tcp(sock),
+                        Some((config, name)) => {
+                            let tls = ClientConnection::new(Arc::clone(config), name.clone())
+                                .map_err(io::Error::other)?;
+                            let mut stream = StreamOwned::new(tls, sock);
+                            while stream.conn.is_handshaking() {
+                                bound(&stream.sock, deadline)?;
+                                stream
+                                    .conn
+                                    .complete_io(&mut stream.sock)
+                                    .map_err(|e| late(e, "complete the TLS handshake"))?;
+                            }
+                            Stream::Tls(Box::new(stream))
+                        }
                     };
-                    let tls = ClientConnection::new(Arc::clone(config), name.clone())
-                        .map_err(io::Error::other)?;
-                    let mut stream = StreamOwned::new(tls, sock);
-                    while stream.conn.is_handshaking() {
-                        stream.conn.complete_io(&mut stream.sock)?;
-                    }
-                    return Ok(Conn::Tls(Box::new(stream)));
+                    return Ok(Conn { stream, deadline });
                 }
-                Err(e) => last = e,
+                Err(e) => last = late(e, "accept the connection"),
             }
         }
         Err(last)
     }
 }
 
+/// The time left until `deadline`, or a timeout error when there is none.
+fn remaining(deadline: Instant) -> io::Result<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "out of time for this batch"))
+}
+
+/// Sets the socket's read and write timeouts to what is left until `deadline` (at most [`IO_TIMEOUT`]).
+fn bound(sock: &TcpStream, deadline: Instant) -> io::Result<()> {
+    let left = remaining(deadline)?.min(IO_TIMEOUT);
+    sock.set_read_timeout(Some(left))?;
+    sock.set_write_timeout(Some(left))
+}
+
 impl Conn {
     fn sock(&self) -> &TcpStream {
-        match self {
-            Conn::Tcp(sock) => sock,
-            Conn::Tls(stream) => &stream.sock,
+        match &self.stream {
+            Stream::Tcp(sock) => sock,
+            Stream::Tls(stream) => &stream.sock,
+        }
+    }
+
+    /// Brings the deadline forward to `stop`, when a stop was asked for.
+    pub(super) fn cap(&mut self, stop: Option<Instant>) {
+        if let Some(stop) = stop {
+            self.deadline = self.deadline.min(stop);
         }
     }
 
     pub(super) fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self {
-            Conn::Tcp(sock) => sock.write_all(bytes),
-            Conn::Tls(stream) => {
-                stream.write_all(bytes)?;
-                stream.flush()
-            }
+        bound(self.sock(), self.deadline)?;
+        match &mut self.stream {
+            Stream::Tcp(sock) => sock.write_all(bytes),
+            Stream::Tls(stream) => stream.write_all(bytes).and_then(|()| stream.flush()),
         }
+        .map_err(|e| late(e, "take the records"))
     }
 
-    /// Confirms that the collector read everything sent: it must not have closed first (a probe before ours),
-    /// then our close (TLS close_notify and a FIN) must be answered by its close, with no error on the socket.
-    /// A collector that closes with bytes unread resets the connection instead, which fails here.
+    /// Confirms that the collector read everything sent: it must not have closed or sent anything first (a probe
+    /// before our close; syslog over TLS is one way), then our close (TLS close_notify and a FIN) must be answered
+    /// by its close, with no error on the socket, before the deadline. A collector that closes with bytes unread
+    /// resets the connection instead, which fails here; so does one that sends data.
     pub(super) fn confirm(mut self) -> io::Result<()> {
-        let closed_first = || {
+        let spoke = || {
             io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the collector closed the connection before the batch was confirmed",
+                io::ErrorKind::InvalidData,
+                "the collector sent data on a one-way connection",
             )
         };
         // The probe: nothing should be readable yet.
         self.sock().set_nonblocking(true)?;
-        let mut byte = [0u8; 512];
-        match self.read(&mut byte) {
+        let mut buf = [0u8; 512];
+        match self.read(&mut buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Ok(_) => return Err(closed_first()),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the collector closed the connection before the batch was confirmed",
+                ));
+            }
+            Ok(_) => return Err(spoke()),
             Err(e) => return Err(e),
         }
         self.sock().set_nonblocking(false)?;
-        if let Conn::Tls(stream) = &mut self {
+        bound(self.sock(), self.deadline)?;
+        if let Stream::Tls(stream) = &mut self.stream {
             stream.conn.send_close_notify();
             while stream.conn.wants_write() {
-                stream.conn.write_tls(&mut stream.sock)?;
+                stream
+                    .conn
+                    .write_tls(&mut stream.sock)
+                    .map_err(|e| late(e, "take the close"))?;
             }
         }
         self.sock().shutdown(Shutdown::Write)?;
-        loop {
-            match self.read(&mut byte) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                // The collector closed TCP without a close_notify: still its close.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(e),
-            }
+        bound(self.sock(), self.deadline)?;
+        match self.read(&mut buf) {
+            Ok(0) => {}
+            // The collector closed TCP without a close_notify: still its close.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+            Ok(_) => return Err(spoke()),
+            Err(e) => return Err(late(e, "close its end")),
         }
         match self.sock().take_error()? {
             Some(e) => Err(e),
@@ -178,9 +218,9 @@ impl Conn {
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Conn::Tcp(sock) => sock.read(buf),
-            Conn::Tls(stream) => stream.read(buf),
+        match &mut self.stream {
+            Stream::Tcp(sock) => sock.read(buf),
+            Stream::Tls(stream) => stream.read(buf),
         }
     }
 }

@@ -83,7 +83,11 @@ pub fn check(cfg: &ShipConfig) -> Vec<String> {
         problems.push(format!("audit.ship.head_key: {why}"));
     }
     if let Err(p) = link::tls_config(cfg) {
-        problems.extend(p);
+        // A bad `server_name` is the config's problem, already reported with its line.
+        problems.extend(
+            p.into_iter()
+                .filter(|p| !p.starts_with("audit.ship.server_name")),
+        );
     }
     problems
 }
@@ -185,6 +189,7 @@ impl Run {
         let mut failing = 0u32;
         loop {
             let deadline = self.stop.deadline();
+            self.update_lag();
             let turn = self.turn(deadline.is_some());
             self.update_lag();
             match turn {
@@ -272,11 +277,16 @@ impl Run {
         if first.is_none() && !(head_due && self.confirmed.seq > 0) {
             return Ok(Turn::Idle);
         }
+        let started = Instant::now();
+        // Every step of the batch, its confirmation included, is over by this, and by the stop's deadline.
+        let mut deadline = started + self.cfg.confirm_interval + link::IO_TIMEOUT;
+        if let Some(stop) = self.stop.deadline() {
+            deadline = deadline.min(stop);
+        }
         let mut conn = self
             .link
-            .connect()
+            .connect(deadline)
             .map_err(|e| format!("connecting: {e}"))?;
-        let started = Instant::now();
         let mut buf = Vec::with_capacity(256 << 10);
         let (mut sent, mut last) = (0u64, None::<Position>);
         let mut line = first;
@@ -305,6 +315,7 @@ impl Run {
                 sent += 1;
                 last = Some(l.after);
                 if buf.len() >= 256 << 10 {
+                    conn.cap(self.stop.deadline());
                     conn.send(&buf).map_err(|e| format!("sending: {e}"))?;
                     buf.clear();
                 }
@@ -312,8 +323,10 @@ impl Run {
                     line = self.next_line()?;
                 }
             }
+            conn.cap(self.stop.deadline());
             conn.send(&buf).map_err(|e| format!("sending: {e}"))?;
             buf.clear();
+            let stopping = stopping || self.stop.deadline().is_some();
             if stopping || sent >= MAX_PER_BATCH || started.elapsed() >= self.cfg.confirm_interval {
                 break;
             }
@@ -355,6 +368,7 @@ impl Run {
             );
             conn.send(&buf).map_err(|e| format!("sending: {e}"))?;
         }
+        conn.cap(self.stop.deadline());
         conn.confirm().map_err(|e| format!("confirming: {e}"))?;
         if let Some(last) = last {
             save_state(&self.dir, &self.cfg.collector, &last)

@@ -59,6 +59,8 @@ pub struct Exported {
     pub files: Vec<PathBuf>,
     pub transactions: u64,
     pub asids: u64,
+    /// Lines of the log that are not records (a damaged log: `ssp audit verify` says where).
+    pub unreadable: u64,
 }
 
 /// One transaction of the period, from its request and response records.
@@ -104,7 +106,8 @@ pub fn export(
     if from >= to {
         return Err("--from must be before --to".into());
     }
-    let transactions = read_transactions(dir, from, to)?;
+    let mut unreadable = 0;
+    let transactions = read_transactions(dir, from, to, &mut unreadable)?;
     let stamp = |t: OffsetDateTime| {
         let t = t.to_offset(time::UtcOffset::UTC);
         format!(
@@ -134,6 +137,28 @@ pub fn export(
     }
     let (lookup, asids) = asid_lookup(policy);
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    // One extract a period: the import takes each file once, and a second for the same period (another extract
+    // date) would count its transactions twice.
+    let entries = std::fs::read_dir(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let same_period = [
+            "gpcanalytics-ssptrans-",
+            "gpcanalytics-asidlookup-",
+            "ssp-spine-events-",
+        ]
+        .iter()
+        .any(|p| {
+            name.strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with(&period))
+        });
+        if same_period {
+            return Err(format!(
+                "{}: already holds an extract of this period ({name}); give another folder",
+                out.display()
+            ));
+        }
+    }
     let mut files = Vec::new();
     for (name, text) in names.iter().zip([csv, lookup, events]) {
         let path = out.join(name);
@@ -150,6 +175,7 @@ pub fn export(
         files,
         transactions: transactions.len() as u64,
         asids,
+        unreadable,
     })
 }
 
@@ -277,6 +303,27 @@ fn asid_lookup(policy: &Policy) -> (String, u64) {
     (text, n)
 }
 
+/// A request record's `key` as the export may carry it: a record keeps what a refused consumer sent, and only a
+/// well-formed value leaves the box (empty otherwise): a trace id that is a UUID, ASIDs of 1 to 20 digits, an
+/// interaction that is a URN of NHS services (`urn:nhs:names:services:`, no more than 200 of `[A-Za-z0-9:._-]`),
+/// a method of 1 to 16 capital letters. A header a consumer filled with a URL or an NHS number is not exported.
+fn well_formed(record: &Value, key: &str) -> String {
+    let v = record[key].as_str().unwrap_or("");
+    let ok = match key {
+        "trace_id" => uuid::Uuid::try_parse(v).is_ok() && v.len() == 36,
+        "from" | "to" => (1..=20).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()),
+        "interaction" => {
+            v.starts_with("urn:nhs:names:services:")
+                && v.len() <= 200
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":._-".contains(&b))
+        }
+        "method" => (1..=16).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_uppercase()),
+        _ => false,
+    };
+    if ok { v.to_owned() } else { String::new() }
+}
+
 /// The transactions that arrived in `[from, to)`, in arrival order, each with its end when its response record
 /// is within an hour past `to`. A response is paired with the oldest open request of its (instance, connection,
 /// trace id).
@@ -284,6 +331,7 @@ fn read_transactions(
     dir: &Path,
     from: OffsetDateTime,
     to: OffsetDateTime,
+    unreadable: &mut u64,
 ) -> Result<Vec<Transaction>, String> {
     let segments =
         crate::audit::segment_paths(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -295,6 +343,7 @@ fn read_transactions(
         for line in BufReader::new(file).lines() {
             let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
             let Ok(record) = serde_json::from_str::<Value>(&line) else {
+                *unreadable += 1;
                 continue;
             };
             let Some(at) = record["ts"]
@@ -303,7 +352,7 @@ fn read_transactions(
             else {
                 continue;
             };
-            if at >= to + MAX_SPAN {
+            if to.checked_add(MAX_SPAN).is_some_and(|end| at >= end) {
                 break 'segments;
             }
             let key = format!(
@@ -321,11 +370,11 @@ fn read_transactions(
                     done.push(Transaction {
                         internal_id: format!("{}-{}", text(&record, "instance"), record["seq"]),
                         arrived: at,
-                        trace_id: text(&record, "trace_id"),
-                        from: text(&record, "from"),
-                        to: text(&record, "to"),
-                        interaction: text(&record, "interaction"),
-                        method: text(&record, "method"),
+                        trace_id: well_formed(&record, "trace_id"),
+                        from: well_formed(&record, "from"),
+                        to: well_formed(&record, "to"),
+                        interaction: well_formed(&record, "interaction"),
+                        method: well_formed(&record, "method"),
                         refusal,
                         end: None,
                     });

@@ -185,10 +185,16 @@ fn read_witness(witness: &Path, instance: &str) -> Result<WitnessCopy, String> {
         line_no += 1;
         let text = String::from_utf8_lossy(&bytes);
         let text = text.trim_end_matches(['\n', '\r']);
+        let at = |what: String| format!("{}: line {line_no}: {what}", witness.display());
         let Some(message) = syslog::parse(text) else {
+            // A collector's own lines are not ssp's; a line with ssp's structured data must read whole.
+            if text.contains(&format!("[{RECORD_SD} ")) || text.contains(&format!("[{HEAD_SD} ")) {
+                return Err(at(
+                    "a message of ssp that cannot be read (cut or changed)".into()
+                ));
+            }
             continue;
         };
-        let at = |what: String| format!("{}: line {line_no}: {what}", witness.display());
         if message.param(RECORD_SD, "instance").is_some() {
             if message.param(RECORD_SD, "instance") != Some(instance) {
                 continue;
