@@ -304,31 +304,34 @@ dir = "{f}/audit"
         }
     }
 
-    // Refused: a second extract of the same period (another extract date would count it twice), an instance the
-    // import does not know, an empty period, a time that is not RFC 3339.
-    let (code, text) = run(args(
-        "2026-11-02T00:00:00Z",
-        "2026-11-03T00:00:00Z",
-        "spinea",
-    ));
-    assert_eq!(code, 64, "{text}");
-    assert!(
-        text.contains("already holds an extract of this period"),
-        "{text}"
-    );
+    // Refused: a second extract of the same or an overlapping period (another extract date would count its
+    // transactions twice), an instance the import does not know, an empty period, a time that is not RFC 3339.
+    for (from, to) in [
+        ("2026-11-02T00:00:00Z", "2026-11-03T00:00:00Z"),
+        ("2026-11-02T12:00:00+01:00", "2026-11-04T00:00:00Z"),
+    ] {
+        let (code, text) = run(args(from, to, "spinea"));
+        assert_eq!(code, 64, "{text}");
+        assert!(
+            text.contains("already holds an extract of a period that overlaps this one"),
+            "{text}"
+        );
+    }
     assert_eq!(
         std::fs::read_dir(&out).unwrap().count(),
         3,
         "nothing more written"
     );
-    // The far end of time: no overflow.
+    // The far end of time: no overflow (and a warning: the import refuses a period that has not ended). The next
+    // period, in the same folder, is not an overlap.
     let (code, text) = run(args(
-        "2026-11-02T00:00:00Z",
+        "2026-11-03T00:00:00Z",
         "9999-12-31T23:59:59Z",
         "cloud",
     ));
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("9 transactions"), "{text}");
+    assert!(text.contains("1 transactions"), "{text}");
+    assert!(text.contains("warning: --to is after now"), "{text}");
     let (code, text) = run(args(
         "2026-11-02T00:00:00Z",
         "2026-11-03T00:00:00Z",

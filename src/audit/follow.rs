@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::segment::list_segments;
+use super::segment::{list_segments, segment_name};
 use crate::hex::HexDigest;
 
 /// Where a reader is in the log: after the record `seq` (0: before the first), whose line hashes to `hash`; the
@@ -169,39 +169,45 @@ impl Follower {
     }
 
     fn path_of(&self, segment: u64) -> io::Result<PathBuf> {
-        list_segments(&self.dir)?
-            .into_iter()
-            .find(|(i, _)| *i == segment)
-            .map(|(_, p)| p)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{}: audit segment {segment} is gone", self.dir.display()),
-                )
-            })
+        let path = self.dir.join(segment_name(segment));
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: audit segment {segment} is gone", self.dir.display()),
+            ))
+        }
+    }
+
+    /// Makes what this reader has read durable on the local disk (fdatasync of the segment it reads): a record is
+    /// shipped only once a power cut can no longer take it from the local log (in `batched` mode the writer's own
+    /// fsync may be up to `audit.fsync_interval` away).
+    pub fn sync(&self) -> io::Result<()> {
+        match &self.file {
+            Some(reader) => reader.get_ref().sync_data(),
+            None => Ok(()),
+        }
     }
 
     /// The next whole line, or `None` when the writer has not written one yet. A line still being written (no
     /// newline yet) is left for the next call; a segment is left for the next one only once a newer segment
     /// exists (the writer seals a segment before it starts the next).
     pub fn next_line(&mut self) -> Result<Option<Line>, FollowError> {
-        let mut torn_seen = false;
+        let mut again = false;
         loop {
             let reader = match &mut self.file {
                 Some(reader) => reader,
                 slot @ None => {
-                    let segments = list_segments(&self.dir)?;
                     // The position's segment, or the first one after it (segment 0: before the first).
-                    let Some((index, path)) =
-                        segments.into_iter().find(|(i, _)| *i >= self.pos.segment)
-                    else {
+                    let Some(index) = first_from(&self.dir, self.pos.segment)? else {
                         return Ok(None);
                     };
                     if index != self.pos.segment {
                         self.pos.segment = index;
                         self.pos.offset = 0;
                     }
-                    let mut file = File::open(path)?;
+                    let mut file = File::open(self.dir.join(segment_name(index)))?;
                     file.seek(SeekFrom::Start(self.pos.offset))?;
                     slot.insert(BufReader::with_capacity(64 << 10, file))
                 }
@@ -213,28 +219,25 @@ impl Follower {
                 bytes.pop();
                 return self.accept(bytes).map(Some);
             }
-            // Nothing whole here yet: go on in a newer segment if there is one, else wait for the writer.
+            // Nothing whole here: go on in the next segment once this one is complete, else wait for the writer.
             self.file = None;
-            let newer = list_segments(&self.dir)?
-                .into_iter()
-                .map(|(i, _)| i)
-                .find(|i| *i > self.pos.segment);
-            let Some(newer) = newer else {
+            let Some(next) = newer(&self.dir, self.pos.segment)? else {
                 return Ok(None);
             };
-            if !bytes.is_empty() {
-                // A segment is sealed before the next is made: read it again, once, in case the rest of the line
-                // landed between the read and the listing.
-                if torn_seen {
+            // The next segment exists, so this one was sealed and is complete; but the writer may have finished
+            // it between the read above and the look for the next: read again what is past the position.
+            let len = std::fs::metadata(self.dir.join(segment_name(self.pos.segment)))?.len();
+            if len > self.pos.offset {
+                if again {
                     return Err(FollowError::Chain(format!(
                         "segment {} ends in a torn line at byte {} though a newer segment exists",
                         self.pos.segment, self.pos.offset
                     )));
                 }
-                torn_seen = true;
+                again = true;
                 continue;
             }
-            self.pos.segment = newer;
+            self.pos.segment = next;
             self.pos.offset = 0;
         }
     }
@@ -275,6 +278,25 @@ impl Follower {
     }
 }
 
+/// The segment `index` if it exists, else the first after it: a look at one name in the usual case (a reader goes
+/// from a segment to the next, numbered one more), a listing of the folder only at the start of the log or past a
+/// gap.
+fn first_from(dir: &Path, index: u64) -> io::Result<Option<u64>> {
+    if index > 0 && dir.join(segment_name(index)).is_file() {
+        return Ok(Some(index));
+    }
+    Ok(list_segments(dir)?
+        .into_iter()
+        .map(|(i, _)| i)
+        .find(|i| *i >= index))
+}
+
+/// The segment after `index`, once the writer has made it (it makes them in order, one number apart).
+fn newer(dir: &Path, index: u64) -> io::Result<Option<u64>> {
+    let next = index + 1;
+    Ok(dir.join(segment_name(next)).is_file().then_some(next))
+}
+
 /// Counts whole lines past a position without reading them: how far the log runs ahead of a reader (the shipper's
 /// lag), at the cost of a scan for newlines.
 #[derive(Debug)]
@@ -297,38 +319,46 @@ impl LineCounter {
         }
     }
 
-    /// Moves to the end of what is written (at most `max_bytes` further); the seq of the last whole line.
+    /// Moves to the end of what is written (at most about `max_bytes` further); the seq of the last whole line.
+    /// A line longer than the read buffer is read across several reads.
     pub fn advance(&mut self, max_bytes: u64) -> io::Result<u64> {
         use std::io::Read;
         let mut budget = max_bytes;
         let mut buf = vec![0u8; 64 << 10];
         loop {
-            let segments = list_segments(&self.dir)?;
-            let Some((index, path)) = segments.iter().find(|(i, _)| *i >= self.segment) else {
+            let Some(index) = first_from(&self.dir, self.segment)? else {
                 return Ok(self.seq);
             };
-            if *index != self.segment {
-                (self.segment, self.offset) = (*index, 0);
+            if index != self.segment {
+                (self.segment, self.offset) = (index, 0);
             }
-            let mut file = File::open(path)?;
+            // Whether the next segment exists, looked at before reading: then this one is complete.
+            let next = newer(&self.dir, self.segment)?;
+            let mut file = File::open(self.dir.join(segment_name(self.segment)))?;
+            let mut at = self.offset;
             loop {
-                file.seek(SeekFrom::Start(self.offset))?;
+                file.seek(SeekFrom::Start(at))?;
                 let n = file.read(&mut buf)?;
-                let Some(last) = memchr::memrchr(b'\n', &buf[..n]) else {
+                if n == 0 {
                     break;
-                };
-                self.seq += memchr::memchr_iter(b'\n', &buf[..=last]).count() as u64;
-                self.offset += last as u64 + 1;
-                budget = budget.saturating_sub(last as u64 + 1);
+                }
+                match memchr::memrchr(b'\n', &buf[..n]) {
+                    Some(last) => {
+                        self.seq += memchr::memchr_iter(b'\n', &buf[..=last]).count() as u64;
+                        self.offset = at + last as u64 + 1;
+                        at = self.offset;
+                    }
+                    None => at += n as u64,
+                }
+                budget = budget.saturating_sub(n as u64);
                 if budget == 0 {
                     return Ok(self.seq);
                 }
             }
-            // No whole line past here: on to a newer segment once this one is complete (a newer one exists only
-            // after this one was sealed), else wait for the writer.
-            let complete = file.metadata()?.len() <= self.offset;
-            match segments.iter().find(|(i, _)| *i > self.segment) {
-                Some((next, _)) if complete => (self.segment, self.offset) = (*next, 0),
+            match next {
+                Some(next) if file.metadata()?.len() <= self.offset => {
+                    (self.segment, self.offset) = (next, 0)
+                }
                 _ => return Ok(self.seq),
             }
         }
@@ -415,6 +445,16 @@ mod tests {
         assert_eq!(counter.advance(u64::MAX).unwrap(), 3);
         std::fs::write(&second, format!("{three}\n{four}\n")).unwrap();
         assert_eq!(counter.advance(u64::MAX).unwrap(), 4);
+        // A line longer than the counter's buffer (a record of 100 KiB) is counted too.
+        let long = format!(
+            r#"{{"seq":5,"instance":"t","ts":"2026-12-07T10:00:00.000000Z","pad":"{}","prev":"{}"}}"#,
+            "x".repeat(100 << 10),
+            HexDigest::of(four.as_bytes())
+        );
+        std::fs::write(&second, format!("{three}\n{four}\n{long}\n")).unwrap();
+        assert_eq!(counter.advance(u64::MAX).unwrap(), 5);
+        assert_eq!(f.next_line().unwrap().unwrap().seq, 4);
+        assert_eq!(f.next_line().unwrap().unwrap().bytes.len(), long.len());
         // A line that does not continue the chain stops the reader.
         let mut fresh = Follower::at(dir.path(), Position::START).unwrap();
         fresh.next_line().unwrap();

@@ -377,7 +377,7 @@ fn naming(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
-fn segment_name(index: u64) -> String {
+pub(super) fn segment_name(index: u64) -> String {
     format!("audit-{index:08}.jsonl")
 }
 

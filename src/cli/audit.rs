@@ -115,7 +115,12 @@ pub(super) fn audit(command: AuditCommand) -> u8 {
                         v.last_seq
                     );
                     if witness.given() {
-                        return super::ship::verify_witness(&dir, config.as_ref(), witness);
+                        return super::ship::verify_witness(
+                            &dir,
+                            config.as_ref(),
+                            witness,
+                            v.last_seq,
+                        );
                     }
                     exit::OK
                 }

@@ -43,7 +43,12 @@ fn head_public_key(
 }
 
 /// `ssp audit verify --witness FILE`, after the local chain verified intact.
-pub(super) fn verify_witness(dir: &Path, config: Option<&Config>, args: Witness) -> u8 {
+pub(super) fn verify_witness(
+    dir: &Path,
+    config: Option<&Config>,
+    args: Witness,
+    last_seq: u64,
+) -> u8 {
     let Some(witness) = args.witness else {
         return exit::USAGE;
     };
@@ -63,7 +68,13 @@ pub(super) fn verify_witness(dir: &Path, config: Option<&Config>, args: Witness)
             return exit::USAGE;
         }
     };
-    match crate::ship::witness::check(dir, &witness, args.instance.as_deref(), key.as_deref()) {
+    match crate::ship::witness::check(
+        dir,
+        &witness,
+        args.instance.as_deref(),
+        key.as_deref(),
+        last_seq,
+    ) {
         Ok(w) => {
             println!(
                 "{}: the collector's copy matches: {} records of instance {:?} up to seq {} (the last shipped; \
@@ -88,9 +99,13 @@ pub(super) fn verify_witness(dir: &Path, config: Option<&Config>, args: Witness)
             }
             exit::OK
         }
-        Err(why) => {
+        Err(crate::ship::witness::Failure::Differs(why)) => {
             println!("DIFFERS FROM THE WITNESS: {why}");
             exit::NEGATIVE
+        }
+        Err(crate::ship::witness::Failure::Unusable(why)) => {
+            eprintln!("{why}");
+            exit::USAGE
         }
     }
 }

@@ -53,7 +53,8 @@ impl Converter<'_> {
         });
         let head_key = raw.head_key.unwrap_or_else(|| {
             self.problem("audit.ship.head_key", "missing (required)");
-            PathBuf::from("head.key")
+            // Empty: the checks of the files leave it alone, the problem is said.
+            PathBuf::new()
         });
         let host = collector
             .rsplit_once(':')
@@ -120,7 +121,11 @@ impl Converter<'_> {
         ShipConfig {
             collector,
             transport,
-            head_key: self.path(head_key),
+            head_key: if head_key.as_os_str().is_empty() {
+                head_key
+            } else {
+                self.path(head_key)
+            },
             head_interval: self.duration(
                 "audit.ship.head_interval",
                 raw.head_interval,

@@ -96,12 +96,17 @@ fn late(e: io::Error, what: &str) -> io::Error {
 impl Target {
     /// Connects (each address the name resolves to in turn) and, with TLS, completes the handshake; every step
     /// of this connection, the confirmation included, must be over by `deadline`.
-    pub(super) fn connect(&self, deadline: Instant) -> io::Result<Conn> {
+    pub(super) fn connect(
+        &self,
+        deadline: Instant,
+        socket: &std::sync::Mutex<Option<TcpStream>>,
+    ) -> io::Result<Conn> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
         for addr in self.collector.to_socket_addrs()? {
             match TcpStream::connect_timeout(&addr, remaining(deadline)?) {
                 Ok(sock) => {
                     sock.set_nodelay(true)?;
+                    *socket.lock().unwrap_or_else(|p| p.into_inner()) = sock.try_clone().ok();
                     let stream = match &self.tls {
                         None => Stream::Tcp(sock),
                         Some((config, name)) => {

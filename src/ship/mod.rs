@@ -59,6 +59,9 @@ pub struct Shipper {
 struct Stop {
     deadline: Mutex<Option<Instant>>,
     wake: Condvar,
+    /// The socket of the batch in flight, for a stop past its deadline to shut down (which ends a blocked read or
+    /// write at once).
+    socket: Mutex<Option<std::net::TcpStream>>,
 }
 
 impl Stop {
@@ -79,7 +82,9 @@ impl Stop {
 /// start.
 pub fn check(cfg: &ShipConfig) -> Vec<String> {
     let mut problems = Vec::new();
-    if let Err(why) = SigningKey::load(&cfg.head_key) {
+    if !cfg.head_key.as_os_str().is_empty()
+        && let Err(why) = SigningKey::load(&cfg.head_key)
+    {
         problems.push(format!("audit.ship.head_key: {why}"));
     }
     if let Err(p) = link::tls_config(cfg) {
@@ -135,12 +140,28 @@ impl Shipper {
     /// Asks the shipper to ship what the log holds (the seal of a closing log too) and stop, and waits for it,
     /// for up to `within`. What is left stays on disk and goes at the next start.
     pub fn finish(mut self, within: Duration) {
-        *self.stop.deadline.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Instant::now() + within);
+        let deadline = Instant::now() + within;
+        *self.stop.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
         self.stop.wake.notify_all();
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // A step of the batch in flight may be blocked on the collector for a while yet: past the deadline its
+        // socket is shut down, which ends the step with an error (and the batch unconfirmed).
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !thread.is_finished()
+            && let Some(socket) = self
+                .stop
+                .socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
         {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+        if thread.join().is_err() {
             tracing::error!("the audit shipper thread panicked");
         }
     }
@@ -253,6 +274,16 @@ impl Run {
         Ok(line)
     }
 
+    /// Makes the records read so far durable locally before they are sent (see [`Follower::sync`]).
+    fn durable(&self) -> Result<(), String> {
+        match &self.follower {
+            Some(f) => f
+                .sync()
+                .map_err(|e| format!("fdatasync of the segment: {e}")),
+            None => Ok(()),
+        }
+    }
+
     /// Keeps the time of the oldest unconfirmed record when a reader passes it.
     fn saw(&mut self, line: &Line) {
         if line.seq == self.confirmed.seq + 1 && self.oldest.is_none_or(|(seq, _)| seq != line.seq)
@@ -285,7 +316,7 @@ impl Run {
         }
         let mut conn = self
             .link
-            .connect(deadline)
+            .connect(deadline, &self.stop.socket)
             .map_err(|e| format!("connecting: {e}"))?;
         let mut buf = Vec::with_capacity(256 << 10);
         let (mut sent, mut last) = (0u64, None::<Position>);
@@ -299,10 +330,12 @@ impl Run {
                     hostname: &self.cfg.hostname,
                     procid: &self.procid,
                 };
+                let mut len = itoa::Buffer::new();
                 let params = [
                     ("seq", seq),
                     ("instance", l.instance.as_str()),
                     ("hash", l.hash.as_str()),
+                    ("len", len.format(l.bytes.len())),
                 ];
                 syslog::frame(
                     &mut buf,
@@ -315,6 +348,7 @@ impl Run {
                 sent += 1;
                 last = Some(l.after);
                 if buf.len() >= 256 << 10 {
+                    self.durable()?;
                     conn.cap(self.stop.deadline());
                     conn.send(&buf).map_err(|e| format!("sending: {e}"))?;
                     buf.clear();
@@ -323,6 +357,7 @@ impl Run {
                     line = self.next_line()?;
                 }
             }
+            self.durable()?;
             conn.cap(self.stop.deadline());
             conn.send(&buf).map_err(|e| format!("sending: {e}"))?;
             buf.clear();

@@ -107,7 +107,7 @@ pub fn export(
         return Err("--from must be before --to".into());
     }
     let mut unreadable = 0;
-    let transactions = read_transactions(dir, from, to, &mut unreadable)?;
+    let transactions = read_transactions(dir, policy, from, to, &mut unreadable)?;
     let stamp = |t: OffsetDateTime| {
         let t = t.to_offset(time::UtcOffset::UTC);
         format!(
@@ -137,24 +137,17 @@ pub fn export(
     }
     let (lookup, asids) = asid_lookup(policy);
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    // One extract a period: the import takes each file once, and a second for the same period (another extract
-    // date) would count its transactions twice.
+    // One extract a period: the import takes each file once, and a second extract of the same transactions (the
+    // same period with another extract date, or an overlapping one) would count them twice.
     let entries = std::fs::read_dir(out).map_err(|e| format!("{}: {e}", out.display()))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let same_period = [
-            "gpcanalytics-ssptrans-",
-            "gpcanalytics-asidlookup-",
-            "ssp-spine-events-",
-        ]
-        .iter()
-        .any(|p| {
-            name.strip_prefix(p)
-                .is_some_and(|rest| rest.starts_with(&period))
-        });
-        if same_period {
+        if let Some((f, t)) = period_of(&name)
+            && f < to
+            && from < t
+        {
             return Err(format!(
-                "{}: already holds an extract of this period ({name}); give another folder",
+                "{}: already holds an extract of a period that overlaps this one ({name}); give another folder",
                 out.display()
             ));
         }
@@ -179,6 +172,25 @@ pub fn export(
     })
 }
 
+/// The period of an export's file, from its name (`...-FROM-TO-INSTANCE...`, dates `yyyyMMddTHHmmss` in UTC).
+fn period_of(name: &str) -> Option<(OffsetDateTime, OffsetDateTime)> {
+    let rest = [
+        "gpcanalytics-ssptrans-",
+        "gpcanalytics-asidlookup-",
+        "ssp-spine-events-",
+    ]
+    .iter()
+    .find_map(|p| name.strip_prefix(p))?;
+    let format = time::macros::format_description!("[year][month][day]T[hour][minute][second]");
+    let mut parts = rest.split('-');
+    let mut date = || {
+        time::PrimitiveDateTime::parse(parts.next()?, &format)
+            .ok()
+            .map(time::PrimitiveDateTime::assume_utc)
+    };
+    Some((date()?, date()?))
+}
+
 /// `2020-01-01T21:00:13.001+0000`: Splunk's `%Y-%m-%dT%H:%M:%S.%Q%z`, in UTC.
 fn splunk_time(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
@@ -198,11 +210,11 @@ fn splunk_time(t: OffsetDateTime) -> String {
 /// after it, which may quote the consumer's target); else the outcome; empty for a transaction with no end in
 /// the log, as in the repository's test data.
 fn error_message(tx: &Transaction) -> String {
-    if let Some(code) = &tx.refusal {
+    if let Some(code) = tx.refusal.as_ref().filter(|c| !c.is_empty()) {
         return code.clone();
     }
     match &tx.end {
-        Some(end) if end.outcome == "ok" => "None".into(),
+        Some(end) if end.outcome == "ok" && tx.refusal.is_none() => "None".into(),
         Some(end) => end.outcome.clone(),
         None => String::new(),
     }
@@ -303,15 +315,31 @@ fn asid_lookup(policy: &Policy) -> (String, u64) {
     (text, n)
 }
 
+/// A refusal's error code without what follows it: the reasons end in values a consumer sent or the proxy was
+/// given (an ASID, a URL: `ASID_CHECK_FAILED_MESSAGESENDER_200000000359`, `..._URL_https://...`), so the code is
+/// the reason up to its first character that is not a letter, `_` or `-`, and before any `_http`, without a
+/// trailing `_`. The header names (`MISSING_OR_INVALID_HEADER_Ssp-TraceID`) are the proxy's own and stay.
+fn error_code(reason: &str) -> String {
+    let end = reason
+        .find(|c: char| !(c.is_ascii_alphabetic() || c == '_' || c == '-'))
+        .unwrap_or(reason.len());
+    let code = &reason[..end];
+    let code = code.find("_http").map_or(code, |at| &code[..at]);
+    code.trim_end_matches('_').to_owned()
+}
+
 /// A request record's `key` as the export may carry it: a record keeps what a refused consumer sent, and only a
-/// well-formed value leaves the box (empty otherwise): a trace id that is a UUID, ASIDs of 1 to 20 digits, an
+/// well-formed value leaves the box (empty otherwise): a trace id that is a UUID, ASIDs the directory registers
+/// (`Ssp-From` a system, `Ssp-To` an endpoint: a refused consumer may have put anything there, an NHS number), an
 /// interaction that is a URN of NHS services (`urn:nhs:names:services:`, no more than 200 of `[A-Za-z0-9:._-]`),
 /// a method of 1 to 16 capital letters. A header a consumer filled with a URL or an NHS number is not exported.
-fn well_formed(record: &Value, key: &str) -> String {
+fn well_formed(record: &Value, key: &str, policy: &Policy) -> String {
     let v = record[key].as_str().unwrap_or("");
+    let asid = || crate::ids::Asid::parse(v);
     let ok = match key {
         "trace_id" => uuid::Uuid::try_parse(v).is_ok() && v.len() == 36,
-        "from" | "to" => (1..=20).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()),
+        "from" => asid().is_some_and(|a| policy.system(&a).is_some()),
+        "to" => asid().is_some_and(|a| policy.endpoint(&a).is_some()),
         "interaction" => {
             v.starts_with("urn:nhs:names:services:")
                 && v.len() <= 200
@@ -329,6 +357,7 @@ fn well_formed(record: &Value, key: &str) -> String {
 /// trace id).
 fn read_transactions(
     dir: &Path,
+    policy: &Policy,
     from: OffsetDateTime,
     to: OffsetDateTime,
     unreadable: &mut u64,
@@ -361,20 +390,17 @@ fn read_transactions(
             );
             match record["kind"].as_str() {
                 Some("request") if at >= from && at < to => {
-                    let refusal = (record["decision"] == "deny").then(|| {
-                        let reason = record["reason"].as_str().unwrap_or("");
-                        let code = reason.split([':', ' ']).next().unwrap_or(reason);
-                        code.find("_http").map_or(code, |at| &code[..at]).to_owned()
-                    });
+                    let refusal = (record["decision"] == "deny")
+                        .then(|| error_code(record["reason"].as_str().unwrap_or("")));
                     open.entry(key).or_default().push_back(done.len());
                     done.push(Transaction {
                         internal_id: format!("{}-{}", text(&record, "instance"), record["seq"]),
                         arrived: at,
-                        trace_id: well_formed(&record, "trace_id"),
-                        from: well_formed(&record, "from"),
-                        to: well_formed(&record, "to"),
-                        interaction: well_formed(&record, "interaction"),
-                        method: well_formed(&record, "method"),
+                        trace_id: well_formed(&record, "trace_id", policy),
+                        from: well_formed(&record, "from", policy),
+                        to: well_formed(&record, "to", policy),
+                        interaction: well_formed(&record, "interaction", policy),
+                        method: well_formed(&record, "method", policy),
                         refusal,
                         end: None,
                     });
@@ -401,4 +427,46 @@ fn read_transactions(
     }
     done.sort_by_key(|tx| tx.arrived);
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_code_leaves_the_values_behind() {
+        for (reason, code) in [
+            (
+                "ASID_CHECK_FAILED_MESSAGESENDER_9434765919",
+                "ASID_CHECK_FAILED_MESSAGESENDER",
+            ),
+            (
+                "RATE_LIMIT_EXCEEDED_MESSAGESENDER_200000000359",
+                "RATE_LIMIT_EXCEEDED_MESSAGESENDER",
+            ),
+            (
+                "ERROR_COMMUNICATING_TO_ENDPOINT_URL_https://gp.example/Patient?identifier=9434765919",
+                "ERROR_COMMUNICATING_TO_ENDPOINT_URL",
+            ),
+            (
+                "MISSING_OR_INVALID_HEADER_Ssp-TraceID",
+                "MISSING_OR_INVALID_HEADER_Ssp-TraceID",
+            ),
+            (
+                "INVALID_IDENTIFIER_VALUE: the Ssp-To header",
+                "INVALID_IDENTIFIER_VALUE",
+            ),
+            ("405: Method Not Allowed", ""),
+        ] {
+            assert_eq!(error_code(reason), code, "{reason}");
+        }
+        let periods = period_of(
+            "gpcanalytics-ssptrans-20261102T000000-20261103T000000-other-20261207T101046.csv",
+        );
+        assert_eq!(
+            periods.map(|(f, t)| (f.unix_timestamp(), t.unix_timestamp())),
+            Some((1_793_577_600, 1_793_664_000))
+        );
+        assert_eq!(period_of("notes.txt"), None);
+    }
 }

@@ -1,7 +1,7 @@
 //! RFC 5424 messages as the shipper writes them and as `verify --witness` reads them back from a collector's file.
 //!
 //! A record travels as `<110>1 TIMESTAMP HOSTNAME ssp PROCID record [ssp-record@32473 seq=".." instance=".."
-//! hash=".."] LINE`: facility 13 (log audit) and severity 6 (informational) give PRI 110 (RFC 5424 section
+//! hash=".." len=".."] LINE`: facility 13 (log audit) and severity 6 (informational) give PRI 110 (RFC 5424 section
 //! 6.2.1); TIMESTAMP is the record's own `ts`; LINE is the record exactly as written in its segment. A chain head
 //! is the same with MSGID `head` and `[ssp-head@32473 ...]`. On the wire each message is preceded by its length
 //! in octets and a space (octet counting: RFC 5425 section 4.3, RFC 6587 section 3.4.1).

@@ -30,6 +30,15 @@ pub struct Witnessed {
     pub local_last: u64,
 }
 
+/// Why a check did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The local log and the collector's copy differ: the first record or head that does.
+    Differs(String),
+    /// The check cannot be made as asked (no key for the heads, another instance's log, no record to compare).
+    Unusable(String),
+}
+
 /// A record or head as the collector holds it: its hash and the line of the file it is on.
 struct Held {
     hash: HexDigest,
@@ -40,59 +49,64 @@ struct Held {
 /// `public_key` is the raw Ed25519 key the heads must be signed with; without one, a copy that holds heads
 /// fails (a head whose signature is not checked proves nothing). The error names the first record or head that
 /// differs, with its `seq` and the line of the collector's file.
+/// `until` is the local log's last seq as verified (a live log is checked up to there).
 pub fn check(
     dir: &Path,
     witness: &Path,
     instance: Option<&str>,
     public_key: Option<&[u8]>,
-) -> Result<Witnessed, String> {
-    let local_instance = first_instance(dir)?;
+    until: u64,
+) -> Result<Witnessed, Failure> {
+    let local_instance = first_instance(dir).map_err(Failure::Unusable)?;
     let instance = instance.map_or(local_instance.clone(), str::to_owned);
     if instance != local_instance {
-        return Err(format!(
+        return Err(Failure::Unusable(format!(
             "--instance {instance:?}: the local log in {} is instance {local_instance:?}",
             dir.display()
-        ));
+        )));
     }
-    let (records, heads, duplicates) = read_witness(witness, &instance)?;
+    let (records, heads, duplicates) =
+        read_witness(witness, &instance).map_err(Failure::Differs)?;
     if records.is_empty() && heads.is_empty() {
-        return Err(format!(
+        return Err(Failure::Unusable(format!(
             "{}: holds no record or head of instance {instance:?}",
             witness.display()
-        ));
+        )));
     }
     let mut head_at: BTreeMap<u64, Vec<&(Head, u64)>> = BTreeMap::new();
     for h in &heads {
         let Some(key) = public_key else {
-            return Err(format!(
+            return Err(Failure::Unusable(format!(
                 "{}: line {}: a signed chain head cannot be checked without the public key: give --public-key, \
                  or --config with audit.ship.head_key",
                 witness.display(),
                 h.1
-            ));
+            )));
         };
         if !h.0.signed_by(key) {
-            return Err(format!(
+            return Err(Failure::Differs(format!(
                 "{}: line {}: the chain head at seq {} (signed at {}) is not signed by the head key",
                 witness.display(),
                 h.1,
                 h.0.seq,
                 h.0.time
-            ));
+            )));
         }
         head_at.entry(h.0.seq).or_default().push(h);
     }
-    let mut follower = Follower::at(dir, Position::START).map_err(|e| e.to_string())?;
+    let mut follower =
+        Follower::at(dir, Position::START).map_err(|e| Failure::Unusable(e.to_string()))?;
     let mut local_last = 0;
-    while let Some(line) = follower
-        .next_line()
-        .map_err(|e| format!("the local log: {e}"))?
+    while local_last < until
+        && let Some(line) = follower
+            .next_line()
+            .map_err(|e| Failure::Differs(format!("the local log: {e}")))?
     {
         local_last = line.seq;
         if let Some(held) = records.get(&line.seq)
             && held.hash != line.hash
         {
-            return Err(format!(
+            return Err(Failure::Differs(format!(
                 "seq {}: the local record differs from the collector's copy ({}: line {}): local hash {}, \
                  shipped hash {}",
                 line.seq,
@@ -100,11 +114,11 @@ pub fn check(
                 held.line,
                 line.hash,
                 held.hash
-            ));
+            )));
         }
         for (head, at) in head_at.get(&line.seq).into_iter().flatten() {
             if head.hash != line.hash {
-                return Err(format!(
+                return Err(Failure::Differs(format!(
                     "the chain head at seq {} signed at {} ({}: line {at}) does not match the local chain: \
                      the head says {}, the local record hashes to {}",
                     head.seq,
@@ -112,26 +126,26 @@ pub fn check(
                     witness.display(),
                     head.hash,
                     line.hash
-                ));
+                )));
             }
         }
     }
     let last_shipped = records.keys().next_back().copied().unwrap_or(0);
     if let Some((&seq, held)) = records.range(local_last + 1..).next() {
-        return Err(format!(
+        return Err(Failure::Differs(format!(
             "seq {seq}: shipped to the collector ({}: line {}) but not in the local log, which ends at seq \
              {local_last}; the collector holds records up to seq {last_shipped}, the last shipped",
             witness.display(),
             held.line
-        ));
+        )));
     }
     if let Some((&seq, hs)) = head_at.range(local_last + 1..).next() {
-        return Err(format!(
+        return Err(Failure::Differs(format!(
             "the chain head at seq {seq} ({}: line {}) names a record the local log does not have (it ends at \
              seq {local_last})",
             witness.display(),
             hs[0].1
-        ));
+        )));
     }
     let mut gaps = Vec::new();
     let mut expect = 1;
@@ -207,6 +221,17 @@ fn read_witness(witness: &Path, instance: &str) -> Result<WitnessCopy, String> {
                 .param(RECORD_SD, "hash")
                 .and_then(HexDigest::parse)
                 .ok_or_else(|| at(format!("seq {seq}: a record without a hash")))?;
+            let sent_len = message
+                .param(RECORD_SD, "len")
+                .and_then(|n| n.parse::<usize>().ok());
+            if sent_len.is_some_and(|n| n > message.msg.len()) {
+                return Err(at(format!(
+                    "seq {seq}: the collector kept {} of the record's {} bytes (raise its maximum message size: \
+                     rsyslog's maxMessageSize)",
+                    message.msg.len(),
+                    sent_len.unwrap_or_default()
+                )));
+            }
             if HexDigest::of(message.msg.as_bytes()) != hash {
                 return Err(at(format!(
                     "seq {seq}: the record's bytes do not hash to the hash sent with them (changed at or after \
