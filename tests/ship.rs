@@ -205,6 +205,18 @@ confirm_interval = "300ms"
     )
 }
 
+/// A config shipping in plain TCP to `port` on loopback (a local relay).
+fn tcp_ship(dir: &Path, port: u16) -> Setup {
+    Setup {
+        extra_audit: format!(
+            "segment_size = \"64KiB\"\n\n[audit.ship]\ncollector = \"127.0.0.1:{port}\"\ntransport = \"tcp\"\n\
+             head_key = \"{}\"\nconfirm_interval = \"300ms\"\n",
+            dir.join("head.pem").display()
+        ),
+        ..Setup::default()
+    }
+}
+
 /// A sample of `/metrics`, as a float; 0 when absent.
 async fn metric(admin: SocketAddr, series: &str) -> f64 {
     metrics_text(admin)
@@ -483,15 +495,7 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
     // 6. To a relay on loopback over plain TCP: a new collector, so everything is shipped again from the first
     // record; the copies are the same records, counted once (the seal the start writes after the kill is new).
     let before = ssp::audit::verify(&audit_dir).unwrap().last_seq;
-    let setup = Setup {
-        extra_audit: format!(
-            "segment_size = \"64KiB\"\n\n[audit.ship]\ncollector = \"127.0.0.1:{relay}\"\ntransport = \"tcp\"\n\
-             head_key = \"{}\"\nconfirm_interval = \"300ms\"\n",
-            cdir.join("head.pem").display()
-        ),
-        ..Setup::default()
-    };
-    let ssp = Logged::start(&pki, provider.addr, setup).await;
+    let ssp = Logged::start(&pki, provider.addr, tcp_ship(&cdir, relay)).await;
     let last = shipped_all(ssp.admin, &audit_dir).await;
     assert!(
         ssp.log().contains("shipped to \"localhost:"),
@@ -635,15 +639,7 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
             });
         }
     });
-    let setup = Setup {
-        extra_audit: format!(
-            "segment_size = \"64KiB\"\n\n[audit.ship]\ncollector = \"127.0.0.1:{talk_port}\"\ntransport = \"tcp\"\n\
-             head_key = \"{}\"\nconfirm_interval = \"300ms\"\n",
-            cdir.join("head.pem").display()
-        ),
-        ..Setup::default()
-    };
-    let ssp = Logged::start(&pki, provider.addr, setup).await;
+    let ssp = Logged::start(&pki, provider.addr, tcp_ship(&cdir, talk_port)).await;
     let consumer = Consumer::new(&pki, Some("consumer"), ssp.served.addr, false);
     send(&consumer, provider.addr, 5, 9_000).await;
     let deadline = Instant::now() + STEP;
