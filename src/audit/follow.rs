@@ -183,10 +183,14 @@ impl Follower {
     /// Makes what this reader has read durable on the local disk (fdatasync of the segment it reads): a record is
     /// shipped only once a power cut can no longer take it from the local log (in `batched` mode the writer's own
     /// fsync may be up to `audit.fsync_interval` away).
+    /// The segment synced is the one the last line came from (a segment before it was sealed and fsynced by the
+    /// writer before the next was made), opened again when the reader has let it go at its end.
     pub fn sync(&self) -> io::Result<()> {
         match &self.file {
             Some(reader) => reader.get_ref().sync_data(),
-            None => Ok(()),
+            // Nothing read from this segment yet: nothing of it to make durable.
+            None if self.pos.offset == 0 => Ok(()),
+            None => File::open(self.dir.join(segment_name(self.pos.segment)))?.sync_data(),
         }
     }
 
@@ -409,6 +413,8 @@ mod tests {
         let mut f = Follower::at(dir.path(), Position::START).unwrap();
         assert_eq!(f.next_line().unwrap().unwrap().bytes, one.as_bytes());
         assert!(f.next_line().unwrap().is_none());
+        // At the end of what is written the reader has let the file go; what it read can still be made durable.
+        f.sync().unwrap();
         std::fs::write(&first, format!("{one}\n{two}\n")).unwrap();
         let read = f.next_line().unwrap().unwrap();
         assert_eq!((read.seq, read.bytes.as_slice()), (2, two.as_bytes()));
