@@ -5,7 +5,8 @@
 //!
 //! The shipper is one thread of its own (`ssp-audit-ship`) that reads the segment files, never the writer's
 //! memory: a request never waits for it, and what it has not shipped waits on disk, across restarts. Syslog over
-//! TLS has no acknowledgement (RFC 5425 section 4), so a batch is confirmed by closing the connection: the
+//! TLS is one way (RFC 5425 defines no answer from the receiver), so a batch is confirmed by closing the
+//! connection: the
 //! shipper sends its records, a TLS close_notify and a TCP FIN, and counts them received only when the collector
 //! closes its end in turn, which it does after reading everything before the FIN (a collector that closed with
 //! bytes unread would have reset the connection instead). Only then is the shipped position (`ship.state` in

@@ -6,8 +6,8 @@
 //! is the same with MSGID `head` and `[ssp-head@32473 ...]`. On the wire each message is preceded by its length
 //! in octets and a space (octet counting: RFC 5425 section 4.3, RFC 6587 section 3.4.1).
 //!
-//! 32473 is the private enterprise number RFC 5612 sets aside for documentation: ssp has none of its own, and an
-//! SD-ID with `@` must carry one (RFC 5424 section 7.2.2 reserves bare names for IANA).
+//! 32473 is the private enterprise number RFC 5612 sets aside for documentation: ssp has none of its own, and a
+//! name of ours must carry one after its `@` (RFC 5424 section 6.3.2: names without `@` are IANA's).
 
 /// The SD-ID of a record's structured data.
 pub const RECORD_SD: &str = "ssp-record@32473";
