@@ -316,7 +316,7 @@ fn bench_ship(c: &mut Criterion) {
         text.push('\n');
     }
     std::fs::write(dir.path().join("audit-00000001.jsonl"), &text).unwrap();
-    let header = ssp::ship::syslog::Header {
+    let header = ssp::audit::ship::syslog::Header {
         ts: "2026-12-07T10:00:00.123456Z",
         hostname: "ssp-a",
         procid: "4242",
@@ -342,11 +342,11 @@ fn bench_ship(c: &mut Criterion) {
                         ("instance", line.instance.as_str()),
                         ("hash", line.hash.as_str()),
                     ];
-                    ssp::ship::syslog::frame(
+                    ssp::audit::ship::syslog::frame(
                         &mut out,
                         &header,
                         "record",
-                        ssp::ship::syslog::RECORD_SD,
+                        ssp::audit::ship::syslog::RECORD_SD,
                         &params,
                         &line.bytes,
                     );

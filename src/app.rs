@@ -84,7 +84,7 @@ pub(crate) fn inspect(config: &Config) -> Inspection {
         problems.push(format!("audit.patients.key: {why}"));
     }
     if let Some(ship) = &config.ship {
-        problems.extend(crate::ship::check(ship));
+        problems.extend(crate::audit::ship::check(ship));
     }
     let (expired, mut warnings) = expiry_report(config);
     problems.extend(expired);
@@ -329,7 +329,7 @@ pub struct Instance {
     /// `[audit.patients]`: the socket `ssp audit subject` asks the proxy to record its lookups on.
     lookups: Option<Arc<tokio::net::UnixListener>>,
     /// `[audit.ship]`: the thread that ships the log to the collector.
-    shipper: Option<crate::ship::Shipper>,
+    shipper: Option<crate::audit::ship::Shipper>,
 }
 
 /// What a reload touches: the policy snapshot (in the proxy), the TLS material, and their metrics.
@@ -517,7 +517,7 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
     };
     let shipper = match &config.ship {
         Some(ship) => Some(
-            crate::ship::start(ship, &config.audit, metrics.ship.clone())
+            crate::audit::ship::start(ship, &config.audit, metrics.ship.clone())
                 .map_err(|why| std::io::Error::other(ShipUnusable(why)))?,
         ),
         None => None,

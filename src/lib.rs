@@ -92,7 +92,6 @@ pub mod onboard;
 pub mod policy;
 pub mod proxy;
 pub(crate) mod server;
-pub mod ship;
 pub mod signing;
 pub mod ssp;
 pub mod tls;

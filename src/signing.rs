@@ -54,7 +54,8 @@ impl SigningKey {
         Ok(Self { pair })
     }
 
-    fn public_base64(&self) -> String {
+    /// Base64 of the raw public key, as a manifest and a chain head name it.
+    pub fn public_base64(&self) -> String {
         STANDARD.encode(self.pair.public_key().as_ref())
     }
 

@@ -106,8 +106,8 @@ impl Drop for Collector {
 fn witnessed(text: &str) -> BTreeMap<u64, Vec<String>> {
     let mut seqs: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for line in text.lines() {
-        if let Some(m) = ssp::ship::syslog::parse(line)
-            && let Some(seq) = m.param(ssp::ship::syslog::RECORD_SD, "seq")
+        if let Some(m) = ssp::audit::ship::syslog::parse(line)
+            && let Some(seq) = m.param(ssp::audit::ship::syslog::RECORD_SD, "seq")
         {
             seqs.entry(seq.parse().unwrap())
                 .or_default()
@@ -321,7 +321,7 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
         })
         .collect();
     for line in text.lines().filter(|l| l.contains("[ssp-record@32473 ")) {
-        let m = ssp::ship::syslog::parse(line).unwrap();
+        let m = ssp::audit::ship::syslog::parse(line).unwrap();
         let seq: usize = m.param("ssp-record@32473", "seq").unwrap().parse().unwrap();
         assert_eq!(m.msg, local[seq - 1], "seq {seq} arrived as written");
         assert_eq!(
@@ -399,7 +399,7 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
     );
     let mut first_seen = Vec::new();
     for line in text.lines() {
-        if let Some(m) = ssp::ship::syslog::parse(line)
+        if let Some(m) = ssp::audit::ship::syslog::parse(line)
             && let Some(seq) = m.param("ssp-record@32473", "seq")
         {
             let seq: u64 = seq.parse().unwrap();
@@ -530,7 +530,7 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
     let forged = pki.dir.path().join("forged.log");
     let mut text = std::fs::read_to_string(collector.file()).unwrap();
     let other_key = ssp::signing::SigningKey::load(&cdir.join("other-head.pem")).unwrap();
-    let head = ssp::ship::head::Head::sign(
+    let head = ssp::audit::ship::head::Head::sign(
         &other_key,
         "test-instance",
         5,
@@ -540,12 +540,12 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
     let mut framed = Vec::new();
     let params: Vec<(&str, String)> = head.params().to_vec();
     let params: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let header = ssp::ship::syslog::Header {
+    let header = ssp::audit::ship::syslog::Header {
         ts: "2026-12-07T10:00:00Z",
         hostname: "elsewhere",
         procid: "1",
     };
-    ssp::ship::syslog::frame(
+    ssp::audit::ship::syslog::frame(
         &mut framed,
         &header,
         "head",
@@ -560,7 +560,7 @@ async fn every_record_reaches_the_collector_and_the_collector_witnesses_the_log(
         r#"{"seq":1,"instance":"other","ts":"2026-12-07T10:00:00Z","kind":"sealed","prev":"0"}"#;
     let mut other = Vec::new();
     let other_hash = ssp::hex::HexDigest::of(other_line.as_bytes());
-    ssp::ship::syslog::frame(
+    ssp::audit::ship::syslog::frame(
         &mut other,
         &header,
         "record",

@@ -1,6 +1,6 @@
 //! `ssp audit export --format spine`: golden output from a fixture log (`tests/fixtures/spine`), and every file
 //! checked against the schema NHS England's `gpconnect-analytics` import loads it into (written below from that
-//! repository, which the module doc of `ssp::ship::spine` cites file by file).
+//! repository, which the module doc of `ssp::audit::ship::spine` cites file by file).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

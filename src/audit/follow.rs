@@ -310,6 +310,8 @@ pub struct LineCounter {
     offset: u64,
     /// The seq of the last whole line passed.
     seq: u64,
+    /// Read into, kept between calls.
+    buf: Vec<u8>,
 }
 
 impl LineCounter {
@@ -320,6 +322,7 @@ impl LineCounter {
             segment: pos.segment,
             offset: pos.offset,
             seq: pos.seq,
+            buf: vec![0u8; 64 << 10],
         }
     }
 
@@ -328,7 +331,6 @@ impl LineCounter {
     pub fn advance(&mut self, max_bytes: u64) -> io::Result<u64> {
         use std::io::Read;
         let mut budget = max_bytes;
-        let mut buf = vec![0u8; 64 << 10];
         loop {
             let Some(index) = first_from(&self.dir, self.segment)? else {
                 return Ok(self.seq);
@@ -342,13 +344,13 @@ impl LineCounter {
             let mut at = self.offset;
             loop {
                 file.seek(SeekFrom::Start(at))?;
-                let n = file.read(&mut buf)?;
+                let n = file.read(&mut self.buf)?;
                 if n == 0 {
                     break;
                 }
-                match memchr::memrchr(b'\n', &buf[..n]) {
+                match memchr::memrchr(b'\n', &self.buf[..n]) {
                     Some(last) => {
-                        self.seq += memchr::memchr_iter(b'\n', &buf[..=last]).count() as u64;
+                        self.seq += memchr::memchr_iter(b'\n', &self.buf[..=last]).count() as u64;
                         self.offset = at + last as u64 + 1;
                         at = self.offset;
                     }

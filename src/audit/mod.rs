@@ -11,6 +11,10 @@
 //! - [`writer`]: the queue, the `ssp-audit` thread, group commit and fsync.
 //! - `segment`: segment files, rotation and crash recovery (the thread's only).
 //! - [`verify`](mod@verify) and [`query`](mod@query): the offline readers of `ssp audit verify` and `ssp audit query`.
+//! - [`follow`]: a reader that follows the segments as they are written.
+//! - [`patients`]: the patient index and trail.
+//! - [`ship`]: the log shipped to the operator's collector, checked against it, and exported in the national
+//!   SSP's shape.
 //!
 //! Does not decide anything: `proxy` hands it records and waits for the acknowledgement before forwarding.
 
@@ -19,6 +23,7 @@ pub mod patients;
 pub mod query;
 pub mod record;
 mod segment;
+pub mod ship;
 pub mod verify;
 pub mod writer;
 

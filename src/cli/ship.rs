@@ -1,4 +1,4 @@
-//! `ssp audit verify --witness` and `ssp audit export --format spine` (see `crate::ship`).
+//! `ssp audit verify --witness` and `ssp audit export --format spine` (see `crate::audit::ship`).
 
 use std::path::{Path, PathBuf};
 
@@ -68,7 +68,7 @@ pub(super) fn verify_witness(
             return exit::USAGE;
         }
     };
-    match crate::ship::witness::check(
+    match crate::audit::ship::witness::check(
         dir,
         &witness,
         args.instance.as_deref(),
@@ -99,11 +99,11 @@ pub(super) fn verify_witness(
             }
             exit::OK
         }
-        Err(crate::ship::witness::Failure::Differs(why)) => {
+        Err(crate::audit::ship::witness::Failure::Differs(why)) => {
             println!("DIFFERS FROM THE WITNESS: {why}");
             exit::NEGATIVE
         }
-        Err(crate::ship::witness::Failure::Unusable(why)) => {
+        Err(crate::audit::ship::witness::Failure::Unusable(why)) => {
             eprintln!("{why}");
             exit::USAGE
         }
@@ -165,7 +165,7 @@ pub(super) fn export(args: Export) -> u8 {
              period that has ended)"
         );
     }
-    match crate::ship::spine::export(
+    match crate::audit::ship::spine::export(
         &config.audit.dir,
         &policy,
         from,

@@ -1,4 +1,4 @@
-//! `[audit.ship]`: where the transaction log is shipped (the `ship` module ships it), validated.
+//! `[audit.ship]`: where the transaction log is shipped (`audit::ship` ships it), validated.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::UpstreamConfig;
 use super::raw::RawShip;
-use super::validate::Converter;
+use super::validate::{Converter, host_and_port};
 
 /// How records reach the collector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,10 +56,7 @@ impl Converter<'_> {
             // Empty: the checks of the files leave it alone, the problem is said.
             PathBuf::new()
         });
-        let host = collector
-            .rsplit_once(':')
-            .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
-            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned());
+        let host = host_and_port(&collector).map(str::to_owned);
         if host.is_none() {
             self.problem(
                 "audit.ship.collector",

@@ -393,10 +393,7 @@ impl Converter<'_> {
         let mut resolve = HashMap::new();
         for (name, addr) in raw.resolve {
             let key = format!("upstream.resolve.\"{name}\"");
-            let name_ok = name.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
-            });
-            if !name_ok {
+            if host_and_port(&name).is_none() {
                 self.problem(&key, "the name must be \"host:port\"");
                 continue;
             }
@@ -435,6 +432,14 @@ impl Converter<'_> {
             resolve,
         }
     }
+}
+
+/// The host of `"host:port"` (a bracketed IPv6 host without its brackets) when the host is not empty and the port
+/// is 1 to 65535; `None` otherwise.
+pub(super) fn host_and_port(text: &str) -> Option<&str> {
+    let (host, port) = text.rsplit_once(':')?;
+    (!host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
+        .then(|| host.trim_start_matches('[').trim_end_matches(']'))
 }
 
 /// `"path: line L, column C: [key: ]message"` for a TOML syntax or type error, on one line.

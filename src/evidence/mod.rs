@@ -49,7 +49,7 @@ pub fn write_pack(
     }
     let mut manifest = format!(
         "{MANIFEST_HEADER}\nsigning-key: ed25519 {}\n",
-        STANDARD.encode(key.public_key())
+        key.public_base64()
     );
     for (name, bytes) in files {
         let path = out.join(name);

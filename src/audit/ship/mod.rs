@@ -56,6 +56,8 @@ const COUNT_STEP: u64 = 64 << 20;
 pub struct Shipper {
     stop: Arc<Stop>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Closed (its sender dropped) when the thread ends.
+    ended: std::sync::mpsc::Receiver<()>,
 }
 
 /// The stop request, with a deadline, and the condition the thread sleeps on.
@@ -130,13 +132,18 @@ pub fn start(
         oldest: None,
         last_head: None,
     };
+    let (ending, ended) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("ssp-audit-ship".into())
-        .spawn(move || run.run())
+        .spawn(move || {
+            let _ending = ending;
+            run.run();
+        })
         .map_err(|e| format!("audit.ship: cannot start the shipper thread: {e}"))?;
     Ok(Shipper {
         stop,
         thread: Some(thread),
+        ended,
     })
 }
 
@@ -144,18 +151,19 @@ impl Shipper {
     /// Asks the shipper to ship what the log holds (the seal of a closing log too) and stop, and waits for it,
     /// for up to `within`. What is left stays on disk and goes at the next start.
     pub fn finish(mut self, within: Duration) {
-        let deadline = Instant::now() + within;
-        *self.stop.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+        *self.stop.deadline.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + within);
         self.stop.wake.notify_all();
         let Some(thread) = self.thread.take() else {
             return;
         };
         // A step of the batch in flight may be blocked on the collector for a while yet: past the deadline its
         // socket is shut down, which ends the step with an error (and the batch unconfirmed).
-        while !thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if !thread.is_finished()
+        let out_of_time = matches!(
+            self.ended.recv_timeout(within),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+        if out_of_time
             && let Some(socket) = self
                 .stop
                 .socket
@@ -396,7 +404,7 @@ impl Run {
             };
             let msg = serde_json::json!({
                 "kind": "chain_head", "instance": head.instance, "seq": head.seq, "hash": head.hash.as_str(),
-                "time": head.time, "sig": head.sig, "key": base64_key(&self.key),
+                "time": head.time, "sig": head.sig, "key": self.key.public_base64(),
             });
             syslog::frame(
                 &mut buf,
@@ -441,11 +449,6 @@ impl Run {
         };
         self.metrics.lag_seconds.set(seconds);
     }
-}
-
-fn base64_key(key: &SigningKey) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(key.public_key())
 }
 
 /// The state file as written.

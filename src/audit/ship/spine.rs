@@ -271,40 +271,32 @@ fn events_of(tx: &Transaction) -> Vec<Value> {
     events
 }
 
-/// The directory's systems and endpoints, by ASID, as the ASID lookup file.
+/// The directory's systems and endpoints, by ASID, as the ASID lookup file (a system's `name` stands in for a
+/// missing `product`; an ASID in both is the system's row).
 fn asid_lookup(policy: &Policy) -> (String, u64) {
+    let row = |asid: &str, ods: &str, o: &crate::policy::Organisation, product: Option<&str>| {
+        let cell = |v: &Option<String>| v.clone().unwrap_or_default();
+        let product = o.product.as_deref().or(product).unwrap_or_default();
+        csv_line(&[
+            asid,
+            &cell(&o.supplier),
+            ods,
+            &cell(&o.org_name),
+            &cell(&o.org_type),
+            product,
+            &cell(&o.postcode),
+        ])
+    };
     let mut rows: BTreeMap<String, String> = BTreeMap::new();
     for e in policy.endpoints() {
-        let o = &e.org;
-        let cell = |v: &Option<String>| v.clone().unwrap_or_default();
-        rows.insert(
-            e.asid.as_str().to_owned(),
-            csv_line(&[
-                e.asid.as_str(),
-                &cell(&o.supplier),
-                e.ods.as_str(),
-                &cell(&o.org_name),
-                &cell(&o.org_type),
-                &cell(&o.product),
-                &cell(&o.postcode),
-            ]),
-        );
+        let asid = e.asid.as_str();
+        rows.insert(asid.to_owned(), row(asid, e.ods.as_str(), &e.org, None));
     }
     for s in policy.systems() {
-        let o = &s.org;
-        let cell = |v: &Option<String>| v.clone().unwrap_or_default();
-        let product = o.product.clone().unwrap_or_else(|| s.name.clone());
+        let asid = s.asid.as_str();
         rows.insert(
-            s.asid.as_str().to_owned(),
-            csv_line(&[
-                s.asid.as_str(),
-                &cell(&o.supplier),
-                s.ods.as_str(),
-                &cell(&o.org_name),
-                &cell(&o.org_type),
-                &product,
-                &cell(&o.postcode),
-            ]),
+            asid.to_owned(),
+            row(asid, s.ods.as_str(), &s.org, Some(&s.name)),
         );
     }
     let mut text = format!("{}\n", ASID_COLUMNS.join(","));
