@@ -60,6 +60,11 @@ impl Asid {
         FieldText::copy(text, Self::valid).map(Self)
     }
 
+    /// `0`: a well-formed ASID no directory registers, in place of a refused config value.
+    pub(crate) fn placeholder() -> Self {
+        Self(FieldText(HeaderValue::from_static("0")))
+    }
+
     /// An ASID from a header field, sharing its bytes.
     pub(crate) fn from_field(value: &HeaderValue) -> Option<Self> {
         FieldText::shared(value, Self::valid).map(Self)
@@ -122,6 +127,11 @@ impl InteractionId {
     /// characters from the RFC 8141 URN character set.
     pub fn parse(text: &str) -> Option<Self> {
         FieldText::copy(text, Self::valid).map(Self)
+    }
+
+    /// `urn:invalid`: a well-formed interaction no directory names, in place of a refused config value.
+    pub(crate) fn placeholder() -> Self {
+        Self(FieldText(HeaderValue::from_static("urn:invalid")))
     }
 
     /// An interaction from a header field, sharing its bytes.
@@ -191,7 +201,7 @@ impl std::borrow::Borrow<str> for InteractionId {
 
 /// Who is at the other end of a consumer connection, read once from the client certificate right after the
 /// handshake and shared by every request on that connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerIdentity {
     /// The certificate subject as an RFC 4514-style string, for the audit trail.
     pub subject: String,

@@ -89,6 +89,7 @@ pub mod lifecycle;
 pub(crate) mod limits;
 pub mod metrics;
 pub mod onboard;
+pub mod patient_facing;
 pub mod policy;
 pub mod proxy;
 pub(crate) mod server;

@@ -148,6 +148,7 @@ async fn reload_each(mut hup: tokio::signal::unix::Signal, config: Config, handl
         proxy,
         tls,
         metrics,
+        front,
     } = handles;
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading policies");
@@ -160,6 +161,20 @@ async fn reload_each(mut hup: tokio::signal::unix::Signal, config: Config, handl
             Err(_) => notify(&[NotifyState::Reloading]),
         }
         let _ = reload_tls(&config, &tls, &metrics).await;
+        if let Some(front) = &front {
+            let front = Arc::clone(front);
+            match tokio::task::spawn_blocking(move || front.reload()).await {
+                Ok(Ok(())) => {
+                    tracing::info!("patient-facing certificate, CAs and practices reloaded")
+                }
+                Ok(Err(problems)) => {
+                    for line in &problems.problems {
+                        tracing::error!(problem = %line, "patient-facing reload refused; the running files stay");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "patient-facing reload failed"),
+            }
+        }
         let result = reload_policy(&config, &proxy).await;
         metrics.policy_reload(result.is_ok());
         metrics

@@ -48,6 +48,22 @@ pub(crate) const DENIAL_REASONS: &[&str] = &[
     "malformed_request_body",
     "error_communicating_to_endpoint",
     "timeout_communicating_to_endpoint",
+    // The patient-facing door's own.
+    "invalid_request_id",
+    "invalid_correlation_id",
+    "access_token_missing",
+    "access_token_invalid",
+    "jwks_unavailable",
+    "proofing_level_too_low",
+    "scope_missing",
+    "nhs_number_missing",
+    "route_not_found",
+    "app_rate_limit",
+    "practice_not_found",
+    "interaction_not_at_practice",
+    "supplier_not_configured",
+    "token_exchange_refused",
+    "token_exchange_failed",
 ];
 
 /// Every `reason` of `ssp_tls_handshake_failures_total` ([`crate::tls::failure_reason`], plus the listener's own).
@@ -69,6 +85,9 @@ pub(crate) const TLS_FAILURE_REASONS: &[&str] = &[
     "proxy_header_invalid",
     "proxy_header_untrusted",
 ];
+
+/// Every `outcome` of `ssp_patient_facing_token_exchanges_total`.
+pub(crate) const EXCHANGE_OUTCOMES: &[&str] = &["cached", "exchanged", "refused", "failed"];
 
 /// Every `kind` of `ssp_upstream_errors_total`.
 pub(crate) const UPSTREAM_ERROR_KINDS: &[&str] = &["upstream_error", "timeout"];
@@ -96,6 +115,7 @@ pub struct Metrics {
     bytes_in: IntCounter,
     bytes_out: IntCounter,
     upstream_errors: IntCounterVec,
+    token_exchanges: IntCounterVec,
     connections_cut: IntCounterVec,
     pub audit_records: IntCounter,
     pub audit_write_seconds: Histogram,
@@ -247,6 +267,12 @@ impl Metrics {
             "Failed exchanges with providers, by kind",
             &["kind"],
         )?;
+        let token_exchanges = counter_vec(
+            &r,
+            "ssp_patient_facing_token_exchanges_total",
+            "Supplier tokens for patient-facing requests, by outcome: cached, exchanged, refused, failed",
+            &["outcome"],
+        )?;
         let connections_cut = counter_vec(
             &r,
             "ssp_connections_cut_total",
@@ -330,6 +356,7 @@ impl Metrics {
             (&denials, DENIAL_REASONS),
             (&tls_failures, TLS_FAILURE_REASONS),
             (&upstream_errors, UPSTREAM_ERROR_KINDS),
+            (&token_exchanges, EXCHANGE_OUTCOMES),
             (&connections_cut, CUT_REASONS),
             (&consumer_cert_warnings, CONSUMER_CERT_WARNINGS),
             (&policy_reloads, RELOAD_RESULTS),
@@ -351,6 +378,7 @@ impl Metrics {
             connections_active,
             connections_total,
             upstream_errors,
+            token_exchanges,
             connections_cut,
             audit_records,
             audit_write_seconds,
@@ -398,6 +426,11 @@ impl Metrics {
 
     pub(crate) fn denied(&self, reason: &'static str) {
         self.denials.with_label_values(&[reason]).inc();
+    }
+
+    /// A patient-facing request's supplier token; `outcome` is one of [`EXCHANGE_OUTCOMES`].
+    pub(crate) fn token_exchange(&self, outcome: &'static str) {
+        self.token_exchanges.with_label_values(&[outcome]).inc();
     }
 
     pub(crate) fn upstream_error(&self, kind: &'static str) {
@@ -498,6 +531,7 @@ mod tests {
             "ssp_connections_total",
             "ssp_bytes_total",
             "ssp_upstream_errors_total",
+            "ssp_patient_facing_token_exchanges_total",
             "ssp_audit_records_total",
             "ssp_audit_write_seconds",
             "ssp_audit_queue_depth",

@@ -30,8 +30,8 @@ pub mod writer;
 pub use crate::config::{AuditConfig, Durability};
 pub use query::{Filter, TABLE_HEADER, query, table_row};
 pub use record::{
-    ChainLink, Completion, Encoded, Lookup, Outcome, Peer, Record, SealReason, Transaction, encode,
-    millis,
+    ChainLink, Completion, Encoded, Lookup, Outcome, PatientAccess, Peer, Record, SealReason,
+    Transaction, encode, millis,
 };
 pub use segment::{AuditMetrics, WRITER_WAIT};
 pub use verify::{Broken, Verified, verify};

@@ -13,7 +13,7 @@ use crate::jwt::JwtAudit;
 mod transaction;
 
 pub(super) use transaction::Addressing;
-pub use transaction::{Peer, Transaction};
+pub use transaction::{PatientAccess, Peer, Transaction};
 
 /// How an exchange ended (DESIGN.md 1.6 `outcome`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -397,6 +397,22 @@ fn request(
     line.u64("policy_generation", tx.policy_generation);
     if let Some(jwt) = jwt {
         line.obj("jwt", |o| jwt.write_json(o));
+    }
+    if let Some(access) = &tx.access {
+        line.obj("patient_facing", |o| {
+            o.str_if("request_id", access.request_id.as_deref());
+            o.str_if("correlation_id", access.correlation_id.as_deref());
+            o.str_if("client_id", access.client_id.as_deref());
+            o.str_if("nhs_number", access.nhs_number.as_deref());
+            o.str_if("proofing", access.proofing);
+            o.str_if("acting", access.acting.as_deref());
+            if let Some((ods, from)) = &access.practice {
+                o.str("practice", ods);
+                o.str("practice_from", from);
+            }
+            o.str_if("supplier", access.supplier.as_deref());
+            o.str_if("exchange", access.exchange);
+        });
     }
 }
 

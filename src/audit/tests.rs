@@ -45,6 +45,7 @@ fn transaction(n: u64) -> Arc<Transaction> {
         policy_generation: 1,
         addressing: checked_addressing(n, "consumer.dev.localhost"),
         patients: None,
+        access: None,
     })
 }
 

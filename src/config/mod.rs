@@ -7,6 +7,7 @@
 //! - `raw`: the file's schema, as written (`deny_unknown_fields`).
 //! - `validate`: raw values to typed ones, every problem named with its key.
 
+mod patient_facing;
 mod raw;
 mod shipping;
 mod validate;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use http::Method;
 
+pub use patient_facing::{JwksSource, PatientFacingConfig, Proofing, Route};
 use raw::RawConfig;
 pub use shipping::{ShipConfig, ShipTransport};
 use validate::{Converter, toml_error_line};
@@ -76,6 +78,8 @@ pub struct Config {
     pub evidence_key: Option<PathBuf>,
     /// `[audit.ship]`: the collector the log is shipped to, when configured.
     pub ship: Option<ShipConfig>,
+    /// `[patient_facing]`: the listener for patient-facing apps, when configured.
+    pub patient_facing: Option<PatientFacingConfig>,
 }
 
 /// Which ODS codes' accredited systems are consumers (`[[system]]`) and which are providers (`[[endpoint]]`), and
@@ -324,6 +328,9 @@ impl Config {
         let log = v.log(raw.log);
         let limits = v.limits(raw.limits);
         let sds = raw.sds.map(|raw| v.sds(raw));
+        let patient_facing = raw
+            .patient_facing
+            .map(|raw| v.patient_facing(raw, &server, &upstream));
         let radar_window = v.duration(
             "radar.window",
             raw.radar.window,
@@ -358,6 +365,7 @@ impl Config {
                 patients,
                 evidence_key,
                 ship,
+                patient_facing,
             }),
         }
     }

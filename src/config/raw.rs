@@ -28,6 +28,75 @@ pub(super) struct RawConfig {
     pub(super) radar: RawRadar,
     #[serde(default)]
     pub(super) evidence: RawEvidence,
+    /// The patient-facing listener. Optional.
+    pub(super) patient_facing: Option<RawPatientFacing>,
+}
+
+/// `[patient_facing]` as written: the second consumer listener, for patient-facing apps with NHS login access
+/// tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPatientFacing {
+    /// `ip:port`. Required.
+    pub(super) listen: Option<String>,
+    /// The directory `[[system]]` patient-facing requests are sent as (its agreements apply). Required.
+    pub(super) asid: Option<String>,
+    /// Server certificate and key. Default `server.cert` and `server.key`.
+    pub(super) cert: Option<PathBuf>,
+    pub(super) key: Option<PathBuf>,
+    /// CA file(s) of the platform's client certificates; empty (the default): no client certificate asked for.
+    #[serde(default)]
+    pub(super) client_ca: Vec<PathBuf>,
+    /// The access tokens' `iss`. Required.
+    pub(super) issuer: Option<String>,
+    /// The `aud` they must carry. Required.
+    pub(super) audience: Option<String>,
+    /// Accepted `alg`s, from RS256, RS512, ES256. Default all three.
+    pub(super) algorithms: Option<Vec<String>>,
+    /// A JWKS file, or an `https://` URL. Required.
+    pub(super) jwks: Option<String>,
+    /// CA file(s) the JWKS URL's certificate is checked against. Default `upstream.ca`.
+    #[serde(default)]
+    pub(super) jwks_ca: Vec<PathBuf>,
+    /// How often the JWKS is fetched again. Default `5m`.
+    pub(super) jwks_refresh: Option<String>,
+    /// How long a key stays usable after the last fetch that listed it. Default `1h`.
+    pub(super) jwks_stale: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`. Default `30s`, at most `5m`.
+    pub(super) leeway: Option<String>,
+    /// The scope the token must carry. Required.
+    pub(super) scope: Option<String>,
+    /// Lowest `identity_proofing_level` accepted (`P0`, `P5`, `P9`). Default `P9`.
+    pub(super) min_proofing: Option<String>,
+    /// The claim (dotted path) holding the patient's GP practice ODS code, when the tokens carry it.
+    pub(super) ods_claim: Option<String>,
+    /// A file of `nhs_number,ods` lines: the practices of patients whose token does not name it.
+    pub(super) practices: Option<PathBuf>,
+    /// The private key (PKCS#8 PEM, RSA or EC P-256) that signs the client assertions. Required.
+    pub(super) assertion_key: Option<PathBuf>,
+    /// How long before its expiry a supplier token is exchanged again. Default `30s`.
+    pub(super) token_refresh_before: Option<String>,
+    /// How long a token exchange may take. Default `5s`.
+    pub(super) token_timeout: Option<String>,
+    /// How long a supplier's token endpoint is not called after it failed. Default `10s`.
+    pub(super) exchange_backoff: Option<String>,
+    /// Requests per minute per app (`client_id`); 0 turns it off. Default 0.
+    pub(super) requests_per_minute_per_app: Option<u32>,
+    /// The paths it serves and the interaction each is.
+    #[serde(default)]
+    pub(super) route: Vec<RawRoute>,
+}
+
+/// One `[[patient_facing.route]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    /// The path the request's starts with, at a segment boundary (`/Appointment` serves `/Appointment/1`).
+    pub(super) path: String,
+    /// Default `["GET"]`.
+    pub(super) methods: Option<Vec<String>>,
+    /// The interaction id the directory and agreements know it by.
+    pub(super) interaction: String,
 }
 
 /// `ssp evidence`: the information-governance evidence pack.

@@ -9,6 +9,7 @@
 //! - `client`: the small mTLS client and the dev audit token.
 //! - [`devcerts`]: the development PKI (also `ssp dev-certs`, and the tests' and benchmarks' PKIs).
 
+pub mod auth;
 mod client;
 pub mod devcerts;
 mod provider;

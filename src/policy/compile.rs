@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::model::{Agreement, Endpoint, Grant, Organisation, Policy, System};
+use super::model::{Agreement, Endpoint, Grant, Organisation, Policy, Supplier, System};
 use crate::config::{Problems, line_col};
 use crate::ids::{Asid, InteractionId, OdsCode};
 use crate::ssp::Target;
@@ -150,6 +150,18 @@ struct RawFile {
     endpoint: Vec<Spanned<RawEndpoint>>,
     #[serde(default)]
     agreement: Vec<Spanned<RawAgreement>>,
+    #[serde(default)]
+    supplier: Vec<Spanned<RawSupplier>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSupplier {
+    name: String,
+    token_endpoint: String,
+    client_id: String,
+    key_id: String,
+    audience: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +231,7 @@ struct Compiler {
     endpoints: HashMap<Asid, Arc<Endpoint>>,
     agreements: Vec<(DefinedAt, Agreement)>,
     agreement_ids: HashSet<String>,
+    suppliers: HashMap<String, Arc<Supplier>>,
 }
 
 impl Compiler {
@@ -255,6 +268,10 @@ impl Compiler {
         for item in raw.agreement {
             let at = origin(item.span());
             self.agreement(&at, item.into_inner());
+        }
+        for item in raw.supplier {
+            let at = origin(item.span());
+            self.supplier(&at, item.into_inner());
         }
     }
 
@@ -392,6 +409,52 @@ impl Compiler {
                 jwt_keys,
                 org,
             },
+        );
+    }
+
+    /// A `[[supplier]]`: every field non-empty visible text (at most 256 bytes), the token endpoint an `https`
+    /// URL, and the name unique.
+    fn supplier(&mut self, at: &DefinedAt, raw: RawSupplier) {
+        for (what, text) in [
+            ("name", &raw.name),
+            ("client_id", &raw.client_id),
+            ("key_id", &raw.key_id),
+            ("audience", &raw.audience),
+        ] {
+            if text.trim().is_empty() || text.len() > 256 || text.chars().any(char::is_control) {
+                self.problem(
+                    at,
+                    format_args!(
+                        "[[supplier]] {what} must be 1 to 256 bytes with no control character"
+                    ),
+                );
+            }
+        }
+        if Target::parse(&raw.token_endpoint).is_err() || raw.token_endpoint.contains('#') {
+            self.problem(
+                at,
+                format_args!(
+                    "[[supplier]] token_endpoint {:?} is not an https URL",
+                    raw.token_endpoint
+                ),
+            );
+        }
+        if self.suppliers.contains_key(&raw.name) {
+            self.problem(
+                at,
+                format_args!("duplicate [[supplier]] name {:?}", raw.name),
+            );
+            return;
+        }
+        self.suppliers.insert(
+            raw.name.clone(),
+            Arc::new(Supplier {
+                name: raw.name,
+                token_endpoint: raw.token_endpoint,
+                client_id: raw.client_id,
+                key_id: raw.key_id,
+                audience: raw.audience,
+            }),
         );
     }
 
@@ -542,12 +605,24 @@ impl Compiler {
             .chain(self.endpoints.values().flat_map(|e| e.interactions.iter()))
             .cloned()
             .collect();
+        let mut by_ods: HashMap<OdsCode, Vec<Arc<Endpoint>>> = HashMap::new();
+        for endpoint in self.endpoints.values() {
+            by_ods
+                .entry(endpoint.ods.clone())
+                .or_default()
+                .push(Arc::clone(endpoint));
+        }
+        for list in by_ods.values_mut() {
+            list.sort_by(|a, b| a.asid.cmp(&b.asid));
+        }
         Ok(Policy {
             generation,
             systems: self.systems,
             endpoints: self.endpoints,
             agreements,
             known,
+            suppliers: self.suppliers,
+            by_ods,
         })
     }
 }

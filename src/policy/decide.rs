@@ -141,15 +141,47 @@ impl Policy {
         }
     }
 
+    /// Checks 5 to 9 for a patient-facing request, sent as the front's `[[system]]`: check 5 compares the
+    /// platform's client certificate when the listener asks for one (`platform`), and is skipped when it does
+    /// not (the access token, verified before, is then the only credential).
+    pub fn decide_patient_facing(
+        &self,
+        request: SspRequest,
+        platform: Option<&PeerIdentity>,
+        now: SystemTime,
+    ) -> Decision {
+        match self.evaluate_for(&request, platform, now) {
+            Ok((endpoint, system)) => Decision::Permit(Permit {
+                endpoint: Arc::clone(endpoint),
+                jwt_keys: None,
+                fqdn: Arc::clone(&system.fqdn),
+                request,
+                generation: self.generation,
+            }),
+            Err(denial) => Decision::Deny(denial),
+        }
+    }
+
     fn evaluate(
         &self,
         request: &SspRequest,
         peer: &PeerIdentity,
         now: SystemTime,
     ) -> Result<(&Arc<Endpoint>, &System), Denial> {
+        self.evaluate_for(request, Some(peer), now)
+    }
+
+    fn evaluate_for(
+        &self,
+        request: &SspRequest,
+        peer: Option<&PeerIdentity>,
+        now: SystemTime,
+    ) -> Result<(&Arc<Endpoint>, &System), Denial> {
         let headers = &request.headers;
         let system = self.systems.get(&headers.from);
-        fqdn_check(headers, system, |fqdn| peer.has_fqdn(fqdn))?;
+        if let Some(peer) = peer {
+            fqdn_check(headers, system, |fqdn| peer.has_fqdn(fqdn))?;
+        }
         let system = sender_check(headers, system)?;
         let endpoint = self.receiver_check(headers)?;
         self.agreement_check(headers, now)?;

@@ -23,7 +23,7 @@ pub mod store;
 pub use compile::Source;
 pub use decide::{Decision, Denial, Permit};
 pub use explain::{Explained, Step, StepOutcome};
-pub use model::{Agreement, Endpoint, Grant, JwtKeys, Organisation, Policy, System};
+pub use model::{Agreement, Endpoint, Grant, JwtKeys, Organisation, Policy, Supplier, System};
 
 #[cfg(test)]
 mod tests;

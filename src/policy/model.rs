@@ -90,6 +90,23 @@ impl Agreement {
     }
 }
 
+/// A GP supplier's token service, for patient-facing requests to the endpoints whose `supplier` names it: the
+/// supplier's own access token is obtained there by an RFC 8693 token exchange, the client authenticated with a
+/// `private_key_jwt` assertion (RFC 7523 section 2.2; OpenID Connect Core section 9).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Supplier {
+    /// As the endpoints' `supplier` field writes it.
+    pub name: String,
+    /// The token endpoint, an `https` URL: the exchange is POSTed here, and it is the assertion's `aud`.
+    pub token_endpoint: String,
+    /// This proxy's client id there: the assertion's `iss` and `sub`.
+    pub client_id: String,
+    /// The `kid` of the assertion's header: which of the proxy's keys the supplier registered.
+    pub key_id: String,
+    /// The exchange's `audience` parameter (RFC 8693 section 2.1): the supplier API the token is for.
+    pub audience: String,
+}
+
 /// An immutable, compiled policy: what request handling reads.
 #[derive(Debug, Default)]
 pub struct Policy {
@@ -101,6 +118,10 @@ pub struct Policy {
     pub(super) agreements: HashMap<Asid, Vec<Agreement>>,
     /// Every interaction some system sends or some endpoint handles: the bounded set of metric labels.
     pub(super) known: HashSet<InteractionId>,
+    /// `[[supplier]]` by name.
+    pub(super) suppliers: HashMap<String, Arc<Supplier>>,
+    /// Endpoints by the ODS code of their practice, in ASID order: where a patient-facing request goes.
+    pub(super) by_ods: HashMap<OdsCode, Vec<Arc<Endpoint>>>,
 }
 
 impl Policy {
@@ -111,6 +132,28 @@ impl Policy {
 
     pub fn endpoint(&self, asid: &Asid) -> Option<&Endpoint> {
         self.endpoints.get(asid).map(|e| &**e)
+    }
+
+    /// The endpoint of the practice `ods` that handles `interaction` (the first in ASID order when several do).
+    pub fn practice_endpoint(
+        &self,
+        ods: &OdsCode,
+        interaction: &InteractionId,
+    ) -> Option<&Arc<Endpoint>> {
+        self.by_ods
+            .get(ods)?
+            .iter()
+            .find(|e| e.interactions.contains(interaction))
+    }
+
+    /// The practice `ods` has some endpoint in the directory.
+    pub fn has_practice(&self, ods: &OdsCode) -> bool {
+        self.by_ods.contains_key(ods)
+    }
+
+    /// The `[[supplier]]` called `name`.
+    pub fn supplier(&self, name: &str) -> Option<&Arc<Supplier>> {
+        self.suppliers.get(name)
     }
 
     /// The accredited system with this ASID.

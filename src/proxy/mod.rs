@@ -16,6 +16,7 @@
 mod body;
 pub(crate) mod checks;
 pub mod operation_outcome;
+mod patient_refusal;
 mod pipeline;
 mod refusal;
 
@@ -27,6 +28,15 @@ use crate::ids::PeerIdentity;
 pub use body::ProxyBody;
 pub use pipeline::Proxy;
 pub use refusal::{Refusal, X_RATE_LIMIT_LIMIT, X_RATE_LIMIT_REMAINING, X_RATE_LIMIT_RESET};
+
+/// Which listener a connection came in by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Door {
+    /// `server.listen`: clinical systems, TLS MA and the `Ssp-*` headers.
+    Clinical,
+    /// `patient_facing.listen`: patient-facing apps with NHS login access tokens.
+    PatientFacing,
+}
 
 /// What the server knows about a consumer connection; read once after the handshake and shared by its requests.
 #[derive(Debug)]
@@ -42,6 +52,10 @@ pub(crate) struct ConnInfo {
     pub control: Arc<ConnControl>,
     /// The ASID the credential radar noted this connection's certificate for (noted once per connection).
     pub noted: std::sync::OnceLock<crate::ids::Asid>,
+    /// The listener it came in by.
+    pub door: Door,
+    /// It presented a verified client certificate (always, on the clinical listener).
+    pub certified: bool,
 }
 
 /// What the pipeline asks of onboarding (implemented in `onboard`, wired by `app`, so that `onboard` can build on

@@ -30,6 +30,8 @@ use crate::metrics::{Metrics, OTHER};
 use crate::policy::{Decision, Permit, Policy};
 use crate::ssp::{self, SspRequest};
 
+mod patient_facing;
+
 /// The request pipeline's shared state.
 #[derive(Debug)]
 pub struct Proxy {
@@ -47,6 +49,8 @@ pub struct Proxy {
     onboarding: Option<Arc<dyn super::Onboarding>>,
     /// `[audit.patients]`: the NHS numbers each request names, hashed into its records.
     patients: Option<Arc<Indexer>>,
+    /// `[patient_facing]`: the patient-facing door's state.
+    front: Option<Arc<crate::patient_facing::Front>>,
 }
 
 impl Proxy {
@@ -68,7 +72,14 @@ impl Proxy {
             metrics,
             onboarding: None,
             patients: None,
+            front: None,
         }
+    }
+
+    /// Serves the patient-facing listener's requests with `front`.
+    pub(crate) fn with_patient_facing(mut self, front: Arc<crate::patient_facing::Front>) -> Self {
+        self.front = Some(front);
+        self
     }
 
     /// Records the NHS numbers each request names, as `indexer` hashes (and redacts) them.
@@ -127,6 +138,11 @@ impl Proxy {
         request: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        if conn.door == super::Door::PatientFacing
+            && let Some(front) = &self.front
+        {
+            return Box::pin(self.handle_patient_facing(front, request, conn)).await;
+        }
         let started = Instant::now();
         let (mut parts, body) = request.into_parts();
         // Read before the hop-by-hop removal takes `Transfer-Encoding` away; refused after the size check.

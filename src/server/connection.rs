@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::proxy_protocol::{self, ProxyHeader, ProxyHeaderError};
 use crate::metrics::Metrics;
-use crate::proxy::{ConnControl, ConnInfo, Cut, Proxy};
+use crate::proxy::{ConnControl, ConnInfo, Cut, Door, Proxy};
 use crate::tls;
 
 use super::close::{CLOSE_GRACE, ConsumerIo, LINGER_TIME, close_in_stages};
@@ -35,6 +35,8 @@ pub(super) struct Connection {
     pub(super) handshake_timeout: Duration,
     pub(super) idle: IdleTimeouts,
     pub(super) proxy_protocol_from: Arc<[ipnet::IpNet]>,
+    /// Which listener accepted it.
+    pub(super) door: Door,
 }
 
 impl Connection {
@@ -133,12 +135,25 @@ impl Connection {
             Some(b"h2") => self.idle.http2,
             _ => self.idle.http1,
         };
-        let Some(peer) = peer else {
-            tracing::warn!(conn = self.id, %remote, "verified client certificate could not be read; closing");
-            return;
+        let certified = session.peer_certificates().is_some_and(|c| !c.is_empty());
+        let (peer, audit_peer) = match peer {
+            Some(peer) => {
+                let audit_peer = crate::audit::Peer::new(remote, via, &peer);
+                (peer, audit_peer)
+            }
+            // A patient-facing listener without `client_ca` asks for no certificate: its apps are named by their
+            // tokens.
+            None if !certified && self.door == Door::PatientFacing => (
+                crate::ids::PeerIdentity::default(),
+                crate::audit::Peer::anonymous(remote, via),
+            ),
+            None => {
+                tracing::warn!(conn = self.id, %remote, "verified client certificate could not be read; closing");
+                return;
+            }
         };
-        tracing::debug!(conn = self.id, %remote, ?via, subject = %peer.subject, "connection accepted");
-        let audit_peer = Arc::new(crate::audit::Peer::new(remote, via, &peer));
+        tracing::debug!(conn = self.id, %remote, ?via, subject = %peer.subject, door = ?self.door, "connection accepted");
+        let audit_peer = Arc::new(audit_peer);
         let control = Arc::new(ConnControl::default());
         let info = Arc::new(ConnInfo {
             id: self.id,
@@ -147,6 +162,8 @@ impl Connection {
             client: crate::forward::ClientFields::of(remote),
             control: Arc::clone(&control),
             noted: std::sync::OnceLock::new(),
+            door: self.door,
+            certified,
         });
         let activity = Arc::new(Activity::new());
         let proxy = self.proxy;

@@ -39,13 +39,16 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Door, Proxy};
 
 /// A bound consumer listener, ready to run on its workers.
 pub(crate) struct Server {
     /// The listening socket, bound; the accept loop registers it on the runtime that runs it.
     listener: std::net::TcpListener,
     shared: Arc<Listening>,
+    /// The patient-facing listener, when there is one: its own socket and TLS, the same workers, connection
+    /// limit and drain.
+    patient_facing: Option<(std::net::TcpListener, Arc<Listening>)>,
     /// Worker threads, each running a single-threaded runtime (`server.workers`).
     workers: usize,
     /// Serve on the runtime that calls [`Server::run`] instead, as one worker (tests that drive tokio's clock).
@@ -57,7 +60,9 @@ pub(crate) struct Server {
 /// What every worker shares: the connection limit and counter, and what a connection needs to be served.
 struct Listening {
     /// Read once per accepted connection, so a reload applies to every new handshake.
-    tls: Arc<crate::tls::Reloadable>,
+    tls: ServerTls,
+    /// Which listener this is.
+    door: Door,
     proxy: Arc<Proxy>,
     http: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
@@ -68,8 +73,24 @@ struct Listening {
     /// Bounds concurrent connections across all workers; when exhausted, the accept loop waits and further
     /// connections wait in the kernel's backlog.
     connections: Arc<Semaphore>,
-    next_conn_id: AtomicU64,
+    /// Shared by both listeners: a connection id names one connection of the process.
+    next_conn_id: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
+}
+
+/// Where a listener's TLS config comes from.
+enum ServerTls {
+    Clinical(Arc<crate::tls::Reloadable>),
+    PatientFacing(Arc<crate::patient_facing::Front>),
+}
+
+impl ServerTls {
+    fn config(&self) -> Arc<rustls::ServerConfig> {
+        match self {
+            ServerTls::Clinical(tls) => tls.server(),
+            ServerTls::PatientFacing(front) => front.server_tls(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -114,7 +135,8 @@ impl Server {
         Ok(Self {
             listener,
             shared: Arc::new(Listening {
-                tls,
+                tls: ServerTls::Clinical(tls),
+                door: Door::Clinical,
                 proxy,
                 http,
                 handshake_timeout: cfg.handshake_timeout,
@@ -124,9 +146,10 @@ impl Server {
                 },
                 proxy_protocol_from: Arc::from(cfg.proxy_protocol_from.as_slice()),
                 connections: Arc::new(Semaphore::new(cfg.max_connections)),
-                next_conn_id: AtomicU64::new(1),
+                next_conn_id: Arc::new(AtomicU64::new(1)),
                 metrics,
             }),
+            patient_facing: None,
             workers: cfg.workers.max(1),
             on_caller_runtime: false,
             serving,
@@ -135,6 +158,37 @@ impl Server {
 
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Binds the patient-facing listener at `front`'s address: its connections are served by the same workers,
+    /// under the same connection limit, with `front`'s TLS config, and their requests go to the same proxy
+    /// marked [`Door::PatientFacing`]. Fails only on the socket.
+    pub(crate) async fn bind_patient_facing(
+        &mut self,
+        front: Arc<crate::patient_facing::Front>,
+    ) -> io::Result<()> {
+        let listener = TcpListener::bind(front.config().listen).await?.into_std()?;
+        let clinical = &self.shared;
+        let shared = Listening {
+            tls: ServerTls::PatientFacing(front),
+            door: Door::PatientFacing,
+            proxy: Arc::clone(&clinical.proxy),
+            http: clinical.http.clone(),
+            handshake_timeout: clinical.handshake_timeout,
+            idle: clinical.idle,
+            // Apps reach it over the internet through the platform in front, not through ssp's balancer.
+            proxy_protocol_from: Arc::from(Vec::new()),
+            connections: Arc::clone(&clinical.connections),
+            next_conn_id: Arc::clone(&clinical.next_conn_id),
+            metrics: Arc::clone(&clinical.metrics),
+        };
+        self.patient_facing = Some((listener, Arc::new(shared)));
+        Ok(())
+    }
+
+    /// The patient-facing listener's address, when there is one.
+    pub(crate) fn patient_facing_addr(&self) -> Option<io::Result<SocketAddr>> {
+        self.patient_facing.as_ref().map(|(l, _)| l.local_addr())
     }
 
     /// Serves on the runtime that calls [`Server::run`], as a single worker, instead of on worker threads: for
@@ -164,7 +218,7 @@ impl Server {
         if !self.on_caller_runtime {
             for n in 0..self.workers {
                 let (handoff, mut accepted) = mpsc::unbounded_channel::<Accepted>();
-                let (shared, mut exit_rx) = (Arc::clone(&self.shared), exit_rx.clone());
+                let mut exit_rx = exit_rx.clone();
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
@@ -175,7 +229,7 @@ impl Server {
                             while let Some(conn) = accepted.recv().await {
                                 match TcpStream::from_std(conn.tcp) {
                                     Ok(tcp) => {
-                                        tokio::spawn(Arc::clone(&shared).serve(
+                                        tokio::spawn(conn.shared.serve(
                                             tcp,
                                             conn.remote,
                                             conn.guard,
@@ -201,10 +255,45 @@ impl Server {
         }
         drop(exit_rx);
         let listener = TcpListener::from_std(self.listener)?;
+        let patient_facing = match self.patient_facing {
+            Some((listener, shared)) => Some((TcpListener::from_std(listener)?, shared)),
+            None => None,
+        };
         self.serving.store(true, Ordering::Release);
-        accept_loop(&self.shared, &listener, &workers, stop_rx, shutdown).await;
+        // Both listeners stop accepting together.
+        let (stopping, stopped) = watch::channel(false);
+        let stop_accepting = |mut stopped: watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        tokio::join!(
+            accept_loop(
+                &self.shared,
+                &listener,
+                &workers,
+                stop_rx.clone(),
+                stop_accepting(stopped.clone()),
+            ),
+            async {
+                if let Some((listener, shared)) = &patient_facing {
+                    accept_loop(
+                        shared,
+                        listener,
+                        &workers,
+                        stop_rx.clone(),
+                        stop_accepting(stopped.clone()),
+                    )
+                    .await;
+                }
+            },
+            async {
+                shutdown.await;
+                let _ = stopping.send(true);
+            },
+        );
+        drop(stop_rx);
         // Closed at once, so that a balancer's next connection is refused instead of waiting in a backlog.
         drop(listener);
+        drop(patient_facing);
         drop(workers);
         // Draining: a load balancer polling /readyz takes this instance out of rotation.
         self.serving.store(false, Ordering::Release);
@@ -248,6 +337,8 @@ struct Worker {
 
 /// An accepted connection on its way to a worker.
 struct Accepted {
+    /// The listener that accepted it.
+    shared: Arc<Listening>,
     tcp: std::net::TcpStream,
     remote: SocketAddr,
     guard: ConnGuard,
@@ -307,6 +398,7 @@ async fn accept_loop(
         };
         guard._load = Some(WorkerLoad::new(Arc::clone(&worker.load)));
         let accepted = Accepted {
+            shared: Arc::clone(shared),
             tcp,
             remote,
             guard,
@@ -329,13 +421,14 @@ impl Listening {
     ) {
         let conn = Connection {
             id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
-            acceptor: TlsAcceptor::from(self.tls.server()),
+            acceptor: TlsAcceptor::from(self.tls.config()),
             proxy: Arc::clone(&self.proxy),
             metrics: Arc::clone(&self.metrics),
             http: self.http.clone(),
             handshake_timeout: self.handshake_timeout,
             idle: self.idle,
             proxy_protocol_from: Arc::clone(&self.proxy_protocol_from),
+            door: self.door,
         };
         conn.serve(tcp, remote, guard, stop).await;
     }

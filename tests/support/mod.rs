@@ -523,6 +523,8 @@ pub struct Setup {
     pub on_test_runtime: bool,
     /// More `[audit]` lines (`segment_size = "4KiB"`, ...).
     pub extra_audit: String,
+    /// Whole sections appended to the config (`[patient_facing]` ...).
+    pub extra_config: String,
 }
 
 impl Default for Setup {
@@ -545,6 +547,7 @@ impl Default for Setup {
             admin: "127.0.0.1:0".into(),
             on_test_runtime: false,
             extra_audit: String::new(),
+            extra_config: String::new(),
         }
     }
 }
@@ -608,7 +611,10 @@ instance = "test-instance"
 
 [limits]
 {limits}
+
+{extra_config}
 "#,
+        extra_config = setup.extra_config,
         max_connections = setup.max_connections,
         extra_server = setup.extra_server,
         admin = setup.admin,
@@ -731,6 +737,8 @@ pub struct World {
     pub handle: Arc<ssp::proxy::Proxy>,
     /// The running instance's metrics.
     pub metrics: Arc<ssp::metrics::Metrics>,
+    /// The patient-facing listener, with `[patient_facing]`.
+    pub patient_facing: Option<SocketAddr>,
 }
 
 impl World {
@@ -745,6 +753,11 @@ impl World {
     /// Starts the world on a PKI the test already uses (for providers of its own).
     pub async fn start_in(pki: Pki, setup: Setup) -> Self {
         let provider = Provider::start(&pki).await;
+        Self::start_with_provider(pki, provider, setup).await
+    }
+
+    /// Starts the world around a provider the test started (whose address its policy may name).
+    pub async fn start_with_provider(pki: Pki, provider: Provider, setup: Setup) -> Self {
         let down = closed_port().await;
         let path = write_config(
             &pki,
@@ -760,6 +773,7 @@ impl World {
             server = server.on_caller_runtime();
         }
         let addr = server.local_addr().unwrap();
+        let patient_facing = server.patient_facing_addr().map(|a| a.unwrap());
         let handles = server.handles();
         let admin = server.admin_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -781,6 +795,7 @@ impl World {
             metrics: handles.metrics,
             admin,
             tls: handles.tls,
+            patient_facing,
         }
     }
 

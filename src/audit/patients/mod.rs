@@ -171,6 +171,8 @@ pub enum Source {
     Query,
     Path,
     Body,
+    /// A patient-facing request's access token (`patient_facing`): the patient the token was issued for.
+    Token,
 }
 
 impl Source {
@@ -179,6 +181,7 @@ impl Source {
             Source::Query => "query",
             Source::Path => "path",
             Source::Body => "body",
+            Source::Token => "token",
         }
     }
 }

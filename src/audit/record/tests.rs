@@ -216,6 +216,7 @@ fn checked(peer: &Arc<Peer>, conn_id: u64, fqdn: &str) -> Arc<Transaction> {
         policy_generation: conn_id / 3,
         addressing: crate::audit::tests::checked_addressing(conn_id % 1_000_000, fqdn),
         patients: None,
+        access: None,
     })
 }
 
@@ -371,6 +372,7 @@ proptest! {
                 target: boxed(4),
             },
             patients: None,
+            access: None,
         });
         let tx = checked(&peer, conn_id, &fqdn);
         let end = Completion {

@@ -44,10 +44,51 @@ impl Peer {
         }
     }
 
+    /// A consumer at `addr` (via `via`) that presented no certificate: a patient-facing listener that asks for
+    /// none. The object has `addr` (and `via`) only.
+    pub fn anonymous(addr: SocketAddr, via: Option<SocketAddr>) -> Self {
+        let mut out = Vec::with_capacity(64);
+        let mut peer = ObjectWriter::open(&mut out);
+        peer.str("addr", &addr.to_string());
+        if let Some(via) = via {
+            peer.str("via", &via.to_string());
+        }
+        peer.close();
+        Self {
+            json: String::from_utf8_lossy(&out).into(),
+        }
+    }
+
     /// The JSON object.
     pub fn as_json(&self) -> &str {
         &self.json
     }
+}
+
+/// What a patient-facing request's records say of its access (`"patient_facing": {...}` in its request record):
+/// the app, the patient, the acting person, the practice, the supplier and the token exchange. Each is `None` when
+/// the request was refused before it was known.
+#[derive(Debug, Clone, Default)]
+pub struct PatientAccess {
+    /// `X-Request-ID`, as sent (bounded); also the records' `trace_id`.
+    pub request_id: Option<String>,
+    /// `X-Correlation-ID`, as sent (bounded).
+    pub correlation_id: Option<String>,
+    /// The app: the token's `client_id`.
+    pub client_id: Option<String>,
+    /// The patient's NHS number from the verified token. With `[audit.patients]` the record names it as an HMAC
+    /// in `patients` (`"in": "token"`), never in clear; without, it is the object's `nhs_number`.
+    pub nhs_number: Option<String>,
+    /// `P0`, `P5` or `P9`.
+    pub proofing: Option<&'static str>,
+    /// The acting person of a composite token (`act.sub`): proxy access.
+    pub acting: Option<String>,
+    /// The practice's ODS code, and where it came from (`token` or `lookup`).
+    pub practice: Option<(String, &'static str)>,
+    /// The supplier's name in the directory.
+    pub supplier: Option<String>,
+    /// `cached`, `exchanged`, `refused` or `failed`.
+    pub exchange: Option<&'static str>,
 }
 
 /// The identifiers a transaction's records name.
@@ -89,6 +130,8 @@ pub struct Transaction {
     pub(in crate::audit) addressing: Addressing,
     /// The patients it names, with `[audit.patients]`.
     pub(in crate::audit) patients: Option<Box<Patients>>,
+    /// A patient-facing request's access.
+    pub(in crate::audit) access: Option<Box<PatientAccess>>,
 }
 
 /// A transaction's patients: those of its target (on the request record), and the body reader whose numbers the
@@ -154,7 +197,69 @@ impl Transaction {
                 fqdn: Arc::clone(permit.fqdn()),
             },
             patients,
+            access: None,
         })
+    }
+
+    /// A permitted patient-facing request's transaction: as [`Transaction::permitted`], with its `access`; with
+    /// `patients`, the token's NHS number is hashed into its patients (`"in": "token"`).
+    pub fn patient_facing(
+        conn_id: u64,
+        peer: &Arc<Peer>,
+        method: &http::Method,
+        permit: &Permit,
+        access: PatientAccess,
+        patients: Option<&Arc<Indexer>>,
+    ) -> Arc<Self> {
+        let mut tx = Self::permitted(conn_id, peer, method, permit, patients);
+        if let Some(tx) = Arc::get_mut(&mut tx) {
+            tx.add_access(access, patients);
+        }
+        tx
+    }
+
+    /// A refused patient-facing request's transaction: as [`Transaction::refused`], its `trace_id` the
+    /// `X-Request-ID` it sent, with what was known of its `access`.
+    pub(crate) fn refused_patient_facing(
+        conn_id: u64,
+        peer: &Arc<Peer>,
+        parts: &http::request::Parts,
+        generation: u64,
+        access: PatientAccess,
+        patients: Option<&Arc<Indexer>>,
+    ) -> Arc<Self> {
+        let mut tx = Self::refused(conn_id, peer, parts, generation, patients);
+        if let Some(tx) = Arc::get_mut(&mut tx) {
+            if let Addressing::AsReceived { trace_id, .. } = &mut tx.addressing {
+                *trace_id = access.request_id.as_deref().map(Box::from);
+            }
+            tx.add_access(access, patients);
+        }
+        tx
+    }
+
+    fn add_access(&mut self, mut access: PatientAccess, patients: Option<&Arc<Indexer>>) {
+        if let (Some(indexer), Some(number)) = (patients, access.nhs_number.as_deref()) {
+            let hashed = PatientRef {
+                hmac: indexer.key().digest(number),
+                check: crate::audit::patients::Check::of(number),
+                source: crate::audit::patients::Source::Token,
+            };
+            match &mut self.patients {
+                Some(p) => p.target.insert(0, hashed),
+                None => {
+                    self.patients = Some(Box::new(Patients {
+                        key: Arc::clone(indexer.key().shared_id()),
+                        target: vec![hashed],
+                        redacted: None,
+                        body: None,
+                    }))
+                }
+            }
+            // Named by its HMAC only.
+            access.nhs_number = None;
+        }
+        self.access = Some(Box::new(access));
     }
 
     /// The reader its request body's frames are copied into, when its body is read for NHS numbers.
@@ -221,6 +326,7 @@ impl Transaction {
                 target,
             },
             patients,
+            access: None,
         })
     }
 

@@ -1,0 +1,744 @@
+//! The patient-facing door (`[patient_facing]`): NHS login access tokens verified against a JWKS served over https
+//! (rotated while the proxy runs), the patient's practice from the token or the lookup file, the supplier's token
+//! obtained by an RFC 8693 exchange at a real token endpoint that checks the client assertion, every refusal with
+//! its R4 OperationOutcome and records, per-app limits, and one audit chain with the clinical door.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request};
+use ssp::demo::auth::{AuthState, Expect, PatientTokens, TokenMode, auth_tls, serve_auth};
+use support::*;
+
+const PF_ASID: &str = "200000000999";
+const PF_TO: &str = "918999198995";
+const PRACTICE: &str = "P12345";
+const ISSUER: &str = "https://auth.login.test";
+const AUDIENCE: &str = "ssp-patient-facing";
+const SCOPE: &str = "gp-connect:patient";
+
+/// A ten-digit NHS number with a valid modulus 11 check digit, the `n`th such from 900000000.
+fn nhs_number(n: u32) -> String {
+    let mut found = 0;
+    for base in 900_000_000u32.. {
+        let digits: Vec<u32> = base
+            .to_string()
+            .chars()
+            .map(|c| c.to_digit(10).unwrap())
+            .collect();
+        let sum: u32 = digits
+            .iter()
+            .enumerate()
+            .map(|(i, d)| d * (10 - i as u32))
+            .sum();
+        let check = match 11 - sum % 11 {
+            11 => 0,
+            10 => continue,
+            c => c,
+        };
+        if found == n {
+            return format!("{base}{check}");
+        }
+        found += 1;
+    }
+    unreachable!()
+}
+
+struct PfWorld {
+    world: World,
+    auth: Arc<AuthState>,
+    k1: PatientTokens,
+    k2: PatientTokens,
+    consumer: Consumer,
+    /// Patients registered at the practice in the lookup file (no ODS claim in their tokens).
+    listed: String,
+}
+
+fn key_pem() -> String {
+    rcgen::KeyPair::generate().unwrap().serialize_pem()
+}
+
+/// A world with the patient-facing door; with `read_patients`, `[audit.patients]` on and the JWKS a file
+/// (`jwks.json` in the world's folder), else the JWKS served over https.
+async fn start(read_patients: bool) -> PfWorld {
+    let pki = Pki::generate();
+    let dir = pki.dir.path().to_path_buf();
+    let (k1, k2) = (
+        PatientTokens::new(&key_pem(), "k1", ISSUER, AUDIENCE).unwrap(),
+        PatientTokens::new(&key_pem(), "k2", ISSUER, AUDIENCE).unwrap(),
+    );
+    let assertion = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(
+        dir.join("certs/pf-assertion.key"),
+        assertion.serialize_pem(),
+    )
+    .unwrap();
+    let auth_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let auth_addr: SocketAddr = auth_listener.local_addr().unwrap();
+    let token_url = format!("https://localhost:{}/token", auth_addr.port());
+    let auth = AuthState::new(
+        PatientTokens::jwks(&[&k1]),
+        Expect {
+            client_id: "ssp-test".into(),
+            key_id: "ssp-key-1".into(),
+            token_url: token_url.clone(),
+            audience: "https://supplier.test/gpc".into(),
+            assertion_public_pem: assertion.public_key_pem(),
+            expires_in: 300,
+        },
+    );
+    let tls = auth_tls(
+        &pki.path("provider.crt"),
+        &pki.path("provider.key"),
+        &pki.ca(),
+    )
+    .unwrap();
+    tokio::spawn(serve_auth(
+        auth_listener,
+        tls,
+        Arc::clone(&auth),
+        std::future::pending(),
+    ));
+    let listed = nhs_number(1);
+    std::fs::write(
+        dir.join("practices.csv"),
+        format!("# nhs_number,ods\n{listed},{PRACTICE}\n"),
+    )
+    .unwrap();
+    let patients = if read_patients {
+        std::fs::write(dir.join("certs/patient.key"), [7u8; 32]).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.join("certs/patient.key"),
+            std::fs::Permissions::from_mode(0o400),
+        )
+        .unwrap();
+        "[audit.patients]\nkey = \"certs/patient.key\"\n"
+    } else {
+        ""
+    };
+    let extra_config = format!(
+        r#"
+[patient_facing]
+listen = "127.0.0.1:0"
+asid = "{PF_ASID}"
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+jwks = "{jwks}"
+jwks_refresh = "1s"
+jwks_stale = "3s"
+leeway = "30s"
+scope = "{SCOPE}"
+min_proofing = "P9"
+ods_claim = "gp_registration_details.gp_ods_code"
+practices = "practices.csv"
+assertion_key = "certs/pf-assertion.key"
+exchange_backoff = "60s"
+requests_per_minute_per_app = 5
+
+[[patient_facing.route]]
+path = "/fhir/metadata"
+interaction = "{METADATA}"
+
+[[patient_facing.route]]
+path = "/fhir/Patient"
+methods = ["GET", "POST"]
+interaction = "{STRUCTURED}"
+"#,
+        jwks = if read_patients {
+            // The second world reads its keys from a file.
+            std::fs::write(dir.join("jwks.json"), PatientTokens::jwks(&[&k1])).unwrap();
+            "jwks.json".to_owned()
+        } else {
+            format!("https://localhost:{}/jwks", auth_addr.port())
+        },
+    );
+    let extra_policy = format!(
+        r#"
+[[system]]
+asid = "{PF_ASID}"
+name = "NHS App (test)"
+ods = "X26"
+fqdn = "nhs-app.test"
+interactions = ["{METADATA}", "{STRUCTURED}"]
+
+[[endpoint]]
+asid = "{PF_TO}"
+party_key = "{PRACTICE}-1"
+cpa_id = "S1"
+ods = "{PRACTICE}"
+url = "PROVIDER_URL/pfs"
+interactions = ["{METADATA}", "{STRUCTURED}"]
+supplier = "Test Supplier"
+
+[[supplier]]
+name = "Test Supplier"
+token_endpoint = "{token_url}"
+client_id = "ssp-test"
+key_id = "ssp-key-1"
+audience = "https://supplier.test/gpc"
+
+[[agreement]]
+id = "DSA-PF"
+from = "{PF_ASID}"
+to = "{PF_TO}"
+interactions = ["{METADATA}"]
+"#
+    );
+    let setup = Setup {
+        extra_config: format!("{extra_config}\n"),
+        extra_audit: patients.into(),
+        extra_policy,
+        ..Setup::default()
+    };
+    let world = start_world(pki, setup).await;
+    let consumer = Consumer::new(&world.pki, None, world.patient_facing.unwrap(), false);
+    PfWorld {
+        world,
+        auth,
+        k1,
+        k2,
+        consumer,
+        listed,
+    }
+}
+
+/// `World::start_in`, with the endpoint URL (which names the provider's port) filled into the policy.
+async fn start_world(pki: Pki, mut setup: Setup) -> World {
+    // The provider's port is known once it runs: the policy names it through a placeholder.
+    let provider = Provider::start(&pki).await;
+    setup.extra_policy = setup
+        .extra_policy
+        .replace("PROVIDER_URL", &endpoint_url(provider.addr));
+    World::start_with_provider(pki, provider, setup).await
+}
+
+impl PfWorld {
+    fn request(&self, method: Method, path: &str, token: Option<&str>) -> http::request::Builder {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "ssp.dev.localhost")
+            .header("x-request-id", uuid::Uuid::new_v4().to_string());
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        builder
+    }
+
+    async fn get(&self, token: Option<&str>) -> Answer {
+        let req = self
+            .request(Method::GET, "/fhir/metadata", token)
+            .body(empty())
+            .unwrap();
+        self.consumer.fetch(req).await.unwrap()
+    }
+
+    /// A P9 token from `k1` for `nhs` issued to `app`, naming the practice in its claims.
+    fn token(&self, nhs: &str, app: &str) -> serde_json::Value {
+        let mut claims = self.k1.claims(nhs, app, SCOPE);
+        claims["gp_registration_details"] = serde_json::json!({ "gp_ods_code": PRACTICE });
+        claims
+    }
+
+    fn records(&self) -> Vec<serde_json::Value> {
+        ssp::audit::query(&self.world.audit_dir(), &ssp::audit::Filter::default()).unwrap()
+    }
+
+    /// The request record of the request `id`, once written.
+    async fn request_record(&self, id: &str) -> serde_json::Value {
+        within("the request record", async {
+            loop {
+                if let Some(r) = self
+                    .records()
+                    .into_iter()
+                    .find(|r| r["kind"] == "request" && r["trace_id"] == id)
+                {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
+/// Asserts an R4 OperationOutcome with this status and refusal code.
+fn assert_refused(answer: &Answer, status: u16, code: &str) {
+    assert_eq!(
+        answer.status.as_u16(),
+        status,
+        "{code}: body {:?}",
+        answer.body
+    );
+    let v = answer.json();
+    assert_eq!(v["resourceType"], "OperationOutcome");
+    let coding = &v["issue"][0]["details"]["coding"][0];
+    assert_eq!(coding["code"], code, "{v}");
+    assert_eq!(coding["system"], "urn:ssp:patient-facing:refusal");
+    assert!(
+        answer.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/fhir+json")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_their_codes() {
+    let pf = start(false).await;
+    let nhs = nhs_number(0);
+
+    // 1. A permitted request: the token verified, the practice from its claim, the supplier's token exchanged.
+    let patient_token = pf.k1.sign(&pf.token(&nhs, "app-1"));
+    let req = pf
+        .request(
+            Method::GET,
+            "/fhir/metadata?_format=json",
+            Some(&patient_token),
+        )
+        .header("x-correlation-id", "corr-1")
+        // A consumer's own Ssp-* field must not reach the provider.
+        .header("ssp-from", FROM)
+        .body(empty())
+        .unwrap();
+    let request_id = req.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let answer = pf.consumer.fetch(req).await.unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(answer.headers["x-request-id"], request_id.as_str());
+    assert_eq!(answer.headers["x-correlation-id"], "corr-1");
+    assert!(pf.auth.malformed().is_empty(), "{:?}", pf.auth.malformed());
+    let exchanges = pf.auth.exchanges();
+    assert_eq!(exchanges.len(), 1);
+    assert_eq!(exchanges[0].subject_token, patient_token);
+    assert_eq!(
+        exchanges[0].client_cn.as_deref(),
+        Some(PROXY_CLIENT_NAME),
+        "TLS MA to the token endpoint"
+    );
+    let seen = pf.world.provider.seen();
+    let at_provider = seen.last().unwrap();
+    assert_eq!(
+        at_provider.path_and_query,
+        "/gp/pfs/fhir/metadata?_format=json"
+    );
+    assert_eq!(
+        at_provider.headers["authorization"],
+        "Bearer supplier-token-1"
+    );
+    assert!(
+        !at_provider.headers.values().any(|v| v
+            .as_bytes()
+            .windows(patient_token.len())
+            .any(|w| w == patient_token.as_bytes())),
+        "the patient's token reached the provider"
+    );
+    assert_eq!(at_provider.headers["ssp-from"], PF_ASID);
+    assert_eq!(at_provider.headers["ssp-to"], PF_TO);
+    assert_eq!(at_provider.headers["ssp-interactionid"], METADATA);
+    assert_eq!(at_provider.headers["ssp-traceid"], request_id.as_str());
+    assert_eq!(at_provider.headers.get_all("ssp-from").iter().count(), 1);
+    assert!(!String::from_utf8_lossy(&answer.body).contains("supplier-token"));
+    let record = pf.request_record(&request_id).await;
+    assert_eq!(record["decision"], "permit");
+    assert_eq!(record["from"], PF_ASID);
+    assert_eq!(record["to"], PF_TO);
+    let access = &record["patient_facing"];
+    assert_eq!(access["client_id"], "app-1");
+    assert_eq!(access["nhs_number"], nhs.as_str());
+    assert_eq!(access["proofing"], "P9");
+    assert_eq!(access["practice"], PRACTICE);
+    assert_eq!(access["practice_from"], "token");
+    assert_eq!(access["supplier"], "Test Supplier");
+    assert_eq!(access["exchange"], "exchanged");
+    assert_eq!(access["correlation_id"], "corr-1");
+    assert!(
+        !record.to_string().contains(&patient_token),
+        "the token is not in the record"
+    );
+    assert!(
+        !record.to_string().contains("supplier-token"),
+        "nor the supplier's"
+    );
+    let response = response_record(&pf.world.audit_dir(), &request_id).await;
+    assert_eq!(response["status"], 200);
+
+    // 2. The same patient again: the supplier's token comes from the cache.
+    let answer = pf.get(Some(&pf.k1.sign(&pf.token(&nhs, "app-1")))).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(pf.auth.token_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        pf.world.provider.seen().last().unwrap().headers["authorization"],
+        "Bearer supplier-token-1"
+    );
+
+    // 3. Proxy access: a composite token (an acting person) for a patient whose practice is in the lookup file.
+    let mut claims = pf.k1.claims(&pf.listed, "app-2", SCOPE);
+    claims["act"] = serde_json::json!({ "sub": "proxy-user-7" });
+    let req = pf
+        .request(Method::GET, "/fhir/metadata", Some(&pf.k1.sign(&claims)))
+        .body(empty())
+        .unwrap();
+    let id = req.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(pf.consumer.fetch(req).await.unwrap().status, 200);
+    let access = pf.request_record(&id).await["patient_facing"].clone();
+    assert_eq!(access["acting"], "proxy-user-7");
+    assert_eq!(access["nhs_number"], pf.listed.as_str());
+    assert_eq!(access["practice_from"], "lookup");
+    assert_eq!(
+        pf.world.provider.seen().last().unwrap().headers["authorization"],
+        "Bearer supplier-token-2"
+    );
+
+    // 4. Every refusal of the token, the request and the routing: status, code, and its two records.
+    let app = |n: u32| format!("app-refused-{n}");
+    let mut refusals: Vec<(Answer, u16, &str, String)> = Vec::new();
+    refusals.push((
+        pf.get(None).await,
+        401,
+        "ACCESS_TOKEN_MISSING",
+        "ACCESS_TOKEN_MISSING".into(),
+    ));
+    let forged = PatientTokens::new(&key_pem(), "k1", ISSUER, AUDIENCE).unwrap();
+    refusals.push((
+        pf.get(Some(&forged.sign(&pf.token(&nhs, &app(1))))).await,
+        401,
+        "ACCESS_TOKEN_INVALID",
+        "ACCESS_TOKEN_INVALID: bad_signature".into(),
+    ));
+    // `alg: none`, with claims that would otherwise pass.
+    let unsigned = {
+        use base64::Engine;
+        let b64 = |v: &serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        format!(
+            "{}.{}.",
+            b64(&serde_json::json!({"alg": "none", "typ": "JWT", "kid": "k1"})),
+            b64(&pf.token(&nhs, &app(2)))
+        )
+    };
+    refusals.push((
+        pf.get(Some(&unsigned)).await,
+        401,
+        "ACCESS_TOKEN_INVALID",
+        "ACCESS_TOKEN_INVALID: malformed".into(),
+    ));
+    for (field, value, why) in [
+        (
+            "iss",
+            serde_json::json!("https://elsewhere.test"),
+            "wrong_issuer",
+        ),
+        ("aud", serde_json::json!("another-api"), "wrong_audience"),
+        ("exp", serde_json::json!(ssp_now() - 600), "expired"),
+        ("nbf", serde_json::json!(ssp_now() + 600), "not_yet_valid"),
+    ] {
+        let mut claims = pf.token(&nhs, &app(3));
+        claims[field] = value;
+        let text = format!("ACCESS_TOKEN_INVALID: {why}");
+        let answer = pf.get(Some(&pf.k1.sign(&claims))).await;
+        assert_refused(&answer, 401, "ACCESS_TOKEN_INVALID");
+        assert!(String::from_utf8_lossy(&answer.body).contains(why), "{why}");
+        refusals.push((answer, 401, "ACCESS_TOKEN_INVALID", text));
+    }
+    let mut low = pf.token(&nhs, &app(4));
+    low["identity_proofing_level"] = "P5".into();
+    refusals.push((
+        pf.get(Some(&pf.k1.sign(&low))).await,
+        403,
+        "PROOFING_LEVEL_TOO_LOW",
+        "PROOFING_LEVEL_TOO_LOW".into(),
+    ));
+    let mut unscoped = pf.token(&nhs, &app(5));
+    unscoped["scope"] = "openid profile".into();
+    refusals.push((
+        pf.get(Some(&pf.k1.sign(&unscoped))).await,
+        403,
+        "SCOPE_MISSING",
+        "SCOPE_MISSING".into(),
+    ));
+    let mut anonymous = pf.token(&nhs, &app(6));
+    anonymous.as_object_mut().unwrap().remove("nhs_number");
+    refusals.push((
+        pf.get(Some(&pf.k1.sign(&anonymous))).await,
+        403,
+        "NHS_NUMBER_MISSING",
+        "NHS_NUMBER_MISSING".into(),
+    ));
+    let unlisted = pf.k1.claims(&nhs_number(2), &app(7), SCOPE);
+    refusals.push((
+        pf.get(Some(&pf.k1.sign(&unlisted))).await,
+        404,
+        "PRACTICE_NOT_FOUND",
+        "PRACTICE_NOT_FOUND".into(),
+    ));
+    let good = pf.k1.sign(&pf.token(&nhs, &app(8)));
+    let req = pf
+        .request(Method::GET, "/fhir/Appointment/1", Some(&good))
+        .body(empty())
+        .unwrap();
+    refusals.push((
+        pf.consumer.fetch(req).await.unwrap(),
+        404,
+        "ROUTE_NOT_FOUND",
+        "ROUTE_NOT_FOUND".into(),
+    ));
+    // A route the front's agreements do not cover: refused by check 8 on the request as the front sends it.
+    let req = pf
+        .request(Method::GET, "/fhir/Patient/1", Some(&good))
+        .body(empty())
+        .unwrap();
+    refusals.push((
+        pf.consumer.fetch(req).await.unwrap(),
+        403,
+        "ACCESS_DENIED",
+        "ACCESS_DENIED: fot_check_failed".into(),
+    ));
+    let req = Request::get("/fhir/metadata")
+        .header("host", "ssp.dev.localhost")
+        .header("authorization", format!("Bearer {good}"))
+        .body(empty())
+        .unwrap();
+    refusals.push((
+        pf.consumer.fetch(req).await.unwrap(),
+        400,
+        "INVALID_REQUEST_ID",
+        "INVALID_REQUEST_ID".into(),
+    ));
+    let calls_before = pf.auth.token_calls.load(Ordering::SeqCst);
+    for (answer, status, code, text) in &refusals {
+        assert_refused(answer, *status, code);
+        if *status == 401 {
+            assert!(
+                answer.headers["www-authenticate"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("Bearer")
+            );
+        }
+        let Some(id) = answer.headers.get("x-request-id") else {
+            assert_eq!(*code, "INVALID_REQUEST_ID");
+            continue;
+        };
+        let record = pf.request_record(id.to_str().unwrap()).await;
+        assert_eq!(record["decision"], "deny", "{code}");
+        assert_eq!(record["reason"], text.as_str(), "{record}");
+        let response = response_record(&pf.world.audit_dir(), id.to_str().unwrap()).await;
+        assert_eq!(response["status"], *status);
+        assert_eq!(response["outcome"], "denied");
+    }
+    assert_eq!(
+        pf.auth.token_calls.load(Ordering::SeqCst),
+        calls_before,
+        "a refused token is never exchanged"
+    );
+
+    // 5. The supplier refuses the exchange: 403, recorded as refused.
+    pf.auth.set_mode(TokenMode::Refuse);
+    let answer = pf
+        .get(Some(&pf.k1.sign(&pf.token(&nhs_number(3), "app-3"))))
+        .await;
+    assert_refused(&answer, 403, "TOKEN_EXCHANGE_REFUSED");
+    let id = answer.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(
+        pf.request_record(&id).await["patient_facing"]["exchange"],
+        "refused"
+    );
+
+    // 6. The token endpoint fails: 502 once it has been asked, then no call at all during the back-off.
+    pf.auth.set_mode(TokenMode::Fail);
+    let calls = pf.auth.token_calls.load(Ordering::SeqCst);
+    let answer = pf
+        .get(Some(&pf.k1.sign(&pf.token(&nhs_number(4), "app-4"))))
+        .await;
+    assert_refused(&answer, 502, "TOKEN_EXCHANGE_FAILED");
+    assert_eq!(pf.auth.token_calls.load(Ordering::SeqCst), calls + 1);
+    for n in 5..10 {
+        let answer = pf
+            .get(Some(
+                &pf.k1.sign(&pf.token(&nhs_number(n), &format!("app-4-{n}"))),
+            ))
+            .await;
+        assert_refused(&answer, 502, "TOKEN_EXCHANGE_FAILED");
+    }
+    assert_eq!(
+        pf.auth.token_calls.load(Ordering::SeqCst),
+        calls + 1,
+        "no retry storm"
+    );
+    // A cached token still serves its patient while the endpoint is down.
+    assert_eq!(
+        pf.get(Some(&pf.k1.sign(&pf.token(&nhs, "app-5"))))
+            .await
+            .status,
+        200
+    );
+    let metrics = metrics_text(pf.world.admin).await;
+    assert!(
+        metrics.contains(r#"ssp_patient_facing_token_exchanges_total{outcome="failed"} 6"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"ssp_patient_facing_token_exchanges_total{outcome="cached"} 2"#));
+
+    // 7. Per-app limit: five a minute, then 429 with the rate headers.
+    for _ in 0..4 {
+        assert_eq!(
+            pf.get(Some(&pf.k1.sign(&pf.token(&nhs, "app-5"))))
+                .await
+                .status,
+            200
+        );
+    }
+    let answer = pf.get(Some(&pf.k1.sign(&pf.token(&nhs, "app-5")))).await;
+    assert_refused(&answer, 429, "APP_RATE_LIMIT");
+    assert_eq!(answer.headers["x-rate-limit-limit"], "5");
+    assert_eq!(answer.headers["x-rate-limit-remaining"], "0");
+    assert!(
+        answer.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+
+    // 8. Key rotation: a new kid is picked up by the next fetch (one a refresh interval, 1 s here, at most), a
+    // removed one refused after the stale period.
+    pf.auth.set_mode(TokenMode::Issue);
+    pf.auth.set_jwks(PatientTokens::jwks(&[&pf.k1, &pf.k2]));
+    let added = Instant::now();
+    within("the new kid to be picked up", async {
+        for n in 0.. {
+            let answer = pf
+                .get(Some(&pf.k2.sign(&pf.token(&nhs, &format!("app-6-{n}")))))
+                .await;
+            if answer.status == 200 {
+                return;
+            }
+            assert_refused(&answer, 401, "ACCESS_TOKEN_INVALID");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        added.elapsed() < Duration::from_secs(3),
+        "picked up after {:?}",
+        added.elapsed()
+    );
+    pf.auth.set_jwks(PatientTokens::jwks(&[&pf.k2]));
+    let removed = Instant::now();
+    // Within the stale period (3 s) the removed key still verifies.
+    assert_eq!(
+        pf.get(Some(&pf.k1.sign(&pf.token(&nhs, "app-7"))))
+            .await
+            .status,
+        200
+    );
+    let refused_after = within("the removed key to go stale", async {
+        for n in 0.. {
+            let answer = pf
+                .get(Some(&pf.k1.sign(&pf.token(&nhs, &format!("app-8-{n}")))))
+                .await;
+            if answer.status == 401 {
+                assert_refused(&answer, 401, "ACCESS_TOKEN_INVALID");
+                return removed.elapsed();
+            }
+            assert_eq!(answer.status, 200);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        unreachable!()
+    })
+    .await;
+    assert!(
+        refused_after >= Duration::from_secs(1),
+        "refused after {refused_after:?}"
+    );
+    // Invented kids: at most one fetch per refresh interval, however many tokens name them.
+    let fetches = pf.auth.jwks_fetches.load(Ordering::SeqCst);
+    let started = Instant::now();
+    for n in 0..10 {
+        let stranger =
+            PatientTokens::new(&key_pem(), &format!("invented-{n}"), ISSUER, AUDIENCE).unwrap();
+        let answer = pf.get(Some(&stranger.sign(&pf.token(&nhs, "app-9")))).await;
+        assert_refused(&answer, 401, "ACCESS_TOKEN_INVALID");
+    }
+    let intervals = started.elapsed().as_secs() + 2;
+    let fetched = pf.auth.jwks_fetches.load(Ordering::SeqCst) - fetches;
+    assert!(
+        fetched as u64 <= intervals,
+        "{fetched} fetches in {:?}",
+        started.elapsed()
+    );
+
+    // 9. One chain: the clinical door's requests and these verify together.
+    assert_eq!(pf.world.get("/fhir/metadata").await.status(), 200);
+    let verified = ssp::audit::verify(&pf.world.audit_dir()).unwrap();
+    assert!(verified.records > 40, "{verified:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_patient_index_the_number_is_an_hmac_from_the_token_and_keys_come_from_a_file() {
+    let pf = start(true).await;
+    let nhs = nhs_number(0);
+    let req = pf
+        .request(
+            Method::GET,
+            "/fhir/metadata",
+            Some(&pf.k1.sign(&pf.token(&nhs, "app-1"))),
+        )
+        .body(empty())
+        .unwrap();
+    let id = req.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(pf.consumer.fetch(req).await.unwrap().status, 200);
+    let record = pf.request_record(&id).await;
+    assert!(
+        record["patient_facing"].get("nhs_number").is_none(),
+        "{record}"
+    );
+    assert!(!record.to_string().contains(&nhs));
+    let ids = &record["patients"]["ids"];
+    assert_eq!(ids[0]["in"], "token");
+    assert_eq!(ids[0]["check"], "valid");
+    let key = ssp::audit::patients::PatientKey::from_bytes(&[7u8; 32]).unwrap();
+    assert_eq!(ids[0]["hmac"], key.hmac(&nhs));
+    assert_eq!(
+        pf.auth.jwks_fetches.load(Ordering::SeqCst),
+        0,
+        "the keys came from the file"
+    );
+
+    // The file is read again each refresh interval: a key written into it is taken up.
+    let answer = pf.get(Some(&pf.k2.sign(&pf.token(&nhs, "app-2")))).await;
+    assert_refused(&answer, 401, "ACCESS_TOKEN_INVALID");
+    std::fs::write(
+        pf.world.pki.dir.path().join("jwks.json"),
+        PatientTokens::jwks(&[&pf.k1, &pf.k2]),
+    )
+    .unwrap();
+    within("the key written into the file to be taken up", async {
+        for n in 0.. {
+            let answer = pf
+                .get(Some(&pf.k2.sign(&pf.token(&nhs, &format!("app-3-{n}")))))
+                .await;
+            if answer.status == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
+fn ssp_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
