@@ -540,55 +540,8 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         "a refused token is never exchanged"
     );
 
-    // 5. The supplier refuses the exchange: 403, recorded as refused.
-    pf.auth.set_mode(TokenMode::Refuse);
-    let answer = pf
-        .get(Some(&pf.k1.sign(&pf.token(&nhs_number(3), "app-3"))))
-        .await;
-    assert_refused(&answer, 403, "TOKEN_EXCHANGE_REFUSED");
-    let id = answer.headers["x-request-id"].to_str().unwrap().to_owned();
-    assert_eq!(
-        pf.request_record(&id).await["patient_facing"]["exchange"],
-        "refused"
-    );
-
-    // 6. The token endpoint fails: 502 once it has been asked, then no call at all during the back-off.
-    pf.auth.set_mode(TokenMode::Fail);
-    let calls = pf.auth.token_calls.load(Ordering::SeqCst);
-    let answer = pf
-        .get(Some(&pf.k1.sign(&pf.token(&nhs_number(4), "app-4"))))
-        .await;
-    assert_refused(&answer, 502, "TOKEN_EXCHANGE_FAILED");
-    assert_eq!(pf.auth.token_calls.load(Ordering::SeqCst), calls + 1);
-    for n in 5..10 {
-        let answer = pf
-            .get(Some(
-                &pf.k1.sign(&pf.token(&nhs_number(n), &format!("app-4-{n}"))),
-            ))
-            .await;
-        assert_refused(&answer, 502, "TOKEN_EXCHANGE_FAILED");
-    }
-    assert_eq!(
-        pf.auth.token_calls.load(Ordering::SeqCst),
-        calls + 1,
-        "no retry storm"
-    );
-    // A cached token still serves its patient while the endpoint is down.
-    assert_eq!(
-        pf.get(Some(&pf.k1.sign(&pf.token(&nhs, "app-5"))))
-            .await
-            .status,
-        200
-    );
-    let metrics = metrics_text(pf.world.admin).await;
-    assert!(
-        metrics.contains(r#"ssp_patient_facing_token_exchanges_total{outcome="failed"} 6"#),
-        "{metrics}"
-    );
-    assert!(metrics.contains(r#"ssp_patient_facing_token_exchanges_total{outcome="cached"} 2"#));
-
-    // 7. Per-app limit: five a minute, then 429 with the rate headers.
-    for _ in 0..4 {
+    // 5. Per-app limit: five a minute, then 429 with the rate headers. The supplier's token is cached per app.
+    for _ in 0..5 {
         assert_eq!(
             pf.get(Some(&pf.k1.sign(&pf.token(&nhs, "app-5"))))
                 .await
@@ -609,7 +562,7 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
             >= 1
     );
 
-    // 8. Key rotation: a new kid is picked up by the next fetch (one a refresh interval, 1 s here, at most), a
+    // 6. Key rotation: a new kid is picked up by the next fetch (one a refresh interval, 1 s here, at most), a
     // removed one refused after the stale period.
     pf.auth.set_mode(TokenMode::Issue);
     pf.auth.set_jwks(PatientTokens::jwks(&[&pf.k1, &pf.k2]));
@@ -676,6 +629,54 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         "{fetched} fetches in {:?}",
         started.elapsed()
     );
+
+    // 7. The supplier refuses the exchange: 403, recorded as refused. (Tokens are signed by k2 from here on.)
+    pf.auth.set_mode(TokenMode::Refuse);
+    let answer = pf
+        .get(Some(&pf.k2.sign(&pf.token(&nhs_number(3), "app-3"))))
+        .await;
+    assert_refused(&answer, 403, "TOKEN_EXCHANGE_REFUSED");
+    let id = answer.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(
+        pf.request_record(&id).await["patient_facing"]["exchange"],
+        "refused"
+    );
+
+    // 8. The token endpoint fails: 502 once it has been asked, then no call at all during the back-off.
+    pf.auth.set_mode(TokenMode::Fail);
+    let calls = pf.auth.token_calls.load(Ordering::SeqCst);
+    let answer = pf
+        .get(Some(&pf.k2.sign(&pf.token(&nhs_number(4), "app-4"))))
+        .await;
+    assert_refused(&answer, 502, "TOKEN_EXCHANGE_FAILED");
+    assert_eq!(pf.auth.token_calls.load(Ordering::SeqCst), calls + 1);
+    for n in 5..10 {
+        let answer = pf
+            .get(Some(
+                &pf.k2.sign(&pf.token(&nhs_number(n), &format!("app-4-{n}"))),
+            ))
+            .await;
+        assert_refused(&answer, 502, "TOKEN_EXCHANGE_FAILED");
+    }
+    assert_eq!(
+        pf.auth.token_calls.load(Ordering::SeqCst),
+        calls + 1,
+        "no retry storm"
+    );
+    // A cached token still serves its patient (and app) while the endpoint is down.
+    assert_eq!(
+        pf.get(Some(&pf.k2.sign(&pf.token(&nhs, "app-1"))))
+            .await
+            .status,
+        200
+    );
+    let metrics = metrics_text(pf.world.admin).await;
+    assert!(
+        metrics.contains(r#"ssp_patient_facing_token_exchanges_total{outcome="failed"} 6"#),
+        "{metrics}"
+    );
+    // Cached: part 2, four of part 5, the one above.
+    assert!(metrics.contains(r#"ssp_patient_facing_token_exchanges_total{outcome="cached"} 6"#));
 
     // 9. One chain: the clinical door's requests and these verify together.
     assert_eq!(pf.world.get("/fhir/metadata").await.status(), 200);

@@ -1,8 +1,10 @@
 //! The GP supplier's own access token for a patient: an RFC 8693 token exchange at the supplier's token endpoint
 //! (from the directory's `[[supplier]]`), the client authenticated with a `private_key_jwt` assertion (RFC 7523
-//! section 2.2, with the claims of OpenID Connect Core section 9), cached per (supplier, patient) until
-//! `token_refresh_before` ahead of its expiry. One exchange per (supplier, patient) at a time: requests that
-//! arrive while one is under way wait for its token. A token endpoint that fails (no answer, 5xx, an answer that
+//! section 2.2, with the claims of OpenID Connect Core section 9), cached until `token_refresh_before` ahead of
+//! its expiry per (supplier, patient, app, acting person): a token exchanged for one app, or for the patient
+//! themselves, is never handed to a request of another app or of a proxy user acting for them, whose access the
+//! supplier may scope differently. One exchange per key at a time: requests that arrive while one is under way
+//! wait for its token. A token endpoint that fails (no answer, 5xx, an answer that
 //! is not a token response) is not called again for `exchange_backoff`: requests in that time are refused at
 //! once (502), so an outage brings no storm of retries.
 
@@ -14,6 +16,7 @@ use http::HeaderValue;
 use serde::Deserialize;
 
 use super::https;
+use super::token::PatientToken;
 use crate::policy::Supplier;
 
 /// Most (supplier, patient) tokens kept; past it the expired ones go, then (rarely) all.
@@ -128,8 +131,11 @@ struct Cached {
     until: Instant,
 }
 
-/// One (supplier, patient)'s token and the lock that makes its exchange single flight.
+/// One key's token and the lock that makes its exchange single flight.
 type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
+
+/// (supplier, NHS number, app, acting person).
+type CacheKey = (String, String, String, Option<String>);
 
 /// The exchanges of one patient-facing listener.
 #[derive(Debug)]
@@ -138,7 +144,7 @@ pub(super) struct Exchanger {
     timeout: Duration,
     refresh_before: Duration,
     backoff: Duration,
-    slots: Mutex<HashMap<(String, String), Slot>>,
+    slots: Mutex<HashMap<CacheKey, Slot>>,
     /// Suppliers whose token endpoint failed, and until when it is left alone.
     down: Mutex<HashMap<String, Instant>>,
 }
@@ -172,17 +178,17 @@ impl Exchanger {
         }
     }
 
-    /// The supplier's token for the patient `nhs_number`, from the cache or exchanged for `subject_token` over
-    /// `tls`.
+    /// The supplier's token for the request `patient` (the verified access token) makes, from the cache or
+    /// exchanged for `subject_token` over `tls`.
     pub(super) async fn token(
         &self,
         supplier: &Supplier,
-        nhs_number: &str,
+        patient: &PatientToken,
         subject_token: &str,
         tls: Arc<rustls::ClientConfig>,
         resolve: &https::Resolve,
     ) -> Result<SupplierToken, ExchangeError> {
-        let slot = self.slot(supplier, nhs_number);
+        let slot = self.slot(supplier, patient);
         let mut cached = slot.lock().await;
         if let Some(c) = cached.as_ref().filter(|c| Instant::now() < c.until) {
             return Ok(SupplierToken {
@@ -235,7 +241,7 @@ impl Exchanger {
         }
     }
 
-    fn slot(&self, supplier: &Supplier, nhs_number: &str) -> Slot {
+    fn slot(&self, supplier: &Supplier, patient: &PatientToken) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if slots.len() >= MAX_CACHED {
             // Kept: the slots in use (an exchange holds its lock) and those whose token is still good.
@@ -250,7 +256,12 @@ impl Exchanger {
         }
         Arc::clone(
             slots
-                .entry((supplier.name.clone(), nhs_number.to_owned()))
+                .entry((
+                    supplier.name.clone(),
+                    patient.nhs_number.clone(),
+                    patient.client_id.clone(),
+                    patient.acting.clone(),
+                ))
                 .or_default(),
         )
     }

@@ -218,12 +218,12 @@ impl Front {
         self.apps.admit(client_id, Instant::now())
     }
 
-    /// The supplier's token for the patient, cached or exchanged for `subject_token` over the upstream client
-    /// identity.
+    /// The supplier's token for the request `patient` makes, cached or exchanged for `subject_token` over the
+    /// upstream client identity.
     pub async fn supplier_token(
         &self,
         supplier: &Supplier,
-        nhs_number: &str,
+        patient: &PatientToken,
         subject_token: &str,
     ) -> Result<SupplierToken, ExchangeError> {
         let Some(tls) = self.upstream_tls.get() else {
@@ -235,7 +235,7 @@ impl Front {
         self.exchanger
             .token(
                 supplier,
-                nhs_number,
+                patient,
                 subject_token,
                 tls.client(),
                 &self.resolve,

@@ -256,7 +256,7 @@ impl Proxy {
             .ok_or(PatientRefusal::SupplierNotConfigured)?;
         access.supplier = Some(supplier.name.clone());
         let token = front
-            .supplier_token(supplier, &token.nhs_number, subject_token)
+            .supplier_token(supplier, &token, subject_token)
             .await;
         let outcome = match &token {
             Ok(t) => t.outcome,
