@@ -58,6 +58,7 @@ pub(crate) const DENIAL_REASONS: &[&str] = &[
     "scope_missing",
     "nhs_number_missing",
     "route_not_found",
+    "patient_mismatch",
     "app_rate_limit",
     "practice_not_found",
     "interaction_not_at_practice",

@@ -30,6 +30,7 @@ async fn demo_runs_every_scenario_as_expected() {
     .unwrap();
     let provider_port = closed_port().await;
     let down = closed_port().await;
+    let auth = closed_port().await;
     let config = format!(
         r#"
 [server]
@@ -47,6 +48,19 @@ listen = "127.0.0.1:0"
 [upstream.resolve]
 "provider.dev.localhost:9443" = "{provider_port}"
 "provider2.dev.localhost:9444" = "{down}"
+"provider.dev.localhost:9445" = "{auth}"
+[patient_facing]
+listen = "127.0.0.1:0"
+asid = "200000000999"
+issuer = "https://auth.dev.localhost"
+audience = "ssp-patient-facing"
+jwks = "https://provider.dev.localhost:9445/jwks"
+scope = "gp-connect:patient"
+ods_claim = "gp_registration_details.gp_ods_code"
+assertion_key = "certs/pf-assertion.key"
+[[patient_facing.route]]
+path = "/fhir/Patient"
+interaction = "urn:nhs:names:services:gpconnect:fhir:rest:search:patient-1"
 "#
     );
     std::fs::write(dir.join("ssp.toml"), config).unwrap();
@@ -109,7 +123,13 @@ listen = "127.0.0.1:0"
         "400 ENDPOINT_https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect_CPAID_S20001A000123",
         "400 INVALID_JWT_AUD_MISMATCH",
         "502 ERROR_COMMUNICATING_TO_ENDPOINT_URL_https://provider2.dev.localhost:9444",
+        // The patient-facing door beside the clinical one: a patient and a proxy user, then two refusals.
+        "pf           patient, NHS login P9              200                200 Bundle",
+        "pf           proxy user acting for the patient  200                200 Bundle",
+        "401 ACCESS_TOKEN_MISSING",
+        "403 PROOFING_LEVEL_TOO_LOW",
         "curl --cert",
+        "# patient-facing (token valid 5 minutes):",
     ] {
         assert!(
             output.contains(expected),

@@ -296,13 +296,12 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
     let nhs = nhs_number(0);
 
     // 1. A permitted request: the token verified, the practice from its claim, the supplier's token exchanged.
+    // Its query may name the patient's own number.
     let patient_token = pf.k1.sign(&pf.token(&nhs, "app-1"));
+    let own =
+        format!("/fhir/metadata?_format=json&patient=https://fhir.nhs.uk/Id/nhs-number|{nhs}");
     let req = pf
-        .request(
-            Method::GET,
-            "/fhir/metadata?_format=json",
-            Some(&patient_token),
-        )
+        .request(Method::GET, &own, Some(&patient_token))
         .header("x-correlation-id", "corr-1")
         // A consumer's own Ssp-* field must not reach the provider.
         .header("ssp-from", FROM)
@@ -324,10 +323,7 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
     );
     let seen = pf.world.provider.seen();
     let at_provider = seen.last().unwrap();
-    assert_eq!(
-        at_provider.path_and_query,
-        "/gp/pfs/fhir/metadata?_format=json"
-    );
+    assert_eq!(at_provider.path_and_query, format!("/gp/pfs{own}"));
     assert_eq!(
         at_provider.headers["authorization"],
         "Bearer supplier-token-1"
@@ -489,6 +485,30 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         404,
         "ROUTE_NOT_FOUND",
         "ROUTE_NOT_FOUND".into(),
+    ));
+    // Another patient's number in the path or the query: refused before anything else is looked up.
+    let other = nhs_number(9);
+    let req = pf
+        .request(Method::GET, &format!("/fhir/Patient/{other}"), Some(&good))
+        .body(empty())
+        .unwrap();
+    refusals.push((
+        pf.consumer.fetch(req).await.unwrap(),
+        403,
+        "PATIENT_MISMATCH",
+        "PATIENT_MISMATCH".into(),
+    ));
+    let query =
+        format!("/fhir/metadata?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C{other}");
+    let req = pf
+        .request(Method::GET, &query, Some(&good))
+        .body(empty())
+        .unwrap();
+    refusals.push((
+        pf.consumer.fetch(req).await.unwrap(),
+        403,
+        "PATIENT_MISMATCH",
+        "PATIENT_MISMATCH".into(),
     ));
     // A route the front's agreements do not cover: refused by check 8 on the request as the front sends it.
     let req = pf

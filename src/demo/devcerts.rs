@@ -177,6 +177,14 @@ pub fn generate_with(
     }
     .signed_by(&issuer)?;
     write("ca.crl", &crl.pem()?, false)?;
+    // The patient-facing door's two keys (EC P-256, PKCS#8): the dev NHS login's signing key, and the proxy's
+    // key for its client assertions at the suppliers' token endpoints.
+    write("nhs-login.key", &KeyPair::generate()?.serialize_pem(), true)?;
+    write(
+        "pf-assertion.key",
+        &KeyPair::generate()?.serialize_pem(),
+        true,
+    )?;
     write(
         "README.txt",
         &format!(
@@ -189,7 +197,9 @@ pub fn generate_with(
              consumer2.crt / .key         a second consumer system ({CONSUMER2_NAME})\n\
              provider.crt / .key          the dev provider ({PROVIDER_NAME}, {PROVIDER2_NAME}, localhost)\n\
              consumer-revoked.crt / .key  a consumer certificate listed in ca.crl\n\
-             consumer-expired.crt / .key  a consumer certificate whose validity has ended\n"
+             consumer-expired.crt / .key  a consumer certificate whose validity has ended\n\
+             nhs-login.key                the dev NHS login's token signing key (the demo's patient tokens)\n\
+             pf-assertion.key             the proxy's client assertion key for the suppliers' token endpoints\n"
         ),
         false,
     )?;

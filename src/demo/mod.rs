@@ -12,6 +12,7 @@
 pub mod auth;
 mod client;
 pub mod devcerts;
+mod patient;
 mod provider;
 
 pub use client::{Answer, Client, dev_jwt};
@@ -168,12 +169,19 @@ pub(crate) async fn run(config: Config) -> Result<(), DemoError> {
         .and_then(|ca| ca.parent())
         .map(Path::to_path_buf)
         .ok_or("server.client_ca names no file")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    // Before the proxy starts: its patient-facing listener fetches the JWKS from here at start.
+    let patient = patient::start(&config, &certs, stopped(stop_rx.clone())).await?;
     let assembled = crate::app::assemble(&config)?;
     let server = crate::app::bind(&config, assembled)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let proxy_addr = server.local_addr()?;
     let admin_addr = server.admin_addr()?;
+    let patient_addr = server.patient_facing_addr().transpose()?;
 
     let provider_addr = *config
         .upstream
@@ -191,10 +199,6 @@ pub(crate) async fn run(config: Config) -> Result<(), DemoError> {
         &config.upstream.ca,
     )?;
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
     let provider = tokio::spawn(serve_provider(
         provider_listener,
         provider_tls,
@@ -213,10 +217,24 @@ pub(crate) async fn run(config: Config) -> Result<(), DemoError> {
         certs.display(),
         devcerts::WARNING
     );
-    let rows = run_scenarios(proxy_addr, &certs, &config.server.client_ca).await;
+    if let Some(addr) = patient_addr {
+        println!(
+            "patient-facing listener on https://{addr} (NHS login access tokens, no client certificate)"
+        );
+    }
+    let mut rows = run_scenarios(proxy_addr, &certs, &config.server.client_ca).await;
+    if let (Some(patient), Some(addr)) = (&patient, patient_addr) {
+        rows.extend(patient.run(addr, &config.server.client_ca).await);
+    }
     print_table(&rows);
     print_audit(&config.audit.dir, demo_started).await;
     print_curl(proxy_addr, &certs);
+    if let (Some(patient), Some(addr)) = (&patient, patient_addr) {
+        println!(
+            "{}",
+            patient.curl(addr, &certs.join("ca.crt").display().to_string())
+        );
+    }
 
     // Taken over before saying so: a Ctrl-C right after the line must stop the demo cleanly.
     let signalled = crate::lifecycle::shutdown_signal();

@@ -35,6 +35,8 @@ pub(crate) enum PatientRefusal {
     NotAtPractice,
     /// The path does not make a valid target under the practice's endpoint.
     Path(TargetError),
+    /// The path or query names an NHS number other than the token's patient.
+    OtherPatient,
     /// Checks 5 to 9 on the request as sent by the front's `[[system]]`.
     Denied(Denial),
     Throttled(Throttle),
@@ -152,6 +154,12 @@ impl PatientRefusal {
                 "INVALID_PATH",
                 "invalid",
                 "invalid_target_url",
+            ),
+            R::OtherPatient => (
+                StatusCode::FORBIDDEN,
+                "PATIENT_MISMATCH",
+                "forbidden",
+                "patient_mismatch",
             ),
             R::Denied(denial) => (
                 StatusCode::FORBIDDEN,

@@ -285,6 +285,26 @@ impl Indexer {
         found
     }
 
+    /// The NHS numbers `target` names (normalised, as found: valid or not), by the rules of [`Indexer::target`],
+    /// without a key: the patient-facing door refuses a request naming a patient other than its token's.
+    pub fn numbers_in(target: &str) -> Vec<String> {
+        let mut numbers = Vec::new();
+        scan_target(target, |span| match &span.piece {
+            Piece::Path(number) => numbers.push(normalised(number).into_owned()),
+            Piece::Item { number, .. } => numbers.push(normalised(number).into_owned()),
+            Piece::List {
+                decoded,
+                identifier,
+            } => numbers.extend(
+                decoded
+                    .split(',')
+                    .filter_map(|item| candidate(item, *identifier))
+                    .map(|(_, number)| normalised(number).into_owned()),
+            ),
+        });
+        numbers
+    }
+
     /// `text` (a refusal's reason, which may quote the target) with each NHS number it holds replaced as the
     /// redacted target has it; `text` itself when `redact` is off or it holds none.
     pub fn redact_text(&self, text: String) -> String {

@@ -212,6 +212,15 @@ impl Proxy {
         let route = front
             .route(&parts.method, parts.uri.path())
             .map_err(PatientRefusal::Route)?;
+        // A patient's token reaches their own record only: the path and query may name no one else. (A body is
+        // streamed, not read here: the supplier's token, exchanged for this patient, is what scopes it.)
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        if crate::audit::patients::Indexer::numbers_in(path)
+            .iter()
+            .any(|n| *n != token.nhs_number)
+        {
+            return Err(PatientRefusal::OtherPatient);
+        }
         front
             .admit_app(&token.client_id)
             .map_err(PatientRefusal::App)?;
@@ -255,9 +264,7 @@ impl Proxy {
             .and_then(|name| policy.supplier(name))
             .ok_or(PatientRefusal::SupplierNotConfigured)?;
         access.supplier = Some(supplier.name.clone());
-        let token = front
-            .supplier_token(supplier, &token, subject_token)
-            .await;
+        let token = front.supplier_token(supplier, &token, subject_token).await;
         let outcome = match &token {
             Ok(t) => t.outcome,
             Err(e) => e.outcome,
