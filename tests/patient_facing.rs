@@ -486,6 +486,27 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         "ROUTE_NOT_FOUND",
         "ROUTE_NOT_FOUND".into(),
     ));
+    // A route's path matches at a segment boundary only; a route's methods only.
+    let req = pf
+        .request(Method::GET, "/fhir/metadataX", Some(&good))
+        .body(empty())
+        .unwrap();
+    refusals.push((
+        pf.consumer.fetch(req).await.unwrap(),
+        404,
+        "ROUTE_NOT_FOUND",
+        "ROUTE_NOT_FOUND".into(),
+    ));
+    let req = pf
+        .request(Method::POST, "/fhir/metadata", Some(&good))
+        .body(empty())
+        .unwrap();
+    refusals.push((
+        pf.consumer.fetch(req).await.unwrap(),
+        405,
+        "METHOD_NOT_ALLOWED",
+        "METHOD_NOT_ALLOWED".into(),
+    ));
     // Another patient's number in the path or the query: refused before anything else is looked up.
     let other = nhs_number(9);
     let req = pf

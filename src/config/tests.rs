@@ -298,3 +298,103 @@ fn audit_ship_defaults_to_tls_with_the_upstream_certificate_and_refuses_what_can
     let c = Config::parse(&loopback, Path::new("ssp.toml")).unwrap();
     assert_eq!(c.ship.unwrap().transport, ShipTransport::Tcp);
 }
+
+#[test]
+fn patient_facing_defaults_and_what_it_refuses() {
+    let good = format!(
+        "{MINIMAL}
+[patient_facing]
+listen = \"127.0.0.1:8444\"
+asid = \"200000000999\"
+issuer = \"https://auth.login.nhs.uk\"
+audience = \"ssp\"
+jwks = \"keys/jwks.json\"
+scope = \"gp-connect:patient\"
+practices = \"practices.csv\"
+assertion_key = \"keys/assertion.pem\"
+[[patient_facing.route]]
+path = \"/fhir/Patient\"
+interaction = \"urn:nhs:names:services:gpconnect:fhir:rest:search:patient-1\"
+"
+    );
+    let c = Config::parse(&good, Path::new("/etc/ssp/ssp.toml")).unwrap();
+    let pf = c.patient_facing.unwrap();
+    assert_eq!(pf.cert, c.server.cert, "the server certificate by default");
+    assert_eq!(
+        pf.jwks,
+        JwksSource::File(PathBuf::from("/etc/ssp/keys/jwks.json"))
+    );
+    assert_eq!(pf.algorithms.len(), 3);
+    assert_eq!(pf.min_proofing, Proofing::P9);
+    assert_eq!(pf.leeway, Duration::from_secs(30));
+    assert_eq!(pf.jwks_refresh, Duration::from_secs(300));
+    assert_eq!(pf.jwks_stale, Duration::from_secs(3600));
+    assert_eq!(pf.routes[0].methods, vec![Method::GET]);
+    assert_eq!(pf.requests_per_minute_per_app, 0);
+
+    for (change, key) in [
+        (
+            (
+                "jwks = \"keys/jwks.json\"",
+                "jwks = \"http://keys.example/jwks\"",
+            ),
+            "patient_facing.jwks",
+        ),
+        (
+            ("scope = \"gp-connect:patient\"", "scope = \"a b\""),
+            "patient_facing.scope",
+        ),
+        (
+            (
+                "issuer = \"https://auth.login.nhs.uk\"",
+                "algorithms = [\"HS256\"]",
+            ),
+            "patient_facing.issuer",
+        ),
+        (
+            (
+                "audience = \"ssp\"",
+                "audience = \"ssp\"\nalgorithms = [\"none\"]",
+            ),
+            "patient_facing.algorithms",
+        ),
+        (
+            (
+                "audience = \"ssp\"",
+                "audience = \"ssp\"\nmin_proofing = \"P7\"",
+            ),
+            "patient_facing.min_proofing",
+        ),
+        (
+            ("audience = \"ssp\"", "audience = \"ssp\"\nleeway = \"10m\""),
+            "patient_facing.leeway",
+        ),
+        (
+            (
+                "audience = \"ssp\"",
+                "audience = \"ssp\"\njwks_refresh = \"2h\"",
+            ),
+            "patient_facing.jwks_stale",
+        ),
+        (
+            ("practices = \"practices.csv\"", ""),
+            "patient_facing.practices",
+        ),
+        (
+            ("path = \"/fhir/Patient\"", "path = \"/fhir/../Patient\""),
+            "patient_facing.route",
+        ),
+        (
+            ("listen = \"127.0.0.1:8444\"", "listen = \"127.0.0.1:8443\""),
+            "patient_facing.listen",
+        ),
+    ] {
+        let text = good.replace(change.0, change.1);
+        let err = Config::parse(&text, Path::new("ssp.toml")).unwrap_err();
+        assert!(
+            err.problems.iter().any(|p| p.contains(key)),
+            "{change:?}: {:?}",
+            err.problems
+        );
+    }
+}
