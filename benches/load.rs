@@ -232,6 +232,11 @@ fn ships(name: &str) -> bool {
 /// The collector's port, once started.
 static COLLECTOR: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
 
+/// The patient-facing door of the batched instance: its listening port and the dev auth service's address (the
+/// JWKS and the supplier's token endpoint, served by this process), and the patient's access token its clients
+/// send (signed once; the proxy verifies it on every request).
+static PATIENT_FACING: std::sync::OnceLock<(u16, SocketAddr, String)> = std::sync::OnceLock::new();
+
 // ---------------------------------------------------------------------------------------------------------------
 // What is measured.
 
@@ -259,6 +264,8 @@ struct Scenario {
     work: Work,
     /// Also measured through the `durability = "strict"` instance.
     strict: bool,
+    /// Measured through the patient-facing door too (beside the direct connection and the clinical door).
+    patient: bool,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -270,6 +277,7 @@ fn scenarios() -> Vec<Scenario> {
             conns: 1,
             work: Work::Small,
             strict: false,
+            patient: false,
         },
         Scenario {
             name: "c32",
@@ -278,6 +286,7 @@ fn scenarios() -> Vec<Scenario> {
             conns: 32,
             work: Work::Small,
             strict: true,
+            patient: false,
         },
         Scenario {
             name: "c256",
@@ -286,6 +295,7 @@ fn scenarios() -> Vec<Scenario> {
             conns: 256,
             work: Work::Small,
             strict: false,
+            patient: false,
         },
         Scenario {
             name: "resumed",
@@ -294,6 +304,7 @@ fn scenarios() -> Vec<Scenario> {
             conns: 32,
             work: Work::Small,
             strict: false,
+            patient: false,
         },
         Scenario {
             name: "full",
@@ -302,6 +313,7 @@ fn scenarios() -> Vec<Scenario> {
             conns: 32,
             work: Work::Small,
             strict: false,
+            patient: false,
         },
         Scenario {
             name: "1mib",
@@ -310,6 +322,7 @@ fn scenarios() -> Vec<Scenario> {
             conns: 8,
             work: Work::Download(MIB),
             strict: false,
+            patient: false,
         },
         Scenario {
             name: "100mib",
@@ -318,6 +331,7 @@ fn scenarios() -> Vec<Scenario> {
             conns: 1,
             work: Work::Download(100 * MIB),
             strict: false,
+            patient: false,
         },
         Scenario {
             name: "upload",
@@ -326,6 +340,16 @@ fn scenarios() -> Vec<Scenario> {
             conns: 1,
             work: Work::Upload(10 * MIB),
             strict: false,
+            patient: false,
+        },
+        Scenario {
+            name: "pf32",
+            title: "2.5 KB GET, 32 keep-alive connections, patient-facing door (ES256 token verified per request, supplier token cached) beside the clinical one",
+            shape: Shape::KeepAlive,
+            conns: 32,
+            work: Work::Small,
+            strict: false,
+            patient: true,
         },
     ];
     match std::env::var("SSP_BENCH_ONLY") {
@@ -344,6 +368,8 @@ enum Kind {
     Ssp,
     /// A reverse proxy in front of the one provider: the provider's own path.
     Peer,
+    /// ssp's patient-facing door: a route's path, an NHS login access token, `X-Request-ID`.
+    Patient,
 }
 
 /// Where a phase sends its requests, and which processes serve them.
@@ -405,13 +431,23 @@ fn request(
             n,
         ),
     };
+    if target.kind == Kind::Patient {
+        let token = &PATIENT_FACING.get().unwrap().2;
+        return Request::get(suffix)
+            .header("host", "ssp.dev.localhost")
+            .header("accept", "application/fhir+json")
+            .header("x-request-id", ssp::ids::TraceId::new_random().as_str())
+            .header("authorization", format!("Bearer {token}"))
+            .body(Repeat::new(chunk, 0))
+            .unwrap();
+    }
     let path = match target.kind {
         Kind::Ssp => format!("/{ENDPOINT}{suffix}"),
-        Kind::Direct | Kind::Peer => format!("{BASE}{suffix}"),
+        Kind::Direct | Kind::Peer | Kind::Patient => format!("{BASE}{suffix}"),
     };
     let host = match target.kind {
         Kind::Ssp => "ssp.dev.localhost",
-        Kind::Direct | Kind::Peer => "provider.dev.localhost:9443",
+        Kind::Direct | Kind::Peer | Kind::Patient => "provider.dev.localhost:9443",
     };
     let mut builder = Request::builder()
         .method(method)
@@ -789,6 +825,30 @@ fn ssp_config(port: u16, name: &str, provider: SocketAddr, durability: &str) -> 
     } else {
         ""
     };
+    // The batched instance also serves the patient-facing door (its own port; the one config `SSP_BENCH_ROLE=
+    // ssp-config` prints for benches/allocs.sh has it only when the driver set it up).
+    let (patient_resolve, patient_facing) = match PATIENT_FACING.get() {
+        Some((pf_port, auth, _)) if name == "batched" => (
+            format!(r#""provider.dev.localhost:9445" = "{auth}""#),
+            format!(
+                r#"[patient_facing]
+listen = "127.0.0.1:{pf_port}"
+asid = "200000000999"
+issuer = "https://auth.dev.localhost"
+audience = "ssp-patient-facing"
+jwks = "https://provider.dev.localhost:9445/jwks"
+scope = "gp-connect:patient"
+ods_claim = "gp_registration_details.gp_ods_code"
+assertion_key = "certs/pf-assertion.key"
+requests_per_minute_per_app = 100000000
+[[patient_facing.route]]
+path = "/fhir/metadata"
+interaction = "{METADATA}"
+"#
+            ),
+        ),
+        _ => (String::new(), String::new()),
+    };
     let ship = match COLLECTOR.get() {
         Some(port) if ships(name) => format!(
             "[audit.ship]\ncollector = \"127.0.0.1:{port}\"\nserver_name = \"provider.dev.localhost\"\n\
@@ -810,6 +870,7 @@ key = "certs/proxy-client.key"
 ca = ["certs/ca.crt"]
 [upstream.resolve]
 "provider.dev.localhost:9443" = "{provider}"
+{patient_resolve}
 [policy]
 dir = "policies"
 store = "policy-{name}"
@@ -825,7 +886,7 @@ per_consumer_rps = 1000000
 per_consumer_burst = 1000000
 per_consumer_concurrency = 100000
 per_provider_concurrency = 100000
-{patients}{ship}"#
+{patients}{ship}{patient_facing}"#
     )
 }
 
@@ -1157,8 +1218,60 @@ fn print_goals(results: &[(&Scenario, Vec<(&Target, Phase)>)]) {
                 rows[strict].1.rps() / rows[b].1.rps()
             ));
         }
+        if let Some(pf) = find(rows, "ssp pf") {
+            let pf = &rows[pf].1;
+            lines.push(format!(
+                "patient-facing door {:.0} us CPU a request, {:.2}x the clinical door's ({:.0} us; no goal: reported)",
+                pf.cpu_us_per_request(),
+                pf.cpu_us_per_request() / ssp.cpu_us_per_request(),
+                ssp.cpu_us_per_request()
+            ));
+        }
         println!("  {:<8} {}", scenario.name, lines.join("; "));
     }
+}
+
+/// Serves the dev NHS login JWKS and the dev supplier's token endpoint (`ssp::demo::auth`, the dev policy's
+/// `[[supplier]]`) from this process, and signs the patient's access token the clients send: valid two hours, so
+/// it outlasts the run. The supplier's token is exchanged once and then cached, as it would be in steady state.
+async fn start_patient_facing(certs: &Path) {
+    use ssp::demo::auth::{AuthState, Expect, PatientTokens, auth_tls, serve_auth};
+    let issuer = std::fs::read_to_string(certs.join("nhs-login.key")).unwrap();
+    let tokens = PatientTokens::new(
+        &issuer,
+        "bench-1",
+        "https://auth.dev.localhost",
+        "ssp-patient-facing",
+    )
+    .unwrap();
+    let assertion = std::fs::read_to_string(certs.join("pf-assertion.key")).unwrap();
+    let state = AuthState::new(
+        PatientTokens::jwks(&[&tokens]),
+        Expect {
+            client_id: "ssp-dev".into(),
+            key_id: "ssp-dev-1".into(),
+            token_url: "https://provider.dev.localhost:9445/token".into(),
+            audience: "https://provider.dev.localhost:9443/B82617".into(),
+            assertion_public_pem: rcgen::KeyPair::from_pem(&assertion)
+                .unwrap()
+                .public_key_pem(),
+            expires_in: 7200,
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let auth = listener.local_addr().unwrap();
+    let tls = auth_tls(
+        &certs.join("provider.crt"),
+        &certs.join("provider.key"),
+        &[certs.join("ca.crt")],
+    )
+    .unwrap();
+    tokio::spawn(serve_auth(listener, tls, state, std::future::pending()));
+    let mut claims = tokens.claims("9690937286", "bench-app", "gp-connect:patient");
+    claims["exp"] = serde_json::json!(claims["iat"].as_i64().unwrap() + 7200);
+    claims["gp_registration_details"] = serde_json::json!({ "gp_ods_code": "B82617" });
+    let token = tokens.sign(&claims);
+    PATIENT_FACING.set((free_port(), auth, token)).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1249,8 +1362,19 @@ fn main() {
         std::fs::write(&key, [0x5a; 32]).unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
     }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if scenarios().iter().any(|s| s.patient) {
+        rt.block_on(start_patient_facing(&certs));
+    }
     let (port, pid) = start_ssp(dir.path(), "batched", provider, "batched", &mut children);
     targets.push(proxy_target("ssp", Kind::Ssp, port, pid, false));
+    if let Some((pf_port, _, _)) = PATIENT_FACING.get() {
+        wait_listening(*pf_port, "the patient-facing door");
+        targets.push(proxy_target("ssp pf", Kind::Patient, *pf_port, pid, false));
+    }
     let (port, pid) = start_ssp(dir.path(), "strict", provider, "strict", &mut children);
     targets.push(proxy_target("ssp strict", Kind::Ssp, port, pid, true));
     // Another build beside this one, batched, in the same run: `ssp B` in the tables (not in the goals).
@@ -1289,10 +1413,6 @@ fn main() {
         }
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let scenarios = scenarios();
     let started = Instant::now();
     let results: Vec<(&Scenario, Vec<(&Target, Phase)>)> = rt.block_on(async {
@@ -1304,6 +1424,7 @@ fn main() {
             conns: 32,
             work: Work::Small,
             strict: false,
+            patient: false,
         };
         for target in &targets {
             let phase = run_phase(target, &warm, 1).await;
@@ -1317,9 +1438,14 @@ fn main() {
         }
         let mut results = Vec::new();
         for scenario in &scenarios {
+            // The patient-facing scenario: the direct connection, the clinical door and the patient-facing one.
             let applicable: Vec<&Target> = targets
                 .iter()
                 .filter(|t| !t.strict || scenario.strict)
+                .filter(|t| match (scenario.patient, t.kind) {
+                    (true, kind) => matches!(kind, Kind::Direct | Kind::Patient) || t.name == "ssp",
+                    (false, kind) => kind != Kind::Patient,
+                })
                 .collect();
             let mut rounds_of: Vec<Vec<Phase>> = applicable.iter().map(|_| Vec::new()).collect();
             // Rounds interleave the targets, so that a slow moment of the machine does not land on one of them.
