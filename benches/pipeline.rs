@@ -357,5 +357,58 @@ fn bench_ship(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench, bench_scale, bench_ship);
+/// The patient-facing door's token step, by its parts: the signature check of an NHS-login-sized access token
+/// (ES256, as the dev issuer signs, and RS256 with a 2048-bit key) with `jsonwebtoken`, claims parsed into a
+/// `serde_json::Value` as the door reads them.
+fn bench_patient_token(c: &mut Criterion) {
+    use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+    let claims = serde_json::json!({
+        "iss": "https://auth.login.nhs.uk", "aud": "ssp-patient-facing", "sub": "nhs-login-9690937286",
+        "iat": 1_796_647_377, "nbf": 1_796_647_372, "exp": 4_102_444_800i64,
+        "jti": "1e9a699b-4c25-40a7-8075-ce25b6c6ef99", "client_id": "nhs-app",
+        "scope": "openid profile gp-connect:patient", "nhs_number": "9690937286",
+        "identity_proofing_level": "P9", "vot": "P9.Cp.Cd",
+        "gp_registration_details": { "gp_ods_code": "B82617" },
+    });
+    let ec = rcgen::KeyPair::generate().unwrap();
+    let rsa = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+        .unwrap();
+    for (name, alg, token, key) in [
+        (
+            "patient token: ES256 verify + claims",
+            Algorithm::ES256,
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::ES256),
+                &claims,
+                &EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap(),
+            )
+            .unwrap(),
+            DecodingKey::from_ec_pem(ec.public_key_pem().as_bytes()).unwrap(),
+        ),
+        (
+            "patient token: RS256 (2048) verify + claims",
+            Algorithm::RS256,
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::RS256),
+                &claims,
+                &EncodingKey::from_rsa_pem(rsa.serialize_pem().as_bytes()).unwrap(),
+            )
+            .unwrap(),
+            DecodingKey::from_rsa_pem(rsa.public_key_pem().as_bytes()).unwrap(),
+        ),
+    ] {
+        let mut validation = Validation::new(alg);
+        validation.set_issuer(&["https://auth.login.nhs.uk"]);
+        validation.set_audience(&["ssp-patient-facing"]);
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                jsonwebtoken::decode::<serde_json::Value>(&token, &key, &validation)
+                    .unwrap()
+                    .claims
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench, bench_scale, bench_ship, bench_patient_token);
 criterion_main!(benches);

@@ -54,10 +54,19 @@ impl AppLimits {
                 buckets.clear();
             }
         }
-        let bucket = buckets.entry(client_id.to_owned()).or_insert(Bucket {
-            tokens: full,
-            refilled: now,
-        });
+        // Found without a copy of the id; one is made for a new app only.
+        if !buckets.contains_key(client_id) {
+            buckets.insert(
+                client_id.to_owned(),
+                Bucket {
+                    tokens: full,
+                    refilled: now,
+                },
+            );
+        }
+        let Some(bucket) = buckets.get_mut(client_id) else {
+            return Ok(());
+        };
         let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * per_second).min(full);
         bucket.refilled = now;

@@ -134,8 +134,26 @@ struct Cached {
 /// One key's token and the lock that makes its exchange single flight.
 type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
-/// (supplier, NHS number, app, acting person).
-type CacheKey = (String, String, String, Option<String>);
+/// SHA-256 of (supplier, NHS number, app, acting person), each length-prefixed: a fixed-size key, so that a
+/// cache hit allocates nothing, and no two keys collide in practice.
+type CacheKey = [u8; 32];
+
+fn cache_key(supplier: &Supplier, patient: &PatientToken) -> CacheKey {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for part in [
+        supplier.name.as_str(),
+        patient.nhs_number.as_str(),
+        patient.client_id.as_str(),
+        patient.acting.as_deref().unwrap_or(""),
+    ] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    // Present or absent is part of the key: an empty `act.sub` is refused, but say it all the same.
+    hash.update([u8::from(patient.acting.is_some())]);
+    hash.finalize().into()
+}
 
 /// The exchanges of one patient-facing listener.
 #[derive(Debug)]
@@ -254,16 +272,7 @@ impl Exchanger {
                 slots.clear();
             }
         }
-        Arc::clone(
-            slots
-                .entry((
-                    supplier.name.clone(),
-                    patient.nhs_number.clone(),
-                    patient.client_id.clone(),
-                    patient.acting.clone(),
-                ))
-                .or_default(),
-        )
+        Arc::clone(slots.entry(cache_key(supplier, patient)).or_default())
     }
 
     /// One exchange: the `Authorization` value and the token's lifetime (`expires_in`), when it said one.
