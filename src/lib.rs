@@ -7,7 +7,7 @@
 //! A stage with several parts is a folder whose files name the parts. Modules marked (crate) are internal.
 //!
 //! - [`cli`] (`policy`, `audit`): argument parsing, exit codes, calling the library (`main.rs` only calls it).
-//! - [`app`]: the wiring, in one place: config, TLS, policy, audit log, metrics and the proxy into an
+//! - [`app`] (`inspect`): the wiring, in one place: config, TLS, policy, audit log, metrics and the proxy into an
 //!   [`app::Instance`] whose `run` serves the consumer listener and the admin listener (its own task).
 //! - [`config`] (`raw`, `validate`): the TOML config, strictly parsed, validated once into typed values.
 //! - [`ids`]: identifier newtypes (`Asid`, `TraceId`, `InteractionId`, `OdsCode`) and the peer identity. A leaf.
@@ -34,8 +34,11 @@
 //! - [`evidence`] ([`evidence::pack`]): the signed information-governance evidence pack and its offline check.
 //! - `forward` (crate; `connector`, `pool`, `idle_conns`, `headers`, `exchange`): the upstream client and pool, the
 //!   stale-connection retry, header rules, timeouts, exchange accounting and the streaming body wrapper.
-//! - [`proxy`] (`pipeline`, `refusal`, `body`, [`proxy::operation_outcome`]): the order of the steps for one
-//!   request; the one place failures become statuses and responses, as OperationOutcome bodies (JSON and XML).
+//! - [`proxy`] (`pipeline`, `refusal`, `patient_refusal`, `body`, [`proxy::operation_outcome`]): the order of the
+//!   steps for one request (a patient-facing one in `pipeline/patient_facing`); the one place failures become
+//!   statuses and responses, as OperationOutcome bodies (JSON and XML; R4 on the patient-facing door).
+//! - [`patient_facing`] (`token`, `jwks`, `practices`, `exchange`, `apps`, `https`): the patient-facing door's
+//!   access tokens, keys, practices, supplier token exchange and per-app limits.
 //! - [`lifecycle`]: signals, systemd notification, SIGHUP reload of TLS material and policy.
 //! - [`metrics`], `admin` (crate): metric names and handles (every bounded series present from the start); the
 //!   admin listener (/metrics, /healthz, /readyz).

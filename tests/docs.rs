@@ -85,7 +85,7 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 }
 
 fn is_policy(table: &toml::Table) -> bool {
-    ["system", "endpoint", "agreement"]
+    ["system", "endpoint", "agreement", "supplier"]
         .iter()
         .any(|k| table.contains_key(*k))
 }
