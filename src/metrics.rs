@@ -51,9 +51,10 @@ pub(crate) const DENIAL_REASONS: &[&str] = &[
     // The patient-facing door's own.
     "invalid_request_id",
     "invalid_correlation_id",
+    "access_token_in_query",
     "access_token_missing",
     "access_token_invalid",
-    "jwks_unavailable",
+    "access_token_keys_unavailable",
     "proofing_level_too_low",
     "scope_missing",
     "nhs_number_missing",

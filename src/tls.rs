@@ -98,7 +98,7 @@ pub fn load_roots(key: &str, paths: &[impl AsRef<Path>]) -> Result<RootCertStore
     Ok(roots)
 }
 
-fn versions(list: &[TlsVersion]) -> Vec<&'static SupportedProtocolVersion> {
+pub(crate) fn versions(list: &[TlsVersion]) -> Vec<&'static SupportedProtocolVersion> {
     list.iter()
         .map(|v| match v {
             TlsVersion::Tls12 => &rustls::version::TLS12,

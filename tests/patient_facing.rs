@@ -119,7 +119,7 @@ async fn start(read_patients: bool) -> PfWorld {
             std::fs::Permissions::from_mode(0o400),
         )
         .unwrap();
-        "[audit.patients]\nkey = \"certs/patient.key\"\n"
+        "[audit.patients]\nkey = \"certs/patient.key\"\nread_bodies = true\n"
     } else {
         ""
     };
@@ -128,6 +128,7 @@ async fn start(read_patients: bool) -> PfWorld {
 [patient_facing]
 listen = "127.0.0.1:0"
 asid = "{PF_ASID}"
+{platform}
 issuer = "{ISSUER}"
 audience = "{AUDIENCE}"
 jwks = "{jwks}"
@@ -151,6 +152,12 @@ path = "/fhir/Patient"
 methods = ["GET", "POST"]
 interaction = "{STRUCTURED}"
 "#,
+        // The second world's door asks for the platform's certificate, checked against the CA's CRL.
+        platform = if read_patients {
+            "client_ca = [\"certs/ca.crt\"]\ncrl = [\"certs/ca.crl\"]"
+        } else {
+            ""
+        },
         jwks = if read_patients {
             // The second world reads its keys from a file.
             std::fs::write(dir.join("jwks.json"), PatientTokens::jwks(&[&k1])).unwrap();
@@ -165,7 +172,7 @@ interaction = "{STRUCTURED}"
 asid = "{PF_ASID}"
 name = "NHS App (test)"
 ods = "X26"
-fqdn = "nhs-app.test"
+fqdn = "{fqdn}"
 interactions = ["{METADATA}", "{STRUCTURED}"]
 
 [[endpoint]]
@@ -188,8 +195,19 @@ audience = "https://supplier.test/gpc"
 id = "DSA-PF"
 from = "{PF_ASID}"
 to = "{PF_TO}"
-interactions = ["{METADATA}"]
-"#
+interactions = [{granted}]
+"#,
+        // With the platform's certificate, check 5 compares it with the door's system.
+        fqdn = if read_patients {
+            CONSUMER_NAME
+        } else {
+            "nhs-app.test"
+        },
+        granted = if read_patients {
+            format!("\"{METADATA}\", \"{STRUCTURED}\"")
+        } else {
+            format!("\"{METADATA}\"")
+        },
     );
     let setup = Setup {
         extra_config: format!("{extra_config}\n"),
@@ -198,7 +216,8 @@ interactions = ["{METADATA}"]
         ..Setup::default()
     };
     let world = start_world(pki, setup).await;
-    let consumer = Consumer::new(&world.pki, None, world.patient_facing.unwrap(), false);
+    let stem = read_patients.then_some("consumer");
+    let consumer = Consumer::new(&world.pki, stem, world.patient_facing.unwrap(), false);
     PfWorld {
         world,
         auth,
@@ -365,8 +384,9 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
     let response = response_record(&pf.world.audit_dir(), &request_id).await;
     assert_eq!(response["status"], 200);
 
-    // 2. The same patient again: the supplier's token comes from the cache.
-    let answer = pf.get(Some(&pf.k1.sign(&pf.token(&nhs, "app-1")))).await;
+    // 2. The same token again: the supplier's token comes from the cache. Another token of the same patient and
+    // app (another proofing level or scope could be in it) is exchanged anew.
+    let answer = pf.get(Some(&patient_token)).await;
     assert_eq!(answer.status, 200);
     assert_eq!(pf.auth.token_calls.load(Ordering::SeqCst), 1);
     assert_eq!(
@@ -393,6 +413,7 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
     );
 
     // 4. Every refusal of the token, the request and the routing: status, code, and its two records.
+    let calls_before = pf.auth.token_calls.load(Ordering::SeqCst);
     let app = |n: u32| format!("app-refused-{n}");
     let mut refusals: Vec<(Answer, u16, &str, String)> = Vec::new();
     refusals.push((
@@ -424,7 +445,7 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         pf.get(Some(&unsigned)).await,
         401,
         "ACCESS_TOKEN_INVALID",
-        "ACCESS_TOKEN_INVALID: malformed".into(),
+        "ACCESS_TOKEN_INVALID: algorithm_not_allowed".into(),
     ));
     for (field, value, why) in [
         (
@@ -435,6 +456,16 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         ("aud", serde_json::json!("another-api"), "wrong_audience"),
         ("exp", serde_json::json!(ssp_now() - 600), "expired"),
         ("nbf", serde_json::json!(ssp_now() + 600), "not_yet_valid"),
+        (
+            "iat",
+            serde_json::json!(ssp_now() + 600),
+            "issued_in_future",
+        ),
+        (
+            "exp",
+            serde_json::json!(ssp_now() + 2 * 86_400),
+            "lifetime_too_long",
+        ),
     ] {
         let mut claims = pf.token(&nhs, &app(3));
         claims[field] = value;
@@ -478,6 +509,9 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
     let good = pf.k1.sign(&pf.token(&nhs, &app(8)));
     let req = pf
         .request(Method::GET, "/fhir/Appointment/1", Some(&good))
+        // Parties an app names itself are not what its refused request's records say.
+        .header("ssp-from", FROM)
+        .header("ssp-to", TO)
         .body(empty())
         .unwrap();
     refusals.push((
@@ -553,7 +587,88 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         "INVALID_REQUEST_ID",
         "INVALID_REQUEST_ID".into(),
     ));
-    let calls_before = pf.auth.token_calls.load(Ordering::SeqCst);
+    // Read strictly before its signature is checked: a duplicate claim (the last `nhs_number` the patient's own,
+    // the first another's) and a `crit` extension refuse a token its issuer signed.
+    let other_first = pf.token(&nhs, &app(10)).to_string().replacen(
+        "\"nhs_number\"",
+        &format!("\"nhs_number\":\"{}\",\"nhs_number\"", nhs_number(9)),
+        1,
+    );
+    let header = r#"{"alg":"ES256","typ":"JWT","kid":"k1"}"#;
+    refusals.push((
+        pf.get(Some(&pf.k1.sign_raw(header, &other_first))).await,
+        401,
+        "ACCESS_TOKEN_INVALID",
+        "ACCESS_TOKEN_INVALID: malformed".into(),
+    ));
+    let crit = r#"{"alg":"ES256","typ":"JWT","kid":"k1","crit":["x-ssp-test"],"x-ssp-test":1}"#;
+    refusals.push((
+        pf.get(Some(
+            &pf.k1.sign_raw(crit, &pf.token(&nhs, &app(11)).to_string()),
+        ))
+        .await,
+        401,
+        "ACCESS_TOKEN_INVALID",
+        "ACCESS_TOKEN_INVALID: crit_not_understood".into(),
+    ));
+    // Two Authorization fields: which is the token would be a guess.
+    let req = pf
+        .request(Method::GET, "/fhir/metadata", Some(&good))
+        .header("authorization", "Bearer x")
+        .body(empty())
+        .unwrap();
+    refusals.push((
+        pf.consumer.fetch(req).await.unwrap(),
+        401,
+        "ACCESS_TOKEN_INVALID",
+        "ACCESS_TOKEN_INVALID: two_authorization_fields".into(),
+    ));
+    // A token in the query is refused, and not recorded.
+    let req = pf
+        .request(
+            Method::GET,
+            &format!("/fhir/metadata?access_token={good}"),
+            None,
+        )
+        .body(empty())
+        .unwrap();
+    let in_query = pf.consumer.fetch(req).await.unwrap();
+    let in_query_id = in_query.headers["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    refusals.push((
+        in_query,
+        400,
+        "ACCESS_TOKEN_IN_QUERY",
+        "ACCESS_TOKEN_IN_QUERY".into(),
+    ));
+    // `..;` is a dot segment to a servlet container: refused as `..` is.
+    let req = pf
+        .request(Method::GET, "/fhir/metadata/..;/..;/other", Some(&good))
+        .body(empty())
+        .unwrap();
+    refusals.push((
+        pf.consumer.fetch(req).await.unwrap(),
+        400,
+        "INVALID_PATH",
+        "INVALID_PATH: DotSegment".into(),
+    ));
+    // Another patient's number anywhere a provider might read it.
+    let req = pf
+        .request(
+            Method::GET,
+            &format!("/fhir/metadata?nhs_number={}", nhs_number(9)),
+            Some(&good),
+        )
+        .body(empty())
+        .unwrap();
+    refusals.push((
+        pf.consumer.fetch(req).await.unwrap(),
+        403,
+        "PATIENT_MISMATCH",
+        "PATIENT_MISMATCH".into(),
+    ));
     for (answer, status, code, text) in &refusals {
         assert_refused(answer, *status, code);
         if *status == 401 {
@@ -564,12 +679,22 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
                     .starts_with("Bearer")
             );
         }
+        match *code {
+            "METHOD_NOT_ALLOWED" => assert_eq!(answer.headers["allow"], "GET"),
+            "SCOPE_MISSING" => assert_eq!(
+                answer.headers["www-authenticate"],
+                "Bearer error=\"insufficient_scope\""
+            ),
+            _ => {}
+        }
         let Some(id) = answer.headers.get("x-request-id") else {
             assert_eq!(*code, "INVALID_REQUEST_ID");
             continue;
         };
         let record = pf.request_record(id.to_str().unwrap()).await;
         assert_eq!(record["decision"], "deny", "{code}");
+        assert_eq!(record["from"], PF_ASID, "{record}");
+        assert!(record.get("to").is_none(), "{record}");
         assert_eq!(record["reason"], text.as_str(), "{record}");
         let response = response_record(&pf.world.audit_dir(), id.to_str().unwrap()).await;
         assert_eq!(response["status"], *status);
@@ -580,17 +705,24 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         calls_before,
         "a refused token is never exchanged"
     );
+    let in_query = pf.request_record(&in_query_id).await;
+    assert!(!in_query.to_string().contains("access_token"), "{in_query}");
+    // A token refused for a claim after its signature still names its app and patient.
+    let low_record = pf
+        .records()
+        .into_iter()
+        .find(|r| r["reason"] == "PROOFING_LEVEL_TOO_LOW")
+        .unwrap();
+    assert_eq!(low_record["patient_facing"]["client_id"], app(4).as_str());
+    assert_eq!(low_record["patient_facing"]["proofing"], "P5");
+    assert_eq!(low_record["from"], PF_ASID);
 
-    // 5. Per-app limit: five a minute, then 429 with the rate headers. The supplier's token is cached per app.
+    // 5. Per-app limit: five a minute, then 429 with the rate headers. The supplier's token is cached per token.
+    let app5 = pf.k1.sign(&pf.token(&nhs, "app-5"));
     for _ in 0..5 {
-        assert_eq!(
-            pf.get(Some(&pf.k1.sign(&pf.token(&nhs, "app-5"))))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(pf.get(Some(&app5)).await.status, 200);
     }
-    let answer = pf.get(Some(&pf.k1.sign(&pf.token(&nhs, "app-5")))).await;
+    let answer = pf.get(Some(&app5)).await;
     assert_refused(&answer, 429, "APP_RATE_LIMIT");
     assert_eq!(answer.headers["x-rate-limit-limit"], "5");
     assert_eq!(answer.headers["x-rate-limit-remaining"], "0");
@@ -607,24 +739,13 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
     // removed one refused after the stale period.
     pf.auth.set_mode(TokenMode::Issue);
     pf.auth.set_jwks(PatientTokens::jwks(&[&pf.k1, &pf.k2]));
-    let added = Instant::now();
-    within("the new kid to be picked up", async {
-        for n in 0.. {
-            let answer = pf
-                .get(Some(&pf.k2.sign(&pf.token(&nhs, &format!("app-6-{n}")))))
-                .await;
-            if answer.status == 200 {
-                return;
-            }
-            assert_refused(&answer, 401, "ACCESS_TOKEN_INVALID");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    assert!(
-        added.elapsed() < Duration::from_secs(3),
-        "picked up after {:?}",
-        added.elapsed()
+    // The first token under the new kid fetches the set (no unknown kid has in this refresh interval).
+    let k2_token = pf.k2.sign(&pf.token(&nhs, "app-6"));
+    let answer = pf.get(Some(&k2_token)).await;
+    assert_eq!(
+        answer.status, 200,
+        "the new kid at its first token: {:?}",
+        answer.body
     );
     pf.auth.set_jwks(PatientTokens::jwks(&[&pf.k2]));
     let removed = Instant::now();
@@ -663,7 +784,8 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         let answer = pf.get(Some(&stranger.sign(&pf.token(&nhs, "app-9")))).await;
         assert_refused(&answer, 401, "ACCESS_TOKEN_INVALID");
     }
-    let intervals = started.elapsed().as_secs() + 2;
+    // Kid-triggered fetches at most one a second, and the periodic ones one a second.
+    let intervals = 2 * (started.elapsed().as_secs() + 1) + 1;
     let fetched = pf.auth.jwks_fetches.load(Ordering::SeqCst) - fetches;
     assert!(
         fetched as u64 <= intervals,
@@ -704,13 +826,8 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         calls + 1,
         "no retry storm"
     );
-    // A cached token still serves its patient (and app) while the endpoint is down.
-    assert_eq!(
-        pf.get(Some(&pf.k2.sign(&pf.token(&nhs, "app-1"))))
-            .await
-            .status,
-        200
-    );
+    // A cached token still serves its request while the endpoint is down.
+    assert_eq!(pf.get(Some(&k2_token)).await.status, 200);
     let metrics = metrics_text(pf.world.admin).await;
     assert!(
         metrics.contains(r#"ssp_patient_facing_token_exchanges_total{outcome="failed"} 6"#),

@@ -42,14 +42,37 @@ pub(crate) fn inspect(config: &Config) -> Inspection {
     if let Some(ship) = &config.ship {
         problems.extend(crate::audit::ship::check(ship));
     }
-    if let Some(Err(p)) = config
-        .patient_facing
-        .as_ref()
-        .map(|pf| crate::patient_facing::Front::load(pf, &config.upstream))
-    {
-        problems.extend(p.problems);
+    let mut door_warnings = Vec::new();
+    if let Some(pf) = &config.patient_facing {
+        if let Err(p) = crate::patient_facing::Front::load(pf, &config.upstream) {
+            problems.extend(p.problems);
+        }
+        door_warnings = crate::patient_facing::Front::warnings(pf);
+        if let Some(policy) = &policy {
+            match policy.system(&pf.asid) {
+                None => problems.push(format!(
+                    "patient_facing.asid: {} is not a [[system]] in {}: every patient-facing request would be \
+                     refused ACCESS_DENIED",
+                    pf.asid,
+                    config.policy.dir.display()
+                )),
+                Some(system) => door_warnings.extend(
+                    pf.routes
+                        .iter()
+                        .filter(|r| !system.interactions.contains(&r.interaction))
+                        .map(|r| {
+                            format!(
+                                "patient_facing.route {}: {} is not among the interactions of [[system]] {}: \
+                                 its requests would be refused ACCESS_DENIED",
+                                r.path, r.interaction, pf.asid
+                            )
+                        }),
+                ),
+            }
+        }
     }
     let (expired, mut warnings) = expiry_report(config);
+    warnings.extend(door_warnings);
     problems.extend(expired);
     let crls = tls::crl_report(&config.server, crate::clock::unix_now());
     problems.extend(crls.refused);

@@ -344,6 +344,12 @@ impl Config {
             );
             SocketAddr::from(([127, 0, 0, 1], 9090))
         });
+        if patient_facing
+            .as_ref()
+            .is_some_and(|pf| pf.listen == admin_listen && admin_listen.port() != 0)
+        {
+            v.problem("patient_facing.listen", "must differ from admin.listen");
+        }
         let lines = v.lines.all();
         let problems = v.problems;
         ConfigReport {

@@ -68,6 +68,12 @@ pub struct PatientFacingConfig {
     pub key: PathBuf,
     /// The platform's client CAs; empty: no client certificate is asked for.
     pub client_ca: Vec<PathBuf>,
+    /// CRLs for the platform's certificates (only the end-entity certificate is checked against them).
+    pub crl: Vec<PathBuf>,
+    /// `server.crl_expired`: whether a CRL past its nextUpdate still counts.
+    pub crl_expired: super::CrlExpired,
+    /// `server.tls_versions`, which the door keeps too.
+    pub tls_versions: Vec<super::TlsVersion>,
     pub issuer: String,
     pub audience: String,
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
@@ -101,10 +107,12 @@ impl Converter<'_> {
     ) -> PatientFacingConfig {
         let listen_text = self.required("patient_facing.listen", raw.listen);
         let listen = listen_text.parse().unwrap_or_else(|_| {
-            self.problem(
-                "patient_facing.listen",
-                format_args!("{listen_text:?} is not an ip:port"),
-            );
+            if !listen_text.is_empty() {
+                self.problem(
+                    "patient_facing.listen",
+                    format_args!("{listen_text:?} is not an ip:port"),
+                );
+            }
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
         if listen == server.listen && listen.port() != 0 {
@@ -115,10 +123,12 @@ impl Converter<'_> {
         }
         let asid_text = self.required("patient_facing.asid", raw.asid);
         let asid = Asid::parse(&asid_text).unwrap_or_else(|| {
-            self.problem(
-                "patient_facing.asid",
-                format_args!("{asid_text:?} is not an ASID (1 to 20 digits)"),
-            );
+            if !asid_text.is_empty() {
+                self.problem(
+                    "patient_facing.asid",
+                    format_args!("{asid_text:?} is not an ASID (1 to 20 digits)"),
+                );
+            }
             Asid::placeholder()
         });
         let issuer = self.required("patient_facing.issuer", raw.issuer);
@@ -153,7 +163,10 @@ impl Converter<'_> {
             }
         };
         let jwks_text = self.required("patient_facing.jwks", raw.jwks);
-        let jwks = if let Some(rest) = jwks_text.strip_prefix("https://") {
+        let https = jwks_text
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+        let jwks = if let Some(rest) = https.then(|| &jwks_text[8..]) {
             if rest.is_empty() || jwks_text.parse::<http::Uri>().is_err() {
                 self.problem(
                     "patient_facing.jwks",
@@ -241,6 +254,9 @@ impl Converter<'_> {
             cert: self.path(raw.cert.unwrap_or_else(|| server.cert.clone())),
             key: self.path(raw.key.unwrap_or_else(|| server.key.clone())),
             client_ca: raw.client_ca.into_iter().map(|p| self.path(p)).collect(),
+            crl: raw.crl.into_iter().map(|p| self.path(p)).collect(),
+            crl_expired: server.crl_expired,
+            tls_versions: server.tls_versions.clone(),
             issuer,
             audience,
             algorithms,
@@ -322,7 +338,13 @@ impl Converter<'_> {
                     None
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        if methods.is_empty() {
+            self.problem(
+                KEY,
+                format_args!("path {:?}: methods must name at least one", raw.path),
+            );
+        }
         Route {
             path: raw.path,
             methods,

@@ -47,6 +47,9 @@ pub(super) struct RawPatientFacing {
     /// CA file(s) of the platform's client certificates; empty (the default): no client certificate asked for.
     #[serde(default)]
     pub(super) client_ca: Vec<PathBuf>,
+    /// CRLs for those certificates, as `server.crl` (and `server.crl_expired`) for the consumers'.
+    #[serde(default)]
+    pub(super) crl: Vec<PathBuf>,
     /// The access tokens' `iss`. Required.
     pub(super) issuer: Option<String>,
     /// The `aud` they must carry. Required.

@@ -161,13 +161,7 @@ pub async fn serve_auth(
             let Ok(stream) = acceptor.accept(tcp).await else {
                 return;
             };
-            let client_cn = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(crate::tls::peer_identity)
-                .and_then(|p| p.common_name);
+            let client_cn = super::provider::client_cn(&stream);
             let service = service_fn(move |request: Request<Incoming>| {
                 let (state, client_cn) = (Arc::clone(&state), client_cn.clone());
                 async move { Ok::<_, std::convert::Infallible>(route(request, &state, client_cn).await) }
@@ -433,6 +427,21 @@ impl PatientTokens {
             "nhs_number": nhs_number,
             "identity_proofing_level": "P9",
         })
+    }
+
+    /// `header` and `payload` (JSON texts, as they are: a test's duplicate member or `crit` included) base64url
+    /// encoded and signed ES256 with this key.
+    pub fn sign_raw(&self, header: &str, payload: &str) -> String {
+        use base64::Engine;
+        let b64 = |text: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text);
+        let message = format!("{}.{}", b64(header), b64(payload));
+        let signature = jsonwebtoken::crypto::sign(
+            message.as_bytes(),
+            &self.key,
+            jsonwebtoken::Algorithm::ES256,
+        )
+        .unwrap_or_default();
+        format!("{message}.{signature}")
     }
 
     /// `claims` signed ES256 under this key's `kid`.

@@ -182,6 +182,11 @@ pub(crate) async fn run(config: Config) -> Result<(), DemoError> {
     let proxy_addr = server.local_addr()?;
     let admin_addr = server.admin_addr()?;
     let patient_addr = server.patient_facing_addr().transpose()?;
+    // SIGHUP reloads as under `ssp serve`, rather than ending the demo with its log unsealed.
+    tokio::spawn(crate::lifecycle::reload_on_sighup(
+        config.clone(),
+        server.handles(),
+    ));
 
     let provider_addr = *config
         .upstream

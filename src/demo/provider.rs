@@ -43,6 +43,19 @@ pub fn provider_tls(
     Ok(Arc::new(config))
 }
 
+/// The CN of the client certificate a TLS connection presented, if any.
+pub(super) fn client_cn(
+    stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) -> Option<String> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(tls::peer_identity)
+        .and_then(|p| p.common_name)
+}
+
 /// The most of a request body the dev provider reads before it answers, in bytes.
 const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
 
@@ -68,13 +81,7 @@ pub async fn serve_provider(
             let Ok(stream) = acceptor.accept(tcp).await else {
                 return;
             };
-            let client_cn = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(tls::peer_identity)
-                .and_then(|p| p.common_name);
+            let client_cn = client_cn(&stream);
             let is_proxy = client_cn.as_deref() == Some(&*allowed);
             let service = service_fn(move |request: Request<Incoming>| async move {
                 let (parts, body) = request.into_parts();

@@ -15,7 +15,10 @@ mod profile;
 mod token;
 
 pub use profile::{Expect, Validator, required_scope};
-pub use token::{VerifyingKey, bearer_token, decode, encode_unsigned, load_keys, parse_keys};
+pub use token::{
+    SignedHeader, VerifyingKey, bearer_token, decode, encode_unsigned, load_keys, parse_keys,
+    read_signed,
+};
 
 use crate::json_writer::ObjectWriter;
 

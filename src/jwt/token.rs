@@ -112,6 +112,43 @@ pub fn decode(
     Ok((alg.to_owned(), claims.root().to_map()))
 }
 
+/// What a signed token's header says, read with ssp's strict JSON reader, which also reads its claims set: a
+/// duplicate member name at any depth of either refuses the token (RFC 7515 section 4: "Header Parameter names
+/// within the JOSE Header MUST be unique"; RFC 7519 section 4 asks the same of claims, and a verifier that takes
+/// the last of two `nhs_number`s reads another token than the one meant). For the patient-facing door, before
+/// `jsonwebtoken` checks the signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedHeader {
+    pub alg: String,
+    /// The header names `crit` extensions, none of which ssp understands (RFC 7515 section 4.1.11: refuse).
+    pub crit: bool,
+}
+
+/// Reads `token`'s header and claims set strictly (see [`SignedHeader`]). Errors: not three base64url parts,
+/// not JSON objects, a duplicate member, over [`MAX_TOKEN_BYTES`].
+pub fn read_signed(token: &str) -> Result<SignedHeader, Violation> {
+    let parts = Parts::split(token)?;
+    let header = match parts.header()? {
+        Header::Unsigned => SignedHeader {
+            alg: "none".into(),
+            crit: false,
+        },
+        Header::Read(doc) => {
+            let root = doc.root();
+            SignedHeader {
+                alg: root
+                    .get("alg")
+                    .and_then(Json::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                crit: root.get("crit").is_some(),
+            }
+        }
+    };
+    parts.payload()?;
+    Ok(header)
+}
+
 /// The base64url encoding of GP Connect's unsigned header, `{"alg":"none","typ":"JWT"}`, as nearly every token
 /// carries it: recognised as it is, it needs neither decoding nor reading.
 const UNSIGNED_HEADER: &str = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";

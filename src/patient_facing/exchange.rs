@@ -1,10 +1,12 @@
 //! The GP supplier's own access token for a patient: an RFC 8693 token exchange at the supplier's token endpoint
 //! (from the directory's `[[supplier]]`), the client authenticated with a `private_key_jwt` assertion (RFC 7523
 //! section 2.2, with the claims of OpenID Connect Core section 9), cached until `token_refresh_before` ahead of
-//! its expiry per (supplier, patient, app, acting person): a token exchanged for one app, or for the patient
-//! themselves, is never handed to a request of another app or of a proxy user acting for them, whose access the
-//! supplier may scope differently. One exchange per key at a time: requests that arrive while one is under way
-//! wait for its token. A token endpoint that fails (no answer, 5xx, an answer that
+//! its expiry per supplier (every field of its `[[supplier]]`) and patient's access token: the supplier's token
+//! goes only with the very token it was exchanged for, never to a request of another app, of a proxy user acting
+//! for the patient, or of a token of another proofing level or scope, whose access the supplier may scope
+//! differently; and a `[[supplier]]` changed by a reload exchanges anew. An app sends the same access token until
+//! it expires, so its requests after the first find the supplier's token here. One exchange per key at a time:
+//! requests that arrive while one is under way wait for its token. A token endpoint that fails (no answer, 5xx, an answer that
 //! is not a token response) is not called again for `exchange_backoff`: requests in that time are refused at
 //! once (502), so an outage brings no storm of retries.
 
@@ -16,7 +18,6 @@ use http::HeaderValue;
 use serde::Deserialize;
 
 use super::https;
-use super::token::PatientToken;
 use crate::policy::Supplier;
 
 /// Most (supplier, patient) tokens kept; past it the expired ones go, then (rarely) all.
@@ -87,25 +88,57 @@ impl std::fmt::Debug for AssertionKey {
 }
 
 impl AssertionKey {
-    /// Reads a PKCS#8 PEM private key: RSA (signs RS512) or EC P-256 (ES256).
+    /// Reads a PEM private key: RSA of 2048 to 8192 bits (signs RS512) or EC P-256 (ES256). Errors name the file
+    /// and what is wrong; a key that cannot sign (an EC key on another curve) is refused here, not at the first
+    /// exchange. Its mode is [`AssertionKey::exposed`]'s to judge.
     pub(super) fn load(path: &std::path::Path) -> Result<Self, String> {
         let pem = super::read_bounded(path, 64 * 1024)?;
-        if let Ok(key) = jsonwebtoken::EncodingKey::from_rsa_pem(&pem) {
-            return Ok(Self {
+        let key = if let Ok(key) = jsonwebtoken::EncodingKey::from_rsa_pem(&pem) {
+            rsa_size_ok(&pem).map_err(|why| format!("{}: {why}", path.display()))?;
+            Self {
                 key,
                 alg: jsonwebtoken::Algorithm::RS512,
-            });
-        }
-        if let Ok(key) = jsonwebtoken::EncodingKey::from_ec_pem(&pem) {
-            return Ok(Self {
+            }
+        } else if let Ok(key) = jsonwebtoken::EncodingKey::from_ec_pem(&pem) {
+            Self {
                 key,
                 alg: jsonwebtoken::Algorithm::ES256,
-            });
-        }
-        Err(format!(
-            "{}: not a PEM RSA or EC P-256 private key",
-            path.display()
-        ))
+            }
+        } else {
+            return Err(format!(
+                "{}: not a PEM RSA or EC P-256 private key",
+                path.display()
+            ));
+        };
+        let probe = Supplier {
+            name: String::new(),
+            token_endpoint: String::new(),
+            client_id: String::new(),
+            key_id: String::new(),
+            audience: String::new(),
+        };
+        key.assertion(&probe, 0).map_err(|e| {
+            format!(
+                "{}: cannot sign with it ({e}): an EC key must be on P-256",
+                path.display()
+            )
+        })?;
+        Ok(key)
+    }
+
+    /// A warning when group or other users may read or write the key file at `path` (it authenticates the proxy
+    /// to every supplier: mode 0400 or 0600, owned by the service user). A warning, not a refusal: the
+    /// development PKI's keys come out of git as 0644.
+    pub(super) fn exposed(path: &std::path::Path) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "patient_facing.assertion_key: {}: mode {:o}: group or others may read it; chmod 0400",
+                path.display(),
+                mode & 0o777
+            )
+        })
     }
 
     /// A client assertion for `supplier`'s token endpoint, valid for five minutes from `now` (Unix seconds).
@@ -124,6 +157,24 @@ impl AssertionKey {
     }
 }
 
+/// An RSA key of 2048 to 8192 bits (aws-lc's range for signing; NHS England asks 4096 of API clients).
+fn rsa_size_ok(pem: &[u8]) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::PrivateKeyDer::from_pem_slice(pem).map_err(|e| e.to_string())?;
+    let parsed = match &der {
+        rustls_pki_types::PrivateKeyDer::Pkcs8(der) => {
+            aws_lc_rs::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der())
+        }
+        rustls_pki_types::PrivateKeyDer::Pkcs1(der) => {
+            aws_lc_rs::rsa::KeyPair::from_der(der.secret_pkcs1_der())
+        }
+        _ => return Err("not an RSA private key".into()),
+    };
+    parsed
+        .map(|_| ())
+        .map_err(|e| format!("an RSA key must be 2048 to 8192 bits ({e})"))
+}
+
 #[derive(Debug)]
 struct Cached {
     authorization: HeaderValue,
@@ -134,24 +185,24 @@ struct Cached {
 /// One key's token and the lock that makes its exchange single flight.
 type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
-/// SHA-256 of (supplier, NHS number, app, acting person), each length-prefixed: a fixed-size key, so that a
-/// cache hit allocates nothing, and no two keys collide in practice.
+/// SHA-256 of the supplier's fields and the patient's access token, each length-prefixed: a fixed-size key, so
+/// that a cache hit allocates nothing, and no two keys collide in practice.
 type CacheKey = [u8; 32];
 
-fn cache_key(supplier: &Supplier, patient: &PatientToken) -> CacheKey {
+fn cache_key(supplier: &Supplier, subject_token: &str) -> CacheKey {
     use sha2::Digest;
     let mut hash = sha2::Sha256::new();
     for part in [
         supplier.name.as_str(),
-        patient.nhs_number.as_str(),
-        patient.client_id.as_str(),
-        patient.acting.as_deref().unwrap_or(""),
+        supplier.token_endpoint.as_str(),
+        supplier.client_id.as_str(),
+        supplier.key_id.as_str(),
+        supplier.audience.as_str(),
+        subject_token,
     ] {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
     }
-    // Present or absent is part of the key: an empty `act.sub` is refused, but say it all the same.
-    hash.update([u8::from(patient.acting.is_some())]);
     hash.finalize().into()
 }
 
@@ -196,17 +247,16 @@ impl Exchanger {
         }
     }
 
-    /// The supplier's token for the request `patient` (the verified access token) makes, from the cache or
-    /// exchanged for `subject_token` over `tls`.
+    /// The supplier's token for a request with the verified access token `subject_token`, from the cache or
+    /// exchanged for it over `tls`.
     pub(super) async fn token(
         &self,
         supplier: &Supplier,
-        patient: &PatientToken,
         subject_token: &str,
         tls: Arc<rustls::ClientConfig>,
         resolve: &https::Resolve,
     ) -> Result<SupplierToken, ExchangeError> {
-        let slot = self.slot(supplier, patient);
+        let slot = self.slot(supplier, subject_token);
         let mut cached = slot.lock().await;
         if let Some(c) = cached.as_ref().filter(|c| Instant::now() < c.until) {
             return Ok(SupplierToken {
@@ -259,7 +309,7 @@ impl Exchanger {
         }
     }
 
-    fn slot(&self, supplier: &Supplier, patient: &PatientToken) -> Slot {
+    fn slot(&self, supplier: &Supplier, subject_token: &str) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if slots.len() >= MAX_CACHED {
             // Kept: the slots in use (an exchange holds its lock) and those whose token is still good.
@@ -272,7 +322,7 @@ impl Exchanger {
                 slots.clear();
             }
         }
-        Arc::clone(slots.entry(cache_key(supplier, patient)).or_default())
+        Arc::clone(slots.entry(cache_key(supplier, subject_token)).or_default())
     }
 
     /// One exchange: the `Authorization` value and the token's lifetime (`expires_in`), when it said one.

@@ -2,8 +2,8 @@
 //! `jwks_refresh`, each key usable until `jwks_stale` after the last fetch that listed it. So a key removed from
 //! the set stops verifying one stale period after it was last seen, and a set that cannot be fetched keeps
 //! working for that long, no longer. A token naming a `kid` the set does not hold triggers at most one fetch per
-//! refresh interval (single flight), so a stream of tokens with invented `kid`s cannot make the proxy hammer the
-//! key server.
+//! refresh interval besides the periodic fetches (single flight), so that a key the issuer adds is taken up at
+//! its first token, and a stream of tokens with invented `kid`s cannot make the proxy hammer the key server.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -63,8 +63,9 @@ pub(super) struct Jwks {
     stale: Duration,
     timeout: Duration,
     set: ArcSwap<KeySet>,
-    /// When a fetch was last started, for the one-per-interval rule.
-    last_attempt: Mutex<Option<Instant>>,
+    /// When an unknown `kid` last started a fetch, for the one-per-interval rule (the periodic refresh does not
+    /// count: a key added just after it must not wait for the next).
+    last_kid_fetch: Mutex<Option<Instant>>,
     /// Single flight for the fetch an unknown `kid` triggers.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -92,7 +93,7 @@ impl Jwks {
             stale: cfg.jwks_stale,
             timeout: cfg.token_timeout,
             set: ArcSwap::default(),
-            last_attempt: Mutex::new(None),
+            last_kid_fetch: Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
         }
     }
@@ -126,28 +127,31 @@ impl Jwks {
         if let found @ Found::Key(_) = self.get(kid) {
             return found;
         }
-        if self.may_fetch() {
+        if self.may_fetch_for_kid() {
             tracing::info!("access token names a key id not in the JWKS; fetching the JWKS again");
-            let _ = self.fetch().await;
+            if let Err(error) = self.fetch().await {
+                tracing::warn!(%error, "JWKS fetch for an unknown key id failed");
+            }
         }
         self.get(kid)
     }
 
-    fn may_fetch(&self) -> bool {
-        let last = *self
-            .last_attempt
+    /// True, and the time noted, when no unknown `kid` started a fetch within the refresh interval.
+    fn may_fetch_for_kid(&self) -> bool {
+        let mut last = self
+            .last_kid_fetch
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        last.is_none_or(|at| at.elapsed() >= self.refresh)
+        if last.is_some_and(|at| at.elapsed() < self.refresh) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// Fetches the set and puts it in force (keys it no longer lists stay until they go stale). Errors: the
     /// source could not be read, or holds no usable key; the set in force stays.
     pub(super) async fn fetch(&self) -> Result<usize, String> {
-        *self
-            .last_attempt
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         let bytes = match &self.source {
             JwksSource::File(path) => {
                 let path = path.clone();
@@ -213,6 +217,14 @@ impl Jwks {
             }
         }
     }
+}
+
+/// The usable keys in the JWKS file at `path`, counted (for `check-config` and start). Errors name the file.
+pub(super) fn check_file(path: &std::path::Path) -> Result<usize, String> {
+    let bytes = super::read_bounded(path, https::MAX_ANSWER_BYTES as u64)?;
+    parse(&bytes)
+        .map(|keys| keys.len())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The usable keys of a JWKS document: RSA and EC P-256 signing keys with a `kid`. Keys for other uses

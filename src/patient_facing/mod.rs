@@ -38,12 +38,12 @@ use crate::ids::OdsCode;
 use crate::policy::Supplier;
 
 /// Why no route serves a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteMiss {
     /// No route's path.
     Path,
-    /// A route's path, not its methods.
-    Method,
+    /// A route's path, not its methods: the methods the routes of that path allow, for `Allow` (`GET, POST`).
+    Method(String),
 }
 
 /// The patient-facing listener's state, shared by its connections.
@@ -77,9 +77,19 @@ impl Front {
         let server_tls = server_config(cfg)
             .map_err(|p| problems.extend(p.problems))
             .ok();
-        let key = exchange::AssertionKey::load(&cfg.assertion_key)
-            .map_err(|e| problems.push(format!("patient_facing.assertion_key: {e}")))
-            .ok();
+        // An empty path is a missing key, already said by the config's own check.
+        let key = if cfg.assertion_key.as_os_str().is_empty() {
+            None
+        } else {
+            exchange::AssertionKey::load(&cfg.assertion_key)
+                .map_err(|e| problems.push(format!("patient_facing.assertion_key: {e}")))
+                .ok()
+        };
+        if let crate::config::JwksSource::File(path) = &cfg.jwks
+            && let Err(e) = jwks::check_file(path)
+        {
+            problems.push(format!("patient_facing.jwks: {e}"));
+        }
         let practices = match &cfg.practices {
             Some(path) => PracticeFile::load(path)
                 .map_err(|e| problems.push(format!("patient_facing.practices: {e}")))
@@ -117,9 +127,19 @@ impl Front {
         let _ = self.upstream_tls.set(tls);
     }
 
+    /// What `check-config` warns of, and the start logs: an assertion key others may read.
+    pub fn warnings(cfg: &PatientFacingConfig) -> Vec<String> {
+        exchange::AssertionKey::exposed(&cfg.assertion_key)
+            .into_iter()
+            .collect()
+    }
+
     /// Fetches the JWKS once (a failure is logged: requests are refused 503 until a fetch succeeds), then keeps
     /// it fresh on this runtime.
     pub async fn start(self: &Arc<Self>) {
+        for warning in Self::warnings(&self.cfg) {
+            tracing::warn!("{warning}");
+        }
         match self.jwks.fetch().await {
             Ok(keys) => {
                 tracing::info!(keys, listen = %self.cfg.listen, "patient-facing JWKS loaded")
@@ -169,7 +189,7 @@ impl Front {
     /// The route serving `method` on `path` (the path without its query): the first whose path is `path` or a
     /// segment prefix of it.
     pub fn route(&self, method: &Method, path: &str) -> Result<&Route, RouteMiss> {
-        let mut miss = RouteMiss::Path;
+        let mut allowed: Vec<&str> = Vec::new();
         for route in &self.cfg.routes {
             let under = path
                 .strip_prefix(route.path.as_str())
@@ -178,23 +198,37 @@ impl Front {
                 if route.methods.contains(method) {
                     return Ok(route);
                 }
-                miss = RouteMiss::Method;
+                allowed.extend(route.methods.iter().map(Method::as_str));
             }
         }
-        Err(miss)
+        if allowed.is_empty() {
+            Err(RouteMiss::Path)
+        } else {
+            allowed.sort_unstable();
+            allowed.dedup();
+            Err(RouteMiss::Method(allowed.join(", ")))
+        }
     }
 
-    /// The access token of `authorization` (an `Authorization` field value), verified, and its text.
+    /// The access token of `headers`' one `Authorization` field, verified, and its text; `seen` gets what the
+    /// record names as it is read (see `token::verify`). Two `Authorization` fields are refused: which one the
+    /// token is would be a guess.
     pub async fn verify<'a>(
         &self,
-        authorization: Option<&'a http::HeaderValue>,
+        headers: &'a http::HeaderMap,
+        seen: &mut crate::audit::PatientAccess,
     ) -> Result<(PatientToken, &'a str), TokenError> {
+        let mut fields = headers.get_all(http::header::AUTHORIZATION).iter();
+        let authorization = fields.next();
+        if fields.next().is_some() {
+            return Err(TokenError::Invalid("two_authorization_fields"));
+        }
         let token = crate::jwt::bearer_token(authorization.map(http::HeaderValue::as_bytes))
             .map_err(|v| match v {
                 crate::jwt::Violation::MissingToken => TokenError::Missing,
                 _ => TokenError::Invalid("malformed"),
             })?;
-        let verified = token::verify(token, &self.jwks, &self.cfg).await?;
+        let verified = token::verify(token, &self.jwks, &self.cfg, seen).await?;
         Ok((verified, token))
     }
 
@@ -218,12 +252,11 @@ impl Front {
         self.apps.admit(client_id, Instant::now())
     }
 
-    /// The supplier's token for the request `patient` makes, cached or exchanged for `subject_token` over the
-    /// upstream client identity.
+    /// The supplier's token for a request with the verified access token `subject_token`, cached or exchanged
+    /// for it over the upstream client identity.
     pub async fn supplier_token(
         &self,
         supplier: &Supplier,
-        patient: &PatientToken,
         subject_token: &str,
     ) -> Result<SupplierToken, ExchangeError> {
         let Some(tls) = self.upstream_tls.get() else {
@@ -233,38 +266,75 @@ impl Front {
             });
         };
         self.exchanger
-            .token(
-                supplier,
-                patient,
-                subject_token,
-                tls.client(),
-                &self.resolve,
-            )
+            .token(supplier, subject_token, tls.client(), &self.resolve)
             .await
     }
 }
 
-/// The listener's rustls config: its certificate and key; with `client_ca`, a client certificate chained to it
-/// is required (the platform in front), without, none is asked for.
+/// The listener's rustls config: its certificate and key, `server.tls_versions`; with `client_ca`, a client
+/// certificate chained to it is required (the platform in front), checked against `crl` as `server.crl` checks the
+/// consumers' (the end-entity certificate; a stale CRL refused unless `server.crl_expired = "allow"`); without, none
+/// is asked for. Errors: every unreadable file and refused value, each naming its key.
 fn server_config(cfg: &PatientFacingConfig) -> Result<Arc<rustls::ServerConfig>, Problems> {
-    let one = |e: String| Problems::one(e);
-    let chain = crate::tls::load_certs("patient_facing.cert", &cfg.cert).map_err(one)?;
-    let key = crate::tls::load_key("patient_facing.key", &cfg.key).map_err(one)?;
-    let builder = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Problems::one(format!("patient_facing: {e}")))?;
-    let builder = if cfg.client_ca.is_empty() {
-        builder.with_no_client_auth()
+    fn take<T>(problems: &mut Vec<String>, result: Result<T, String>) -> Option<T> {
+        result.map_err(|e| problems.push(e)).ok()
+    }
+    let mut problems = Vec::new();
+    let chain = take(
+        &mut problems,
+        crate::tls::load_certs("patient_facing.cert", &cfg.cert),
+    );
+    let key = take(
+        &mut problems,
+        crate::tls::load_key("patient_facing.key", &cfg.key),
+    );
+    let verifier = if cfg.client_ca.is_empty() {
+        if !cfg.crl.is_empty() {
+            problems.push("patient_facing.crl: needs patient_facing.client_ca (no client certificate is asked for)".into());
+        }
+        None
     } else {
-        let roots =
-            crate::tls::load_roots("patient_facing.client_ca", &cfg.client_ca).map_err(one)?;
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            crate::tls::provider(),
-        )
-        .build()
-        .map_err(|e| Problems::one(format!("patient_facing.client_ca: {e}")))?;
-        builder.with_client_cert_verifier(verifier)
+        let roots = take(
+            &mut problems,
+            crate::tls::load_roots("patient_facing.client_ca", &cfg.client_ca),
+        );
+        let crls = take(
+            &mut problems,
+            crate::tls::load_crls("patient_facing.crl", &cfg.crl),
+        );
+        roots.zip(crls).and_then(|(roots, crls)| {
+            let mut builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                crate::tls::provider(),
+            );
+            if !crls.is_empty() {
+                builder = builder.with_crls(crls).only_check_end_entity_revocation();
+                if cfg.crl_expired == crate::config::CrlExpired::Refuse {
+                    builder = builder.enforce_revocation_expiration();
+                }
+            }
+            builder
+                .build()
+                .map_err(|e| {
+                    problems.push(format!(
+                        "patient_facing.client_ca / patient_facing.crl: {e}"
+                    ))
+                })
+                .ok()
+        })
+    };
+    let (Some(chain), Some(key)) = (chain, key) else {
+        return Err(Problems { problems });
+    };
+    if !problems.is_empty() {
+        return Err(Problems { problems });
+    }
+    let builder = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&crate::tls::versions(&cfg.tls_versions))
+        .map_err(|e| Problems::one(format!("patient_facing: {e}")))?;
+    let builder = match verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(chain, key)

@@ -6,12 +6,15 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde_json::Value;
 
 use super::jwks::{Found, Jwks};
+use crate::audit::PatientAccess;
 use crate::audit::patients::Check;
 use crate::config::{PatientFacingConfig, Proofing};
 use crate::ids::OdsCode;
 
 /// Longest `client_id` or `act.sub` kept.
 const MAX_ID: usize = 256;
+/// Longest an access token may be valid from now (NHS login's last an hour): a token for years is refused.
+const MAX_LIFETIME_S: i64 = 24 * 3600;
 
 /// What a verified access token says, as the proxy uses it.
 #[derive(Debug, Clone)]
@@ -44,16 +47,28 @@ pub enum TokenError {
     NhsNumberMissing,
 }
 
-/// Verifies `token` (the text after `Bearer `) at the keys in force, then its claims, as `cfg` says.
+/// Verifies `token` (the text after `Bearer `) at the keys in force, then its claims, as `cfg` says; `seen` gets
+/// each claim the record names as it is read from a verified token, so that a refusal for a later claim still
+/// names the app and patient.
 pub(super) async fn verify(
     token: &str,
     jwks: &Jwks,
     cfg: &PatientFacingConfig,
+    seen: &mut PatientAccess,
 ) -> Result<PatientToken, TokenError> {
     if token.len() > crate::jwt::MAX_TOKEN_BYTES {
         return Err(TokenError::Invalid("too_large"));
     }
-    // `alg: none` and unknown algorithms fail here: jsonwebtoken has no `none` (RFC 8725 section 3.1).
+    // Both parts read strictly first: a duplicate member (two `nhs_number`s, the last of which serde_json would
+    // take) or a `crit` extension refuses the token, and `alg: none` is named for what it is.
+    let strict = crate::jwt::read_signed(token).map_err(|_| TokenError::Invalid("malformed"))?;
+    if strict.alg.eq_ignore_ascii_case("none") {
+        return Err(TokenError::Invalid("algorithm_not_allowed"));
+    }
+    if strict.crit {
+        return Err(TokenError::Invalid("crit_not_understood"));
+    }
+    // Unknown algorithms fail here: jsonwebtoken has no `none` (RFC 8725 section 3.1).
     let header =
         jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("malformed"))?;
     if !cfg.algorithms.contains(&header.alg) {
@@ -92,29 +107,47 @@ pub(super) async fn verify(
             _ => "malformed",
         })
     })?;
-    claims(&data.claims, cfg)
+    claims(&data.claims, cfg, crate::clock::unix_now(), seen)
 }
 
-/// The claims this listener requires of a verified token, in the order the refusals are documented.
-fn claims(claims: &Value, cfg: &PatientFacingConfig) -> Result<PatientToken, TokenError> {
+/// The claims this listener requires of a verified token at `now` (Unix seconds), in the order the refusals are
+/// documented; `seen` gets the app, the patient, the proofing level and the acting person as they are read.
+fn claims(
+    claims: &Value,
+    cfg: &PatientFacingConfig,
+    now: i64,
+    seen: &mut PatientAccess,
+) -> Result<PatientToken, TokenError> {
     let text = |name: &str| claims.get(name).and_then(Value::as_str);
     let client_id = text("client_id")
         .filter(|c| !c.is_empty() && c.len() <= MAX_ID && c.bytes().all(|b| b.is_ascii_graphic()))
         .ok_or(TokenError::Invalid("no_client_id"))?
         .to_owned();
+    seen.client_id = Some(client_id.clone());
+    let leeway = i64::try_from(cfg.leeway.as_secs()).unwrap_or(0);
     let expires = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-    let proofing = text("identity_proofing_level")
-        .and_then(Proofing::parse)
+    if expires - now > MAX_LIFETIME_S {
+        return Err(TokenError::Invalid("lifetime_too_long"));
+    }
+    if claims
+        .get("iat")
+        .and_then(Value::as_i64)
+        .is_some_and(|iat| iat > now + leeway)
+    {
+        return Err(TokenError::Invalid("issued_in_future"));
+    }
+    let valid_number = text("nhs_number").filter(|n| Check::of(n) == Check::Valid);
+    seen.nhs_number = valid_number.map(str::to_owned);
+    let proofing_claim = text("identity_proofing_level").and_then(Proofing::parse);
+    seen.proofing = proofing_claim.map(Proofing::as_str);
+    let proofing = proofing_claim
         .filter(|p| *p >= cfg.min_proofing)
         .ok_or(TokenError::ProofingTooLow)?;
     let scoped = text("scope").is_some_and(|s| s.split(' ').any(|one| one == cfg.scope));
     if !scoped {
         return Err(TokenError::ScopeMissing);
     }
-    let nhs_number = text("nhs_number")
-        .filter(|n| Check::of(n) == Check::Valid)
-        .ok_or(TokenError::NhsNumberMissing)?
-        .to_owned();
+    let nhs_number = valid_number.ok_or(TokenError::NhsNumberMissing)?.to_owned();
     let acting = match claims.get("act") {
         None => None,
         Some(act) => Some(
@@ -125,6 +158,7 @@ fn claims(claims: &Value, cfg: &PatientFacingConfig) -> Result<PatientToken, Tok
                 .to_owned(),
         ),
     };
+    seen.acting = acting.clone();
     let practice = cfg.ods_claim.as_ref().and_then(|path| {
         path.iter()
             .try_fold(claims, |at, name| at.get(name))

@@ -13,6 +13,69 @@ pub const CODING_SYSTEM: &str = "http://fhir.nhs.net/ValueSet/gpconnect-schedule
 pub(crate) const CONTENT_TYPE_JSON: &str = "application/fhir+json; charset=utf-8";
 pub(crate) const CONTENT_TYPE_XML: &str = "application/fhir+xml; charset=utf-8";
 
+/// A FHIR R4 `OperationOutcome` (`application/fhir+json`) with a fresh GUID `id` and one issue: severity `error`,
+/// `issue` (R4's `issue-type` value set), `code` as both the coding's `code` and `display` in `system`, and
+/// `diagnostics` when it is not empty. The patient-facing door's refusals.
+pub(crate) fn render_r4(system: &str, code: &str, issue: &'static str, diagnostics: &str) -> Bytes {
+    let id = uuid::Uuid::new_v4().hyphenated().to_string();
+    let body = Body {
+        resource_type: "OperationOutcome",
+        id: &id,
+        meta: None,
+        issue: [Issue {
+            severity: "error",
+            code: issue,
+            details: Details {
+                coding: [Coding {
+                    system,
+                    code,
+                    display: code,
+                }],
+            },
+            diagnostics,
+        }],
+    };
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// The JSON body's members, in the order FHIR serialisers write them, `resourceType` first (serde keeps a struct's
+/// field order; a `serde_json::Value` map would sort them).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body<'a> {
+    resource_type: &'static str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meta: Option<Meta>,
+    issue: [Issue<'a>; 1],
+}
+
+#[derive(serde::Serialize)]
+struct Meta {
+    profile: [&'static str; 1],
+}
+
+#[derive(serde::Serialize)]
+struct Issue<'a> {
+    severity: &'static str,
+    code: &'static str,
+    details: Details<'a>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    diagnostics: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct Details<'a> {
+    coding: [Coding<'a>; 1],
+}
+
+#[derive(serde::Serialize)]
+struct Coding<'a> {
+    system: &'a str,
+    code: &'a str,
+    display: &'a str,
+}
+
 /// The FHIR `issue.code` of a refusal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IssueCode {
@@ -143,50 +206,22 @@ impl OperationOutcome<'_> {
     /// Members in the order FHIR serialisers write them, `resourceType` first (serde keeps a struct's field order;
     /// a `serde_json::Value` map would sort them).
     fn render_json(&self, id: &str) -> Bytes {
-        #[derive(serde::Serialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Body<'a> {
-            resource_type: &'static str,
-            id: &'a str,
-            meta: Meta,
-            issue: [Issue<'a>; 1],
-        }
-        #[derive(serde::Serialize)]
-        struct Meta {
-            profile: [&'static str; 1],
-        }
-        #[derive(serde::Serialize)]
-        struct Issue<'a> {
-            severity: &'static str,
-            code: &'static str,
-            details: Details<'a>,
-            diagnostics: &'a str,
-        }
-        #[derive(serde::Serialize)]
-        struct Details<'a> {
-            coding: [Coding<'a>; 1],
-        }
-        #[derive(serde::Serialize)]
-        struct Coding<'a> {
-            system: &'static str,
-            code: String,
-            display: &'a str,
-        }
+        let status = self.status.to_string();
         let body = Body {
             resource_type: "OperationOutcome",
             id,
-            meta: Meta {
+            meta: Some(Meta {
                 profile: [
                     "https://fhir.nhs.uk/STU3/StructureDefinition/GPConnect-OperationOutcome-1",
                 ],
-            },
+            }),
             issue: [Issue {
                 severity: self.severity.as_str(),
                 code: self.code.as_str(),
                 details: Details {
                     coding: [Coding {
                         system: CODING_SYSTEM,
-                        code: self.status.to_string(),
+                        code: &status,
                         display: self.text,
                     }],
                 },

@@ -2,7 +2,6 @@
 //! guide beside the clinical ones) and a FHIR R4 `OperationOutcome` body, the convention of the NHS's R4 APIs
 //! (`application/fhir+json`). The clinical listener keeps its STU3 bodies (`refusal`).
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
@@ -26,6 +25,8 @@ pub(crate) enum PatientRefusal {
     RequestId,
     /// `X-Correlation-ID` not 1 to 256 visible ASCII characters.
     CorrelationId,
+    /// An `access_token` query parameter (RFC 6750 section 2.3): refused, not read.
+    TokenInQuery,
     Token(TokenError),
     Route(RouteMiss),
     App(AppThrottled),
@@ -65,11 +66,17 @@ impl PatientRefusal {
                 "not-supported",
                 "transfer_coding_not_implemented",
             ),
-            R::Framing(_) => (
+            R::Framing(RequestFramingError::Host) => (
                 StatusCode::BAD_REQUEST,
                 "INVALID_REQUEST_FRAMING",
                 "invalid",
                 "invalid_host",
+            ),
+            R::Framing(RequestFramingError::ChunkedTwice) => (
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST_FRAMING",
+                "invalid",
+                "invalid_transfer_encoding",
             ),
             R::RequestId => (
                 StatusCode::BAD_REQUEST,
@@ -82,6 +89,12 @@ impl PatientRefusal {
                 "INVALID_CORRELATION_ID",
                 "invalid",
                 "invalid_correlation_id",
+            ),
+            R::TokenInQuery => (
+                StatusCode::BAD_REQUEST,
+                "ACCESS_TOKEN_IN_QUERY",
+                "invalid",
+                "access_token_in_query",
             ),
             R::Token(TokenError::Missing) => (
                 StatusCode::UNAUTHORIZED,
@@ -99,7 +112,7 @@ impl PatientRefusal {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ACCESS_TOKEN_KEYS_UNAVAILABLE",
                 "transient",
-                "jwks_unavailable",
+                "access_token_keys_unavailable",
             ),
             R::Token(TokenError::ProofingTooLow) => (
                 StatusCode::FORBIDDEN,
@@ -125,7 +138,7 @@ impl PatientRefusal {
                 "not-found",
                 "route_not_found",
             ),
-            R::Route(RouteMiss::Method) => (
+            R::Route(RouteMiss::Method(_)) => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "METHOD_NOT_ALLOWED",
                 "not-supported",
@@ -257,7 +270,7 @@ impl PatientRefusal {
             }
             _ => String::new(),
         };
-        let body = render(code, issue, &diagnostics);
+        let body = super::operation_outcome::render_r4(CODE_SYSTEM, code, issue, &diagnostics);
         let mut response = Response::new(ProxyBody::full(body));
         *response.status_mut() = status;
         let headers = response.headers_mut();
@@ -266,15 +279,26 @@ impl PatientRefusal {
             HeaderValue::from_static("application/fhir+json; fhirVersion=4.0"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if status == StatusCode::UNAUTHORIZED {
-            let challenge = match self {
-                PatientRefusal::Token(TokenError::Missing) => "Bearer",
-                _ => "Bearer error=\"invalid_token\"",
-            };
+        // RFC 6750 section 3: a challenge on 401, and `insufficient_scope` on a 403 for the scope.
+        let challenge = match self {
+            PatientRefusal::Token(TokenError::Missing) => Some("Bearer"),
+            PatientRefusal::Token(TokenError::ScopeMissing) => {
+                Some("Bearer error=\"insufficient_scope\"")
+            }
+            _ if status == StatusCode::UNAUTHORIZED => Some("Bearer error=\"invalid_token\""),
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
             headers.insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(challenge),
             );
+        }
+        // RFC 9110 section 15.5.6: a 405 names the methods the target allows.
+        if let PatientRefusal::Route(RouteMiss::Method(allow)) = self
+            && let Ok(value) = HeaderValue::from_str(allow)
+        {
+            headers.insert(header::ALLOW, value);
         }
         let limits = match self {
             PatientRefusal::App(t) => Some((t.limit, 0, t.reset_s)),
@@ -289,52 +313,4 @@ impl PatientRefusal {
         }
         response
     }
-}
-
-/// An R4 OperationOutcome with one issue: `severity` error, the issue `code` (R4 value set `issue-type`), the
-/// refusal's code in `details.coding`, and `diagnostics` when there is more to say. Members in the order FHIR
-/// serialisers write them, `resourceType` first.
-fn render(code: &str, issue: &'static str, diagnostics: &str) -> Bytes {
-    #[derive(serde::Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Body<'a> {
-        resource_type: &'static str,
-        id: String,
-        issue: [Issue<'a>; 1],
-    }
-    #[derive(serde::Serialize)]
-    struct Issue<'a> {
-        severity: &'static str,
-        code: &'static str,
-        details: Details<'a>,
-        #[serde(skip_serializing_if = "str::is_empty")]
-        diagnostics: &'a str,
-    }
-    #[derive(serde::Serialize)]
-    struct Details<'a> {
-        coding: [Coding<'a>; 1],
-    }
-    #[derive(serde::Serialize)]
-    struct Coding<'a> {
-        system: &'static str,
-        code: &'a str,
-        display: &'a str,
-    }
-    let body = Body {
-        resource_type: "OperationOutcome",
-        id: uuid::Uuid::new_v4().to_string(),
-        issue: [Issue {
-            severity: "error",
-            code: issue,
-            details: Details {
-                coding: [Coding {
-                    system: CODE_SYSTEM,
-                    code,
-                    display: code,
-                }],
-            },
-            diagnostics,
-        }],
-    };
-    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
 }

@@ -192,37 +192,13 @@ impl Proxy {
                 &permit,
                 self.patients.as_ref(),
             );
-            let queued = self
-                .audit
-                .reserve()
+            let record = Record::permitted(&tx, jwt);
+            let Some(exchange) = self
+                .open_exchange(&tx, record, admission, started, conn)
                 .await
-                .and_then(|room| self.audit.queue(Record::permitted(&tx, jwt), room));
-            let Ok(ticket) = queued else {
+            else {
                 break 'refused Refusal::AuditUnavailable;
             };
-            // From the moment its request record is queued, the exchange exists: if the consumer goes away while
-            // the record is being written (an HTTP/2 stream reset), the exchange still ends with its response
-            // record (`client_closed`), unless the record was withdrawn (`AuditLog::submit_response`).
-            let exchange = self.exchange(
-                Arc::clone(&tx),
-                ticket.request(),
-                admission,
-                started,
-                Arc::clone(&conn.control),
-            );
-            if let Some(scan) = tx.body_scan() {
-                exchange.copy_request_body(Arc::clone(scan));
-            }
-            if ticket.written().await.is_err() {
-                // No exchange happened: its end (metrics, response record) does not run; the refusal is counted
-                // below. Given up while its write was stuck (5 s), the request record may still reach the log: a
-                // response record saying the request was refused then follows it (none if it was withdrawn).
-                exchange.cancel();
-                let status = Refusal::AuditUnavailable.status().as_u16();
-                let record = Record::denied(&tx, status, started.elapsed());
-                self.audit.submit_response(record, &ticket.request());
-                break 'refused Refusal::AuditUnavailable;
-            }
             match self
                 .forward(&permit, exchange, Request::from_parts(parts, body), conn)
                 .await
@@ -328,6 +304,49 @@ impl Proxy {
                 Refusal::Throttled(t, named)
             })?;
         Ok((permit, jwt, admission))
+    }
+
+    /// Check 12, and the exchange it opens: `record`, the request record of `tx`, queued and written (per
+    /// `audit.durability`) before anything is forwarded. `None`: the request is refused with 503
+    /// `AUDIT_UNAVAILABLE` (the caller answers it); no exchange happened, and its end (metrics, response record)
+    /// does not run.
+    async fn open_exchange(
+        &self,
+        tx: &Arc<Transaction>,
+        record: Record,
+        admission: Admission,
+        started: Instant,
+        conn: &ConnInfo,
+    ) -> Option<Arc<Exchange>> {
+        let ticket = self
+            .audit
+            .reserve()
+            .await
+            .and_then(|room| self.audit.queue(record, room))
+            .ok()?;
+        // From the moment its request record is queued, the exchange exists: if the consumer goes away while
+        // the record is being written (an HTTP/2 stream reset), the exchange still ends with its response
+        // record (`client_closed`), unless the record was withdrawn (`AuditLog::submit_response`).
+        let exchange = self.exchange(
+            Arc::clone(tx),
+            ticket.request(),
+            admission,
+            started,
+            Arc::clone(&conn.control),
+        );
+        if let Some(scan) = tx.body_scan() {
+            exchange.copy_request_body(Arc::clone(scan));
+        }
+        if ticket.written().await.is_err() {
+            // Given up while its write was stuck (5 s), the request record may still reach the log: a response
+            // record saying the request was refused then follows it (none if it was withdrawn).
+            exchange.cancel();
+            let status = Refusal::AuditUnavailable.status().as_u16();
+            let record = Record::denied(tx, status, started.elapsed());
+            self.audit.submit_response(record, &ticket.request());
+            return None;
+        }
+        Some(exchange)
     }
 
     /// Forwards a permitted request, streaming both ways. The response record is written when the exchange ends.

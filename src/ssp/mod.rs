@@ -170,6 +170,16 @@ fn is_dns_name(host: &str) -> bool {
 
 /// `.` or `..`, also when a dot is percent-encoded (`%2e`, `%2E`).
 fn is_dot_segment(segment: &str) -> bool {
+    // A segment's parameters (`..;jsessionid=x`, RFC 3986 section 3.3) are cut first: servlet containers drop
+    // them before they resolve dot segments, so `..;` walks up a level there.
+    let segment = match segment.find(';') {
+        Some(at) => &segment[..at],
+        None => segment,
+    };
+    let segment = match segment.to_ascii_lowercase().find("%3b") {
+        Some(at) => &segment[..at],
+        None => segment,
+    };
     let mut dots = 0;
     let mut rest = segment.as_bytes();
     while !rest.is_empty() {

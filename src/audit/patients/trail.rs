@@ -162,6 +162,7 @@ pub fn rows(
                 claim("practitioner_family_name"),
             ) {
                 (Some(given), Some(family)) => Some(format!("{given} {family}")),
+                (None, None) => request.and_then(patient_facing_user),
                 (one, other) => one.or(other),
             },
             interaction_words: interaction.as_deref().map_or_else(String::new, words),
@@ -180,6 +181,17 @@ pub fn rows(
     Ok(Trail {
         rows: out,
         unbacked,
+    })
+}
+
+/// Who made a patient-facing request (the door's `patient_facing` object): the patient themselves, or the proxy
+/// user acting for them, through which app.
+fn patient_facing_user(request: &serde_json::Value) -> Option<String> {
+    let access = request.get("patient_facing")?;
+    let app = access["client_id"].as_str().unwrap_or("an unnamed app");
+    Some(match access["acting"].as_str() {
+        Some(acting) => format!("proxy user {acting} for the patient, in app {app}"),
+        None => format!("the patient, in app {app}"),
     })
 }
 

@@ -219,19 +219,39 @@ impl Transaction {
     }
 
     /// A refused patient-facing request's transaction: as [`Transaction::refused`], its `trace_id` the
-    /// `X-Request-ID` it sent, with what was known of its `access`.
+    /// `X-Request-ID` it sent, `from` the door's `[[system]]` (`door`), with what was known of its `access`. Any
+    /// `Ssp-*` field the app sent is not recorded as its parties: it names nothing the door acted on.
     pub(crate) fn refused_patient_facing(
         conn_id: u64,
         peer: &Arc<Peer>,
         parts: &http::request::Parts,
         generation: u64,
+        door: &Asid,
         access: PatientAccess,
         patients: Option<&Arc<Indexer>>,
     ) -> Arc<Self> {
         let mut tx = Self::refused(conn_id, peer, parts, generation, patients);
         if let Some(tx) = Arc::get_mut(&mut tx) {
-            if let Addressing::AsReceived { trace_id, .. } = &mut tx.addressing {
+            if let Addressing::AsReceived {
+                trace_id,
+                from,
+                to,
+                interaction,
+                target,
+            } = &mut tx.addressing
+            {
                 *trace_id = access.request_id.as_deref().map(Box::from);
+                *from = Some(Box::from(door.as_str()));
+                *to = None;
+                *interaction = None;
+                // A token sent in the query (RFC 6750 section 2.3, which the door refuses) is not recorded: the
+                // query goes, the path stays.
+                if let Some(sent) = target.as_mut()
+                    && let Some(query_at) = sent.find('?')
+                    && sent[query_at..].to_ascii_lowercase().contains("access")
+                {
+                    *sent = Box::from(&sent[..query_at]);
+                }
             }
             tx.add_access(access, patients);
         }

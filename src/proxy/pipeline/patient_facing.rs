@@ -57,10 +57,20 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         let framing = crate::forward::request_framing(&parts.headers, parts.version);
         crate::forward::normalize_request_headers(&mut parts.headers, parts.version);
+        // Echoed when well formed: a refused value is not sent back.
         let echo = [
-            parts.headers.get(X_REQUEST_ID).cloned(),
-            parts.headers.get(X_CORRELATION_ID).cloned(),
+            parts
+                .headers
+                .get(X_REQUEST_ID)
+                .filter(|v| crate::ids::TraceId::from_field(v).is_some())
+                .cloned(),
+            parts
+                .headers
+                .get(X_CORRELATION_ID)
+                .filter(|v| correlation_ok(v.as_bytes()))
+                .cloned(),
         ];
+        let head = parts.method == http::Method::HEAD;
         let policy = self.policy.load_full();
         let mut access = PatientAccess::default();
         let checked = self
@@ -84,28 +94,13 @@ impl Proxy {
                 self.patients.as_ref(),
             );
             // 12: the request record is written before anything is forwarded.
-            let queued = self
-                .audit
-                .reserve()
+            let record = Record::permitted(&tx, None);
+            let Some(exchange) = self
+                .open_exchange(&tx, record, admission, started, conn)
                 .await
-                .and_then(|room| self.audit.queue(Record::permitted(&tx, None), room));
-            let Ok(ticket) = queued else {
+            else {
                 break 'refused PatientRefusal::AuditUnavailable;
             };
-            let exchange = self.exchange(
-                Arc::clone(&tx),
-                ticket.request(),
-                admission,
-                started,
-                Arc::clone(&conn.control),
-            );
-            if ticket.written().await.is_err() {
-                exchange.cancel();
-                let status = PatientRefusal::AuditUnavailable.status().as_u16();
-                let record = Record::denied(&tx, status, started.elapsed());
-                self.audit.submit_response(record, &ticket.request());
-                break 'refused PatientRefusal::AuditUnavailable;
-            }
             provider_headers(&mut parts.headers, &permit, &supplier);
             let mut response = match self
                 .forward(&permit, exchange, Request::from_parts(parts, body), conn)
@@ -123,6 +118,7 @@ impl Proxy {
                         "patient-facing request failed after its record"
                     );
                     let mut response = refusal.respond();
+                    super::head_has_no_body(head, &mut response);
                     if matches!(refusal, PatientRefusal::MalformedBody) {
                         response
                             .headers_mut()
@@ -141,6 +137,7 @@ impl Proxy {
             "patient-facing request refused"
         );
         let mut response = refusal.respond();
+        super::head_has_no_body(head, &mut response);
         if parts.version <= http::Version::HTTP_11
             && (matches!(refusal, PatientRefusal::HeadersTooLarge) || !drain(body).await)
         {
@@ -162,6 +159,7 @@ impl Proxy {
                 &conn.audit_peer,
                 &parts,
                 policy.generation,
+                &front.config().asid,
                 access,
                 self.patients.as_ref(),
             );
@@ -194,31 +192,23 @@ impl Proxy {
         let trace_id = request_id
             .and_then(|(_, value)| crate::ids::TraceId::from_field(&value))
             .ok_or(PatientRefusal::RequestId)?;
-        if correlation_id.is_some_and(|(text, _)| {
-            text.is_empty()
-                || text.len() > MAX_CORRELATION_ID
-                || !text.bytes().all(|b| b.is_ascii_graphic())
-        }) {
+        if correlation_id.is_some_and(|(text, _)| !correlation_ok(text.as_bytes())) {
             return Err(PatientRefusal::CorrelationId);
         }
+        if parts.uri.query().is_some_and(names_access_token) {
+            return Err(PatientRefusal::TokenInQuery);
+        }
         let (token, subject_token) = front
-            .verify(parts.headers.get(header::AUTHORIZATION))
+            .verify(&parts.headers, access)
             .await
             .map_err(PatientRefusal::Token)?;
-        access.client_id = Some(token.client_id.clone());
-        access.nhs_number = Some(token.nhs_number.clone());
-        access.proofing = Some(token.proofing.as_str());
-        access.acting = token.acting.clone();
         let route = front
             .route(&parts.method, parts.uri.path())
             .map_err(PatientRefusal::Route)?;
         // A patient's token reaches their own record only: the path and query may name no one else. (A body is
         // streamed, not read here: the supplier's token, exchanged for this patient, is what scopes it.)
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        if crate::audit::patients::Indexer::numbers_in(path)
-            .iter()
-            .any(|n| *n != token.nhs_number)
-        {
+        if names_other_patient(path, &token.nhs_number) {
             return Err(PatientRefusal::OtherPatient);
         }
         front
@@ -264,7 +254,7 @@ impl Proxy {
             .and_then(|name| policy.supplier(name))
             .ok_or(PatientRefusal::SupplierNotConfigured)?;
         access.supplier = Some(supplier.name.clone());
-        let token = front.supplier_token(supplier, &token, subject_token).await;
+        let token = front.supplier_token(supplier, subject_token).await;
         let outcome = match &token {
             Ok(t) => t.outcome,
             Err(e) => e.outcome,
@@ -281,6 +271,38 @@ impl Proxy {
             supplier,
         })
     }
+}
+
+/// `path` (a path and query) names an NHS number other than `own`: one the patient index reads there (an
+/// identifier's value, a `Patient/` segment), or any run of exactly ten digits with a valid check digit in the
+/// percent-decoded text with its spaces taken out (`?subject=Patient/943 476 5919`, `?nhs_number=...`), which a
+/// provider might read as one. A ten-digit logical id that happens to pass the check is refused too: the door's
+/// routes name the patient by their token, not by id.
+fn names_other_patient(path: &str, own: &str) -> bool {
+    use crate::audit::patients::{Check, Indexer};
+    if Indexer::numbers_in(path).iter().any(|n| n != own) {
+        return true;
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let compact: String = decoded.chars().filter(|c| *c != ' ').collect();
+    compact
+        .split(|c: char| !c.is_ascii_digit())
+        .any(|run| run.len() == 10 && run != own && Check::of(run) == Check::Valid)
+}
+
+/// The query has an `access_token` parameter (its name percent-decoded).
+fn names_access_token(query: &str) -> bool {
+    query.split('&').any(|pair| {
+        let name = pair.split('=').next().unwrap_or_default();
+        percent_encoding::percent_decode_str(name)
+            .decode_utf8_lossy()
+            .eq_ignore_ascii_case("access_token")
+    })
+}
+
+/// An `X-Correlation-ID` the door takes: 1 to 256 visible ASCII characters.
+fn correlation_ok(value: &[u8]) -> bool {
+    !value.is_empty() && value.len() <= MAX_CORRELATION_ID && value.iter().all(u8::is_ascii_graphic)
 }
 
 /// A correlation field's text when it is there once and is text (bounded for the record), and the value.
