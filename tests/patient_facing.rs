@@ -259,6 +259,24 @@ impl PfWorld {
         self.consumer.fetch(req).await.unwrap()
     }
 
+    /// `method path` with `token` and the extra header fields, answered whole.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Answer {
+        let mut builder = self.request(method, path, token);
+        for (name, value) in extra {
+            builder = builder.header(*name, *value);
+        }
+        self.consumer
+            .fetch(builder.body(empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
     /// A P9 token from `k1` for `nhs` issued to `app`, naming the practice in its claims.
     fn token(&self, nhs: &str, app: &str) -> serde_json::Value {
         let mut claims = self.k1.claims(nhs, app, SCOPE);
@@ -507,71 +525,60 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         "PRACTICE_NOT_FOUND".into(),
     ));
     let good = pf.k1.sign(&pf.token(&nhs, &app(8)));
-    let req = pf
-        .request(Method::GET, "/fhir/Appointment/1", Some(&good))
-        // Parties an app names itself are not what its refused request's records say.
-        .header("ssp-from", FROM)
-        .header("ssp-to", TO)
-        .body(empty())
-        .unwrap();
+    // Parties an app names itself are not what its refused request's records say.
     refusals.push((
-        pf.consumer.fetch(req).await.unwrap(),
+        pf.send(
+            Method::GET,
+            "/fhir/Appointment/1",
+            Some(&good),
+            &[("ssp-from", FROM), ("ssp-to", TO)],
+        )
+        .await,
         404,
         "ROUTE_NOT_FOUND",
         "ROUTE_NOT_FOUND".into(),
     ));
     // A route's path matches at a segment boundary only; a route's methods only.
-    let req = pf
-        .request(Method::GET, "/fhir/metadataX", Some(&good))
-        .body(empty())
-        .unwrap();
     refusals.push((
-        pf.consumer.fetch(req).await.unwrap(),
+        pf.send(Method::GET, "/fhir/metadataX", Some(&good), &[])
+            .await,
         404,
         "ROUTE_NOT_FOUND",
         "ROUTE_NOT_FOUND".into(),
     ));
-    let req = pf
-        .request(Method::POST, "/fhir/metadata", Some(&good))
-        .body(empty())
-        .unwrap();
     refusals.push((
-        pf.consumer.fetch(req).await.unwrap(),
+        pf.send(Method::POST, "/fhir/metadata", Some(&good), &[])
+            .await,
         405,
         "METHOD_NOT_ALLOWED",
         "METHOD_NOT_ALLOWED".into(),
     ));
     // Another patient's number in the path or the query: refused before anything else is looked up.
     let other = nhs_number(9);
-    let req = pf
-        .request(Method::GET, &format!("/fhir/Patient/{other}"), Some(&good))
-        .body(empty())
-        .unwrap();
     refusals.push((
-        pf.consumer.fetch(req).await.unwrap(),
+        pf.send(
+            Method::GET,
+            &format!("/fhir/Patient/{other}"),
+            Some(&good),
+            &[],
+        )
+        .await,
         403,
         "PATIENT_MISMATCH",
         "PATIENT_MISMATCH".into(),
     ));
     let query =
         format!("/fhir/metadata?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C{other}");
-    let req = pf
-        .request(Method::GET, &query, Some(&good))
-        .body(empty())
-        .unwrap();
     refusals.push((
-        pf.consumer.fetch(req).await.unwrap(),
+        pf.send(Method::GET, &query, Some(&good), &[]).await,
         403,
         "PATIENT_MISMATCH",
         "PATIENT_MISMATCH".into(),
     ));
     // A route the front's agreements do not cover: refused by check 8 on the request as the front sends it.
-    let req = pf
-        .request(Method::GET, "/fhir/Patient/1", Some(&good))
-        .body(empty())
-        .unwrap();
     refusals.push((
-        pf.consumer.fetch(req).await.unwrap(),
+        pf.send(Method::GET, "/fhir/Patient/1", Some(&good), &[])
+            .await,
         403,
         "ACCESS_DENIED",
         "ACCESS_DENIED: fot_check_failed".into(),
@@ -612,13 +619,14 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         "ACCESS_TOKEN_INVALID: crit_not_understood".into(),
     ));
     // Two Authorization fields: which is the token would be a guess.
-    let req = pf
-        .request(Method::GET, "/fhir/metadata", Some(&good))
-        .header("authorization", "Bearer x")
-        .body(empty())
-        .unwrap();
     refusals.push((
-        pf.consumer.fetch(req).await.unwrap(),
+        pf.send(
+            Method::GET,
+            "/fhir/metadata",
+            Some(&good),
+            &[("authorization", "Bearer x")],
+        )
+        .await,
         401,
         "ACCESS_TOKEN_INVALID",
         "ACCESS_TOKEN_INVALID: two_authorization_fields".into(),
@@ -644,27 +652,27 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         "ACCESS_TOKEN_IN_QUERY".into(),
     ));
     // `..;` is a dot segment to a servlet container: refused as `..` is.
-    let req = pf
-        .request(Method::GET, "/fhir/metadata/..;/..;/other", Some(&good))
-        .body(empty())
-        .unwrap();
     refusals.push((
-        pf.consumer.fetch(req).await.unwrap(),
+        pf.send(
+            Method::GET,
+            "/fhir/metadata/..;/..;/other",
+            Some(&good),
+            &[],
+        )
+        .await,
         400,
         "INVALID_PATH",
         "INVALID_PATH: DotSegment".into(),
     ));
     // Another patient's number anywhere a provider might read it.
-    let req = pf
-        .request(
+    refusals.push((
+        pf.send(
             Method::GET,
             &format!("/fhir/metadata?nhs_number={}", nhs_number(9)),
             Some(&good),
+            &[],
         )
-        .body(empty())
-        .unwrap();
-    refusals.push((
-        pf.consumer.fetch(req).await.unwrap(),
+        .await,
         403,
         "PATIENT_MISMATCH",
         "PATIENT_MISMATCH".into(),
