@@ -342,6 +342,10 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         .header("x-correlation-id", "corr-1")
         // A consumer's own Ssp-* field must not reach the provider.
         .header("ssp-from", FROM)
+        // Nor do fields a provider's stack might act on: only the door's list of end-to-end fields goes on.
+        .header("x-original-url", "/fhir/Patient/9434765919")
+        .header("x-http-method-override", "DELETE")
+        .header("forwarded", "for=192.0.2.1")
         .body(empty())
         .unwrap();
     let request_id = req.headers()["x-request-id"].to_str().unwrap().to_owned();
@@ -377,6 +381,14 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
     assert_eq!(at_provider.headers["ssp-interactionid"], METADATA);
     assert_eq!(at_provider.headers["ssp-traceid"], request_id.as_str());
     assert_eq!(at_provider.headers.get_all("ssp-from").iter().count(), 1);
+    assert!(at_provider.headers.get("x-original-url").is_none());
+    assert!(at_provider.headers.get("x-http-method-override").is_none());
+    assert!(
+        !at_provider.headers["forwarded"]
+            .to_str()
+            .unwrap()
+            .contains("192.0.2.1")
+    );
     assert!(!String::from_utf8_lossy(&answer.body).contains("supplier-token"));
     let record = pf.request_record(&request_id).await;
     assert_eq!(record["decision"], "permit");
@@ -483,6 +495,14 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
             "exp",
             serde_json::json!(ssp_now() + 2 * 86_400),
             "lifetime_too_long",
+        ),
+        // A number past i64, or a float, is bounded as well.
+        ("exp", serde_json::json!(1e12), "lifetime_too_long"),
+        ("exp", serde_json::json!(u64::MAX), "lifetime_too_long"),
+        (
+            "iat",
+            serde_json::json!(ssp_now() as f64 + 600.5),
+            "issued_in_future",
         ),
     ] {
         let mut claims = pf.token(&nhs, &app(3));
@@ -664,7 +684,22 @@ async fn patient_facing_requests_are_verified_exchanged_recorded_and_refused_by_
         "INVALID_PATH",
         "INVALID_PATH: DotSegment".into(),
     ));
-    // Another patient's number anywhere a provider might read it.
+    // Another patient's number anywhere a provider might read it, `+` for the spaces of a form-encoded query too.
+    let spaced = {
+        let n = nhs_number(9);
+        format!(
+            "/fhir/metadata?subject=Patient/{}+{}+{}",
+            &n[..3],
+            &n[3..6],
+            &n[6..]
+        )
+    };
+    refusals.push((
+        pf.send(Method::GET, &spaced, Some(&good), &[]).await,
+        403,
+        "PATIENT_MISMATCH",
+        "PATIENT_MISMATCH".into(),
+    ));
     refusals.push((
         pf.send(
             Method::GET,
@@ -879,6 +914,111 @@ async fn with_the_patient_index_the_number_is_an_hmac_from_the_token_and_keys_co
         pf.auth.jwks_fetches.load(Ordering::SeqCst),
         0,
         "the keys came from the file"
+    );
+
+    // The platform's certificate: none, or a revoked one, and the handshake is refused.
+    let addr = pf.world.patient_facing.unwrap();
+    for stem in [None, Some("consumer-revoked")] {
+        let platform = Consumer::new(&pf.world.pki, stem, addr, false);
+        let req = pf
+            .request(
+                Method::GET,
+                "/fhir/metadata",
+                Some(&pf.k1.sign(&pf.token(&nhs, "app-1"))),
+            )
+            .body(empty())
+            .unwrap();
+        assert!(platform.fetch(req).await.is_err(), "{stem:?} was let in");
+    }
+
+    // A structured record request whose body names another patient: forwarded (the supplier's token scopes it),
+    // and the body's number is in the response record. One connection, one X-Request-ID twice: a refused decoy
+    // first, then that request. The other patient's trail shows the real one, by someone signed in as another
+    // patient; the patient's own shows their accesses as theirs.
+    let other = nhs_number(9);
+    let mut sender = pf.consumer.connect().await.unwrap();
+    let reused = uuid::Uuid::new_v4().to_string();
+    let token = pf.k1.sign(&pf.token(&nhs, "app-2"));
+    for (method, path, body) in [
+        (Method::GET, "/fhir/Nope", String::new()),
+        (
+            Method::POST,
+            "/fhir/Patient/$gpc.getstructuredrecord",
+            format!(
+                r#"{{"resourceType":"Parameters","parameter":[{{"name":"patientNHSNumber","valueIdentifier":{{"system":"https://fhir.nhs.uk/Id/nhs-number","value":"{other}"}}}}]}}"#
+            ),
+        ),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "ssp.dev.localhost")
+            .header("x-request-id", reused.as_str())
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/fhir+json")
+            .body(full(body))
+            .unwrap();
+        let answer = Answer::read(sender.send(req).await.unwrap()).await.unwrap();
+        assert!(answer.status.as_u16() < 500, "{:?}", answer.body);
+    }
+    let trail_of = |number: &str| {
+        let index = ssp::audit::patients::index::catch_up(&pf.world.audit_dir()).unwrap();
+        let hmac = key.hmac(number);
+        let entries = index.lookup(&hmac).unwrap();
+        ssp::audit::patients::trail::rows(&pf.world.audit_dir(), &hmac, &entries, None, None)
+            .unwrap()
+            .rows
+    };
+    let victim = within("the body's number in the other patient's trail", async {
+        loop {
+            let rows = trail_of(&other);
+            if let Some(row) = rows
+                .into_iter()
+                .find(|r| r.trace_id.as_deref() == Some(reused.as_str()))
+            {
+                return row;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(victim.found_in, "body");
+    assert_eq!(victim.decision.as_deref(), Some("permit"), "{victim:?}");
+    assert_eq!(victim.interaction.as_deref(), Some(STRUCTURED));
+    assert_eq!(
+        victim.user_name.as_deref(),
+        Some("someone signed in as another patient, in app app-2")
+    );
+    assert!(
+        trail_of(&nhs)
+            .iter()
+            .any(|r| r.user_name.as_deref() == Some("the patient, in app app-2"))
+    );
+
+    // A consumer that goes away while the supplier's token is being exchanged: the exchange still completes
+    // (cached for the next request, no second call), and the abandoned request has its records.
+    pf.auth.set_delay(Duration::from_millis(600));
+    let calls = pf.auth.token_calls.load(Ordering::SeqCst);
+    let slow = pf.k1.sign(&pf.token(&nhs, "app-9"));
+    let req = pf
+        .request(Method::GET, "/fhir/metadata", Some(&slow))
+        .body(empty())
+        .unwrap();
+    let gone = req.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let abandoned = tokio::time::timeout(Duration::from_millis(200), pf.consumer.fetch(req)).await;
+    assert!(abandoned.is_err(), "answered before the token endpoint did");
+    let record = pf.request_record(&gone).await;
+    assert_eq!(record["reason"], "CLIENT_CLOSED_DURING_TOKEN_EXCHANGE");
+    let closed = response_record(&pf.world.audit_dir(), &gone).await;
+    assert_eq!(closed["outcome"], "client_closed");
+    assert_eq!(closed["status"], 499);
+    pf.auth.set_delay(Duration::ZERO);
+    let answer = pf.get(Some(&slow)).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(
+        pf.auth.token_calls.load(Ordering::SeqCst),
+        calls + 1,
+        "the abandoned request's exchange was kept"
     );
 
     // The file is read again each refresh interval: a key written into it is taken up.

@@ -48,7 +48,11 @@ pub(crate) fn inspect(config: &Config) -> Inspection {
             problems.extend(p.problems);
         }
         door_warnings = crate::patient_facing::Front::warnings(pf);
-        if let Some(policy) = &policy {
+        // A refused `asid` stands as the placeholder 0, already said.
+        if let Some(policy) = policy
+            .as_ref()
+            .filter(|_| pf.asid != crate::ids::Asid::placeholder())
+        {
             match policy.system(&pf.asid) {
                 None => problems.push(format!(
                     "patient_facing.asid: {} is not a [[system]] in {}: every patient-facing request would be \

@@ -346,7 +346,7 @@ impl Config {
         });
         if patient_facing
             .as_ref()
-            .is_some_and(|pf| pf.listen == admin_listen && admin_listen.port() != 0)
+            .is_some_and(|pf| patient_facing::clashes(pf.listen, admin_listen))
         {
             v.problem("patient_facing.listen", "must differ from admin.listen");
         }

@@ -92,6 +92,9 @@ pub struct PatientFacingConfig {
     pub token_timeout: Duration,
     pub exchange_backoff: Duration,
     pub requests_per_minute_per_app: u32,
+    /// Concurrent connections to the door: its own bound, so that connections to it (which need no client
+    /// certificate) cannot take the clinical door's places under `server.max_connections`.
+    pub max_connections: usize,
     pub routes: Vec<Route>,
 }
 
@@ -115,7 +118,7 @@ impl Converter<'_> {
             }
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
-        if listen == server.listen && listen.port() != 0 {
+        if clashes(listen, server.listen) {
             self.problem(
                 "patient_facing.listen",
                 "must differ from server.listen: the two listeners are told apart by their socket",
@@ -180,6 +183,9 @@ impl Converter<'_> {
                 "a URL must be https:// (the keys that admit every patient are not fetched in clear)",
             );
             JwksSource::Url(jwks_text)
+        } else if jwks_text.is_empty() {
+            // Missing, already said: no file to check.
+            JwksSource::File(PathBuf::new())
         } else {
             JwksSource::File(self.path(PathBuf::from(jwks_text)))
         };
@@ -242,6 +248,14 @@ impl Converter<'_> {
             .into_iter()
             .map(|r| self.route(r))
             .collect::<Vec<_>>();
+        for (i, route) in routes.iter().enumerate() {
+            if routes[..i].iter().any(|r| r.path == route.path) {
+                self.problem(
+                    "patient_facing.route",
+                    format_args!("path {:?} is routed twice", route.path),
+                );
+            }
+        }
         if routes.is_empty() {
             self.problem(
                 "patient_facing.route",
@@ -290,6 +304,13 @@ impl Converter<'_> {
                 Duration::from_secs(10),
             ),
             requests_per_minute_per_app: raw.requests_per_minute_per_app.unwrap_or(0),
+            max_connections: match raw.max_connections {
+                Some(0) => {
+                    self.problem("patient_facing.max_connections", "must be at least 1");
+                    1
+                }
+                other => other.unwrap_or(10_000),
+            },
             routes,
         }
     }
@@ -351,4 +372,12 @@ impl Converter<'_> {
             interaction,
         }
     }
+}
+
+/// Two listen addresses that cannot both be bound: the same port, on the same address or where either is the
+/// unspecified one (`0.0.0.0`, `::`). Port 0 (any free port) never clashes.
+pub(super) fn clashes(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }

@@ -85,6 +85,8 @@ pub(super) struct RawPatientFacing {
     pub(super) exchange_backoff: Option<String>,
     /// Requests per minute per app (`client_id`); 0 turns it off. Default 0.
     pub(super) requests_per_minute_per_app: Option<u32>,
+    /// Concurrent connections to the door, apart from `server.max_connections`. Default 10000.
+    pub(super) max_connections: Option<usize>,
     /// The paths it serves and the interaction each is.
     #[serde(default)]
     pub(super) route: Vec<RawRoute>,

@@ -62,6 +62,8 @@ pub struct Exchanged {
 pub struct AuthState {
     jwks: Mutex<String>,
     mode: Mutex<TokenMode>,
+    /// How long the token endpoint takes to answer.
+    delay: Mutex<std::time::Duration>,
     expect: Expect,
     seen_jti: Mutex<HashSet<String>>,
     /// `POST /token` calls, whatever their fate.
@@ -79,6 +81,7 @@ impl AuthState {
         Arc::new(Self {
             jwks: Mutex::new(jwks),
             mode: Mutex::new(TokenMode::Issue),
+            delay: Mutex::new(std::time::Duration::ZERO),
             expect,
             seen_jti: Mutex::default(),
             token_calls: AtomicUsize::new(0),
@@ -95,6 +98,11 @@ impl AuthState {
 
     pub fn set_mode(&self, mode: TokenMode) {
         *self.mode.lock().unwrap_or_else(PoisonError::into_inner) = mode;
+    }
+
+    /// The token endpoint answers this much later from now on.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        *self.delay.lock().unwrap_or_else(PoisonError::into_inner) = delay;
     }
 
     /// The exchanges accepted so far.
@@ -200,6 +208,8 @@ async fn route(
         }
         (&Method::POST, "/token") => {
             state.token_calls.fetch_add(1, Ordering::SeqCst);
+            let delay = *state.delay.lock().unwrap_or_else(PoisonError::into_inner);
+            tokio::time::sleep(delay).await;
             let body = match Limited::new(request.into_body(), 64 * 1024).collect().await {
                 Ok(body) => body.to_bytes(),
                 Err(_) => return answer(StatusCode::BAD_REQUEST, r#"{"error":"invalid_request"}"#),

@@ -175,11 +175,45 @@ fn rsa_size_ok(pem: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("an RSA key must be 2048 to 8192 bits ({e})"))
 }
 
+/// What a key's slot remembers, until when.
 #[derive(Debug)]
-struct Cached {
-    authorization: HeaderValue,
-    /// Used until then, exchanged again after.
-    until: Instant,
+enum Cached {
+    /// The supplier's token, used until `token_refresh_before` ahead of its expiry.
+    Token {
+        authorization: HeaderValue,
+        until: Instant,
+    },
+    /// The supplier refused to exchange this token: it is not asked again for `exchange_backoff`.
+    Refused { until: Instant },
+}
+
+impl Cached {
+    /// What it says now: `None` once it has lapsed.
+    fn answer(
+        &self,
+        supplier: &Supplier,
+        backoff: Duration,
+    ) -> Option<Result<SupplierToken, ExchangeError>> {
+        let now = Instant::now();
+        match self {
+            Cached::Token {
+                authorization,
+                until,
+            } if now < *until => Some(Ok(SupplierToken {
+                authorization: authorization.clone(),
+                outcome: Outcome::Cached,
+            })),
+            Cached::Refused { until } if now < *until => Some(Err(ExchangeError {
+                outcome: Outcome::Refused,
+                detail: format!(
+                    "{}: refused this token's exchange within the last {} s; not asked again yet",
+                    supplier.token_endpoint,
+                    backoff.as_secs()
+                ),
+            })),
+            _ => None,
+        }
+    }
 }
 
 /// One key's token and the lock that makes its exchange single flight.
@@ -258,11 +292,11 @@ impl Exchanger {
     ) -> Result<SupplierToken, ExchangeError> {
         let slot = self.slot(supplier, subject_token);
         let mut cached = slot.lock().await;
-        if let Some(c) = cached.as_ref().filter(|c| Instant::now() < c.until) {
-            return Ok(SupplierToken {
-                authorization: c.authorization.clone(),
-                outcome: Outcome::Cached,
-            });
+        if let Some(answer) = cached
+            .as_ref()
+            .and_then(|c| c.answer(supplier, self.backoff))
+        {
+            return answer;
         }
         let down_until = self
             .down
@@ -288,7 +322,7 @@ impl Exchanger {
                     .remove(&supplier.name);
                 *cached = lifetime
                     .and_then(|l| l.checked_sub(self.refresh_before))
-                    .map(|keep| Cached {
+                    .map(|keep| Cached::Token {
                         authorization: authorization.clone(),
                         until: Instant::now() + keep,
                     });
@@ -298,6 +332,11 @@ impl Exchanger {
                 })
             }
             Err(e) => {
+                if e.outcome == Outcome::Refused {
+                    *cached = Some(Cached::Refused {
+                        until: Instant::now() + self.backoff,
+                    });
+                }
                 if e.outcome == Outcome::Failed {
                     self.down
                         .lock()
@@ -309,13 +348,32 @@ impl Exchanger {
         }
     }
 
+    /// What the cache says of this token now, without waiting: `None` when it says nothing (no entry, a lapsed
+    /// one, or an exchange under way), and the caller exchanges.
+    pub(super) fn cached(
+        &self,
+        supplier: &Supplier,
+        subject_token: &str,
+    ) -> Option<Result<SupplierToken, ExchangeError>> {
+        let slot = {
+            let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(slots.get(&cache_key(supplier, subject_token))?)
+        };
+        let cached = slot.try_lock().ok()?;
+        cached.as_ref()?.answer(supplier, self.backoff)
+    }
+
     fn slot(&self, supplier: &Supplier, subject_token: &str) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if slots.len() >= MAX_CACHED {
             // Kept: the slots in use (an exchange holds its lock) and those whose token is still good.
             slots.retain(|_, slot| {
                 slot.try_lock().map_or(true, |c| {
-                    c.as_ref().is_some_and(|c| Instant::now() < c.until)
+                    c.as_ref().is_some_and(|c| match c {
+                        Cached::Token { until, .. } | Cached::Refused { until } => {
+                            Instant::now() < *until
+                        }
+                    })
                 })
             });
             if slots.len() >= MAX_CACHED {

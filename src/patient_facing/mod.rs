@@ -86,6 +86,7 @@ impl Front {
                 .ok()
         };
         if let crate::config::JwksSource::File(path) = &cfg.jwks
+            && !path.as_os_str().is_empty()
             && let Err(e) = jwks::check_file(path)
         {
             problems.push(format!("patient_facing.jwks: {e}"));
@@ -252,22 +253,44 @@ impl Front {
         self.apps.admit(client_id, Instant::now())
     }
 
-    /// The supplier's token for a request with the verified access token `subject_token`, cached or exchanged
-    /// for it over the upstream client identity.
-    pub async fn supplier_token(
+    /// What the token cache says now of the supplier's token for `subject_token`, without waiting: `None` when
+    /// an exchange is needed ([`Front::exchange_supplier_token`]).
+    pub fn cached_supplier_token(
         &self,
         supplier: &Supplier,
         subject_token: &str,
+    ) -> Option<Result<SupplierToken, ExchangeError>> {
+        self.exchanger.cached(supplier, subject_token)
+    }
+
+    /// The supplier's token for `subject_token`, cached or exchanged over the upstream client identity. The
+    /// exchange runs as its own task: a request that goes away while it waits does not cancel it, so its result
+    /// is still cached (or its failure still backs the endpoint off) for the requests after it.
+    pub async fn exchange_supplier_token(
+        self: &Arc<Self>,
+        supplier: &Arc<Supplier>,
+        subject_token: &str,
     ) -> Result<SupplierToken, ExchangeError> {
-        let Some(tls) = self.upstream_tls.get() else {
-            return Err(ExchangeError {
-                outcome: ExchangeOutcome::Failed,
-                detail: "no upstream TLS identity wired".into(),
-            });
+        let failed = |detail: String| ExchangeError {
+            outcome: ExchangeOutcome::Failed,
+            detail,
         };
-        self.exchanger
-            .token(supplier, subject_token, tls.client(), &self.resolve)
-            .await
+        let Some(tls) = self.upstream_tls.get().map(|tls| tls.client()) else {
+            return Err(failed("no upstream TLS identity wired".into()));
+        };
+        let (front, supplier, subject) = (
+            Arc::clone(self),
+            Arc::clone(supplier),
+            subject_token.to_owned(),
+        );
+        tokio::spawn(async move {
+            front
+                .exchanger
+                .token(&supplier, &subject, tls, &front.resolve)
+                .await
+        })
+        .await
+        .unwrap_or_else(|e| Err(failed(format!("the exchange's task: {e}"))))
     }
 }
 

@@ -124,17 +124,21 @@ fn claims(
         .ok_or(TokenError::Invalid("no_client_id"))?
         .to_owned();
     seen.client_id = Some(client_id.clone());
-    let leeway = i64::try_from(cfg.leeway.as_secs()).unwrap_or(0);
-    let expires = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-    if expires - now > MAX_LIFETIME_S {
+    // Read as numbers of any JSON form (an integer past i64, a float: jsonwebtoken takes them), so that no form
+    // slips past the bounds.
+    let (now_f, leeway) = (now as f64, cfg.leeway.as_secs_f64());
+    let exp = claims.get("exp").and_then(Value::as_f64).unwrap_or(0.0);
+    if exp - now_f > MAX_LIFETIME_S as f64 {
         return Err(TokenError::Invalid("lifetime_too_long"));
     }
-    if claims
-        .get("iat")
-        .and_then(Value::as_i64)
-        .is_some_and(|iat| iat > now + leeway)
-    {
-        return Err(TokenError::Invalid("issued_in_future"));
+    let expires = exp as i64;
+    match claims.get("iat") {
+        None => {}
+        Some(iat) => match iat.as_f64() {
+            Some(iat) if iat <= now_f + leeway => {}
+            Some(_) => return Err(TokenError::Invalid("issued_in_future")),
+            None => return Err(TokenError::Invalid("malformed_iat")),
+        },
     }
     let valid_number = text("nhs_number").filter(|n| Check::of(n) == Check::Valid);
     seen.nhs_number = valid_number.map(str::to_owned);

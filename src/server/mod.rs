@@ -161,13 +161,14 @@ impl Server {
     }
 
     /// Binds the patient-facing listener at `front`'s address: its connections are served by the same workers,
-    /// under the same connection limit, with `front`'s TLS config, and their requests go to the same proxy
+    /// under its own connection limit (`patient_facing.max_connections`), with `front`'s TLS config, and their requests go to the same proxy
     /// marked [`Door::PatientFacing`]. Fails only on the socket.
     pub(crate) async fn bind_patient_facing(
         &mut self,
         front: Arc<crate::patient_facing::Front>,
     ) -> io::Result<()> {
         let listener = TcpListener::bind(front.config().listen).await?.into_std()?;
+        let connections = Arc::new(Semaphore::new(front.config().max_connections));
         let clinical = &self.shared;
         let shared = Listening {
             tls: ServerTls::PatientFacing(front),
@@ -178,7 +179,8 @@ impl Server {
             idle: clinical.idle,
             // Apps reach it over the internet through the platform in front, not through ssp's balancer.
             proxy_protocol_from: Arc::from(Vec::new()),
-            connections: Arc::clone(&clinical.connections),
+            // Its own bound: connections that need no certificate cannot take the clinical door's places.
+            connections,
             next_conn_id: Arc::clone(&clinical.next_conn_id),
             metrics: Arc::clone(&clinical.metrics),
         };

@@ -83,9 +83,10 @@ pub fn rows(
             .as_array()
             .is_some_and(|ids| ids.iter().any(|id| id["hmac"] == hmac))
     };
-    let mut backed = std::collections::HashSet::new();
-    let mut requests: HashMap<Key, serde_json::Value> = HashMap::new();
-    let mut responses: HashMap<Key, serde_json::Value> = HashMap::new();
+    // Every record of a wanted transaction, in log order: one connection may carry several requests under one
+    // trace id (an app can reuse its `X-Request-ID`), each its own row, paired with the responses in order.
+    let mut requests: HashMap<Key, Vec<serde_json::Value>> = HashMap::new();
+    let mut responses: HashMap<Key, Vec<serde_json::Value>> = HashMap::new();
     for (number, path) in list_segments(dir)? {
         if !segments.contains(&number) {
             continue;
@@ -103,16 +104,9 @@ pub fn rows(
             if !wanted.contains_key(&key) {
                 continue;
             }
-            if names_patient(&v) {
-                backed.insert(key.clone());
-            }
             match v["kind"].as_str() {
-                Some("request") => {
-                    requests.entry(key).or_insert(v);
-                }
-                Some("response") => {
-                    responses.entry(key).or_insert(v);
-                }
+                Some("request") => requests.entry(key).or_default().push(v),
+                Some("response") => responses.entry(key).or_default().push(v),
                 _ => {}
             }
         }
@@ -121,61 +115,71 @@ pub fn rows(
     let mut out = Vec::new();
     let mut unbacked = 0;
     for (key, entry) in wanted {
-        if !backed.contains(&key) {
-            unbacked += 1;
-            continue;
-        }
-        let request = requests.get(&key);
-        let response = responses.get(&key);
-        let Some(first) = request.or(response) else {
-            continue;
-        };
-        let time = text(first, "ts").unwrap_or_default();
-        if let Some(since) = since {
-            let at =
-                time::OffsetDateTime::parse(&time, &time::format_description::well_known::Rfc3339);
-            if at.is_ok_and(|at| at < since) {
+        let requests = requests.remove(&key).unwrap_or_default();
+        let responses = responses.remove(&key).unwrap_or_default();
+        let mut backed = false;
+        for i in 0..requests.len().max(responses.len()) {
+            let (request, response) = (requests.get(i), responses.get(i));
+            // The chain is the evidence: a row only where one of its own records names the patient.
+            if !(request.is_some_and(&names_patient) || response.is_some_and(&names_patient)) {
                 continue;
             }
+            backed = true;
+            let Some(first) = request.or(response) else {
+                continue;
+            };
+            let time = text(first, "ts").unwrap_or_default();
+            if let Some(since) = since {
+                let at = time::OffsetDateTime::parse(
+                    &time,
+                    &time::format_description::well_known::Rfc3339,
+                );
+                if at.is_ok_and(|at| at < since) {
+                    continue;
+                }
+            }
+            let jwt = request.map(|r| &r["jwt"]);
+            let claim = |k: &str| jwt.and_then(|j| text(j, k));
+            let asid = text(first, "from");
+            let system = asid
+                .as_deref()
+                .and_then(Asid::parse)
+                .and_then(|a| policy.and_then(|p| p.system(&a).cloned()));
+            let interaction = text(first, "interaction");
+            out.push(Row {
+                time,
+                ods_code: system
+                    .as_ref()
+                    .map(|s| s.ods.as_str().to_owned())
+                    .or_else(|| claim("organization_ods")),
+                organisation: claim("organization_name"),
+                system: system.as_ref().map(|s| s.name.clone()),
+                asid,
+                sds_user_id: claim("sds_user_id"),
+                sds_role_profile_id: claim("sds_role_profile_id"),
+                user_name: match (
+                    claim("practitioner_given_name"),
+                    claim("practitioner_family_name"),
+                ) {
+                    (Some(given), Some(family)) => Some(format!("{given} {family}")),
+                    (None, None) => request.and_then(|r| patient_facing_user(r, hmac)),
+                    (one, other) => one.or(other),
+                },
+                interaction_words: interaction.as_deref().map_or_else(String::new, words),
+                interaction,
+                decision: request.and_then(|r| text(r, "decision")),
+                reason: request.and_then(|r| text(r, "reason")),
+                status: response.and_then(|r| r["status"].as_u64()),
+                outcome: response.and_then(|r| text(r, "outcome")),
+                trace_id: text(first, "trace_id"),
+                instance: entry.instance.clone(),
+                found_in: entry.source.clone(),
+                check: entry.check.clone(),
+            });
         }
-        let jwt = request.map(|r| &r["jwt"]);
-        let claim = |k: &str| jwt.and_then(|j| text(j, k));
-        let asid = text(first, "from");
-        let system = asid
-            .as_deref()
-            .and_then(Asid::parse)
-            .and_then(|a| policy.and_then(|p| p.system(&a).cloned()));
-        let interaction = text(first, "interaction");
-        out.push(Row {
-            time,
-            ods_code: system
-                .as_ref()
-                .map(|s| s.ods.as_str().to_owned())
-                .or_else(|| claim("organization_ods")),
-            organisation: claim("organization_name"),
-            system: system.as_ref().map(|s| s.name.clone()),
-            asid,
-            sds_user_id: claim("sds_user_id"),
-            sds_role_profile_id: claim("sds_role_profile_id"),
-            user_name: match (
-                claim("practitioner_given_name"),
-                claim("practitioner_family_name"),
-            ) {
-                (Some(given), Some(family)) => Some(format!("{given} {family}")),
-                (None, None) => request.and_then(patient_facing_user),
-                (one, other) => one.or(other),
-            },
-            interaction_words: interaction.as_deref().map_or_else(String::new, words),
-            interaction,
-            decision: request.and_then(|r| text(r, "decision")),
-            reason: request.and_then(|r| text(r, "reason")),
-            status: response.and_then(|r| r["status"].as_u64()),
-            outcome: response.and_then(|r| text(r, "outcome")),
-            trace_id: text(first, "trace_id"),
-            instance: entry.instance.clone(),
-            found_in: entry.source.clone(),
-            check: entry.check.clone(),
-        });
+        if !backed {
+            unbacked += 1;
+        }
     }
     out.sort_by(|a, b| (&a.time, &a.trace_id).cmp(&(&b.time, &b.trace_id)));
     Ok(Trail {
@@ -184,14 +188,20 @@ pub fn rows(
     })
 }
 
-/// Who made a patient-facing request (the door's `patient_facing` object): the patient themselves, or the proxy
-/// user acting for them, through which app.
-fn patient_facing_user(request: &serde_json::Value) -> Option<String> {
+/// Who made a patient-facing request (the door's `patient_facing` object), as the trail of the patient `hmac` says
+/// it: the patient themselves (the request's token names them), the proxy user acting for them, or someone signed
+/// in as another patient whose request named this one (in its path, query or body); and through which app.
+fn patient_facing_user(request: &serde_json::Value, hmac: &str) -> Option<String> {
     let access = request.get("patient_facing")?;
     let app = access["client_id"].as_str().unwrap_or("an unnamed app");
-    Some(match access["acting"].as_str() {
-        Some(acting) => format!("proxy user {acting} for the patient, in app {app}"),
-        None => format!("the patient, in app {app}"),
+    let token_is_theirs = request["patients"]["ids"].as_array().is_some_and(|ids| {
+        ids.iter()
+            .any(|id| id["hmac"] == hmac && id["in"] == "token")
+    });
+    Some(match (token_is_theirs, access["acting"].as_str()) {
+        (true, Some(acting)) => format!("proxy user {acting} for the patient, in app {app}"),
+        (true, None) => format!("the patient, in app {app}"),
+        (false, _) => format!("someone signed in as another patient, in app {app}"),
     })
 }
 

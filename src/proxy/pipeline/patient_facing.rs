@@ -74,7 +74,15 @@ impl Proxy {
         let policy = self.policy.load_full();
         let mut access = PatientAccess::default();
         let checked = self
-            .patient_checks(front, &policy, &mut parts, framing, conn, &mut access)
+            .patient_checks(
+                front,
+                started,
+                &policy,
+                &mut parts,
+                framing,
+                conn,
+                &mut access,
+            )
             .await;
         let refusal = 'refused: {
             let Checked {
@@ -173,9 +181,14 @@ impl Proxy {
     }
 
     /// The checks of a patient-facing request, in order; the first failure wins. Fills `access` as it learns.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the request's parts, each used by a check"
+    )]
     async fn patient_checks(
         &self,
-        front: &Front,
+        front: &Arc<Front>,
+        started: Instant,
         policy: &Policy,
         parts: &mut http::request::Parts,
         framing: Result<(), RequestFramingError>,
@@ -254,7 +267,28 @@ impl Proxy {
             .and_then(|name| policy.supplier(name))
             .ok_or(PatientRefusal::SupplierNotConfigured)?;
         access.supplier = Some(supplier.name.clone());
-        let token = front.supplier_token(supplier, subject_token).await;
+        let token = match front.cached_supplier_token(supplier, subject_token) {
+            Some(answer) => answer,
+            None => {
+                // The token endpoint is called now: a consumer that goes away meanwhile still leaves its records.
+                let watch = AbandonedExchange {
+                    proxy: self,
+                    tx: Some(Transaction::refused_patient_facing(
+                        conn.id,
+                        &conn.audit_peer,
+                        parts,
+                        policy.generation,
+                        &front.config().asid,
+                        access.clone(),
+                        self.patients.as_ref(),
+                    )),
+                    started,
+                };
+                let answer = front.exchange_supplier_token(supplier, subject_token).await;
+                watch.disarm();
+                answer
+            }
+        };
         let outcome = match &token {
             Ok(t) => t.outcome,
             Err(e) => e.outcome,
@@ -273,6 +307,49 @@ impl Proxy {
     }
 }
 
+/// The records of a request whose consumer went away while its supplier token was being exchanged (the patient's
+/// token has gone to the token endpoint, so the request is not without a trace): a refused `request` record and a
+/// `client_closed` response with status 499 (nginx's "client closed request"), written when it is dropped armed.
+struct AbandonedExchange<'p> {
+    proxy: &'p Proxy,
+    tx: Option<Arc<Transaction>>,
+    started: Instant,
+}
+
+impl AbandonedExchange<'_> {
+    /// The exchange answered: nothing to record here.
+    fn disarm(mut self) {
+        self.tx = None;
+    }
+}
+
+impl Drop for AbandonedExchange<'_> {
+    fn drop(&mut self) {
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        let audit = &self.proxy.audit;
+        audit.submit(Record::refused(
+            &tx,
+            "CLIENT_CLOSED_DURING_TOKEN_EXCHANGE".into(),
+            None,
+        ));
+        audit.submit(Record::completed(
+            &tx,
+            crate::audit::Completion {
+                status: 499,
+                bytes_in: 0,
+                bytes_out: 0,
+                upstream: std::time::Duration::ZERO,
+                total: self.started.elapsed(),
+                retried: false,
+                outcome: crate::audit::Outcome::ClientClosed,
+                consumer_stalled: false,
+            },
+        ));
+    }
+}
+
 /// `path` (a path and query) names an NHS number other than `own`: one the patient index reads there (an
 /// identifier's value, a `Patient/` segment), or any run of exactly ten digits with a valid check digit in the
 /// percent-decoded text with its spaces taken out (`?subject=Patient/943 476 5919`, `?nhs_number=...`), which a
@@ -284,20 +361,23 @@ fn names_other_patient(path: &str, own: &str) -> bool {
         return true;
     }
     let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-    let compact: String = decoded.chars().filter(|c| *c != ' ').collect();
+    // `+` is a space in a query (the form encoding), as a tab may be to a lenient reader.
+    let compact: String = decoded
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '+' | '\t'))
+        .collect();
     compact
         .split(|c: char| !c.is_ascii_digit())
         .any(|run| run.len() == 10 && run != own && Check::of(run) == Check::Valid)
 }
 
-/// The query has an `access_token` parameter (its name percent-decoded).
+/// The query names `access_token` anywhere, in any case, percent-decoded (`a=1;access_token=x`, `access_token[]=x`
+/// and `access_token+=x` too: query parsers differ on separators and names, so none is given the benefit).
 fn names_access_token(query: &str) -> bool {
-    query.split('&').any(|pair| {
-        let name = pair.split('=').next().unwrap_or_default();
-        percent_encoding::percent_decode_str(name)
-            .decode_utf8_lossy()
-            .eq_ignore_ascii_case("access_token")
-    })
+    percent_encoding::percent_decode_str(query)
+        .decode_utf8_lossy()
+        .to_ascii_lowercase()
+        .contains("access_token")
 }
 
 /// An `X-Correlation-ID` the door takes: 1 to 256 visible ASCII characters.
@@ -321,13 +401,15 @@ fn correlation(headers: &http::HeaderMap, name: &HeaderName) -> Option<(String, 
 /// The header fields the provider gets: the app's token and any `Ssp-*` field it sent go; the checked request's
 /// four `Ssp-*` fields and the supplier's token come in.
 fn provider_headers(headers: &mut http::HeaderMap, permit: &Permit, supplier: &SupplierToken) {
-    headers.remove(header::AUTHORIZATION);
-    let sent: Vec<HeaderName> = headers
+    // An app is an internet client: only the end-to-end fields a FHIR request needs go on. Fields a provider's
+    // stack might act on (`X-Original-URL`, `X-HTTP-Method-Override`, `X-Forwarded-*`, `Forwarded`, an NHS number
+    // field of a gateway convention) would get around the route, the method and the patient checks.
+    let dropped: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with("ssp-"))
+        .filter(|name| !FORWARDED_FIELDS.contains(&name.as_str()))
         .cloned()
         .collect();
-    for name in sent {
+    for name in dropped {
         headers.remove(name);
     }
     let checked = &permit.request().headers;
@@ -344,6 +426,26 @@ fn provider_headers(headers: &mut http::HeaderMap, permit: &Permit, supplier: &S
     }
     headers.insert(header::AUTHORIZATION, supplier.authorization.clone());
 }
+
+/// The app's header fields a provider gets (lower case, as `http` names them); the proxy then sets `Host`,
+/// `Forwarded`, `X-Forwarded-For`, the four `Ssp-*` fields and `Authorization`.
+const FORWARDED_FIELDS: &[&str] = &[
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "content-encoding",
+    "content-length",
+    "content-type",
+    "host",
+    "if-match",
+    "if-modified-since",
+    "if-none-match",
+    "if-unmodified-since",
+    "prefer",
+    "user-agent",
+    "x-correlation-id",
+    "x-request-id",
+];
 
 /// Echoes the request's `X-Request-ID` and `X-Correlation-ID` on its answer.
 fn echo_ids(response: &mut Response<ProxyBody>, echo: [Option<HeaderValue>; 2]) {
