@@ -265,8 +265,11 @@ impl Converter<'_> {
         PatientFacingConfig {
             listen,
             asid,
-            cert: self.path(raw.cert.unwrap_or_else(|| server.cert.clone())),
-            key: self.path(raw.key.unwrap_or_else(|| server.key.clone())),
+            // The defaults are paths already resolved against the config's folder.
+            cert: raw
+                .cert
+                .map_or_else(|| server.cert.clone(), |p| self.path(p)),
+            key: raw.key.map_or_else(|| server.key.clone(), |p| self.path(p)),
             client_ca: raw.client_ca.into_iter().map(|p| self.path(p)).collect(),
             crl: raw.crl.into_iter().map(|p| self.path(p)).collect(),
             crl_expired: server.crl_expired,

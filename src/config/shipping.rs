@@ -77,8 +77,13 @@ impl Converter<'_> {
                 }
                 ShipTransport::Tls {
                     ca: raw.ca.into_iter().map(|p| self.path(p)).collect(),
-                    cert: self.path(raw.cert.unwrap_or_else(|| upstream.cert.clone())),
-                    key: self.path(raw.key.unwrap_or_else(|| upstream.key.clone())),
+                    // The defaults are paths already resolved against the config's folder.
+                    cert: raw
+                        .cert
+                        .map_or_else(|| upstream.cert.clone(), |p| self.path(p)),
+                    key: raw
+                        .key
+                        .map_or_else(|| upstream.key.clone(), |p| self.path(p)),
                     server_name,
                 }
             }

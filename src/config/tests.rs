@@ -398,3 +398,39 @@ interaction = \"urn:nhs:names:services:gpconnect:fhir:rest:search:patient-1\"
         );
     }
 }
+
+#[test]
+fn defaults_taken_from_other_keys_are_resolved_once() {
+    let text = format!(
+        "{MINIMAL}
+[audit.ship]
+collector = \"logs.example:6514\"
+ca = [\"ca.crt\"]
+head_key = \"head.key\"
+[patient_facing]
+listen = \"127.0.0.1:8444\"
+asid = \"200000000999\"
+issuer = \"https://auth.login.nhs.uk\"
+audience = \"ssp\"
+jwks = \"jwks.json\"
+scope = \"gp-connect:patient\"
+practices = \"practices.csv\"
+assertion_key = \"assertion.pem\"
+[[patient_facing.route]]
+path = \"/fhir/Patient\"
+interaction = \"urn:nhs:names:services:gpconnect:fhir:rest:search:patient-1\"
+"
+    );
+    // A relative config path with a folder: `conf/c.crt`, not `conf/conf/c.crt`.
+    let c = Config::parse(&text, Path::new("conf/ssp.toml")).unwrap();
+    let pf = c.patient_facing.unwrap();
+    assert_eq!(pf.cert, PathBuf::from("conf/c.crt"));
+    assert_eq!(pf.key, PathBuf::from("conf/c.key"));
+    match c.ship.unwrap().transport {
+        ShipTransport::Tls { cert, key, .. } => {
+            assert_eq!(cert, PathBuf::from("conf/u.crt"));
+            assert_eq!(key, PathBuf::from("conf/u.key"));
+        }
+        ShipTransport::Tcp => panic!("tls by default"),
+    }
+}

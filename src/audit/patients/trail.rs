@@ -84,7 +84,10 @@ pub fn rows(
             .is_some_and(|ids| ids.iter().any(|id| id["hmac"] == hmac))
     };
     // Every record of a wanted transaction, in log order: one connection may carry several requests under one
-    // trace id (an app can reuse its `X-Request-ID`), each its own row, paired with the responses in order.
+    // trace id (an app can reuse its `X-Request-ID`), each its own row. A response is paired with the first
+    // request before it of the same interaction not yet paired: HTTP/2 streams end in any order, and a response
+    // record names its interaction, not its stream, so pairing by position alone could lend one request's
+    // outcome (and the patient its body named) to another.
     let mut requests: HashMap<Key, Vec<serde_json::Value>> = HashMap::new();
     let mut responses: HashMap<Key, Vec<serde_json::Value>> = HashMap::new();
     for (number, path) in list_segments(dir)? {
@@ -118,8 +121,7 @@ pub fn rows(
         let requests = requests.remove(&key).unwrap_or_default();
         let responses = responses.remove(&key).unwrap_or_default();
         let mut backed = false;
-        for i in 0..requests.len().max(responses.len()) {
-            let (request, response) = (requests.get(i), responses.get(i));
+        for (request, response) in pair(&requests, &responses) {
             // The chain is the evidence: a row only where one of its own records names the patient.
             if !(request.is_some_and(&names_patient) || response.is_some_and(&names_patient)) {
                 continue;
@@ -188,6 +190,26 @@ pub fn rows(
     })
 }
 
+/// A transaction key's requests and responses, in log order, paired: each response with the earliest request of
+/// its interaction not yet paired; a request without a response, or a response without a request, alone.
+fn pair<'v>(
+    requests: &'v [serde_json::Value],
+    responses: &'v [serde_json::Value],
+) -> Vec<(Option<&'v serde_json::Value>, Option<&'v serde_json::Value>)> {
+    let mut pairs: Vec<(Option<&serde_json::Value>, Option<&serde_json::Value>)> =
+        requests.iter().map(|r| (Some(r), None)).collect();
+    for response in responses {
+        let free = pairs.iter_mut().find(|(request, paired)| {
+            paired.is_none() && request.is_some_and(|r| r["interaction"] == response["interaction"])
+        });
+        match free {
+            Some(slot) => slot.1 = Some(response),
+            None => pairs.push((None, Some(response))),
+        }
+    }
+    pairs
+}
+
 /// Who made a patient-facing request (the door's `patient_facing` object), as the trail of the patient `hmac` says
 /// it: the patient themselves (the request's token names them), the proxy user acting for them, or someone signed
 /// in as another patient whose request named this one (in its path, query or body); and through which app.
@@ -235,4 +257,42 @@ pub fn words(interaction: &str) -> String {
         _ => return tail.to_owned(),
     };
     known.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pair;
+
+    /// HTTP/2 streams end in any order: a response goes to the request of its interaction, not to the first.
+    #[test]
+    fn responses_pair_with_their_own_interaction() {
+        let record = |kind: &str, interaction: &str| serde_json::json!({ "kind": kind, "interaction": interaction });
+        let requests = [
+            record("request", "metadata"),
+            record("request", "structured"),
+        ];
+        let responses = [
+            record("response", "structured"),
+            record("response", "metadata"),
+            record("response", "other"),
+        ];
+        let pairs = pair(&requests, &responses);
+        let names: Vec<(Option<&str>, Option<&str>)> = pairs
+            .iter()
+            .map(|(q, r)| {
+                (
+                    q.map(|q| q["interaction"].as_str().unwrap_or_default()),
+                    r.map(|r| r["interaction"].as_str().unwrap_or_default()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (Some("metadata"), Some("metadata")),
+                (Some("structured"), Some("structured")),
+                (None, Some("other")),
+            ]
+        );
+    }
 }
