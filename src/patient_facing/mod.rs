@@ -172,10 +172,13 @@ impl Front {
             None => None,
         };
         self.server_tls.store(tls);
-        *self
-            .practices
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = practices;
+        // Without a file, a source put in force by `set_practices` stays.
+        if let Some(practices) = practices {
+            *self
+                .practices
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(practices);
+        }
         Ok(())
     }
 
