@@ -23,14 +23,11 @@ pub struct PatientToken {
     pub nhs_number: String,
     /// The app the token was issued to (`client_id`, RFC 9068 section 2.2).
     pub client_id: String,
-    pub proofing: Proofing,
     /// The acting person of a composite token (`act.sub`, RFC 8693 section 4.1): a proxy user acting for the
     /// patient.
     pub acting: Option<String>,
     /// The patient's GP practice, when the token carries it (`patient_facing.ods_claim`).
     pub practice: Option<OdsCode>,
-    /// `exp`, Unix seconds.
-    pub expires: i64,
 }
 
 /// Why a token was refused; each is one refusal code of the integrator's guide.
@@ -131,7 +128,6 @@ fn claims(
     if exp - now_f > MAX_LIFETIME_S as f64 {
         return Err(TokenError::Invalid("lifetime_too_long"));
     }
-    let expires = exp as i64;
     match claims.get("iat") {
         None => {}
         Some(iat) => match iat.as_f64() {
@@ -144,9 +140,9 @@ fn claims(
     seen.nhs_number = valid_number.map(str::to_owned);
     let proofing_claim = text("identity_proofing_level").and_then(Proofing::parse);
     seen.proofing = proofing_claim.map(Proofing::as_str);
-    let proofing = proofing_claim
-        .filter(|p| *p >= cfg.min_proofing)
-        .ok_or(TokenError::ProofingTooLow)?;
+    if proofing_claim.is_none_or(|p| p < cfg.min_proofing) {
+        return Err(TokenError::ProofingTooLow);
+    }
     let scoped = text("scope").is_some_and(|s| s.split(' ').any(|one| one == cfg.scope));
     if !scoped {
         return Err(TokenError::ScopeMissing);
@@ -172,9 +168,7 @@ fn claims(
     Ok(PatientToken {
         nhs_number,
         client_id,
-        proofing,
         acting,
         practice,
-        expires,
     })
 }

@@ -59,14 +59,14 @@ impl Proxy {
         crate::forward::normalize_request_headers(&mut parts.headers, parts.version);
         // Echoed when well formed: a refused value is not sent back.
         let echo = [
-            parts
-                .headers
-                .get(X_REQUEST_ID)
+            once(&parts.headers, &X_REQUEST_ID)
+                .ok()
+                .flatten()
                 .filter(|v| crate::ids::TraceId::from_field(v).is_some())
                 .cloned(),
-            parts
-                .headers
-                .get(X_CORRELATION_ID)
+            once(&parts.headers, &X_CORRELATION_ID)
+                .ok()
+                .flatten()
                 .filter(|v| correlation_ok(v.as_bytes()))
                 .cloned(),
         ];
@@ -198,14 +198,16 @@ impl Proxy {
         Checks::header_limits(&parts.headers, self.limits.config())
             .map_err(|_| PatientRefusal::HeadersTooLarge)?;
         framing.map_err(PatientRefusal::Framing)?;
-        let request_id = correlation(&parts.headers, &X_REQUEST_ID);
-        access.request_id = request_id.as_ref().map(|(text, _)| text.clone());
-        let correlation_id = correlation(&parts.headers, &X_CORRELATION_ID);
-        access.correlation_id = correlation_id.as_ref().map(|(text, _)| text.clone());
+        let request_id = once(&parts.headers, &X_REQUEST_ID);
+        let correlation_id = once(&parts.headers, &X_CORRELATION_ID);
+        access.request_id = request_id.ok().flatten().map(recorded);
+        access.correlation_id = correlation_id.ok().flatten().map(recorded);
         let trace_id = request_id
-            .and_then(|(_, value)| crate::ids::TraceId::from_field(&value))
+            .ok()
+            .flatten()
+            .and_then(crate::ids::TraceId::from_field)
             .ok_or(PatientRefusal::RequestId)?;
-        if correlation_id.is_some_and(|(text, _)| !correlation_ok(text.as_bytes())) {
+        if !correlation_id.is_ok_and(|v| v.is_none_or(|v| correlation_ok(v.as_bytes()))) {
             return Err(PatientRefusal::CorrelationId);
         }
         if parts.uri.query().is_some_and(names_access_token) {
@@ -385,21 +387,28 @@ fn correlation_ok(value: &[u8]) -> bool {
     !value.is_empty() && value.len() <= MAX_CORRELATION_ID && value.iter().all(u8::is_ascii_graphic)
 }
 
-/// A correlation field's text when it is there once and is text (bounded for the record), and the value.
-fn correlation(headers: &http::HeaderMap, name: &HeaderName) -> Option<(String, HeaderValue)> {
+/// A field's value when it is there at most once: `Err` when it is repeated (which of them is meant would be a
+/// guess), `Ok(None)` when it is absent.
+fn once<'h>(
+    headers: &'h http::HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'h HeaderValue>, ()> {
     let mut all = headers.get_all(name).iter();
-    let value = all.next()?;
-    if all.next().is_some() {
-        return Some((String::new(), HeaderValue::from_static("")));
+    match (all.next(), all.next()) {
+        (first, None) => Ok(first),
+        (Some(_), Some(_)) | (None, Some(_)) => Err(()),
     }
-    let bytes = value.as_bytes();
-    let text =
-        String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_CORRELATION_ID + 1)]).into_owned();
-    Some((text, value.clone()))
 }
 
-/// The header fields the provider gets: the app's token and any `Ssp-*` field it sent go; the checked request's
-/// four `Ssp-*` fields and the supplier's token come in.
+/// A correlation field's value as the record keeps it: its text (lossy UTF-8), at most one byte past the longest
+/// accepted, so that a refused value is recorded as refused without being kept whole.
+fn recorded(value: &HeaderValue) -> String {
+    let bytes = value.as_bytes();
+    String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_CORRELATION_ID + 1)]).into_owned()
+}
+
+/// The header fields the provider gets: of the app's, only [`FORWARDED_FIELDS`] (so neither its token nor any
+/// `Ssp-*` field it sent); the checked request's four `Ssp-*` fields and the supplier's token come in.
 fn provider_headers(headers: &mut http::HeaderMap, permit: &Permit, supplier: &SupplierToken) {
     // An app is an internet client: only the end-to-end fields a FHIR request needs go on. Fields a provider's
     // stack might act on (`X-Original-URL`, `X-HTTP-Method-Override`, `X-Forwarded-*`, `Forwarded`, an NHS number
