@@ -37,8 +37,10 @@
 //! - [`proxy`] (`pipeline`, `refusal`, `patient_refusal`, `body`, [`proxy::operation_outcome`]): the order of the
 //!   steps for one request (a patient-facing one in `pipeline/patient_facing`); the one place failures become
 //!   statuses and responses, as OperationOutcome bodies (JSON and XML; R4 on the patient-facing door).
-//! - [`patient_facing`] (`token`, `jwks`, `practices`, `exchange`, `apps`, `https`): the patient-facing door's
+//! - [`patient_facing`] (`token`, `jwks`, `practices`, `exchange`, `apps`): the patient-facing door's
 //!   access tokens, keys, practices, supplier token exchange and per-app limits.
+//! - `oneshot` (crate): one bounded HTTPS request on ssp's TLS stack, for SDS, the JWKS and the token endpoints.
+//!   A leaf.
 //! - [`lifecycle`]: signals, systemd notification, SIGHUP reload of TLS material and policy.
 //! - [`metrics`], `admin` (crate): metric names and handles (every bounded series present from the start); the
 //!   admin listener (/metrics, /healthz, /readyz).
@@ -92,6 +94,7 @@ pub mod lifecycle;
 pub(crate) mod limits;
 pub mod metrics;
 pub mod onboard;
+pub(crate) mod oneshot;
 pub mod patient_facing;
 pub mod policy;
 pub mod proxy;

@@ -1,39 +1,53 @@
-//! One HTTPS request on a new connection, for the JWKS and the suppliers' token endpoints: hyper's HTTP/1.1
-//! client on tokio-rustls (the project's own TLS stack), the whole exchange under one deadline, the answer read
-//! whole up to a bound. No redirect is followed and no proxy is used: the URL comes from the config or the
-//! directory, never from a consumer.
+//! One HTTPS request on a new connection, for what ssp fetches itself: the Spine Directory Service's pages
+//! (`ssp policy sds`), the patient-facing door's JWKS and the suppliers' token endpoints. hyper's HTTP/1.1 client
+//! on tokio-rustls (the project's own TLS stack), the whole exchange under one deadline, the answer read whole up
+//! to a bound. No redirect is followed and no proxy is used: every URL comes from the config or the directory, or
+//! (SDS `next` links) is checked by the caller, never taken from a consumer. A leaf but for `tls`'s types.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, StatusCode, Uri, header};
+use http::{HeaderMap, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// Largest answer read: a JWKS of a few dozen keys, or a token response, is well under it.
-pub(super) const MAX_ANSWER_BYTES: usize = 256 * 1024;
-
 /// `upstream.resolve`: `host:port` pinned to an address, as for the provider leg.
-pub(super) type Resolve = std::collections::HashMap<String, std::net::SocketAddr>;
+pub(crate) type Resolve = std::collections::HashMap<String, std::net::SocketAddr>;
 
-/// What went wrong, for the operational log (never a token: bodies are not quoted).
-pub(super) type Failure = String;
+/// One request: `GET`, or `POST` with a form body (`application/x-www-form-urlencoded`) when `form` is given.
+#[derive(Debug)]
+pub(crate) struct Call<'a> {
+    pub(crate) url: &'a str,
+    /// Fields besides `Host` (and the form's `Content-Type`): `Accept`, an API key, a request id.
+    pub(crate) headers: &'a [(&'a str, &'a str)],
+    pub(crate) form: Option<String>,
+    /// The most of the answer's body read; past it the call fails.
+    pub(crate) max_bytes: usize,
+    /// The whole exchange's deadline, connect to the body's end.
+    pub(crate) timeout: Duration,
+}
 
-/// `GET url` (with `Accept: accept`), or `POST url` with a form body when `form` is given
-/// (`application/x-www-form-urlencoded`), within `timeout`. Returns the status, the content type and the body.
-pub(super) async fn call(
+/// What came back.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+/// Makes `call` over `tls`, connecting to the address `resolve` pins for its `host:port`, else to the host's own.
+/// Errors: what went wrong, naming the URL (never a body, which may hold a token), for the operational log.
+pub(crate) async fn call(
     tls: Arc<rustls::ClientConfig>,
     resolve: &Resolve,
-    url: &str,
-    accept: &'static str,
-    form: Option<String>,
-    timeout: Duration,
-) -> Result<(StatusCode, Option<String>, Bytes), Failure> {
-    match tokio::time::timeout(timeout, exchange(tls, resolve, url, accept, form)).await {
+    call: Call<'_>,
+) -> Result<Answer, String> {
+    let (url, timeout) = (call.url, call.timeout);
+    match tokio::time::timeout(timeout, exchange(tls, resolve, call)).await {
         Ok(result) => result,
         Err(_) => Err(format!(
             "{url}: no answer within {} ms",
@@ -45,10 +59,9 @@ pub(super) async fn call(
 async fn exchange(
     tls: Arc<rustls::ClientConfig>,
     resolve: &Resolve,
-    url: &str,
-    accept: &'static str,
-    form: Option<String>,
-) -> Result<(StatusCode, Option<String>, Bytes), Failure> {
+    call: Call<'_>,
+) -> Result<Answer, String> {
+    let url = call.url;
     let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     if uri.scheme_str() != Some("https") {
         return Err(format!("{url}: not https"));
@@ -75,11 +88,11 @@ async fn exchange(
     let driver = tokio::spawn(conn);
     let authority = uri.authority().map_or(host, |a| a.as_str());
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let builder = Request::builder()
-        .uri(path)
-        .header(header::HOST, authority)
-        .header(header::ACCEPT, accept);
-    let request = match form {
+    let mut builder = Request::builder().uri(path).header(header::HOST, authority);
+    for (name, value) in call.headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = match call.form {
         Some(form) => builder
             .method(http::Method::POST)
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -95,19 +108,17 @@ async fn exchange(
             .await
             .map_err(|e| format!("{url}: {e}"))?;
         let (parts, body) = response.into_parts();
-        let content_type = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = Limited::new(body, MAX_ANSWER_BYTES)
+        let max = call.max_bytes;
+        let body = Limited::new(body, max)
             .collect()
             .await
-            .map_err(|e| {
-                format!("{url}: reading the answer (at most {MAX_ANSWER_BYTES} bytes): {e}")
-            })?
+            .map_err(|e| format!("{url}: reading the answer (at most {max} bytes): {e}"))?
             .to_bytes();
-        Ok((parts.status, content_type, body))
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
     }
     .await;
     driver.abort();
@@ -115,7 +126,7 @@ async fn exchange(
 }
 
 /// `application/x-www-form-urlencoded` (WHATWG URL, the form serialiser) of `pairs`.
-pub(super) fn form(pairs: &[(&str, &str)]) -> String {
+pub(crate) fn form(pairs: &[(&str, &str)]) -> String {
     use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
     /// Everything but `*-._` and alphanumerics is encoded (space too, as `%20`, which form decoders accept).
     const FORM: &AsciiSet = &NON_ALPHANUMERIC

@@ -17,13 +17,15 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use serde::Deserialize;
 
-use super::https;
+use crate::oneshot;
 use crate::policy::Supplier;
 
 /// Most (supplier, patient) tokens kept; past it the expired ones go, then (rarely) all.
 const MAX_CACHED: usize = 100_000;
 /// A client assertion's lifetime (NHS England's signed-JWT rule for its APIs: at most 5 minutes).
 const ASSERTION_LIFETIME_S: i64 = 300;
+/// Largest token response read.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Longest supplier token accepted.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Longest `expires_in` honoured.
@@ -288,7 +290,7 @@ impl Exchanger {
         supplier: &Supplier,
         subject_token: &str,
         tls: Arc<rustls::ClientConfig>,
-        resolve: &https::Resolve,
+        resolve: &oneshot::Resolve,
     ) -> Result<SupplierToken, ExchangeError> {
         let slot = self.slot(supplier, subject_token);
         let mut cached = slot.lock().await;
@@ -389,7 +391,7 @@ impl Exchanger {
         supplier: &Supplier,
         subject_token: &str,
         tls: Arc<rustls::ClientConfig>,
-        resolve: &https::Resolve,
+        resolve: &oneshot::Resolve,
     ) -> Result<(HeaderValue, Option<Duration>), ExchangeError> {
         let failed = |detail: String| ExchangeError {
             outcome: Outcome::Failed,
@@ -399,7 +401,7 @@ impl Exchanger {
             .key
             .assertion(supplier, crate::clock::unix_now())
             .map_err(|e| failed(format!("signing the client assertion: {e}")))?;
-        let form = https::form(&[
+        let form = oneshot::form(&[
             ("grant_type", GRANT_TYPE),
             ("subject_token", subject_token),
             ("subject_token_type", ACCESS_TOKEN_TYPE),
@@ -409,13 +411,16 @@ impl Exchanger {
             ("client_assertion", &assertion),
         ]);
         let url = &supplier.token_endpoint;
-        let (status, _, body) = https::call(
+        let oneshot::Answer { status, body, .. } = oneshot::call(
             tls,
             resolve,
-            url,
-            "application/json",
-            Some(form),
-            self.timeout,
+            oneshot::Call {
+                url,
+                headers: &[("accept", "application/json")],
+                form: Some(form),
+                max_bytes: MAX_ANSWER_BYTES,
+                timeout: self.timeout,
+            },
         )
         .await
         .map_err(failed)?;

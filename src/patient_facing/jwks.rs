@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use super::https;
 use crate::config::{JwksSource, PatientFacingConfig};
+use crate::oneshot;
 
+/// Largest JWKS read: a few dozen keys are well under it.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
 /// Longest `kid` kept.
 const MAX_KID: usize = 256;
 /// Most keys kept from one set.
@@ -58,7 +60,7 @@ pub(super) enum Found {
 pub(super) struct Jwks {
     source: JwksSource,
     tls: Arc<rustls::ClientConfig>,
-    resolve: Arc<https::Resolve>,
+    resolve: Arc<oneshot::Resolve>,
     refresh: Duration,
     stale: Duration,
     timeout: Duration,
@@ -83,7 +85,7 @@ impl Jwks {
     pub(super) fn new(
         cfg: &PatientFacingConfig,
         tls: Arc<rustls::ClientConfig>,
-        resolve: Arc<https::Resolve>,
+        resolve: Arc<oneshot::Resolve>,
     ) -> Self {
         Self {
             source: cfg.jwks.clone(),
@@ -156,26 +158,29 @@ impl Jwks {
             JwksSource::File(path) => {
                 let path = path.clone();
                 tokio::task::spawn_blocking(move || {
-                    super::read_bounded(&path, https::MAX_ANSWER_BYTES as u64)
+                    super::read_bounded(&path, MAX_JWKS_BYTES as u64)
                 })
                 .await
                 .map_err(|e| e.to_string())??
                 .into()
             }
             JwksSource::Url(url) => {
-                let (status, _, body) = https::call(
+                let answer = oneshot::call(
                     Arc::clone(&self.tls),
                     &self.resolve,
-                    url,
-                    "application/json",
-                    None,
-                    self.timeout,
+                    oneshot::Call {
+                        url,
+                        headers: &[("accept", "application/json")],
+                        form: None,
+                        max_bytes: MAX_JWKS_BYTES,
+                        timeout: self.timeout,
+                    },
                 )
                 .await?;
-                if status != http::StatusCode::OK {
-                    return Err(format!("{url}: answered {status}"));
+                if answer.status != http::StatusCode::OK {
+                    return Err(format!("{url}: answered {}", answer.status));
                 }
-                body
+                answer.body
             }
         };
         let fresh = parse(&bytes)?;
@@ -221,7 +226,7 @@ impl Jwks {
 
 /// The usable keys in the JWKS file at `path`, counted (for `check-config` and start). Errors name the file.
 pub(super) fn check_file(path: &std::path::Path) -> Result<usize, String> {
-    let bytes = super::read_bounded(path, https::MAX_ANSWER_BYTES as u64)?;
+    let bytes = super::read_bounded(path, MAX_JWKS_BYTES as u64)?;
     parse(&bytes)
         .map(|keys| keys.len())
         .map_err(|e| format!("{}: {e}", path.display()))

@@ -12,11 +12,11 @@
 //! - `exchange`: the RFC 8693 token exchange with a `private_key_jwt` client assertion (RFC 7523), cached per
 //!   (supplier, patient), with a back-off after a failure.
 //! - `apps`: requests per minute per app.
-//! - `https`: one bounded HTTPS request on the project's own TLS client, for the JWKS and the token endpoints.
+//!
+//! Their HTTPS requests are `crate::oneshot`'s.
 
 mod apps;
 mod exchange;
-mod https;
 mod jwks;
 mod practices;
 mod token;
@@ -55,7 +55,7 @@ pub struct Front {
     apps: apps::AppLimits,
     server_tls: ArcSwap<rustls::ServerConfig>,
     /// `upstream.resolve`, for the token endpoints and the JWKS URL.
-    resolve: Arc<https::Resolve>,
+    resolve: Arc<crate::oneshot::Resolve>,
     /// The upstream client identity (TLS MA to the token endpoints, as to the providers), once wired.
     upstream_tls: std::sync::OnceLock<Arc<crate::tls::Reloadable>>,
 }

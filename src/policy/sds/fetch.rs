@@ -1,6 +1,6 @@
 //! The live side of `ssp policy sds`: searches the Spine Directory Service FHIR API (R4) for the `Device` and
-//! `Endpoint` records of the configured ODS codes and interactions, over the project's own TLS client stack (hyper
-//! HTTP/1.1 on tokio-rustls, aws-lc-rs), with the `apikey` header, following `next` links and honouring 429 with
+//! `Endpoint` records of the configured ODS codes and interactions, over the project's own TLS client stack
+//! (`crate::oneshot`: hyper HTTP/1.1 on tokio-rustls, aws-lc-rs), with the `apikey` header, following `next` links and honouring 429 with
 //! `Retry-After` a bounded number of times.
 //!
 //! Everything an answer carries is untrusted: the status, the content type (FHIR JSON, and when it names a FHIR
@@ -11,13 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
-use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use http::{StatusCode, Uri, header};
 
 use super::{Bundle, INTERACTION_SYSTEM, ODS_SYSTEM, Page};
 use crate::config::SdsConfig;
@@ -31,7 +25,7 @@ pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// A client of one SDS FHIR API base URL.
 pub(crate) struct SdsClient {
-    tls: TlsConnector,
+    tls: Arc<rustls::ClientConfig>,
     base: Uri,
     base_text: String,
     api_key: String,
@@ -82,7 +76,7 @@ impl SdsClient {
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
-            tls: TlsConnector::from(Arc::new(config)),
+            tls: Arc::new(config),
             base,
             base_text,
             api_key,
@@ -173,12 +167,29 @@ impl SdsClient {
 
     /// GET one page: 429 waits for `Retry-After` (capped) and tries again, at most `max_retries` times.
     async fn get(&self, url: &str) -> Result<Bundle, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
         let mut attempt = 0;
         loop {
-            let (status, headers, body) = tokio::time::timeout(self.timeout, self.request(&uri))
-                .await
-                .map_err(|_| format!("{url}: no answer within {:?}", self.timeout))??;
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let crate::oneshot::Answer {
+                status,
+                headers,
+                body,
+            } = crate::oneshot::call(
+                Arc::clone(&self.tls),
+                &crate::oneshot::Resolve::new(),
+                crate::oneshot::Call {
+                    url,
+                    headers: &[
+                        ("accept", "application/fhir+json"),
+                        ("apikey", &self.api_key),
+                        ("x-request-id", &request_id),
+                    ],
+                    form: None,
+                    max_bytes: MAX_ANSWER_BYTES,
+                    timeout: self.timeout,
+                },
+            )
+            .await?;
             match status {
                 StatusCode::OK => {
                     check_content_type(url, headers.get(header::CONTENT_TYPE))?;
@@ -203,48 +214,6 @@ impl SdsClient {
                 }
             }
         }
-    }
-
-    /// One request on a new connection; the whole body, bounded.
-    async fn request(&self, uri: &Uri) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
-        let host = uri.host().ok_or_else(|| format!("{uri}: no host"))?;
-        let port = uri.port_u16().unwrap_or(443);
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let name = ServerName::try_from(bare.to_owned()).map_err(|e| format!("{uri}: {e}"))?;
-        let tcp = TcpStream::connect((bare, port))
-            .await
-            .map_err(|e| format!("{uri}: connect: {e}"))?;
-        let tls = self
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("{uri}: TLS: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("{uri}: {e}"))?;
-        tokio::spawn(conn);
-        let authority = uri.authority().map_or(host, |a| a.as_str());
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let request = Request::get(path)
-            .header(header::HOST, authority)
-            .header(header::ACCEPT, "application/fhir+json")
-            .header("apikey", &self.api_key)
-            .header("x-request-id", uuid::Uuid::new_v4().to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("{uri}: {e}"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("{uri}: {e}"))?;
-        let (parts, body) = response.into_parts();
-        let body = Limited::new(body, MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| {
-                format!("{uri}: reading the answer (at most {MAX_ANSWER_BYTES} bytes): {e}")
-            })?
-            .to_bytes();
-        Ok((parts.status, parts.headers, body))
     }
 }
 
