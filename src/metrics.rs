@@ -122,6 +122,8 @@ pub struct Metrics {
     pub audit_records: IntCounter,
     pub audit_write_seconds: Histogram,
     pub audit_queue_depth: IntGauge,
+    pub audit_writer_handoffs: IntCounter,
+    pub audit_writes_on_thread: IntGauge,
     /// `[audit.ship]`: the shipper's progress (registered, and 0, without it).
     pub ship: ShipMetrics,
     pub policy_generation: IntGauge,
@@ -295,6 +297,16 @@ impl Metrics {
             "ssp_audit_queue_depth",
             "Audit records waiting for the writer",
         )?;
+        let audit_writer_handoffs = counter(
+            &r,
+            "ssp_audit_writer_handoffs_total",
+            "Times a worker's audit write was slow (over 5 ms) or failed and the ssp-audit thread took over writing",
+        )?;
+        let audit_writes_on_thread = gauge(
+            &r,
+            "ssp_audit_writes_on_thread",
+            "1 while the ssp-audit thread writes every audit record after a hand-off (batched durability)",
+        )?;
         let ship = ShipMetrics::new(&r)?;
         let policy_generation = gauge(
             &r,
@@ -385,6 +397,8 @@ impl Metrics {
             audit_records,
             audit_write_seconds,
             audit_queue_depth,
+            audit_writer_handoffs,
+            audit_writes_on_thread,
             ship,
             policy_generation,
             policy_reloads,
@@ -537,6 +551,8 @@ mod tests {
             "ssp_audit_records_total",
             "ssp_audit_write_seconds",
             "ssp_audit_queue_depth",
+            "ssp_audit_writer_handoffs_total",
+            "ssp_audit_writes_on_thread",
             "ssp_audit_ship_lag_records",
             "ssp_audit_ship_lag_seconds",
             "ssp_audit_shipped_records_total",

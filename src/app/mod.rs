@@ -291,6 +291,8 @@ pub async fn bind(config: &Config, assembled: Assembled) -> std::io::Result<Inst
         crate::audit::AuditMetrics {
             records: metrics.audit_records.clone(),
             write_seconds: metrics.audit_write_seconds.clone(),
+            handoffs: metrics.audit_writer_handoffs.clone(),
+            on_thread: metrics.audit_writes_on_thread.clone(),
         },
     );
     let audit = tokio::task::spawn_blocking(move || {

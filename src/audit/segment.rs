@@ -310,11 +310,15 @@ impl SegmentWriter {
     }
 }
 
-/// The writer's metric handles: `ssp_audit_records_total` and `ssp_audit_write_seconds`.
+/// The writer's metric handles: `ssp_audit_records_total`, `ssp_audit_write_seconds`,
+/// `ssp_audit_writer_handoffs_total` (a worker's write was slow or failed, and the `ssp-audit` thread took over the
+/// writing) and `ssp_audit_writes_on_thread` (1 while it has).
 #[derive(Debug, Clone)]
 pub struct AuditMetrics {
     pub records: prometheus::IntCounter,
     pub write_seconds: prometheus::Histogram,
+    pub handoffs: prometheus::IntCounter,
+    pub on_thread: prometheus::IntGauge,
 }
 
 /// Opens `dir` and takes an exclusive flock(2) on it (through rustix: std's `File::try_lock` is newer than the

@@ -11,9 +11,10 @@ use super::*;
 use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
 
 mod given_up;
+mod on_worker;
 mod one_writer;
 
-fn config(dir: &Path, durability: Durability, segment_size: u64) -> AuditConfig {
+pub(super) fn config(dir: &Path, durability: Durability, segment_size: u64) -> AuditConfig {
     AuditConfig {
         dir: dir.to_path_buf(),
         durability,
@@ -68,11 +69,11 @@ pub(super) fn checked_addressing(n: u64, fqdn: &str) -> Addressing {
     }
 }
 
-fn request(n: u64) -> Record {
+pub(super) fn request(n: u64) -> Record {
     Record::permitted(&transaction(n), None)
 }
 
-fn response(n: u64, status: u16, outcome: Outcome) -> Record {
+pub(super) fn response(n: u64, status: u16, outcome: Outcome) -> Record {
     Record::completed(
         &transaction(n),
         Completion {
@@ -224,11 +225,13 @@ async fn concurrent_requests_share_writes() {
 }
 
 /// The writer's metric handles, unregistered: records written and batches (`write`s) made.
-fn writer_metrics() -> AuditMetrics {
+pub(super) fn writer_metrics() -> AuditMetrics {
     AuditMetrics {
         records: prometheus::IntCounter::new("r", "r").unwrap(),
         write_seconds: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("w", "w"))
             .unwrap(),
+        handoffs: prometheus::IntCounter::new("h", "h").unwrap(),
+        on_thread: prometheus::IntGauge::new("t", "t").unwrap(),
     }
 }
 
@@ -287,7 +290,7 @@ async fn records_nobody_waits_for_go_out_with_the_next_request_record() {
 }
 
 /// Waits (up to 10 s) until the writer has written `n` records.
-async fn wait_for_records(metrics: &AuditMetrics, n: u64) {
+pub(super) async fn wait_for_records(metrics: &AuditMetrics, n: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while metrics.records.get() < n {
         assert!(

@@ -1,13 +1,20 @@
-//! The writer: one `ssp-audit` thread owns the segment files while the proxy runs and does every write, rotation
-//! and reopen, and in strict mode every fsync; in batched mode a second thread, `ssp-audit-sync`, does the periodic
-//! fsyncs. Recovery and the first segment's open happen in `AuditLog::start_with_metrics`, which the proxy calls
-//! on a blocking thread. So no file I/O runs on a runtime worker. Requests queue their records and wait on a
-//! notification; on a worker's runtime every record of one turn is staged and queued together (`stage`).
+//! The writer. In batched mode each worker writes its own records: the records staged in one turn of a worker's
+//! event loop are chained and written by that worker with one `write` once the turn's ready tasks have staged
+//! theirs, and the requests waiting on them are woken on that thread (`stage`), so that in steady state no request
+//! waits on another thread. The segment files sit behind one lock (one chain per instance); a worker that finds it
+//! held by another writer does not wait for it, but hands its records to the `ssp-audit` thread, which takes the
+//! lock after it. A write that takes longer than [`SLOW_WRITE`] (5 ms) or fails hands all writing to that thread
+//! until its writes have been fast for [`HAND_BACK_AFTER`] (1 s): a slow disk then holds no worker's other
+//! connections (the operational log says so, and `ssp_audit_writer_handoffs_total` counts it). A write that stalls
+//! outright (a frozen file system) holds the worker that issued it until the disk answers; every other worker has
+//! handed off by then.
 //!
-//! Group commit: the thread takes everything queued (up to `MAX_BATCH` records) and writes it with one `write`;
-//! in strict mode one fsync follows each batch and acknowledges every record in it. In batched mode a record is
-//! acknowledged once written (to the page cache), and `ssp-audit-sync` fsyncs the segment `audit.fsync_interval`
-//! after the first write since its last fsync, so that writes go on during an fsync.
+//! `ssp-audit` also writes every record in strict mode, with one fsync after each batch (up to `MAX_BATCH` records)
+//! that acknowledges every record in it, and the records of runtimes that are not workers. In batched mode a record
+//! is acknowledged once written (to the page cache), and `ssp-audit-sync` fsyncs the segment `audit.fsync_interval`
+//! after the first write since its last fsync, so that writes go on during an fsync. Recovery and the first
+//! segment's open happen in `AuditLog::start_with_metrics`, which the proxy calls on a blocking thread; rotation
+//! (rare: once per `audit.segment_size`) happens in the write that fills a segment, wherever that runs.
 //!
 //! Nothing polls. The writer waits on a condition variable that a queued record or `close` signals, except that
 //! for `LINGER` (2 ms) after a write that came within `LINGER` of the one before (records are streaming in), only a
@@ -18,7 +25,7 @@
 //! full waits on a semaphore whose places come back once the writer has written the records holding them.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -28,8 +35,13 @@ use super::record::{Encoded, Record, SealReason};
 use super::segment::{AuditMetrics, SegmentWriter, set_healthy};
 use crate::config::{AuditConfig, Durability};
 
+#[cfg(test)]
+mod hooks;
+mod on_worker;
 mod slot;
 mod stage;
+
+use on_worker::{HAND_BACK_AFTER, SLOW_WRITE, nanos};
 
 use slot::Slot;
 pub(crate) use slot::{InFlight, NotWritten, Queued, Ticket};
@@ -121,6 +133,19 @@ pub struct AuditLog {
 }
 
 struct WriterState {
+    /// The segment files and the chain; `None` once the log is sealed at close. Taken before `queue` by whoever
+    /// holds both.
+    segment: Mutex<Option<SegmentWriter>>,
+    /// Whether workers write their own records: batched mode, while writes are fast.
+    direct: AtomicBool,
+    /// Batched durability: workers may write.
+    batched: bool,
+    /// When writing was last handed to the thread, while it is ([`SLOW_WRITE`]).
+    handed_off: Mutex<Option<std::time::Instant>>,
+    /// [`SLOW_WRITE`] and [`HAND_BACK_AFTER`], in nanoseconds (tests set others).
+    slow_write: AtomicU64,
+    hand_back_after: AtomicU64,
+    metrics: Option<AuditMetrics>,
     queue: Mutex<Queue>,
     /// Wakes the thread: a record was queued while it waited, or the log is closing.
     wake: Condvar,
@@ -238,18 +263,6 @@ impl WriterState {
         refused
     }
 
-    /// Tests: waits while [`AuditLog::stall`] holds the thread (or until the log closes).
-    #[cfg(test)]
-    fn wait_while_stalled(&self) {
-        let mut queue = self.lock();
-        while queue.stalled && !queue.closed {
-            queue = self
-                .wake
-                .wait(queue)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -299,10 +312,26 @@ impl WriterState {
         }
     }
 
+    fn segment(&self) -> MutexGuard<'_, Option<SegmentWriter>> {
+        self.segment.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// After a good write: in batched mode, tells the syncer there is something to fsync (waking it only when this
+    /// starts a new interval: it waits out the rest itself), and once the lock is let go, as in `push_and_refill`.
+    fn mark_dirty(&self, writer: &SegmentWriter) {
+        let mut sync = self.sync_state();
+        sync.file = writer.file();
+        let starts = !std::mem::replace(&mut sync.dirty, true);
+        drop(sync);
+        if starts {
+            self.sync_wake.notify_one();
+        }
+    }
+
     /// The `ssp-audit` thread: writes what is queued, fsyncs per the durability, and on close writes the rest,
     /// seals the segment and fsyncs. After a write that came within `linger` ([`LINGER`] outside tests) of the one
     /// before, it lingers: response records stay queued until a request record comes or the linger ends.
-    fn run(&self, mut writer: SegmentWriter, durability: Durability, linger: Duration) {
+    fn run(&self, durability: Durability, linger: Duration) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
         // The written records' buffers, given back with the next look at the queue.
         let mut spent: Vec<Vec<u8>> = Vec::with_capacity(MAX_BATCH);
@@ -311,46 +340,55 @@ impl WriterState {
         let mut last_write: Option<std::time::Instant> = None;
         let mut linger_now = false;
         loop {
-            let mut queue = self.lock();
-            let room = SPARE_BUFFERS.saturating_sub(queue.spare.len());
-            // Those past the bound are freed as the drain ends; `spent` is empty either way.
-            queue.spare.extend(spent.drain(..).take(room));
-            let lingering = linger_now.then(|| std::time::Instant::now() + linger);
-            while !queue.has_urgent_work() {
-                if let Some(until) = lingering {
-                    let left = until.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
+            {
+                let mut queue = self.lock();
+                let room = SPARE_BUFFERS.saturating_sub(queue.spare.len());
+                // Those past the bound are freed as the drain ends; `spent` is empty either way.
+                queue.spare.extend(spent.drain(..).take(room));
+                let lingering = linger_now.then(|| std::time::Instant::now() + linger);
+                while !queue.has_urgent_work() {
+                    if let Some(until) = lingering {
+                        let left = until.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        queue.idle = Idle::Lingering;
+                        queue = self
+                            .wake
+                            .wait_timeout(queue, left)
+                            .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+                    } else if queue.has_work() {
                         break;
+                    } else {
+                        queue.idle = Idle::Asleep;
+                        queue = self
+                            .wake
+                            .wait(queue)
+                            .unwrap_or_else(PoisonError::into_inner);
                     }
-                    queue.idle = Idle::Lingering;
-                    queue = self
-                        .wake
-                        .wait_timeout(queue, left)
-                        .map_or_else(|e| e.into_inner().0, |(g, _)| g);
-                } else if queue.has_work() {
-                    break;
-                } else {
-                    queue.idle = Idle::Asleep;
-                    queue = self
-                        .wake
-                        .wait(queue)
-                        .unwrap_or_else(PoisonError::into_inner);
+                    queue.idle = Idle::Busy;
                 }
-                queue.idle = Idle::Busy;
             }
-            let closing = queue.closed && !queue.has_work();
-            let n = if queue.has_work() {
-                queue.jobs.len().min(MAX_BATCH)
-            } else {
-                0
+            // The segment first, then the queue again (a worker may have written what was queued meanwhile).
+            let mut segment = self.segment();
+            let Some(writer) = segment.as_mut() else {
+                return;
             };
-            batch.extend(queue.jobs.drain(..n));
-            queue.urgent -= batch.iter().filter(|job| job.is_urgent()).count();
-            drop(queue);
+            let closing = {
+                let mut queue = self.lock();
+                let n = if queue.has_work() {
+                    queue.jobs.len().min(MAX_BATCH)
+                } else {
+                    0
+                };
+                batch.extend(queue.jobs.drain(..n));
+                queue.urgent -= batch.iter().filter(|job| job.is_urgent()).count();
+                queue.closed && !queue.has_work()
+            };
             // Taken from here on (a request that stops waiting now finds its record in flight); a record its
             // request withdrew, or one following a request record that was not written, is not. A record that
-            // follows another is queued only once that one is taken (or withdrawn), so the other's write has
-            // ended by the time the thread takes this one.
+            // follows another is queued only once that one is taken (or withdrawn), and records are taken and
+            // written under the segment's lock, so the other's write has ended by the time this one is taken.
             batch.retain(Job::take);
             #[cfg(test)]
             self.wait_while_stalled();
@@ -364,15 +402,10 @@ impl WriterState {
                     .write_batch(batch.iter().map(|job| &job.record), strict)
                     .is_ok();
                 if done && !strict {
-                    let mut sync = self.sync_state();
-                    sync.file = writer.file();
-                    // Wake the syncer only when this starts a new interval (it waits out the rest itself), and
-                    // once the lock is let go, as in `push_and_refill`.
-                    let starts = !std::mem::replace(&mut sync.dirty, true);
-                    drop(sync);
-                    if starts {
-                        self.sync_wake.notify_one();
-                    }
+                    self.mark_dirty(writer);
+                }
+                if self.batched {
+                    self.maybe_hand_back(now.elapsed(), done);
                 }
                 for job in batch.drain(..) {
                     job.done(done);
@@ -385,6 +418,8 @@ impl WriterState {
             if closing {
                 writer.seal(SealReason::Shutdown);
                 writer.sync();
+                // Sealed: no worker writes after this.
+                *segment = None;
                 return;
             }
         }
@@ -413,11 +448,20 @@ impl AuditLog {
         let healthy = Arc::new(AtomicBool::new(false));
         let (durability, fsync_interval) = (cfg.durability, cfg.fsync_interval);
         let mut writer = SegmentWriter::new(cfg, Arc::clone(&healthy));
-        writer.set_metrics(metrics);
+        writer.set_metrics(metrics.clone());
         // Open before returning (the one piece of file I/O on the caller's thread, at start), so that a healthy
         // log is healthy from the first request.
         writer.ensure_open();
+        let dir = writer.dir().to_path_buf();
+        let batched = durability == Durability::Batched;
         let shared = Arc::new(WriterState {
+            segment: Mutex::new(Some(writer)),
+            direct: AtomicBool::new(batched),
+            batched,
+            handed_off: Mutex::new(None),
+            slow_write: AtomicU64::new(nanos(SLOW_WRITE)),
+            hand_back_after: AtomicU64::new(nanos(HAND_BACK_AFTER)),
+            metrics,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             room: Arc::new(Semaphore::new(QUEUE_CAPACITY)),
@@ -426,11 +470,10 @@ impl AuditLog {
             sync_wake: Condvar::new(),
         });
         let mut threads = Vec::new();
-        let dir = writer.dir().to_path_buf();
         let for_writer = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .name("ssp-audit".into())
-            .spawn(move || for_writer.run(writer, durability, linger))
+            .spawn(move || for_writer.run(durability, linger))
             .and_then(|writer| {
                 threads.push(writer);
                 if durability != Durability::Batched {
@@ -446,6 +489,7 @@ impl AuditLog {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the audit threads: requests are refused with 503");
             shared.healthy.store(false, Ordering::Release);
+            shared.direct.store(false, Ordering::Release);
             shared.lock().closed = true;
         }
         Arc::new(Self {
@@ -585,23 +629,6 @@ impl AuditLog {
                 tracing::error!("the audit sync thread panicked");
             }
         }
-    }
-
-    /// Tests: holds the writer (it takes nothing from the queue), as a write stuck on a stalled disk would.
-    #[cfg(test)]
-    pub(super) fn hold(&self, held: bool) {
-        let mut queue = self.shared.lock();
-        queue.held = held;
-        self.shared.wake.notify_one();
-    }
-
-    /// Tests: stalls the writer after it takes its next batch and before it writes it, as a `write` stuck on a
-    /// frozen file system would, until called with `false`.
-    #[cfg(test)]
-    pub(super) fn stall(&self, stalled: bool) {
-        let mut queue = self.shared.lock();
-        queue.stalled = stalled;
-        self.shared.wake.notify_all();
     }
 }
 

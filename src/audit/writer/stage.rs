@@ -105,6 +105,22 @@ impl Flush {
         let Some(shared) = self.shared.take() else {
             return;
         };
+        // This worker writes the turn's records itself when it may ([`WriterState::write_here`]); else they go to
+        // the writer thread.
+        let written_here = STAGE.with_borrow_mut(|stage| {
+            let keep = CACHED_BUFFERS.saturating_sub(stage.buffers.len());
+            let mut buffers = std::mem::take(&mut stage.buffers);
+            let wrote = shared.write_here(&mut stage.jobs, &mut buffers, keep);
+            stage.buffers = buffers;
+            if wrote {
+                stage.scheduled = false;
+                stage.unwaited = 0;
+            }
+            wrote
+        });
+        if written_here {
+            return;
+        }
         // Straight from this thread's stage into the queue, which keeps its capacity for the next turn.
         let (group, mut waiters, refused) = STAGE.with_borrow_mut(|stage| {
             stage.scheduled = false;

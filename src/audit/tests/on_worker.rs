@@ -1,0 +1,99 @@
+//! Records written by the worker that staged them (batched mode), and writing handed to the `ssp-audit` thread
+//! when a worker's write is slow.
+
+use std::time::Duration;
+
+use super::super::{AuditLog, Durability, Outcome, verify};
+use super::{config, request, response, wait_for_records, writer_metrics};
+
+/// Polls (up to 10 s) until `ready` holds.
+async fn until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// On a worker's runtime in batched mode the worker writes its turn's records itself: with the `ssp-audit` thread
+/// held, a request record is acknowledged and its response record written all the same. In strict mode the thread
+/// writes (and fsyncs) them: held, the record waits in its queue.
+#[tokio::test]
+async fn a_workers_records_are_written_by_the_worker_in_batched_mode_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = writer_metrics();
+    let log = AuditLog::start_with_metrics(
+        config(dir.path(), Durability::Batched, 64 << 20),
+        Some(metrics.clone()),
+    );
+    log.hold_thread(true);
+    log.write(request(0)).await.unwrap();
+    log.submit(response(0, 200, Outcome::Ok));
+    wait_for_records(&metrics, 2).await;
+    assert_eq!(log.queue_depth(), 0);
+    assert_eq!(metrics.handoffs.get(), 0);
+    log.hold_thread(false);
+    log.close();
+    assert_eq!(verify(dir.path()).unwrap().records, 3);
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::sync::Arc::new(AuditLog::start(config(
+        dir.path(),
+        Durability::Strict,
+        64 << 20,
+    )));
+    log.hold_thread(true);
+    let waiting = tokio::spawn({
+        let log = std::sync::Arc::clone(&log);
+        async move { log.write(request(0)).await }
+    });
+    until("the strict record reaches the thread's queue", || {
+        log.queue_depth() == 1
+    })
+    .await;
+    assert!(!waiting.is_finished());
+    log.hold_thread(false);
+    waiting.await.unwrap().unwrap();
+    log.close();
+    assert_eq!(verify(dir.path()).unwrap().records, 2);
+}
+
+/// A worker's slow write hands writing to the thread (counted, and `ssp_audit_writes_on_thread` set): the next
+/// record waits in the thread's queue rather than being written by the worker. Once the thread's writes have been
+/// fast for the hand-back period, the workers write again. The chain is one throughout.
+#[tokio::test]
+async fn a_slow_write_hands_writing_to_the_thread_until_writes_are_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = writer_metrics();
+    let log = std::sync::Arc::new(AuditLog::start_with_metrics(
+        config(dir.path(), Durability::Batched, 64 << 20),
+        Some(metrics.clone()),
+    ));
+    // Every write counts as slow: the first one hands off.
+    log.tune(Duration::ZERO, Duration::ZERO);
+    log.write(request(0)).await.unwrap();
+    assert_eq!(metrics.handoffs.get(), 1);
+    assert_eq!(metrics.on_thread.get(), 1);
+    // Fast again from here; the thread must write the next record.
+    log.tune(Duration::from_secs(3600), Duration::ZERO);
+    log.hold_thread(true);
+    let waiting = tokio::spawn({
+        let log = std::sync::Arc::clone(&log);
+        async move { log.write(request(1)).await }
+    });
+    until("the record reaches the thread's queue", || {
+        log.queue_depth() == 1
+    })
+    .await;
+    assert!(!waiting.is_finished());
+    log.hold_thread(false);
+    waiting.await.unwrap().unwrap();
+    // That fast write gave writing back: with the thread held again, the worker writes.
+    until("writing handed back", || metrics.on_thread.get() == 0).await;
+    log.hold_thread(true);
+    log.write(request(2)).await.unwrap();
+    assert_eq!(metrics.handoffs.get(), 1);
+    log.hold_thread(false);
+    log.close();
+    assert_eq!(verify(dir.path()).unwrap().records, 4);
+}

@@ -1,0 +1,133 @@
+//! Writing on the worker: in batched mode a worker writes its turn's records itself ([`WriterState::write_here`]),
+//! unless another writer holds the segment or writes have turned slow; a slow or failed write hands all writing to
+//! the `ssp-audit` thread, which gives it back once its own writes have been fast for [`HAND_BACK_AFTER`].
+
+use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{Job, MAX_BATCH, SPARE_BUFFER_MAX, WriterState};
+
+/// A worker's write that takes longer than this hands writing to the `ssp-audit` thread: long enough for a
+/// page-cache write of a large batch under load (they take tens of microseconds), short enough that a disk that has
+/// turned slow holds a worker's connections once, for a few milliseconds.
+pub(in crate::audit) const SLOW_WRITE: Duration = Duration::from_millis(5);
+/// How long the thread's writes must have been fast, after a hand-off, before the workers write again.
+pub(in crate::audit) const HAND_BACK_AFTER: Duration = Duration::from_secs(1);
+
+impl WriterState {
+    /// A worker writes `staged` (its turn's records) itself, with whatever waits in the queue before them, in one
+    /// `write`, and settles each record's request on this thread. False, with `staged` untouched, when it must not:
+    /// workers do not write now ([`SLOW_WRITE`], strict mode), another writer holds the segment, or the log is
+    /// sealed. Written buffers go to `spare`, up to `keep` of them.
+    pub(super) fn write_here(
+        &self,
+        staged: &mut Vec<Job>,
+        spare: &mut Vec<Vec<u8>>,
+        keep: usize,
+    ) -> bool {
+        if !self.direct.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut segment = match self.segment.try_lock() {
+            Ok(segment) => segment,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        let Some(writer) = segment.as_mut() else {
+            return false;
+        };
+        // Records queued before these (another worker's, when it found the segment held) go first.
+        let mut batch: Vec<Job> = {
+            let mut queue = self.lock();
+            let n = queue.jobs.len().min(MAX_BATCH);
+            let queued: Vec<Job> = queue.jobs.drain(..n).collect();
+            queue.urgent -= queued.iter().filter(|job| job.is_urgent()).count();
+            queued
+        };
+        batch.append(staged);
+        // Taken under the segment's lock, as the thread takes its records: a record that follows another finds
+        // that one's write ended.
+        batch.retain(Job::take);
+        if batch.is_empty() {
+            return true;
+        }
+        let started = std::time::Instant::now();
+        let written = writer
+            .write_batch(batch.iter().map(|job| &job.record), false)
+            .is_ok();
+        let took = started.elapsed();
+        if written {
+            self.mark_dirty(writer);
+        }
+        for job in batch {
+            job.done(written);
+            let buffer = job.record.into_buffer();
+            if spare.len() < keep && buffer.capacity() <= SPARE_BUFFER_MAX {
+                spare.push(buffer);
+            }
+        }
+        drop(segment);
+        if !written || self.slow(took) {
+            self.hand_off(took, written);
+        }
+        true
+    }
+
+    /// Whether a write that took `took` was slow ([`SLOW_WRITE`]).
+    fn slow(&self, took: Duration) -> bool {
+        nanos(took) > self.slow_write.load(Ordering::Relaxed)
+    }
+
+    /// A worker's write was slow or failed: the `ssp-audit` thread writes every record until its writes have been
+    /// fast for [`HAND_BACK_AFTER`].
+    fn hand_off(&self, took: Duration, written: bool) {
+        if !self.direct.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        *self
+            .handed_off
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now());
+        if let Some(m) = &self.metrics {
+            m.handoffs.inc();
+            m.on_thread.set(1);
+        }
+        tracing::warn!(
+            took_ms = took.as_secs_f64() * 1000.0,
+            written,
+            "audit write slow or failed on a worker: the ssp-audit thread writes every record until writes are fast again"
+        );
+    }
+
+    /// After the thread's write in batched mode: gives writing back to the workers once writes have been fast for
+    /// [`HAND_BACK_AFTER`] since the hand-off.
+    pub(super) fn maybe_hand_back(&self, took: Duration, written: bool) {
+        let mut handed_off = self
+            .handed_off
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match *handed_off {
+            Some(_) if !written || self.slow(took) => {
+                // Still slow: the wait starts again.
+                *handed_off = Some(std::time::Instant::now());
+            }
+            Some(since)
+                if nanos(since.elapsed()) >= self.hand_back_after.load(Ordering::Relaxed) =>
+            {
+                *handed_off = None;
+                drop(handed_off);
+                self.direct.store(true, Ordering::Release);
+                if let Some(m) = &self.metrics {
+                    m.on_thread.set(0);
+                }
+                tracing::info!("audit writes fast again: workers write their own records");
+            }
+            _ => {}
+        }
+    }
+}
+
+pub(super) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
