@@ -169,6 +169,94 @@ async fn idle_connections_are_closed_after_their_timeout() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// A consumer that goes away while its request is handled.
+
+/// An HTTP/1.1 consumer that closes its connection while its request waits for the provider (which never
+/// answers) is noticed at once, though hyper does not read the connection while a request is handled
+/// (`half_close`): the exchange ends `client_closed` within a second or two, not at the provider's
+/// `response_timeout` (a minute here), and the proxy's provider connection is dropped with it. Both ways of going: a
+/// plain close, and a close after close_notify.
+#[tokio::test]
+async fn a_consumer_gone_while_the_provider_is_silent_is_noticed_at_once() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let served = serve_setup(
+        &pki,
+        provider.addr,
+        &Setup {
+            response_timeout: "60s",
+            ..Setup::default()
+        },
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let url = endpoint_url(provider.addr);
+    let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
+    let dir = pki.dir.path().join("data/audit");
+    for (n, notify) in [(1u32, false), (2, true)] {
+        let mut tls = consumer.tls().await;
+        let path = format!("/{url}/fhir/silent");
+        let trace = trace_id(n);
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: ssp.dev.localhost\r\nSsp-TraceID: {trace}\r\nSsp-From: {FROM}\r\n\
+             Ssp-To: {TO}\r\nSsp-InteractionID: {METADATA}\r\nAuthorization: {}\r\n\r\n",
+            bearer(&claims(&audience(&path), METADATA))
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        // The request has reached the provider: the proxy is waiting for its answer.
+        let seen = n as usize;
+        let deadline = Instant::now() + STEP;
+        while provider.seen().len() < seen {
+            assert!(
+                Instant::now() < deadline,
+                "the provider never saw request {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let gone = Instant::now();
+        if notify {
+            tls.shutdown().await.unwrap();
+        }
+        drop(tls);
+        let records = within("client_closed", async {
+            loop {
+                let records = ssp::audit::query(
+                    &dir,
+                    &ssp::audit::Filter {
+                        trace_id: Some(trace.clone()),
+                        ..ssp::audit::Filter::default()
+                    },
+                )
+                .unwrap_or_default();
+                if records.len() >= 2 {
+                    return records;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let noticed = gone.elapsed();
+        assert_eq!(records[1]["kind"], "response", "{records:#?}");
+        assert_eq!(records[1]["outcome"], "client_closed", "{records:#?}");
+        assert!(
+            noticed < Duration::from_secs(5),
+            "request {n}: noticed after {noticed:?}"
+        );
+    }
+    // The proxy serves on.
+    let a = within(
+        "after",
+        consumer.fetch(traced_get(&url, "/fhir/metadata", &trace_id(3))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    drop(served);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Closing with a body (or a head) still arriving.
 
 /// A refused upload of 1 MiB and 5 MiB, written whole before the answer is read (as python requests does): the

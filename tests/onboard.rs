@@ -188,7 +188,8 @@ async fn the_command_and_the_proxy_refuse_alike_for_every_reason() {
         (
             "consumer",
             build(request(&w, Method::GET, "/metadata", METADATA), |h| {
-                for i in 0..101 {
+                // Over the default limit of 90 fields, under hyper's own bound of 100.
+                for i in 0..85 {
                     h.insert(
                         http::HeaderName::try_from(format!("x-extra-{i}")).unwrap(),
                         "1".parse().unwrap(),

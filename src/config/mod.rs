@@ -123,7 +123,7 @@ impl Default for LimitsConfig {
             per_provider_concurrency: 0,
             per_provider_connections: 256,
             max_header_bytes: 64 << 10,
-            max_header_count: 100,
+            max_header_count: 90,
         }
     }
 }

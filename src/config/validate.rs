@@ -367,7 +367,7 @@ impl Converter<'_> {
                 }
             },
         };
-        let max_header_count = raw.max_header_count.unwrap_or(100);
+        let max_header_count = raw.max_header_count.unwrap_or(90);
         if !(8..=1000).contains(&max_header_count) {
             self.problem("limits.max_header_count", "must be from 8 to 1000");
         }

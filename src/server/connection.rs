@@ -19,6 +19,7 @@ use crate::proxy::{ConnControl, ConnInfo, Cut, Door, Proxy};
 use crate::tls;
 
 use super::close::{CLOSE_GRACE, ConsumerIo, LINGER_TIME, close_in_stages};
+use super::hangup::{ConsumerGone, Hangup};
 use super::idle_rule::{Activity, IdleTimeouts, Tracked};
 use super::{ConnGuard, Stop};
 
@@ -131,9 +132,11 @@ impl Connection {
             .peer_certificates()
             .and_then(|chain| chain.first())
             .and_then(tls::peer_identity);
-        let idle_timeout = match session.alpn_protocol() {
-            Some(b"h2") => self.idle.http2,
-            _ => self.idle.http1,
+        let http2 = session.alpn_protocol() == Some(b"h2");
+        let idle_timeout = if http2 {
+            self.idle.http2
+        } else {
+            self.idle.http1
         };
         let certified = session.peer_certificates().is_some_and(|c| !c.is_empty());
         let (peer, audit_peer) = match peer {
@@ -167,18 +170,34 @@ impl Connection {
         });
         let activity = Arc::new(Activity::new());
         let proxy = self.proxy;
+        // HTTP/1.1: hyper does not read while a request is handled (`half_close`); the socket is watched instead.
+        let hangup = if http2 {
+            None
+        } else {
+            Hangup::watch(tls.get_ref().0).map(Arc::new)
+        };
         let service = {
             let activity = Arc::clone(&activity);
             service_fn(move |request| {
                 let proxy = Arc::clone(&proxy);
                 let info = Arc::clone(&info);
+                let hangup = hangup.clone();
                 // In flight from the complete request head until hyper has sent (or dropped) the response body.
                 let busy = activity.busy();
                 async move {
-                    let response = proxy.handle(request, &info).await?;
-                    Ok::<_, std::convert::Infallible>(
-                        response.map(|body| Tracked { body, _busy: busy }),
-                    )
+                    let handled = proxy.handle(request, &info);
+                    let response = match &hangup {
+                        None => handled.await,
+                        // The consumer gone before the response head: the handling is dropped, as hyper dropped it
+                        // when it read the end of the stream itself, and its exchange ends `client_closed`.
+                        Some(hangup) => tokio::select! {
+                            biased;
+                            response = handled => response,
+                            () = hangup.closed() => return Err(ConsumerGone),
+                        },
+                    };
+                    let Ok(response) = response;
+                    Ok(response.map(|body| Tracked { body, _busy: busy }))
                 }
             })
         };
@@ -225,6 +244,13 @@ impl Connection {
                 }
                 () = idle.as_mut(), if !closing => {
                     match activity.idle_until(idle_timeout) {
+                        // HTTP/1.1 with no request in flight has nothing to finish: the connection is closed now,
+                        // a request head still arriving with it (hyper's own header-read timer is off: this is
+                        // what bounds a slow head).
+                        Some(end) if end <= Instant::now() && !http2 => {
+                            tracing::debug!(conn = self.id, idle_s = idle_timeout.as_secs_f64(), "idle connection closed");
+                            break None;
+                        }
                         Some(end) if end <= Instant::now() => {
                             tracing::debug!(conn = self.id, idle_s = idle_timeout.as_secs_f64(), "idle connection closed");
                             closing = true;

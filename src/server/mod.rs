@@ -1,7 +1,7 @@
 //! The consumer-facing listener: the worker threads, each running a single-threaded tokio runtime, and the accept
 //! loop that hands each connection to the one with the fewest (so that a connection and its exchanges stay on one
 //! thread); the connection limit, TLS handshake with its timeout, the peer identity
-//! read once per connection, HTTP/1.1 and HTTP/2 (by ALPN) with hyper's header-read timeout, the idle rule, a
+//! read once per connection, HTTP/1.1 and HTTP/2 (by ALPN), the idle rule (which also bounds a slow request head), a
 //! graceful drain on shutdown, and the staged close of every connection ssp ends (RFC 9112 section 9.6). Knows
 //! nothing of request contents: each request goes to [`Proxy::handle`].
 //!
@@ -13,10 +13,12 @@
 //! - `connection`: one accepted connection: PROXY header, handshake, serving, and how it ends.
 //! - `idle_rule`: the idle rule's bookkeeping: requests in flight and since when there have been none.
 //! - `close`: the staged close of a connection ssp ends (RFC 9112 section 9.6).
+//! - `hangup`: a consumer that closes its HTTP/1.1 connection while a request is handled.
 //! - `proxy_protocol`: the PROXY protocol header (v1 and v2) a trusted layer-4 balancer sends first.
 
 mod close;
 mod connection;
+mod hangup;
 mod idle_rule;
 mod proxy_protocol;
 
@@ -103,6 +105,18 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// hyper's bound on a request head's fields for ssp's `limits.max_header_count`: 100 while that is below 100, so
+/// that hyper parses heads into arrays on the stack (it allocates them per request past 100: `hyper::proto::h1::
+/// role`, `DEFAULT_MAX_HEADERS`), and twice it for a larger limit, which then costs those allocations.
+fn hyper_max_headers(max_header_count: usize) -> usize {
+    const HYPER_STACK_HEADERS: usize = 100;
+    if max_header_count < HYPER_STACK_HEADERS {
+        HYPER_STACK_HEADERS
+    } else {
+        max_header_count * 2
+    }
+}
+
 impl Server {
     /// Binds the listener, whose connections' requests go to `proxy`; `serving` is set while it accepts. Fails
     /// only on the socket.
@@ -120,11 +134,16 @@ impl Server {
         http.http1()
             // hyper's timeouts do nothing (or panic) without a timer.
             .timer(TokioTimer::new())
-            .header_read_timeout(cfg.header_read_timeout)
+            // No header-read timer per request: the idle rule (`idle_rule`) already cuts a connection whose head
+            // has not arrived `header_read_timeout` after its last response, whatever it sends, and hyper's would
+            // set a timer on the worker's wheel for every request.
+            .header_read_timeout(None)
+            // No read-ahead while a request is handled: `hangup` notices a consumer that goes away instead.
+            .half_close(true)
             .keep_alive(true)
             // hyper's own limits sit above ours, so that a request just over ours reaches the proxy and gets a
             // documented 431 with its audit records; beyond hyper's, hyper answers a bare 431 and closes.
-            .max_headers(limits.max_header_count * 2)
+            .max_headers(hyper_max_headers(limits.max_header_count))
             // At most the limit plus room for the request line and separators: with the default limit this stays
             // under the 128 KiB after which some clients (curl) stop sending a head and wait, which would leave
             // them waiting for header_read_timeout instead of getting their 431.
