@@ -38,13 +38,18 @@ use crate::config::{AuditConfig, Durability};
 #[cfg(test)]
 mod hooks;
 mod on_worker;
+mod open;
 mod slot;
 mod stage;
 
+pub(crate) use open::Open;
+
 use on_worker::{HAND_BACK_AFTER, SLOW_WRITE, nanos};
 
+#[cfg(test)]
+pub(in crate::audit) use slot::NotWritten;
 use slot::Slot;
-pub(crate) use slot::{InFlight, NotWritten, Queued, Ticket};
+use slot::Ticket;
 
 #[cfg(test)]
 pub(super) use stage::STAGE_LIMIT;
@@ -84,7 +89,7 @@ impl std::error::Error for Unavailable {}
 
 /// A record waiting to be written; its slot, if a request waits for it (none for records nobody waits for); the
 /// group slot of its worker's turn, if it was staged; the slot of an earlier request record it must follow into the
-/// log (see [`InFlight`]); its place in the queue's capacity, given back when the thread takes it.
+/// log (see [`slot::InFlight`]); its place in the queue's capacity, given back when the thread takes it.
 struct Job {
     record: Encoded,
     slot: Option<Arc<Slot>>,
@@ -525,7 +530,7 @@ impl AuditLog {
     }
 
     /// A place in the queue's capacity for a request record, waiting at most 100 ms for one.
-    pub(crate) async fn reserve(&self) -> Result<Room, Unavailable> {
+    pub(in crate::audit) async fn reserve(&self) -> Result<Room, Unavailable> {
         tokio::time::timeout(SUBMIT_WAIT, Arc::clone(&self.shared.room).acquire_owned())
             .await
             .map_err(|_| Unavailable)?
@@ -535,7 +540,11 @@ impl AuditLog {
 
     /// Queues (or stages) a request record in its reserved place, at once: from here on it will be written
     /// whatever becomes of the request. The ticket says when it is.
-    pub(crate) fn queue(&self, record: Record, room: Room) -> Result<Ticket, Unavailable> {
+    pub(in crate::audit) fn queue(
+        &self,
+        record: Record,
+        room: Room,
+    ) -> Result<Ticket, Unavailable> {
         let slot = Arc::new(Slot::for_records(1));
         let job = Job {
             record: Encoded::new(&record, stage::spare_buffer()),
@@ -567,25 +576,6 @@ impl AuditLog {
     /// [`STAGE_LIMIT`](stage::STAGE_LIMIT) of its kind.
     pub(crate) fn submit(&self, record: Record) {
         self.submit_job(record, None);
-    }
-
-    /// As [`AuditLog::submit`], for the `response` record of a request that stopped waiting for its request record
-    /// while that record was being written ([`NotWritten::InFlight`]): it follows that record into the log if,
-    /// and only if, its write ends well.
-    pub(super) fn submit_after(&self, record: Record, request: InFlight) {
-        self.submit_job(record, Some(request.0));
-    }
-
-    /// Queues a permitted request's `response` record after its `request` record: at once once that is written.
-    /// If the request stopped waiting before (5 s passed, or its consumer went away while the record was queued),
-    /// the request record is withdrawn if the writer has not taken it, and then neither is written; if the writer
-    /// was writing it, the response record follows it only if that write ends well.
-    pub(crate) fn submit_response(&self, record: Record, request: &Queued) {
-        match request.stop_waiting() {
-            Ok(()) => self.submit(record),
-            Err(NotWritten::InFlight(request)) => self.submit_after(record, request),
-            Err(NotWritten::Never) => {}
-        }
     }
 
     fn submit_job(&self, record: Record, after: Option<Arc<Slot>>) {

@@ -38,8 +38,10 @@ fn outcome_of(code: u8) -> Outcome {
     }
 }
 
-/// The running totals of one forwarded exchange, shared by the request and response body wrappers. When the last
-/// holder lets go (both bodies ended or were dropped) the exchange is over and `on_end` runs, exactly once.
+/// The running totals of one forwarded exchange, written by the request and response body wrappers and read when
+/// it ends. It is held by the value that ends the exchange ([`HoldsExchange`]); the body wrappers hold that value,
+/// so that when the last of them lets go (both bodies ended or were dropped) its own `Drop` ends the exchange. This
+/// module runs no one else's code.
 pub struct Exchange {
     started: Instant,
     /// Consumer to provider body bytes.
@@ -55,10 +57,6 @@ pub struct Exchange {
     retried: std::sync::atomic::AtomicBool,
     /// The whole request body has been handed to the provider connection.
     request_sent: std::sync::atomic::AtomicBool,
-    /// Taken by `Drop`, which has `&mut self`, so no lock is needed to run it once.
-    on_end: Option<EndHook>,
-    /// The exchange never happened (its request record was not written): the hook is dropped unrun.
-    cancelled: std::sync::atomic::AtomicBool,
     /// The consumer's request body failed to parse (not merely ended early): see
     /// [`Exchange::request_body_malformed`].
     request_malformed: std::sync::atomic::AtomicBool,
@@ -75,8 +73,29 @@ pub struct Exchange {
     request_copy: std::sync::OnceLock<Arc<BodyScan>>,
 }
 
-/// What runs when an exchange ends.
-type EndHook = Box<dyn FnOnce(&Completion) + Send + Sync>;
+/// What the body wrappers and the provider leg hold of an exchange: the value that owns its [`Exchange`] and ends
+/// the request when it is dropped (`proxy::ending::Ending`; a bare `Exchange` in this module's tests).
+pub trait HoldsExchange: Send + Sync + 'static {
+    fn exchange(&self) -> &Exchange;
+}
+
+impl HoldsExchange for Exchange {
+    fn exchange(&self) -> &Exchange {
+        self
+    }
+}
+
+/// The exchange's counters, through whatever holds them.
+impl std::ops::Deref for dyn HoldsExchange {
+    type Target = Exchange;
+
+    fn deref(&self) -> &Exchange {
+        self.exchange()
+    }
+}
+
+/// An exchange as the bodies and the provider leg share it.
+pub(crate) type SharedExchange = Arc<dyn HoldsExchange>;
 
 impl std::fmt::Debug for Exchange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,11 +106,8 @@ impl std::fmt::Debug for Exchange {
 }
 
 impl Exchange {
-    pub fn new(
-        started: Instant,
-        on_end: impl FnOnce(&Completion) + Send + Sync + 'static,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(started: Instant) -> Self {
+        Self {
             started,
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
@@ -100,15 +116,18 @@ impl Exchange {
             upstream_us: AtomicU64::new(0),
             retried: std::sync::atomic::AtomicBool::new(false),
             request_sent: std::sync::atomic::AtomicBool::new(false),
-            on_end: Some(Box::new(on_end)),
-            cancelled: std::sync::atomic::AtomicBool::new(false),
             request_malformed: std::sync::atomic::AtomicBool::new(false),
             awaiting_consumer: AtomicU64::new(0),
             stalled: std::sync::atomic::AtomicBool::new(false),
             watch: std::sync::Mutex::new(None),
             watched: std::sync::atomic::AtomicBool::new(false),
             request_copy: std::sync::OnceLock::new(),
-        })
+        }
+    }
+
+    /// When the request started.
+    pub(crate) fn started(&self) -> Instant {
+        self.started
     }
 
     /// Copies the start of the request body into `scan` as its frames go to the provider (unchanged, undelayed),
@@ -122,12 +141,6 @@ impl Exchange {
         self.status.store(status, Ordering::Relaxed);
         self.upstream_us
             .store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// The exchange never happened: when it is dropped, its end hook is dropped without running (what the hook
-    /// holds, such as the exchange's limits, is freed all the same).
-    pub(crate) fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Release);
     }
 
     /// Whether the whole request body has gone to the provider connection: until it has, that connection cannot
@@ -214,6 +227,7 @@ impl Exchange {
 }
 
 impl Drop for Exchange {
+    /// The watch on the consumer ends with the exchange.
     fn drop(&mut self) {
         if let Some(watch) = self
             .watch
@@ -222,13 +236,6 @@ impl Drop for Exchange {
             .take()
         {
             watch.abort();
-        }
-        let hook = self.on_end.take();
-        if self.cancelled.load(Ordering::Acquire) {
-            return;
-        }
-        if let Some(hook) = hook {
-            hook(&self.summary());
         }
     }
 }
@@ -280,7 +287,7 @@ pin_project_lite::pin_project! {
         idle: Option<Pin<Box<Sleep>>>,
         idle_timeout: Duration,
         last_frame: Instant,
-        exchange: Arc<Exchange>,
+        exchange: SharedExchange,
         direction: Direction,
         done: bool,
         // The request body's copy for the patient index, while it wants more.
@@ -301,7 +308,7 @@ impl<B: Body> Streamed<B> {
     pub fn new(
         inner: B,
         idle_timeout: Duration,
-        exchange: Arc<Exchange>,
+        exchange: SharedExchange,
         direction: Direction,
     ) -> Self {
         let now = Instant::now();

@@ -22,7 +22,9 @@ mod idle_conns;
 mod pool;
 
 pub(crate) use connector::Connector;
-pub(crate) use exchange::{Direction, Exchange, IdleTimeout, Streamed};
+pub(crate) use exchange::{
+    Direction, Exchange, HoldsExchange, IdleTimeout, SharedExchange, Streamed,
+};
 pub(crate) use headers::{
     ClientFields, RequestFramingError, normalize_request_headers, request_framing,
     rewrite_request_headers, strip_hop_by_hop,

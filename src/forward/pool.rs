@@ -32,8 +32,8 @@ use super::headers::{
 };
 use super::idle_conns::IdleConns;
 use super::{
-    BoxError, ClientFields, Connector, Direction, Exchange, ForwardError, IdleTimeout, Streamed,
-    rewrite_request_headers, strip_hop_by_hop,
+    BoxError, ClientFields, Connector, Direction, ForwardError, IdleTimeout, SharedExchange,
+    Streamed, rewrite_request_headers, strip_hop_by_hop,
 };
 use crate::config::UpstreamConfig;
 use crate::policy::Permit;
@@ -358,7 +358,7 @@ pub(crate) struct ProviderBody {
     pool: Arc<Pool>,
     /// Says whether the request body has all gone out: a provider that answered before reading all of it leaves
     /// a connection that cannot carry another request, and it is closed instead of pooled.
-    exchange: Arc<Exchange>,
+    exchange: SharedExchange,
     /// An error held back for one turn (see `poll_frame`).
     failed: Option<hyper::Error>,
 }
@@ -516,7 +516,7 @@ impl Upstream {
         permit: &Permit,
         request: Request<Incoming>,
         client: &ClientFields,
-        exchange: &Arc<Exchange>,
+        exchange: &SharedExchange,
     ) -> Result<Response<ProviderBody>, ForwardError> {
         let (mut parts, body) = request.into_parts();
         let target = permit.target();

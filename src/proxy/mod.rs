@@ -108,7 +108,7 @@ pub(crate) struct ConnControl {
     /// The exchanges whose consumer is watched for taking no response bytes (see `pipeline::watch_consumer`):
     /// when the connection is cut for one of them, each that is still waiting on the consumer ends as `timeout`
     /// too (its body, handed over whole, may otherwise say `ok` though none of it was delivered).
-    watched: std::sync::Mutex<Vec<std::sync::Weak<crate::forward::Exchange>>>,
+    watched: std::sync::Mutex<Vec<std::sync::Weak<dyn crate::forward::HoldsExchange>>>,
 }
 
 impl ConnControl {
@@ -119,7 +119,7 @@ impl ConnControl {
     }
 
     /// Keeps `exchange` to be ended as `timeout` if the connection is cut while it waits on the consumer.
-    pub(crate) fn watch(&self, exchange: &Arc<crate::forward::Exchange>) {
+    pub(crate) fn watch(&self, exchange: &crate::forward::SharedExchange) {
         let mut watched = self
             .watched
             .lock()

@@ -15,22 +15,25 @@ use tokio::time::Instant;
 use super::body::{ProxyBody, drain};
 use super::checks::Checks;
 use super::operation_outcome::Format;
-use super::refusal::{Refusal, log_refusal};
-use super::{ConnControl, ConnInfo, Cut};
+use super::refusal::Refusal;
+use super::{ConnControl, ConnInfo};
 use crate::audit::patients::Indexer;
-use crate::audit::writer::Queued;
 use crate::audit::{AuditLog, Outcome, Record, Transaction};
 use crate::config::JwtConfig;
 use crate::forward::{
-    Direction, Exchange, ForwardError, ProviderBody, RequestFramingError, Streamed, Upstream,
+    Direction, ForwardError, ProviderBody, RequestFramingError, SharedExchange, Streamed, Upstream,
 };
 use crate::jwt::JwtAudit;
 use crate::limits::{Admission, Limits, Throttle};
 use crate::metrics::{Metrics, OTHER};
 use crate::policy::{Decision, Permit, Policy};
 use crate::ssp::{self, SspRequest};
+use ending::log_refusal;
 
+mod ending;
 mod patient_facing;
+
+use ending::Ending;
 
 /// The request pipeline's shared state.
 #[derive(Debug)]
@@ -221,7 +224,6 @@ impl Proxy {
                 }
             }
         };
-        log_refusal(&refusal, conn, trace_id.as_ref(), &asids);
         if let Some(onboarding) = &self.onboarding {
             onboarding.refused(conn, &refusal, &policy);
         }
@@ -248,16 +250,16 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .filter(|i| policy.knows(i))
             .unwrap_or(OTHER);
-        self.metrics.denied(refusal.reason());
-        self.metrics.request_done(
-            interaction,
-            "denied",
+        self.end_refused(
+            &parts,
+            conn,
+            refusal,
+            text,
             response.status().as_u16(),
-            started.elapsed(),
+            interaction,
+            started,
+            policy.generation,
         );
-        if !matches!(refusal, Refusal::AuditUnavailable) {
-            self.audit_refusal(&parts, conn, refusal, text, started, policy.generation);
-        }
         Ok(response)
     }
 
@@ -306,57 +308,15 @@ impl Proxy {
         Ok((permit, jwt, admission))
     }
 
-    /// Check 12, and the exchange it opens: `record`, the request record of `tx`, queued and written (per
-    /// `audit.durability`) before anything is forwarded. `None`: the request is refused with 503
-    /// `AUDIT_UNAVAILABLE` (the caller answers it); no exchange happened, and its end (metrics, response record)
-    /// does not run.
-    async fn open_exchange(
-        &self,
-        tx: &Arc<Transaction>,
-        record: Record,
-        admission: Admission,
-        started: Instant,
-        conn: &ConnInfo,
-    ) -> Option<Arc<Exchange>> {
-        let ticket = self
-            .audit
-            .reserve()
-            .await
-            .and_then(|room| self.audit.queue(record, room))
-            .ok()?;
-        // From the moment its request record is queued, the exchange exists: if the consumer goes away while
-        // the record is being written (an HTTP/2 stream reset), the exchange still ends with its response
-        // record (`client_closed`), unless the record was withdrawn (`AuditLog::submit_response`).
-        let exchange = self.exchange(
-            Arc::clone(tx),
-            ticket.request(),
-            admission,
-            started,
-            Arc::clone(&conn.control),
-        );
-        if let Some(scan) = tx.body_scan() {
-            exchange.copy_request_body(Arc::clone(scan));
-        }
-        if ticket.written().await.is_err() {
-            // Given up while its write was stuck (5 s), the request record may still reach the log: a response
-            // record saying the request was refused then follows it (none if it was withdrawn).
-            exchange.cancel();
-            let status = Refusal::AuditUnavailable.status().as_u16();
-            let record = Record::denied(tx, status, started.elapsed());
-            self.audit.submit_response(record, &ticket.request());
-            return None;
-        }
-        Some(exchange)
-    }
-
     /// Forwards a permitted request, streaming both ways. The response record is written when the exchange ends.
     async fn forward(
         &self,
         permit: &Permit,
-        exchange: Arc<Exchange>,
+        exchange: Arc<Ending>,
         request: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Refusal> {
+        let exchange: SharedExchange = exchange;
         let http2 = request.version() == http::Version::HTTP_2;
         let response = match self
             .upstream
@@ -412,105 +372,6 @@ impl Proxy {
         Ok(Response::from_parts(parts, ProxyBody::stream(body)))
     }
 
-    /// The exchange accounting of a forwarded request; when it ends it writes the response record and one
-    /// operational log line.
-    fn exchange(
-        &self,
-        tx: Arc<Transaction>,
-        request: Queued,
-        admission: Admission,
-        started: Instant,
-        control: Arc<ConnControl>,
-    ) -> Arc<Exchange> {
-        let audit = Arc::clone(&self.audit);
-        let metrics = Arc::clone(&self.metrics);
-        Exchange::new(started, move |end| {
-            // The exchange is over: its consumer and provider limits are free again.
-            drop(admission);
-            let [from, to, interaction] = tx.parties().map(|p| p.unwrap_or(OTHER));
-            // A permitted interaction is one the policy names, so it is a bounded label.
-            metrics.request_done(interaction, end.outcome.as_str(), end.status, end.total);
-            metrics.upstream(end.upstream, end.bytes_in, end.bytes_out);
-            match end.outcome {
-                Outcome::UpstreamError => metrics.upstream_error("upstream_error"),
-                Outcome::Timeout if !end.consumer_stalled => metrics.upstream_error("timeout"),
-                _ => {}
-            }
-            // Cancelled by the consumer within a second of its start (Envoy's premature reset): the provider
-            // connection it was on is closed mid-request or mid-response, and a new one is dialled for the next.
-            let premature =
-                end.outcome == Outcome::ClientClosed && end.total < PREMATURE_RESET_LIFETIME;
-            if control.exchange_ended(premature) {
-                tracing::info!(
-                    conn = tx.conn_id(),
-                    "consumer cancelled too many requests within a second of their start; closing its connection"
-                );
-                metrics.connection_cut("premature_resets");
-                control.cut(Cut::GoAway);
-            }
-            // A completed exchange is a debug line: the audit trail is its record, and a line per request at
-            // national volumes would be rate-limited by the journal anyway. One that failed is an event.
-            macro_rules! exchange_line {
-                ($level:ident) => {
-                    tracing::$level!(
-                        conn = tx.conn_id(),
-                        trace_id = %tx.trace_id().unwrap_or("-"),
-                        from = %from,
-                        to = %to,
-                        interaction = %interaction,
-                        status = end.status,
-                        bytes_in = end.bytes_in,
-                        bytes_out = end.bytes_out,
-                        upstream_ms = crate::audit::millis(end.upstream),
-                        total_ms = crate::audit::millis(end.total),
-                        outcome = end.outcome.as_str(),
-                        consumer_stalled = end.consumer_stalled,
-                        retried = end.retried,
-                        "exchange"
-                    )
-                };
-            }
-            if end.outcome == Outcome::Ok {
-                exchange_line!(debug);
-            } else {
-                exchange_line!(info);
-            }
-            audit.submit_response(Record::completed(&tx, *end), &request);
-        })
-    }
-
-    /// The `request` and `response` records of a refused request, from the raw (bounded) values it carried.
-    fn audit_refusal(
-        &self,
-        parts: &http::request::Parts,
-        conn: &ConnInfo,
-        refusal: Refusal,
-        text: String,
-        started: Instant,
-        generation: u64,
-    ) {
-        let tx = Transaction::refused(
-            conn.id,
-            &conn.audit_peer,
-            parts,
-            generation,
-            self.patients.as_ref(),
-        );
-        let status = refusal.status();
-        let jwt = match refusal {
-            Refusal::Jwt(_, audit) => Some(audit),
-            _ => None,
-        };
-        // A reason can quote the target (`..._VARIES_FROM_TARGETURL_<target>`): redacted as the target is.
-        let text = match &self.patients {
-            Some(indexer) => indexer.redact_text(text),
-            None => text,
-        };
-        self.audit.submit(Record::refused(&tx, text, jwt));
-        self.audit
-            .submit(Record::denied(&tx, status.as_u16(), started.elapsed()));
-    }
-
     /// Check 10: decodes and validates the token when `jwt.mode` is not `off`. In enforce mode the first violation
     /// refuses the request; in audit mode violations are recorded and the request goes on.
     fn check_jwt(
@@ -555,11 +416,6 @@ fn head_has_no_body(head: bool, response: &mut Response<ProxyBody>) {
     }
 }
 
-/// An exchange the consumer cancels sooner than this after its start counts as a premature reset (Envoy's
-/// `premature_reset_min_stream_lifetime_seconds`, 1 s by default): counted whether or not its response head had
-/// come, since either way its provider connection is closed.
-const PREMATURE_RESET_LIFETIME: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// A provider body the consumer could stop taking part-way through while its exchange holds a provider
 /// connection or the limits' slots. Over HTTP/2 any body can: a stream or connection window the consumer keeps
 /// shut (even at zero from the start) stops the first frame. Over HTTP/1.x a body of known length that fits in
@@ -577,7 +433,7 @@ fn may_stall(body: &ProviderBody, http2: bool) -> bool {
 /// provider is not the consumer's: the response body's own idle timer bounds that. Ends with the exchange
 /// (aborted by it) or when it cuts.
 async fn watch_consumer(
-    exchange: std::sync::Weak<Exchange>,
+    exchange: std::sync::Weak<dyn crate::forward::HoldsExchange>,
     bound: std::time::Duration,
     control: Arc<ConnControl>,
     metrics: Arc<Metrics>,

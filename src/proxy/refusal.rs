@@ -5,7 +5,6 @@
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::ConnInfo;
 use super::body::ProxyBody;
 use super::operation_outcome::{Format, IssueCode, OperationOutcome, Severity};
 use crate::forward::{ForwardError, RequestFramingError};
@@ -215,47 +214,3 @@ pub const X_RATE_LIMIT_REMAINING: http::HeaderName =
     http::HeaderName::from_static("x-rate-limit-remaining");
 pub const X_RATE_LIMIT_RESET: http::HeaderName =
     http::HeaderName::from_static("x-rate-limit-reset");
-
-/// One operational log line per refusal: trace id, ASIDs and a bounded reason. Never the target URL (it can
-/// carry patient identifiers), never a token.
-pub(super) fn log_refusal(
-    refusal: &Refusal,
-    conn: &ConnInfo,
-    trace_id: Option<&HeaderValue>,
-    (from, to): &(Option<HeaderValue>, Option<HeaderValue>),
-) {
-    // Consumer input, so bounded; `to_str` admits visible ASCII only, so nothing can forge a log line.
-    fn field(v: Option<&HeaderValue>) -> &str {
-        v.and_then(|v| v.to_str().ok())
-            .map_or("-", |t| &t[..t.len().min(64)])
-    }
-    let (trace_id, from, to) = (field(trace_id), field(from.as_ref()), field(to.as_ref()));
-    match refusal {
-        Refusal::Upstream { error, .. } => tracing::warn!(
-            conn = conn.id,
-            trace_id,
-            from,
-            to,
-            reason = refusal.reason(),
-            error = %error,
-            "upstream failure"
-        ),
-        Refusal::Denied(d) => tracing::info!(
-            conn = conn.id,
-            trace_id,
-            from,
-            to,
-            reason = refusal.reason(),
-            check = d.number(),
-            "request refused"
-        ),
-        _ => tracing::info!(
-            conn = conn.id,
-            trace_id,
-            from,
-            to,
-            reason = refusal.reason(),
-            "request refused"
-        ),
-    }
-}

@@ -19,10 +19,10 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::Proxy;
+use super::ending::AbandonedExchange;
 use crate::audit::{PatientAccess, Record, Transaction};
 use crate::forward::RequestFramingError;
 use crate::limits::Admission;
-use crate::metrics::OTHER;
 use crate::patient_facing::{Front, SupplierToken};
 use crate::policy::{Decision, Permit, Policy};
 use crate::proxy::ConnInfo;
@@ -138,12 +138,6 @@ impl Proxy {
             echo_ids(&mut response, echo);
             return Ok(response);
         };
-        tracing::info!(
-            conn = conn.id,
-            reason = refusal.reason(),
-            status = refusal.status().as_u16(),
-            "patient-facing request refused"
-        );
         let mut response = refusal.respond();
         super::head_has_no_body(head, &mut response);
         if parts.version <= http::Version::HTTP_11
@@ -154,29 +148,16 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         echo_ids(&mut response, echo);
-        self.metrics.denied(refusal.reason());
-        self.metrics.request_done(
-            OTHER,
-            "denied",
+        self.end_patient_refused(
+            &parts,
+            conn,
+            &refusal,
             response.status().as_u16(),
-            started.elapsed(),
+            &front.config().asid,
+            access,
+            started,
+            policy.generation,
         );
-        if !matches!(refusal, PatientRefusal::AuditUnavailable) {
-            let tx = Transaction::refused_patient_facing(
-                conn.id,
-                &conn.audit_peer,
-                &parts,
-                policy.generation,
-                &front.config().asid,
-                access,
-                self.patients.as_ref(),
-            );
-            let status = refusal.status().as_u16();
-            self.audit
-                .submit(Record::refused(&tx, refusal.audit_text(), None));
-            self.audit
-                .submit(Record::denied(&tx, status, started.elapsed()));
-        }
         Ok(response)
     }
 
@@ -306,49 +287,6 @@ impl Proxy {
             admission,
             supplier,
         })
-    }
-}
-
-/// The records of a request whose consumer went away while its supplier token was being exchanged (the patient's
-/// token has gone to the token endpoint, so the request is not without a trace): a refused `request` record and a
-/// `client_closed` response with status 499 (nginx's "client closed request"), written when it is dropped armed.
-struct AbandonedExchange<'p> {
-    proxy: &'p Proxy,
-    tx: Option<Arc<Transaction>>,
-    started: Instant,
-}
-
-impl AbandonedExchange<'_> {
-    /// The exchange answered: nothing to record here.
-    fn disarm(mut self) {
-        self.tx = None;
-    }
-}
-
-impl Drop for AbandonedExchange<'_> {
-    fn drop(&mut self) {
-        let Some(tx) = self.tx.take() else {
-            return;
-        };
-        let audit = &self.proxy.audit;
-        audit.submit(Record::refused(
-            &tx,
-            "CLIENT_CLOSED_DURING_TOKEN_EXCHANGE".into(),
-            None,
-        ));
-        audit.submit(Record::completed(
-            &tx,
-            crate::audit::Completion {
-                status: 499,
-                bytes_in: 0,
-                bytes_out: 0,
-                upstream: std::time::Duration::ZERO,
-                total: self.started.elapsed(),
-                retried: false,
-                outcome: crate::audit::Outcome::ClientClosed,
-                consumer_stalled: false,
-            },
-        ));
     }
 }
 
