@@ -1,0 +1,30 @@
+#!/bin/sh
+# A per-request CPU budget of ssp by stage, across all of its threads: the load benchmark's batched instance
+# profiled with `perf record` (every thread, kernel included, 1,999 Hz) for the whole of one run of one scenario
+# (`SSP_BENCH_ONLY`, default c32), the samples' self time put into stages by symbol and library
+# (benches/budget.py), each stage's share times the CPU per request that run measured from /proc. The shares add up
+# to the whole by construction: the method attributes, it does not add. Usage: benches/budget.sh [SCENARIO [SECS]]
+# Needs perf (linux-perf) and permission to profile another process (root, or kernel.perf_event_paranoid <= 1).
+set -eu
+cd "$(dirname "$0")/.."
+scenario=${1:-c32}
+secs=${2:-10}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+SSP_BENCH_PEERS=0 SSP_BENCH_ONLY=$scenario SSP_BENCH_SECS=$secs SSP_BENCH_ROUNDS=1 \
+    cargo bench --locked --bench load >"$out/bench.txt" 2>"$out/bench.err" &
+bench=$!
+# The batched instance: `ssp serve --config <tmp>/batched.toml`.
+pid=""
+while [ -z "$pid" ]; do
+    kill -0 "$bench" 2>/dev/null || { cat "$out/bench.err" >&2; exit 1; }
+    pid=$(pgrep -f 'serve --config .*/batched\.toml' | head -1 || true)
+    sleep 0.2
+done
+perf record -q -F 1999 -p "$pid" -o "$out/perf.data" >/dev/null 2>&1 &
+perf=$!
+wait "$bench"
+wait "$perf" || true
+cat "$out/bench.txt"
+perf report -i "$out/perf.data" --no-children --sort comm,dso,sym -F overhead,comm,dso,sym --stdio 2>/dev/null \
+    | python3 benches/budget.py "$out/bench.txt" "$scenario"
