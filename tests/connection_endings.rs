@@ -174,8 +174,8 @@ async fn idle_connections_are_closed_after_their_timeout() {
 /// An HTTP/1.1 consumer that closes its connection while its request waits for the provider (which never
 /// answers) is noticed at once, though hyper does not read the connection while a request is handled
 /// (`half_close`): the exchange ends `client_closed` within a second or two, not at the provider's
-/// `response_timeout` (a minute here), and the proxy's provider connection is dropped with it. Both ways of going: a
-/// plain close, and a close after close_notify.
+/// `response_timeout` (a minute here), and the proxy serves on. Both ways of going: a plain close, and a close after
+/// close_notify.
 #[tokio::test]
 async fn a_consumer_gone_while_the_provider_is_silent_is_noticed_at_once() {
     let pki = Pki::generate();
