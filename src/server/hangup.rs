@@ -10,6 +10,13 @@
 //! when hyper read the end of the stream itself: its future is dropped and its exchange ends `client_closed`. The
 //! watch costs a descriptor and one `epoll_ctl` per connection, and no system call per request. HTTP/2 needs none:
 //! hyper reads an HTTP/2 connection throughout.
+//!
+//! What it does not see: a consumer that sends TLS close_notify and keeps its TCP connection open. The alert is bytes
+//! to read, not a closed socket, and under TLS 1.3 it cannot be told from a pipelined request without decrypting it;
+//! such a request is handled to its end (answered, or `upstream.response_timeout`), as TLS 1.3's half-close allows
+//! (RFC 8446 section 6.1). With hyper reading ahead, before this watch, it was dropped as `client_closed`. A FIN after
+//! the alert is seen at once. A consumer that shuts down its write side after a whole request (`shutdown(SHUT_WR)`)
+//! is taken as gone, as hyper took it: its request is dropped, `client_closed`.
 
 use std::os::fd::AsFd;
 
