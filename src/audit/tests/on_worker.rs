@@ -97,3 +97,34 @@ async fn a_slow_write_hands_writing_to_the_thread_until_writes_are_fast() {
     log.close();
     assert_eq!(verify(dir.path()).unwrap().records, 4);
 }
+
+/// A worker that finds the segment held by another writer does not wait for it: its records go to the thread's
+/// queue, and are written (and the request woken) once the lock is let go. Not a hand-off: the workers go on writing.
+#[tokio::test]
+async fn a_worker_finding_the_segment_held_queues_its_records_for_the_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = writer_metrics();
+    let log = std::sync::Arc::new(AuditLog::start_with_metrics(
+        config(dir.path(), Durability::Batched, 64 << 20),
+        Some(metrics.clone()),
+    ));
+    let held = log.lock_segment();
+    let waiting = tokio::spawn({
+        let log = std::sync::Arc::clone(&log);
+        async move { log.write(request(0)).await }
+    });
+    until("the record reaches the thread's queue", || {
+        log.queue_depth() == 1
+    })
+    .await;
+    assert!(!waiting.is_finished());
+    drop(held);
+    waiting.await.unwrap().unwrap();
+    assert_eq!(metrics.handoffs.get(), 0);
+    // The worker writes the next one itself: the thread held, it is written all the same.
+    log.hold_thread(true);
+    log.write(request(1)).await.unwrap();
+    log.hold_thread(false);
+    log.close();
+    assert_eq!(verify(dir.path()).unwrap().records, 3);
+}

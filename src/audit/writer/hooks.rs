@@ -59,4 +59,14 @@ impl AuditLog {
             .hand_back_after
             .store(nanos(hand_back_after), Ordering::Relaxed);
     }
+
+    /// Tests: holds the segment's lock, as another worker does while it writes.
+    pub(in crate::audit) fn lock_segment(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<super::SegmentWriter>> {
+        self.shared
+            .segment
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
