@@ -101,6 +101,10 @@ async fn a_slow_write_hands_writing_to_the_thread_until_writes_are_fast() {
 /// A worker that finds the segment held by another writer does not wait for it: its records go to the thread's
 /// queue, and are written (and the request woken) once the lock is let go. Not a hand-off: the workers go on writing.
 #[tokio::test]
+#[allow(
+    clippy::await_holding_lock,
+    reason = "the test is another writer holding the segment while the worker's record waits"
+)]
 async fn a_worker_finding_the_segment_held_queues_its_records_for_the_thread() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = writer_metrics();
