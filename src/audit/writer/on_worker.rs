@@ -37,19 +37,22 @@ impl WriterState {
         let Some(writer) = segment.as_mut() else {
             return false;
         };
-        // Records queued before these (another worker's, when it found the segment held) go first.
-        let mut batch: Vec<Job> = {
+        // The stage's own list is the batch (no allocation per turn), given back empty below. Records queued before
+        // these (another worker's, when it found the segment held) go first.
+        let mut batch = std::mem::take(staged);
+        {
             let mut queue = self.lock();
-            let n = queue.jobs.len().min(MAX_BATCH);
-            let queued: Vec<Job> = queue.jobs.drain(..n).collect();
-            queue.urgent -= queued.iter().filter(|job| job.is_urgent()).count();
-            queued
-        };
-        batch.append(staged);
+            if !queue.jobs.is_empty() {
+                let n = queue.jobs.len().min(MAX_BATCH);
+                queue.urgent -= queue.jobs[..n].iter().filter(|job| job.is_urgent()).count();
+                batch.splice(0..0, queue.jobs.drain(..n));
+            }
+        }
         // Taken under the segment's lock, as the thread takes its records: a record that follows another finds
         // that one's write ended.
         batch.retain(Job::take);
         if batch.is_empty() {
+            *staged = batch;
             return true;
         }
         let started = std::time::Instant::now();
@@ -60,13 +63,14 @@ impl WriterState {
         if written {
             self.mark_dirty(writer);
         }
-        for job in batch {
+        for job in batch.drain(..) {
             job.done(written);
             let buffer = job.record.into_buffer();
             if spare.len() < keep && buffer.capacity() <= SPARE_BUFFER_MAX {
                 spare.push(buffer);
             }
         }
+        *staged = batch;
         drop(segment);
         if !written || self.slow(took) {
             self.hand_off(took, written);
