@@ -37,13 +37,14 @@ const PREMATURE_RESET_LIFETIME: std::time::Duration = std::time::Duration::from_
 pub(crate) struct Ending {
     exchange: Exchange,
     tx: Arc<Transaction>,
-    /// Taken by `Drop` (or by [`Ending::unavailable`] through `ended`).
+    /// Ended by `Drop`, once.
     open: Option<Open>,
     /// Its consumer and provider limits, free again when it ends.
     admission: Option<Admission>,
     metrics: Arc<Metrics>,
     control: Arc<ConnControl>,
-    /// Ended as refused (503 `AUDIT_UNAVAILABLE`): `Drop` only frees what it holds.
+    /// Refused (503 `AUDIT_UNAVAILABLE`, [`Ending::unavailable`]): `Drop` ends it with a `denied` response record
+    /// (kept only if its request record reaches the log) and no exchange metrics (the refusal's are counted).
     refused: AtomicBool,
 }
 
