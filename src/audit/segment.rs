@@ -120,13 +120,14 @@ impl SegmentWriter {
     }
 
     /// Writes one batch with one `write` and, with `sync` (strict durability), fsyncs it; counts it and times both
-    /// (`ssp_audit_write_seconds`); then moves to the next segment once this one has reached `audit.segment_size`
-    /// (after the batch, so a batch never spans two segments). A failure is logged and turns the log unhealthy; a
-    /// good write makes it healthy again. `Ok` means written, and with `sync` also fsynced.
+    /// (`ssp_audit_write_seconds`); then, with `rotate`, moves to the next segment once this one has reached
+    /// `audit.segment_size` (after the batch, so a batch never spans two segments). A failure is logged and turns the
+    /// log unhealthy; a good write makes it healthy again. `Ok` means written, and with `sync` also fsynced.
     pub(super) fn write_batch<'r>(
         &mut self,
         records: impl ExactSizeIterator<Item = &'r Encoded>,
         sync: bool,
+        rotate: bool,
     ) -> io::Result<()> {
         let started = Instant::now();
         let n = records.len() as u64;
@@ -143,14 +144,30 @@ impl SegmentWriter {
             m.records.inc_by(n);
             m.write_seconds.observe(started.elapsed().as_secs_f64());
         }
-        if self
-            .segment
-            .as_ref()
-            .is_some_and(|s| s.len >= self.cfg.segment_size)
-        {
+        if rotate && self.full() {
             self.rotate();
         }
         Ok(())
+    }
+
+    /// The segment has reached `audit.segment_size`: the next writer that may rotate does so before it writes.
+    fn full(&self) -> bool {
+        self.segment
+            .as_ref()
+            .is_some_and(|s| s.len >= self.cfg.segment_size)
+    }
+
+    /// Whether a plain append is all the next write needs: a segment is open and not full. Otherwise the next write
+    /// opens or rotates one (file creation and fsyncs), which is the writer thread's work, not a worker's.
+    pub(super) fn appends_only(&self) -> bool {
+        self.segment.is_some() && !self.full()
+    }
+
+    /// Moves to the next segment if this one is full (one a worker's write filled).
+    pub(super) fn rotate_if_full(&mut self) {
+        if self.full() {
+            self.rotate();
+        }
     }
 
     /// The file being appended to, for the batched-mode syncer (which fsyncs it while writes go on).

@@ -13,8 +13,10 @@
 //! that acknowledges every record in it, and the records of runtimes that are not workers. In batched mode a record
 //! is acknowledged once written (to the page cache), and `ssp-audit-sync` fsyncs the segment `audit.fsync_interval`
 //! after the first write since its last fsync, so that writes go on during an fsync. Recovery and the first
-//! segment's open happen in `AuditLog::start_with_metrics`, which the proxy calls on a blocking thread; rotation
-//! (rare: once per `audit.segment_size`) happens in the write that fills a segment, wherever that runs.
+//! segment's open happen in `AuditLog::start_with_metrics`, which the proxy calls on a blocking thread. Rotation
+//! and reopening are the thread's too: a worker that finds the segment full (its own write may have filled it) or
+//! not open hands its records to the thread, which rotates before it writes them, so no worker waits on a seal's
+//! fsync or a file's creation.
 //!
 //! Nothing polls. The writer waits on a condition variable that a queued record or `close` signals, except that
 //! for `LINGER` (2 ms) after a write that came within `LINGER` of the one before (records are streaming in), only a
@@ -403,8 +405,9 @@ impl WriterState {
                 linger_now = last_write.is_some_and(|then| now.duration_since(then) < linger);
                 last_write = Some(now);
                 let strict = durability == Durability::Strict;
+                writer.rotate_if_full();
                 let done = writer
-                    .write_batch(batch.iter().map(|job| &job.record), strict)
+                    .write_batch(batch.iter().map(|job| &job.record), strict, true)
                     .is_ok();
                 if done && !strict {
                     self.mark_dirty(writer);

@@ -90,6 +90,8 @@ async fn a_slow_write_hands_writing_to_the_thread_until_writes_are_fast() {
     waiting.await.unwrap().unwrap();
     // That fast write gave writing back: with the thread held again, the worker writes.
     until("writing handed back", || metrics.on_thread.get() == 0).await;
+    // Once the thread has let go of the segment.
+    drop(log.lock_segment());
     log.hold_thread(true);
     log.write(request(2)).await.unwrap();
     assert_eq!(metrics.handoffs.get(), 1);
@@ -125,10 +127,43 @@ async fn a_worker_finding_the_segment_held_queues_its_records_for_the_thread() {
     drop(held);
     waiting.await.unwrap().unwrap();
     assert_eq!(metrics.handoffs.get(), 0);
-    // The worker writes the next one itself: the thread held, it is written all the same.
+    // The worker writes the next one itself: the thread held (once it has let go of the segment, which it may still
+    // hold for a moment after waking the request), it is written all the same.
+    drop(log.lock_segment());
     log.hold_thread(true);
     log.write(request(1)).await.unwrap();
     log.hold_thread(false);
     log.close();
     assert_eq!(verify(dir.path()).unwrap().records, 3);
+}
+
+/// A worker does not rotate: once its write has filled the segment, its next records go to the thread, which seals
+/// the full segment, opens the next and writes them there.
+#[tokio::test]
+async fn a_full_segment_is_rotated_by_the_thread_not_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::sync::Arc::new(AuditLog::start(config(
+        dir.path(),
+        Durability::Batched,
+        512,
+    )));
+    log.hold_thread(true);
+    // One request record is over 512 bytes: the worker writes it and leaves the segment full.
+    log.write(request(0)).await.unwrap();
+    let waiting = tokio::spawn({
+        let log = std::sync::Arc::clone(&log);
+        async move { log.write(request(1)).await }
+    });
+    until("the next record reaches the thread's queue", || {
+        log.queue_depth() == 1
+    })
+    .await;
+    assert!(!waiting.is_finished());
+    assert_eq!(super::list_segments(dir.path()).unwrap().len(), 1);
+    log.hold_thread(false);
+    waiting.await.unwrap().unwrap();
+    log.close();
+    // Each request record fills a segment: three segments, two rotation seals and the shutdown seal.
+    assert_eq!(super::list_segments(dir.path()).unwrap().len(), 3);
+    assert_eq!(verify(dir.path()).unwrap().records, 5);
 }

@@ -18,8 +18,9 @@ pub(in crate::audit) const HAND_BACK_AFTER: Duration = Duration::from_secs(1);
 impl WriterState {
     /// A worker writes `staged` (its turn's records) itself, with whatever waits in the queue before them, in one
     /// `write`, and settles each record's request on this thread. False, with `staged` untouched, when it must not:
-    /// workers do not write now ([`SLOW_WRITE`], strict mode), another writer holds the segment, or the log is
-    /// sealed. Written buffers go to `spare`, up to `keep` of them.
+    /// workers do not write now ([`SLOW_WRITE`], strict mode), another writer holds the segment, the segment is full
+    /// or not open (rotating and opening are the thread's: file creation and fsyncs), or the log is sealed. Written
+    /// buffers go to `spare`, up to `keep` of them.
     pub(super) fn write_here(
         &self,
         staged: &mut Vec<Job>,
@@ -34,7 +35,8 @@ impl WriterState {
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return false,
         };
-        let Some(writer) = segment.as_mut() else {
+        // Opening or rotating a segment (file creation, fsyncs) is left to the thread.
+        let Some(writer) = segment.as_mut().filter(|w| w.appends_only()) else {
             return false;
         };
         // The stage's own list is the batch (no allocation per turn), given back empty below. Records queued before
@@ -57,7 +59,7 @@ impl WriterState {
         }
         let started = std::time::Instant::now();
         let written = writer
-            .write_batch(batch.iter().map(|job| &job.record), false)
+            .write_batch(batch.iter().map(|job| &job.record), false, false)
             .is_ok();
         let took = started.elapsed();
         if written {
