@@ -74,11 +74,13 @@ pub struct Exchange {
 }
 
 /// What the body wrappers and the provider leg hold of an exchange: the value that owns its [`Exchange`] and ends
-/// the request when it is dropped (`proxy::ending::Ending`; a bare `Exchange` in this module's tests).
+/// the request when it is dropped (`proxy::pipeline::ending::Ending`; a bare `Exchange` in this module's tests).
 pub trait HoldsExchange: Send + Sync + 'static {
     fn exchange(&self) -> &Exchange;
 }
 
+/// A bare exchange ends as nothing: this module's tests hold one so.
+#[cfg(test)]
 impl HoldsExchange for Exchange {
     fn exchange(&self) -> &Exchange {
         self

@@ -106,7 +106,7 @@ fn ipv6_clients_are_quoted_in_forwarded() {
     assert_eq!(h["x-forwarded-for"], "::1");
 }
 
-/// What ends an exchange in these tests: sends its summary when dropped, as `proxy::ending::Ending` writes its
+/// What ends an exchange in these tests: sends its summary when dropped, as `proxy::pipeline::ending::Ending` writes its
 /// records.
 struct Ends {
     exchange: Exchange,

@@ -2,9 +2,9 @@
 //! for the provider.
 //!
 //! hyper's HTTP/1.1 server runs with `half_close(true)`: it does not read the socket while a request is being
-//! handled. (Without it hyper reads ahead on every request to see whether the consumer has gone, which costs a
-//! `recvfrom` that finds nothing, and a new 8 KiB read buffer while the bytes of the request just parsed still share
-//! the old one.) Instead, each HTTP/1.1 connection's socket is also registered with the worker's event loop through a
+//! handled. (Without it hyper reads ahead on every request to see whether the consumer has gone, and may take a new
+//! 8 KiB read buffer while the bytes of the request just parsed still share the old one; what turning it off measured
+//! is in `benches/RESULTS.md`.) Instead, each HTTP/1.1 connection's socket is also registered with the worker's event loop through a
 //! duplicate descriptor, read by no one: the kernel marks it read-closed (`EPOLLRDHUP`, `EPOLLHUP`) when the consumer
 //! sends its FIN or a reset, whatever unread bytes precede it, and a request's handling stops at that point as it did
 //! when hyper read the end of the stream itself: its future is dropped and its exchange ends `client_closed`. The
@@ -14,8 +14,8 @@
 //! What it does not see: a consumer that sends TLS close_notify and keeps its TCP connection open. The alert is bytes
 //! to read, not a closed socket, and under TLS 1.3 it cannot be told from a pipelined request without decrypting it;
 //! such a request is handled to its end (answered, or `upstream.response_timeout`), as TLS 1.3's half-close allows
-//! (RFC 8446 section 6.1). With hyper reading ahead, before this watch, it was dropped as `client_closed`. A FIN after
-//! the alert is seen at once. A consumer that shuts down its write side after a whole request (`shutdown(SHUT_WR)`)
+//! (RFC 8446 section 6.1); hyper's read-ahead, off here, would drop it as `client_closed`. A FIN after the alert is
+//! seen at once. A consumer that shuts down its write side after a whole request (`shutdown(SHUT_WR)`)
 //! is taken as gone, as hyper took it: its request is dropped, `client_closed`.
 
 use std::os::fd::AsFd;
