@@ -289,6 +289,15 @@ async fn records_nobody_waits_for_go_out_with_the_next_request_record() {
     log.close();
 }
 
+/// Polls (up to 10 s) until `ready` holds.
+pub(super) async fn until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Waits (up to 10 s) until the writer has written `n` records.
 pub(super) async fn wait_for_records(metrics: &AuditMetrics, n: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -302,7 +311,7 @@ pub(super) async fn wait_for_records(metrics: &AuditMetrics, n: u64) {
     }
 }
 
-/// While nothing can be written (here: the writer held, as by a write stuck on a stalled disk), a request
+/// While nothing can be written (here: the segment held, as by a write stuck on a stalled disk), a request
 /// record is refused once the queue holds `QUEUE_CAPACITY`, and other records are kept up to `QUEUE_LIMIT`,
 /// then dropped; everything queued is written once the writer is back. (On a multi-threaded runtime, where
 /// records go straight to the queue; staging is tested below.)
@@ -310,7 +319,7 @@ pub(super) async fn wait_for_records(metrics: &AuditMetrics, n: u64) {
 async fn the_queue_is_bounded_while_the_disk_stalls() {
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
-    log.hold(true);
+    let held = log.hold_segment();
     for i in 0..QUEUE_CAPACITY as u64 {
         log.submit(request(i));
     }
@@ -319,7 +328,7 @@ async fn the_queue_is_bounded_while_the_disk_stalls() {
         log.submit(request(i));
     }
     assert_eq!(log.queue_depth(), QUEUE_LIMIT as u64);
-    log.hold(false);
+    drop(held);
     log.close();
     let v = verify(dir.path()).unwrap();
     assert_eq!(v.records, QUEUE_LIMIT as u64 + 1);
@@ -518,7 +527,7 @@ async fn records_staged_in_one_turn_are_written_together_and_each_acknowledged()
     );
 }
 
-/// A staged request record the writer does not answer (here: held, as on a stalled disk) is refused after 5 s by
+/// A staged request record nobody writes (here: the segment held, as by a stalled disk) is refused after 5 s by
 /// its thread's watch, with no timer of its own, and withdrawn: once the writer is back it writes the records that
 /// came after, not the withdrawn ones. In between, with nothing waiting, the watch waits for a first flush with no
 /// deadline, and the second refusal below needs the flush to wake it.
@@ -527,12 +536,12 @@ async fn a_staged_request_record_left_unanswered_is_refused_after_5_s() {
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
     for n in [1, 3] {
-        log.hold(true);
+        let held = log.hold_segment();
         let started = tokio::time::Instant::now();
         let result = tokio::time::timeout(Duration::from_secs(30), log.write(request(n))).await;
         assert_eq!(result, Ok(Err(Unavailable)), "record {n}");
         assert!(started.elapsed() >= Duration::from_secs(5), "record {n}");
-        log.hold(false);
+        drop(held);
         log.write(request(n + 1)).await.unwrap();
     }
     log.close();
@@ -548,7 +557,7 @@ fn records_nobody_waits_for_are_staged_per_turn_and_bounded() {
     const N: u64 = 1500;
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
-    log.hold(true);
+    let held = log.hold_segment();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -569,7 +578,7 @@ fn records_nobody_waits_for_are_staged_per_turn_and_bounded() {
     });
     drop(rt);
     assert_eq!(log.queue_depth(), N + 1);
-    log.hold(false);
+    drop(held);
     log.close();
     assert_eq!(verify(dir.path()).unwrap().records, N + 1 + 1);
 }

@@ -25,24 +25,27 @@
 //! queued the thread sleeps with no deadline. The syncer waits on a condition variable that the first write after
 //! an fsync signals, then lets its interval pass; a request waits on its own `Slot`; a request that finds the queue
 //! full waits on a semaphore whose places come back once the writer has written the records holding them.
+//!
+//! The thread's turn is in `thread`; tests drive the same steps by hand on a log started without the thread
+//! (`by_hand`), so that nothing in the loop exists for them.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::record::{Encoded, Record, SealReason};
-use super::segment::{AuditMetrics, SegmentWriter, set_healthy};
+use super::record::{Encoded, Record};
+use super::segment::{AuditMetrics, SegmentWriter};
 use crate::config::{AuditConfig, Durability};
 
 #[cfg(test)]
-mod hooks;
+mod by_hand;
 mod on_worker;
 mod open;
 mod slot;
 mod stage;
+mod thread;
 
 pub(crate) use open::Open;
 
@@ -147,6 +150,12 @@ struct WriterState {
     direct: AtomicBool,
     /// Batched durability: workers may write.
     batched: bool,
+    /// After a write that came within this of the one before, the thread lingers ([`LINGER`] outside tests).
+    linger: Duration,
+    /// Batched mode: how long after a write the syncer fsyncs it (`audit.fsync_interval`).
+    fsync_interval: Duration,
+    /// `audit.dir`, for the readiness file's messages.
+    dir: std::path::PathBuf,
     /// When writing was last handed to the thread, while it is ([`SLOW_WRITE`]).
     handed_off: Mutex<Option<std::time::Instant>>,
     /// [`SLOW_WRITE`] and [`HAND_BACK_AFTER`], in nanoseconds (tests set others).
@@ -184,12 +193,6 @@ struct Queue {
     /// Buffers of written records, for the next records ([`SPARE_BUFFERS`]).
     spare: Vec<Vec<u8>>,
     closed: bool,
-    /// Tests only: the thread takes nothing, as when a write is stuck on a stalled disk.
-    #[cfg(test)]
-    held: bool,
-    /// Tests only: the thread waits between taking a batch and writing it ([`AuditLog::stall`]).
-    #[cfg(test)]
-    stalled: bool,
 }
 
 /// The writer thread's state, as the queue sees it.
@@ -206,10 +209,6 @@ enum Idle {
 
 impl Queue {
     fn has_work(&self) -> bool {
-        #[cfg(test)]
-        if self.held && !self.closed {
-            return false;
-        }
         !self.jobs.is_empty()
     }
 
@@ -278,47 +277,6 @@ impl WriterState {
         self.sync.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The batched-mode `ssp-audit-sync` thread: sleeps on its condvar until something is written, then fsyncs
-    /// the segment `fsync_interval` after that write (a closing log wakes it early), so that a record reaches the
-    /// disk at most that long after it was written while writes go on. A failed fsync turns the log unhealthy.
-    fn run_syncer(&self, fsync_interval: Duration, dir: &Path) {
-        let mut state = self.sync_state();
-        loop {
-            // Nothing written since the last fsync: wait, with no timeout, for the writer to say otherwise.
-            while !state.dirty && !state.stop {
-                state = self
-                    .sync_wake
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
-            // Written: let the interval pass (more writes join this fsync), unless the log is closing.
-            let due = std::time::Instant::now() + fsync_interval;
-            while !state.stop {
-                let left = due.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                state = self
-                    .sync_wake
-                    .wait_timeout(state, left)
-                    .map_or_else(|e| e.into_inner().0, |(g, _)| g);
-            }
-            if state.stop {
-                return;
-            }
-            state.dirty = false;
-            let Some(file) = state.file.clone() else {
-                continue;
-            };
-            drop(state);
-            if let Err(e) = file.sync_data() {
-                tracing::error!(error = %e, "audit fsync failed");
-                set_healthy(&self.healthy, false, dir);
-            }
-            state = self.sync_state();
-        }
-    }
-
     fn segment(&self) -> MutexGuard<'_, Option<SegmentWriter>> {
         self.segment.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -332,104 +290,6 @@ impl WriterState {
         drop(sync);
         if starts {
             self.sync_wake.notify_one();
-        }
-    }
-
-    /// The `ssp-audit` thread: writes what is queued, fsyncs per the durability, and on close writes the rest,
-    /// seals the segment and fsyncs. After a write that came within `linger` ([`LINGER`] outside tests) of the one
-    /// before, it lingers: response records stay queued until a request record comes or the linger ends.
-    fn run(&self, durability: Durability, linger: Duration) {
-        let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-        // The written records' buffers, given back with the next look at the queue.
-        let mut spent: Vec<Vec<u8>> = Vec::with_capacity(MAX_BATCH);
-        // When the last batch was written; whether to linger after it: only when it came within `linger` of the
-        // one before, so that a stream of requests shares wake-ups and an occasional request costs no timer.
-        let mut last_write: Option<std::time::Instant> = None;
-        let mut linger_now = false;
-        loop {
-            {
-                let mut queue = self.lock();
-                let room = SPARE_BUFFERS.saturating_sub(queue.spare.len());
-                // Those past the bound are freed as the drain ends; `spent` is empty either way.
-                queue.spare.extend(spent.drain(..).take(room));
-                let lingering = linger_now.then(|| std::time::Instant::now() + linger);
-                while !queue.has_urgent_work() {
-                    if let Some(until) = lingering {
-                        let left = until.saturating_duration_since(std::time::Instant::now());
-                        if left.is_zero() {
-                            break;
-                        }
-                        queue.idle = Idle::Lingering;
-                        queue = self
-                            .wake
-                            .wait_timeout(queue, left)
-                            .map_or_else(|e| e.into_inner().0, |(g, _)| g);
-                    } else if queue.has_work() {
-                        break;
-                    } else {
-                        queue.idle = Idle::Asleep;
-                        queue = self
-                            .wake
-                            .wait(queue)
-                            .unwrap_or_else(PoisonError::into_inner);
-                    }
-                    queue.idle = Idle::Busy;
-                }
-            }
-            // The segment first, then the queue again (a worker may have written what was queued meanwhile).
-            let mut segment = self.segment();
-            let Some(writer) = segment.as_mut() else {
-                return;
-            };
-            let closing = {
-                let mut queue = self.lock();
-                let n = if queue.has_work() {
-                    queue.jobs.len().min(MAX_BATCH)
-                } else {
-                    0
-                };
-                batch.extend(queue.jobs.drain(..n));
-                queue.urgent -= batch.iter().filter(|job| job.is_urgent()).count();
-                queue.closed && !queue.has_work()
-            };
-            // Taken from here on (a request that stops waiting now finds its record in flight); a record its
-            // request withdrew, or one following a request record that was not written, is not. A record that
-            // follows another is queued only once that one is taken (or withdrawn), and records are taken and
-            // written under the segment's lock, so the other's write has ended by the time this one is taken.
-            batch.retain(Job::take);
-            #[cfg(test)]
-            self.wait_while_stalled();
-            linger_now = false;
-            if !batch.is_empty() {
-                let now = std::time::Instant::now();
-                linger_now = last_write.is_some_and(|then| now.duration_since(then) < linger);
-                last_write = Some(now);
-                let strict = durability == Durability::Strict;
-                writer.rotate_if_full();
-                let done = writer
-                    .write_batch(batch.iter().map(|job| &job.record), strict, true)
-                    .is_ok();
-                if done && !strict {
-                    self.mark_dirty(writer);
-                }
-                if self.batched {
-                    self.maybe_hand_back(now.elapsed(), done);
-                }
-                for job in batch.drain(..) {
-                    job.done(done);
-                    let buffer = job.record.into_buffer();
-                    if buffer.capacity() <= SPARE_BUFFER_MAX {
-                        spent.push(buffer);
-                    }
-                }
-            }
-            if closing {
-                writer.seal(SealReason::Shutdown);
-                writer.sync();
-                // Sealed: no worker writes after this.
-                *segment = None;
-                return;
-            }
         }
     }
 }
@@ -453,6 +313,13 @@ impl AuditLog {
         metrics: Option<AuditMetrics>,
         linger: Duration,
     ) -> Arc<Self> {
+        let log = Self::without_threads(cfg, metrics, linger);
+        log.start_threads();
+        Arc::new(log)
+    }
+
+    /// The log with its first segment open (or not: then it is unhealthy), before its threads start.
+    fn without_threads(cfg: AuditConfig, metrics: Option<AuditMetrics>, linger: Duration) -> Self {
         let healthy = Arc::new(AtomicBool::new(false));
         let (durability, fsync_interval) = (cfg.durability, cfg.fsync_interval);
         let mut writer = SegmentWriter::new(cfg, Arc::clone(&healthy));
@@ -466,6 +333,9 @@ impl AuditLog {
             segment: Mutex::new(Some(writer)),
             direct: AtomicBool::new(batched),
             batched,
+            linger,
+            fsync_interval,
+            dir,
             handed_off: Mutex::new(None),
             slow_write: AtomicU64::new(nanos(SLOW_WRITE)),
             hand_back_after: AtomicU64::new(nanos(HAND_BACK_AFTER)),
@@ -477,33 +347,22 @@ impl AuditLog {
             sync: Mutex::new(SyncState::default()),
             sync_wake: Condvar::new(),
         });
-        let mut threads = Vec::new();
-        let for_writer = Arc::clone(&shared);
-        let spawned = std::thread::Builder::new()
-            .name("ssp-audit".into())
-            .spawn(move || for_writer.run(durability, linger))
-            .and_then(|writer| {
-                threads.push(writer);
-                if durability != Durability::Batched {
-                    return Ok(());
-                }
-                let for_syncer = Arc::clone(&shared);
-                let syncer = std::thread::Builder::new()
-                    .name("ssp-audit-sync".into())
-                    .spawn(move || for_syncer.run_syncer(fsync_interval, &dir))?;
-                threads.push(syncer);
-                Ok(())
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the audit threads: requests are refused with 503");
-            shared.healthy.store(false, Ordering::Release);
-            shared.direct.store(false, Ordering::Release);
-            shared.lock().closed = true;
-        }
-        Arc::new(Self {
+        Self {
             shared,
-            threads: Mutex::new(threads),
-        })
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts `ssp-audit` (and in batched mode `ssp-audit-sync`). If one cannot start, the log is closed and
+    /// unhealthy: every request is refused with 503.
+    fn start_threads(&self) {
+        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = thread::spawn(&self.shared, &mut threads) {
+            tracing::error!(error = %e, "cannot start the audit threads: requests are refused with 503");
+            self.shared.healthy.store(false, Ordering::Release);
+            self.shared.direct.store(false, Ordering::Release);
+            self.shared.lock().closed = true;
+        }
     }
 
     pub(crate) fn healthy(&self) -> bool {

@@ -1,0 +1,225 @@
+//! The `ssp-audit` thread, which writes what the workers do not (strict mode, records of runtimes that are not
+//! workers, records a worker queued because the segment was held, full or not open, and everything while writing
+//! is handed off), and the batched-mode `ssp-audit-sync` thread. Each turn of the writer is three steps:
+//! [`WriterState::wait_for_work`], then under the segment's lock [`WriterState::take_batch`] and
+//! [`WriterState::write_taken`]; tests run the same steps by hand on a log started without the thread.
+
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::{Job, MAX_BATCH, SPARE_BUFFER_MAX, SPARE_BUFFERS, WriterState};
+use crate::audit::record::SealReason;
+use crate::audit::segment::{SegmentWriter, set_healthy};
+use crate::config::Durability;
+
+/// What the writer carries from one turn to the next.
+pub(super) struct Turns {
+    durability: Durability,
+    /// After a write that came within this of the one before, the writer lingers ([`super::LINGER`]).
+    linger: Duration,
+    /// The records taken in this turn (capacity [`MAX_BATCH`], reused).
+    pub(super) batch: Vec<Job>,
+    /// The written records' buffers, given back with the next look at the queue.
+    spent: Vec<Vec<u8>>,
+    /// When the last batch was written.
+    last_write: Option<Instant>,
+    /// Whether to linger after it: only when it came within `linger` of the one before, so that a stream of
+    /// requests shares wake-ups and an occasional request costs no timer.
+    linger_now: bool,
+}
+
+impl Turns {
+    pub(super) fn new(durability: Durability, linger: Duration) -> Self {
+        Self {
+            durability,
+            linger,
+            batch: Vec::with_capacity(MAX_BATCH),
+            spent: Vec::with_capacity(MAX_BATCH),
+            last_write: None,
+            linger_now: false,
+        }
+    }
+}
+
+/// Starts the `ssp-audit` thread and, in batched mode, `ssp-audit-sync`, adding the handle of each that starts to
+/// `threads`.
+pub(super) fn spawn(
+    shared: &Arc<WriterState>,
+    threads: &mut Vec<std::thread::JoinHandle<()>>,
+) -> std::io::Result<()> {
+    let (durability, linger) = (shared.durability(), shared.linger);
+    let for_writer = Arc::clone(shared);
+    threads.push(
+        std::thread::Builder::new()
+            .name("ssp-audit".into())
+            .spawn(move || for_writer.run(&mut Turns::new(durability, linger)))?,
+    );
+    if durability == Durability::Batched {
+        let for_syncer = Arc::clone(shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("ssp-audit-sync".into())
+                .spawn(move || for_syncer.run_syncer())?,
+        );
+    }
+    Ok(())
+}
+
+impl WriterState {
+    pub(super) fn durability(&self) -> Durability {
+        if self.batched {
+            Durability::Batched
+        } else {
+            Durability::Strict
+        }
+    }
+
+    /// The `ssp-audit` thread: writes what is queued, fsyncs per the durability, and on close writes the rest,
+    /// seals the segment and fsyncs. After a write that came within the linger of the one before, it lingers:
+    /// response records stay queued until a request record comes or the linger ends.
+    fn run(&self, turns: &mut Turns) {
+        loop {
+            self.wait_for_work(turns);
+            // The segment first, then the queue again (a worker may have written what was queued meanwhile).
+            let mut segment = self.segment();
+            let Some(writer) = segment.as_mut() else {
+                return;
+            };
+            let closing = self.take_batch(&mut turns.batch);
+            self.write_taken(writer, turns);
+            if closing {
+                writer.seal(SealReason::Shutdown);
+                writer.sync();
+                // Sealed: no worker writes after this.
+                *segment = None;
+                return;
+            }
+        }
+    }
+
+    /// Gives back the last turn's buffers, then waits until there is work that must not wait, or, after a linger,
+    /// any work ([`super::Queue::has_urgent_work`]).
+    fn wait_for_work(&self, turns: &mut Turns) {
+        let mut queue = self.lock();
+        let room = SPARE_BUFFERS.saturating_sub(queue.spare.len());
+        // Those past the bound are freed as the drain ends; `spent` is empty either way.
+        queue.spare.extend(turns.spent.drain(..).take(room));
+        let lingering = turns.linger_now.then(|| Instant::now() + turns.linger);
+        while !queue.has_urgent_work() {
+            if let Some(until) = lingering {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                queue.idle = super::Idle::Lingering;
+                queue = self
+                    .wake
+                    .wait_timeout(queue, left)
+                    .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+            } else if queue.has_work() {
+                break;
+            } else {
+                queue.idle = super::Idle::Asleep;
+                queue = self
+                    .wake
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            queue.idle = super::Idle::Busy;
+        }
+    }
+
+    /// Takes up to [`MAX_BATCH`] queued records into `batch`, under the segment's lock (the caller holds it);
+    /// whether the log is closing with nothing left after them.
+    ///
+    /// Taken from here on (a request that stops waiting now finds its record in flight); a record its request
+    /// withdrew, or one following a request record that was not written, is not. A record that follows another is
+    /// queued only once that one is taken (or withdrawn), and records are taken and written under the segment's
+    /// lock, so the other's write has ended by the time this one is taken.
+    pub(super) fn take_batch(&self, batch: &mut Vec<Job>) -> bool {
+        let closing = {
+            let mut queue = self.lock();
+            let n = queue.jobs.len().min(MAX_BATCH);
+            batch.extend(queue.jobs.drain(..n));
+            queue.urgent -= batch.iter().filter(|job| job.is_urgent()).count();
+            queue.closed && queue.jobs.is_empty()
+        };
+        batch.retain(Job::take);
+        closing
+    }
+
+    /// Writes the taken records with one `write` (rotating first if the segment is full; in strict mode with an
+    /// fdatasync after it), tells each record's request or group the result, and keeps the buffers for the next
+    /// look at the queue. In batched mode a write's time decides whether the workers write again
+    /// ([`WriterState::maybe_hand_back`]).
+    pub(super) fn write_taken(&self, writer: &mut SegmentWriter, turns: &mut Turns) {
+        turns.linger_now = false;
+        if turns.batch.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        turns.linger_now = turns
+            .last_write
+            .is_some_and(|then| now.duration_since(then) < turns.linger);
+        turns.last_write = Some(now);
+        let strict = turns.durability == Durability::Strict;
+        writer.rotate_if_full();
+        let done = writer
+            .write_batch(turns.batch.iter().map(|job| &job.record), strict, true)
+            .is_ok();
+        if done && !strict {
+            self.mark_dirty(writer);
+        }
+        if self.batched {
+            self.maybe_hand_back(now.elapsed(), done);
+        }
+        for job in turns.batch.drain(..) {
+            job.done(done);
+            let buffer = job.record.into_buffer();
+            if buffer.capacity() <= SPARE_BUFFER_MAX {
+                turns.spent.push(buffer);
+            }
+        }
+    }
+
+    /// The batched-mode `ssp-audit-sync` thread: sleeps on its condvar until something is written, then fsyncs
+    /// the segment `fsync_interval` after that write (a closing log wakes it early), so that a record reaches the
+    /// disk at most that long after it was written while writes go on. A failed fsync turns the log unhealthy.
+    fn run_syncer(&self) {
+        let mut state = self.sync_state();
+        loop {
+            // Nothing written since the last fsync: wait, with no timeout, for the writer to say otherwise.
+            while !state.dirty && !state.stop {
+                state = self
+                    .sync_wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            // Written: let the interval pass (more writes join this fsync), unless the log is closing.
+            let due = Instant::now() + self.fsync_interval;
+            while !state.stop {
+                let left = due.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                state = self
+                    .sync_wake
+                    .wait_timeout(state, left)
+                    .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+            }
+            if state.stop {
+                return;
+            }
+            state.dirty = false;
+            let Some(file) = state.file.clone() else {
+                continue;
+            };
+            drop(state);
+            if let Err(e) = file.sync_data() {
+                tracing::error!(error = %e, "audit fsync failed");
+                set_healthy(&self.healthy, false, &self.dir);
+            }
+            state = self.sync_state();
+        }
+    }
+}
