@@ -481,9 +481,9 @@ struct Phase {
     cpu: Duration,
     peak_kib: u64,
     /// `SSP_BENCH_PERF`: system calls and context switches of the proxy's processes over the phase (perf stat),
-    /// and the CPU time of its `ssp-audit` threads.
+    /// and the CPU time of its `ssp-audit` and `ssp-audit-sync` threads.
     kernel: Option<(u64, u64)>,
-    audit_cpu: Duration,
+    audit_cpu: [Duration; 2],
 }
 
 impl Phase {
@@ -753,18 +753,21 @@ fn finish_perf(perf: Child) -> Option<(u64, u64)> {
     Some((count("raw_syscalls:sys_enter")?, count("context-switches")?))
 }
 
-/// CPU time of the threads of `pids` whose name starts with `ssp-audit`.
-fn audit_threads_cpu(pids: &[u32]) -> Duration {
-    let mut ticks = 0;
+/// CPU time of the threads of `pids` named `ssp-audit` (the writer), and of those named `ssp-audit-sync` (the
+/// batched mode's fsyncs).
+fn audit_threads_cpu(pids: &[u32]) -> [Duration; 2] {
+    let mut ticks = [0; 2];
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
         for task in tasks.flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if !comm.starts_with("ssp-audit") {
-                continue;
-            }
+            let which = match comm.trim_end() {
+                "ssp-audit" => 0,
+                "ssp-audit-sync" => 1,
+                _ => continue,
+            };
             let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
             let fields: Vec<u64> = stat
                 .rsplit(')')
@@ -775,10 +778,10 @@ fn audit_threads_cpu(pids: &[u32]) -> Duration {
                 .take(2)
                 .filter_map(|v| v.parse().ok())
                 .collect();
-            ticks += fields.iter().sum::<u64>();
+            ticks[which] += fields.iter().sum::<u64>();
         }
     }
-    Duration::from_millis(ticks * 10)
+    ticks.map(|t| Duration::from_millis(t * 10))
 }
 
 async fn run_phase(target: &Target, scenario: &Scenario, secs: u64) -> Phase {
@@ -807,7 +810,8 @@ async fn run_phase(target: &Target, scenario: &Scenario, secs: u64) -> Phase {
     }
     phase.elapsed = started.elapsed();
     phase.cpu = cpu_time(&target.pids).saturating_sub(cpu_before);
-    phase.audit_cpu = audit_threads_cpu(&target.pids).saturating_sub(audit_before);
+    let audit_after = audit_threads_cpu(&target.pids);
+    phase.audit_cpu = [0, 1].map(|i| audit_after[i].saturating_sub(audit_before[i]));
     phase.kernel = perf.and_then(finish_perf);
     phase.peak_kib = sampler.finish();
     phase.requests = phase.latencies.len() as u64;
@@ -1284,11 +1288,13 @@ fn print_scenario(scenario: &Scenario, rows: &[(&Target, Phase)]) {
         if let Some((syscalls, switches)) = p.kernel {
             let n = p.requests.max(1) as f64;
             println!(
-                "  {:<13} per request: {:.2} system calls, {:.2} context switches, ssp-audit threads {:.1} us CPU",
+                "  {:<13} per request: {:.2} system calls, {:.2} context switches, ssp-audit threads {:.1} us CPU (writer {:.1}, fsyncs {:.1})",
                 target.name,
                 syscalls as f64 / n,
                 switches as f64 / n,
-                p.audit_cpu.as_secs_f64() * 1e6 / n
+                (p.audit_cpu[0] + p.audit_cpu[1]).as_secs_f64() * 1e6 / n,
+                p.audit_cpu[0].as_secs_f64() * 1e6 / n,
+                p.audit_cpu[1].as_secs_f64() * 1e6 / n,
             );
         }
     }

@@ -2,8 +2,9 @@
 //! event loop are chained and written by that worker with one `write` once the turn's ready tasks have staged
 //! theirs, and the requests waiting on them are woken on that thread (`stage`), so that in steady state no request
 //! waits on another thread. The segment files sit behind one lock (one chain per instance); a worker that finds it
-//! held by another writer does not wait for it, but hands its records to the `ssp-audit` thread, which takes the
-//! lock after it. A write that takes longer than [`SLOW_WRITE`] (5 ms) or fails hands all writing to that thread
+//! held by another writer does not wait for it, but queues its records: a worker holding it writes them after its
+//! own (up to three writes in all, `on_worker::COMBINED_WRITES`), and otherwise the `ssp-audit` thread, woken for
+//! them, takes the lock after the holder. A write that takes longer than [`SLOW_WRITE`] (5 ms) or fails hands all writing to that thread
 //! until its writes have been fast for [`HAND_BACK_AFTER`] (1 s): a slow disk then holds no worker's other
 //! connections (the operational log says so, and `ssp_audit_writer_handoffs_total` counts it). A write that stalls
 //! outright (a frozen file system) holds the worker that issued it until the disk answers; every other worker has
@@ -190,6 +191,9 @@ struct Queue {
     urgent: usize,
     /// What the thread is doing, which says which queued records must wake it.
     idle: Idle,
+    /// A worker holds the segment and looks at the queue again before it lets go: what is queued meanwhile, it
+    /// writes (or wakes the thread for), so a push need not wake the thread.
+    writing: bool,
     /// Buffers of written records, for the next records ([`SPARE_BUFFERS`]).
     spare: Vec<Vec<u8>>,
     closed: bool,
@@ -252,6 +256,15 @@ impl WriterState {
                 queue.jobs.push(job);
             }
         }
+        if !queue.writing {
+            self.wake_if_waiting(queue);
+        }
+        refused
+    }
+
+    /// Wakes the thread if it waits and what is queued must not wait (a lingering thread waits for a request
+    /// record or a full batch; a sleeping one for anything), and lets go of the queue.
+    fn wake_if_waiting(&self, mut queue: MutexGuard<'_, Queue>) {
         let wake = match queue.idle {
             Idle::Busy => false,
             Idle::Lingering => queue.has_urgent_work(),
@@ -266,7 +279,6 @@ impl WriterState {
         if wake {
             self.wake.notify_one();
         }
-        refused
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {

@@ -139,3 +139,31 @@ async fn a_full_segment_is_rotated_by_the_thread_not_the_worker() {
     assert_eq!(super::list_segments(dir.path()).unwrap().len(), 3);
     assert_eq!(verify(dir.path()).unwrap().records, 5);
 }
+
+/// A worker that finds the segment held by another worker that is writing queues its records without waking the
+/// thread, and the writing worker writes them after its own: here on a log without its thread, so that nothing else
+/// could.
+#[tokio::test]
+async fn records_queued_while_a_worker_writes_are_written_by_that_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = writer_metrics();
+    let log = AuditLog::start_without_thread(
+        config(dir.path(), Durability::Batched, 64 << 20),
+        Some(metrics.clone()),
+    );
+    let writing = log.hold_segment_writing();
+    let waiting = tokio::spawn({
+        let log = std::sync::Arc::clone(&log);
+        async move { log.write(request(0)).await }
+    });
+    until("the record reaches the queue", || log.queue_depth() == 1).await;
+    assert!(!waiting.is_finished());
+    writing.finish();
+    assert_eq!(log.queue_depth(), 0);
+    waiting.await.unwrap().unwrap();
+    assert_eq!(metrics.records.get(), 1);
+    assert_eq!(metrics.handoffs.get(), 0);
+    log.start_thread();
+    log.close();
+    assert_eq!(verify(dir.path()).unwrap().records, 2);
+}

@@ -1,6 +1,6 @@
 //! Tests' handles on the writer, with nothing of them in its loop: a log started without its `ssp-audit` thread,
 //! whose turns the test runs by hand (the thread's own steps) or whose thread it starts later; the segment held as
-//! a write stuck on a stalled disk holds it; what counts as a slow write.
+//! a write stuck on a stalled disk holds it, or as a writing worker holds it; what counts as a slow write.
 
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
@@ -15,6 +15,14 @@ use crate::audit::{AuditConfig, AuditMetrics};
 /// records for the thread, and the thread waits for it before it takes any.
 pub(in crate::audit) struct HeldSegment<'a> {
     _guard: MutexGuard<'a, Option<SegmentWriter>>,
+}
+
+/// The segment held by a worker that is writing, as [`WriterState::write_here`](super::WriterState) holds it:
+/// records other workers queue meanwhile wake no thread, and [`WritingWorker::finish`] writes them, as that worker
+/// does after its own write.
+pub(in crate::audit) struct WritingWorker<'a> {
+    segment: MutexGuard<'a, Option<SegmentWriter>>,
+    log: &'a AuditLog,
 }
 
 /// Records the test took from the queue as the thread takes them (in flight: a request that stops waiting finds
@@ -59,6 +67,13 @@ impl AuditLog {
         }
     }
 
+    /// Holds the segment as a writing worker does ([`WritingWorker`]).
+    pub(in crate::audit) fn hold_segment_writing(&self) -> WritingWorker<'_> {
+        let segment = self.shared.segment();
+        self.shared.lock().writing = true;
+        WritingWorker { segment, log: self }
+    }
+
     /// Holds the segment until the value is dropped ([`HeldSegment`]).
     pub(in crate::audit) fn hold_segment(&self) -> HeldSegment<'_> {
         HeldSegment {
@@ -75,6 +90,18 @@ impl AuditLog {
         self.shared
             .hand_back_after
             .store(nanos(hand_back_after), Ordering::Relaxed);
+    }
+}
+
+impl WritingWorker<'_> {
+    /// The rest of the worker's turn: writes what other workers queued meanwhile, then lets go.
+    pub(in crate::audit) fn finish(mut self) {
+        if let Some(writer) = self.segment.as_mut() {
+            let mut batch = Vec::new();
+            self.log
+                .shared
+                .write_rounds(writer, &mut batch, &mut Vec::new(), 0);
+        }
     }
 }
 

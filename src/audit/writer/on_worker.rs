@@ -6,7 +6,7 @@ use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Job, MAX_BATCH, SPARE_BUFFER_MAX, WriterState};
+use super::{Job, MAX_BATCH, SPARE_BUFFER_MAX, SegmentWriter, WriterState};
 
 /// A worker's write that takes longer than this hands writing to the `ssp-audit` thread: long enough for a
 /// page-cache write of a large batch under load (they take tens of microseconds), short enough that a disk that has
@@ -14,6 +14,21 @@ use super::{Job, MAX_BATCH, SPARE_BUFFER_MAX, WriterState};
 pub(in crate::audit) const SLOW_WRITE: Duration = Duration::from_millis(5);
 /// How long the thread's writes must have been fast, after a hand-off, before the workers write again.
 pub(in crate::audit) const HAND_BACK_AFTER: Duration = Duration::from_secs(1);
+/// Writes a worker makes at most once it holds the segment: its own turn's records, then those other workers
+/// queued while it wrote. Enough for two workers whose turns meet at the lock; few enough that writing for others
+/// holds this worker's own connections for a few page-cache writes at most.
+const COMBINED_WRITES: usize = 3;
+
+/// Moves up to [`MAX_BATCH`] queued records to the front of `batch` (they were queued before its own), keeping
+/// the count of urgent ones.
+fn take_queued(queue: &mut super::Queue, batch: &mut Vec<Job>) {
+    if queue.jobs.is_empty() {
+        return;
+    }
+    let n = queue.jobs.len().min(MAX_BATCH);
+    queue.urgent -= queue.jobs[..n].iter().filter(|job| job.is_urgent()).count();
+    batch.splice(0..0, queue.jobs.drain(..n));
+}
 
 impl WriterState {
     /// A worker writes `staged` (its turn's records) itself, with whatever waits in the queue before them, in one
@@ -21,6 +36,11 @@ impl WriterState {
     /// workers do not write now ([`SLOW_WRITE`], strict mode), another writer holds the segment, the segment is full
     /// or not open (rotating and opening are the thread's: file creation and fsyncs), or the log is sealed. Written
     /// buffers go to `spare`, up to `keep` of them.
+    ///
+    /// While it writes, the queue says so (`Queue::writing`): a worker that finds the segment held then queues its
+    /// records without waking the thread, and this one writes them after its own, in up to [`COMBINED_WRITES`]
+    /// writes in all, so that two workers' turns meeting at the lock cost one more `write` rather than a wake-up
+    /// and a turn of the thread. What is still queued when it lets go, it wakes the thread for.
     pub(super) fn write_here(
         &self,
         staged: &mut Vec<Job>,
@@ -44,40 +64,74 @@ impl WriterState {
         let mut batch = std::mem::take(staged);
         {
             let mut queue = self.lock();
-            if !queue.jobs.is_empty() {
-                let n = queue.jobs.len().min(MAX_BATCH);
-                queue.urgent -= queue.jobs[..n].iter().filter(|job| job.is_urgent()).count();
-                batch.splice(0..0, queue.jobs.drain(..n));
-            }
+            queue.writing = true;
+            take_queued(&mut queue, &mut batch);
         }
-        // Taken under the segment's lock, as the thread takes its records: a record that follows another finds
-        // that one's write ended.
-        batch.retain(Job::take);
-        if batch.is_empty() {
-            *staged = batch;
-            return true;
-        }
-        let started = std::time::Instant::now();
-        let written = writer
-            .write_batch(batch.iter().map(|job| &job.record), false, false)
-            .is_ok();
-        let took = started.elapsed();
-        if written {
-            self.mark_dirty(writer);
-        }
-        for job in batch.drain(..) {
-            job.done(written);
-            let buffer = job.record.into_buffer();
-            if spare.len() < keep && buffer.capacity() <= SPARE_BUFFER_MAX {
-                spare.push(buffer);
-            }
-        }
+        let handed_off = self.write_rounds(writer, &mut batch, spare, keep);
         *staged = batch;
         drop(segment);
-        if !written || self.slow(took) {
+        if let Some((took, written)) = handed_off {
             self.hand_off(took, written);
         }
         true
+    }
+
+    /// The writes of a worker that holds the segment (and has said so in the queue): `batch`, then what other
+    /// workers queue meanwhile, in [`COMBINED_WRITES`] writes at most; then it lets go of the queue ([`Self::let_go`]).
+    /// The time and result of a write that was slow or failed, after which it stopped: writing is to be handed off.
+    /// `batch` is left empty.
+    pub(super) fn write_rounds(
+        &self,
+        writer: &mut SegmentWriter,
+        batch: &mut Vec<Job>,
+        spare: &mut Vec<Vec<u8>>,
+        keep: usize,
+    ) -> Option<(Duration, bool)> {
+        let mut writes = 0;
+        let mut hand_off = None;
+        loop {
+            // Taken under the segment's lock, as the thread takes its records: a record that follows another finds
+            // that one's write ended.
+            batch.retain(Job::take);
+            if !batch.is_empty() {
+                writes += 1;
+                let started = std::time::Instant::now();
+                let written = writer
+                    .write_batch(batch.iter().map(|job| &job.record), false, false)
+                    .is_ok();
+                let took = started.elapsed();
+                if written {
+                    self.mark_dirty(writer);
+                }
+                for job in batch.drain(..) {
+                    job.done(written);
+                    let buffer = job.record.into_buffer();
+                    if spare.len() < keep && buffer.capacity() <= SPARE_BUFFER_MAX {
+                        spare.push(buffer);
+                    }
+                }
+                if !written || self.slow(took) {
+                    hand_off = Some((took, written));
+                    break;
+                }
+            }
+            // Records other workers queued meanwhile, while there is room for them.
+            let mut queue = self.lock();
+            if queue.jobs.is_empty() || writes >= COMBINED_WRITES || !writer.appends_only() {
+                break;
+            }
+            take_queued(&mut queue, batch);
+        }
+        self.let_go();
+        hand_off
+    }
+
+    /// A worker is through writing: the queue no longer says it writes, and what is queued wakes the thread as a
+    /// push would have.
+    fn let_go(&self) {
+        let mut queue = self.lock();
+        queue.writing = false;
+        self.wake_if_waiting(queue);
     }
 
     /// Whether a write that took `took` was slow ([`SLOW_WRITE`]).
