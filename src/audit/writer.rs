@@ -294,7 +294,7 @@ impl WriterState {
     }
 
     /// After a good write: in batched mode, tells the syncer there is something to fsync (waking it only when this
-    /// starts a new interval: it waits out the rest itself), and once the lock is let go, as in `push_and_refill`.
+    /// starts a new interval: it waits out the rest itself), after letting go of its lock, as `wake_if_waiting` does.
     fn mark_dirty(&self, writer: &SegmentWriter) {
         let mut sync = self.sync_state();
         sync.file = writer.file();

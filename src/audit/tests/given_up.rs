@@ -96,13 +96,31 @@ async fn in_flight(durability: Durability) {
 async fn a_request_that_goes_away_before_its_record_is_taken_leaves_no_records() {
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::start(config(dir.path(), Durability::Batched, 64 << 20));
-    let held = log.hold_segment();
+    // Staged: nothing takes it before this turn ends.
     let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
     let queued = ticket.request();
     drop(ticket);
     log.submit_response(response(1, 0, Outcome::ClientClosed), &queued);
-    drop(held);
     log.write(request(2)).await.unwrap();
+    log.close();
+    assert_eq!(records(dir.path()), [(2, "request".to_owned())]);
+}
+
+/// Queued behind a worker that holds the segment and is writing (its push woke no one), record 1 is given up after
+/// 5 s and withdrawn: the writing worker, taking the queue after its own write, leaves it out. On a log without its
+/// thread, so that only that worker could write it.
+#[tokio::test]
+async fn a_record_given_up_behind_a_writing_worker_is_withdrawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let log =
+        AuditLog::start_without_thread(config(dir.path(), Durability::Batched, 64 << 20), None);
+    let writing = log.hold_segment_writing();
+    let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(30), ticket.written()).await;
+    assert!(matches!(waited, Ok(Err(NotWritten::Never))), "{waited:?}");
+    writing.finish();
+    log.write(request(2)).await.unwrap();
+    log.start_thread();
     log.close();
     assert_eq!(records(dir.path()), [(2, "request".to_owned())]);
 }

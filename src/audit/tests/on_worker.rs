@@ -167,3 +167,27 @@ async fn records_queued_while_a_worker_writes_are_written_by_that_worker() {
     log.close();
     assert_eq!(verify(dir.path()).unwrap().records, 2);
 }
+
+/// A writing worker that cannot write what was queued meanwhile (here: the segment is full, and rotating is the
+/// thread's) wakes the thread for it as it lets go, the push having woken no one: the thread rotates and writes it.
+#[tokio::test]
+async fn what_a_writing_worker_leaves_queued_wakes_the_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::start(config(dir.path(), Durability::Batched, 512));
+    // One request record is over 512 bytes: the worker writes it and leaves the segment full.
+    log.write(request(0)).await.unwrap();
+    let writing = log.hold_segment_writing();
+    let waiting = tokio::spawn({
+        let log = std::sync::Arc::clone(&log);
+        async move { log.write(request(1)).await }
+    });
+    until("the record reaches the queue", || log.queue_depth() == 1).await;
+    writing.finish();
+    let answered = tokio::time::timeout(Duration::from_secs(3), waiting).await;
+    assert!(
+        matches!(answered, Ok(Ok(Ok(())))),
+        "the queued record was not written: {answered:?}"
+    );
+    log.close();
+    assert_eq!(super::list_segments(dir.path()).unwrap().len(), 3);
+}

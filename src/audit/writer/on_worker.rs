@@ -19,6 +19,18 @@ pub(in crate::audit) const HAND_BACK_AFTER: Duration = Duration::from_secs(1);
 /// holds this worker's own connections for a few page-cache writes at most.
 const COMBINED_WRITES: usize = 3;
 
+/// A worker writing with the queue's `writing` flag set; dropped, the worker is through: the flag is cleared, and
+/// what is queued wakes the thread as a push would have.
+struct Writing<'a>(&'a WriterState);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.lock();
+        queue.writing = false;
+        self.0.wake_if_waiting(queue);
+    }
+}
+
 /// Moves up to [`MAX_BATCH`] queued records to the front of `batch` (they were queued before its own), keeping
 /// the count of urgent ones.
 fn take_queued(queue: &mut super::Queue, batch: &mut Vec<Job>) {
@@ -77,7 +89,7 @@ impl WriterState {
     }
 
     /// The writes of a worker that holds the segment (and has said so in the queue): `batch`, then what other
-    /// workers queue meanwhile, in [`COMBINED_WRITES`] writes at most; then it lets go of the queue ([`Self::let_go`]).
+    /// workers queue meanwhile, in [`COMBINED_WRITES`] writes at most; then it lets go of the queue (`Writing`).
     /// The time and result of a write that was slow or failed, after which it stopped: writing is to be handed off.
     /// `batch` is left empty.
     pub(super) fn write_rounds(
@@ -87,6 +99,9 @@ impl WriterState {
         spare: &mut Vec<Vec<u8>>,
         keep: usize,
     ) -> Option<(Duration, bool)> {
+        // Lets go of the queue however this ends, a panic included: a flag left set would keep pushes from waking
+        // the thread.
+        let _writing = Writing(self);
         let mut writes = 0;
         let mut hand_off = None;
         loop {
@@ -122,16 +137,7 @@ impl WriterState {
             }
             take_queued(&mut queue, batch);
         }
-        self.let_go();
         hand_off
-    }
-
-    /// A worker is through writing: the queue no longer says it writes, and what is queued wakes the thread as a
-    /// push would have.
-    fn let_go(&self) {
-        let mut queue = self.lock();
-        queue.writing = false;
-        self.wake_if_waiting(queue);
     }
 
     /// Whether a write that took `took` was slow ([`SLOW_WRITE`]).
