@@ -216,6 +216,14 @@ impl Queue {
         !self.jobs.is_empty()
     }
 
+    /// Moves up to [`MAX_BATCH`] queued records to the front of `batch` (they were queued before anything in it),
+    /// keeping the count of urgent ones.
+    fn take_into(&mut self, batch: &mut Vec<Job>) {
+        let n = self.jobs.len().min(MAX_BATCH);
+        self.urgent -= self.jobs[..n].iter().filter(|job| job.is_urgent()).count();
+        batch.splice(0..0, self.jobs.drain(..n));
+    }
+
     /// Work that must not wait: a request record, a full batch, or a closing log.
     fn has_urgent_work(&self) -> bool {
         self.closed || (self.has_work() && (self.urgent > 0 || self.jobs.len() >= MAX_BATCH))

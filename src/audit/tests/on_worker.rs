@@ -1,10 +1,25 @@
 //! Records written by the worker that staged them (batched mode), and writing handed to the `ssp-audit` thread
 //! when a worker's write is slow.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::super::{AuditLog, Durability, Outcome, verify};
+use super::super::{AuditLog, Durability, Outcome, Unavailable, verify};
 use super::{config, request, response, until, writer_metrics};
+
+/// Writes request record `n` on a task of its own, and returns once the record waits in the queue, unanswered.
+async fn queued_write(
+    log: &Arc<AuditLog>,
+    n: u64,
+) -> tokio::task::JoinHandle<Result<(), Unavailable>> {
+    let waiting = tokio::spawn({
+        let log = Arc::clone(log);
+        async move { log.write(request(n)).await }
+    });
+    until("the record reaches the queue", || log.queue_depth() == 1).await;
+    assert!(!waiting.is_finished());
+    waiting
+}
 
 /// On a worker's runtime in batched mode the worker writes its turn's records itself: on a log whose `ssp-audit`
 /// thread has not started, a request record is acknowledged and its response record written all the same. In
@@ -30,15 +45,7 @@ async fn a_workers_records_are_written_by_the_worker_in_batched_mode_only() {
     let dir = tempfile::tempdir().unwrap();
     let log =
         AuditLog::start_without_thread(config(dir.path(), Durability::Strict, 64 << 20), None);
-    let waiting = tokio::spawn({
-        let log = std::sync::Arc::clone(&log);
-        async move { log.write(request(0)).await }
-    });
-    until("the strict record reaches the thread's queue", || {
-        log.queue_depth() == 1
-    })
-    .await;
-    assert!(!waiting.is_finished());
+    let waiting = queued_write(&log, 0).await;
     log.start_thread();
     waiting.await.unwrap().unwrap();
     log.close();
@@ -64,15 +71,7 @@ async fn a_slow_write_hands_writing_to_the_thread_until_writes_are_fast() {
     assert_eq!(metrics.on_thread.get(), 1);
     // Fast again from here; the thread must write the next record.
     log.tune(Duration::from_secs(3600), Duration::ZERO);
-    let waiting = tokio::spawn({
-        let log = std::sync::Arc::clone(&log);
-        async move { log.write(request(1)).await }
-    });
-    until("the record reaches the thread's queue", || {
-        log.queue_depth() == 1
-    })
-    .await;
-    assert!(!waiting.is_finished());
+    let waiting = queued_write(&log, 1).await;
     log.write_queued();
     waiting.await.unwrap().unwrap();
     // That fast write gave writing back: with no thread to write it, the worker writes the next record.
@@ -97,15 +96,7 @@ async fn a_worker_finding_the_segment_held_queues_its_records_for_the_thread() {
         Some(metrics.clone()),
     );
     let held = log.hold_segment();
-    let waiting = tokio::spawn({
-        let log = std::sync::Arc::clone(&log);
-        async move { log.write(request(0)).await }
-    });
-    until("the record reaches the thread's queue", || {
-        log.queue_depth() == 1
-    })
-    .await;
-    assert!(!waiting.is_finished());
+    let waiting = queued_write(&log, 0).await;
     drop(held);
     waiting.await.unwrap().unwrap();
     assert_eq!(metrics.handoffs.get(), 0);
@@ -122,15 +113,7 @@ async fn a_full_segment_is_rotated_by_the_thread_not_the_worker() {
     let log = AuditLog::start_without_thread(config(dir.path(), Durability::Batched, 512), None);
     // One request record is over 512 bytes: the worker writes it and leaves the segment full.
     log.write(request(0)).await.unwrap();
-    let waiting = tokio::spawn({
-        let log = std::sync::Arc::clone(&log);
-        async move { log.write(request(1)).await }
-    });
-    until("the next record reaches the thread's queue", || {
-        log.queue_depth() == 1
-    })
-    .await;
-    assert!(!waiting.is_finished());
+    let waiting = queued_write(&log, 1).await;
     assert_eq!(super::list_segments(dir.path()).unwrap().len(), 1);
     log.start_thread();
     waiting.await.unwrap().unwrap();
@@ -152,12 +135,7 @@ async fn records_queued_while_a_worker_writes_are_written_by_that_worker() {
         Some(metrics.clone()),
     );
     let writing = log.hold_segment_writing();
-    let waiting = tokio::spawn({
-        let log = std::sync::Arc::clone(&log);
-        async move { log.write(request(0)).await }
-    });
-    until("the record reaches the queue", || log.queue_depth() == 1).await;
-    assert!(!waiting.is_finished());
+    let waiting = queued_write(&log, 0).await;
     writing.finish();
     assert_eq!(log.queue_depth(), 0);
     waiting.await.unwrap().unwrap();
@@ -177,11 +155,7 @@ async fn what_a_writing_worker_leaves_queued_wakes_the_thread() {
     // One request record is over 512 bytes: the worker writes it and leaves the segment full.
     log.write(request(0)).await.unwrap();
     let writing = log.hold_segment_writing();
-    let waiting = tokio::spawn({
-        let log = std::sync::Arc::clone(&log);
-        async move { log.write(request(1)).await }
-    });
-    until("the record reaches the queue", || log.queue_depth() == 1).await;
+    let waiting = queued_write(&log, 1).await;
     writing.finish();
     let answered = tokio::time::timeout(Duration::from_secs(3), waiting).await;
     assert!(

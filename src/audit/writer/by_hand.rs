@@ -22,6 +22,8 @@ pub(in crate::audit) struct HeldSegment<'a> {
 /// does after its own write.
 pub(in crate::audit) struct WritingWorker<'a> {
     segment: MutexGuard<'a, Option<SegmentWriter>>,
+    /// What was queued when it took the segment, written first by `finish`.
+    batch: Vec<super::Job>,
     log: &'a AuditLog,
 }
 
@@ -70,8 +72,13 @@ impl AuditLog {
     /// Holds the segment as a writing worker does ([`WritingWorker`]).
     pub(in crate::audit) fn hold_segment_writing(&self) -> WritingWorker<'_> {
         let segment = self.shared.segment();
-        self.shared.lock().writing = true;
-        WritingWorker { segment, log: self }
+        let mut batch = Vec::new();
+        self.shared.start_writing(&mut batch);
+        WritingWorker {
+            segment,
+            batch,
+            log: self,
+        }
     }
 
     /// Holds the segment until the value is dropped ([`HeldSegment`]).
@@ -97,10 +104,9 @@ impl WritingWorker<'_> {
     /// The rest of the worker's turn: writes what other workers queued meanwhile, then lets go.
     pub(in crate::audit) fn finish(mut self) {
         if let Some(writer) = self.segment.as_mut() {
-            let mut batch = Vec::new();
             self.log
                 .shared
-                .write_rounds(writer, &mut batch, &mut Vec::new(), 0);
+                .write_rounds(writer, &mut self.batch, &mut Vec::new(), 0);
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Job, MAX_BATCH, SPARE_BUFFER_MAX, SegmentWriter, WriterState};
+use super::{Job, SPARE_BUFFER_MAX, SegmentWriter, WriterState};
 
 /// A worker's write that takes longer than this hands writing to the `ssp-audit` thread: long enough for a
 /// page-cache write of a large batch under load (they take tens of microseconds), short enough that a disk that has
@@ -29,17 +29,6 @@ impl Drop for Writing<'_> {
         queue.writing = false;
         self.0.wake_if_waiting(queue);
     }
-}
-
-/// Moves up to [`MAX_BATCH`] queued records to the front of `batch` (they were queued before its own), keeping
-/// the count of urgent ones.
-fn take_queued(queue: &mut super::Queue, batch: &mut Vec<Job>) {
-    if queue.jobs.is_empty() {
-        return;
-    }
-    let n = queue.jobs.len().min(MAX_BATCH);
-    queue.urgent -= queue.jobs[..n].iter().filter(|job| job.is_urgent()).count();
-    batch.splice(0..0, queue.jobs.drain(..n));
 }
 
 impl WriterState {
@@ -74,11 +63,7 @@ impl WriterState {
         // The stage's own list is the batch (no allocation per turn), given back empty below. Records queued before
         // these (another worker's, when it found the segment held) go first.
         let mut batch = std::mem::take(staged);
-        {
-            let mut queue = self.lock();
-            queue.writing = true;
-            take_queued(&mut queue, &mut batch);
-        }
+        self.start_writing(&mut batch);
         let handed_off = self.write_rounds(writer, &mut batch, spare, keep);
         *staged = batch;
         drop(segment);
@@ -86,6 +71,14 @@ impl WriterState {
             self.hand_off(took, written);
         }
         true
+    }
+
+    /// A worker that holds the segment says so in the queue (`Queue::writing`) and takes what waits there, ahead
+    /// of `batch`. [`Self::write_rounds`] must follow: it clears the flag.
+    pub(super) fn start_writing(&self, batch: &mut Vec<Job>) {
+        let mut queue = self.lock();
+        queue.writing = true;
+        queue.take_into(batch);
     }
 
     /// The writes of a worker that holds the segment (and has said so in the queue): `batch`, then what other
@@ -135,7 +128,7 @@ impl WriterState {
             if queue.jobs.is_empty() || writes >= COMBINED_WRITES || !writer.appends_only() {
                 break;
             }
-            take_queued(&mut queue, batch);
+            queue.take_into(batch);
         }
         hand_off
     }

@@ -139,9 +139,7 @@ impl WriterState {
     pub(super) fn take_batch(&self, batch: &mut Vec<Job>) -> bool {
         let closing = {
             let mut queue = self.lock();
-            let n = queue.jobs.len().min(MAX_BATCH);
-            batch.extend(queue.jobs.drain(..n));
-            queue.urgent -= batch.iter().filter(|job| job.is_urgent()).count();
+            queue.take_into(batch);
             queue.closed && queue.jobs.is_empty()
         };
         batch.retain(Job::take);
