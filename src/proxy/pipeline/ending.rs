@@ -122,28 +122,55 @@ impl Proxy {
             parts.headers.get(crate::ssp::HEADER_TRACE_ID),
             &asids,
         );
-        self.metrics.denied(refusal.reason());
+        let unavailable = matches!(refusal, Refusal::AuditUnavailable);
+        self.refusal_done(
+            refusal.reason(),
+            interaction,
+            status,
+            started,
+            unavailable,
+            || {
+                let tx = Transaction::refused(
+                    conn.id,
+                    &conn.audit_peer,
+                    parts,
+                    generation,
+                    self.patients.as_ref(),
+                );
+                let jwt = match refusal {
+                    Refusal::Jwt(_, audit) => Some(audit),
+                    _ => None,
+                };
+                // A reason can quote the target (`..._VARIES_FROM_TARGETURL_<target>`): redacted as the target is.
+                let text = match &self.patients {
+                    Some(indexer) => indexer.redact_text(text),
+                    None => text,
+                };
+                (tx, text, jwt)
+            },
+        );
+    }
+
+    /// What every refusal before check 12 ends with: `ssp_denials_total` for `reason`,
+    /// `ssp_requests_total{outcome="denied"}`, and, unless the log itself refused the request (`unavailable`), its
+    /// `request` record (`decision: deny`, from the transaction, text and token audit `records` makes) and its
+    /// `response` record with `status`.
+    fn refusal_done(
+        &self,
+        reason: &'static str,
+        interaction: &str,
+        status: u16,
+        started: Instant,
+        unavailable: bool,
+        records: impl FnOnce() -> (Arc<Transaction>, String, Option<Box<crate::jwt::JwtAudit>>),
+    ) {
+        self.metrics.denied(reason);
         self.metrics
             .request_done(interaction, "denied", status, started.elapsed());
-        if matches!(refusal, Refusal::AuditUnavailable) {
+        if unavailable {
             return;
         }
-        let tx = Transaction::refused(
-            conn.id,
-            &conn.audit_peer,
-            parts,
-            generation,
-            self.patients.as_ref(),
-        );
-        let jwt = match refusal {
-            Refusal::Jwt(_, audit) => Some(audit),
-            _ => None,
-        };
-        // A reason can quote the target (`..._VARIES_FROM_TARGETURL_<target>`): redacted as the target is.
-        let text = match &self.patients {
-            Some(indexer) => indexer.redact_text(text),
-            None => text,
-        };
+        let (tx, text, jwt) = records();
         self.audit.submit(Record::refused(&tx, text, jwt));
         self.audit
             .submit(Record::denied(&tx, status, started.elapsed()));
@@ -172,28 +199,26 @@ impl Proxy {
             status = refusal.status().as_u16(),
             "patient-facing request refused"
         );
-        self.metrics.denied(refusal.reason());
-        self.metrics
-            .request_done(OTHER, "denied", status, started.elapsed());
-        if matches!(refusal, PatientRefusal::AuditUnavailable) {
-            return;
-        }
-        let tx = Transaction::refused_patient_facing(
-            conn.id,
-            &conn.audit_peer,
-            parts,
-            generation,
-            door_asid,
-            access,
-            self.patients.as_ref(),
+        let unavailable = matches!(refusal, PatientRefusal::AuditUnavailable);
+        self.refusal_done(
+            refusal.reason(),
+            OTHER,
+            status,
+            started,
+            unavailable,
+            || {
+                let tx = Transaction::refused_patient_facing(
+                    conn.id,
+                    &conn.audit_peer,
+                    parts,
+                    generation,
+                    door_asid,
+                    access,
+                    self.patients.as_ref(),
+                );
+                (tx, refusal.audit_text(), None)
+            },
         );
-        self.audit
-            .submit(Record::refused(&tx, refusal.audit_text(), None));
-        self.audit.submit(Record::denied(
-            &tx,
-            refusal.status().as_u16(),
-            started.elapsed(),
-        ));
     }
 }
 
