@@ -430,7 +430,7 @@ async fn connections_are_spread_over_the_configured_workers() {
             ..Setup::default()
         },
         &[],
-        std::process::Stdio::inherit(),
+        ChildLog::Inherit,
     )
     .await;
     let pid = served.child.id();

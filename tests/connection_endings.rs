@@ -30,7 +30,7 @@ async fn silent_connections_are_closed_and_do_not_lock_others_out() {
             ..Setup::default()
         },
         &[],
-        std::process::Stdio::null(),
+        ChildLog::Null,
     )
     .await;
     let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
@@ -75,7 +75,7 @@ async fn a_silent_http2_client_is_dropped_after_its_goaway() {
             ..Setup::default()
         },
         &[],
-        std::process::Stdio::null(),
+        ChildLog::Null,
     )
     .await;
     let h2 = Consumer::new(&pki, Some("consumer"), served.addr, true);
@@ -123,7 +123,7 @@ async fn idle_connections_are_closed_after_their_timeout() {
             ..Setup::default()
         },
         &[],
-        std::process::Stdio::null(),
+        ChildLog::Null,
     )
     .await;
     let url = endpoint_url(provider.addr);
@@ -188,7 +188,7 @@ async fn a_consumer_gone_while_the_provider_is_silent_is_noticed_at_once() {
             ..Setup::default()
         },
         &[],
-        std::process::Stdio::null(),
+        ChildLog::Null,
     )
     .await;
     let url = endpoint_url(provider.addr);

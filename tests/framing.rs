@@ -30,7 +30,7 @@ impl Proxied {
             admin: admin.to_string(),
             ..Setup::default()
         };
-        let served = serve_setup(&pki, provider, &setup, &[], std::process::Stdio::null()).await;
+        let served = serve_setup(&pki, provider, &setup, &[], ChildLog::Null).await;
         Self {
             pki,
             served,

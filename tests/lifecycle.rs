@@ -161,7 +161,7 @@ async fn an_exchange_cut_at_the_end_of_the_grace_keeps_its_records() {
             ..Setup::default()
         },
         &[],
-        std::process::Stdio::null(),
+        ChildLog::Null,
     )
     .await;
     let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);

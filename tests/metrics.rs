@@ -272,7 +272,7 @@ async fn a_fresh_process_exposes_every_bounded_series_at_zero() {
             ..Setup::default()
         },
         &[],
-        std::process::Stdio::null(),
+        ChildLog::Null,
     )
     .await;
     // The start-up probe's TCP connection may be accepted after the listener is up and before or after the first

@@ -29,14 +29,7 @@ async fn start(
         admin: admin.to_string(),
         ..Setup::default()
     };
-    let served = serve_setup(
-        &pki,
-        provider.addr,
-        &setup,
-        &[],
-        std::process::Stdio::null(),
-    )
-    .await;
+    let served = serve_setup(&pki, provider.addr, &setup, &[], ChildLog::Null).await;
     (pki, provider, served, admin)
 }
 

@@ -1229,46 +1229,81 @@ pub async fn serve(pki: &Pki, provider: SocketAddr) -> Served {
 
 /// As [`serve`], with extra environment for the child (e.g. `NOTIFY_SOCKET`).
 pub async fn serve_with_env(pki: &Pki, provider: SocketAddr, env: &[(&str, &str)]) -> Served {
-    serve_setup(
-        pki,
-        provider,
-        &Setup::default(),
-        env,
-        std::process::Stdio::inherit(),
-    )
-    .await
+    serve_setup(pki, provider, &Setup::default(), env, ChildLog::Inherit).await
+}
+
+/// Where a child `ssp serve`'s standard error goes. A file is cloned for each start, so a retried start writes to
+/// it too.
+pub enum ChildLog {
+    Null,
+    Inherit,
+    File(std::fs::File),
+}
+
+impl ChildLog {
+    fn stdio(&self) -> std::process::Stdio {
+        match self {
+            ChildLog::Null => std::process::Stdio::null(),
+            ChildLog::Inherit => std::process::Stdio::inherit(),
+            ChildLog::File(file) => file.try_clone().unwrap().into(),
+        }
+    }
+}
+
+impl From<std::fs::File> for ChildLog {
+    fn from(file: std::fs::File) -> Self {
+        ChildLog::File(file)
+    }
 }
 
 /// As [`serve`], with a test's own config knobs, environment, and somewhere for the child's log to go.
+///
+/// The listening port is one the kernel handed out and the test let go: another socket can take it before the
+/// child binds it (another test's listener, or a connection's local port). A child that exits before it listens
+/// is started again on new ports, three times at most; a child still running and not listening after 20 s fails
+/// the test.
 pub async fn serve_setup(
     pki: &Pki,
     provider: SocketAddr,
     setup: &Setup,
     env: &[(&str, &str)],
-    stderr: std::process::Stdio,
+    log: ChildLog,
 ) -> Served {
-    let addr = closed_port().await;
-    let down = closed_port().await;
-    let config = write_config(pki, provider, down, addr, setup);
-    let child = std::process::Command::new(ssp_bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let served = Served { child, addr, down };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ssp serve did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    const STARTS: usize = 3;
+    for start in 1..=STARTS {
+        let addr = closed_port().await;
+        let down = closed_port().await;
+        let config = write_config(pki, provider, down, addr, setup);
+        let child = std::process::Command::new(ssp_bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(log.stdio())
+            .spawn()
+            .unwrap();
+        let mut served = Served { child, addr, down };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return served;
+            }
+            if let Some(status) = served.child.try_wait().unwrap() {
+                assert!(
+                    start < STARTS,
+                    "ssp serve exited ({status}) before listening, {STARTS} times"
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ssp serve did not start listening"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
-    served
+    unreachable!("every start returns or fails the test")
 }
 
 /// Runs the `ssp` binary; returns its exit code and its stdout and stderr together.
