@@ -5,6 +5,15 @@ benches/budget.sh; the rules below are the method: the first rule a sample's sym
 import re
 import sys
 
+# The stages that are the records' and the token step's own (issue 30's item 3).
+RECORDS_AND_TOKEN = (
+    "token (check 10: the JWT reader, base64)",
+    "record encoding (record, JSON writer, numbers)",
+    "kernel: writing the audit file",
+    "chain hashing (SHA-256)",
+    "audit: staging, slots, the writer",
+)
+
 RULES = [
     ("allocation and copies (glibc malloc, free, memmove, memcpy)",
      lambda d, s: "libc" in d and re.search(r"malloc|free|_int_|realloc|calloc|memmove|memcpy|memset|tcache|arena|unlink_chunk", s)),
@@ -19,7 +28,12 @@ RULES = [
     ("event loop (tokio, mio)", lambda d, s: re.search(r"tokio|mio::", s)),
     ("checks, pipeline, forwarding, limits, metrics (ssp)",
      lambda d, s: re.search(r"ssp::|prometheus", s) and "kernel" not in d),
-    ("kernel: writing the audit file", lambda d, s: "kernel" in d and re.search(r"ext4|vfs_write|generic_perform_write|file_write|jbd2|filemap|iomap|xfs|btrfs|ksys_write", s)),
+    # A regular file's write path only: `vfs_writev` and `do_writev` are the sockets' (`writev`; the audit log
+    # writes with `write`), and the copy into the page cache is `copy_folio_from_iter_atomic`.
+    ("kernel: writing the audit file", lambda d, s: "kernel" in d and not re.search(r"writev", s) and re.search(
+        r"ext4|vfs_write|generic_perform_write|file_write|jbd2|filemap|iomap|xfs|btrfs|ksys_write|"
+        r"copy_folio_from_iter|block_write|block_commit|create_empty_buffers|balance_dirty|__es_|dquot|"
+        r"folio_wait_stable", s)),
     ("kernel: waking and scheduling (futex, context switches)", lambda d, s: "kernel" in d and re.search(r"futex|schedule|switch|wake|ttwu|enqueue|dequeue|pick_next|update_curr|__sched|finish_task", s)),
     ("kernel: epoll", lambda d, s: "kernel" in d and re.search(r"epoll|ep_", s)),
     ("kernel: system call entry and exit", lambda d, s: "kernel" in d and re.search(r"entry_SYSCALL|syscall_exit|do_syscall|syscall_return|__x64_sys|exit_to_user", s)),
@@ -41,6 +55,9 @@ def main():
     bench, scenario = sys.argv[1], sys.argv[2]
     cpu = cpu_per_request(open(bench).read())
     stages, threads, total = {}, {}, 0.0
+    # The records' and the token's samples on the request path (the workers and `ssp-audit`, which writes what
+    # they hand it), and on `ssp-audit-sync` (the batched fsyncs, the page cache written back).
+    records, synced = 0.0, 0.0
     line_re = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+(\S+)\s+\[[.k]\]\s+(.*)$")
     for line in sys.stdin:
         m = line_re.match(line)
@@ -53,6 +70,11 @@ def main():
         for name, rule in RULES:
             if rule(dso, sym):
                 stages[name] = stages.get(name, 0.0) + share
+                if name in RECORDS_AND_TOKEN:
+                    if thread == "ssp-audit-sync":
+                        synced += share
+                    else:
+                        records += share
                 break
     print(f"\nCPU budget of a request, {scenario}: {cpu:.1f} us measured (/proc) while profiled; every sample in one stage")
     print(f"| stage | share | us per request |")
@@ -60,6 +82,9 @@ def main():
     for name, share in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {share / total * 100:.1f}% | {share / total * cpu:.2f} |")
     print(f"| total | 100% | {cpu:.2f} |")
+    print(f"\nthe records and the token step: {records / total * 100:.1f}%, {records / total * cpu:.2f} us on the "
+          f"request path (workers, ssp-audit); the fsync thread's share of those stages {synced / total * 100:.1f}%, "
+          f"{synced / total * cpu:.2f} us")
     print("\nby thread: " + ", ".join(f"{t} {s / total * cpu:.2f} us ({s:.1f}%)" for t, s in sorted(threads.items(), key=lambda kv: -kv[1])))
 
 

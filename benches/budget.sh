@@ -5,6 +5,7 @@
 # (benches/budget.py), each stage's share times the CPU per request that run measured from /proc. The shares add up
 # to the whole by construction: the method attributes, it does not add. Usage: benches/budget.sh [SCENARIO [SECS]]
 # Needs perf (linux-perf) and permission to profile another process (root, or kernel.perf_event_paranoid <= 1).
+# SSP_BUDGET_KEEP=<file> keeps the profile there, for `perf report -i <file>`.
 set -eu
 cd "$(dirname "$0")/.."
 scenario=${1:-c32}
@@ -28,3 +29,6 @@ wait "$perf" || true
 cat "$out/bench.txt"
 perf report -i "$out/perf.data" --no-children --sort comm,dso,sym -F overhead,comm,dso,sym --stdio 2>/dev/null \
     | python3 benches/budget.py "$out/bench.txt" "$scenario"
+if [ -n "${SSP_BUDGET_KEEP:-}" ]; then
+    cp "$out/perf.data" "$SSP_BUDGET_KEEP"
+fi
