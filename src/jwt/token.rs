@@ -291,7 +291,7 @@ fn is_base64url(part: &str) -> bool {
 /// Why `base64-simd` and not the `base64` crate used elsewhere: this runs on the two parts of every request's
 /// token, and its SIMD decoder (AVX2, chosen at run time) took the claims' decode from about a fifth of the token
 /// step to a few per cent (`benches/RESULTS.md`); its strict configuration refuses what `base64`'s does
-/// (`src/jwt/tests.rs`).
+/// (`src/jwt/tests/parts.rs`).
 pub(super) fn base64url(part: &str) -> Result<Vec<u8>, Violation> {
     if part.is_empty() {
         return Err(Violation::Malformed);
