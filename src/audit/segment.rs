@@ -159,6 +159,20 @@ impl SegmentWriter {
 
     /// Whether a plain append is all the next write needs: a segment is open and not full. Otherwise the next write
     /// opens or rotates one (file creation and fsyncs), which is the writer thread's work, not a worker's.
+    /// Tests: the open segment's writes go to `file` from here on (`/dev/full`: each fails as on a full disk, and
+    /// cannot be rolled back, so the next write opens a new segment).
+    #[cfg(test)]
+    pub(super) fn write_into(&mut self, file: File) {
+        if let Some(segment) = self.segment.as_mut() {
+            segment.file = Arc::new(file);
+        }
+    }
+
+    /// The sequence number of the last record written: unchanged by a write that failed and was rolled back.
+    pub(super) fn last_seq(&self) -> u64 {
+        self.seq
+    }
+
     pub(super) fn appends_only(&self) -> bool {
         self.segment.is_some() && !self.full()
     }

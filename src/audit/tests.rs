@@ -10,6 +10,7 @@ use super::writer::{QUEUE_CAPACITY, QUEUE_LIMIT, STAGE_LIMIT};
 use super::*;
 use crate::ids::{Asid, InteractionId, PeerIdentity, TraceId};
 
+mod failed_write;
 mod given_up;
 mod on_worker;
 mod one_writer;

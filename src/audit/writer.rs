@@ -8,7 +8,9 @@
 //! until its writes have been fast for [`HAND_BACK_AFTER`] (1 s): a slow disk then holds no worker's other
 //! connections (the operational log says so, and `ssp_audit_writer_handoffs_total` counts it). A write that stalls
 //! outright (a frozen file system) holds the worker that issued it until the disk answers; every other worker has
-//! handed off by then.
+//! handed off by then. A write that fails and is cut back (a full disk) keeps the records of it that nobody waits
+//! for, written first by the next write, or by the thread a second later when nothing else comes
+//! (`Queue::unwritten`).
 //!
 //! `ssp-audit` also writes every record in strict mode, with one fsync after each batch (up to `MAX_BATCH` records)
 //! that acknowledges every record in it, and the records of runtimes that are not workers. In batched mode a record
@@ -196,6 +198,10 @@ struct Queue {
     writing: bool,
     /// Buffers of written records, for the next records ([`SPARE_BUFFERS`]).
     spare: Vec<Vec<u8>>,
+    /// Records nobody waits for (response records, refusals' records) whose write failed and was rolled back, a
+    /// full disk say: written first by the next write, whoever makes it ([`Queue::take_into`]). They are not work:
+    /// they wake nobody, so a disk that stays full is not written to in a loop. [`MAX_BATCH`] at most.
+    unwritten: Vec<Job>,
     closed: bool,
 }
 
@@ -219,9 +225,21 @@ impl Queue {
     /// Moves up to [`MAX_BATCH`] queued records to the front of `batch` (they were queued before anything in it),
     /// keeping the count of urgent ones.
     fn take_into(&mut self, batch: &mut Vec<Job>) {
-        let n = self.jobs.len().min(MAX_BATCH);
+        let n = self
+            .jobs
+            .len()
+            .min(MAX_BATCH.saturating_sub(self.unwritten.len()));
         self.urgent -= self.jobs[..n].iter().filter(|job| job.is_urgent()).count();
-        batch.splice(0..0, self.jobs.drain(..n));
+        batch.splice(0..0, self.unwritten.drain(..).chain(self.jobs.drain(..n)));
+    }
+
+    /// Keeps the records of a failed write that nobody waits for ([`Queue::unwritten`]), in their order, after
+    /// any kept before; gives back those past [`MAX_BATCH`].
+    fn keep_unwritten(&mut self, jobs: &mut Vec<Job>) -> Vec<Job> {
+        let room = MAX_BATCH.saturating_sub(self.unwritten.len());
+        let over = jobs.split_off(room.min(jobs.len()));
+        self.unwritten.append(jobs);
+        over
     }
 
     /// Work that must not wait: a request record, a full batch, or a closing log.
@@ -239,6 +257,49 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl WriterState {
+    /// Ends a batch's write: tells each record's request or group whether it was `written`, and keeps its buffer in
+    /// `spare` (`keep` at most). After a write that failed and was rolled back (`rolled_back`: nothing of it is in
+    /// the log), the records nobody waits for (response records, refusals') are kept for the next write instead of
+    /// lost ([`Queue::unwritten`]); those past its bound are given up, and the operational log says how many.
+    fn settle_batch(
+        &self,
+        batch: &mut Vec<Job>,
+        written: bool,
+        rolled_back: bool,
+        spare: &mut Vec<Vec<u8>>,
+        keep: usize,
+    ) {
+        let mut kept = Vec::new();
+        for job in batch.drain(..) {
+            if rolled_back && job.slot.is_none() {
+                kept.push(job);
+                continue;
+            }
+            job.done(written);
+            let buffer = job.record.into_buffer();
+            if spare.len() < keep && buffer.capacity() <= SPARE_BUFFER_MAX {
+                spare.push(buffer);
+            }
+        }
+        if kept.is_empty() {
+            return;
+        }
+        let mut queue = self.lock();
+        let lost = queue.keep_unwritten(&mut kept);
+        // A sleeping thread wakes to time its retry (a worker's write failed; the thread's own is busy).
+        let asleep = queue.idle == Idle::Asleep;
+        drop(queue);
+        if asleep {
+            self.wake.notify_one();
+        }
+        if !lost.is_empty() {
+            tracing::error!(
+                records = lost.len(),
+                "audit writes keep failing: records nobody waits for, past those kept for the next write, are lost"
+            );
+        }
+    }
+
     /// Queues jobs and wakes the thread if it waits; gives back those that could not be queued (the log is closed
     /// or [`QUEUE_LIMIT`] is reached).
     fn push(&self, jobs: impl IntoIterator<Item = Job>) -> Vec<Job> {

@@ -11,7 +11,7 @@ use crate::audit::{AuditLog, Durability, Outcome, verify};
 
 /// The trace-id numbers (see `checked_addressing`) of the records in the log, in order, with the kind and, for a
 /// response record, its status and outcome.
-fn records(dir: &Path) -> Vec<(u64, String)> {
+pub(super) fn records(dir: &Path) -> Vec<(u64, String)> {
     let mut out = Vec::new();
     for (_, path) in super::list_segments(dir).unwrap() {
         for line in std::fs::read_to_string(path).unwrap().lines() {

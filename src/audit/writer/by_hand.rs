@@ -1,6 +1,7 @@
 //! Tests' handles on the writer, with nothing of them in its loop: a log started without its `ssp-audit` thread,
 //! whose turns the test runs by hand (the thread's own steps) or whose thread it starts later; the segment held as
-//! a write stuck on a stalled disk holds it, or as a writing worker holds it; what counts as a slow write.
+//! a write stuck on a stalled disk holds it, or as a writing worker holds it; a full disk; what counts as a slow
+//! write.
 
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
@@ -78,6 +79,15 @@ impl AuditLog {
             segment,
             batch,
             log: self,
+        }
+    }
+
+    /// The disk fills: the open segment's writes fail from here on (`ENOSPC`, from `/dev/full`), and the next
+    /// write after one that failed opens a new segment, as on a disk with room again.
+    pub(in crate::audit) fn fill_disk(&self) {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full");
+        if let (Some(writer), Ok(full)) = (self.shared.segment().as_mut(), full) {
+            writer.write_into(full);
         }
     }
 

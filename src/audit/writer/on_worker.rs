@@ -6,7 +6,7 @@ use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Job, SPARE_BUFFER_MAX, SegmentWriter, WriterState};
+use super::{Job, SegmentWriter, WriterState};
 
 /// A worker's write that takes longer than this hands writing to the `ssp-audit` thread: long enough for a
 /// page-cache write of a large batch under load (they take tens of microseconds), short enough that a disk that has
@@ -111,13 +111,8 @@ impl WriterState {
                 if written {
                     self.mark_dirty(writer);
                 }
-                for job in batch.drain(..) {
-                    job.done(written);
-                    let buffer = job.record.into_buffer();
-                    if spare.len() < keep && buffer.capacity() <= SPARE_BUFFER_MAX {
-                        spare.push(buffer);
-                    }
-                }
+                // Without an fsync, a write that failed was rolled back.
+                self.settle_batch(batch, written, !written, spare, keep);
                 if !written || self.slow(took) {
                     hand_off = Some((took, written));
                     break;

@@ -7,10 +7,14 @@
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Job, MAX_BATCH, SPARE_BUFFER_MAX, SPARE_BUFFERS, WriterState};
+use super::{Job, MAX_BATCH, SPARE_BUFFERS, WriterState};
 use crate::audit::record::SealReason;
 use crate::audit::segment::{SegmentWriter, set_healthy};
 use crate::config::Durability;
+
+/// How long the thread waits, with nothing else to write, before it tries again to write the records a failed
+/// write left ([`super::Queue::unwritten`]): one write a second at most on a disk that stays full.
+const UNWRITTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// What the writer carries from one turn to the next.
 pub(super) struct Turns {
@@ -88,6 +92,13 @@ impl WriterState {
             let closing = self.take_batch(&mut turns.batch);
             self.write_taken(writer, turns);
             if closing {
+                let lost = self.lock().unwritten.len();
+                if lost > 0 {
+                    tracing::error!(
+                        records = lost,
+                        "audit log closed after a failed write: records nobody waited for are lost"
+                    );
+                }
                 writer.seal(SealReason::Shutdown);
                 writer.sync();
                 // Sealed: no worker writes after this.
@@ -98,18 +109,25 @@ impl WriterState {
     }
 
     /// Gives back the last turn's buffers, then waits until there is work that must not wait, or, after a linger,
-    /// any work ([`super::Queue::has_urgent_work`]).
+    /// any work ([`super::Queue::has_urgent_work`]), or, with records a failed write left and nothing else,
+    /// [`UNWRITTEN_RETRY`].
     fn wait_for_work(&self, turns: &mut Turns) {
         let mut queue = self.lock();
         let room = SPARE_BUFFERS.saturating_sub(queue.spare.len());
         // Those past the bound are freed as the drain ends; `spent` is empty either way.
         queue.spare.extend(turns.spent.drain(..).take(room));
-        let lingering = turns.linger_now.then(|| Instant::now() + turns.linger);
+        let mut lingering = turns.linger_now.then(|| Instant::now() + turns.linger);
         while !queue.has_urgent_work() {
             if let Some(until) = lingering {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    break;
+                    // Records a failed write left are not written in a loop every linger: they wait for the
+                    // retry below.
+                    if queue.has_work() || queue.unwritten.is_empty() {
+                        break;
+                    }
+                    lingering = None;
+                    continue;
                 }
                 queue.idle = super::Idle::Lingering;
                 queue = self
@@ -118,6 +136,19 @@ impl WriterState {
                     .map_or_else(|e| e.into_inner().0, |(g, _)| g);
             } else if queue.has_work() {
                 break;
+            } else if !queue.unwritten.is_empty() {
+                // Records a failed write left are tried again after a pause, traffic or not: a disk with room again
+                // takes them, and the log is healthy again, without a request having to come and write.
+                queue.idle = super::Idle::Asleep;
+                let (guard, waited) = self
+                    .wake
+                    .wait_timeout(queue, UNWRITTEN_RETRY)
+                    .unwrap_or_else(PoisonError::into_inner);
+                queue = guard;
+                if waited.timed_out() {
+                    queue.idle = super::Idle::Busy;
+                    break;
+                }
             } else {
                 queue.idle = super::Idle::Asleep;
                 queue = self
@@ -162,6 +193,7 @@ impl WriterState {
         turns.last_write = Some(now);
         let strict = turns.durability == Durability::Strict;
         writer.rotate_if_full();
+        let before = writer.last_seq();
         let done = writer
             .write_batch(turns.batch.iter().map(|job| &job.record), strict, true)
             .is_ok();
@@ -171,13 +203,14 @@ impl WriterState {
         if self.batched {
             self.maybe_hand_back(now.elapsed(), done);
         }
-        for job in turns.batch.drain(..) {
-            job.done(done);
-            let buffer = job.record.into_buffer();
-            if buffer.capacity() <= SPARE_BUFFER_MAX {
-                turns.spent.push(buffer);
-            }
-        }
+        let rolled_back = writer.last_seq() == before;
+        self.settle_batch(
+            &mut turns.batch,
+            done,
+            rolled_back,
+            &mut turns.spent,
+            usize::MAX,
+        );
     }
 
     /// The batched-mode `ssp-audit-sync` thread: sleeps on its condvar until something is written, then fsyncs
