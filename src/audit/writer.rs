@@ -9,8 +9,8 @@
 //! connections (the operational log says so, and `ssp_audit_writer_handoffs_total` counts it). A write that stalls
 //! outright (a frozen file system) holds the worker that issued it until the disk answers; every other worker has
 //! handed off by then. A write that fails and is cut back (a full disk) keeps the records of it that nobody waits
-//! for, written first by the next write, or by the thread a second later when nothing else comes
-//! (`Queue::unwritten`).
+//! for; the thread writes them again, apart from new records, a second after the failure, or at once after a write
+//! that succeeds (`Queue::unwritten`).
 //!
 //! `ssp-audit` also writes every record in strict mode, with one fsync after each batch (up to `MAX_BATCH` records)
 //! that acknowledges every record in it, and the records of runtimes that are not workers. In batched mode a record
@@ -34,7 +34,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -63,7 +63,7 @@ use slot::Ticket;
 pub(super) use stage::STAGE_LIMIT;
 
 /// Records written in one batch at most.
-const MAX_BATCH: usize = 1024;
+pub(super) const MAX_BATCH: usize = 1024;
 /// Spare record buffers the writer keeps for the workers at most, and the largest one it keeps (a larger one, from
 /// a refusal with a long target, is freed): the buffers of written records go back to the threads that encode
 /// records, so that once they circulate a record's text costs no allocation. Those it cannot keep, it frees.
@@ -82,6 +82,14 @@ const ACK_WAIT: Duration = Duration::from_secs(5);
 /// share its wake-up and its `write` (and in strict mode its fsync) instead of costing one of each. Request records
 /// never wait: a permitted request waits for its own, and a refused one is answered without waiting.
 pub(super) const LINGER: Duration = Duration::from_millis(2);
+
+/// How long after a failed write the thread writes again the records of it that nobody waits for
+/// ([`Queue::unwritten`]): one attempt a second at most on a disk that stays full.
+const RETRY_UNWRITTEN: Duration = Duration::from_secs(1);
+
+/// How many of those one write takes: a disk with a little room again takes them a few at a time, not only once
+/// all of them fit at once.
+pub(super) const RETRY_CHUNK: usize = 64;
 
 /// The audit log could not take a record in time: the request must not go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +159,9 @@ struct WriterState {
     segment: Mutex<Option<SegmentWriter>>,
     /// Whether workers write their own records: batched mode, while writes are fast.
     direct: AtomicBool,
+    /// [`Queue::unwritten`] holds records, as of the last change to it (set under the queue's lock): read without
+    /// it after every good write, which then makes them due at once.
+    unwritten_kept: AtomicBool,
     /// Batched durability: workers may write.
     batched: bool,
     /// After a write that came within this of the one before, the thread lingers ([`LINGER`] outside tests).
@@ -199,9 +210,13 @@ struct Queue {
     /// Buffers of written records, for the next records ([`SPARE_BUFFERS`]).
     spare: Vec<Vec<u8>>,
     /// Records nobody waits for (response records, refusals' records) whose write failed and was rolled back, a
-    /// full disk say: written first by the next write, whoever makes it ([`Queue::take_into`]). They are not work:
-    /// they wake nobody, so a disk that stays full is not written to in a loop. [`MAX_BATCH`] at most.
+    /// full disk say, in their order; [`MAX_BATCH`] at most. Only the thread writes them again, [`RETRY_CHUNK`] at
+    /// a time and apart from what is queued, once `retry_at` has come ([`Queue::take_unwritten_into`]): they are
+    /// not work that wakes anyone, so a disk that stays full is tried once a second, and new records are never held
+    /// up behind them.
     unwritten: Vec<Job>,
+    /// When the thread writes `unwritten` again: a second after a failed write, at once after a good one.
+    retry_at: Option<Instant>,
     closed: bool,
 }
 
@@ -225,20 +240,35 @@ impl Queue {
     /// Moves up to [`MAX_BATCH`] queued records to the front of `batch` (they were queued before anything in it),
     /// keeping the count of urgent ones.
     fn take_into(&mut self, batch: &mut Vec<Job>) {
-        let n = self
-            .jobs
-            .len()
-            .min(MAX_BATCH.saturating_sub(self.unwritten.len()));
+        let n = self.jobs.len().min(MAX_BATCH);
         self.urgent -= self.jobs[..n].iter().filter(|job| job.is_urgent()).count();
-        batch.splice(0..0, self.unwritten.drain(..).chain(self.jobs.drain(..n)));
+        batch.splice(0..0, self.jobs.drain(..n));
     }
 
-    /// Keeps the records of a failed write that nobody waits for ([`Queue::unwritten`]), in their order, after
-    /// any kept before; gives back those past [`MAX_BATCH`].
-    fn keep_unwritten(&mut self, jobs: &mut Vec<Job>) -> Vec<Job> {
+    /// Moves the first `n` of [`Queue::unwritten`] into `batch` (empty: the thread writes them apart from new
+    /// records, so that a failed write of them puts them back where they were).
+    fn take_unwritten_into(&mut self, batch: &mut Vec<Job>, n: usize) {
+        let n = n.min(self.unwritten.len());
+        batch.splice(0..0, self.unwritten.drain(..n));
+    }
+
+    /// Records a failed write left are to be written again now.
+    fn retry_due(&self) -> bool {
+        !self.unwritten.is_empty() && self.retry_at.is_some_and(|at| at <= Instant::now())
+    }
+
+    /// Keeps the records of a failed write that nobody waits for ([`Queue::unwritten`]): back at the front if they
+    /// were taken from it (`retried`), else after those kept before; gives back those past [`MAX_BATCH`]. The thread
+    /// tries them again [`RETRY_UNWRITTEN`] from now.
+    fn keep_unwritten(&mut self, jobs: &mut Vec<Job>, retried: bool) -> Vec<Job> {
         let room = MAX_BATCH.saturating_sub(self.unwritten.len());
         let over = jobs.split_off(room.min(jobs.len()));
-        self.unwritten.append(jobs);
+        if retried {
+            self.unwritten.splice(0..0, jobs.drain(..));
+        } else {
+            self.unwritten.append(jobs);
+        }
+        self.retry_at = Some(Instant::now() + RETRY_UNWRITTEN);
         over
     }
 
@@ -259,13 +289,14 @@ impl std::fmt::Debug for AuditLog {
 impl WriterState {
     /// Ends a batch's write: tells each record's request or group whether it was `written`, and keeps its buffer in
     /// `spare` (`keep` at most). After a write that failed and was rolled back (`rolled_back`: nothing of it is in
-    /// the log), the records nobody waits for (response records, refusals') are kept for the next write instead of
-    /// lost ([`Queue::unwritten`]); those past its bound are given up, and the operational log says how many.
+    /// the log), the records nobody waits for (response records, refusals') are kept to be written again instead of
+    /// lost ([`Queue::unwritten`]; `retried`: the batch was some of those); those past its bound are given up, and
+    /// the operational log says how many.
     fn settle_batch(
         &self,
         batch: &mut Vec<Job>,
         written: bool,
-        rolled_back: bool,
+        (rolled_back, retried): (bool, bool),
         spare: &mut Vec<Vec<u8>>,
         keep: usize,
     ) {
@@ -281,12 +312,21 @@ impl WriterState {
                 spare.push(buffer);
             }
         }
-        if kept.is_empty() {
+        // Records kept from a failed write: after a good write the disk has room, so they are due at once; after
+        // another failed write, a second from now.
+        if kept.is_empty() && !(written && self.unwritten_kept.load(Ordering::Relaxed)) {
             return;
         }
         let mut queue = self.lock();
-        let lost = queue.keep_unwritten(&mut kept);
-        // A sleeping thread wakes to time its retry (a worker's write failed; the thread's own is busy).
+        let lost = if kept.is_empty() {
+            queue.retry_at = Some(Instant::now());
+            Vec::new()
+        } else {
+            queue.keep_unwritten(&mut kept, retried)
+        };
+        self.unwritten_kept
+            .store(!queue.unwritten.is_empty(), Ordering::Relaxed);
+        // A sleeping thread wakes to time the retry (the write was a worker's; the thread's own is busy).
         let asleep = queue.idle == Idle::Asleep;
         drop(queue);
         if asleep {
@@ -295,7 +335,7 @@ impl WriterState {
         if !lost.is_empty() {
             tracing::error!(
                 records = lost.len(),
-                "audit writes keep failing: records nobody waits for, past those kept for the next write, are lost"
+                "audit writes keep failing: records nobody waits for, past the 1,024 kept to be written again, are lost"
             );
         }
     }
@@ -413,6 +453,7 @@ impl AuditLog {
         let shared = Arc::new(WriterState {
             segment: Mutex::new(Some(writer)),
             direct: AtomicBool::new(batched),
+            unwritten_kept: AtomicBool::new(false),
             batched,
             linger,
             fsync_interval,

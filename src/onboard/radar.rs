@@ -295,16 +295,22 @@ impl Radar {
     }
 }
 
+/// Writes `bytes` to a temporary file beside `path`, fsyncs it and renames it over `path`; a temporary file whose
+/// write failed (a full disk) is removed rather than left in the audit folder.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("json.tmp");
-    {
+    let written = (|| {
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_data()?;
+        file.sync_data()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {

@@ -1,15 +1,15 @@
 //! A write that fails (a full disk) loses no record nobody waits for: the response records and refusals' records of
-//! the failed batch are written first by the next write, or by the thread's own retry a second later when nothing
-//! else comes. A request record of the batch is not: its request was refused (503), and its response record is
-//! never written.
+//! the failed batch are written again by the thread, right after the next write that succeeds, or a second later
+//! when nothing else comes. A request record of the batch is not: its request was refused (503), and its response
+//! record is never written. Past [`MAX_BATCH`] of them, the rest are given up and what is queued still moves.
 
-use super::super::writer::NotWritten;
+use super::super::writer::{MAX_BATCH, NotWritten};
 use super::given_up::records;
 use super::{config, request, response};
 use crate::audit::{AuditLog, Durability, Outcome, verify};
 
-/// The thread's write of request 2 and response 1 fails; response 1 is written with request 3, the next write, in
-/// a new segment; request 2 is not written and its request is told so.
+/// The write of request 2 and response 1 fails; response 1 is written right after request 3, the next write, which
+/// found room (a new segment); request 2 is not written and its request is told so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_response_record_whose_write_failed_is_written_by_the_next_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -34,8 +34,8 @@ async fn a_response_record_whose_write_failed_is_written_by_the_next_write() {
         records(dir.path()),
         [
             (1, "request".to_owned()),
-            (1, "response 200 \"ok\"".to_owned()),
             (3, "request".to_owned()),
+            (1, "response 200 \"ok\"".to_owned()),
         ]
     );
     // One chain across the segment the failed write left and the one the next write opened: the three records
@@ -97,4 +97,58 @@ async fn the_thread_tries_a_failed_write_again_without_a_new_record() {
     log.fill_disk();
     log.submit(response(1, 200, Outcome::Ok));
     written_again(dir.path(), &log).await;
+}
+
+/// More records left by failed writes than are kept: the rest are given up, what is queued after them is still
+/// taken (and, the disk still full, given up too) instead of waiting behind them; once there is room the thread
+/// writes the kept ones by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn past_the_kept_records_the_rest_are_given_up_and_the_queue_still_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let log =
+        AuditLog::start_without_thread(config(dir.path(), Durability::Batched, 64 << 20), None);
+    let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
+    log.write_queued();
+    ticket.written().await.unwrap();
+
+    // The disk fills, and no new segment can be made either (the folder is a file for a while).
+    log.fill_disk();
+    let away = dir.path().with_extension("away");
+    std::fs::rename(dir.path(), &away).unwrap();
+    std::fs::write(dir.path(), b"not a folder").unwrap();
+    for _ in 0..MAX_BATCH + 10 {
+        log.submit(response(1, 200, Outcome::Ok));
+    }
+    log.write_queued();
+    assert_eq!(log.queued_and_unwritten(), (10, MAX_BATCH));
+    log.write_queued();
+    assert_eq!(log.queued_and_unwritten(), (0, MAX_BATCH));
+    log.submit(response(2, 200, Outcome::Ok));
+    log.write_queued();
+    assert_eq!(log.queued_and_unwritten(), (0, MAX_BATCH));
+    assert!(!log.healthy());
+
+    std::fs::remove_file(dir.path()).unwrap();
+    std::fs::rename(&away, dir.path()).unwrap();
+    // Room again: the thread writes the kept records a chunk at a time, each chunk at once after the one before
+    // (a chunk a second would take 16 s).
+    log.start_thread();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(8);
+    while records(dir.path()).len() < 1 + MAX_BATCH {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the kept records were not written again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(log.healthy());
+    log.close();
+    let written = records(dir.path());
+    assert_eq!(written.len(), 1 + MAX_BATCH);
+    assert!(
+        written[1..]
+            .iter()
+            .all(|(n, kind)| *n == 1 && kind.starts_with("response"))
+    );
+    assert!(verify(dir.path()).is_ok());
 }

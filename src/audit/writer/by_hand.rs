@@ -62,7 +62,7 @@ impl AuditLog {
     pub(in crate::audit) fn take_queued(&self) -> Taken<'_> {
         let segment = self.shared.segment();
         let mut turns = Turns::new(self.shared.durability(), LINGER);
-        self.shared.take_batch(&mut turns.batch);
+        self.shared.take_batch(&mut turns);
         Taken {
             segment,
             turns,
@@ -89,6 +89,12 @@ impl AuditLog {
         if let (Some(writer), Ok(full)) = (self.shared.segment().as_mut(), full) {
             writer.write_into(full);
         }
+    }
+
+    /// How many records are queued, and how many a failed write left to be written again.
+    pub(in crate::audit) fn queued_and_unwritten(&self) -> (usize, usize) {
+        let queue = self.shared.lock();
+        (queue.jobs.len(), queue.unwritten.len())
     }
 
     /// Holds the segment until the value is dropped ([`HeldSegment`]).

@@ -112,7 +112,7 @@ impl WriterState {
                     self.mark_dirty(writer);
                 }
                 // Without an fsync, a write that failed was rolled back.
-                self.settle_batch(batch, written, !written, spare, keep);
+                self.settle_batch(batch, written, (!written, false), spare, keep);
                 if !written || self.slow(took) {
                     hand_off = Some((took, written));
                     break;

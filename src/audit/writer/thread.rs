@@ -7,14 +7,10 @@
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Job, MAX_BATCH, SPARE_BUFFERS, WriterState};
+use super::{Job, MAX_BATCH, RETRY_CHUNK, SPARE_BUFFERS, WriterState};
 use crate::audit::record::SealReason;
 use crate::audit::segment::{SegmentWriter, set_healthy};
 use crate::config::Durability;
-
-/// How long the thread waits, with nothing else to write, before it tries again to write the records a failed
-/// write left ([`super::Queue::unwritten`]): one write a second at most on a disk that stays full.
-const UNWRITTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// What the writer carries from one turn to the next.
 pub(super) struct Turns {
@@ -30,6 +26,8 @@ pub(super) struct Turns {
     /// Whether to linger after it: only when it came within `linger` of the one before, so that a stream of
     /// requests shares wake-ups and an occasional request costs no timer.
     linger_now: bool,
+    /// The batch is records a failed write left, written again ([`super::Queue::unwritten`]).
+    retrying: bool,
 }
 
 impl Turns {
@@ -41,6 +39,7 @@ impl Turns {
             spent: Vec::with_capacity(MAX_BATCH),
             last_write: None,
             linger_now: false,
+            retrying: false,
         }
     }
 }
@@ -89,7 +88,7 @@ impl WriterState {
             let Some(writer) = segment.as_mut() else {
                 return;
             };
-            let closing = self.take_batch(&mut turns.batch);
+            let closing = self.take_batch(turns);
             self.write_taken(writer, turns);
             if closing {
                 let lost = self.lock().unwritten.len();
@@ -109,8 +108,8 @@ impl WriterState {
     }
 
     /// Gives back the last turn's buffers, then waits until there is work that must not wait, or, after a linger,
-    /// any work ([`super::Queue::has_urgent_work`]), or, with records a failed write left and nothing else,
-    /// [`UNWRITTEN_RETRY`].
+    /// any work ([`super::Queue::has_urgent_work`]), or, with nothing else to do, until the records a failed write
+    /// left are due again ([`super::Queue::retry_at`]).
     fn wait_for_work(&self, turns: &mut Turns) {
         let mut queue = self.lock();
         let room = SPARE_BUFFERS.saturating_sub(queue.spare.len());
@@ -121,8 +120,7 @@ impl WriterState {
             if let Some(until) = lingering {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    // Records a failed write left are not written in a loop every linger: they wait for the
-                    // retry below.
+                    // Records a failed write left are not written every linger: they wait until they are due.
                     if queue.has_work() || queue.unwritten.is_empty() {
                         break;
                     }
@@ -136,19 +134,18 @@ impl WriterState {
                     .map_or_else(|e| e.into_inner().0, |(g, _)| g);
             } else if queue.has_work() {
                 break;
-            } else if !queue.unwritten.is_empty() {
-                // Records a failed write left are tried again after a pause, traffic or not: a disk with room again
+            } else if let Some(at) = queue.retry_at.filter(|_| !queue.unwritten.is_empty()) {
+                // Records a failed write left are written again when due, traffic or not: a disk with room again
                 // takes them, and the log is healthy again, without a request having to come and write.
-                queue.idle = super::Idle::Asleep;
-                let (guard, waited) = self
-                    .wake
-                    .wait_timeout(queue, UNWRITTEN_RETRY)
-                    .unwrap_or_else(PoisonError::into_inner);
-                queue = guard;
-                if waited.timed_out() {
-                    queue.idle = super::Idle::Busy;
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
                     break;
                 }
+                queue.idle = super::Idle::Asleep;
+                queue = self
+                    .wake
+                    .wait_timeout(queue, left)
+                    .map_or_else(|e| e.into_inner().0, |(g, _)| g);
             } else {
                 queue.idle = super::Idle::Asleep;
                 queue = self
@@ -160,18 +157,31 @@ impl WriterState {
         }
     }
 
-    /// Takes up to [`MAX_BATCH`] queued records into `batch`, under the segment's lock (the caller holds it);
-    /// whether the log is closing with nothing left after them.
+    /// Takes up to [`MAX_BATCH`] queued records into the turn's batch, under the segment's lock (the caller holds
+    /// it); whether the log is closing with nothing left after them. When records a failed write left are due
+    /// ([`super::Queue::unwritten`]), the batch is instead the first [`RETRY_CHUNK`] of them alone, and what is
+    /// queued waits for the next turn; a closing log takes all of them with what is queued.
     ///
     /// Taken from here on (a request that stops waiting now finds its record in flight); a record its request
     /// withdrew, or one following a request record that was not written, is not. A record that follows another is
     /// queued only once that one is taken (or withdrawn), and records are taken and written under the segment's
     /// lock, so the other's write has ended by the time this one is taken.
-    pub(super) fn take_batch(&self, batch: &mut Vec<Job>) -> bool {
+    pub(super) fn take_batch(&self, turns: &mut Turns) -> bool {
+        let batch = &mut turns.batch;
         let closing = {
             let mut queue = self.lock();
-            queue.take_into(batch);
-            queue.closed && queue.jobs.is_empty()
+            turns.retrying = queue.retry_due() && !queue.closed;
+            if turns.retrying {
+                queue.take_unwritten_into(batch, RETRY_CHUNK);
+                false
+            } else {
+                queue.take_into(batch);
+                let closing = queue.closed && queue.jobs.is_empty();
+                if closing {
+                    queue.take_unwritten_into(batch, MAX_BATCH);
+                }
+                closing
+            }
         };
         batch.retain(Job::take);
         closing
@@ -207,7 +217,7 @@ impl WriterState {
         self.settle_batch(
             &mut turns.batch,
             done,
-            rolled_back,
+            (rolled_back, turns.retrying),
             &mut turns.spent,
             usize::MAX,
         );
