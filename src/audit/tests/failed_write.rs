@@ -3,21 +3,42 @@
 //! when nothing else comes. A request record of the batch is not: its request was refused (503), and its response
 //! record is never written. Past [`MAX_BATCH`] of them, the rest are given up and what is queued still moves.
 
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
 use super::super::writer::{MAX_BATCH, NotWritten};
 use super::given_up::records;
 use super::{config, request, response};
 use crate::audit::{AuditLog, Durability, Outcome, verify};
+
+/// A batched log, its thread not started, with request 1's record written (by hand).
+async fn log_with_request_1(dir: &Path) -> Arc<AuditLog> {
+    let log = AuditLog::start_without_thread(config(dir, Durability::Batched, 64 << 20), None);
+    let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
+    log.write_queued();
+    ticket.written().await.unwrap();
+    log
+}
+
+/// Waits (`within` at most) until the log holds `n` records of requests and responses.
+async fn wait_for_records(dir: &Path, n: usize, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while records(dir).len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the kept records were not written again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 /// The write of request 2 and response 1 fails; response 1 is written right after request 3, the next write, which
 /// found room (a new segment); request 2 is not written and its request is told so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_response_record_whose_write_failed_is_written_by_the_next_write() {
     let dir = tempfile::tempdir().unwrap();
-    let log =
-        AuditLog::start_without_thread(config(dir.path(), Durability::Batched, 64 << 20), None);
-    let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
-    log.write_queued();
-    ticket.written().await.unwrap();
+    let log = log_with_request_1(dir.path()).await;
 
     log.fill_disk();
     let refused = log.queue(request(2), log.reserve().await.unwrap()).unwrap();
@@ -49,10 +70,8 @@ async fn a_response_record_whose_write_failed_is_written_by_the_next_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_response_record_whose_write_failed_on_a_worker_is_written_again() {
     let dir = tempfile::tempdir().unwrap();
-    let log =
-        AuditLog::start_without_thread(config(dir.path(), Durability::Batched, 64 << 20), None);
+    let log = log_with_request_1(dir.path()).await;
     log.start_thread();
-    log.write(request(1)).await.unwrap();
 
     log.fill_disk();
     let worker = log.hold_segment_writing();
@@ -64,15 +83,8 @@ async fn a_response_record_whose_write_failed_on_a_worker_is_written_again() {
 
 /// Waits (10 s at most) until request 1's response record is in the log, then checks the log is healthy and holds
 /// exactly request 1's two records.
-async fn written_again(dir: &std::path::Path, log: &AuditLog) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while records(dir).len() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the response record was not written again"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+async fn written_again(dir: &Path, log: &AuditLog) {
+    wait_for_records(dir, 2, Duration::from_secs(10)).await;
     assert!(log.healthy());
     log.close();
     assert_eq!(
@@ -89,10 +101,8 @@ async fn written_again(dir: &std::path::Path, log: &AuditLog) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn the_thread_tries_a_failed_write_again_without_a_new_record() {
     let dir = tempfile::tempdir().unwrap();
-    let log =
-        AuditLog::start_without_thread(config(dir.path(), Durability::Batched, 64 << 20), None);
+    let log = log_with_request_1(dir.path()).await;
     log.start_thread();
-    log.write(request(1)).await.unwrap();
 
     log.fill_disk();
     log.submit(response(1, 200, Outcome::Ok));
@@ -105,11 +115,7 @@ async fn the_thread_tries_a_failed_write_again_without_a_new_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn past_the_kept_records_the_rest_are_given_up_and_the_queue_still_moves() {
     let dir = tempfile::tempdir().unwrap();
-    let log =
-        AuditLog::start_without_thread(config(dir.path(), Durability::Batched, 64 << 20), None);
-    let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
-    log.write_queued();
-    ticket.written().await.unwrap();
+    let log = log_with_request_1(dir.path()).await;
 
     // The disk fills, and no new segment can be made either (the folder is a file for a while).
     log.fill_disk();
@@ -133,14 +139,7 @@ async fn past_the_kept_records_the_rest_are_given_up_and_the_queue_still_moves()
     // Room again: the thread writes the kept records a chunk at a time, each chunk at once after the one before
     // (a chunk a second would take 16 s).
     log.start_thread();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(8);
-    while records(dir.path()).len() < 1 + MAX_BATCH {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the kept records were not written again"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_records(dir.path(), 1 + MAX_BATCH, Duration::from_secs(8)).await;
     assert!(log.healthy());
     log.close();
     let written = records(dir.path());
