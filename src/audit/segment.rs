@@ -8,7 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::hex::HexDigest;
 
@@ -36,6 +36,10 @@ pub(super) struct SegmentWriter {
     /// Reused for each batch.
     buf: Vec<u8>,
     metrics: Option<AuditMetrics>,
+    /// Failed writes since the operational log last said so, and when it did: once a second at most (a full disk
+    /// under traffic fails every batch), with the count.
+    failed_writes: u64,
+    failure_reported: Option<Instant>,
     /// `audit.dir` itself, flocked for as long as this writer lives: one writer a chain, whatever the process (a
     /// second `ssp serve` on the folder, or `ssp audit subject` writing its record while a proxy runs). The folder,
     /// not a file in it: a file can be deleted from under its lock, a folder that holds segments cannot.
@@ -57,6 +61,8 @@ impl SegmentWriter {
             prev: HexDigest::GENESIS,
             buf: Vec::with_capacity(64 * 1024),
             metrics: None,
+            failed_writes: 0,
+            failure_reported: None,
             lock: None,
         }
     }
@@ -121,8 +127,9 @@ impl SegmentWriter {
 
     /// Writes one batch with one `write` and, with `sync` (strict durability), fsyncs it; counts it and times both
     /// (`ssp_audit_write_seconds`); then, with `rotate`, moves to the next segment once this one has reached
-    /// `audit.segment_size` (after the batch, so a batch never spans two segments). A failure is logged and turns the
-    /// log unhealthy; a good write makes it healthy again. `Ok` means written, and with `sync` also fsynced.
+    /// `audit.segment_size` (after the batch, so a batch never spans two segments). A failure is logged (once a second
+    /// at most, with the count of failed writes since the last line) and turns the log unhealthy; a good write makes
+    /// it healthy again. `Ok` means written, and with `sync` also fsynced.
     pub(super) fn write_batch<'r>(
         &mut self,
         records: impl ExactSizeIterator<Item = &'r Encoded>,
@@ -133,7 +140,15 @@ impl SegmentWriter {
         let n = records.len() as u64;
         let result = self.append(records);
         if let Err(e) = &result {
-            tracing::error!(error = %e, "audit write failed");
+            self.failed_writes += 1;
+            let due = self
+                .failure_reported
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+            if due {
+                tracing::error!(error = %e, failed_writes = self.failed_writes, "audit write failed");
+                self.failed_writes = 0;
+                self.failure_reported = Some(Instant::now());
+            }
         }
         self.set_healthy(result.is_ok());
         result?;

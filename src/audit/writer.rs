@@ -87,8 +87,8 @@ pub(super) const LINGER: Duration = Duration::from_millis(2);
 /// ([`Queue::unwritten`]): one attempt a second at most on a disk that stays full.
 const RETRY_UNWRITTEN: Duration = Duration::from_secs(1);
 
-/// How many of those one write takes: a disk with a little room again takes them a few at a time, not only once
-/// all of them fit at once.
+/// How many of those one write takes at most (halved after each failed attempt, [`Queue::retry_chunk`]): a disk
+/// with a little room again takes them a few at a time, not only once all of them fit at once.
 pub(super) const RETRY_CHUNK: usize = 64;
 
 /// The audit log could not take a record in time: the request must not go on.
@@ -217,6 +217,14 @@ struct Queue {
     unwritten: Vec<Job>,
     /// When the thread writes `unwritten` again: a second after a failed write, at once after a good one.
     retry_at: Option<Instant>,
+    /// How many times the chunk of `unwritten` written again has been halved: once after each of its writes that
+    /// failed, so that a disk with less room than [`RETRY_CHUNK`] records still takes some; back to none after one
+    /// that went in.
+    retry_halvings: u32,
+    /// Records given up (past [`MAX_BATCH`] kept) since the operational log last said so, and when it did: it says
+    /// so once a second at most, with the count.
+    lost: usize,
+    lost_reported: Option<Instant>,
     closed: bool,
 }
 
@@ -250,6 +258,29 @@ impl Queue {
     fn take_unwritten_into(&mut self, batch: &mut Vec<Job>, n: usize) {
         let n = n.min(self.unwritten.len());
         batch.splice(0..0, self.unwritten.drain(..n));
+    }
+
+    /// How many of `unwritten` the thread writes again in one write: [`RETRY_CHUNK`], halved after each failed
+    /// attempt, one at least.
+    fn retry_chunk(&self) -> usize {
+        (RETRY_CHUNK >> self.retry_halvings).max(1)
+    }
+
+    /// Counts records given up and says so in the operational log at most once a second (`closing`: now, with any
+    /// count not yet said).
+    fn report_lost(&mut self, records: usize, closing: bool) {
+        self.lost += records;
+        let due = self
+            .lost_reported
+            .is_none_or(|at| at.elapsed() >= RETRY_UNWRITTEN);
+        if self.lost > 0 && (due || closing) {
+            tracing::error!(
+                records = self.lost,
+                "audit writes keep failing: records nobody waits for, past the 1,024 kept to be written again, are lost"
+            );
+            self.lost = 0;
+            self.lost_reported = Some(Instant::now());
+        }
     }
 
     /// Records a failed write left are to be written again now.
@@ -318,12 +349,18 @@ impl WriterState {
             return;
         }
         let mut queue = self.lock();
-        let lost = if kept.is_empty() {
+        if kept.is_empty() {
             queue.retry_at = Some(Instant::now());
-            Vec::new()
+            if retried {
+                queue.retry_halvings = 0;
+            }
         } else {
-            queue.keep_unwritten(&mut kept, retried)
-        };
+            if retried {
+                queue.retry_halvings = (queue.retry_halvings + 1).min(RETRY_CHUNK.ilog2());
+            }
+            let lost = queue.keep_unwritten(&mut kept, retried);
+            queue.report_lost(lost.len(), false);
+        }
         self.unwritten_kept
             .store(!queue.unwritten.is_empty(), Ordering::Relaxed);
         // A sleeping thread wakes to time the retry (the write was a worker's; the thread's own is busy).
@@ -331,12 +368,6 @@ impl WriterState {
         drop(queue);
         if asleep {
             self.wake.notify_one();
-        }
-        if !lost.is_empty() {
-            tracing::error!(
-                records = lost.len(),
-                "audit writes keep failing: records nobody waits for, past the 1,024 kept to be written again, are lost"
-            );
         }
     }
 

@@ -21,6 +21,21 @@ async fn log_with_request_1(dir: &Path) -> Arc<AuditLog> {
     log
 }
 
+/// The disk fills, and no new segment can be made either, until [`room_again`]: the folder is moved away (to the
+/// path returned) and a file takes its place.
+fn disk_full(dir: &Path, log: &AuditLog) -> std::path::PathBuf {
+    log.fill_disk();
+    let away = dir.with_extension("away");
+    std::fs::rename(dir, &away).unwrap();
+    std::fs::write(dir, b"not a folder").unwrap();
+    away
+}
+
+fn room_again(dir: &Path, away: &Path) {
+    std::fs::remove_file(dir).unwrap();
+    std::fs::rename(away, dir).unwrap();
+}
+
 /// Waits (`within` at most) until the log holds `n` records of requests and responses.
 async fn wait_for_records(dir: &Path, n: usize, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
@@ -117,11 +132,7 @@ async fn past_the_kept_records_the_rest_are_given_up_and_the_queue_still_moves()
     let dir = tempfile::tempdir().unwrap();
     let log = log_with_request_1(dir.path()).await;
 
-    // The disk fills, and no new segment can be made either (the folder is a file for a while).
-    log.fill_disk();
-    let away = dir.path().with_extension("away");
-    std::fs::rename(dir.path(), &away).unwrap();
-    std::fs::write(dir.path(), b"not a folder").unwrap();
+    let away = disk_full(dir.path(), &log);
     for _ in 0..MAX_BATCH + 10 {
         log.submit(response(1, 200, Outcome::Ok));
     }
@@ -134,8 +145,7 @@ async fn past_the_kept_records_the_rest_are_given_up_and_the_queue_still_moves()
     assert_eq!(log.queued_and_unwritten(), (0, MAX_BATCH));
     assert!(!log.healthy());
 
-    std::fs::remove_file(dir.path()).unwrap();
-    std::fs::rename(&away, dir.path()).unwrap();
+    room_again(dir.path(), &away);
     // Room again: the thread writes the kept records a chunk at a time, each chunk at once after the one before
     // (a chunk a second would take 16 s).
     log.start_thread();
@@ -149,5 +159,38 @@ async fn past_the_kept_records_the_rest_are_given_up_and_the_queue_still_moves()
             .iter()
             .all(|(n, kind)| *n == 1 && kind.starts_with("response"))
     );
+    assert!(verify(dir.path()).is_ok());
+}
+
+/// A disk with less room than a chunk of kept records: each failed attempt halves the chunk the thread writes again
+/// (64, 32, 16, 8), and one that goes in sets it back to 64, so that a little room takes a few records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_failed_retry_halves_the_chunk_and_a_good_one_restores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_with_request_1(dir.path()).await;
+    let away = disk_full(dir.path(), &log);
+    for _ in 0..100 {
+        log.submit(response(1, 200, Outcome::Ok));
+    }
+    log.write_queued();
+    assert_eq!(log.queued_and_unwritten(), (0, 100));
+    let mut chunks = Vec::new();
+    for _ in 0..3 {
+        chunks.push(log.retry_now());
+        log.write_queued();
+    }
+    assert_eq!(chunks, [64, 32, 16]);
+    assert_eq!(log.queued_and_unwritten(), (0, 100));
+
+    room_again(dir.path(), &away);
+    assert_eq!(log.retry_now(), 8);
+    log.write_queued();
+    assert_eq!(log.queued_and_unwritten(), (0, 92));
+    assert_eq!(records(dir.path()).len(), 1 + 8);
+    assert_eq!(log.retry_now(), 64);
+
+    log.start_thread();
+    log.close();
+    assert_eq!(records(dir.path()).len(), 1 + 100);
     assert!(verify(dir.path()).is_ok());
 }

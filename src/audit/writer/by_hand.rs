@@ -97,6 +97,14 @@ impl AuditLog {
         (queue.jobs.len(), queue.unwritten.len())
     }
 
+    /// Makes the records a failed write left due to be written again now (instead of a second after the failure),
+    /// and says how many the next attempt takes.
+    pub(in crate::audit) fn retry_now(&self) -> usize {
+        let mut queue = self.shared.lock();
+        queue.retry_at = Some(std::time::Instant::now());
+        queue.retry_chunk()
+    }
+
     /// Holds the segment until the value is dropped ([`HeldSegment`]).
     pub(in crate::audit) fn hold_segment(&self) -> HeldSegment<'_> {
         HeldSegment {

@@ -7,7 +7,7 @@
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Job, MAX_BATCH, RETRY_CHUNK, SPARE_BUFFERS, WriterState};
+use super::{Job, MAX_BATCH, SPARE_BUFFERS, WriterState};
 use crate::audit::record::SealReason;
 use crate::audit::segment::{SegmentWriter, set_healthy};
 use crate::config::Durability;
@@ -91,13 +91,15 @@ impl WriterState {
             let closing = self.take_batch(turns);
             self.write_taken(writer, turns);
             if closing {
-                let lost = self.lock().unwritten.len();
-                if lost > 0 {
+                let mut queue = self.lock();
+                queue.report_lost(0, true);
+                if !queue.unwritten.is_empty() {
                     tracing::error!(
-                        records = lost,
+                        records = queue.unwritten.len(),
                         "audit log closed after a failed write: records nobody waited for are lost"
                     );
                 }
+                drop(queue);
                 writer.seal(SealReason::Shutdown);
                 writer.sync();
                 // Sealed: no worker writes after this.
@@ -159,7 +161,7 @@ impl WriterState {
 
     /// Takes up to [`MAX_BATCH`] queued records into the turn's batch, under the segment's lock (the caller holds
     /// it); whether the log is closing with nothing left after them. When records a failed write left are due
-    /// ([`super::Queue::unwritten`]), the batch is instead the first [`RETRY_CHUNK`] of them alone, and what is
+    /// ([`super::Queue::unwritten`]), the batch is instead the first few of them alone ([`super::RETRY_CHUNK`] at most), and what is
     /// queued waits for the next turn; a closing log takes all of them with what is queued.
     ///
     /// Taken from here on (a request that stops waiting now finds its record in flight); a record its request
@@ -172,7 +174,8 @@ impl WriterState {
             let mut queue = self.lock();
             turns.retrying = queue.retry_due() && !queue.closed;
             if turns.retrying {
-                queue.take_unwritten_into(batch, RETRY_CHUNK);
+                let chunk = queue.retry_chunk();
+                queue.take_unwritten_into(batch, chunk);
                 false
             } else {
                 queue.take_into(batch);
