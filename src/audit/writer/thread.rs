@@ -161,7 +161,7 @@ impl WriterState {
 
     /// Takes up to [`MAX_BATCH`] queued records into the turn's batch, under the segment's lock (the caller holds
     /// it); whether the log is closing with nothing left after them. When records a failed write left are due
-    /// ([`super::Queue::unwritten`]), the batch is instead the first few of them alone ([`super::RETRY_CHUNK`] at most), and what is
+    /// ([`super::Queue::unwritten`]), the batch is instead the first few of them alone ([`super::unwritten::RETRY_CHUNK`] at most), and what is
     /// queued waits for the next turn; a closing log takes all of them with what is queued.
     ///
     /// Taken from here on (a request that stops waiting now finds its record in flight); a record its request
