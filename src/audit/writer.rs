@@ -4,11 +4,11 @@
 //! waits on another thread. The segment files sit behind one lock (one chain per instance); a worker that finds it
 //! held by another writer does not wait for it, but queues its records: a worker holding it writes them after its
 //! own (up to three writes in all, `on_worker::COMBINED_WRITES`), and otherwise the `ssp-audit` thread, woken for
-//! them, takes the lock after the holder. A write that takes longer than [`SLOW_WRITE`] (5 ms) or fails hands all writing to that thread
-//! until its writes have been fast for [`HAND_BACK_AFTER`] (1 s): a slow disk then holds no worker's other
-//! connections (the operational log says so, and `ssp_audit_writer_handoffs_total` counts it). A write that stalls
-//! outright (a frozen file system) holds the worker that issued it until the disk answers; every other worker has
-//! handed off by then. A write that fails and is cut back (a full disk) keeps the records of it that nobody waits
+//! them, takes the lock after the holder. A write that takes longer than [`SLOW_WRITE`] (5 ms) or fails hands all
+//! writing to that thread until its writes have been fast for [`HAND_BACK_AFTER`] (1 s): a slow disk then holds no
+//! worker's other connections (the operational log says so, and `ssp_audit_writer_handoffs_total` counts it). A
+//! write that stalls outright (a frozen file system) holds the worker that issued it until the disk answers; every
+//! other worker has handed off by then. A write that fails and is cut back (a full disk) keeps the records of it that nobody waits
 //! for; the thread writes them again, apart from new records, a second after the failure, or at once after a write
 //! that succeeds (`Queue::unwritten`).
 //!
@@ -203,16 +203,16 @@ struct Queue {
     /// Buffers of written records, for the next records ([`SPARE_BUFFERS`]).
     spare: Vec<Vec<u8>>,
     /// Records nobody waits for (response records, refusals' records) whose write failed and was rolled back, a
-    /// full disk say, in their order; [`MAX_BATCH`] at most. Only the thread writes them again, [`unwritten::RETRY_CHUNK`] at
-    /// a time and apart from what is queued, once `retry_at` has come ([`Queue::take_unwritten_into`]): they are
-    /// not work that wakes anyone, so a disk that stays full is tried once a second, and new records are never held
-    /// up behind them.
+    /// full disk say, in their order; [`MAX_BATCH`] at most. Only the thread writes them again, a few at a time
+    /// ([`unwritten::RETRY_CHUNK`] at most) and apart from what is queued, once `retry_at` has come
+    /// ([`Queue::take_unwritten_into`]): they are not work that wakes anyone, so a disk that stays full is tried
+    /// once a second, and new records are never held up behind them.
     unwritten: Vec<Job>,
     /// When the thread writes `unwritten` again: a second after a failed write, at once after a good one.
     retry_at: Option<Instant>,
     /// How many times the chunk of `unwritten` written again has been halved: once after each of its writes that
-    /// failed, so that a disk with less room than [`unwritten::RETRY_CHUNK`] records still takes some; back to none after one
-    /// that went in.
+    /// failed, so that a disk with less room than [`unwritten::RETRY_CHUNK`] records still takes some; back to none
+    /// after one that went in.
     retry_halvings: u32,
     /// Records given up (past [`MAX_BATCH`] kept) since the operational log last said so, and when it did: it says
     /// so once a second at most, with the count.

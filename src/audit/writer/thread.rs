@@ -161,8 +161,9 @@ impl WriterState {
 
     /// Takes up to [`MAX_BATCH`] queued records into the turn's batch, under the segment's lock (the caller holds
     /// it); whether the log is closing with nothing left after them. When records a failed write left are due
-    /// ([`super::Queue::unwritten`]), the batch is instead the first few of them alone ([`super::unwritten::RETRY_CHUNK`] at most), and what is
-    /// queued waits for the next turn; a closing log takes all of them with what is queued.
+    /// ([`super::Queue::unwritten`]), the batch is instead the first few of them alone
+    /// ([`super::unwritten::RETRY_CHUNK`] at most), and what is queued waits for the next turn; a closing log takes
+    /// all of them with what is queued.
     ///
     /// Taken from here on (a request that stops waiting now finds its record in flight); a record its request
     /// withdrew, or one following a request record that was not written, is not. A record that follows another is
