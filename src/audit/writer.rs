@@ -8,9 +8,9 @@
 //! writing to that thread until its writes have been fast for [`HAND_BACK_AFTER`] (1 s): a slow disk then holds no
 //! worker's other connections (the operational log says so, and `ssp_audit_writer_handoffs_total` counts it). A
 //! write that stalls outright (a frozen file system) holds the worker that issued it until the disk answers; every
-//! other worker has handed off by then. A write that fails and is cut back (a full disk) keeps the records of it that nobody waits
-//! for; the thread writes them again, apart from new records, a second after the failure, or at once after a write
-//! that succeeds (`Queue::unwritten`).
+//! other worker has handed off by then. A write that fails and is cut back (a full disk) keeps the records of it
+//! that nobody waits for; the thread writes them again, apart from new records, a second after the failure, or at
+//! once after a write that succeeds (`writer/unwritten.rs`).
 //!
 //! `ssp-audit` also writes every record in strict mode, with one fsync after each batch (up to `MAX_BATCH` records)
 //! that acknowledges every record in it, and the records of runtimes that are not workers. In batched mode a record
