@@ -25,6 +25,18 @@ pub(super) struct Segment {
     len: u64,
 }
 
+/// How [`SegmentWriter::write_batch`] writes a batch.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BatchWrite {
+    /// fdatasync after it: strict durability.
+    pub sync: bool,
+    /// Move to the next segment after it when this one is full: the thread's writes (workers never rotate).
+    pub rotate: bool,
+    /// The batch is records of a failed write written again: that they do not fit says nothing of whether new
+    /// records do, so its failure leaves the log's health as it was, and its success makes it healthy.
+    pub again: bool,
+}
+
 pub(super) struct SegmentWriter {
     cfg: AuditConfig,
     healthy: Arc<AtomicBool>,
@@ -125,32 +137,49 @@ impl SegmentWriter {
         self.metrics = metrics;
     }
 
-    /// Writes one batch with one `write` and, with `sync` (strict durability), fsyncs it; counts it and times both
-    /// (`ssp_audit_write_seconds`); then, with `rotate`, moves to the next segment once this one has reached
-    /// `audit.segment_size` (after the batch, so a batch never spans two segments). A failure is logged (once a second
-    /// at most, with the count of failed writes since the last line) and turns the log unhealthy; a good write makes
-    /// it healthy again. `Ok` means written, and with `sync` also fsynced.
+    /// Writes one batch with one `write` and, as `how` says, fsyncs it (strict durability); counts it and times both
+    /// (`ssp_audit_write_seconds`); then moves to the next segment once this one has reached `audit.segment_size`
+    /// (after the batch, so a batch never spans two segments). A failure is logged (once a second at most, with the
+    /// count of failed writes since the last line, which a good write after them also reports) and turns the log
+    /// unhealthy, unless the batch was records of a failed write written again; a good write makes it healthy
+    /// again. `Ok` means written, and with `sync` also fsynced.
     pub(super) fn write_batch<'r>(
         &mut self,
         records: impl ExactSizeIterator<Item = &'r Encoded>,
-        sync: bool,
-        rotate: bool,
+        how: BatchWrite,
     ) -> io::Result<()> {
+        let BatchWrite {
+            sync,
+            rotate,
+            again,
+        } = how;
         let started = Instant::now();
         let n = records.len() as u64;
         let result = self.append(records);
-        if let Err(e) = &result {
-            self.failed_writes += 1;
-            let due = self
-                .failure_reported
-                .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
-            if due {
-                tracing::error!(error = %e, failed_writes = self.failed_writes, "audit write failed");
-                self.failed_writes = 0;
-                self.failure_reported = Some(Instant::now());
+        match &result {
+            Err(e) => {
+                self.failed_writes += 1;
+                let due = self
+                    .failure_reported
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+                if due {
+                    tracing::error!(error = %e, failed_writes = self.failed_writes, "audit write failed");
+                    self.failed_writes = 0;
+                    self.failure_reported = Some(Instant::now());
+                }
             }
+            Ok(()) if self.failed_writes > 0 => {
+                tracing::error!(
+                    failed_writes = self.failed_writes,
+                    "audit write failed (the last failures before this write went in)"
+                );
+                self.failed_writes = 0;
+            }
+            Ok(()) => {}
         }
-        self.set_healthy(result.is_ok());
+        if result.is_ok() || !again {
+            self.set_healthy(result.is_ok());
+        }
         result?;
         if sync && !self.sync() {
             return Err(io::Error::other("audit fsync failed"));

@@ -210,9 +210,9 @@ struct Queue {
     unwritten: Vec<Job>,
     /// When the thread writes `unwritten` again: a second after a failed write, at once after a good one.
     retry_at: Option<Instant>,
-    /// How many times the chunk of `unwritten` written again has been halved: once after each of its writes that
-    /// failed, so that a disk with less room than [`unwritten::RETRY_CHUNK`] records still takes some; back to none
-    /// after one that went in.
+    /// How many times the chunk of `unwritten` written again has been halved: once more after each of its writes
+    /// that failed, so that a disk with less room than [`unwritten::RETRY_CHUNK`] records still takes some, and once
+    /// less after each that went in.
     retry_halvings: u32,
     /// Records given up (past [`MAX_BATCH`] kept) since the operational log last said so, and when it did: it says
     /// so once a second at most, with the count.

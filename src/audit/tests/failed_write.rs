@@ -163,9 +163,9 @@ async fn past_the_kept_records_the_rest_are_given_up_and_the_queue_still_moves()
 }
 
 /// A disk with less room than a chunk of kept records: each failed attempt halves the chunk the thread writes again
-/// (64, 32, 16, 8), and one that goes in sets it back to 64, so that a little room takes a few records.
+/// (64, 32, 16, 8), and each that goes in doubles it, so that a little room takes a few records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn a_failed_retry_halves_the_chunk_and_a_good_one_restores_it() {
+async fn a_failed_retry_halves_the_chunk_and_a_good_one_doubles_it() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_with_request_1(dir.path()).await;
     let away = disk_full(dir.path(), &log);
@@ -187,10 +187,43 @@ async fn a_failed_retry_halves_the_chunk_and_a_good_one_restores_it() {
     log.write_queued();
     assert_eq!(log.queued_and_unwritten(), (0, 92));
     assert_eq!(records(dir.path()).len(), 1 + 8);
-    assert_eq!(log.retry_now(), 64);
+    assert_eq!(log.retry_now(), 16);
 
     log.start_thread();
     log.close();
     assert_eq!(records(dir.path()).len(), 1 + 100);
     assert!(verify(dir.path()).is_ok());
+}
+
+/// A retry that fails leaves the log's health as it was: that kept records do not fit says nothing of whether new
+/// ones do. Here a new record went in (healthy) before the retry of response 1 failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_failed_retry_leaves_the_log_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_with_request_1(dir.path()).await;
+    let away = disk_full(dir.path(), &log);
+    log.submit(response(1, 200, Outcome::Ok));
+    log.write_queued();
+    assert!(!log.healthy());
+
+    room_again(dir.path(), &away);
+    let ticket = log.queue(request(2), log.reserve().await.unwrap()).unwrap();
+    log.write_queued();
+    ticket.written().await.unwrap();
+    assert!(log.healthy());
+    log.fill_disk();
+    log.write_queued();
+    assert_eq!(log.queued_and_unwritten(), (0, 1));
+    assert!(log.healthy());
+
+    log.start_thread();
+    log.close();
+    assert_eq!(
+        records(dir.path()),
+        [
+            (1, "request".to_owned()),
+            (2, "request".to_owned()),
+            (1, "response 200 \"ok\"".to_owned()),
+        ]
+    );
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{Job, SegmentWriter, WriterState};
+use crate::audit::segment::BatchWrite;
 
 /// A worker's write that takes longer than this hands writing to the `ssp-audit` thread: long enough for a
 /// page-cache write of a large batch under load (they take tens of microseconds), short enough that a disk that has
@@ -105,7 +106,14 @@ impl WriterState {
                 writes += 1;
                 let started = std::time::Instant::now();
                 let written = writer
-                    .write_batch(batch.iter().map(|job| &job.record), false, false)
+                    .write_batch(
+                        batch.iter().map(|job| &job.record),
+                        BatchWrite {
+                            sync: false,
+                            rotate: false,
+                            again: false,
+                        },
+                    )
                     .is_ok();
                 let took = started.elapsed();
                 if written {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{Job, MAX_BATCH, SPARE_BUFFERS, WriterState};
 use crate::audit::record::SealReason;
-use crate::audit::segment::{SegmentWriter, set_healthy};
+use crate::audit::segment::{BatchWrite, SegmentWriter, set_healthy};
 use crate::config::Durability;
 
 /// What the writer carries from one turn to the next.
@@ -209,7 +209,14 @@ impl WriterState {
         writer.rotate_if_full();
         let before = writer.last_seq();
         let done = writer
-            .write_batch(turns.batch.iter().map(|job| &job.record), strict, true)
+            .write_batch(
+                turns.batch.iter().map(|job| &job.record),
+                BatchWrite {
+                    sync: strict,
+                    rotate: true,
+                    again: turns.retrying,
+                },
+            )
             .is_ok();
         if done && !strict {
             self.mark_dirty(writer);

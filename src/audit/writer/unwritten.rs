@@ -11,8 +11,9 @@ use super::{Idle, Job, MAX_BATCH, Queue, SPARE_BUFFER_MAX, WriterState};
 /// ([`Queue::unwritten`]): one attempt a second at most on a disk that stays full.
 const RETRY_UNWRITTEN: Duration = Duration::from_secs(1);
 
-/// How many of those one write takes at most (halved after each failed attempt, [`Queue::retry_chunk`]): a disk
-/// with a little room again takes them a few at a time, not only once all of them fit at once.
+/// How many of those one write takes at most (halved after each failed attempt, doubled after each good one,
+/// [`Queue::retry_chunk`]): a disk with a little room again takes them a few at a time, not only once all of them
+/// fit at once.
 pub(super) const RETRY_CHUNK: usize = 64;
 
 impl Queue {
@@ -24,7 +25,7 @@ impl Queue {
     }
 
     /// How many of `unwritten` the thread writes again in one write: [`RETRY_CHUNK`], halved after each failed
-    /// attempt, one at least.
+    /// attempt and doubled after each good one, one at least.
     pub(super) fn retry_chunk(&self) -> usize {
         (RETRY_CHUNK >> self.retry_halvings).max(1)
     }
@@ -102,7 +103,7 @@ impl WriterState {
         if kept.is_empty() {
             queue.retry_at = Some(Instant::now());
             if retried {
-                queue.retry_halvings = 0;
+                queue.retry_halvings = queue.retry_halvings.saturating_sub(1);
             }
         } else {
             if retried {
