@@ -138,11 +138,11 @@ impl SegmentWriter {
     }
 
     /// Writes one batch with one `write` and, as `how` says, fsyncs it (strict durability); counts it and times both
-    /// (`ssp_audit_write_seconds`); then moves to the next segment once this one has reached `audit.segment_size`
-    /// (after the batch, so a batch never spans two segments). A failure is logged (once a second at most, with the
-    /// count of failed writes since the last line, which a good write after them also reports) and turns the log
-    /// unhealthy, unless the batch was records of a failed write written again; a good write makes it healthy
-    /// again. `Ok` means written, and with `sync` also fsynced.
+    /// (`ssp_audit_write_seconds`); then, as `how` says, moves to the next segment once this one has reached
+    /// `audit.segment_size` (after the batch, so a batch never spans two segments). A failure is logged (once a second at most, with the
+    /// count of failed writes since the last line, which a good write a second or more after it also reports) and
+    /// turns the log unhealthy, unless the batch was records of a failed write written again; a good write makes it
+    /// healthy again. `Ok` means written, and with `sync` also fsynced.
     pub(super) fn write_batch<'r>(
         &mut self,
         records: impl ExactSizeIterator<Item = &'r Encoded>,
@@ -156,24 +156,26 @@ impl SegmentWriter {
         let started = Instant::now();
         let n = records.len() as u64;
         let result = self.append(records);
+        let due = || {
+            self.failure_reported
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        };
         match &result {
             Err(e) => {
                 self.failed_writes += 1;
-                let due = self
-                    .failure_reported
-                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
-                if due {
+                if due() {
                     tracing::error!(error = %e, failed_writes = self.failed_writes, "audit write failed");
                     self.failed_writes = 0;
                     self.failure_reported = Some(Instant::now());
                 }
             }
-            Ok(()) if self.failed_writes > 0 => {
+            Ok(()) if self.failed_writes > 0 && due() => {
                 tracing::error!(
                     failed_writes = self.failed_writes,
                     "audit write failed (the last failures before this write went in)"
                 );
                 self.failed_writes = 0;
+                self.failure_reported = Some(Instant::now());
             }
             Ok(()) => {}
         }
