@@ -86,6 +86,9 @@ fn answer(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Respon
             if !health.audit.healthy() {
                 problems.push("audit log not writable");
             }
+            if health.audit.stalled() {
+                problems.push("audit log write stalled (not returned for over 1 s)");
+            }
             if problems.is_empty() {
                 text(StatusCode::OK, "ready\n".into())
             } else {

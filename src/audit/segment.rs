@@ -7,7 +7,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::hex::HexDigest;
@@ -40,6 +40,9 @@ pub(super) struct BatchWrite {
 pub(super) struct SegmentWriter {
     cfg: AuditConfig,
     healthy: Arc<AtomicBool>,
+    /// The write (or strict-mode fsync) in progress, for readiness: a disk that stalls (a frozen file system) holds
+    /// it without failing it.
+    busy: Arc<BusyClock>,
     segment: Option<Segment>,
     /// Sequence number of the last record written.
     seq: u64,
@@ -58,6 +61,53 @@ pub(super) struct SegmentWriter {
     lock: Option<File>,
 }
 
+/// When the writer's `write` or fsync in progress began, if one is: nanoseconds since the clock was made, plus one;
+/// zero when none is. Set and cleared by the writer around each call that can stall on the disk, read without a
+/// lock by readiness (`AuditLog::stalled`).
+#[derive(Debug)]
+pub(super) struct BusyClock {
+    epoch: Instant,
+    since: AtomicU64,
+}
+
+impl Default for BusyClock {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            since: AtomicU64::new(0),
+        }
+    }
+}
+
+impl BusyClock {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    /// Marks a call begun; it ends when the value is dropped (a panic included).
+    fn start(&self) -> Busy<'_> {
+        self.since.store(self.now(), Ordering::Release);
+        Busy(self)
+    }
+
+    /// How long the call in progress has taken so far; `None` when none is.
+    pub(super) fn busy_for(&self) -> Option<Duration> {
+        let since = self.since.load(Ordering::Acquire);
+        (since != 0).then(|| Duration::from_nanos(self.now().saturating_sub(since)))
+    }
+}
+
+/// A call on the disk in progress ([`BusyClock::start`]).
+struct Busy<'a>(&'a BusyClock);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.since.store(0, Ordering::Release);
+    }
+}
+
 /// How long a writer waits for another to let go of the folder: long enough for a command's one record (it
 /// opens, writes, seals and closes in well under a second), short enough that a second proxy on the folder stops
 /// soon with its reason.
@@ -68,6 +118,7 @@ impl SegmentWriter {
         Self {
             cfg,
             healthy,
+            busy: Arc::default(),
             segment: None,
             seq: 0,
             prev: HexDigest::GENESIS,
@@ -111,7 +162,11 @@ impl SegmentWriter {
         let Some(segment) = self.segment.as_mut() else {
             return Err(io::Error::other("no writable audit segment"));
         };
-        match (&*segment.file).write_all(&self.buf) {
+        let written = {
+            let _busy = self.busy.start();
+            (&*segment.file).write_all(&self.buf)
+        };
+        match written {
             Ok(()) => {
                 segment.len += self.buf.len() as u64;
                 self.seq = seq;
@@ -242,9 +297,15 @@ impl SegmentWriter {
 
     pub(super) fn sync_now(&mut self) -> io::Result<()> {
         if let Some(segment) = &self.segment {
+            let _busy = self.busy.start();
             segment.file.sync_data()?;
         }
         Ok(())
+    }
+
+    /// The clock of the write in progress ([`BusyClock`]), for readiness.
+    pub(super) fn busy_clock(&self) -> Arc<BusyClock> {
+        Arc::clone(&self.busy)
     }
 
     /// Fsyncs the segment; a failure is logged and turns the log unhealthy. True when synced.

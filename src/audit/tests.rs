@@ -14,6 +14,7 @@ mod failed_write;
 mod given_up;
 mod on_worker;
 mod one_writer;
+mod stalled;
 
 pub(super) fn config(dir: &Path, durability: Durability, segment_size: u64) -> AuditConfig {
     AuditConfig {

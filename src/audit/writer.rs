@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::record::{Encoded, Record};
-use super::segment::{AuditMetrics, SegmentWriter};
+use super::segment::{AuditMetrics, BusyClock, SegmentWriter};
 use crate::config::{AuditConfig, Durability};
 
 #[cfg(test)]
@@ -77,6 +77,11 @@ pub(super) const QUEUE_CAPACITY: usize = 8192;
 pub(super) const QUEUE_LIMIT: usize = 8 * QUEUE_CAPACITY;
 /// How long a request waits for room in the queue before it is refused with 503 `AUDIT_UNAVAILABLE`.
 const SUBMIT_WAIT: Duration = Duration::from_millis(100);
+/// A `write` or fsync of the log that has not returned for this long makes the instance unready
+/// ([`AuditLog::stalled`]): well past a slow disk's (a hand-off is at 5 ms), well before a request waiting for its
+/// record gives up (5 s).
+const STALLED_WRITE: Duration = Duration::from_secs(1);
+
 /// How long a request waits for its record to be written (and, in strict mode, fsynced).
 const ACK_WAIT: Duration = Duration::from_secs(5);
 /// After a write, how long `response` records may wait in the queue for the next `request` record, so that they
@@ -176,6 +181,8 @@ struct WriterState {
     room: Arc<Semaphore>,
     /// False after a failed write, open or fsync, true again after a good write: feeds readiness.
     healthy: Arc<AtomicBool>,
+    /// The segment writer's clock of the `write` or fsync in progress, for readiness ([`AuditLog::stalled`]).
+    busy: Arc<BusyClock>,
     /// Batched mode: what the syncer fsyncs, and whether anything was written since its last fsync.
     sync: Mutex<SyncState>,
     /// Wakes the syncer early: the log is closing.
@@ -370,6 +377,7 @@ impl AuditLog {
         // log is healthy from the first request.
         writer.ensure_open();
         let dir = writer.dir().to_path_buf();
+        let busy = writer.busy_clock();
         let batched = durability == Durability::Batched;
         let shared = Arc::new(WriterState {
             segment: Mutex::new(Some(writer)),
@@ -387,6 +395,7 @@ impl AuditLog {
             wake: Condvar::new(),
             room: Arc::new(Semaphore::new(QUEUE_CAPACITY)),
             healthy,
+            busy,
             sync: Mutex::new(SyncState::default()),
             sync_wake: Condvar::new(),
         });
@@ -406,6 +415,16 @@ impl AuditLog {
             self.shared.direct.store(false, Ordering::Release);
             self.shared.lock().closed = true;
         }
+    }
+
+    /// A `write` of the log (or a strict-mode fsync) has not returned for [`STALLED_WRITE`] or more: the disk has
+    /// stalled (a frozen file system, a failing device) without failing the call, and requests wait for their
+    /// records. `/readyz` reports it, so that a balancer takes the instance out of rotation.
+    pub(crate) fn stalled(&self) -> bool {
+        self.shared
+            .busy
+            .busy_for()
+            .is_some_and(|taken| taken >= STALLED_WRITE)
     }
 
     pub(crate) fn healthy(&self) -> bool {

@@ -13,7 +13,7 @@ use super::{config, request, response};
 use crate::audit::{AuditLog, Durability, Outcome, verify};
 
 /// A batched log, its thread not started, with request 1's record written (by hand).
-async fn log_with_request_1(dir: &Path) -> Arc<AuditLog> {
+pub(super) async fn log_with_request_1(dir: &Path) -> Arc<AuditLog> {
     let log = AuditLog::start_without_thread(config(dir, Durability::Batched, 64 << 20), None);
     let ticket = log.queue(request(1), log.reserve().await.unwrap()).unwrap();
     log.write_queued();

@@ -85,9 +85,15 @@ impl AuditLog {
     /// The disk fills: the open segment's writes fail from here on (`ENOSPC`, from `/dev/full`), and the next
     /// write after one that failed opens a new segment, as on a disk with room again.
     pub(in crate::audit) fn fill_disk(&self) {
-        let full = std::fs::OpenOptions::new().write(true).open("/dev/full");
-        if let (Some(writer), Ok(full)) = (self.shared.segment().as_mut(), full) {
-            writer.write_into(full);
+        if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+            self.write_segment_into(full);
+        }
+    }
+
+    /// The open segment's writes go to `file` from here on (a pipe nobody reads: a write that does not return).
+    pub(in crate::audit) fn write_segment_into(&self, file: std::fs::File) {
+        if let Some(writer) = self.shared.segment().as_mut() {
+            writer.write_into(file);
         }
     }
 
