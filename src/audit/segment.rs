@@ -194,10 +194,10 @@ impl SegmentWriter {
 
     /// Writes one batch with one `write` and, as `how` says, fsyncs it (strict durability); counts it and times both
     /// (`ssp_audit_write_seconds`); then, as `how` says, moves to the next segment once this one has reached
-    /// `audit.segment_size` (after the batch, so a batch never spans two segments). A failure is logged (once a second at most, with the
-    /// count of failed writes since the last line, which a good write a second or more after it also reports) and
-    /// turns the log unhealthy, unless the batch was records of a failed write written again; a good write makes it
-    /// healthy again. `Ok` means written, and with `sync` also fsynced.
+    /// `audit.segment_size` (after the batch, so a batch never spans two segments). A failure is logged (once a second
+    /// at most, with the count of failed writes since the last line, which a good write a second or more after it also
+    /// reports) and turns the log unhealthy, unless the batch was records of a failed write written again; a good write
+    /// makes it healthy again. `Ok` means written, and with `sync` also fsynced.
     pub(super) fn write_batch<'r>(
         &mut self,
         records: impl ExactSizeIterator<Item = &'r Encoded>,
