@@ -25,6 +25,10 @@ pub(super) struct Segment {
     len: u64,
 }
 
+/// The audit log's repeated error lines (failed writes, records given up) come once per this at most, each with the
+/// count since the last: a full disk under traffic fails every batch.
+pub(super) const REPORT_EVERY: Duration = Duration::from_secs(1);
+
 /// How [`SegmentWriter::write_batch`] writes a batch.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct BatchWrite {
@@ -51,8 +55,7 @@ pub(super) struct SegmentWriter {
     /// Reused for each batch.
     buf: Vec<u8>,
     metrics: Option<AuditMetrics>,
-    /// Failed writes since the operational log last said so, and when it did: once a second at most (a full disk
-    /// under traffic fails every batch), with the count.
+    /// Failed writes since the operational log last said so, and when it did ([`REPORT_EVERY`]).
     failed_writes: u64,
     failure_reported: Option<Instant>,
     /// `audit.dir` itself, flocked for as long as this writer lives: one writer a chain, whatever the process (a
@@ -213,7 +216,7 @@ impl SegmentWriter {
         let result = self.append(records);
         let due = || {
             self.failure_reported
-                .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+                .is_none_or(|at| at.elapsed() >= REPORT_EVERY)
         };
         match &result {
             Err(e) => {

@@ -221,8 +221,8 @@ struct Queue {
     /// that failed, so that a disk with less room than [`unwritten::RETRY_CHUNK`] records still takes some, and once
     /// less after each that went in.
     retry_halvings: u32,
-    /// Records given up (past [`MAX_BATCH`] kept) since the operational log last said so, and when it did: it says
-    /// so once a second at most, with the count.
+    /// Records given up (past [`MAX_BATCH`] kept) since the operational log last said so, and when it did
+    /// (`segment::REPORT_EVERY`).
     lost: usize,
     lost_reported: Option<Instant>,
     closed: bool,

@@ -51,7 +51,7 @@ async fn wait_for_records(dir: &Path, n: usize, within: Duration) {
 /// The write of request 2 and response 1 fails; response 1 is written right after request 3, the next write, which
 /// found room (a new segment); request 2 is not written and its request is told so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn a_response_record_whose_write_failed_is_written_by_the_next_write() {
+async fn a_response_record_whose_write_failed_is_written_after_the_next_write() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_with_request_1(dir.path()).await;
 

@@ -119,42 +119,36 @@ impl WriterState {
         queue.spare.extend(turns.spent.drain(..).take(room));
         let mut lingering = turns.linger_now.then(|| Instant::now() + turns.linger);
         while !queue.has_urgent_work() {
-            if let Some(until) = lingering {
-                let left = until.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    // Records a failed write left are not written every linger: they wait until they are due.
-                    if queue.has_work() || queue.unwritten.is_empty() {
+            // Lingering, only work that must not wait wakes the thread, until the linger ends; then what is queued
+            // goes out. Asleep, any record wakes it, and records a failed write left are due at `retry_at`, traffic
+            // or not (a disk with room again takes them, and the log is healthy again, without a request having to
+            // come and write); they are not written every linger.
+            let (idle, until) = match lingering.filter(|until| *until > Instant::now()) {
+                Some(until) => (super::Idle::Lingering, Some(until)),
+                None => {
+                    lingering = None;
+                    if queue.has_work() {
                         break;
                     }
-                    lingering = None;
-                    continue;
+                    let retry = queue.retry_at.filter(|_| !queue.unwritten.is_empty());
+                    (super::Idle::Asleep, retry)
                 }
-                queue.idle = super::Idle::Lingering;
-                queue = self
-                    .wake
-                    .wait_timeout(queue, left)
-                    .map_or_else(|e| e.into_inner().0, |(g, _)| g);
-            } else if queue.has_work() {
+            };
+            let left = until.map(|at| at.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|left| left.is_zero()) {
                 break;
-            } else if let Some(at) = queue.retry_at.filter(|_| !queue.unwritten.is_empty()) {
-                // Records a failed write left are written again when due, traffic or not: a disk with room again
-                // takes them, and the log is healthy again, without a request having to come and write.
-                let left = at.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                queue.idle = super::Idle::Asleep;
-                queue = self
+            }
+            queue.idle = idle;
+            queue = match left {
+                Some(left) => self
                     .wake
                     .wait_timeout(queue, left)
-                    .map_or_else(|e| e.into_inner().0, |(g, _)| g);
-            } else {
-                queue.idle = super::Idle::Asleep;
-                queue = self
+                    .map_or_else(|e| e.into_inner().0, |(g, _)| g),
+                None => self
                     .wake
                     .wait(queue)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
+                    .unwrap_or_else(PoisonError::into_inner),
+            };
             queue.idle = super::Idle::Busy;
         }
     }

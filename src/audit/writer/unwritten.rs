@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{Idle, Job, MAX_BATCH, Queue, SPARE_BUFFER_MAX, WriterState};
+use crate::audit::segment::REPORT_EVERY;
 
 /// How long after a failed write the thread writes again the records of it that nobody waits for
 /// ([`Queue::unwritten`]): one attempt a second at most on a disk that stays full.
@@ -30,13 +31,13 @@ impl Queue {
         (RETRY_CHUNK >> self.retry_halvings).max(1)
     }
 
-    /// Counts records given up and says so in the operational log at most once a second (`closing`: now, with any
-    /// count not yet said).
+    /// Counts records given up and says so in the operational log once per [`REPORT_EVERY`] at most (`closing`:
+    /// now, with any count not yet said).
     pub(super) fn report_lost(&mut self, records: usize, closing: bool) {
         self.lost += records;
         let due = self
             .lost_reported
-            .is_none_or(|at| at.elapsed() >= RETRY_UNWRITTEN);
+            .is_none_or(|at| at.elapsed() >= REPORT_EVERY);
         if self.lost > 0 && (due || closing) {
             tracing::error!(
                 records = self.lost,
