@@ -54,6 +54,7 @@ fn refuses_everything_else() {
         ("/https://h/a/..;/b", DotSegment),
         ("/https://h/a/..;jsessionid=1/b", DotSegment),
         ("/https://h/a/.%3Bx/b", DotSegment),
+        ("/https://h/a/..%3bx/b", DotSegment),
         ("/https://h/a\\..\\b", Backslash),
         ("/https://h/gp/%2e%2e%2fadmin", EncodedSeparator),
         ("/https://h/gp/a%2Fb", EncodedSeparator),
