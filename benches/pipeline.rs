@@ -121,7 +121,7 @@ fn bench(c: &mut Criterion) {
         &tx,
         Some(validator.validate(Some(token.as_bytes()), &expect)),
     );
-    let prev = "0".repeat(64);
+    let prev = ssp::hex::HexDigest::GENESIS;
     let link = ssp::audit::ChainLink {
         seq: 1_234_567,
         instance: "ssp-1.example.nhs.uk",

@@ -123,6 +123,26 @@ impl<'b> ObjectWriter<'b> {
         out.push(b'"');
     }
 
+    /// `"key":"value"` where the value is `parts` one after another, copied as they are: each must need no
+    /// escaping (no quote, backslash or character below U+0020, RFC 8259 section 7), as a range of the text of a
+    /// JSON string read without escapes needs none. The caller vouches (checked in debug builds): the output is
+    /// then the bytes [`ObjectWriter::str_parts`] would write, without the scan for characters to escape.
+    pub fn verbatim_parts(&mut self, key: &'static str, parts: &[&str]) {
+        let out = self.key(key);
+        out.push(b'"');
+        for part in parts {
+            debug_assert!(special(part.as_bytes()).is_none(), "{part:?}");
+            out.extend_from_slice(part.as_bytes());
+        }
+        out.push(b'"');
+    }
+
+    /// `"key":"value"`, `value` copied as it is: text of a type that admits no character JSON escapes (digits,
+    /// hex, a UUID, an RFC 9110 token). The caller vouches, as for [`ObjectWriter::verbatim_parts`].
+    pub fn verbatim(&mut self, key: &'static str, value: &str) {
+        self.verbatim_parts(key, &[value]);
+    }
+
     /// `"key":"value"`, or nothing when there is no value.
     pub fn str_if(&mut self, key: &'static str, value: Option<&str>) {
         if let Some(value) = value {

@@ -239,8 +239,8 @@ pub fn millis(d: Duration) -> f64 {
 pub struct ChainLink<'a> {
     pub seq: u64,
     pub instance: &'a str,
-    /// SHA-256 (hex) of the previous line.
-    pub prev: &'a str,
+    /// SHA-256 of the previous line (written as its 64 hex digits).
+    pub prev: &'a HexDigest,
 }
 
 /// Appends `record` to `buf` as one JSON line at `link` and returns the SHA-256 (hex) of the line, the next
@@ -266,15 +266,15 @@ impl Encoded {
     pub fn new(record: &Record, mut buf: Vec<u8>) -> Self {
         buf.clear();
         let mut line = ObjectWriter::continued(&mut buf);
-        line.str("ts", record.ts.as_str());
+        line.verbatim("ts", record.ts.as_str());
         match &record.entry {
             Event::Permitted { tx, jwt } => request(&mut line, tx, "permit", None, jwt.as_ref()),
             Event::Refused { tx, reason, jwt } => {
                 request(&mut line, tx, "deny", Some(reason), jwt.as_deref());
             }
             Event::Completed { tx, end } => {
-                line.str("kind", "response");
-                line.str_if("trace_id", tx.trace_id());
+                line.verbatim("kind", "response");
+                trace_id(&mut line, tx);
                 line.u64("conn_id", tx.conn_id);
                 parties(&mut line, tx);
                 line.u64("status", u64::from(end.status));
@@ -285,7 +285,7 @@ impl Encoded {
                 if end.retried {
                     line.bool("retried", true);
                 }
-                line.str("outcome", end.outcome.as_str());
+                line.verbatim("outcome", end.outcome.as_str());
                 if let Some(p) = &tx.patients
                     && let Some(body) = &p.body
                     && !body.found().is_empty()
@@ -299,12 +299,12 @@ impl Encoded {
                 failed,
                 reason,
             } => {
-                line.str("kind", "selftest");
-                line.str_if("trace_id", tx.trace_id());
+                line.verbatim("kind", "selftest");
+                trace_id(&mut line, tx);
                 line.u64("conn_id", tx.conn_id);
                 line.raw("peer", tx.peer.as_json());
                 parties(&mut line, tx);
-                line.str("method", tx.method.as_str());
+                line.verbatim("method", tx.method.as_str());
                 if let Addressing::AsReceived { .. } = &tx.addressing {
                     line.str_if("target", tx.recorded_target());
                 }
@@ -365,7 +365,7 @@ impl Encoded {
         line.u64("seq", link.seq);
         line.str("instance", link.instance);
         line.fields(&self.fields);
-        line.str("prev", link.prev);
+        line.verbatim("prev", link.prev.as_str());
         line.close();
         let hash = HexDigest::of(&buf[start..]);
         buf.push(b'\n');
@@ -381,18 +381,18 @@ fn request(
     reason: Option<&str>,
     jwt: Option<&JwtAudit>,
 ) {
-    line.str("kind", "request");
-    line.str_if("trace_id", tx.trace_id());
+    line.verbatim("kind", "request");
+    trace_id(line, tx);
     line.u64("conn_id", tx.conn_id);
     line.raw("peer", tx.peer.as_json());
     if let Addressing::Validated { fqdn, .. } = &tx.addressing {
         line.str("fqdn", fqdn);
     }
     parties(line, tx);
-    line.str("method", tx.method.as_str());
+    line.verbatim("method", tx.method.as_str());
     line.str_if("target", tx.recorded_target());
     patients(line, tx);
-    line.str("decision", decision);
+    line.verbatim("decision", decision);
     line.str_if("reason", reason);
     line.u64("policy_generation", tx.policy_generation);
     if let Some(jwt) = jwt {
@@ -421,9 +421,9 @@ fn patients_field(line: &mut ObjectWriter<'_>, key_id: &str, refs: &[PatientRef]
     line.obj("patients", |o| {
         o.str("key", key_id);
         o.arr("ids", refs, |o, r| {
-            o.str("hmac", r.hmac.as_str());
-            o.str("check", r.check.as_str());
-            o.str("in", r.source.as_str());
+            o.verbatim("hmac", r.hmac.as_str());
+            o.verbatim("check", r.check.as_str());
+            o.verbatim("in", r.source.as_str());
         });
     });
 }
@@ -437,11 +437,39 @@ fn patients(line: &mut ObjectWriter<'_>, tx: &Transaction) {
     }
 }
 
+/// `trace_id`: a checked one (a UUID) copied as it is, one as received escaped.
+fn trace_id(line: &mut ObjectWriter<'_>, tx: &Transaction) {
+    match &tx.addressing {
+        Addressing::Validated { trace_id, .. } => line.verbatim("trace_id", trace_id.as_str()),
+        Addressing::AsReceived { trace_id, .. } => line.str_if("trace_id", trace_id.as_deref()),
+    }
+}
+
+/// `from`, `to`, `interaction`: checked ones (digits, an RFC 8141 URN) copied as they are, ones as received
+/// escaped.
 fn parties(line: &mut ObjectWriter<'_>, tx: &Transaction) {
-    let [from, to, interaction] = tx.parties();
-    line.str_if("from", from);
-    line.str_if("to", to);
-    line.str_if("interaction", interaction);
+    match &tx.addressing {
+        Addressing::Validated {
+            from,
+            to,
+            interaction,
+            ..
+        } => {
+            line.verbatim("from", from.as_str());
+            line.verbatim("to", to.as_str());
+            line.verbatim("interaction", interaction.as_str());
+        }
+        Addressing::AsReceived {
+            from,
+            to,
+            interaction,
+            ..
+        } => {
+            line.str_if("from", from.as_deref());
+            line.str_if("to", to.as_deref());
+            line.str_if("interaction", interaction.as_deref());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -158,7 +158,7 @@ impl SegmentWriter {
             let link = ChainLink {
                 seq,
                 instance: &self.cfg.instance,
-                prev: prev.as_str(),
+                prev: &prev,
             };
             prev = record.write(link, &mut self.buf);
         }

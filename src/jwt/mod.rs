@@ -270,6 +270,9 @@ impl Kept {
 /// usual case, so nothing is copied), or the unescaped text of one with escapes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ClaimText {
+    /// A range of the text of a JSON string read without escapes (only `ClaimsBuffer::text` makes one, from a
+    /// string the reader returned), so it holds no quote, backslash or control character and is written into a
+    /// record as it is.
     At(u32, u32),
     Unescaped(Box<str>),
 }
@@ -335,6 +338,17 @@ impl JwtAudit {
         self.alg
     }
 
+    /// Writes a kept claim as `"key":"text"`, or `"key":null` when the token did not have it: a range of the
+    /// claims set as it is (it needs no escaping, [`ClaimText::At`]), the unescaped copy of one with escapes
+    /// escaped again.
+    fn write_claim(&self, o: &mut ObjectWriter<'_>, key: &'static str, claim: Option<&ClaimText>) {
+        match claim.map(|c| (c, self.text(c))) {
+            Some((ClaimText::At(..), Some(text))) => o.verbatim_parts(key, &[text]),
+            Some((_, text)) => o.str_or_null(key, text),
+            None => o.null(key),
+        }
+    }
+
     fn text<'a>(&'a self, text: &'a ClaimText) -> Option<&'a str> {
         match text {
             // A place the JSON reader found a string at, so on character boundaries; `get` checks that anyway.
@@ -351,21 +365,23 @@ impl JwtAudit {
 
     /// Writes the fields of the request record's `jwt` object, in the order the type's documentation gives.
     pub fn write_json(&self, o: &mut ObjectWriter<'_>) {
-        for kept in &Kept::ALL[..3] {
-            o.str_or_null(kept.field(), self.claim(*kept));
-        }
+        let kept = |o: &mut ObjectWriter<'_>, which: &[Kept]| {
+            for kept in which {
+                self.write_claim(o, kept.field(), self.kept[*kept as usize].as_ref());
+            }
+        };
+        kept(o, &Kept::ALL[..3]);
         o.i64_or_null("iat", self.iat);
         o.i64_or_null("exp", self.exp);
-        for kept in &Kept::ALL[3..10] {
-            o.str_or_null(kept.field(), self.claim(*kept));
+        kept(o, &Kept::ALL[3..10]);
+        match (&self.device_identifier, self.device_identifier_parts()) {
+            (Some((ClaimText::At(..), ClaimText::At(..))), Some((system, value))) => {
+                o.verbatim_parts("device_identifier", &[system, "|", value]);
+            }
+            (_, Some((system, value))) => o.str_parts("device_identifier", &[system, "|", value]),
+            (_, None) => o.null("device_identifier"),
         }
-        match self.device_identifier_parts() {
-            Some((system, value)) => o.str_parts("device_identifier", &[system, "|", value]),
-            None => o.null("device_identifier"),
-        }
-        for kept in &Kept::ALL[10..] {
-            o.str_or_null(kept.field(), self.claim(*kept));
-        }
+        kept(o, &Kept::ALL[10..]);
         o.str_or_null("alg", self.alg);
         o.bool("valid", self.valid);
         o.strs("violations", self.found.iter().map(|v| v.name()));
