@@ -1,6 +1,7 @@
 """Puts a `perf report --sort comm,dso,sym` (self time) into the stages of a proxied request and scales each
-stage's share by the CPU per request of the same run (the `ssp` row of the load benchmark's table). Used by
-benches/budget.sh; the rules below are the method: the first rule a sample's symbol or library matches wins."""
+stage's share by the CPU per request of the profiled run and, given one, of a run without the profiler (the `ssp`
+row of the load benchmark's table). Used by benches/budget.sh; the rules below are the method: the first rule a
+sample's symbol or library matches wins."""
 
 import re
 import sys
@@ -54,6 +55,8 @@ def cpu_per_request(bench_text):
 def main():
     bench, scenario = sys.argv[1], sys.argv[2]
     cpu = cpu_per_request(open(bench).read())
+    # Without the profiler, when that run's table is given; else the profiled run's figure stands for both.
+    plain = cpu_per_request(open(sys.argv[3]).read()) if len(sys.argv) > 3 else cpu
     stages, threads, total = {}, {}, 0.0
     # The records' and the token's samples on the request path (the workers and `ssp-audit`, which writes what
     # they hand it), and on `ssp-audit-sync` (the batched fsyncs, the page cache written back).
@@ -76,16 +79,17 @@ def main():
                     else:
                         records += share
                 break
-    print(f"\nCPU budget of a request, {scenario}: {cpu:.1f} us measured (/proc) while profiled; every sample in one stage")
-    print(f"| stage | share | us per request |")
-    print(f"|---|---|---|")
+    print(f"\nCPU budget of a request, {scenario}: {cpu:.1f} us measured (/proc) while profiled, {plain:.1f} us "
+          f"without the profiler; every sample in one stage")
+    print("| stage | share | us per request, profiled | us per request, without the profiler |")
+    print("|---|---|---|---|")
     for name, share in sorted(stages.items(), key=lambda kv: -kv[1]):
-        print(f"| {name} | {share / total * 100:.1f}% | {share / total * cpu:.2f} |")
-    print(f"| total | 100% | {cpu:.2f} |")
-    print(f"\nthe records and the token step: {records / total * 100:.1f}%, {records / total * cpu:.2f} us on the "
-          f"request path (workers, ssp-audit); the fsync thread's share of those stages {synced / total * 100:.1f}%, "
-          f"{synced / total * cpu:.2f} us")
-    print("\nby thread: " + ", ".join(f"{t} {s / total * cpu:.2f} us ({s:.1f}%)" for t, s in sorted(threads.items(), key=lambda kv: -kv[1])))
+        print(f"| {name} | {share / total * 100:.1f}% | {share / total * cpu:.2f} | {share / total * plain:.2f} |")
+    print(f"| total | 100% | {cpu:.2f} | {plain:.2f} |")
+    print(f"\nthe records and the token step: {records / total * 100:.1f}%, {records / total * cpu:.2f} us profiled "
+          f"and {records / total * plain:.2f} us without the profiler, on the request path (workers, ssp-audit); "
+          f"the fsync thread's share of those stages {synced / total * 100:.1f}%, {synced / total * plain:.2f} us")
+    print("\nby thread (profiled): " + ", ".join(f"{t} {s / total * cpu:.2f} us ({s:.1f}%)" for t, s in sorted(threads.items(), key=lambda kv: -kv[1])))
 
 
 main()
