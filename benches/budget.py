@@ -89,7 +89,7 @@ def main():
     print(f"\nthe records and the token step: {records / total * 100:.1f}%, {records / total * cpu:.2f} us profiled "
           f"and {records / total * plain:.2f} us without the profiler, on the request path (workers, ssp-audit); "
           f"the fsync thread's share of those stages {synced / total * 100:.1f}%, {synced / total * plain:.2f} us")
-    print("\nby thread (profiled): " + ", ".join(f"{t} {s / total * cpu:.2f} us ({s:.1f}%)" for t, s in sorted(threads.items(), key=lambda kv: -kv[1])))
+    print("\nby thread (profiled): " + ", ".join(f"{t} {s / total * cpu:.2f} us ({s / total * 100:.1f}%)" for t, s in sorted(threads.items(), key=lambda kv: -kv[1])))
 
 
 main()
