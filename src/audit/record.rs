@@ -439,35 +439,32 @@ fn patients(line: &mut ObjectWriter<'_>, tx: &Transaction) {
 
 /// `trace_id`: a checked one (a UUID) copied as it is, one as received escaped.
 fn trace_id(line: &mut ObjectWriter<'_>, tx: &Transaction) {
-    match &tx.addressing {
-        Addressing::Validated { trace_id, .. } => line.verbatim("trace_id", trace_id.as_str()),
-        Addressing::AsReceived { trace_id, .. } => line.str_if("trace_id", trace_id.as_deref()),
-    }
+    identifiers(line, tx, [("trace_id", tx.trace_id())]);
 }
 
 /// `from`, `to`, `interaction`: checked ones (digits, an RFC 8141 URN) copied as they are, ones as received
 /// escaped.
 fn parties(line: &mut ObjectWriter<'_>, tx: &Transaction) {
-    match &tx.addressing {
-        Addressing::Validated {
-            from,
-            to,
-            interaction,
-            ..
-        } => {
-            line.verbatim("from", from.as_str());
-            line.verbatim("to", to.as_str());
-            line.verbatim("interaction", interaction.as_str());
-        }
-        Addressing::AsReceived {
-            from,
-            to,
-            interaction,
-            ..
-        } => {
-            line.str_if("from", from.as_deref());
-            line.str_if("to", to.as_deref());
-            line.str_if("interaction", interaction.as_deref());
+    let [from, to, interaction] = tx.parties();
+    identifiers(
+        line,
+        tx,
+        [("from", from), ("to", to), ("interaction", interaction)],
+    );
+}
+
+/// Each identifier that is there: as checked (a permitted request's, whose types admit nothing JSON escapes)
+/// copied as it is, as received (a refused request's) escaped.
+fn identifiers<const N: usize>(
+    line: &mut ObjectWriter<'_>,
+    tx: &Transaction,
+    fields: [(&'static str, Option<&str>); N],
+) {
+    let checked = matches!(tx.addressing, Addressing::Validated { .. });
+    for (key, value) in fields {
+        match value {
+            Some(value) if checked => line.verbatim(key, value),
+            value => line.str_if(key, value),
         }
     }
 }
