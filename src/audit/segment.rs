@@ -261,8 +261,6 @@ impl SegmentWriter {
             .is_some_and(|s| s.len >= self.cfg.segment_size)
     }
 
-    /// Whether a plain append is all the next write needs: a segment is open and not full. Otherwise the next write
-    /// opens or rotates one (file creation and fsyncs), which is the writer thread's work, not a worker's.
     /// Tests: the open segment's writes go to `file` from here on (`/dev/full`: each fails as on a full disk, and
     /// cannot be rolled back, so the next write opens a new segment).
     #[cfg(test)]
@@ -277,6 +275,8 @@ impl SegmentWriter {
         self.seq
     }
 
+    /// Whether a plain append is all the next write needs: a segment is open and not full. Otherwise the next write
+    /// opens or rotates one (file creation and fsyncs), which is the writer thread's work, not a worker's.
     pub(super) fn appends_only(&self) -> bool {
         self.segment.is_some() && !self.full()
     }
