@@ -479,6 +479,8 @@ struct Phase {
     latencies: Vec<u32>,
     /// The proxy's CPU time over the phase, and its peak resident memory during it (KiB).
     cpu: Duration,
+    /// The part of `cpu` spent in user space.
+    user_cpu: Duration,
     peak_kib: u64,
     /// `SSP_BENCH_PERF`: system calls and context switches of the proxy's processes over the phase (perf stat),
     /// and the CPU time of its `ssp-audit` and `ssp-audit-sync` threads.
@@ -541,30 +543,26 @@ fn process_tree(pid: u32) -> Vec<u32> {
     pids
 }
 
-/// User + system CPU time of `pids`, all their threads.
-fn cpu_time(pids: &[u32]) -> Duration {
-    let ticks: u64 = pids
-        .iter()
-        .map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let fields: Vec<&str> = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            fields
-                .get(11)
+/// User-space and kernel CPU time of `pids`, all their threads (`utime` and `stime` of proc(5)).
+fn cpu_time(pids: &[u32]) -> [Duration; 2] {
+    let mut ticks = [0u64; 2];
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        for (which, field) in [11, 12].into_iter().enumerate() {
+            ticks[which] += fields
+                .get(field)
                 .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-                + fields
-                    .get(12)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-        })
-        .sum();
+                .unwrap_or(0);
+        }
+    }
     // USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
+    ticks.map(|t| Duration::from_millis(t * 10))
 }
 
 /// The processes' resident memory now, in KiB.
@@ -809,7 +807,9 @@ async fn run_phase(target: &Target, scenario: &Scenario, secs: u64) -> Phase {
         phase.bytes += bytes;
     }
     phase.elapsed = started.elapsed();
-    phase.cpu = cpu_time(&target.pids).saturating_sub(cpu_before);
+    let cpu_after = cpu_time(&target.pids);
+    phase.user_cpu = cpu_after[0].saturating_sub(cpu_before[0]);
+    phase.cpu = phase.user_cpu + cpu_after[1].saturating_sub(cpu_before[1]);
     let audit_after = audit_threads_cpu(&target.pids);
     phase.audit_cpu = [0, 1].map(|i| audit_after[i].saturating_sub(audit_before[i]));
     phase.kernel = perf.and_then(finish_perf);
@@ -1288,8 +1288,9 @@ fn print_scenario(scenario: &Scenario, rows: &[(&Target, Phase)]) {
         if let Some((syscalls, switches)) = p.kernel {
             let n = p.requests.max(1) as f64;
             println!(
-                "  {:<13} per request: {:.2} system calls, {:.2} context switches, ssp-audit threads {:.1} us CPU (writer {:.1}, fsyncs {:.1})",
+                "  {:<13} per request: {:.1} us CPU in user space, {:.2} system calls, {:.2} context switches, ssp-audit threads {:.1} us CPU (writer {:.1}, fsyncs {:.1})",
                 target.name,
+                p.user_cpu.as_secs_f64() * 1e6 / n,
                 syscalls as f64 / n,
                 switches as f64 / n,
                 (p.audit_cpu[0] + p.audit_cpu[1]).as_secs_f64() * 1e6 / n,
