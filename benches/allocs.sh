@@ -10,6 +10,9 @@
 # builds (runs of one build agreed within 0.1%, but for one outlier). Under valgrind SHA-256 takes its software
 # path (valgrind has no SHA extensions): about a third of the count is the audit chain's hashing, which costs a
 # tenth of that natively. SSP_BIN=PATH measures another build of ssp (default: the release build made here).
+# SSP_PEER=nginx (with SSP_COUNT=instructions) counts nginx's instructions instead: the load benchmark's nginx
+# configuration with one worker and no master process, the same provider, certificates, headers and token, the
+# requests in origin form (nginx is a reverse proxy); nginx must be installed (benches/load.sh installs it).
 set -eu
 cd "$(dirname "$0")/.."
 few=${1:-20}
@@ -23,6 +26,12 @@ trap '[ -n "$provider" ] && kill "$provider" 2>/dev/null; rm -rf "$work"' EXIT
 cp target/release/ssp "$work/ssp-release"
 ssp_bin=${SSP_BIN:-$work/ssp-release}
 what=${SSP_COUNT:-allocations}
+peer=${SSP_PEER:-ssp}
+case "$peer:$what" in
+    ssp:*) ;;
+    nginx:instructions) nginx=$(command -v nginx || echo /usr/sbin/nginx) ;;
+    *) echo "SSP_PEER=$peer: only ssp, or nginx with SSP_COUNT=instructions" >&2; exit 1 ;;
+esac
 bench=$(cargo bench --locked --bench load --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 target/release/ssp dev-certs --out "$work/certs" >/dev/null
 mkdir "$work/policies"
@@ -35,12 +44,21 @@ listen=127.0.0.1:18443
 # The load benchmark's own config for its batched instance: every check, the JWT, limits.
 SSP_BENCH_ROLE=ssp-config SSP_BENCH_PORT=18443 SSP_BENCH_PROVIDER="127.0.0.1:$port" "$bench" >"$work/ssp.toml"
 endpoint=https://provider.dev.localhost:9443/B82617/STU3/1/gpconnect
+url=https://$listen/$endpoint/fhir/metadata
+if [ "$peer" = nginx ]; then
+    SSP_BENCH_ROLE=nginx-config SSP_BENCH_PORT=18443 SSP_BENCH_PROVIDER="127.0.0.1:$port" SSP_BENCH_DIR="$work" \
+        "$bench" >"$work/nginx.conf"
+    url=https://$listen/B82617/STU3/1/gpconnect/fhir/metadata
+fi
 
 # Runs ssp under valgrind for $1 requests (DHAT's profile to $2); prints the count. valgrind runs one thread at a
 # time; with its default scheduling, sled's `sled-io` threads, which spin at start-up, held it for over 20 minutes
 # before ssp listened (twice on the 2-core machine). `--fair-sched=yes` hands it round in turn.
 count() {
-    if [ "$what" = instructions ]; then
+    if [ "$peer" = nginx ]; then
+        valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/callgrind.%p" \
+            "$nginx" -c "$work/nginx.conf" -p "$work" 2>"$work/valgrind.txt" &
+    elif [ "$what" = instructions ]; then
         valgrind --fair-sched=yes --tool=callgrind --separate-threads=yes \
             --callgrind-out-file="$work/callgrind.%p" "$ssp_bin" serve --config "$work/ssp.toml" \
             2>"$work/valgrind.txt" &
@@ -60,7 +78,7 @@ count() {
     args=""
     i=0
     while [ "$i" -lt "$1" ]; do
-        args="$args -o /dev/null https://$listen/$endpoint/fhir/metadata"
+        args="$args -o /dev/null $url"
         i=$((i + 1))
     done
     # shellcheck disable=SC2086
@@ -88,5 +106,5 @@ count() {
 }
 a=$(count "$few" /dev/null)
 b=$(count "$many" "${SSP_DHAT_OUT:-/dev/null}")
-echo "ssp serve: $a $what with $few requests, $b with $many"
+echo "$peer: $a $what with $few requests, $b with $many"
 echo "$what per proxied request: $(( (b - a) / (many - few) ))"

@@ -1032,12 +1032,28 @@ fn start_nginx(
     children: &mut Children,
 ) -> (u16, u32) {
     let port = free_port();
+    let config = nginx_config(dir, provider, port, 2);
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, config).unwrap();
+    let pid = launch(
+        Command::new(nginx).arg("-c").arg(&path).arg("-p").arg(dir),
+        None,
+        port,
+        children,
+    );
+    (port, pid)
+}
+
+/// The nginx configuration of [`start_nginx`], listening on `port`, the certificates in `dir/certs`. With one
+/// worker it runs without a master process (one process, as benches/allocs.sh counts its instructions).
+fn nginx_config(dir: &Path, provider: SocketAddr, port: u16, workers: u32) -> String {
     let d = dir.display();
-    let config = format!(
+    let master = if workers == 1 { "off" } else { "on" };
+    format!(
         r#"
-worker_processes 2;
+worker_processes {workers};
 daemon off;
-master_process on;
+master_process {master};
 user root;
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
@@ -1085,16 +1101,7 @@ http {{
     }}
 }}
 "#
-    );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, config).unwrap();
-    let pid = launch(
-        Command::new(nginx).arg("-c").arg(&path).arg("-p").arg(dir),
-        None,
-        port,
-        children,
-    );
-    (port, pid)
+    )
 }
 
 /// HAProxy 2 threads, the same TLS on both legs as nginx, connection reuse to the provider. With `work`, it also
@@ -1477,6 +1484,18 @@ fn main() {
                 .parse()
                 .unwrap();
             print!("{}", ssp_config(port, "batched", provider, "batched"));
+            return;
+        }
+        // For benches/allocs.sh: nginx's config with one worker, listening on SSP_BENCH_PORT, its files (the
+        // certificates in `certs`) in SSP_BENCH_DIR.
+        Ok("nginx-config") => {
+            let port = env("SSP_BENCH_PORT", 18443) as u16;
+            let provider = std::env::var("SSP_BENCH_PROVIDER")
+                .unwrap()
+                .parse()
+                .unwrap();
+            let dir = PathBuf::from(std::env::var_os("SSP_BENCH_DIR").unwrap());
+            print!("{}", nginx_config(&dir, provider, port, 1));
             return;
         }
         _ => {}
