@@ -51,8 +51,19 @@ pub(crate) fn is_head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     })
 }
 
+/// The obsolete `Proxy-Connection`, removed with the hop-by-hop headers.
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their names finds that out for less than a lookup of each
+    // hop-by-hop name. Any `Connection` field is itself one, so the fields it names are only looked for with it.
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || name == PROXY_CONNECTION)
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -63,7 +74,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-    headers.remove(HeaderName::from_static("proxy-connection"));
+    headers.remove(PROXY_CONNECTION);
 }
 
 /// Makes a consumer's request header fields what the provider's HTTP/1.1 leg will carry, before any check reads

@@ -81,6 +81,34 @@ fn normalising_removes_what_connection_names_before_the_checks() {
 }
 
 #[test]
+fn each_hop_by_hop_field_alone_is_removed_and_others_are_kept() {
+    for hop in [
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "connection",
+    ] {
+        let mut h = HeaderMap::new();
+        h.insert("ssp-from", HeaderValue::from_static("1"));
+        h.insert(hop, HeaderValue::from_static("x"));
+        h.append(header::ACCEPT, HeaderValue::from_static("a"));
+        h.append(header::ACCEPT, HeaderValue::from_static("b"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<(&str, &[u8])> = h.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+        assert_eq!(
+            left,
+            [("ssp-from", &b"1"[..]), ("accept", b"a"), ("accept", b"b")],
+            "{hop}"
+        );
+    }
+}
+
+#[test]
 fn http2_cookies_are_joined_in_order() {
     let mut h = HeaderMap::new();
     for c in ["a=1", "b=2", "c=3"] {

@@ -170,13 +170,17 @@ fn is_dns_name(host: &str) -> bool {
 
 /// `.` or `..`, also when a dot is percent-encoded (`%2e`, `%2E`).
 fn is_dot_segment(segment: &str) -> bool {
+    // A dot segment starts with its first dot, plain or encoded; this runs for every segment of every target.
+    if !matches!(segment.as_bytes().first(), Some(b'.' | b'%')) {
+        return false;
+    }
     // A segment's parameters (`..;jsessionid=x`, RFC 3986 section 3.3) are cut first: servlet containers drop
     // them before they resolve dot segments, so `..;` walks up a level there.
     let segment = match segment.find(';') {
         Some(at) => &segment[..at],
         None => segment,
     };
-    // `%3b` in either case, found in place: this runs for every segment of every target.
+    // `%3b` in either case, found in place.
     let encoded_semicolon = segment
         .as_bytes()
         .windows(3)
