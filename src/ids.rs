@@ -10,6 +10,14 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
+/// A map keyed by identifiers, as the checks look them up on every request (the directory, the agreements, the
+/// limits, the provider pool): hashed with foldhash, hashbrown's default hasher, seeded per process, which costs a
+/// fraction of std's SipHash on keys this short. Its tables are filled from policy files and registered systems
+/// only, so a consumer's identifiers are looked up in them but never added: colliding keys cannot lengthen a probe.
+pub type IdMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// A set of identifiers, as [`IdMap`].
+pub type IdSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+
 /// Longest ASID accepted. Real ASIDs are 12 digits; the limit only bounds hostile input.
 const MAX_ASID_LEN: usize = 20;
 /// Longest interaction URN accepted (the longest GP Connect one is under 80 characters).

@@ -7,14 +7,13 @@
 //! a consumer inventing identifiers. One short lock covers a decision: on two cores it costs less than a
 //! sharded map would, and the three limits are taken or refused together.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
-use crate::ids::Asid;
+use crate::ids::{Asid, IdMap};
 
 /// The limits in force and what is in flight against them.
 #[derive(Debug)]
@@ -25,9 +24,9 @@ pub(crate) struct Limits {
 
 #[derive(Debug, Default)]
 struct State {
-    consumers: HashMap<Asid, Consumer>,
+    consumers: IdMap<Asid, Consumer>,
     /// Open exchanges per provider ASID.
-    providers: HashMap<Asid, u32>,
+    providers: IdMap<Asid, u32>,
 }
 
 #[derive(Debug)]

@@ -8,7 +8,6 @@
 //! on another thread. An idle connection is driven by nobody; the next request to take it drives it until it is
 //! ready, and one that closed while idle is found then (or by the sweep) and dropped.
 
-use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
@@ -36,6 +35,7 @@ use super::{
     Streamed, rewrite_request_headers, strip_hop_by_hop,
 };
 use crate::config::UpstreamConfig;
+use crate::ids::IdMap;
 use crate::policy::Permit;
 
 /// The request body sent upstream: the consumer's body, streamed; none for a request without one (a `GET`) and
@@ -199,7 +199,7 @@ impl std::fmt::Debug for Origin {
 struct Pool {
     connector: Connector,
     /// Only permitted targets' providers are ever added, so the map holds registered endpoints only.
-    hosts: Mutex<HashMap<Arc<str>, Arc<Origin>>>,
+    hosts: Mutex<IdMap<Arc<str>, Arc<Origin>>>,
     per_provider_connections: usize,
     max_idle_per_host: usize,
     idle_timeout: Duration,

@@ -1,7 +1,7 @@
 //! From policy files to a [`Policy`]: reading the folder and the key files it names (bounded), the strict TOML
 //! schema, and validation of the whole set, every problem named with its file and line.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use toml::Spanned;
 
 use super::model::{Agreement, Endpoint, Grant, Organisation, Policy, Supplier, System};
 use crate::config::{Problems, line_col};
-use crate::ids::{Asid, InteractionId, OdsCode};
+use crate::ids::{Asid, IdMap, IdSet, InteractionId, OdsCode};
 use crate::ssp::Target;
 
 /// Largest policy file read; a directory of 20,000 systems is a few MiB.
@@ -227,11 +227,11 @@ impl fmt::Display for DefinedAt {
 #[derive(Default)]
 struct Compiler {
     problems: Vec<String>,
-    systems: HashMap<Asid, System>,
-    endpoints: HashMap<Asid, Arc<Endpoint>>,
+    systems: IdMap<Asid, System>,
+    endpoints: IdMap<Asid, Arc<Endpoint>>,
     agreements: Vec<(DefinedAt, Agreement)>,
     agreement_ids: HashSet<String>,
-    suppliers: HashMap<String, Arc<Supplier>>,
+    suppliers: IdMap<String, Arc<Supplier>>,
 }
 
 impl Compiler {
@@ -297,8 +297,8 @@ impl Compiler {
         ods
     }
 
-    fn interactions(&mut self, at: &DefinedAt, list: &[String]) -> HashSet<InteractionId> {
-        let mut set = HashSet::with_capacity(list.len());
+    fn interactions(&mut self, at: &DefinedAt, list: &[String]) -> IdSet<InteractionId> {
+        let mut set = IdSet::with_capacity_and_hasher(list.len(), Default::default());
         for text in list {
             match InteractionId::parse(text) {
                 Some(i) => {
@@ -554,7 +554,7 @@ impl Compiler {
     }
 
     fn finish(mut self, generation: u64) -> Result<Policy, Problems> {
-        let mut agreements: HashMap<Asid, Vec<Agreement>> = HashMap::new();
+        let mut agreements: IdMap<Asid, Vec<Agreement>> = IdMap::default();
         for (at, a) in std::mem::take(&mut self.agreements) {
             if !self.systems.contains_key(&a.from) {
                 self.problem(
@@ -605,7 +605,7 @@ impl Compiler {
             .chain(self.endpoints.values().flat_map(|e| e.interactions.iter()))
             .cloned()
             .collect();
-        let mut by_ods: HashMap<OdsCode, Vec<Arc<Endpoint>>> = HashMap::new();
+        let mut by_ods: IdMap<OdsCode, Vec<Arc<Endpoint>>> = IdMap::default();
         for endpoint in self.endpoints.values() {
             by_ods
                 .entry(endpoint.ods.clone())

@@ -1,12 +1,11 @@
 //! `ssp policy check`: checks 5 to 9 explained one by one, with the same check functions that decide requests
 //! (`decide`), so the explanation cannot disagree with the decision.
 
-use std::collections::HashSet;
 use std::time::SystemTime;
 
 use super::decide::{Denial, fqdn_check, sender_check, target_check};
 use super::model::{Agreement, Policy};
-use crate::ids::InteractionId;
+use crate::ids::{IdSet, InteractionId};
 use crate::ssp::{SspHeaders, Target};
 
 /// One check of an explanation.
@@ -45,7 +44,7 @@ pub struct Explained {
     pub decision: Result<(), Denial>,
 }
 
-fn sorted(set: &HashSet<InteractionId>) -> String {
+fn sorted(set: &IdSet<InteractionId>) -> String {
     let mut list: Vec<&str> = set.iter().map(InteractionId::as_str).collect();
     list.sort_unstable();
     if list.is_empty() {

@@ -1,11 +1,10 @@
 //! The compiled directory and agreements: accredited systems, provider endpoints, agreements, and the immutable
 //! [`Policy`] snapshot that request handling reads without locks.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::ids::{Asid, InteractionId, OdsCode};
+use crate::ids::{Asid, IdMap, IdSet, InteractionId, OdsCode};
 use crate::jwt::VerifyingKey;
 
 /// A system's registered token keys, shared by every permit for it.
@@ -20,7 +19,7 @@ pub struct System {
     /// Must equal the client certificate's CN or one of its DNS SANs (check 5); lower case.
     pub fqdn: Arc<str>,
     /// What this system may send (check 6).
-    pub interactions: HashSet<InteractionId>,
+    pub interactions: IdSet<InteractionId>,
     /// Keys its audit tokens must be signed with; `None`: unsigned GP Connect tokens.
     pub jwt_keys: Option<JwtKeys>,
     /// Who runs it and whose product it is, for reports.
@@ -53,7 +52,7 @@ pub struct Endpoint {
     /// The registered `nhsMhsEndPoint`, no trailing slash; targets must continue it exactly (check 9).
     pub url: String,
     /// What this endpoint handles (check 7).
-    pub interactions: HashSet<InteractionId>,
+    pub interactions: IdSet<InteractionId>,
     pub org: Organisation,
 }
 
@@ -61,7 +60,7 @@ pub struct Endpoint {
 #[derive(Debug, Clone)]
 pub enum Grant {
     All,
-    Only(HashSet<InteractionId>),
+    Only(IdSet<InteractionId>),
 }
 
 impl Grant {
@@ -112,16 +111,16 @@ pub struct Supplier {
 pub struct Policy {
     /// Which import produced this snapshot; named by every decision.
     pub generation: u64,
-    pub(super) systems: HashMap<Asid, System>,
-    pub(super) endpoints: HashMap<Asid, Arc<Endpoint>>,
+    pub(super) systems: IdMap<Asid, System>,
+    pub(super) endpoints: IdMap<Asid, Arc<Endpoint>>,
     /// Agreements by sending system; a consumer has a handful, so the receiver is found by a short scan.
-    pub(super) agreements: HashMap<Asid, Vec<Agreement>>,
+    pub(super) agreements: IdMap<Asid, Vec<Agreement>>,
     /// Every interaction some system sends or some endpoint handles: the bounded set of metric labels.
-    pub(super) known: HashSet<InteractionId>,
+    pub(super) known: IdSet<InteractionId>,
     /// `[[supplier]]` by name.
-    pub(super) suppliers: HashMap<String, Arc<Supplier>>,
+    pub(super) suppliers: IdMap<String, Arc<Supplier>>,
     /// Endpoints by the ODS code of their practice, in ASID order: where a patient-facing request goes.
-    pub(super) by_ods: HashMap<OdsCode, Vec<Arc<Endpoint>>>,
+    pub(super) by_ods: IdMap<OdsCode, Vec<Arc<Endpoint>>>,
 }
 
 impl Policy {

@@ -14,7 +14,7 @@ pub fn diff(
     new: &crate::policy::Policy,
     roles: &Roles,
 ) -> Vec<String> {
-    fn set(items: &std::collections::HashSet<InteractionId>) -> BTreeSet<&str> {
+    fn set(items: &crate::ids::IdSet<InteractionId>) -> BTreeSet<&str> {
         items.iter().map(InteractionId::as_str).collect()
     }
     fn change(out: &mut Vec<String>, field: &str, old: &str, new: &str) {
