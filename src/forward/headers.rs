@@ -64,12 +64,13 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     {
         return;
     }
+    // Read as bytes: a value with obs-text (bytes 0x80 to 0xFF, RFC 9110 section 5.5) in one element still names
+    // the fields of its other elements; an element that is not a field name names nothing.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);

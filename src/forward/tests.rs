@@ -109,6 +109,25 @@ fn each_hop_by_hop_field_alone_is_removed_and_others_are_kept() {
 }
 
 #[test]
+fn a_connection_value_with_obs_text_still_names_its_other_fields() {
+    let mut h = HeaderMap::new();
+    h.append(
+        header::CONNECTION,
+        HeaderValue::from_bytes(b"Ssp-TraceID, X-\xe9").unwrap(),
+    );
+    h.append(
+        header::CONNECTION,
+        HeaderValue::from_bytes(b"\xff ,\tAuthorization ").unwrap(),
+    );
+    h.insert("ssp-traceid", HeaderValue::from_static("x"));
+    h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+    h.insert("ssp-to", HeaderValue::from_static("2"));
+    normalize_request_headers(&mut h, Version::HTTP_11);
+    let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+    assert_eq!(left, ["ssp-to"]);
+}
+
+#[test]
 fn http2_cookies_are_joined_in_order() {
     let mut h = HeaderMap::new();
     for c in ["a=1", "b=2", "c=3"] {
