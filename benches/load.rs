@@ -1464,6 +1464,16 @@ async fn start_patient_facing(certs: &Path) {
 
 // ---------------------------------------------------------------------------------------------------------------
 
+/// The config roles' listening port (`SSP_BENCH_PORT`, 18443 by default) and provider (`SSP_BENCH_PROVIDER`).
+fn config_role_addresses() -> (u16, SocketAddr) {
+    let port = env("SSP_BENCH_PORT", 18443) as u16;
+    let provider = std::env::var("SSP_BENCH_PROVIDER")
+        .unwrap()
+        .parse()
+        .unwrap();
+    (port, provider)
+}
+
 fn main() {
     match std::env::var("SSP_BENCH_ROLE").as_deref() {
         Ok("provider") => {
@@ -1478,22 +1488,14 @@ fn main() {
         }
         // For benches/allocs.sh: the config of the batched instance, listening on SSP_BENCH_PORT.
         Ok("ssp-config") => {
-            let port = env("SSP_BENCH_PORT", 18443) as u16;
-            let provider = std::env::var("SSP_BENCH_PROVIDER")
-                .unwrap()
-                .parse()
-                .unwrap();
+            let (port, provider) = config_role_addresses();
             print!("{}", ssp_config(port, "batched", provider, "batched"));
             return;
         }
         // For benches/allocs.sh: nginx's config with one worker, listening on SSP_BENCH_PORT, its files (the
         // certificates in `certs`) in SSP_BENCH_DIR.
         Ok("nginx-config") => {
-            let port = env("SSP_BENCH_PORT", 18443) as u16;
-            let provider = std::env::var("SSP_BENCH_PROVIDER")
-                .unwrap()
-                .parse()
-                .unwrap();
+            let (port, provider) = config_role_addresses();
             let dir = PathBuf::from(std::env::var_os("SSP_BENCH_DIR").unwrap());
             print!("{}", nginx_config(&dir, provider, port, 1));
             return;
