@@ -1,4 +1,5 @@
-//! Identifier newtypes: `Asid`, `TraceId`, `InteractionId`, `OdsCode` and the consumer's `PeerIdentity`.
+//! Identifier newtypes: `Asid`, `TraceId`, `InteractionId`, `OdsCode` and the consumer's `PeerIdentity`; and the
+//! maps and sets keyed by them (`IdMap`, `IdSet`).
 //!
 //! Each one is parsed strictly from untrusted text exactly once; after that the type says it is well formed, and
 //! `Ssp-From` cannot be passed where `Ssp-To` is expected. This module is a leaf: it depends on nothing else in
