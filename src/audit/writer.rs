@@ -25,7 +25,9 @@
 //! for `LINGER` (2 ms) after a write that came within `LINGER` of the one before (records are streaming in), only a
 //! `request` record (or a full batch) signals it: `response` records then go out with the next request record's
 //! write instead of waking the thread for one of their own. When the linger ends they are written, and with nothing
-//! queued the thread sleeps with no deadline. The syncer waits on a condition variable that the first write after
+//! queued the thread sleeps with no deadline. A worker that writes its own records lingers by the same rule: its
+//! `response` records wait on the worker for its next request record's flush, or its linger task's timer
+//! (`stage::Linger`), one per linger. The syncer waits on a condition variable that the first write after
 //! an fsync signals, then lets its interval pass; a request waits on its own `Slot`; a request that finds the queue
 //! full waits on a semaphore whose places come back once the writer has written the records holding them.
 //!
@@ -518,6 +520,7 @@ impl AuditLog {
     /// Writes what is queued, seals the current segment, fsyncs and stops the threads; waits for them. Later
     /// writes are refused.
     pub(crate) fn close(&self) {
+        stage::release_held(&self.shared);
         {
             let mut queue = self.shared.lock();
             queue.closed = true;

@@ -165,3 +165,84 @@ async fn what_a_writing_worker_leaves_queued_wakes_the_thread() {
     log.close();
     assert_eq!(super::list_segments(dir.path()).unwrap().len(), 3);
 }
+
+/// A worker lingers as the thread does. After a flush that came within the linger (2 ms) of the one before, a
+/// response record staged in a later turn is held, neither queued nor written, and goes out in the next request
+/// record's `write`; with no request record to come it is written when the linger ends. A lone flush is not followed
+/// by a linger, a refused request's record is never held, and records held when the log closes, or when the
+/// runtime stops, are written all the same. (Tokio's clock is paused: the linger ends when the test lets it.)
+#[test]
+fn a_worker_holds_response_records_for_the_next_request_record_while_it_lingers() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = writer_metrics();
+    let log = AuditLog::start_without_thread(
+        config(dir.path(), Durability::Batched, 64 << 20),
+        Some(metrics.clone()),
+    );
+    let writes = || metrics.write_seconds.get_sample_count();
+    let paused = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    let rt = paused();
+    rt.block_on(async {
+        // A lone flush: the response record after it is written at once, in a flush of its own.
+        log.write(request(0)).await.unwrap();
+        log.submit(response(0, 200, Outcome::Ok));
+        settle().await;
+        assert_eq!((metrics.records.get(), writes()), (2, 2));
+        // A flush within the linger of the one before: the response record after it is held.
+        log.write(request(1)).await.unwrap();
+        log.submit(response(1, 200, Outcome::Ok));
+        settle().await;
+        assert_eq!((metrics.records.get(), writes()), (3, 3));
+        assert_eq!(log.queue_depth(), 0);
+        // The next request record takes it: one write for both.
+        log.write(request(2)).await.unwrap();
+        assert_eq!((metrics.records.get(), writes()), (5, 4));
+        // With no request record to come, the linger's end writes it.
+        log.submit(response(2, 200, Outcome::Ok));
+        settle().await;
+        assert_eq!(metrics.records.get(), 5);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        assert_eq!((metrics.records.get(), writes()), (6, 5));
+        // A refused request's record, which nobody waits for, is not held.
+        log.write(request(3)).await.unwrap();
+        log.submit(super::super::Record::refused(
+            &super::transaction(4),
+            "refused".into(),
+            None,
+        ));
+        settle().await;
+        assert_eq!((metrics.records.get(), writes()), (8, 7));
+        // Held when the runtime stops: queued as its tasks are dropped.
+        log.submit(response(3, 200, Outcome::Ok));
+        settle().await;
+        assert_eq!((metrics.records.get(), log.queue_depth()), (8, 0));
+    });
+    drop(rt);
+    assert_eq!(log.queue_depth(), 1);
+    log.write_queued();
+    // Held when the log closes, on the thread that holds them: written before the seal.
+    let rt = paused();
+    rt.block_on(async {
+        log.write(request(5)).await.unwrap();
+        log.write(request(6)).await.unwrap();
+        log.submit(response(6, 200, Outcome::Ok));
+        settle().await;
+        assert_eq!(metrics.records.get(), 11);
+        log.start_thread();
+        log.close();
+    });
+    assert_eq!(verify(dir.path()).unwrap().records, 13);
+}
+
+/// Lets the runtime run what is ready (a flush task, and what it wakes) without letting tokio's paused clock move.
+async fn settle() {
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+}

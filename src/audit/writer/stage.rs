@@ -1,8 +1,10 @@
-//! Staging: the records of one turn of a worker's event loop go to the writer together (see [`Stage`]).
+//! Staging: the records of one turn of a worker's event loop go to the writer together (see [`Stage`]); while a
+//! worker's flushes stream in, the response records of later turns wait for the next request record's ([`Linger`]).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::sync::Notify;
 
@@ -27,7 +29,9 @@ pub(super) fn spare_buffer() -> Vec<u8> {
 
 impl AuditLog {
     /// Stages a job on this thread when it runs a single-threaded runtime (a request waiting for its record is
-    /// woken by the flush task once it is written); gives the job back otherwise.
+    /// woken by the flush task once it is written); gives the job back otherwise. A record nobody waits for that
+    /// comes while this thread lingers ([`Stage::linger_until`]) is held for the next request record's flush, and
+    /// flushed by this thread's [`Linger`] task when the linger ends without one.
     pub(super) fn stage(&self, job: Job) -> Result<(), Job> {
         let single = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
@@ -35,38 +39,70 @@ impl AuditLog {
             return Err(job);
         }
         let log = Arc::as_ptr(&self.shared) as usize;
-        STAGE
-            .with(|stage| {
-                let mut stage = stage.borrow_mut();
-                if stage.jobs.is_empty() {
-                    stage.log = log;
-                } else if stage.log != log {
-                    // Another log's records are staged on this thread (tests run several proxies in one process).
+        // Only a worker that writes its own records holds them: in strict mode (or while writing is handed off)
+        // the thread lingers itself.
+        let may_hold = !job.is_urgent() && self.shared.direct.load(Ordering::Relaxed);
+        let next = STAGE.with(|stage| {
+            let mut stage = stage.borrow_mut();
+            if stage.jobs.is_empty() {
+                stage.log = log;
+            } else if stage.log != log {
+                // Another log's records are staged on this thread (tests run several proxies in one process).
+                return Err(job);
+            }
+            if job.slot.is_none() {
+                if stage.unwaited == STAGE_LIMIT {
                     return Err(job);
                 }
-                if job.slot.is_none() {
-                    if stage.unwaited == STAGE_LIMIT {
-                        return Err(job);
+                stage.unwaited += 1;
+            }
+            stage.jobs.push(job);
+            if stage.scheduled {
+                return Ok(Next::Nothing);
+            }
+            if may_hold && stage.lingers(tokio::time::Instant::now()) {
+                if stage.held.is_some() {
+                    return Ok(Next::Nothing);
+                }
+                stage.held = Some(Arc::clone(&self.shared));
+                return Ok(Next::Hold(stage.linger.clone()));
+            }
+            stage.scheduled = true;
+            stage.held = None;
+            Ok(Next::Flush)
+        })?;
+        // Spawned with the stage released: on a runtime that is shutting down a task is dropped at once, and its
+        // drop queues the stage.
+        match next {
+            Next::Nothing => {}
+            // Runs after the tasks already woken in this turn, which stage their records first.
+            Next::Flush => {
+                tokio::spawn(
+                    Flush {
+                        shared: Some(Arc::clone(&self.shared)),
                     }
-                    stage.unwaited += 1;
-                }
-                stage.jobs.push(job);
-                Ok(!std::mem::replace(&mut stage.scheduled, true))
-            })
-            .map(|first| {
-                if first {
-                    // Runs after the tasks already woken in this turn, which stage their records first. Spawned with
-                    // the stage released: on a runtime that is shutting down the task is dropped at once, and its drop
-                    // queues the stage.
-                    tokio::spawn(
-                        Flush {
-                            shared: Some(Arc::clone(&self.shared)),
-                        }
-                        .run(),
-                    );
-                }
-            })
+                    .run(),
+                );
+            }
+            Next::Hold(Some(linger)) => linger.notify_one(),
+            Next::Hold(None) => {
+                let wake = Arc::new(Notify::new());
+                STAGE.with_borrow_mut(|stage| stage.linger = Some(Arc::clone(&wake)));
+                tokio::spawn(Linger.run(wake));
+            }
+        }
+        Ok(())
     }
+}
+
+/// What staging a job asks of its thread.
+enum Next {
+    /// A flush task is on its way, or the held records wait for one.
+    Nothing,
+    /// The first job of a turn: a flush task, to run after the turn's ready tasks.
+    Flush,
+    /// The first record held: this thread's [`Linger`] task, to wake (or start) so that it sets its timer.
+    Hold(Option<Arc<Notify>>),
 }
 
 /// Records staged on one thread (a worker's single-threaded runtime) during one turn of its runtime. A flush task,
@@ -84,6 +120,17 @@ struct Stage {
     unwaited: usize,
     /// A flush task is on its way.
     scheduled: bool,
+    /// The staged records are held, for the log here, until a request record's flush takes them or the linger
+    /// ends ([`Linger`]): no flush task is on its way for them.
+    held: Option<Arc<WriterState>>,
+    /// The last flush's time, and, when it came within the log's linger ([`super::LINGER`]) of the one before it
+    /// (records stream in), when the linger after it ends. The `ssp-audit` thread's rule, on a worker: a response
+    /// record staged in a later turn waits for the next request record's flush and goes out in its `write`,
+    /// rather than cost a flush task and a `write` of its own; an occasional request's is flushed at once.
+    last_flush: Option<tokio::time::Instant>,
+    linger_until: Option<tokio::time::Instant>,
+    /// Wakes this thread's [`Linger`] task, while one runs.
+    linger: Option<Arc<Notify>>,
     /// The list of waiting requests a finished flush task left, for the next one to reuse.
     spare: Vec<Arc<Slot>>,
     /// Spare record buffers ([`spare_buffer`]), at most [`CACHED_BUFFERS`].
@@ -92,6 +139,23 @@ struct Stage {
 
 thread_local! {
     static STAGE: RefCell<Stage> = RefCell::default();
+}
+
+impl Stage {
+    /// Whether this thread lingers at `now`: a record nobody waits for is held for the next request record.
+    fn lingers(&self, now: tokio::time::Instant) -> bool {
+        self.linger_until.is_some_and(|until| now < until)
+    }
+
+    /// A flush takes the staged records at `now`: notes its time, and whether a linger follows it.
+    fn flushed(&mut self, now: tokio::time::Instant, linger: std::time::Duration) {
+        self.linger_until = self
+            .last_flush
+            .filter(|then| now.duration_since(*then) < linger)
+            .map(|_| now + linger);
+        self.last_flush = Some(now);
+        self.held = None;
+    }
 }
 
 /// The task that hands a thread's staged records to the writer. Dropped before it ran (its runtime stopped), it
@@ -108,6 +172,7 @@ impl Flush {
         // This worker writes the turn's records itself when it may ([`WriterState::write_here`]); else they go to
         // the writer thread.
         let written_here = STAGE.with_borrow_mut(|stage| {
+            stage.flushed(tokio::time::Instant::now(), shared.linger);
             let keep = CACHED_BUFFERS.saturating_sub(stage.buffers.len());
             let mut buffers = std::mem::take(&mut stage.buffers);
             let wrote = shared.write_here(&mut stage.jobs, &mut buffers, keep);
@@ -191,8 +256,76 @@ fn take_staged() -> Vec<Job> {
         let mut stage = stage.borrow_mut();
         stage.scheduled = false;
         stage.unwaited = 0;
+        stage.held = None;
         std::mem::take(&mut stage.jobs)
     })
+}
+
+/// Queues the records this thread holds for `shared`'s log ([`Stage::held`]), if any: for a log that closes while
+/// the runtime that staged them still runs (the one a test serves on).
+pub(super) fn release_held(shared: &Arc<WriterState>) {
+    let held = STAGE
+        .try_with(|stage| {
+            let holds = stage
+                .borrow()
+                .held
+                .as_ref()
+                .is_some_and(|held| Arc::ptr_eq(held, shared));
+            if holds { take_staged() } else { Vec::new() }
+        })
+        .unwrap_or_default();
+    if !held.is_empty() {
+        report_refused(shared.push(held).len());
+    }
+}
+
+/// The task that flushes a thread's held records ([`Stage::held`]) when its linger ends without a request record's
+/// flush to take them. One per thread, started by the first held record and kept: it sets a timer for the end of
+/// the linger while records are held, and otherwise waits to be woken by the next held record, so that a stream of
+/// requests costs one timer per linger at most, not one per response. Dropped (its runtime stopped), it queues
+/// what is held.
+struct Linger;
+
+impl Linger {
+    async fn run(self, wake: Arc<Notify>) {
+        loop {
+            let now = tokio::time::Instant::now();
+            let due = STAGE.with_borrow_mut(|stage| {
+                if stage.scheduled || stage.held.is_none() {
+                    return Err(None);
+                }
+                match stage.linger_until {
+                    Some(until) if now < until => Err(Some(until)),
+                    _ => {
+                        stage.scheduled = true;
+                        Ok(stage.held.take())
+                    }
+                }
+            });
+            match due {
+                Ok(shared) => {
+                    tokio::spawn(Flush { shared }.run());
+                }
+                Err(Some(until)) => {
+                    let _ = tokio::time::timeout_at(until, wake.notified()).await;
+                }
+                Err(None) => wake.notified().await,
+            }
+        }
+    }
+}
+
+impl Drop for Linger {
+    fn drop(&mut self) {
+        let _ = STAGE.try_with(|stage| stage.borrow_mut().linger = None);
+        let held = STAGE
+            .try_with(|stage| stage.borrow().held.clone())
+            .ok()
+            .flatten();
+        if let Some(shared) = held {
+            release_held(&shared);
+        }
+    }
 }
 
 /// One thread's flushes still waiting for the writer, oldest first, each with its deadline ([`ACK_WAIT`] after it
