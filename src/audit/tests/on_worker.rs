@@ -168,8 +168,9 @@ async fn what_a_writing_worker_leaves_queued_wakes_the_thread() {
 
 /// A worker lingers as the thread does. After a flush that came within the linger (2 ms) of the one before, a
 /// response record staged in a later turn is held, neither queued nor written, and goes out in the next request
-/// record's `write`; with no request record to come it is written when the linger ends. A lone flush is not followed
-/// by a linger, a refused request's record is never held, and records held when the log closes, or when the
+/// record's `write`; with no request record to come it is written when the linger ends (its own, when the linger task
+/// was waiting for an earlier one's). A lone flush is not followed by a linger, a refused request's record is never
+/// held, and records held when the log closes, or when the
 /// runtime stops, are written all the same. (Tokio's clock is paused: the linger ends when the test lets it.)
 #[test]
 fn a_worker_holds_response_records_for_the_next_request_record_while_it_lingers() {
@@ -218,10 +219,27 @@ fn a_worker_holds_response_records_for_the_next_request_record_while_it_lingers(
         ));
         settle().await;
         assert_eq!((metrics.records.get(), writes()), (8, 7));
+        // Held while the linger task waits for the end of an earlier linger: it finds the record there, and writes
+        // it at the end of the record's own linger (2 ms after the flush before it).
+        log.write(request(7)).await.unwrap();
+        log.submit(response(7, 200, Outcome::Ok));
+        settle().await;
+        tokio::time::advance(Duration::from_micros(1500)).await;
+        log.write(request(8)).await.unwrap();
+        assert_eq!((metrics.records.get(), writes()), (11, 9));
+        log.submit(response(8, 200, Outcome::Ok));
+        tokio::time::advance(Duration::from_micros(700)).await;
+        settle().await;
+        assert_eq!(metrics.records.get(), 11);
+        // (Tokio's timers fire on the millisecond tick after their deadline.)
+        tokio::time::advance(Duration::from_micros(2000)).await;
+        settle().await;
+        assert_eq!((metrics.records.get(), writes()), (12, 10));
         // Held when the runtime stops: queued as its tasks are dropped.
+        log.write(request(9)).await.unwrap();
         log.submit(response(3, 200, Outcome::Ok));
         settle().await;
-        assert_eq!((metrics.records.get(), log.queue_depth()), (8, 0));
+        assert_eq!((metrics.records.get(), log.queue_depth()), (13, 0));
     });
     drop(rt);
     assert_eq!(log.queue_depth(), 1);
@@ -233,11 +251,11 @@ fn a_worker_holds_response_records_for_the_next_request_record_while_it_lingers(
         log.write(request(6)).await.unwrap();
         log.submit(response(6, 200, Outcome::Ok));
         settle().await;
-        assert_eq!(metrics.records.get(), 11);
+        assert_eq!(metrics.records.get(), 16);
         log.start_thread();
         log.close();
     });
-    assert_eq!(verify(dir.path()).unwrap().records, 13);
+    assert_eq!(verify(dir.path()).unwrap().records, 18);
 }
 
 /// Lets the runtime run what is ready (a flush task, and what it wakes) without letting tokio's paused clock move.
