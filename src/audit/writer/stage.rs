@@ -65,13 +65,7 @@ impl AuditLog {
                     return Ok(Next::Nothing);
                 }
                 stage.held = Some(Arc::clone(&self.shared));
-                // A linger task waiting for a deadline needs no word: at it, it finds these held.
-                let waits = std::mem::take(&mut stage.linger_waits);
-                return Ok(match &stage.linger {
-                    None => Next::StartLinger,
-                    Some(wake) if waits => Next::WakeLinger(Arc::clone(wake)),
-                    Some(_) => Next::Nothing,
-                });
+                return Ok(Next::Hold(stage.linger.clone()));
             }
             stage.scheduled = true;
             stage.held = None;
@@ -90,8 +84,8 @@ impl AuditLog {
                     .run(),
                 );
             }
-            Next::WakeLinger(linger) => linger.notify_one(),
-            Next::StartLinger => {
+            Next::Hold(Some(linger)) => linger.notify_one(),
+            Next::Hold(None) => {
                 let wake = Arc::new(Notify::new());
                 STAGE.with_borrow_mut(|stage| stage.linger = Some(Arc::clone(&wake)));
                 tokio::spawn(Linger.run(wake));
@@ -107,10 +101,8 @@ enum Next {
     Nothing,
     /// The first job of a turn: a flush task, to run after the turn's ready tasks.
     Flush,
-    /// The first record held, and this thread has no [`Linger`] task yet: one, to start.
-    StartLinger,
-    /// The first record held, and this thread's [`Linger`] task waits with no deadline: a word, so that it sets one.
-    WakeLinger(Arc<Notify>),
+    /// The first record held: this thread's [`Linger`] task, to wake (or start) so that it sets its timer.
+    Hold(Option<Arc<Notify>>),
 }
 
 /// Records staged on one thread (a worker's single-threaded runtime) during one turn of its runtime. A flush task,
@@ -137,9 +129,8 @@ struct Stage {
     /// rather than cost a flush task and a `write` of its own; an occasional request's is flushed at once.
     last_flush: Option<tokio::time::Instant>,
     linger_until: Option<tokio::time::Instant>,
-    /// Wakes this thread's [`Linger`] task, while one runs; and whether it waits for that word, with no deadline.
+    /// Wakes this thread's [`Linger`] task, while one runs.
     linger: Option<Arc<Notify>>,
-    linger_waits: bool,
     /// The list of waiting requests a finished flush task left, for the next one to reuse.
     spare: Vec<Arc<Slot>>,
     /// Spare record buffers ([`spare_buffer`]), at most [`CACHED_BUFFERS`].
@@ -290,10 +281,11 @@ pub(super) fn release_held(shared: &Arc<WriterState>) {
 
 /// The task that flushes a thread's held records ([`Stage::held`]) when its linger ends without a request record's
 /// flush to take them. One per thread, started by the first held record and kept: it sets a timer for the end of
-/// the linger while records are held, and otherwise waits to be woken by the next held record; while it waits for
-/// a deadline, a record held meanwhile is found at the deadline, which is never later than that record's (a flush
-/// only moves the linger's end later). A stream of requests thus costs one timer and one wake of this task per
-/// linger at most, not one per response. Dropped (its runtime stopped), it queues what is held.
+/// the linger while records are held, and otherwise waits to be woken by the next held record. Each record held
+/// first after a flush wakes it (on this thread: no system call), and it moves its timer to the linger's new end,
+/// which only ever moves later: while requests stream in, its timer never fires and never wakes the event loop
+/// (a timer set earlier than the loop's next would, through a system call). Dropped (its runtime stopped), it
+/// queues what is held.
 struct Linger;
 
 impl Linger {
@@ -302,7 +294,6 @@ impl Linger {
             let now = tokio::time::Instant::now();
             let due = STAGE.with_borrow_mut(|stage| {
                 if stage.scheduled || stage.held.is_none() {
-                    stage.linger_waits = true;
                     return Err(None);
                 }
                 match stage.linger_until {
@@ -328,11 +319,7 @@ impl Linger {
 
 impl Drop for Linger {
     fn drop(&mut self) {
-        let _ = STAGE.try_with(|stage| {
-            let mut stage = stage.borrow_mut();
-            stage.linger = None;
-            stage.linger_waits = false;
-        });
+        let _ = STAGE.try_with(|stage| stage.borrow_mut().linger = None);
         let held = STAGE
             .try_with(|stage| stage.borrow().held.clone())
             .ok()
