@@ -400,3 +400,75 @@ async fn a_huge_request_head_gets_431() {
         started.elapsed()
     );
 }
+
+/// A consumer that closes its connection part-way through its request body has left: its exchange ends
+/// `client_closed` with no status (nothing was answered), and the provider, whose leg failed because the body broke
+/// off, is not blamed: no `upstream failure` in the operational log and no upstream error counted. (Before, the
+/// proxy answered 502 into the closed connection and recorded that status.)
+#[tokio::test]
+async fn a_consumer_gone_mid_body_is_recorded_client_closed_without_an_answer() {
+    let pki = Pki::generate();
+    let provider = Provider::start(&pki).await;
+    let log_path = pki.dir.path().join("child.log");
+    let served = serve_setup(
+        &pki,
+        provider.addr,
+        &Setup::default(),
+        &[],
+        std::fs::File::create(&log_path).unwrap().into(),
+    )
+    .await;
+    let url = endpoint_url(provider.addr);
+    let consumer = Consumer::new(&pki, Some("consumer"), served.addr, false);
+    let dir = pki.dir.path().join("data/audit");
+    let path = format!("/{url}/fhir/upload");
+    let trace = trace_id(7);
+    let mut tls = consumer.tls().await;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: ssp.dev.localhost\r\nSsp-TraceID: {trace}\r\nSsp-From: {FROM}\r\n\
+         Ssp-To: {TO}\r\nSsp-InteractionID: {STRUCTURED}\r\nAuthorization: {}\r\n\
+         Content-Type: application/fhir+json\r\nContent-Length: 5000\r\n\r\n",
+        bearer(&claims(&audience(&path), STRUCTURED))
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&[b'x'; 100]).await.unwrap();
+    tls.flush().await.unwrap();
+    let records = |n: usize| {
+        let dir = dir.clone();
+        let trace = trace.clone();
+        async move {
+            loop {
+                let records = ssp::audit::query(
+                    &dir,
+                    &ssp::audit::Filter {
+                        trace_id: Some(trace.clone()),
+                        ..ssp::audit::Filter::default()
+                    },
+                )
+                .unwrap_or_default();
+                if records.len() >= n {
+                    return records;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // The request record is written before anything is forwarded: from then on the body streams to the provider.
+    within("the request record", records(1)).await;
+    drop(tls);
+    let records = within("the response record", records(2)).await;
+    assert_eq!(records[1]["kind"], "response", "{records:#?}");
+    assert_eq!(records[1]["outcome"], "client_closed", "{records:#?}");
+    assert_eq!(records[1]["status"], 0, "{records:#?}");
+    // The proxy serves on, and has blamed no provider.
+    let after = within(
+        "after",
+        consumer.fetch(traced_get(&url, "/fhir/metadata", &trace_id(8))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(after.status, StatusCode::OK);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains("upstream failure"), "{log}");
+    drop(served);
+}

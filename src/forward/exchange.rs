@@ -214,6 +214,12 @@ impl Exchange {
         );
     }
 
+    /// Whether the consumer's request body broke off (an HTTP/1.1 connection closed or reset before the body's
+    /// end, an HTTP/2 stream reset): the exchange ended `client_closed` from the request's side.
+    pub(crate) fn consumer_left_mid_body(&self) -> bool {
+        self.outcome.load(Ordering::Acquire) == outcome_code(Outcome::ClientClosed)
+    }
+
     pub fn summary(&self) -> Completion {
         Completion {
             status: self.status.load(Ordering::Relaxed),

@@ -16,6 +16,29 @@ const MAX_DRAIN_BYTES: u64 = 64 * 1024;
 /// Longest a refusal waits for that body.
 const MAX_DRAIN_TIME: Duration = Duration::from_secs(1);
 
+/// The mark of a response that is not to be sent: the consumer left while its request was handled (its request
+/// body broke off, see [`Exchange::consumer_left_mid_body`](crate::forward::Exchange)). The connection's service
+/// closes the connection instead (an HTTP/2 stream is reset), as when a consumer hangs up while its request
+/// waits; the exchange has ended `client_closed` with no status.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerLeft;
+
+impl ConsumerLeft {
+    /// An empty response with the mark: 400 should anything send it (an incomplete request message, RFC 9112
+    /// section 8), never a status that blames the provider.
+    pub(super) fn response() -> http::Response<ProxyBody> {
+        let mut response = http::Response::new(ProxyBody::empty());
+        *response.status_mut() = http::StatusCode::BAD_REQUEST;
+        response.extensions_mut().insert(ConsumerLeft);
+        response
+    }
+
+    /// Whether `response` carries the mark.
+    pub fn marks<B>(response: &http::Response<B>) -> bool {
+        response.extensions().get::<ConsumerLeft>().is_some()
+    }
+}
+
 /// Reads and discards a refused request's body; true when it ended within the bounds.
 pub(super) async fn drain(mut body: Incoming) -> bool {
     use http_body_util::BodyExt;

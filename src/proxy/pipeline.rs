@@ -12,7 +12,7 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::body::{ProxyBody, drain};
+use super::body::{ConsumerLeft, ProxyBody, drain};
 use super::checks::Checks;
 use super::operation_outcome::Format;
 use super::refusal::Refusal;
@@ -324,6 +324,11 @@ impl Proxy {
             .await
         {
             Ok(response) => response,
+            // The consumer's body broke off: the consumer has gone (or reset its stream), which ended the exchange
+            // `client_closed`, and the provider leg failed for that. Not the provider's failure, and no one is
+            // there to answer: no status is recorded and no upstream failure logged, and the connection is closed
+            // without an answer, as when a consumer hangs up while its request waits.
+            Err(_) if exchange.consumer_left_mid_body() => return Ok(ConsumerLeft::response()),
             Err(ForwardError::MalformedRequestBody) => {
                 // The consumer's fault, not the provider's: no upstream error is counted or logged, and the
                 // connection closes after the answer (its framing is lost).

@@ -197,6 +197,9 @@ impl Connection {
                         },
                     };
                     let Ok(response) = response;
+                    if crate::proxy::ConsumerLeft::marks(&response) {
+                        return Err(ConsumerGone);
+                    }
                     Ok(response.map(|body| Tracked { body, _busy: busy }))
                 }
             })
