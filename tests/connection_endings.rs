@@ -171,6 +171,24 @@ async fn idle_connections_are_closed_after_their_timeout() {
 // ---------------------------------------------------------------------------------------------------------------
 // A consumer that goes away while its request is handled.
 
+/// The records of `trace` in the log at `dir` once there are at least `n` of them (polled every 20 ms).
+async fn records_of(dir: &std::path::Path, trace: &str, n: usize) -> Vec<serde_json::Value> {
+    loop {
+        let records = ssp::audit::query(
+            dir,
+            &ssp::audit::Filter {
+                trace_id: Some(trace.to_owned()),
+                ..ssp::audit::Filter::default()
+            },
+        )
+        .unwrap_or_default();
+        if records.len() >= n {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// An HTTP/1.1 consumer that closes its connection while its request waits for the provider (which never
 /// answers) is noticed at once, though hyper does not read the connection while a request is handled
 /// (`half_close`): the exchange ends `client_closed` within a second or two, not at the provider's
@@ -220,23 +238,7 @@ async fn a_consumer_gone_while_the_provider_is_silent_is_noticed_at_once() {
             tls.shutdown().await.unwrap();
         }
         drop(tls);
-        let records = within("client_closed", async {
-            loop {
-                let records = ssp::audit::query(
-                    &dir,
-                    &ssp::audit::Filter {
-                        trace_id: Some(trace.clone()),
-                        ..ssp::audit::Filter::default()
-                    },
-                )
-                .unwrap_or_default();
-                if records.len() >= 2 {
-                    return records;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        let records = within("client_closed", records_of(&dir, &trace, 2)).await;
         let noticed = gone.elapsed();
         assert_eq!(records[1]["kind"], "response", "{records:#?}");
         assert_eq!(records[1]["outcome"], "client_closed", "{records:#?}");
@@ -433,30 +435,10 @@ async fn a_consumer_gone_mid_body_is_recorded_client_closed_without_an_answer() 
     tls.write_all(head.as_bytes()).await.unwrap();
     tls.write_all(&[b'x'; 100]).await.unwrap();
     tls.flush().await.unwrap();
-    let records = |n: usize| {
-        let dir = dir.clone();
-        let trace = trace.clone();
-        async move {
-            loop {
-                let records = ssp::audit::query(
-                    &dir,
-                    &ssp::audit::Filter {
-                        trace_id: Some(trace.clone()),
-                        ..ssp::audit::Filter::default()
-                    },
-                )
-                .unwrap_or_default();
-                if records.len() >= n {
-                    return records;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
     // The request record is written before anything is forwarded: from then on the body streams to the provider.
-    within("the request record", records(1)).await;
+    within("the request record", records_of(&dir, &trace, 1)).await;
     drop(tls);
-    let records = within("the response record", records(2)).await;
+    let records = within("the response record", records_of(&dir, &trace, 2)).await;
     assert_eq!(records[1]["kind"], "response", "{records:#?}");
     assert_eq!(records[1]["outcome"], "client_closed", "{records:#?}");
     assert_eq!(records[1]["status"], 0, "{records:#?}");
