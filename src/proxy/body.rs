@@ -21,7 +21,7 @@ const MAX_DRAIN_TIME: Duration = Duration::from_secs(1);
 /// closes the connection instead (an HTTP/2 stream is reset), as when a consumer hangs up while its request
 /// waits; the exchange has ended `client_closed` with no status.
 #[derive(Debug, Clone, Copy)]
-pub struct ConsumerLeft;
+pub(crate) struct ConsumerLeft;
 
 impl ConsumerLeft {
     /// An empty response with the mark: 400 should anything send it (an incomplete request message, RFC 9112
@@ -34,7 +34,7 @@ impl ConsumerLeft {
     }
 
     /// Whether `response` carries the mark.
-    pub fn marks<B>(response: &http::Response<B>) -> bool {
+    pub(crate) fn marks<B>(response: &http::Response<B>) -> bool {
         response.extensions().get::<ConsumerLeft>().is_some()
     }
 }

@@ -25,7 +25,8 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use crate::ids::PeerIdentity;
 
-pub use body::{ConsumerLeft, ProxyBody};
+pub(crate) use body::ConsumerLeft;
+pub use body::ProxyBody;
 pub use pipeline::Proxy;
 pub use refusal::{Refusal, X_RATE_LIMIT_LIMIT, X_RATE_LIMIT_REMAINING, X_RATE_LIMIT_RESET};
 

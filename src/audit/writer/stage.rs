@@ -123,11 +123,12 @@ struct Stage {
     /// The staged records are held, for the log here, until a request record's flush takes them or the linger
     /// ends ([`Linger`]): no flush task is on its way for them.
     held: Option<Arc<WriterState>>,
-    /// The last flush's time, and, when it came within the log's linger ([`super::LINGER`]) of the one before it
-    /// (records stream in), when the linger after it ends. The `ssp-audit` thread's rule, on a worker: a response
-    /// record staged in a later turn waits for the next request record's flush and goes out in its `write`,
-    /// rather than cost a flush task and a `write` of its own; an occasional request's is flushed at once.
+    /// The last flush's time.
     last_flush: Option<tokio::time::Instant>,
+    /// When the linger after the last flush ends, if that flush came within the log's linger ([`super::LINGER`])
+    /// of the one before it (records stream in). The `ssp-audit` thread's rule, on a worker: a response record
+    /// staged meanwhile waits for the next request record's flush and goes out in its `write`, rather than cost a
+    /// flush task and a `write` of its own; an occasional request's is flushed at once.
     linger_until: Option<tokio::time::Instant>,
     /// Wakes this thread's [`Linger`] task, while one runs.
     linger: Option<Arc<Notify>>,
